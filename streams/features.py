@@ -1,0 +1,241 @@
+"""Featurization shared by the online and federated models: event + context -> hashed sparse vector.
+
+The hashing trick maps each field-aware feature name (``category=shoes``, ``user×category=u7|shoes``)
+to one of ``2**bits`` slots with CRC32C (stable across processes and machines, unlike ``hash``).
+Every event yields exactly one feature per field in :data:`FIELDS`, so a mini-batch is a dense
+``(n, F)`` array of slot indices plus an ``(n, F)`` array of values: numpy learners index weights
+with it, River gets ``{slot: value}`` dicts, and Keras uses it as an embedding bag. Memory is
+bounded by the hash space, never by the number of users or items.
+
+Context (the merchant's catalog and each user's recent categories) is read *before* the event is
+observed, so no feature ever sees its own label.
+
+Example:
+    >>> from streams.schemas import Click
+    >>> featurizer = Featurizer(bits=16)
+    >>> context = FeatureContext()
+    >>> context.set_item("m1", "i1", category="shoes", price=59.0)
+    >>> click = Click(event_id="e", merchant_id="m1", user_id="u1", item_id="i1", session_id="s",
+    ...               timestamp=1.7e9, position=2, page="search", device="mobile")
+    >>> indices, values = featurizer.transform(click, context)
+    >>> indices.shape == (len(FIELDS),) and int(indices.max()) < 2**16
+    True
+    >>> featurizer.names(click, context)[3]
+    'category=shoes'
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import crc32c
+import numpy as np
+
+from streams.schemas import CatalogItem, Click, Event, Order
+
+FIELDS: tuple[str, ...] = (
+    "bias",
+    "merchant",
+    "item",
+    "category",
+    "price_bucket",
+    "hour",
+    "weekday",
+    "device",
+    "page",
+    "position",
+    "user",
+    "user×category",
+    "user×item",
+    "category×device",
+    "page×position",
+    "merchant×category",
+    "user_affinity",
+    "category×hour",
+)
+UNKNOWN = "?"
+
+
+@dataclass
+class ItemInfo:
+    category: str
+    price: float
+
+
+@dataclass
+class MerchantContext:
+    """One merchant's catalog and its users' recent categories (LRU-bounded)."""
+
+    max_users: int = 100_000
+    history: int = 5
+    catalog: dict[str, ItemInfo] = field(default_factory=dict)
+    recent: OrderedDict[str, deque[str]] = field(default_factory=OrderedDict)
+
+    def recent_categories(self, user_id: str) -> Sequence[str]:
+        return self.recent.get(user_id, ())
+
+    def remember(self, user_id: str, category: str) -> None:
+        seen = self.recent.get(user_id)
+        if seen is None:
+            seen = self.recent[user_id] = deque(maxlen=self.history)
+            if len(self.recent) > self.max_users:
+                self.recent.popitem(last=False)
+        else:
+            self.recent.move_to_end(user_id)
+        seen.append(category)
+
+
+class FeatureContext:
+    """What the featurizer knows beyond the event itself, per merchant. Update it with :meth:`observe`."""
+
+    def __init__(self, max_users_per_merchant: int = 100_000) -> None:
+        self.max_users = max_users_per_merchant
+        self.merchants: dict[str, MerchantContext] = {}
+
+    def merchant(self, merchant_id: str) -> MerchantContext:
+        found = self.merchants.get(merchant_id)
+        if found is None:
+            found = self.merchants[merchant_id] = MerchantContext(max_users=self.max_users)
+        return found
+
+    def set_item(self, merchant_id: str, item_id: str, category: str, price: float) -> None:
+        self.merchant(merchant_id).catalog[item_id] = ItemInfo(category, price)
+
+    def item(self, merchant_id: str, item_id: str) -> ItemInfo | None:
+        found = self.merchants.get(merchant_id)
+        return found.catalog.get(item_id) if found else None
+
+    def observe(self, event: Event) -> None:
+        """Fold an event into the context, after it has been featurized and learned from."""
+        if isinstance(event, CatalogItem):
+            self.set_item(event.merchant_id, event.item_id, event.category, event.price)
+        elif isinstance(event, Click):
+            if event.clicked:
+                self._remember(event.merchant_id, event.user_id, event.item_id)
+        elif isinstance(event, Order):
+            merchant = self.merchant(event.merchant_id)
+            for line in event.items:
+                if line.item_id not in merchant.catalog:
+                    merchant.catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
+                self._remember(event.merchant_id, event.user_id, line.item_id)
+
+    def _remember(self, merchant_id: str, user_id: str, item_id: str) -> None:
+        info = self.item(merchant_id, item_id)
+        self.merchant(merchant_id).remember(user_id, info.category if info else UNKNOWN)
+
+    def state(self) -> dict:
+        """Plain-data snapshot for checkpoints."""
+        return {
+            "max_users": self.max_users,
+            "merchants": {
+                m: {
+                    "catalog": {i: (info.category, info.price) for i, info in ctx.catalog.items()},
+                    "recent": {u: list(cats) for u, cats in ctx.recent.items()},
+                }
+                for m, ctx in self.merchants.items()
+            },
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> FeatureContext:
+        context = cls(state["max_users"])
+        for merchant_id, data in state["merchants"].items():
+            merchant = context.merchant(merchant_id)
+            merchant.catalog = {i: ItemInfo(c, p) for i, (c, p) in data["catalog"].items()}
+            for user_id, cats in data["recent"].items():
+                merchant.recent[user_id] = deque(cats, maxlen=merchant.history)
+        return context
+
+
+def price_bucket(price: float) -> int:
+    """Half-octave price buckets: 0-1, 1-1.4, 1.4-2, ... so +41% in price moves one bucket."""
+    return int(2 * math.log2(1.0 + max(price, 0.0)))
+
+
+class Featurizer:
+    """Turns (merchant, user, item, when, where) plus context into ``len(FIELDS)`` hashed slots."""
+
+    def __init__(self, bits: int = 20) -> None:
+        if not 4 <= bits <= 30:
+            raise ValueError(f"bits must be in [4, 30], got {bits}")
+        self.bits = bits
+        self.n_features = 1 << bits
+        self.n_fields = len(FIELDS)
+        self._mask = self.n_features - 1
+
+    def names(self, click: Click, context: FeatureContext) -> list[str]:
+        """Field-aware feature names of a click (what gets hashed); useful for debugging and docs."""
+        return self.names_for(
+            click.merchant_id, click.user_id, click.item_id, click.timestamp, click.device, click.page,
+            click.position, context,
+        )
+
+    def names_for(
+        self, merchant_id: str, user_id: str, item_id: str, timestamp: float, device: str, page: str,
+        position: int, context: FeatureContext,
+    ) -> list[str]:
+        info = context.item(merchant_id, item_id)
+        category = info.category if info else UNKNOWN
+        bucket = price_bucket(info.price) if info else -1
+        tm = time.gmtime(timestamp)
+        slot = min(position, 20)
+        recent = context.merchant(merchant_id).recent_categories(user_id) if merchant_id in context.merchants else ()
+        affinity = "new" if not recent else ("match" if category in recent else "other")
+        return [
+            "bias",
+            f"merchant={merchant_id}",
+            f"item={merchant_id}/{item_id}",
+            f"category={category}",
+            f"price_bucket={bucket}",
+            f"hour={tm.tm_hour}",
+            f"weekday={tm.tm_wday}",
+            f"device={device}",
+            f"page={page}",
+            f"position={slot}",
+            f"user={merchant_id}/{user_id}",
+            f"user×category={merchant_id}/{user_id}|{category}",
+            f"user×item={merchant_id}/{user_id}|{item_id}",
+            f"category×device={category}|{device}",
+            f"page×position={page}|{slot}",
+            f"merchant×category={merchant_id}|{category}",
+            f"user_affinity={affinity}",
+            f"category×hour={category}|{tm.tm_hour}",
+        ]
+
+    def hash_names(self, names: Iterable[str]) -> np.ndarray:
+        mask = self._mask
+        return np.fromiter((crc32c.crc32c(n.encode()) & mask for n in names), dtype=np.int32, count=self.n_fields)
+
+    def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
+        """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""
+        return self.hash_names(self.names(click, context)), np.ones(self.n_fields, dtype=np.float32)
+
+    def transform_many(self, clicks: Sequence[Click], context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
+        """Indices ``int32[n, F]`` and values ``float32[n, F]`` of clicks, all read against one context."""
+        indices = np.empty((len(clicks), self.n_fields), dtype=np.int32)
+        for row, click in enumerate(clicks):
+            indices[row] = self.hash_names(self.names(click, context))
+        return indices, np.ones(indices.shape, dtype=np.float32)
+
+    def candidates(
+        self, merchant_id: str, user_id: str, item_ids: Sequence[str], context: FeatureContext, *,
+        timestamp: float | None = None, device: str = "desktop", page: str = "recommendation",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features of showing each candidate item to the user in ranked slots, for recommendation scoring."""
+        when = time.time() if timestamp is None else timestamp
+        indices = np.empty((len(item_ids), self.n_fields), dtype=np.int32)
+        for row, item_id in enumerate(item_ids):
+            indices[row] = self.hash_names(self.names_for(merchant_id, user_id, item_id, when, device, page, 0, context))
+        return indices, np.ones(indices.shape, dtype=np.float32)
+
+
+def as_dict(indices: np.ndarray, values: np.ndarray) -> dict[int, float]:
+    """One row as River's ``{feature: value}`` dict (colliding slots add up, as in the dense form)."""
+    out: dict[int, float] = {}
+    for index, value in zip(indices.tolist(), values.tolist()):
+        out[index] = out.get(index, 0.0) + value
+    return out
