@@ -20,6 +20,15 @@ for _var in [v for v in os.environ if v.startswith("FEDSTREAM_")]:
     os.environ.pop(_var)  # a developer's shell must not leak into the tests
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_tff_workers_at_exit() -> Iterator[None]:
+    """Safety net: TFF's worker_binary children must not outlive the test session (CI would hang)."""
+    yield
+    from fedstream.processes import stop_tff_workers
+
+    stop_tff_workers()
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of an embedded tansu broker that lives for the whole test session."""
