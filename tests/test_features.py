@@ -1,0 +1,78 @@
+"""The shared featurizer: stable hashing, fixed width, bounded space, no label leakage, checkpointable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from streams.features import FIELDS, FeatureContext, Featurizer, as_dict, price_bucket
+from streams.schemas import CatalogItem, Click, LineItem, Order
+
+
+def click(user="u1", item="i1", clicked=True, position=2, ts=1_700_000_000.0) -> Click:
+    return Click(event_id=f"e-{user}-{item}", merchant_id="m1", user_id=user, item_id=item, session_id="s",
+                 timestamp=ts, position=position, page="search", device="mobile", clicked=clicked)
+
+
+def test_every_event_has_one_slot_per_field_inside_the_hash_space():
+    featurizer = Featurizer(bits=10)
+    indices, values = featurizer.transform_many([click(item=f"i{k}") for k in range(50)], FeatureContext())
+    assert indices.shape == values.shape == (50, len(FIELDS))
+    assert indices.min() >= 0 and indices.max() < 2**10
+    assert np.all(values == 1.0)
+
+
+def test_hashing_is_stable_across_processes():
+    """Online workers, federated clients and serving run in different processes: slots must agree."""
+    here = Featurizer(bits=20).hash_names(Featurizer(20).names(click(), FeatureContext())).tolist()
+    code = ("from streams.features import Featurizer, FeatureContext;"
+            "from tests.test_features import click;"
+            "print(Featurizer(20).hash_names(Featurizer(20).names(click(), FeatureContext())).tolist())")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert str(here) == there.strip()
+
+
+def test_context_is_read_before_the_event_is_observed():
+    featurizer, context = Featurizer(bits=16), FeatureContext()
+    context.observe(CatalogItem(event_id="c", merchant_id="m1", item_id="i1", category="shoes", price=50.0,
+                                title="t", timestamp=1.0))
+    first = featurizer.names(click(), context)
+    assert "user_affinity=new" in first and "category=shoes" in first
+    context.observe(click())
+    assert "user_affinity=match" in featurizer.names(click(), context)
+
+
+def test_orders_teach_prices_of_items_missing_from_the_catalog():
+    context = FeatureContext()
+    context.observe(Order(event_id="o", order_id="o", merchant_id="m1", user_id="u1", timestamp=1.0,
+                          currency="EUR", items=[LineItem(item_id="i9", quantity=2, unit_price=19.0)]))
+    assert context.item("m1", "i9").price == 19.0
+    assert f"price_bucket={price_bucket(19.0)}" in Featurizer(12).names(click(item="i9"), context)
+
+
+def test_user_memory_is_bounded_per_merchant():
+    context = FeatureContext(max_users_per_merchant=100)
+    for user in range(1000):
+        context.observe(click(user=f"u{user}"))
+    assert len(context.merchant("m1").recent) == 100
+
+
+def test_context_state_round_trips():
+    context = FeatureContext()
+    context.set_item("m1", "i1", "shoes", 10.0)
+    context.observe(click())
+    restored = FeatureContext.from_state(context.state())
+    featurizer = Featurizer(14)
+    assert featurizer.names(click(), restored) == featurizer.names(click(), context)
+
+
+def test_as_dict_adds_colliding_slots():
+    assert as_dict(np.array([3, 3, 5]), np.array([1.0, 1.0, 2.0])) == {3: 2.0, 5: 2.0}
+
+
+def test_bits_are_validated():
+    with pytest.raises(ValueError, match="bits"):
+        Featurizer(bits=40)
