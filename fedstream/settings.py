@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -63,6 +63,44 @@ class ServingSettings(BaseModel):
     swap_poll_seconds: float = 5.0
 
 
+class DriftSettings(BaseModel):
+    """Drift detector thresholds per merchant; defaults tuned by ``benchmarks/drift.py`` on seeded streams.
+
+    Each detector has a cool-down (``cooldown_events`` of the merchant's own events) after it fires, and
+    window tests need full windows, so one change is reported once, not on every following event.
+    """
+
+    error_metric: Literal["logloss", "zero_one"] = "logloss"
+    error_clip: float = Field(default=1e-3, gt=0, lt=0.5, description="p is clipped to [c, 1-c] for logloss.")
+    warmup_events: int = Field(default=1000, ge=0, description="Error events ignored while the model learns.")
+    adwin_delta: float = Field(default=1e-5, gt=0, lt=1)
+    adwin_clock: int = Field(default=32, ge=1)
+    adwin_min_increase: float = Field(default=0.05, ge=0, description="Relative error rise ADWIN must show.")
+    ph_threshold: float = Field(default=80.0, gt=0)
+    ph_delta: float = Field(default=0.05, ge=0)
+    ph_alpha: float = Field(default=1 - 1e-4, gt=0, le=1)
+    ph_min_instances: int = Field(default=500, ge=1)
+    label_reference: int = Field(default=3000, ge=10, description="Labels in the reference window.")
+    label_window: int = Field(default=1500, ge=10, description="Labels in the current window.")
+    label_z: float = Field(default=6.0, gt=0, description="Two-proportion z-test threshold (both directions).")
+    label_min_relative_change: float = Field(default=0.2, ge=0)
+    feature_reference: int = Field(default=3000, ge=10, description="Values in a feature's reference window.")
+    feature_window: int = Field(default=1500, ge=10, description="Values in a feature's current window.")
+    check_every: int = Field(default=250, ge=1, description="Window tests run every N values.")
+    psi_threshold: float = Field(default=0.25, gt=0)
+    psi_bins: int = Field(default=10, ge=2)
+    ks_threshold: float = Field(default=0.15, gt=0, le=1, description="KS distance D that counts as drift.")
+    ks_alpha: float = Field(default=1e-6, gt=0, lt=1)
+    chi2_alpha: float = Field(default=1e-8, gt=0, lt=1)
+    chi2_min_effect: float = Field(default=0.12, ge=0, description="Cramér's V needed on top of the p-value.")
+    cooldown_events: int = Field(default=5000, ge=0)
+    numeric_fields: tuple[str, ...] = ("price", "hour")
+    categorical_fields: tuple[str, ...] = ("category",)
+    hour_period_seconds: float = Field(
+        default=86_400.0, gt=0, description="Hour-of-day windows span whole days so daily seasonality is not drift."
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the platform. Instantiate through :func:`load_settings`."""
 
@@ -79,6 +117,7 @@ class Settings(BaseSettings):
     topics: Topics = Topics()
     kafka: KafkaClientSettings = KafkaClientSettings()
     serving: ServingSettings = ServingSettings()
+    drift: DriftSettings = DriftSettings()
     feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
     seed: int = 7
     config_file: Path | None = Field(default=None, exclude=True)
