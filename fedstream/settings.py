@@ -63,6 +63,21 @@ class ServingSettings(BaseModel):
     swap_poll_seconds: float = 5.0
 
 
+class RegistrySettings(BaseModel):
+    """Promotion policy for the ``champion`` alias (see ``registry.models.MetricPolicy``).
+
+    A challenger replaces the champion when its ``promotion_metric`` (recorded at registration) beats the
+    champion's by at least ``min_improvement`` and it was measured over at least ``min_events`` events.
+    """
+
+    promotion_metric: str = "prequential_logloss"
+    greater_is_better: bool = False
+    min_improvement: float = Field(default=0.0, ge=0, description="Absolute margin the challenger must win by.")
+    min_events: int = Field(default=1000, ge=0, description="Events the challenger's metric must cover.")
+    events_metric: str = Field(default="window_events", description="Metric (or lineage key) with that count.")
+    history_limit: int = Field(default=100, ge=2, description="Alias moves kept in the model's tags.")
+
+
 class DriftSettings(BaseModel):
     """Drift detector thresholds per merchant; defaults tuned by ``benchmarks/drift.py`` on seeded streams.
 
@@ -118,6 +133,7 @@ class Settings(BaseSettings):
     kafka: KafkaClientSettings = KafkaClientSettings()
     serving: ServingSettings = ServingSettings()
     drift: DriftSettings = DriftSettings()
+    registry: RegistrySettings = RegistrySettings()
     feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
     seed: int = 7
     config_file: Path | None = Field(default=None, exclude=True)
