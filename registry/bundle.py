@@ -1,0 +1,306 @@
+"""What a registered model version is: a scorer plus everything needed to featurize and rank for it.
+
+A :class:`ModelBundle` pairs a model (anything with ``predict_proba_many(indices, values) -> float[n]``:
+our numpy learners, River models wrapped by the online room, the federated model's numpy scorer) with the
+feature space it was trained on (``feature_bits``), the :class:`~streams.features.FeatureContext` it was
+trained against (catalogs, users' recent categories) and an optional recommender that proposes
+candidates. The bundle is the unit MLflow stores (see :mod:`registry.flavor`) and serving loads.
+
+Ranking a whole catalog must take milliseconds, so :meth:`ModelBundle.recommend` does not hash
+``18 × n_items`` feature names per request. Per merchant it caches the item-only slots once, and per
+request it hashes only what depends on the user and the hour: one name per *category*, plus the
+``user×item`` slot of every item, which it derives from a cached per-item CRC with the linearity of
+CRC-32C (``crc(P‖B) = crc(P₀‖B) ⊕ crc(P‖0ⁿ) ⊕ crc(P₀‖0ⁿ)``, ``n = len(B)``) in one vectorized XOR.
+The result is bit-identical to :meth:`streams.features.Featurizer.candidates`.
+
+Example:
+    >>> import numpy as np
+    >>> from streams.features import FeatureContext
+    >>> context = FeatureContext()
+    >>> for k in range(100):
+    ...     context.set_item("m1", f"i{k}", category=f"c{k % 5}", price=10.0 + k)
+    >>> bundle = ModelBundle(model=LinearScorer(bits=12), feature_bits=12, context=context)
+    >>> [item for item, _ in bundle.recommend("m1", "u1", k=3)] == ["i0", "i1", "i2"]  # all-zero weights tie
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import crc32c
+import numpy as np
+
+from streams.features import FIELDS, FeatureContext, Featurizer, price_bucket
+from streams.schemas import Click
+
+_FIELD = {name: position for position, name in enumerate(FIELDS)}
+DEVICE, PAGE, POSITION = "desktop", "recommendation", 0  # what Featurizer.candidates assumes
+
+
+class Scorer(Protocol):
+    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray: ...
+
+
+class Recommender(Protocol):
+    def candidates(self, merchant_id: str, user_id: str, limit: int) -> list[str]: ...
+
+    def exclude(self, merchant_id: str, user_id: str) -> set[str]: ...
+
+
+class LinearScorer:
+    """A logistic model over hashed slots as plain numpy: ``p = σ(b + Σ w[slot]·value)``.
+
+    The smallest useful scorer: what a federated round exports (averaged weights), and a real, trainable
+    model for tests and benchmarks (:meth:`learn_many` is one pass of mini-batch SGD on logloss).
+
+    Example:
+        >>> scorer = LinearScorer(bits=8)
+        >>> indices, values = np.array([[1, 2]], dtype=np.int32), np.ones((1, 2), dtype=np.float32)
+        >>> float(scorer.predict_proba_many(indices, values)[0])
+        0.5
+        >>> scorer.learn_many(indices, values, np.array([1.0]))
+        >>> float(scorer.predict_proba_many(indices, values)[0]) > 0.5
+        True
+    """
+
+    def __init__(self, bits: int = 20, weights: np.ndarray | None = None, bias: float = 0.0,
+                 learning_rate: float = 0.1, l2: float = 1e-6) -> None:
+        self.bits = bits
+        self.weights = np.zeros(1 << bits, dtype=np.float32) if weights is None else np.asarray(weights, np.float32)
+        if self.weights.shape != (1 << bits,):
+            raise ValueError(f"weights must have shape ({1 << bits},), got {self.weights.shape}")
+        self.bias = float(bias)
+        self.learning_rate = learning_rate
+        self.l2 = l2
+
+    def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return self.bias + (self.weights[indices] * values).sum(axis=1, dtype=np.float32)
+
+    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-np.clip(self.decision_many(indices, values), -35.0, 35.0)))
+
+    def learn_many(self, indices: np.ndarray, values: np.ndarray, y: np.ndarray) -> None:
+        """One SGD step on the mean logloss of the batch."""
+        error = (self.predict_proba_many(indices, values) - np.asarray(y, np.float32)).astype(np.float32)
+        step = self.learning_rate / max(len(error), 1)
+        np.add.at(self.weights, indices, -step * error[:, None] * values - step * self.l2 * self.weights[indices])
+        self.bias -= float(self.learning_rate * error.mean())
+
+
+def _crc(text: str) -> int:
+    return crc32c.crc32c(text.encode())
+
+
+@dataclass
+class _MerchantCandidates:
+    """A merchant's catalog pre-hashed for ranking: item-only slots, category codes, user×item partial CRCs."""
+
+    item_ids: list[str]
+    rows: dict[str, int]
+    categories: list[str]
+    category_codes: np.ndarray  # int32[n]
+    static: np.ndarray  # int32[n, F]: every slot that does not depend on user or time
+    user_item_base: np.ndarray  # uint32[n]: crc("user×item={m}/" + "|" + item)
+    suffix_lengths: np.ndarray  # int32[n]: len(("|" + item).encode())
+    base_zero_crc: dict[int, int]  # n -> crc("user×item={m}/" + "\0" * n)
+    catalog_key: tuple[int, int]
+
+
+class _CandidateIndex:
+    """Per-merchant cache of :class:`_MerchantCandidates`; rebuilt when the catalog dict changes size."""
+
+    def __init__(self, featurizer: Featurizer) -> None:
+        self.featurizer = featurizer
+        self._merchants: dict[str, _MerchantCandidates] = {}
+        self._lock = threading.Lock()
+
+    def get(self, merchant_id: str, context: FeatureContext) -> _MerchantCandidates | None:
+        merchant = context.merchants.get(merchant_id)
+        if merchant is None or not merchant.catalog:
+            return None
+        key = (id(merchant.catalog), len(merchant.catalog))
+        found = self._merchants.get(merchant_id)
+        if found is not None and found.catalog_key == key:
+            return found
+        with self._lock:
+            found = self._merchants.get(merchant_id)
+            if found is None or found.catalog_key != key:
+                found = self._merchants[merchant_id] = self._build(merchant_id, merchant.catalog, key)
+        return found
+
+    def clear(self) -> None:
+        with self._lock:
+            self._merchants.clear()
+
+    def _build(self, merchant_id: str, catalog: dict, key: tuple[int, int]) -> _MerchantCandidates:
+        mask = self.featurizer.n_features - 1
+        item_ids = list(catalog)
+        categories = sorted({info.category for info in catalog.values()})
+        code_of = {category: code for code, category in enumerate(categories)}
+        n = len(item_ids)
+        static = np.zeros((n, len(FIELDS)), dtype=np.int32)
+        constant = {
+            "bias": "bias", "merchant": f"merchant={merchant_id}", "device": f"device={DEVICE}",
+            "page": f"page={PAGE}", "position": f"position={POSITION}", "page×position": f"page×position={PAGE}|{POSITION}",
+        }
+        for name, text in constant.items():
+            static[:, _FIELD[name]] = _crc(text) & mask
+        codes = np.empty(n, dtype=np.int32)
+        base_prefix = f"user×item={merchant_id}/"
+        base_crc = np.empty(n, dtype=np.uint32)
+        lengths = np.empty(n, dtype=np.int32)
+        for row, item_id in enumerate(item_ids):
+            info = catalog[item_id]
+            codes[row] = code_of[info.category]
+            static[row, _FIELD["item"]] = _crc(f"item={merchant_id}/{item_id}") & mask
+            static[row, _FIELD["category"]] = _crc(f"category={info.category}") & mask
+            static[row, _FIELD["price_bucket"]] = _crc(f"price_bucket={price_bucket(info.price)}") & mask
+            static[row, _FIELD["category×device"]] = _crc(f"category×device={info.category}|{DEVICE}") & mask
+            static[row, _FIELD["merchant×category"]] = _crc(f"merchant×category={merchant_id}|{info.category}") & mask
+            suffix = f"|{item_id}".encode()
+            base_crc[row] = crc32c.crc32c(base_prefix.encode() + suffix)
+            lengths[row] = len(suffix)
+        zero_crc = {int(length): crc32c.crc32c(base_prefix.encode() + bytes(int(length))) for length in np.unique(lengths)}
+        return _MerchantCandidates(item_ids, {item: row for row, item in enumerate(item_ids)}, categories, codes,
+                                   static, base_crc, lengths, zero_crc, key)
+
+
+def _candidate_indices(cached: _MerchantCandidates, merchant_id: str, user_id: str, recent: Sequence[str],
+                       when: float, rows: np.ndarray | None, mask: int) -> np.ndarray:
+    """Slot indices ``int32[len(rows), F]`` of showing cached items to a user, as Featurizer.candidates."""
+    tm = time.gmtime(when)
+    static = cached.static if rows is None else cached.static[rows]
+    codes = cached.category_codes if rows is None else cached.category_codes[rows]
+    out = static.copy()
+    out[:, _FIELD["hour"]] = _crc(f"hour={tm.tm_hour}") & mask
+    out[:, _FIELD["weekday"]] = _crc(f"weekday={tm.tm_wday}") & mask
+    out[:, _FIELD["user"]] = _crc(f"user={merchant_id}/{user_id}") & mask
+    user_cat, affinity, cat_hour = (np.empty(len(cached.categories), dtype=np.int32) for _ in range(3))
+    recent_set = set(recent)
+    for code, category in enumerate(cached.categories):
+        user_cat[code] = _crc(f"user×category={merchant_id}/{user_id}|{category}") & mask
+        label = "new" if not recent_set else ("match" if category in recent_set else "other")
+        affinity[code] = _crc(f"user_affinity={label}") & mask
+        cat_hour[code] = _crc(f"category×hour={category}|{tm.tm_hour}") & mask
+    out[:, _FIELD["user×category"]] = user_cat[codes]
+    out[:, _FIELD["user_affinity"]] = affinity[codes]
+    out[:, _FIELD["category×hour"]] = cat_hour[codes]
+    out[:, _FIELD["user×item"]] = _user_item_slots(cached, merchant_id, user_id, rows) & mask
+    return out
+
+
+def _user_item_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rows: np.ndarray | None) -> np.ndarray:
+    """``crc("user×item={m}/{u}|{item}")`` for every item from cached CRCs, by CRC linearity (exact)."""
+    prefix = f"user×item={merchant_id}/{user_id}".encode()
+    base = cached.user_item_base if rows is None else cached.user_item_base[rows]
+    lengths = cached.suffix_lengths if rows is None else cached.suffix_lengths[rows]
+    shift = np.empty(len(base), dtype=np.uint32)
+    for length, zero_crc in cached.base_zero_crc.items():
+        shift[lengths == length] = crc32c.crc32c(prefix + bytes(length)) ^ zero_crc
+    return (base ^ shift).view(np.int32)
+
+
+@dataclass
+class ModelBundle:
+    """A model and what it needs to score clicks and rank items; what each registered version holds.
+
+    ``kind`` says which room trained it (``online`` or ``federated``); ``meta`` carries free-form facts
+    (learner name, hyper-parameters) that travel with the pickled bundle.
+    """
+
+    model: Any
+    feature_bits: int
+    context: FeatureContext
+    recommender: Any | None = None
+    kind: Literal["online", "federated"] = "online"
+    description: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    candidate_limit: int = 500
+
+    def __post_init__(self) -> None:
+        if not hasattr(self.model, "predict_proba_many"):
+            raise TypeError(f"model {type(self.model).__name__} has no predict_proba_many(indices, values)")
+        if self.kind not in ("online", "federated"):
+            raise ValueError(f"kind must be 'online' or 'federated', got {self.kind!r}")
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        self.featurizer = Featurizer(self.feature_bits)
+        self._index = _CandidateIndex(self.featurizer)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("featurizer", None)
+        state.pop("_index", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def merchants(self) -> list[str]:
+        """Merchants this bundle can rank for (those with a catalog in its context)."""
+        return sorted(m for m, ctx in self.context.merchants.items() if ctx.catalog)
+
+    def invalidate(self) -> None:
+        """Drop cached candidate features (call after mutating the context's catalogs in place)."""
+        self._index.clear()
+
+    def predict(self, clicks: Sequence[Click]) -> np.ndarray:
+        """Click probabilities ``float[n]`` of impressions, featurized against the bundle's context."""
+        if not clicks:
+            return np.empty(0, dtype=np.float64)
+        indices, values = self.featurizer.transform_many(clicks, self.context)
+        return np.asarray(self.model.predict_proba_many(indices, values), dtype=np.float64)
+
+    def recommend(self, merchant_id: str, user_id: str, k: int = 10, *,
+                  timestamp: float | None = None) -> list[tuple[str, float]]:
+        """Top-``k`` ``(item_id, p_click)`` for the user: recommender's candidates (or the whole catalog),
+        minus what the user just bought, ranked by the model."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        when = time.time() if timestamp is None else timestamp
+        item_ids, indices = self.candidate_features(merchant_id, user_id, when)
+        if not item_ids:
+            return []
+        scores = np.asarray(self.model.predict_proba_many(indices, np.ones(indices.shape, np.float32)), np.float64)
+        excluded = self.recommender.exclude(merchant_id, user_id) if self.recommender is not None else set()
+        if excluded:
+            keep = np.fromiter((item not in excluded for item in item_ids), dtype=bool, count=len(item_ids))
+            scores = np.where(keep, scores, -np.inf)
+        best = np.argsort(-scores, kind="stable")[:k]  # stable: ties keep catalog/candidate order
+        return [(item_ids[i], float(scores[i])) for i in best if np.isfinite(scores[i])]
+
+    def candidate_features(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray]:
+        """Candidate item ids and their slot indices ``int32[n, F]`` (values are all ones)."""
+        cached = self._index.get(merchant_id, self.context)
+        merchant = self.context.merchants.get(merchant_id)
+        recent = merchant.recent_categories(user_id) if merchant is not None else ()
+        mask = self.featurizer.n_features - 1
+        if self.recommender is None:
+            if cached is None:
+                return [], np.empty((0, len(FIELDS)), dtype=np.int32)
+            return cached.item_ids, _candidate_indices(cached, merchant_id, user_id, recent, when, None, mask)
+        proposed = list(dict.fromkeys(self.recommender.candidates(merchant_id, user_id, self.candidate_limit)))
+        if not proposed:
+            return [], np.empty((0, len(FIELDS)), dtype=np.int32)
+        known = [item for item in proposed if cached is not None and item in cached.rows]
+        unknown = [item for item in proposed if cached is None or item not in cached.rows]
+        parts, ids = [], []
+        if known:
+            rows = np.fromiter((cached.rows[item] for item in known), dtype=np.int64, count=len(known))
+            parts.append(_candidate_indices(cached, merchant_id, user_id, recent, when, rows, mask))
+            ids.extend(known)
+        if unknown:  # items the recommender saw in orders but the catalog never announced
+            indices, _ = self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)
+            parts.append(indices)
+            ids.extend(unknown)
+        return ids, np.concatenate(parts)
+
+
+__all__ = ["ModelBundle", "LinearScorer", "Scorer", "Recommender"]

@@ -1,0 +1,120 @@
+"""The ``fedstream`` pyfunc flavor: any :class:`~registry.bundle.ModelBundle` as a standard MLflow model.
+
+The bundle is pickled (cloudpickle) into one artifact, ``bundle.pkl``; a thin
+:class:`BundlePythonModel` loads it back, so every model of the platform (our numpy learners, River
+models, the federated scorer) loads with the stock loader and predicts from a DataFrame of clicks::
+
+    model = mlflow.pyfunc.load_model("models:/fedstream-ctr@champion")
+    model.predict(clicks_df)                          # p(click) per row
+    bundle = model.unwrap_python_model().bundle       # the ModelBundle, e.g. for .recommend(...)
+
+Click rows are validated with the platform's event schema (:func:`streams.schemas.decode_event`), so a
+DataFrame row is accepted exactly when the same click would be accepted on the Kafka topic.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import mlflow.pyfunc
+import msgspec
+import numpy as np
+import pandas as pd
+
+from registry.bundle import ModelBundle
+from streams.schemas import Click, InvalidEvent, decode_event
+
+BUNDLE_ARTIFACT = "bundle"
+BUNDLE_FILE = "bundle.pkl"
+FLAVOR_REQUIREMENTS = ["fedstream", "numpy==1.26.4", "crc32c", "msgspec", "cloudpickle", "pandas"]
+
+
+def clicks_from_frame(frame: pd.DataFrame) -> list[Click]:
+    """Validate each row of a DataFrame as a click event; raise ``InvalidEvent`` naming the bad row."""
+    clicks: list[Click] = []
+    for row_number, row in enumerate(frame.to_dict("records")):
+        payload = {"type": "click", **{k: _plain(v) for k, v in row.items() if not _missing(v) and k != "type"}}
+        try:
+            event = decode_event(msgspec.json.encode(payload))
+        except InvalidEvent as bad:
+            raise InvalidEvent(bad.reason, f"row {row_number}: {bad.detail}") from None
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise InvalidEvent("wrong_type", f"row {row_number}: {exc}") from None
+        clicks.append(event)
+    return clicks
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class BundlePythonModel(mlflow.pyfunc.PythonModel):
+    """pyfunc adapter: loads ``bundle.pkl`` and predicts click probabilities for a DataFrame of clicks."""
+
+    def __init__(self) -> None:
+        self.bundle: ModelBundle | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (pyfunc signature)
+        if self.bundle is None:
+            raise RuntimeError("bundle not loaded: load through mlflow.pyfunc.load_model")
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        return self.bundle.predict(clicks_from_frame(frame))
+
+
+def write_bundle(bundle: ModelBundle, path: str | Path) -> Path:
+    """Pickle a bundle (cloudpickle, so classes defined in scripts travel by value)."""
+    path = Path(path)
+    with path.open("wb") as handle:
+        cloudpickle.dump(bundle, handle)
+    return path
+
+
+def read_bundle(path: str | Path) -> ModelBundle:
+    with Path(path).open("rb") as handle:
+        bundle = cloudpickle.load(handle)
+    if not isinstance(bundle, ModelBundle):
+        raise TypeError(f"{path} holds a {type(bundle).__name__}, not a ModelBundle")
+    return bundle
+
+
+def log_bundle(bundle: ModelBundle, name: str = "model", **kwargs: Any):
+    """Log a bundle into the active MLflow run with the fedstream flavor; returns ``ModelInfo``.
+
+    ``pip_requirements`` is given explicitly so MLflow does not load the model in a subprocess to infer it.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        path = write_bundle(bundle, Path(scratch) / BUNDLE_FILE)
+        kwargs.setdefault("pip_requirements", FLAVOR_REQUIREMENTS)
+        kwargs.setdefault("metadata", {"fedstream_kind": bundle.kind, "feature_bits": bundle.feature_bits})
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=BundlePythonModel(), artifacts={BUNDLE_ARTIFACT: str(path)}, **kwargs
+        )
+
+
+def save(bundle: ModelBundle, path: str | Path, **kwargs: Any) -> Path:
+    """Save a bundle as an MLflow model directory (no tracking store needed), loadable by pyfunc."""
+    with tempfile.TemporaryDirectory() as scratch:
+        artifact = write_bundle(bundle, Path(scratch) / BUNDLE_FILE)
+        kwargs.setdefault("pip_requirements", FLAVOR_REQUIREMENTS)
+        mlflow.pyfunc.save_model(str(path), python_model=BundlePythonModel(),
+                                 artifacts={BUNDLE_ARTIFACT: str(artifact)}, **kwargs)
+    return Path(path)
+
+
+def load(model_uri: str) -> ModelBundle:
+    """The bundle behind any pyfunc URI this flavor wrote (``models:/NAME@alias``, ``runs:/...``, a path)."""
+    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if not isinstance(python_model, BundlePythonModel) or python_model.bundle is None:
+        raise TypeError(f"{model_uri} is not a fedstream bundle model")
+    return python_model.bundle
