@@ -157,18 +157,20 @@ def register_version(settings: Settings, bundle: ModelBundle, *, name: str, metr
 
     clean_metrics = {k: float(v) for k, v in metrics.items() if _number(v) is not None}
     mlflow_client = client(settings)
-    with activate(settings) as exp_id, _run(mlflow_client, exp_id, run_id, name) as run:
-        mlflow.log_metrics(clean_metrics)
-        mlflow.log_dict(dict(lineage), f"lineage/{int(time.time() * 1000)}.json")
-        info = log_bundle(bundle, name="model")
-        run_id = run.info.run_id
-    _ensure_registered_model(mlflow_client, name)
     tags = {"kind": bundle.kind, **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in clean_metrics.items()},
             **{f"{LINEAGE_PREFIX}{k}": _tag_value(v) for k, v in lineage.items()}}
-    version = mlflow_client.create_model_version(
-        name, source=info.model_uri, run_id=run_id, tags=tags,
-        description=description or bundle.description or None, model_id=getattr(info, "model_id", None),
-    )
+    # inside activate(): MLflow resolves a ``models:/m-...`` source through the *global* tracking URI
+    with activate(settings) as exp_id:
+        with _run(mlflow_client, exp_id, run_id, name) as run:
+            mlflow.log_metrics(clean_metrics)
+            mlflow.log_dict(dict(lineage), f"lineage/{int(time.time() * 1000)}.json")
+            info = log_bundle(bundle, name="model")
+            run_id = run.info.run_id
+        _ensure_registered_model(mlflow_client, name)
+        version = mlflow_client.create_model_version(
+            name, source=info.model_uri, run_id=run_id, tags=tags,
+            description=description or bundle.description or None, model_id=getattr(info, "model_id", None),
+        )
     mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
     _record(mlflow_client, name, {"alias": CHALLENGER, "version": str(version.version), "action": "register"}, settings)
     log.info("model version registered", extra={"model": name, "version": version.version, "run_id": run_id})
