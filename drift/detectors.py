@@ -1,0 +1,500 @@
+"""Drift detectors for one merchant's streams, all with the same small interface.
+
+``detector.update(value, timestamp=..., index=...) -> DriftEvent | None``: feed one value, get an event
+back on the update where the detector decides the stream changed. ``state()`` shows what it holds.
+
+Three families, named by what they watch:
+
+* ``error.*`` — the prequential error of the serving model (per-event logloss or 0/1 error, see
+  :func:`prequential_error`). River's ADWIN and PageHinkley; only *rises* in error count as drift (a model
+  that gets better is not a problem). River's FHDDM is not used: it flags drops of its input.
+* ``label.*`` — label rates (click-through, conversion) with a two-window, two-proportion z-test.
+* ``feature.<field>.*`` — a feature's distribution: PSI and Kolmogorov-Smirnov for numeric fields (price,
+  hour of day), PSI and chi-squared for category shares, reference window vs current window.
+
+Window tests compare the current window (the last ``window`` values) with the reference window just
+before it (the ``reference`` values preceding it); a ``min_span_seconds`` stretches both windows to cover
+whole periods of event time, so the hour of day is compared day against day and its daily cycle is not
+reported as drift. After a detector fires it forgets the old regime and stays quiet for ``cooldown``
+values, so one change is reported once.
+
+Example (a seeded stream whose mean jumps at value 5000):
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> stream = np.r_[rng.normal(10, 2, 5000), rng.normal(13, 2, 5000)]
+    >>> detector = NumericShift("m1", "price", statistic="ks", reference=1000, window=500)
+    >>> fired = [e for i, x in enumerate(stream) if (e := detector.update(x, timestamp=float(i)))]
+    >>> len(fired), 5000 <= fired[0].event_index < 5500
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Hashable
+from typing import Literal
+
+import numpy as np
+
+from drift.events import DriftEvent
+from fedstream.settings import DriftSettings
+
+
+def prequential_error(y: bool | int, p: float, metric: str = "logloss", clip: float = 1e-3) -> float:
+    """The error of predicting ``p`` = P(y=1) before seeing ``y``: logloss (clipped) or 0/1 error.
+
+    >>> round(prequential_error(1, 0.9), 4), prequential_error(0, 0.9, "zero_one")
+    (0.1054, 1.0)
+    """
+    if metric == "zero_one":
+        return float((p >= 0.5) != bool(y))
+    if metric != "logloss":
+        raise ValueError(f"unknown error metric {metric!r}: use 'logloss' or 'zero_one'")
+    p = min(max(float(p), clip), 1.0 - clip)
+    return -math.log(p if y else 1.0 - p)
+
+
+class _Trail:
+    """Sparse, bounded map from a detector's value count to (merchant event index, timestamp).
+
+    ADWIN windows can hold 100k+ values; remembering every 16th position is enough to date a window.
+    """
+
+    def __init__(self, stride: int = 16, maxlen: int = 16_384) -> None:
+        self.stride = stride
+        self.counts: deque[int] = deque(maxlen=maxlen)
+        self.points: deque[tuple[int, float]] = deque(maxlen=maxlen)
+
+    def add(self, count: int, index: int, timestamp: float) -> None:
+        if count % self.stride == 0:
+            self.counts.append(count)
+            self.points.append((index, timestamp))
+
+    def at(self, count: int) -> tuple[int, float]:
+        if not self.counts:
+            return (0, 0.0)
+        pos = min(bisect.bisect_left(self.counts, count), len(self.counts) - 1)
+        return self.points[pos]
+
+
+class Detector(ABC):
+    """Shared bookkeeping: counts, cool-down, the last event; subclasses implement ``_check``."""
+
+    family = "feature"
+    statistic = ""
+
+    def __init__(self, merchant_id: str, name: str, *, model_version: str | None = None, cooldown: int = 0,
+                 warmup: int = 0) -> None:
+        self.merchant_id = merchant_id
+        self.name = name
+        self.model_version = model_version
+        self.cooldown = cooldown
+        self.warmup = warmup
+        self.n_seen = 0
+        self.n_detections = 0
+        self.last_event: DriftEvent | None = None
+        self._quiet_until = warmup
+        self._last_index = -1
+        self._last_time = 0.0
+
+    def update(self, value, *, timestamp: float, index: int | None = None) -> DriftEvent | None:
+        """Feed one value observed at ``timestamp`` (``index``: the merchant's event count, default own count)."""
+        index = self.n_seen if index is None else index
+        self.n_seen += 1
+        self._last_index, self._last_time = index, float(timestamp)
+        found = self._observe(value, index, float(timestamp))
+        if found is None or self.n_seen < self._quiet_until:
+            return None
+        statistic_value, threshold, (start_index, start_time), details = found
+        event = DriftEvent(
+            merchant_id=self.merchant_id, model_version=self.model_version, detector=self.name,
+            statistic=self.statistic, value=float(statistic_value), threshold=float(threshold),
+            window_start_index=int(start_index), window_end_index=int(index),
+            window_start_time=float(start_time), window_end_time=float(timestamp), event_index=int(index),
+            detected_at=time.time(), details={k: float(v) for k, v in details.items()},
+        )
+        self.n_detections += 1
+        self.last_event = event
+        self._quiet_until = self.n_seen + self.cooldown
+        self._after_detection()
+        return event
+
+    @abstractmethod
+    def _observe(self, value, index: int, timestamp: float):
+        """Return ``(value, threshold, (window start index, start time), details)`` when drift is seen."""
+
+    def _after_detection(self) -> None:
+        """Forget the old regime (default: nothing to forget)."""
+
+    def state(self) -> dict:
+        """Inspectable state: counts, cool-down and detector-specific figures."""
+        return {"detector": self.name, "merchant_id": self.merchant_id, "n_seen": self.n_seen,
+                "n_detections": self.n_detections, "quiet_until": self._quiet_until,
+                "last_index": self._last_index}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.merchant_id!r}, {self.name!r}, n_seen={self.n_seen})"
+
+
+class ErrorADWIN(Detector):
+    """ADWIN (River) on the prequential error; fires only when the recent window's error is higher.
+
+    ADWIN keeps the longest recent window whose mean is consistent; when it cuts, the kept (recent)
+    window's mean is compared with the dropped (older) part's, and only a relative rise above
+    ``min_increase`` is drift.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(1)
+    >>> errors = np.r_[rng.random(8000) < 0.2, rng.random(4000) < 0.35].astype(float)
+    >>> det = ErrorADWIN("m1", delta=1e-5, warmup=0)
+    >>> fired = [e for i, x in enumerate(errors) if (e := det.update(x, timestamp=float(i)))]
+    >>> len(fired), 8000 <= fired[0].event_index < 9000
+    (1, True)
+    """
+
+    family = "error"
+    statistic = "mean_error_increase"
+
+    def __init__(self, merchant_id: str, name: str = "error.adwin", *, delta: float = 1e-5, clock: int = 32,
+                 min_increase: float = 0.05, model_version: str | None = None, cooldown: int = 0,
+                 warmup: int = 0) -> None:
+        from river.drift import ADWIN
+
+        super().__init__(merchant_id, name, model_version=model_version, cooldown=cooldown, warmup=warmup)
+        self.min_increase = min_increase
+        self.adwin = ADWIN(delta=delta, clock=clock)
+        self._trail = _Trail()
+
+    def _observe(self, value: float, index: int, timestamp: float):
+        self._trail.add(self.n_seen, index, timestamp)
+        total_before = self.adwin.estimation * self.adwin.width + float(value)
+        width_before = self.adwin.width + 1
+        self.adwin.update(float(value))
+        if not self.adwin.drift_detected:
+            return None
+        kept, width = self.adwin.estimation, self.adwin.width
+        dropped = (total_before - kept * width) / max(width_before - width, 1.0)
+        if kept <= dropped * (1.0 + self.min_increase):
+            return None  # a drop (or a tiny rise) in error is not a problem
+        start = self._trail.at(self.n_seen - int(width))
+        relative = kept / dropped - 1.0 if dropped > 0 else math.inf
+        return relative, self.min_increase, start, {"mean_before": dropped, "mean_after": kept,
+                                                     "window": float(width)}
+
+    def state(self) -> dict:
+        return {**super().state(), "mean_error": self.adwin.estimation, "width": int(self.adwin.width),
+                "delta": self.adwin.delta}
+
+
+class ErrorPageHinkley(Detector):
+    """Page-Hinkley (River, ``mode="up"``) on the prequential error: a cumulative test for a rising mean.
+
+    ``threshold`` is the cumulative excess error (over the running mean plus ``delta`` per event) needed,
+    so the delay is about ``threshold / (rise - delta)`` events.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(2)
+    >>> errors = np.r_[rng.exponential(0.4, 6000), rng.exponential(0.6, 4000)]
+    >>> det = ErrorPageHinkley("m1", threshold=50.0, delta=0.05, warmup=0)
+    >>> fired = [e for i, x in enumerate(errors) if (e := det.update(x, timestamp=float(i)))]
+    >>> len(fired) >= 1 and 6000 <= fired[0].event_index < 7000
+    True
+    """
+
+    family = "error"
+    statistic = "page_hinkley"
+
+    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 80.0,
+                 delta: float = 0.05, alpha: float = 1 - 1e-4, min_instances: int = 500,
+                 model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
+        from river.drift import PageHinkley
+
+        super().__init__(merchant_id, name, model_version=model_version, cooldown=cooldown, warmup=warmup)
+        self.params = dict(min_instances=min_instances, delta=delta, threshold=threshold, alpha=alpha, mode="up")
+        self.ph = PageHinkley(**self.params)
+        self._since_reset = 0
+        self._trail = _Trail()
+
+    def _observe(self, value: float, index: int, timestamp: float):
+        self._trail.add(self.n_seen, index, timestamp)
+        mean_before = self.ph._x_mean.get()
+        self.ph.update(float(value))
+        self._since_reset += 1
+        if not self.ph.drift_detected:
+            return None
+        statistic = self.ph._sum_increase - self.ph._min_increase
+        start = self._trail.at(self.n_seen - self._since_reset)
+        return statistic, self.ph.threshold, start, {"mean_error": mean_before}
+
+    def _after_detection(self) -> None:
+        from river.drift import PageHinkley
+
+        self.ph = PageHinkley(**self.params)
+        self._since_reset = 0
+
+    def state(self) -> dict:
+        statistic = self.ph._sum_increase - self.ph._min_increase if self.ph._x_mean.n else 0.0
+        return {**super().state(), "statistic": statistic, "threshold": self.ph.threshold,
+                "mean_error": self.ph._x_mean.get()}
+
+
+class _TwoWindow(Detector):
+    """Reference window right before a current window; the test runs every ``check_every`` values.
+
+    With ``min_span_seconds`` each window also stretches back to cover that much event time (bounded by
+    ``max_values``), so periodic fields are compared period against period.
+    """
+
+    def __init__(self, merchant_id: str, name: str, *, reference: int = 3000, window: int = 1500,
+                 check_every: int = 250, min_span_seconds: float = 0.0, max_values: int = 200_000,
+                 model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
+        super().__init__(merchant_id, name, model_version=model_version, cooldown=cooldown, warmup=warmup)
+        if reference < 2 or window < 2:
+            raise ValueError("reference and window need at least 2 values each")
+        self.reference, self.window, self.check_every = reference, window, check_every
+        self.min_span_seconds, self.max_values = min_span_seconds, max_values
+        self._values: list = []
+        self._times: list[float] = []
+        self._indices: list[int] = []
+        self.last_statistic: float | None = None
+
+    def _observe(self, value, index: int, timestamp: float):
+        self._values.append(value)
+        self._times.append(timestamp)
+        self._indices.append(index)
+        if self.n_seen % self.check_every or self.n_seen < self._quiet_until:
+            self._trim_to(len(self._values) - self.max_values)
+            return None
+        split = self._split()
+        if split is None:
+            return None
+        ref_start, cur_start = split
+        self._trim_to(ref_start)
+        cur_start -= ref_start
+        reference, current = self._values[:cur_start], self._values[cur_start:]
+        found = self._test(reference, current)
+        if found is None:
+            return None
+        statistic, threshold, details = found
+        details = {**details, "reference_size": len(reference), "window_size": len(current)}
+        return statistic, threshold, (self._indices[cur_start], self._times[cur_start]), details
+
+    def _split(self) -> tuple[int, int] | None:
+        n = len(self._values)
+        cur_start = n - self.window
+        if self.min_span_seconds:
+            cur_start = min(cur_start, bisect.bisect_left(self._times, self._times[-1] - self.min_span_seconds))
+        ref_start = cur_start - self.reference
+        if self.min_span_seconds and cur_start > 0:
+            ref_start = min(ref_start, bisect.bisect_left(self._times, self._times[cur_start] - self.min_span_seconds))
+        if cur_start <= 0 or ref_start < 0:
+            if not (self.min_span_seconds and n >= self.max_values and cur_start > self.reference // 2):
+                return None
+            ref_start = 0  # capped memory: use what the window holds
+        if self.min_span_seconds and self._times[cur_start] - self._times[0] < self.min_span_seconds:
+            return None  # reference does not cover a whole period yet
+        return ref_start, cur_start
+
+    def _trim_to(self, start: int) -> None:
+        if start > 0:
+            del self._values[:start], self._times[:start], self._indices[:start]
+
+    @abstractmethod
+    def _test(self, reference: list, current: list) -> tuple[float, float, dict] | None:
+        """Return ``(statistic, threshold, details)`` when the windows differ enough to call it drift."""
+
+    def _after_detection(self) -> None:
+        self._values.clear(), self._times.clear(), self._indices.clear()
+
+    def state(self) -> dict:
+        return {**super().state(), "held": len(self._values), "reference": self.reference,
+                "window": self.window, "last_statistic": self.last_statistic}
+
+
+class RateShift(_TwoWindow):
+    """A label rate (CTR, conversion) moved: two-proportion z-test, both directions, plus a relative size.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(3)
+    >>> labels = np.r_[rng.random(10_000) < 0.10, rng.random(5000) < 0.16]
+    >>> det = RateShift("m1", "label.ctr", z_threshold=6.0, reference=3000, window=1500)
+    >>> fired = [e for i, y in enumerate(labels) if (e := det.update(y, timestamp=float(i)))]
+    >>> len(fired), 10_000 <= fired[0].event_index < 12_000
+    (1, True)
+    """
+
+    family = "label"
+    statistic = "z"
+
+    def __init__(self, merchant_id: str, name: str, *, z_threshold: float = 6.0, min_relative_change: float = 0.2,
+                 **window) -> None:
+        super().__init__(merchant_id, name, **window)
+        self.z_threshold, self.min_relative_change = z_threshold, min_relative_change
+
+    def _test(self, reference: list, current: list):
+        n1, n2 = len(reference), len(current)
+        k1, k2 = float(np.count_nonzero(reference)), float(np.count_nonzero(current))
+        p1, p2, pooled = k1 / n1, k2 / n2, (k1 + k2) / (n1 + n2)
+        variance = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
+        z = (p2 - p1) / math.sqrt(variance) if variance > 0 else 0.0
+        self.last_statistic = z
+        relative = abs(p2 - p1) / max(p1, 1.0 / n1)
+        if abs(z) < self.z_threshold or relative < self.min_relative_change:
+            return None
+        return z, self.z_threshold, {"rate_before": p1, "rate_after": p2, "relative_change": relative}
+
+
+def psi(reference: np.ndarray, current: np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index between two share vectors (same bins): sum (c - r) ln(c / r).
+
+    >>> round(psi(np.array([0.5, 0.5]), np.array([0.5, 0.5])), 6), psi(np.array([0.9, 0.1]), np.array([0.5, 0.5])) > 0.25
+    (0.0, True)
+    """
+    r = np.clip(reference, eps, None)
+    c = np.clip(current, eps, None)
+    r, c = r / r.sum(), c / c.sum()
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def quantile_edges(reference: np.ndarray, bins: int) -> np.ndarray:
+    """Inner bin edges at the reference's quantiles (ties collapse, so discrete fields get fewer bins)."""
+    return np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+
+
+class NumericShift(_TwoWindow):
+    """A numeric feature's distribution moved: ``statistic="psi"`` (quantile bins) or ``"ks"`` (scipy).
+
+    KS fires when the distance D exceeds ``ks_threshold`` *and* its p-value is below ``ks_alpha``: large
+    windows make tiny, harmless differences significant, so an effect size is required too.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(4)
+    >>> det = NumericShift("m1", "price", statistic="psi", reference=2000, window=1000)
+    >>> [det.update(x, timestamp=0.0) for x in rng.lognormal(3, 0.5, 20_000)].count(None)
+    20000
+    """
+
+    def __init__(self, merchant_id: str, field: str, *, statistic: Literal["psi", "ks"] = "psi",
+                 psi_threshold: float = 0.25, bins: int = 10, ks_threshold: float = 0.15, ks_alpha: float = 1e-6,
+                 name: str | None = None, **window) -> None:
+        if statistic not in ("psi", "ks"):
+            raise ValueError(f"numeric statistic must be 'psi' or 'ks', got {statistic!r}")
+        super().__init__(merchant_id, name or f"feature.{field}.{statistic}", **window)
+        self.field, self.statistic = field, statistic
+        self.psi_threshold, self.bins = psi_threshold, bins
+        self.ks_threshold, self.ks_alpha = ks_threshold, ks_alpha
+
+    def _test(self, reference: list, current: list):
+        ref = np.asarray(reference, dtype=float)
+        cur = np.asarray(current, dtype=float)
+        details = {"mean_before": float(ref.mean()), "mean_after": float(cur.mean())}
+        if self.statistic == "ks":
+            from scipy.stats import ks_2samp
+
+            result = ks_2samp(ref, cur, method="asymp")
+            self.last_statistic = float(result.statistic)
+            if result.statistic < self.ks_threshold or result.pvalue > self.ks_alpha:
+                return None
+            return float(result.statistic), self.ks_threshold, {**details, "p_value": float(result.pvalue)}
+        edges = quantile_edges(ref, self.bins)
+        ref_shares = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1) / len(ref)
+        cur_shares = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1) / len(cur)
+        value = psi(ref_shares, cur_shares)
+        self.last_statistic = value
+        if value < self.psi_threshold:
+            return None
+        return value, self.psi_threshold, details
+
+
+class CategoryShift(_TwoWindow):
+    """Category shares moved: ``statistic="psi"`` or ``"chi2"`` (p-value below ``chi2_alpha`` and Cramér's V
+    above ``min_effect``).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(5)
+    >>> cats = np.r_[rng.choice(list("abc"), 6000, p=[.6, .3, .1]), rng.choice(list("abc"), 3000, p=[.3, .3, .4])]
+    >>> det = CategoryShift("m1", "category", statistic="chi2", reference=2000, window=1000)
+    >>> fired = [e for i, c in enumerate(cats) if (e := det.update(c, timestamp=float(i)))]
+    >>> len(fired), 6000 <= fired[0].event_index < 7000
+    (1, True)
+    """
+
+    def __init__(self, merchant_id: str, field: str, *, statistic: Literal["psi", "chi2"] = "chi2",
+                 psi_threshold: float = 0.25, chi2_alpha: float = 1e-8, min_effect: float = 0.12,
+                 name: str | None = None, **window) -> None:
+        if statistic not in ("psi", "chi2"):
+            raise ValueError(f"categorical statistic must be 'psi' or 'chi2', got {statistic!r}")
+        super().__init__(merchant_id, name or f"feature.{field}.{statistic}", **window)
+        self.field, self.statistic = field, statistic
+        self.psi_threshold, self.chi2_alpha, self.min_effect = psi_threshold, chi2_alpha, min_effect
+
+    @staticmethod
+    def _counts(reference: list[Hashable], current: list[Hashable]) -> tuple[np.ndarray, np.ndarray, list]:
+        labels, codes = np.unique(np.asarray([str(v) for v in reference + current]), return_inverse=True)
+        ref_counts = np.bincount(codes[: len(reference)], minlength=len(labels))
+        cur_counts = np.bincount(codes[len(reference):], minlength=len(labels))
+        return ref_counts, cur_counts, labels.tolist()
+
+    def _test(self, reference: list, current: list):
+        ref_counts, cur_counts, labels = self._counts(reference, current)
+        if self.statistic == "psi":
+            value = psi(ref_counts / ref_counts.sum(), cur_counts / cur_counts.sum())
+            self.last_statistic = value
+            return None if value < self.psi_threshold else (value, self.psi_threshold, {"categories": len(labels)})
+        if len(labels) < 2:
+            self.last_statistic = 0.0
+            return None
+        from scipy.stats import chi2_contingency
+
+        chi2, p_value, _, _ = chi2_contingency(np.vstack([ref_counts, cur_counts]), correction=False)
+        cramers_v = math.sqrt(chi2 / (ref_counts.sum() + cur_counts.sum()))
+        self.last_statistic = float(chi2)
+        if p_value > self.chi2_alpha or cramers_v < self.min_effect:
+            return None
+        return float(chi2), self.chi2_alpha, {"p_value": float(p_value), "cramers_v": cramers_v,
+                                              "categories": len(labels)}
+
+
+ERROR_DETECTORS = ("error.adwin", "error.page_hinkley")
+LABEL_DETECTORS = ("label.ctr", "label.conversion")
+
+
+def build_detectors(config: DriftSettings, merchant_id: str, model_version: str | None = None) -> dict[str, Detector]:
+    """Every detector for one merchant, named ``family.field.statistic``, configured from settings.
+
+    >>> from fedstream.settings import DriftSettings
+    >>> sorted(build_detectors(DriftSettings(), "m1"))[:4]
+    ['error.adwin', 'error.page_hinkley', 'feature.category.chi2', 'feature.category.psi']
+    """
+    common = dict(model_version=model_version, cooldown=config.cooldown_events)
+    error_common = {**common, "warmup": config.warmup_events}
+    detectors: dict[str, Detector] = {
+        "error.adwin": ErrorADWIN(merchant_id, delta=config.adwin_delta, clock=config.adwin_clock,
+                                  min_increase=config.adwin_min_increase, **error_common),
+        "error.page_hinkley": ErrorPageHinkley(merchant_id, threshold=config.ph_threshold, delta=config.ph_delta,
+                                               alpha=config.ph_alpha, min_instances=config.ph_min_instances,
+                                               **error_common),
+    }
+    label_window = dict(reference=config.label_reference, window=config.label_window,
+                        check_every=config.check_every, **common)
+    for name in LABEL_DETECTORS:
+        detectors[name] = RateShift(merchant_id, name, z_threshold=config.label_z,
+                                    min_relative_change=config.label_min_relative_change, **label_window)
+    feature_window = dict(reference=config.feature_reference, window=config.feature_window,
+                          check_every=config.check_every, **common)
+    for field in config.numeric_fields:
+        span = config.hour_period_seconds if field == "hour" else 0.0
+        for statistic in ("psi", "ks"):
+            detectors[f"feature.{field}.{statistic}"] = NumericShift(
+                merchant_id, field, statistic=statistic, psi_threshold=config.psi_threshold, bins=config.psi_bins,
+                ks_threshold=config.ks_threshold, ks_alpha=config.ks_alpha, min_span_seconds=span, **feature_window)
+    for field in config.categorical_fields:
+        for statistic in ("psi", "chi2"):
+            detectors[f"feature.{field}.{statistic}"] = CategoryShift(
+                merchant_id, field, statistic=statistic, psi_threshold=config.psi_threshold,
+                chi2_alpha=config.chi2_alpha, min_effect=config.chi2_min_effect, **feature_window)
+    return detectors

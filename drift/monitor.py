@@ -1,0 +1,377 @@
+"""Per-merchant drift monitoring: feed events and predictions in, get :class:`DriftEvent` s out, publish them.
+
+A :class:`DriftMonitor` holds one set of detectors per merchant (built from ``settings.drift``). The
+online learner's prequential loop calls :meth:`DriftMonitor.observe` with each event and, for clicks,
+the probability it predicted *before* learning from the click; a learner that only has numbers calls
+:meth:`DriftMonitor.observe_prediction`. Every drift event goes to each sink:
+
+* :class:`JsonlSink` — ``<data_dir>/drift/events.jsonl``, one JSON event per line (always on);
+* :class:`KafkaSink` — ``settings.topics.drift``, keyed by merchant, built with ``streams.kafka``;
+* :class:`MlflowSink` — metrics ``drift/<merchant>/<detector>`` (value at step = merchant event index)
+  and tags ``drift.<merchant>.last`` / ``drift.<merchant>.count`` / ``drift.last`` on the serving model's run.
+
+:func:`latest_drift` is what the serving API calls to show drift status; see its docstring for where it reads.
+
+Example:
+    >>> from fedstream.settings import load_settings
+    >>> import tempfile
+    >>> settings = load_settings(data_dir=tempfile.mkdtemp())
+    >>> monitor = DriftMonitor(settings, sinks=[JsonlSink(drift_log_path(settings))])
+    >>> for i in range(3000):
+    ...     _ = monitor.observe_prediction("m1", 1.7e9 + i, y=i % 10 == 0, p=0.1)
+    >>> monitor.state("m1")["error.adwin"]["n_seen"]
+    3000
+    >>> latest_drift(settings, source="file")
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from drift.detectors import ERROR_DETECTORS, Detector, build_detectors, prequential_error
+from drift.events import DriftEvent, decode_drift_event, encode_drift_event
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+from streams.features import FeatureContext
+from streams.schemas import CatalogItem, Click, Event, Order
+
+log = get_logger("drift.monitor")
+
+
+class UnknownMerchant(KeyError):
+    """A merchant the monitor (or the events read) does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown merchant"
+
+
+class DriftSink(Protocol):
+    def publish(self, event: DriftEvent) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def drift_log_path(settings: Settings) -> Path:
+    """The local JSONL log of drift events: ``<data_dir>/drift/events.jsonl``."""
+    folder = settings.data_path / "drift"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "events.jsonl"
+
+
+class JsonlSink:
+    """Appends each drift event as one JSON line (flushed at once: drift events are rare and precious)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, event: DriftEvent) -> None:
+        with self.path.open("ab") as handle:
+            handle.write(encode_drift_event(event) + b"\n")
+
+    def close(self) -> None:
+        """Nothing stays open between events."""
+
+
+class KafkaSink:
+    """Produces drift events to ``settings.topics.drift`` keyed by merchant (ordered per merchant)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from streams.kafka import make_producer
+
+        self.topic = settings.topics.drift.name
+        self.producer = make_producer(settings)
+
+    def publish(self, event: DriftEvent) -> None:
+        self.producer.send(self.topic, key=event.merchant_id.encode(), value=encode_drift_event(event))
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.flush()
+        self.producer.close()
+
+
+def _metric_key(*parts: str) -> str:
+    """MLflow keys allow letters, digits, ``_-./`` and spaces; anything else becomes ``_``."""
+    return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", part) for part in parts)
+
+
+class MlflowSink:
+    """Logs drift events to one MLflow run: a metric per (merchant, detector) and summary tags."""
+
+    def __init__(self, settings: Settings, run_id: str) -> None:
+        from registry.tracking import client
+
+        self.client = client(settings)
+        self.run_id = run_id
+        self.counts: dict[str, int] = {}
+
+    def publish(self, event: DriftEvent) -> None:
+        step = event.event_index if event.event_index >= 0 else 0
+        millis = int(event.detected_at * 1000)
+        self.client.log_metric(self.run_id, _metric_key("drift", event.merchant_id, event.detector), event.value,
+                               timestamp=millis, step=step)
+        self.counts[event.merchant_id] = self.counts.get(event.merchant_id, 0) + 1
+        summary = json.dumps({"detector": event.detector, "statistic": event.statistic, "value": event.value,
+                              "event_index": event.event_index, "window_end_time": event.window_end_time})
+        merchant = re.sub(r"[^A-Za-z0-9_\-. /]", "_", event.merchant_id)
+        self.client.set_tag(self.run_id, f"drift.{merchant}.last", summary)
+        self.client.set_tag(self.run_id, f"drift.{merchant}.count", str(self.counts[event.merchant_id]))
+        self.client.set_tag(self.run_id, "drift.last", json.dumps({"merchant_id": event.merchant_id,
+                                                                    "detector": event.detector}))
+
+    def close(self) -> None:
+        """The MLflow client holds no open resources."""
+
+
+def serving_run_id(settings: Settings, run_id: str | None = None, model_name: str | None = None,
+                   alias: str = "champion") -> str:
+    """The run to log drift on: ``run_id`` if given, else the run of ``models:/NAME@champion``, else a
+    ``drift-monitor`` run in the platform experiment (created once, reused after)."""
+    from registry.tracking import client, experiment_id
+
+    if run_id:
+        return run_id
+    mlflow_client = client(settings)
+    name = model_name or settings.serving.model_name
+    try:
+        version = mlflow_client.get_model_version_by_alias(name, alias)
+        if version.run_id:
+            return version.run_id
+    except Exception as exc:  # no registered model / alias yet: MLflow raises RestException
+        log.info("no serving model run; using the drift-monitor run", extra={"model": name, "reason": str(exc)[:200]})
+    exp_id = experiment_id(settings)
+    found = mlflow_client.search_runs([exp_id], filter_string="tags.`mlflow.runName` = 'drift-monitor'",
+                                      max_results=1)
+    if found:
+        return found[0].info.run_id
+    return mlflow_client.create_run(exp_id, run_name="drift-monitor", tags={"fedstream.room": "drift"}).info.run_id
+
+
+class DriftMonitor:
+    """Detectors per merchant, fed with raw events (labels, features) and predictions (errors).
+
+    ``merchants`` is an optional allow-list: events of any other merchant raise :class:`UnknownMerchant`.
+    Counters: ``global_index`` counts clicks + orders seen (platform-wide), ``merchant_index[m]`` per merchant.
+    """
+
+    def __init__(self, settings: Settings, *, sinks: Sequence[DriftSink] = (), model_version: str | None = None,
+                 merchants: Iterable[str] | None = None, context: FeatureContext | None = None) -> None:
+        self.config = settings.drift
+        self.sinks = list(sinks)
+        self.model_version = model_version
+        self.allowed = frozenset(merchants) if merchants is not None else None
+        # a learner's own context (already observed by the learner) is read, never written
+        self._owns_context = context is None
+        self.context = context if context is not None else FeatureContext(max_users_per_merchant=1)
+        self.detectors: dict[str, dict[str, Detector]] = {}
+        self.merchant_index: dict[str, int] = {}
+        self.global_index = 0
+        self.events: list[DriftEvent] = []
+        self._predictions: dict[str, int] = {}
+
+    def _detectors_of(self, merchant_id: str) -> dict[str, Detector]:
+        found = self.detectors.get(merchant_id)
+        if found is None:
+            if self.allowed is not None and merchant_id not in self.allowed:
+                raise UnknownMerchant(f"merchant {merchant_id!r} is not monitored")
+            found = self.detectors[merchant_id] = build_detectors(self.config, merchant_id, self.model_version)
+        return found
+
+    def observe(self, event: Event, p: float | None = None) -> list[DriftEvent]:
+        """Feed one raw event; for a click, ``p`` is the model's click probability predicted before learning."""
+        if isinstance(event, CatalogItem):
+            if self._owns_context:
+                self.context.observe(event)
+            return []
+        detectors = self._detectors_of(event.merchant_id)
+        index = self.merchant_index.get(event.merchant_id, 0)
+        self.merchant_index[event.merchant_id] = index + 1
+        self.global_index += 1
+        fired: list[DriftEvent] = []
+        ts = event.timestamp
+        for name, value in self._values(event):
+            found = detectors[name].update(value, timestamp=ts, index=index) if name in detectors else None
+            if found is not None:
+                fired.append(found)
+        if p is not None and isinstance(event, Click):
+            fired += self._feed_error(detectors, event.merchant_id, ts, event.clicked, p, index)
+        if isinstance(event, Order) and self._owns_context:
+            self.context.observe(event)  # orders of unseen items teach the catalog their price
+        return self._emit(fired)
+
+    def observe_prediction(self, merchant_id: str, timestamp: float, y: bool | int, p: float,
+                           index: int | None = None) -> list[DriftEvent]:
+        """Feed one prequential (y, p) pair to the error detectors of ``merchant_id``."""
+        detectors = self._detectors_of(merchant_id)
+        if index is None:
+            index = self.merchant_index.get(merchant_id)
+            index = self._predictions.get(merchant_id, 0) if index is None else max(index - 1, 0)
+        self._predictions[merchant_id] = self._predictions.get(merchant_id, 0) + 1
+        return self._emit(self._feed_error(detectors, merchant_id, timestamp, y, p, index))
+
+    def _feed_error(self, detectors: dict[str, Detector], merchant_id: str, timestamp: float, y, p: float,
+                    index: int) -> list[DriftEvent]:
+        error = prequential_error(y, p, self.config.error_metric, self.config.error_clip)
+        return [e for name in ERROR_DETECTORS if (e := detectors[name].update(error, timestamp=timestamp,
+                                                                                index=index)) is not None]
+
+    def _values(self, event: Click | Order) -> list[tuple[str, object]]:
+        """(detector name, value) pairs a raw event feeds: labels, price, hour, category."""
+        hour = time.gmtime(event.timestamp).tm_hour
+        fields = self.config
+        values: list[tuple[str, object]] = []
+
+        def feature(field: str, value: object) -> None:
+            if field in fields.numeric_fields or field in fields.categorical_fields:
+                statistics = ("psi", "ks") if field in fields.numeric_fields else ("psi", "chi2")
+                values.extend((f"feature.{field}.{s}", value) for s in statistics)
+
+        feature("hour", hour)
+        if isinstance(event, Click):
+            values.append(("label.ctr", event.clicked))
+            info = self.context.item(event.merchant_id, event.item_id)
+            if info is not None:
+                feature("price", info.price)
+                if event.clicked:
+                    feature("category", info.category)
+            if event.clicked:
+                values.append(("label.conversion", False))
+        else:
+            values.append(("label.conversion", True))
+            for line in event.items:
+                info = self.context.item(event.merchant_id, line.item_id)
+                if info is not None:
+                    feature("category", info.category)
+        return values
+
+    def _emit(self, fired: list[DriftEvent]) -> list[DriftEvent]:
+        import msgspec
+
+        out = []
+        for event in fired:
+            event = msgspec.structs.replace(event, global_index=self.global_index - 1)
+            out.append(event)
+            self.events.append(event)
+            log.warning("drift detected", extra={"merchant_id": event.merchant_id, "detector": event.detector,
+                                                 "statistic": event.statistic, "value": event.value,
+                                                 "event_index": event.event_index})
+            for sink in self.sinks:
+                sink.publish(event)
+        return out
+
+    def state(self, merchant_id: str) -> dict[str, dict]:
+        """Every detector's inspectable state for one merchant."""
+        if merchant_id not in self.detectors:
+            raise UnknownMerchant(f"merchant {merchant_id!r} has no detectors yet (no events seen)")
+        return {name: detector.state() for name, detector in self.detectors[merchant_id].items()}
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def default_sinks(settings: Settings, *, kafka: bool = True, mlflow_run_id: str | None = None,
+                  mlflow: bool = True) -> list[DriftSink]:
+    """The JSONL log, plus the drift topic (when ``kafka``) and the serving model's MLflow run (when ``mlflow``)."""
+    sinks: list[DriftSink] = [JsonlSink(drift_log_path(settings))]
+    if kafka:
+        sinks.append(KafkaSink(settings))
+    if mlflow:
+        sinks.append(MlflowSink(settings, serving_run_id(settings, mlflow_run_id)))
+    return sinks
+
+
+def latest_drift(settings: Settings, merchant_id: str | None = None, limit: int = 20, *,
+                 source: str | None = None, poll_timeout_s: float = 0.5, max_wait_s: float = 15.0) -> list[dict]:
+    """The newest drift events (oldest first, at most ``limit``), optionally of one merchant, as plain dicts.
+
+    Where it reads (``source``):
+
+    * ``"kafka"`` — the drift topic, from the earliest offset with a fresh consumer without a group (nothing
+      committed, nothing to clean up), stopping at the first poll that comes back empty after
+      ``poll_timeout_s`` (tansu's end offsets are wrong, so "caught up" means "nothing more arrived"),
+      never running longer than ``max_wait_s``. Sees events from every monitor process in the platform.
+    * ``"file"`` — the local JSONL log ``<data_dir>/drift/events.jsonl`` written by monitors on this host.
+    * ``None`` (default) — Kafka when a broker is configured or recorded in the data dir, else the file.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if source is None:
+        source = "kafka" if _broker_known(settings) else "file"
+    if source == "kafka":
+        raws = _read_topic(settings, poll_timeout_s, max_wait_s)
+    elif source == "file":
+        path = drift_log_path(settings)
+        raws = path.read_bytes().splitlines() if path.exists() else []
+    else:
+        raise ValueError(f"unknown drift source {source!r}: use 'kafka' or 'file'")
+    newest: deque[dict] = deque(maxlen=limit)
+    for raw in raws:
+        if not raw.strip():
+            continue
+        try:
+            event = decode_drift_event(raw)
+        except Exception as exc:  # a torn line or a foreign record must not hide the rest
+            log.warning("skipping unreadable drift record", extra={"error": str(exc)[:200]})
+            continue
+        if merchant_id is None or event.merchant_id == merchant_id:
+            newest.append(_as_dict(event))
+    return list(newest)
+
+
+def read_drift_events(settings: Settings, *, source: str | None = None, events_file: str | Path | None = None
+                      ) -> list[DriftEvent]:
+    """All drift events from a JSONL file, the drift topic or the local log (typed, in stored order)."""
+    if events_file is not None:
+        return [decode_drift_event(line) for line in Path(events_file).read_bytes().splitlines() if line.strip()]
+    return [decode_drift_event(json.dumps(d)) for d in latest_drift(settings, limit=10**9, source=source)]
+
+
+def _as_dict(event: DriftEvent) -> dict:
+    from drift.events import to_dict
+
+    return to_dict(event)
+
+
+def _broker_known(settings: Settings) -> bool:
+    if settings.bootstrap_servers:
+        return True
+    from streams.broker import read_broker_record
+
+    return read_broker_record(settings.data_path) is not None
+
+
+def _read_topic(settings: Settings, poll_timeout_s: float, max_wait_s: float) -> list[bytes]:
+    from kafka import TopicPartition
+
+    from streams.kafka import make_consumer
+
+    topic = settings.topics.drift.name
+    consumer = make_consumer(settings, None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.topics.drift.partitions)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        records: list[tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + max_wait_s
+        first = True
+        while time.monotonic() < deadline:
+            # the first poll also fetches metadata, so it gets longer before "empty" means "caught up"
+            batch = consumer.poll(timeout_ms=int(1000 * (max(poll_timeout_s, 2.0) if first else poll_timeout_s)))
+            first = False
+            if not batch:
+                break
+            for part_records in batch.values():
+                records.extend((r.timestamp, r.offset, r.value) for r in part_records)
+        records.sort(key=lambda r: (r[0], r[1]))
+        return [value for _, _, value in records]
+    finally:
+        consumer.close()
