@@ -40,6 +40,9 @@ from streams.schemas import Click
 
 _FIELD = {name: position for position, name in enumerate(FIELDS)}
 DEVICE, PAGE, POSITION = "desktop", "recommendation", 0  # what Featurizer.candidates assumes
+# slots of a candidate that depend on neither the user nor the time: hashed once per merchant
+STATIC_FIELDS = ("bias", "merchant", "item", "category", "price_bucket", "device", "page", "position",
+                 "category×device", "page×position", "merchant×category")
 
 
 class Scorer(Protocol):
@@ -78,6 +81,10 @@ class LinearScorer:
         self.learning_rate = learning_rate
         self.l2 = l2
 
+    def linear_terms(self) -> tuple[np.ndarray, float]:
+        """``(weights, bias)``: opts into ModelBundle's fast ranking path (p = σ(bias + Σ w[slot]))."""
+        return self.weights, self.bias
+
     def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         return self.bias + (self.weights[indices] * values).sum(axis=1, dtype=np.float32)
 
@@ -109,8 +116,20 @@ class _MerchantCandidates:
     static: np.ndarray  # int32[n, F]: every slot that does not depend on user or time
     user_item_base: np.ndarray  # uint32[n]: crc("user×item={m}/" + "|" + item)
     suffix_lengths: np.ndarray  # int32[n]: len(("|" + item).encode())
-    base_zero_crc: dict[int, int]  # n -> crc("user×item={m}/" + "\0" * n)
+    length_codes: np.ndarray  # int32[n]: index into suffix_length_values
+    suffix_length_values: list[int]
+    base_zero_crc: list[int]  # per suffix length n: crc("user×item={m}/" + "\0" * n)
     catalog_key: tuple[int, int]
+    _static_logits: tuple[np.ndarray, np.ndarray] | None = None  # (weights it was computed with, float64[n])
+
+    def static_logits(self, weights: np.ndarray) -> np.ndarray:
+        """Σ w[slot] over the user- and time-independent slots of every item, for a linear model."""
+        found = self._static_logits
+        if found is None or found[0] is not weights:
+            columns = [_FIELD[name] for name in STATIC_FIELDS]
+            logits = weights[self.static[:, columns]].sum(axis=1, dtype=np.float64)
+            self._static_logits = found = (weights, logits)
+        return found[1]
 
 
 class _CandidateIndex:
@@ -167,44 +186,92 @@ class _CandidateIndex:
             suffix = f"|{item_id}".encode()
             base_crc[row] = crc32c.crc32c(base_prefix.encode() + suffix)
             lengths[row] = len(suffix)
-        zero_crc = {int(length): crc32c.crc32c(base_prefix.encode() + bytes(int(length))) for length in np.unique(lengths)}
+        length_values, length_codes = np.unique(lengths, return_inverse=True)
+        zero_crc = [crc32c.crc32c(base_prefix.encode() + bytes(int(length))) for length in length_values]
         return _MerchantCandidates(item_ids, {item: row for row, item in enumerate(item_ids)}, categories, codes,
-                                   static, base_crc, lengths, zero_crc, key)
+                                   static, base_crc, lengths, length_codes.astype(np.int32),
+                                   [int(v) for v in length_values], zero_crc, key)
 
 
-def _candidate_indices(cached: _MerchantCandidates, merchant_id: str, user_id: str, recent: Sequence[str],
-                       when: float, rows: np.ndarray | None, mask: int) -> np.ndarray:
-    """Slot indices ``int32[len(rows), F]`` of showing cached items to a user, as Featurizer.candidates."""
+@dataclass
+class _UserSlots:
+    """The slots of one ranking request that depend on the user or the time (everything else is cached)."""
+
+    hour: int
+    weekday: int
+    user: int
+    user_category: np.ndarray  # int32[C], by category code
+    affinity: np.ndarray  # int32[C]
+    category_hour: np.ndarray  # int32[C]
+    codes: np.ndarray  # int32[n]: category code of each candidate row
+    user_item: np.ndarray  # int32[n]
+
+
+def _user_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, recent: Sequence[str], when: float,
+                rows: np.ndarray | None, mask: int) -> _UserSlots:
     tm = time.gmtime(when)
-    static = cached.static if rows is None else cached.static[rows]
-    codes = cached.category_codes if rows is None else cached.category_codes[rows]
-    out = static.copy()
-    out[:, _FIELD["hour"]] = _crc(f"hour={tm.tm_hour}") & mask
-    out[:, _FIELD["weekday"]] = _crc(f"weekday={tm.tm_wday}") & mask
-    out[:, _FIELD["user"]] = _crc(f"user={merchant_id}/{user_id}") & mask
-    user_cat, affinity, cat_hour = (np.empty(len(cached.categories), dtype=np.int32) for _ in range(3))
+    n_categories = len(cached.categories)
+    user_cat, affinity, cat_hour = (np.empty(n_categories, dtype=np.int32) for _ in range(3))
     recent_set = set(recent)
     for code, category in enumerate(cached.categories):
         user_cat[code] = _crc(f"user×category={merchant_id}/{user_id}|{category}") & mask
         label = "new" if not recent_set else ("match" if category in recent_set else "other")
         affinity[code] = _crc(f"user_affinity={label}") & mask
         cat_hour[code] = _crc(f"category×hour={category}|{tm.tm_hour}") & mask
-    out[:, _FIELD["user×category"]] = user_cat[codes]
-    out[:, _FIELD["user_affinity"]] = affinity[codes]
-    out[:, _FIELD["category×hour"]] = cat_hour[codes]
-    out[:, _FIELD["user×item"]] = _user_item_slots(cached, merchant_id, user_id, rows) & mask
-    return out
+    return _UserSlots(
+        hour=_crc(f"hour={tm.tm_hour}") & mask, weekday=_crc(f"weekday={tm.tm_wday}") & mask,
+        user=_crc(f"user={merchant_id}/{user_id}") & mask, user_category=user_cat, affinity=affinity,
+        category_hour=cat_hour, codes=cached.category_codes if rows is None else cached.category_codes[rows],
+        user_item=_user_item_slots(cached, merchant_id, user_id, rows) & mask,
+    )
 
 
 def _user_item_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rows: np.ndarray | None) -> np.ndarray:
     """``crc("user×item={m}/{u}|{item}")`` for every item from cached CRCs, by CRC linearity (exact)."""
     prefix = f"user×item={merchant_id}/{user_id}".encode()
+    shifts = np.fromiter((crc32c.crc32c(prefix + bytes(length)) ^ zero for length, zero
+                          in zip(cached.suffix_length_values, cached.base_zero_crc)), dtype=np.uint32)
     base = cached.user_item_base if rows is None else cached.user_item_base[rows]
-    lengths = cached.suffix_lengths if rows is None else cached.suffix_lengths[rows]
-    shift = np.empty(len(base), dtype=np.uint32)
-    for length, zero_crc in cached.base_zero_crc.items():
-        shift[lengths == length] = crc32c.crc32c(prefix + bytes(length)) ^ zero_crc
-    return (base ^ shift).view(np.int32)
+    codes = cached.length_codes if rows is None else cached.length_codes[rows]
+    return (base ^ shifts[codes]).view(np.int32)
+
+
+def _assemble(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray | None) -> np.ndarray:
+    """Slot indices ``int32[n, F]``, identical to :meth:`Featurizer.candidates`."""
+    out = (cached.static if rows is None else cached.static[rows]).copy()
+    out[:, _FIELD["hour"]] = slots.hour
+    out[:, _FIELD["weekday"]] = slots.weekday
+    out[:, _FIELD["user"]] = slots.user
+    out[:, _FIELD["user×category"]] = slots.user_category[slots.codes]
+    out[:, _FIELD["user_affinity"]] = slots.affinity[slots.codes]
+    out[:, _FIELD["category×hour"]] = slots.category_hour[slots.codes]
+    out[:, _FIELD["user×item"]] = slots.user_item
+    return out
+
+
+def _linear_logits(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray | None,
+                   weights: np.ndarray, bias: float) -> np.ndarray:
+    """``bias + Σ w[slot]`` per candidate without materializing the ``(n, F)`` index matrix."""
+    static = cached.static_logits(weights)
+    per_category = (weights[slots.user_category].astype(np.float64) + weights[slots.affinity]
+                    + weights[slots.category_hour])
+    shared = bias + float(weights[slots.hour]) + float(weights[slots.weekday]) + float(weights[slots.user])
+    return (static if rows is None else static[rows]) + shared + per_category[slots.codes] + weights[slots.user_item]
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best scores, best first; ties go to the earlier position (deterministic)."""
+    if k >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    part = np.argpartition(-scores, k - 1)[:k]
+    threshold = scores[part].min()
+    above = np.flatnonzero(scores > threshold)
+    chosen = np.concatenate([above, np.flatnonzero(scores == threshold)[: k - len(above)]])
+    return chosen[np.lexsort((chosen, -scores[chosen]))]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -35.0, 35.0)))
 
 
 @dataclass
@@ -212,7 +279,10 @@ class ModelBundle:
     """A model and what it needs to score clicks and rank items; what each registered version holds.
 
     ``kind`` says which room trained it (``online`` or ``federated``); ``meta`` carries free-form facts
-    (learner name, hyper-parameters) that travel with the pickled bundle.
+    (learner name, hyper-parameters) that travel with the pickled bundle. A model that also has
+    ``linear_terms() -> (weights, bias)`` (a logistic model over the hashed slots) is ranked without
+    building the ``(n, F)`` index matrix. Bundles are snapshots: after changing the context's catalogs
+    or the model's weights in place, call :meth:`invalidate`.
     """
 
     model: Any
@@ -250,8 +320,13 @@ class ModelBundle:
         return sorted(m for m, ctx in self.context.merchants.items() if ctx.catalog)
 
     def invalidate(self) -> None:
-        """Drop cached candidate features (call after mutating the context's catalogs in place)."""
+        """Drop cached candidate features (after mutating the context's catalogs or the weights in place)."""
         self._index.clear()
+
+    def warm_up(self) -> None:
+        """Build every merchant's candidate cache now (serving does this before swapping a model in)."""
+        for merchant_id in self.merchants():
+            self.recommend(merchant_id, "warm-up", k=1)
 
     def predict(self, clicks: Sequence[Click]) -> np.ndarray:
         """Click probabilities ``float[n]`` of impressions, featurized against the bundle's context."""
@@ -267,42 +342,62 @@ class ModelBundle:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         when = time.time() if timestamp is None else timestamp
-        item_ids, indices = self.candidate_features(merchant_id, user_id, when)
+        item_ids, scores, are_logits = self._candidate_scores(merchant_id, user_id, when)
         if not item_ids:
             return []
-        scores = np.asarray(self.model.predict_proba_many(indices, np.ones(indices.shape, np.float32)), np.float64)
         excluded = self.recommender.exclude(merchant_id, user_id) if self.recommender is not None else set()
         if excluded:
             keep = np.fromiter((item not in excluded for item in item_ids), dtype=bool, count=len(item_ids))
             scores = np.where(keep, scores, -np.inf)
-        best = np.argsort(-scores, kind="stable")[:k]  # stable: ties keep catalog/candidate order
-        return [(item_ids[i], float(scores[i])) for i in best if np.isfinite(scores[i])]
+        best = _top_k(scores, k)
+        best = best[np.isfinite(scores[best])]
+        chosen = _sigmoid(scores[best]) if are_logits else scores[best]
+        return [(item_ids[i], float(p)) for i, p in zip(best.tolist(), chosen.tolist())]
 
     def candidate_features(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray]:
         """Candidate item ids and their slot indices ``int32[n, F]`` (values are all ones)."""
+        item_ids, cached, rows, slots, unknown = self._candidates(merchant_id, user_id, when)
+        parts = [_assemble(cached, slots, rows)] if slots is not None else []
+        if unknown:
+            parts.append(self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)[0])
+        if not parts:
+            return [], np.empty((0, len(FIELDS)), dtype=np.int32)
+        return item_ids, np.concatenate(parts)
+
+    def _candidate_scores(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray, bool]:
+        """Candidate ids and their scores: logits on the linear fast path, else probabilities."""
+        linear = getattr(self.model, "linear_terms", None)
+        if linear is None:
+            item_ids, indices = self.candidate_features(merchant_id, user_id, when)
+            if not item_ids:
+                return [], np.empty(0), False
+            ones = np.ones(indices.shape, np.float32)
+            return item_ids, np.asarray(self.model.predict_proba_many(indices, ones), np.float64), False
+        weights, bias = linear()
+        item_ids, cached, rows, slots, unknown = self._candidates(merchant_id, user_id, when)
+        parts = [_linear_logits(cached, slots, rows, weights, float(bias))] if slots is not None else []
+        if unknown:
+            indices, _ = self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)
+            parts.append(float(bias) + weights[indices].sum(axis=1, dtype=np.float64))
+        return item_ids, (np.concatenate(parts) if parts else np.empty(0)), True
+
+    def _candidates(self, merchant_id: str, user_id: str, when: float):
+        """(item ids, merchant cache, cached rows or None for all, user slots or None, uncached item ids)."""
         cached = self._index.get(merchant_id, self.context)
         merchant = self.context.merchants.get(merchant_id)
         recent = merchant.recent_categories(user_id) if merchant is not None else ()
         mask = self.featurizer.n_features - 1
         if self.recommender is None:
             if cached is None:
-                return [], np.empty((0, len(FIELDS)), dtype=np.int32)
-            return cached.item_ids, _candidate_indices(cached, merchant_id, user_id, recent, when, None, mask)
+                return [], None, None, None, []
+            return cached.item_ids, cached, None, _user_slots(cached, merchant_id, user_id, recent, when, None, mask), []
         proposed = list(dict.fromkeys(self.recommender.candidates(merchant_id, user_id, self.candidate_limit)))
-        if not proposed:
-            return [], np.empty((0, len(FIELDS)), dtype=np.int32)
         known = [item for item in proposed if cached is not None and item in cached.rows]
-        unknown = [item for item in proposed if cached is None or item not in cached.rows]
-        parts, ids = [], []
-        if known:
-            rows = np.fromiter((cached.rows[item] for item in known), dtype=np.int64, count=len(known))
-            parts.append(_candidate_indices(cached, merchant_id, user_id, recent, when, rows, mask))
-            ids.extend(known)
-        if unknown:  # items the recommender saw in orders but the catalog never announced
-            indices, _ = self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)
-            parts.append(indices)
-            ids.extend(unknown)
-        return ids, np.concatenate(parts)
+        unknown = [item for item in proposed if cached is None or item not in cached.rows]  # never in the catalog
+        if not known:
+            return unknown, cached, None, None, unknown
+        rows = np.fromiter((cached.rows[item] for item in known), dtype=np.int64, count=len(known))
+        return known + unknown, cached, rows, _user_slots(cached, merchant_id, user_id, recent, when, rows, mask), unknown
 
 
 __all__ = ["ModelBundle", "LinearScorer", "Scorer", "Recommender"]

@@ -1,0 +1,108 @@
+"""The model being served, swapped atomically when the registry's ``champion`` alias moves.
+
+A background thread polls the alias (one cheap registry read every ``swap_poll_seconds``). When it
+points at a new version, the thread loads that *fixed* version (``models:/NAME/7``, not the alias,
+which could move again meanwhile), warms its ranking caches, and only then replaces the reference.
+Request handlers read :attr:`ModelHolder.current` once and use that object to the end, so a request
+in flight finishes on the model it started with and no request ever sees a half-loaded model. If
+loading fails, the old model keeps serving and the failure is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+from registry.bundle import ModelBundle
+from serving.metrics import ServingMetrics
+
+log = get_logger("serving.holder")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model version: immutable, so swapping is a single reference assignment."""
+
+    name: str
+    version: str
+    bundle: ModelBundle
+    loaded_at: float
+
+    def info(self) -> dict:
+        return {"name": self.name, "version": self.version, "kind": self.bundle.kind,
+                "description": self.bundle.description, "loaded_at": self.loaded_at,
+                "feature_bits": self.bundle.feature_bits, "merchants": len(self.bundle.merchants())}
+
+
+class ModelHolder:
+    """Holds the served model of ``name@alias`` and keeps it current."""
+
+    def __init__(self, settings: Settings, name: str, metrics: ServingMetrics, *, alias: str = "champion",
+                 poll_seconds: float | None = None) -> None:
+        self.settings = settings
+        self.name = name
+        self.alias = alias
+        self.metrics = metrics
+        self.poll_seconds = settings.serving.swap_poll_seconds if poll_seconds is None else poll_seconds
+        self.current: ServedModel | None = None
+        self.swaps = 0
+        self.last_error: str | None = None
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Load and swap in the alias's version if it moved; True when a swap happened."""
+        from registry.models import RegistryError, load_bundle, resolve
+
+        with self._refresh_lock:
+            try:
+                version = resolve(self.settings, self.name, self.alias)
+            except RegistryError:
+                version = None  # nothing registered yet: keep waiting
+            except Exception as exc:  # registry briefly unreachable/locked: keep serving
+                self._failed(f"resolving {self.name}@{self.alias}: {exc}")
+                return False
+            if version is None or (self.current is not None and self.current.version == version):
+                return False
+            try:
+                bundle = load_bundle(self.settings, f"models:/{self.name}/{version}")
+                bundle.warm_up()
+            except Exception as exc:
+                self._failed(f"loading {self.name} version {version}: {exc}")
+                return False
+            previous = self.current.version if self.current is not None else None
+            self.current = ServedModel(self.name, version, bundle, time.time())  # the atomic swap
+            self.swaps += 1
+            self.last_error = None
+            self.metrics.swaps.labels(self.name).inc()
+            self.metrics.model_version.labels(self.name).set(float(version))
+            self.metrics.model_loaded_at.labels(self.name).set(self.current.loaded_at)
+            log.info("model swapped", extra={"model": self.name, "version": version, "previous": previous})
+            return True
+
+    def _failed(self, message: str) -> None:
+        self.last_error = message
+        self.metrics.swap_failures.labels(self.name).inc()
+        log.warning("model refresh failed", extra={"model": self.name, "error": message[:500]})
+
+    def start(self) -> None:
+        """Poll the alias in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"model-poller-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
