@@ -33,7 +33,7 @@ def _load_events(settings: Settings, events_file: str | None) -> list:
 
     try:
         return list(read_events_file(events_file)) if events_file else read_events_kafka(settings)
-    except ValueError as bad:
+    except (ValueError, FileNotFoundError) as bad:
         raise click.ClickException(str(bad))
 
 

@@ -14,8 +14,8 @@ Three families, named by what they watch:
 
 Window tests compare the current window (the last ``window`` values) with the reference window just
 before it (the ``reference`` values preceding it); a ``min_span_seconds`` stretches both windows to cover
-whole periods of event time, so the hour of day is compared day against day and its daily cycle is not
-reported as drift. After a detector fires it forgets the old regime and stays quiet for ``cooldown``
+whole periods of event time, so the hour of day is compared day(s) against day(s) and its daily cycle is
+not reported as drift. After a detector fires it forgets the old regime and stays quiet for ``cooldown``
 values, so one change is reported once.
 
 Example (a seeded stream whose mean jumps at value 5000):
@@ -160,7 +160,7 @@ class ErrorADWIN(Detector):
     statistic = "mean_error_increase"
 
     def __init__(self, merchant_id: str, name: str = "error.adwin", *, delta: float = 1e-5, clock: int = 32,
-                 min_increase: float = 0.05, model_version: str | None = None, cooldown: int = 0,
+                 min_increase: float = 0.02, model_version: str | None = None, cooldown: int = 0,
                  warmup: int = 0) -> None:
         from river.drift import ADWIN
 
@@ -170,6 +170,8 @@ class ErrorADWIN(Detector):
         self._trail = _Trail()
 
     def _observe(self, value: float, index: int, timestamp: float):
+        if self.n_seen <= self.warmup:
+            return None  # a learning model's early errors would inflate the baseline
         self._trail.add(self.n_seen, index, timestamp)
         total_before = self.adwin.estimation * self.adwin.width + float(value)
         width_before = self.adwin.width + 1
@@ -208,8 +210,8 @@ class ErrorPageHinkley(Detector):
     family = "error"
     statistic = "page_hinkley"
 
-    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 80.0,
-                 delta: float = 0.05, alpha: float = 1 - 1e-4, min_instances: int = 500,
+    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 60.0,
+                 delta: float = 0.03, alpha: float = 1 - 1e-4, min_instances: int = 500,
                  model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
         from river.drift import PageHinkley
 
@@ -220,6 +222,8 @@ class ErrorPageHinkley(Detector):
         self._trail = _Trail()
 
     def _observe(self, value: float, index: int, timestamp: float):
+        if self.n_seen <= self.warmup:
+            return None  # a learning model's early errors would inflate the running mean
         self._trail.add(self.n_seen, index, timestamp)
         mean_before = self.ph._x_mean.get()
         self.ph.update(float(value))
@@ -245,8 +249,9 @@ class ErrorPageHinkley(Detector):
 class _TwoWindow(Detector):
     """Reference window right before a current window; the test runs every ``check_every`` values.
 
-    With ``min_span_seconds`` each window also stretches back to cover that much event time (bounded by
-    ``max_values``), so periodic fields are compared period against period.
+    With ``min_span_seconds`` (a period P) both windows are whole numbers of periods of event time: the
+    current window is the last k·P seconds (the smallest k holding ``window`` values), the reference the
+    k·P seconds before, so periodic fields are compared period against period (memory: ``max_values``).
     """
 
     def __init__(self, merchant_id: str, name: str, *, reference: int = 3000, window: int = 1500,
@@ -285,18 +290,22 @@ class _TwoWindow(Detector):
 
     def _split(self) -> tuple[int, int] | None:
         n = len(self._values)
-        cur_start = n - self.window
         if self.min_span_seconds:
-            cur_start = min(cur_start, bisect.bisect_left(self._times, self._times[-1] - self.min_span_seconds))
-        ref_start = cur_start - self.reference
-        if self.min_span_seconds and cur_start > 0:
-            ref_start = min(ref_start, bisect.bisect_left(self._times, self._times[cur_start] - self.min_span_seconds))
-        if cur_start <= 0 or ref_start < 0:
-            if not (self.min_span_seconds and n >= self.max_values and cur_start > self.reference // 2):
-                return None
-            ref_start = 0  # capped memory: use what the window holds
-        if self.min_span_seconds and self._times[cur_start] - self._times[0] < self.min_span_seconds:
-            return None  # reference does not cover a whole period yet
+            return self._split_by_periods(n)
+        cur_start, ref_start = n - self.window, n - self.window - self.reference
+        return None if ref_start < 0 else (ref_start, cur_start)
+
+    def _split_by_periods(self, n: int) -> tuple[int, int] | None:
+        """Current window = the last k whole periods (k: enough for ``window`` values), reference = the k before."""
+        t_end = self._times[-1]
+        needed = t_end - self._times[max(n - self.window, 0)]
+        length = max(1, math.ceil(needed / self.min_span_seconds)) * self.min_span_seconds
+        if self._times[0] > t_end - 2 * length:
+            return None  # history does not cover two windows of whole periods yet
+        cur_start = bisect.bisect_left(self._times, t_end - length)
+        ref_start = bisect.bisect_left(self._times, t_end - 2 * length)
+        if cur_start - ref_start < 2 or n - cur_start < 2:
+            return None
         return ref_start, cur_start
 
     def _trim_to(self, start: int) -> None:
@@ -330,9 +339,9 @@ class RateShift(_TwoWindow):
     family = "label"
     statistic = "z"
 
-    def __init__(self, merchant_id: str, name: str, *, z_threshold: float = 6.0, min_relative_change: float = 0.2,
-                 **window) -> None:
-        super().__init__(merchant_id, name, **window)
+    def __init__(self, merchant_id: str, name: str, *, z_threshold: float = 5.0, min_relative_change: float = 0.2,
+                 reference: int = 5000, window: int = 2500, **options) -> None:
+        super().__init__(merchant_id, name, reference=reference, window=window, **options)
         self.z_threshold, self.min_relative_change = z_threshold, min_relative_change
 
     def _test(self, reference: list, current: list):

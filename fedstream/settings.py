@@ -87,17 +87,19 @@ class DriftSettings(BaseModel):
 
     error_metric: Literal["logloss", "zero_one"] = "logloss"
     error_clip: float = Field(default=1e-3, gt=0, lt=0.5, description="p is clipped to [c, 1-c] for logloss.")
-    warmup_events: int = Field(default=1000, ge=0, description="Error events ignored while the model learns.")
+    warmup_events: int = Field(
+        default=1000, ge=0, description="First errors per merchant not fed to error detectors (the model is learning)."
+    )
     adwin_delta: float = Field(default=1e-5, gt=0, lt=1)
     adwin_clock: int = Field(default=32, ge=1)
-    adwin_min_increase: float = Field(default=0.05, ge=0, description="Relative error rise ADWIN must show.")
-    ph_threshold: float = Field(default=80.0, gt=0)
-    ph_delta: float = Field(default=0.05, ge=0)
+    adwin_min_increase: float = Field(default=0.02, ge=0, description="Relative error rise ADWIN must show.")
+    ph_threshold: float = Field(default=60.0, gt=0)
+    ph_delta: float = Field(default=0.03, ge=0)
     ph_alpha: float = Field(default=1 - 1e-4, gt=0, le=1)
     ph_min_instances: int = Field(default=500, ge=1)
-    label_reference: int = Field(default=3000, ge=10, description="Labels in the reference window.")
-    label_window: int = Field(default=1500, ge=10, description="Labels in the current window.")
-    label_z: float = Field(default=6.0, gt=0, description="Two-proportion z-test threshold (both directions).")
+    label_reference: int = Field(default=5000, ge=10, description="Labels in the reference window.")
+    label_window: int = Field(default=2500, ge=10, description="Labels in the current window.")
+    label_z: float = Field(default=5.0, gt=0, description="Two-proportion z-test threshold (both directions).")
     label_min_relative_change: float = Field(default=0.2, ge=0)
     feature_reference: int = Field(default=3000, ge=10, description="Values in a feature's reference window.")
     feature_window: int = Field(default=1500, ge=10, description="Values in a feature's current window.")

@@ -1,0 +1,157 @@
+"""Drift detectors: fire once on a known, seeded shift; stay quiet on stationary streams; reject bad input."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+
+from drift.detectors import (
+    CategoryShift,
+    ErrorADWIN,
+    ErrorPageHinkley,
+    NumericShift,
+    RateShift,
+    build_detectors,
+    prequential_error,
+    psi,
+)
+from drift.events import DriftEvent, decode_drift_event, encode_drift_event
+from fedstream.settings import DriftSettings, load_settings
+
+SHIFT = 20_000
+N = 40_000
+
+
+def run(detector, values, timestamps=None):
+    timestamps = np.arange(len(values), dtype=float) if timestamps is None else timestamps
+    return [e for i, v in enumerate(values) if (e := detector.update(v, timestamp=float(timestamps[i]))) is not None]
+
+
+def streams(kind: str, shifted: bool, seed: int):
+    """Seeded value streams; with ``shifted`` the distribution changes at SHIFT."""
+    rng = np.random.default_rng(seed)
+    after = N - SHIFT
+    if kind == "error":
+        base = rng.exponential(0.4, N)
+        if shifted:
+            base[SHIFT:] = rng.exponential(0.55, after)
+        return base
+    if kind == "rate":
+        rate = np.full(N, 0.1)
+        if shifted:
+            rate[SHIFT:] = 0.15
+        return rng.random(N) < rate
+    if kind == "numeric":
+        values = rng.lognormal(3.0, 0.6, N)
+        if shifted:
+            values[SHIFT:] *= 1.5
+        return values
+    shares = np.array([0.4, 0.3, 0.2, 0.1])
+    values = rng.choice(list("abcd"), N, p=shares)
+    if shifted:
+        values[SHIFT:] = rng.choice(list("abcd"), after, p=[0.25, 0.25, 0.25, 0.25])
+    return values
+
+
+DETECTORS = {
+    "error.adwin": (lambda: ErrorADWIN("m1", warmup=0), "error"),
+    "error.page_hinkley": (lambda: ErrorPageHinkley("m1", threshold=80, delta=0.05, warmup=0), "error"),
+    "label.ctr": (lambda: RateShift("m1", "label.ctr"), "rate"),
+    "feature.price.psi": (lambda: NumericShift("m1", "price", statistic="psi"), "numeric"),
+    "feature.price.ks": (lambda: NumericShift("m1", "price", statistic="ks"), "numeric"),
+    "feature.category.psi": (lambda: CategoryShift("m1", "category", statistic="psi"), "category"),
+    "feature.category.chi2": (lambda: CategoryShift("m1", "category", statistic="chi2"), "category"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_detector_fires_once_soon_after_a_known_shift(name):
+    make, kind = DETECTORS[name]
+    fired = run(make(), streams(kind, shifted=True, seed=11))
+    assert len(fired) == 1, [(e.event_index, e.value) for e in fired]
+    event = fired[0]
+    assert SHIFT <= event.event_index < SHIFT + 5000
+    assert event.detector == name and event.merchant_id == "m1"
+    assert event.window_start_index <= event.window_end_index == event.event_index
+    assert event.window_start_time <= event.window_end_time
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_detector_stays_quiet_on_a_stationary_stream(name, seed):
+    make, kind = DETECTORS[name]
+    assert run(make(), streams(kind, shifted=False, seed=seed)) == []
+
+
+@pytest.mark.parametrize("make", [lambda: ErrorADWIN("m1", warmup=0), lambda: ErrorPageHinkley("m1", warmup=0)])
+def test_error_detectors_ignore_an_improving_model(make):
+    rng = np.random.default_rng(5)
+    errors = np.r_[rng.exponential(0.6, SHIFT), rng.exponential(0.3, SHIFT)]
+    assert run(make(), errors) == []
+
+
+def test_hour_of_day_cycle_is_not_drift_when_windows_span_whole_days():
+    """Events every 60 s with a strong daily cycle: count windows see drift, day-long windows do not."""
+    rng = np.random.default_rng(3)
+    times = 1_700_000_000.0 + np.arange(30_000) * 60.0
+    hours = ((times // 3600) % 24).astype(int)
+    keep = rng.random(len(hours)) < 0.5 + 0.4 * np.sin(hours / 24 * 2 * np.pi)
+    times, hours = times[keep], hours[keep]
+    by_count = NumericShift("m1", "hour", statistic="ks", reference=1000, window=500)
+    by_day = NumericShift("m1", "hour", statistic="ks", reference=1000, window=500, min_span_seconds=86_400)
+    assert run(by_count, hours, times) != []
+    assert run(by_day, hours, times) == []
+    state = by_day.state()
+    assert state["n_seen"] == len(hours) and state["n_detections"] == 0
+
+
+def test_cooldown_and_state_are_inspectable():
+    detector = RateShift("m1", "label.ctr", cooldown=10_000)
+    fired = run(detector, streams("rate", shifted=True, seed=11))
+    state = detector.state()
+    assert state["n_detections"] == len(fired) == 1
+    assert state["quiet_until"] > fired[0].event_index
+    assert detector.last_event == fired[0]
+    assert fired[0].details["rate_after"] > fired[0].details["rate_before"]
+
+
+def test_bad_parameters_are_rejected_with_clear_errors():
+    with pytest.raises(ValueError, match="numeric statistic"):
+        NumericShift("m1", "price", statistic="chi2")
+    with pytest.raises(ValueError, match="categorical statistic"):
+        CategoryShift("m1", "category", statistic="ks")
+    with pytest.raises(ValueError, match="at least 2 values"):
+        RateShift("m1", "label.ctr", reference=1, window=10)
+    with pytest.raises(ValueError, match="unknown error metric"):
+        prequential_error(1, 0.5, "hinge")
+
+
+def test_prequential_error_and_psi_basics():
+    assert prequential_error(1, 1.0) == pytest.approx(-np.log(1 - 1e-3))  # clipped, never infinite
+    assert prequential_error(0, 0.2, "zero_one") == 0.0
+    assert psi(np.array([0.25] * 4), np.array([0.25] * 4)) == pytest.approx(0.0)
+    assert psi(np.array([0.7, 0.3]), np.array([0.3, 0.7])) > 0.25
+
+
+def test_detectors_are_built_from_settings_including_env_overrides(monkeypatch):
+    monkeypatch.setenv("FEDSTREAM_DRIFT__PH_THRESHOLD", "123.5")
+    monkeypatch.setenv("FEDSTREAM_DRIFT__NUMERIC_FIELDS", '["price"]')
+    config = load_settings().drift
+    detectors = build_detectors(config, "m7", model_version="4")
+    assert detectors["error.page_hinkley"].ph.threshold == 123.5
+    assert "feature.hour.ks" not in detectors and "feature.price.ks" in detectors
+    assert {d.model_version for d in detectors.values()} == {"4"}
+    assert detectors["label.conversion"].merchant_id == "m7"
+    assert DriftSettings().cooldown_events > 0
+
+
+def test_drift_event_round_trips_and_rejects_garbage():
+    event = DriftEvent(merchant_id="m1", detector="error.adwin", statistic="mean_error_increase", value=0.3,
+                       threshold=0.05, window_start_index=1, window_end_index=9, window_start_time=1.0,
+                       window_end_time=9.0, event_index=9, model_version="2", details={"mean_before": 0.4})
+    assert decode_drift_event(encode_drift_event(event)) == event
+    with pytest.raises(msgspec.ValidationError):
+        decode_drift_event(b'{"merchant_id": "m1"}')
+    with pytest.raises(msgspec.DecodeError):
+        decode_drift_event(b"not json")

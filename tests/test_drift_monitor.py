@@ -1,0 +1,141 @@
+"""DriftMonitor end to end: seeded streams in, drift events out to the real broker topic, MLflow and the log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drift.events import DriftEvent
+from drift.monitor import (
+    DriftMonitor,
+    JsonlSink,
+    KafkaSink,
+    MlflowSink,
+    UnknownMerchant,
+    drift_log_path,
+    latest_drift,
+    serving_run_id,
+)
+from drift.prequential import EmptyStream, run_monitor
+from drift.synthetic import synthetic_events
+
+
+def drift_event(merchant: str, index: int, detector: str = "label.ctr") -> DriftEvent:
+    return DriftEvent(merchant_id=merchant, detector=detector, statistic="z", value=6.5 + index, threshold=5.0,
+                      window_start_index=index, window_end_index=index + 10, window_start_time=1.7e9 + index,
+                      window_end_time=1.7e9 + index + 10, event_index=index + 10, model_version="1")
+
+
+def test_price_shift_fires_feature_detectors_of_that_merchant_only(settings):
+    monitor = DriftMonitor(settings, sinks=[JsonlSink(drift_log_path(settings))])
+    stream = synthetic_events(n=24_000, seed=3, shift_merchant="m1", shift_at=12_000, kind="prices")
+    traces = run_monitor(stream, monitor, bits=settings.feature_bits)
+    fired = {e.detector for e in monitor.events}
+    assert {"feature.price.ks", "feature.price.psi"} <= fired
+    assert {e.merchant_id for e in monitor.events} == {"m1"}
+    first = min(e.global_index for e in monitor.events)
+    assert 12_000 <= first < 12_000 + 5000
+    assert monitor.global_index == 24_000 == sum(t.events for t in traces.values())
+    assert [d["detector"] for d in latest_drift(settings, "m1", source="file")] == [e.detector for e in monitor.events]
+    assert latest_drift(settings, "m2", source="file") == []
+
+
+@pytest.mark.slow
+def test_preference_shift_raises_the_prequential_error_and_is_detected(settings):
+    monitor = DriftMonitor(settings)
+    stream = synthetic_events(n=30_000, seed=3, shift_merchant="m1", shift_at=15_000, kind="preferences")
+    run_monitor(stream, monitor, bits=settings.feature_bits, trace=False)
+    errors = [e for e in monitor.events if e.family == "error"]
+    assert errors and all(e.merchant_id == "m1" for e in errors)
+    assert 15_000 <= min(e.global_index for e in errors) < 15_000 + 5000
+    assert errors[0].details["mean_error"] > 0
+
+
+def test_stationary_stream_raises_no_drift(settings):
+    monitor = DriftMonitor(settings)
+    run_monitor(synthetic_events(n=24_000, seed=4), monitor, bits=settings.feature_bits, trace=False)
+    assert monitor.events == []
+    state = monitor.state("m1")
+    assert state["error.page_hinkley"]["n_seen"] > 10_000 and state["label.ctr"]["n_detections"] == 0
+
+
+def test_unknown_merchants_and_empty_streams_are_clear_errors(settings):
+    monitor = DriftMonitor(settings, merchants=["m1"])
+    with pytest.raises(UnknownMerchant, match="'m9' is not monitored"):
+        monitor.observe_prediction("m9", 1.7e9, y=True, p=0.4)
+    with pytest.raises(UnknownMerchant, match="no detectors yet"):
+        monitor.state("m1")
+    with pytest.raises(EmptyStream):
+        run_monitor([], DriftMonitor(settings))
+    with pytest.raises(ValueError, match="limit"):
+        latest_drift(settings, limit=0, source="file")
+    with pytest.raises(ValueError, match="unknown drift source"):
+        latest_drift(settings, source="carrier-pigeon")
+
+
+def test_observe_prediction_feeds_only_error_detectors(settings):
+    monitor = DriftMonitor(settings)
+    for k in range(2000):
+        monitor.observe_prediction("m1", 1.7e9 + k, y=k % 7 == 0, p=0.15)
+    state = monitor.state("m1")
+    assert state["error.adwin"]["n_seen"] == state["error.page_hinkley"]["n_seen"] == 2000
+    assert state["label.ctr"]["n_seen"] == 0 and state["feature.price.ks"]["n_seen"] == 0
+
+
+def test_drift_events_are_published_to_the_broker_and_read_back(kafka_settings):
+    sink = KafkaSink(kafka_settings)
+    try:
+        for k, merchant in enumerate(["m1", "m2", "m1", "m3", "m1"]):
+            sink.publish(drift_event(merchant, k * 100))
+    finally:
+        sink.close()
+    everything = latest_drift(kafka_settings, source="kafka")
+    assert [d["merchant_id"] for d in everything] == ["m1", "m2", "m1", "m3", "m1"]
+    newest_m1 = latest_drift(kafka_settings, "m1", limit=2)  # default source: the broker is configured
+    assert [d["event_index"] for d in newest_m1] == [210, 410]
+    assert newest_m1[-1]["model_version"] == "1" and newest_m1[-1]["detector"] == "label.ctr"
+    assert latest_drift(kafka_settings, "nobody", source="kafka") == []
+
+
+def test_unreadable_log_lines_are_skipped(settings):
+    path = drift_log_path(settings)
+    JsonlSink(path).publish(drift_event("m1", 1))
+    with path.open("ab") as handle:
+        handle.write(b'{"torn": \n')
+    JsonlSink(path).publish(drift_event("m1", 2))
+    assert [d["event_index"] for d in latest_drift(settings, source="file")] == [11, 12]
+
+
+def test_drift_is_logged_on_the_champion_models_run(settings):
+    from registry.tracking import client, experiment_id
+
+    mlflow_client = client(settings)
+    run = mlflow_client.create_run(experiment_id(settings), run_name="online-learner")
+    name = settings.serving.model_name
+    mlflow_client.create_registered_model(name)
+    version = mlflow_client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    mlflow_client.set_registered_model_alias(name, "champion", version.version)
+
+    run_id = serving_run_id(settings)
+    assert run_id == run.info.run_id
+    sink = MlflowSink(settings, run_id)
+    sink.publish(drift_event("m1", 5, "error.page_hinkley"))
+    sink.publish(drift_event("m1", 50, "error.page_hinkley"))
+    sink.publish(drift_event("m/2", 7))
+    logged = mlflow_client.get_run(run_id).data
+    history = mlflow_client.get_metric_history(run_id, "drift/m1/error.page_hinkley")
+    assert [(m.step, m.value) for m in history] == [(15, 11.5), (60, 56.5)]
+    assert "drift/m_2/label.ctr" in logged.metrics
+    assert logged.tags["drift.m1.count"] == "2"
+    assert json.loads(logged.tags["drift.m1.last"])["event_index"] == 60
+    assert json.loads(logged.tags["drift.last"]) == {"merchant_id": "m/2", "detector": "label.ctr"}
+
+
+def test_without_a_champion_drift_goes_to_one_reused_monitor_run(settings):
+    from registry.tracking import client
+
+    first = serving_run_id(settings)
+    assert serving_run_id(settings) == first
+    assert client(settings).get_run(first).info.run_name == "drift-monitor"
+    assert serving_run_id(settings, run_id="given") == "given"
