@@ -37,6 +37,7 @@ from streams.schemas import CatalogItem, Click, InvalidEvent, Order, decode_even
 log = get_logger("serving.app")
 
 MAX_BATCH = 1000
+DRIFT_WINDOW = 10_000  # newest drift events kept per read, all merchants
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MerchantId = Annotated[str, Path(min_length=1, max_length=128, description="Merchant id.")]
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Merchant or admin API key.")
@@ -217,11 +218,13 @@ class _TtlCache:
 
 
 def create_app(settings: Settings, *, model_name: str | None = None, poll: bool = True,
-               key_store: KeyStore | None = None, drift_cache_seconds: float = 5.0) -> FastAPI:
+               key_store: KeyStore | None = None, drift_cache_seconds: float = 5.0,
+               drift_source: str | None = None) -> FastAPI:
     """The FastAPI app serving ``model_name@champion`` (default ``settings.serving.model_name``).
 
     ``poll=False`` skips the background alias poller (the model is still loaded at startup and on
-    promote/rollback through the API).
+    promote/rollback through the API). ``drift_source`` is ``"kafka"`` (the drift topic), ``"file"``
+    (this host's drift log) or None (Kafka when a broker is configured, else the file).
     """
     name = model_name or settings.serving.model_name
     metrics = ServingMetrics()
@@ -459,22 +462,26 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
         return _drift(merchant_id, limit)
 
     def _drift(merchant_id: str | None, limit: int) -> DriftStatus:
-        def read() -> list[dict]:
-            try:
-                from drift.monitor import latest_drift
-            except ImportError as exc:
-                raise HTTPException(503, f"drift detection is not installed: {exc}") from None
-            from streams.kafka import BrokerUnavailable
-
-            try:
-                return latest_drift(settings, merchant_id, limit, poll_timeout_s=0.3, max_wait_s=3.0)
-            except BrokerUnavailable as exc:
-                raise HTTPException(503, f"drift topic unavailable: {exc}") from None
-            except Exception as exc:  # Kafka timeouts and the like: a dependency problem, not a bug here
-                log.warning("drift read failed", extra={"error": str(exc)[:300]})
-                raise HTTPException(503, f"drift events unavailable: {type(exc).__name__}") from None
-
-        events = drift_cache.get_or_compute((merchant_id, limit), read)
+        events = drift_cache.get_or_compute("recent", _read_recent_drift)
+        if merchant_id is not None:
+            events = [e for e in events if e.get("merchant_id") == merchant_id]
+        events = events[-limit:]
         return DriftStatus(merchant_id=merchant_id, count=len(events), events=events)
+
+    def _read_recent_drift() -> list[dict]:
+        """One read of the newest drift events of all merchants, shared by every drift request for a few seconds."""
+        try:
+            from drift.monitor import latest_drift
+        except ImportError as exc:
+            raise HTTPException(503, f"drift detection is not installed: {exc}") from None
+        from streams.kafka import BrokerUnavailable
+
+        try:
+            return latest_drift(settings, None, DRIFT_WINDOW, source=drift_source, poll_timeout_s=0.3, max_wait_s=3.0)
+        except BrokerUnavailable as exc:
+            raise HTTPException(503, f"drift topic unavailable: {exc}") from None
+        except Exception as exc:  # Kafka timeouts and the like: a dependency problem, not a bug here
+            log.warning("drift read failed", extra={"error": str(exc)[:300]})
+            raise HTTPException(503, f"drift events unavailable: {type(exc).__name__}") from None
 
     return app
