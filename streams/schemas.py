@@ -145,6 +145,8 @@ def decode_event(raw: bytes | str, *, now: float | None = None, merchants: froze
         raise InvalidEvent(_validation_reason(str(exc)), str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent(_decode_reason(raw), str(exc)) from None
+    except UnicodeDecodeError as exc:  # msgspec raises this for bad UTF-8 inside a JSON string
+        raise InvalidEvent("not_utf8", str(exc)) from None
     _check_semantics(event, now, merchants)
     return event
 

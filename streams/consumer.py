@@ -1,0 +1,350 @@
+"""The consumer every worker builds on: a group member reading validated events, at least once.
+
+:class:`EventConsumer` wraps a kafka-python consumer made by :func:`streams.kafka.make_consumer`:
+
+* **Batches of decoded events.** :meth:`EventConsumer.poll` returns a :class:`Batch` of
+  :class:`Record` (event + topic/partition/offset). Bytes on an input topic that fail
+  :func:`~streams.schemas.decode_event` are forwarded to the dead-letter topic (original bytes, headers
+  ``reason``/``detail``/``source``/``topic``/``partition``/``offset``) and never reach the worker.
+* **At least once.** Nothing is committed automatically: call :meth:`EventConsumer.commit` with the batch
+  after processing it. Dead-lettered records are acknowledged by the broker before their offsets are
+  committed. A crash between processing and commit means the batch is seen again, never lost.
+* **Lag** per partition is the fetched high watermark (``consumer.highwater``) minus the position: tansu
+  reports wrong end offsets, so ``end_offsets``/``seek_to_end`` are never used.
+* **Graceful stop.** SIGTERM/SIGINT (main thread only) or :meth:`EventConsumer.stop` end :meth:`run`
+  after the current batch is processed and committed.
+* **Broker down.** Creating the client is retried with exponential backoff (``retry``); kafka-python
+  reconnects by itself once connected, so polls just come back empty until the broker returns; commits
+  are retried with backoff as well.
+* **Own checkpoints.** ``seek_on_assign(partitions) -> {TopicPartition: offset}`` is called when the group
+  gives this member partitions, and the consumer seeks there (a learner restores the offsets saved with
+  its model, so model and position agree). ``on_revoked(partitions)`` is called before partitions are
+  taken away, so the worker can checkpoint.
+
+Example (needs a broker)::
+
+    def learn(batch: Batch) -> None:
+        for record in batch:
+            model.learn(record.event)
+
+    consumer = EventConsumer(settings, "learner", seek_on_assign=lambda parts: saved_offsets,
+                             on_revoked=lambda parts: save_checkpoint())
+    consumer.run(learn)                # until SIGTERM; commits after each processed batch
+    # or by hand:
+    with EventConsumer(settings, "reader") as consumer:
+        batch = consumer.poll()
+        process(batch.events)
+        consumer.commit(batch)
+        consumer.lag()                 # {TopicPartition: records behind}
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+from streams.kafka import BrokerUnavailable, make_consumer, make_producer
+from streams.producer import dead_letter_headers, dead_letter_payload
+from streams.schemas import Event, InvalidEvent, decode_event
+
+log = get_logger("streams.consumer")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: ``initial_s``, times ``factor`` per attempt, capped at ``max_s``; give up after
+    ``deadline_s`` seconds in total (None: keep trying until stopped)."""
+
+    initial_s: float = 0.2
+    factor: float = 2.0
+    max_s: float = 5.0
+    deadline_s: float | None = None
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_s
+        while True:
+            yield delay
+            delay = min(delay * self.factor, self.max_s)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded event and where it was read."""
+
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass
+class Batch:
+    """Valid records of one poll plus the offsets to commit once they are processed (next offset per
+    partition, covering dead-lettered records too)."""
+
+    records: list[Record] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    dead_lettered: int = 0
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def events(self) -> list[Event]:
+        return [record.event for record in self.records]
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, owner: EventConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.owner._revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.owner._assigned(set(assigned))
+
+
+class EventConsumer:
+    """A consumer group member yielding validated events; see the module docstring for the contract."""
+
+    def __init__(
+        self, settings: Settings, group_id: str, topics: list[str] | None = None, *,
+        max_records: int = 500, poll_timeout_ms: int = 500,
+        seek_on_assign: Callable[[set[TopicPartition]], dict[TopicPartition, int]] | None = None,
+        on_revoked: Callable[[set[TopicPartition]], None] | None = None,
+        retry: RetryPolicy = RetryPolicy(), now: float | None = None,
+        merchants: frozenset[str] | None = None, handle_signals: bool = True, **consumer_overrides: Any,
+    ) -> None:
+        t = settings.topics
+        self.settings = settings
+        self.group_id = group_id
+        self.topics = topics or [t.clicks.name, t.orders.name, t.catalog.name]
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.seek_on_assign = seek_on_assign
+        self.on_revoked = on_revoked
+        self.retry = retry
+        self.now = now
+        self.merchants = merchants
+        self.processed = 0
+        self.dead_lettered = 0
+        self.assigned: set[TopicPartition] = set()
+        self._stop = threading.Event()
+        self._positions: dict[TopicPartition, int] = {}
+        self._dead_letter_producer = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._closed = False
+        if handle_signals:
+            self._install_signal_handlers()
+        self._consumer = self._connect(consumer_overrides)
+        self._consumer.subscribe(self.topics, listener=_Listener(self))
+
+    # -- connection and signals ---------------------------------------------------------------------------
+
+    def _connect(self, overrides: dict[str, Any]):
+        started = time.monotonic()
+        for attempt, delay in enumerate(self.retry.delays(), start=1):
+            try:
+                return make_consumer(self.settings, self.group_id, **overrides)
+            except BrokerUnavailable as exc:
+                waited = time.monotonic() - started
+                if self._stop.is_set() or (self.retry.deadline_s is not None and waited + delay > self.retry.deadline_s):
+                    self._restore_signal_handlers()
+                    raise
+                log.warning("broker unreachable, retrying", extra={"attempt": attempt, "delay_s": delay, "error": str(exc)})
+                self._stop.wait(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("stop requested", extra={"signal": signal.Signals(signum).name, "group": self.group_id})
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish after the current batch (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- rebalance hooks ----------------------------------------------------------------------------------
+
+    def _revoked(self, partitions: set[TopicPartition]) -> None:
+        if self.on_revoked is not None and partitions:
+            self.on_revoked(partitions)
+        self.assigned -= partitions
+        for tp in partitions:
+            self._positions.pop(tp, None)
+
+    def _assigned(self, partitions: set[TopicPartition]) -> None:
+        self.assigned |= partitions
+        if self.seek_on_assign is None or not partitions:
+            return
+        for tp, offset in (self.seek_on_assign(partitions) or {}).items():
+            if tp in partitions and offset is not None:
+                self._consumer.seek(tp, int(offset))
+                self._positions[tp] = int(offset)
+                log.info("seeked to checkpoint", extra={"topic": tp.topic, "partition": tp.partition, "offset": offset})
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> Batch:
+        """One batch: valid events as :class:`Record`; invalid ones go to the dead-letter topic."""
+        fetched = self._consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                                      max_records=max_records or self.max_records)
+        batch = Batch()
+        now = self.now if self.now is not None else time.time()
+        futures = []
+        for tp, messages in fetched.items():
+            for message in messages:
+                try:
+                    event = decode_event(message.value or b"", now=now, merchants=self.merchants)
+                except InvalidEvent as bad:
+                    futures.append(self._dead_letter(message, bad))
+                    batch.dead_lettered += 1
+                else:
+                    batch.records.append(Record(event, tp.topic, tp.partition, message.offset, message.timestamp, message.key))
+            if messages:
+                batch.offsets[tp] = messages[-1].offset + 1
+                self._positions[tp] = messages[-1].offset + 1
+        if futures:  # the dead letters must be safe before their offsets can be committed
+            self._dead_letter_producer.flush()
+            for future in futures:
+                future.get(timeout=self.settings.kafka.request_timeout_ms / 1000)
+        self.dead_lettered += batch.dead_lettered
+        return batch
+
+    def _dead_letter(self, message: Any, bad: InvalidEvent):
+        if self._dead_letter_producer is None:
+            self._dead_letter_producer = make_producer(self.settings)
+        limit = max(2 * self.settings.kafka.max_payload_bytes, 1_048_576) - 1024
+        value, size_headers = dead_letter_payload(message.value or b"", limit)
+        headers = dead_letter_headers(bad.reason, bad.detail, f"consumer:{self.group_id}", topic=message.topic,
+                                      partition=message.partition, offset=message.offset, **size_headers)
+        return self._dead_letter_producer.send(self.settings.topics.dead_letter.name, value=value,
+                                               key=message.key, headers=headers)
+
+    def commit(self, batch: Batch | None = None) -> None:
+        """Commit the batch's offsets (or every position read so far), retrying while the broker is away.
+
+        A commit rejected because the group rebalanced is logged and dropped: the records will be read
+        again by the partition's new owner (at least once).
+        """
+        offsets = batch.offsets if batch is not None else dict(self._positions)
+        offsets = {tp: off for tp, off in offsets.items() if tp in self.assigned}
+        if not offsets:
+            return
+        payload = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        started = time.monotonic()
+        for delay in self.retry.delays():
+            try:
+                self._consumer.commit(payload)
+                if batch is not None:
+                    self.processed += len(batch)
+                return
+            except CommitFailedError as exc:
+                log.warning("commit rejected after a rebalance; records will be redelivered", extra={"error": str(exc)})
+                return
+            except KafkaError as exc:
+                waited = time.monotonic() - started
+                if self.retry.deadline_s is not None and waited + delay > self.retry.deadline_s:
+                    raise BrokerUnavailable(f"could not commit offsets: {exc}") from exc
+                log.warning("commit failed, retrying", extra={"delay_s": delay, "error": str(exc)})
+                time.sleep(delay)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records behind per assigned partition: fetched high watermark minus position (unknown: skipped)."""
+        out = {}
+        for tp in self.assigned:
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            position = self._positions.get(tp)
+            if position is None:
+                position = self._consumer.position(tp)
+            out[tp] = max(0, high - position)
+        return out
+
+    def total_lag(self) -> int:
+        return sum(self.lag().values())
+
+    def run(
+        self, handle: Callable[[Batch], None], *, max_batches: int | None = None, idle_timeout_s: float | None = None,
+    ) -> int:
+        """Poll, ``handle(batch)``, commit, until stopped (signal or :meth:`stop`), ``max_batches`` polls, or
+        ``idle_timeout_s`` without a record. Returns the number of valid records processed; closes at the end."""
+        processed = 0
+        polls = 0
+        last_data = time.monotonic()
+        try:
+            while not self._stop.is_set() and (max_batches is None or polls < max_batches):
+                batch = self.poll()
+                polls += 1
+                if batch.records:
+                    handle(batch)
+                    processed += len(batch)
+                if batch.offsets:
+                    self.commit(batch)
+                if batch.offsets or not self.assigned:  # idle time counts only once partitions are ours
+                    last_data = time.monotonic()
+                elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
+                    break
+        finally:
+            self.close()
+        return processed
+
+    def close(self) -> None:
+        """Close clients and restore signal handlers (offsets are only committed explicitly)."""
+        self._restore_signal_handlers()
+        if self._closed:
+            return
+        self._closed = True
+        if self._dead_letter_producer is not None:
+            self._dead_letter_producer.close(timeout=10)
+            self._dead_letter_producer = None
+        try:
+            self._consumer.close(autocommit=False)
+        except KafkaError:  # pragma: no cover - closing against a dead broker
+            pass
+
+    def __enter__(self) -> EventConsumer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def kafka(self):
+        """The underlying kafka-python consumer (for pause/resume or metrics)."""
+        return self._consumer

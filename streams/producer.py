@@ -1,0 +1,198 @@
+"""Validated event production: good events to their topic keyed by merchant, bad bytes to the dead-letter topic.
+
+Every payload that enters the platform goes through :class:`EventProducer`:
+
+* it is validated with :func:`streams.schemas.decode_event` (raw bytes) or re-encoded and validated
+  (event objects, whose constructors do not check constraints);
+* a valid event is sent, in its canonical JSON, to ``topics.clicks`` / ``topics.orders`` /
+  ``topics.catalog`` by type, keyed by ``merchant_id`` (so one merchant's events stay in order in one
+  partition), with ``acks=all``;
+* an invalid payload is sent to ``topics.dead_letter`` with its **original bytes** and headers that say why
+  (see :func:`dead_letter_headers`), and counted under its reason;
+* :meth:`EventProducer.flush` waits for every send and raises :class:`DeliveryFailed` if any did not
+  reach the broker, so nothing is lost silently. Memory is bounded: after ``max_pending`` sends the
+  producer flushes and checks before accepting more.
+
+Example (needs a broker, see ``fedstream broker start``)::
+
+    with EventProducer(settings, source="shop-api") as producer:
+        producer.send_raw(b'{"type": "click", ...}')
+        producer.send_event(order)
+    producer.summary()  # {"accepted": 1, "dead_lettered": 1, "reasons": {"missing_field": 1}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+from streams.kafka import BrokerUnavailable, make_producer
+from streams.schemas import Event, InvalidEvent, decode_event, encode_event, event_type
+
+log = get_logger("streams.producer")
+
+MAX_DETAIL_CHARS = 1000
+
+
+class DeliveryFailed(RuntimeError):
+    """Some records were not acknowledged by the broker; ``failed`` says how many, ``errors`` why."""
+
+    def __init__(self, failed: int, errors: Counter) -> None:
+        super().__init__(f"{failed} record(s) were not delivered: {dict(errors)}")
+        self.failed = failed
+        self.errors = errors
+
+
+def dead_letter_headers(reason: str, detail: str, source: str, **extra: Any) -> list[tuple[str, bytes]]:
+    """Kafka headers of a dead-letter record: ``reason`` (one of ``streams.schemas.REASONS``), ``detail``,
+    ``source`` (who rejected it: a producer's source name or ``consumer:<group>``), and any extras
+    (``topic``/``partition``/``offset`` where a consumer found it, ``original_size``/``sha256``/
+    ``truncated`` for payloads too large to forward whole)."""
+    headers = [("reason", reason), ("detail", detail[:MAX_DETAIL_CHARS]), ("source", source)]
+    headers += [(key, str(value)) for key, value in extra.items()]
+    return [(key, value.encode("utf-8", "replace")) for key, value in headers]
+
+
+def dead_letter_payload(raw: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The original bytes, or (beyond what a Kafka request can carry) their first ``limit`` bytes plus
+    headers with the full size and SHA-256, so the record can still be identified and counted."""
+    if len(raw) <= limit:
+        return raw, {}
+    return raw[:limit], {"truncated": "true", "original_size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def header_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Record headers as a ``{name: text}`` dict."""
+    return {key: value.decode("utf-8", "replace") for key, value in (headers or [])}
+
+
+class EventProducer:
+    """Validates, routes and sends events, dead-letters invalid payloads, and keeps the accounting."""
+
+    def __init__(
+        self, settings: Settings, *, source: str = "producer", merchants: frozenset[str] | None = None,
+        now: float | None = None, max_pending: int = 50_000, **producer_overrides: Any,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.merchants = merchants
+        self.now = now
+        self.max_pending = max_pending
+        topics = settings.topics
+        self.routes = {"click": topics.clicks.name, "order": topics.orders.name, "catalog": topics.catalog.name}
+        self.dead_letter_topic = topics.dead_letter.name
+        self.dead_letter_limit = max(2 * settings.kafka.max_payload_bytes, 1_048_576) - 1024
+        self.accepted = 0
+        self.dead_lettered = 0
+        self.reasons: Counter[str] = Counter()
+        self.by_type: Counter[str] = Counter()
+        self.delivery_errors: Counter[str] = Counter()
+        self._pending: list[Any] = []
+        self._producer = make_producer(settings, **producer_overrides)  # raises BrokerUnavailable
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    def send_raw(self, raw: bytes, *, source: str | None = None) -> bool:
+        """Validate serialized bytes and send them; True if accepted, False if dead-lettered."""
+        try:
+            event = decode_event(raw, now=self._now(), merchants=self.merchants)
+        except InvalidEvent as bad:
+            self.dead_letter(raw, bad.reason, bad.detail, source=source)
+            return False
+        self._send_valid(event, encode_event(event))
+        return True
+
+    def send_event(self, event: Event, *, source: str | None = None) -> bool:
+        """Validate an event object (constraints included) and send it; True if accepted."""
+        return self.send_raw(encode_event(event), source=source)
+
+    def send_many(self, payloads: Iterable[bytes | Event], *, source: str | None = None) -> dict:
+        """Send raw payloads and/or event objects, flush, and return :meth:`summary`."""
+        for payload in payloads:
+            if isinstance(payload, bytes | bytearray | memoryview):
+                self.send_raw(bytes(payload), source=source)
+            else:
+                self.send_event(payload, source=source)
+        self.flush()
+        return self.summary()
+
+    def dead_letter(self, raw: bytes, reason: str, detail: str, *, source: str | None = None, **extra: Any) -> None:
+        """Send the original bytes to the dead-letter topic with the reason in the headers."""
+        value, size_headers = dead_letter_payload(raw, self.dead_letter_limit)
+        headers = dead_letter_headers(reason, detail, source or self.source, **size_headers, **extra)
+        self._send(self.dead_letter_topic, value, key=None, headers=headers)
+        self.dead_lettered += 1
+        self.reasons[reason] += 1
+
+    def _send_valid(self, event: Event, value: bytes) -> None:
+        kind = event_type(event)
+        self._send(self.routes[kind], value, key=event.merchant_id.encode())
+        self.accepted += 1
+        self.by_type[kind] += 1
+
+    def _send(self, topic: str, value: bytes, *, key: bytes | None, headers: list | None = None) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+        try:
+            future = self._producer.send(topic, value=value, key=key, headers=headers)
+        except KafkaTimeoutError as exc:  # metadata or buffer space not available within max_block_ms
+            raise BrokerUnavailable(f"broker did not accept a record for {topic} in time: {exc}") from exc
+        self._pending.append(future)
+
+    def _now(self) -> float:
+        return self.now if self.now is not None else time.time()
+
+    # -- delivery and accounting --------------------------------------------------------------------------
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait for every pending send; raise :class:`DeliveryFailed` if any was not acknowledged."""
+        timeout = timeout_s if timeout_s is not None else self.settings.kafka.request_timeout_ms / 1000 * 2
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaTimeoutError:
+            pass  # the futures below say exactly which records failed
+        pending, self._pending = self._pending, []
+        failed = 0
+        for future in pending:
+            if not future.is_done:
+                failed += 1
+                self.delivery_errors["not_acknowledged_in_time"] += 1
+            elif future.failed():
+                failed += 1
+                self.delivery_errors[type(future.exception).__name__] += 1
+        if failed:
+            log.error("records not delivered", extra={"failed": failed, "errors": dict(self.delivery_errors)})
+            raise DeliveryFailed(failed, Counter(self.delivery_errors))
+
+    def summary(self) -> dict:
+        """``{"accepted": N, "dead_lettered": M, "reasons": {reason: count}}``."""
+        return {"accepted": self.accepted, "dead_lettered": self.dead_lettered, "reasons": dict(sorted(self.reasons.items()))}
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush (raising if anything was lost), then close the client."""
+        try:
+            self.flush()
+        finally:
+            try:
+                self._producer.close(timeout=timeout_s)
+            except KafkaError:  # pragma: no cover - closing a client to a dead broker
+                pass
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not mask the original error with a flush failure
+            try:
+                self.close()
+            except (DeliveryFailed, KafkaError):
+                pass

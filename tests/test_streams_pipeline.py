@@ -1,0 +1,247 @@
+"""Producer and consumer through the real embedded broker: routing, keys, dead letters, accounting, offsets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import uuid
+
+import msgspec
+import pytest
+from kafka import TopicPartition
+
+from streams.consumer import Batch, EventConsumer
+from streams.generator import GeneratorConfig, generate
+from streams.kafka import make_consumer, make_producer
+from streams.producer import EventProducer, header_dict
+from streams.schemas import CatalogItem, Click, Order, encode_event, event_type
+
+NOW = 1_800_000_000.0  # validation clock: the generator's traffic is in late 2023
+
+
+def group() -> str:
+    return f"g-{uuid.uuid4().hex[:8]}"
+
+
+def valid_events(n: int = 400, seed: int = 5):
+    return list(generate(GeneratorConfig(merchants=4, events=n, seed=seed, items_per_merchant=(10, 40))))
+
+
+def click_dict(**changes) -> dict:
+    base = {"type": "click", "event_id": "e-bad", "merchant_id": "m00", "user_id": "u1", "item_id": "i1",
+            "session_id": "s1", "timestamp": 1_700_000_000.0, "position": 1, "page": "home", "device": "app",
+            "clicked": True}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def bad_payloads() -> dict[str, bytes]:
+    """One payload per kind of bad input, named by the reason it must be dead-lettered with."""
+    order = {"type": "order", "event_id": "o-bad", "order_id": "o1", "merchant_id": "m00", "user_id": "u1",
+             "timestamp": 1_700_000_000.0, "currency": "EUR", "items": [{"item_id": "i1", "quantity": -2, "unit_price": 3.0}]}
+    catalog = {"type": "catalog", "event_id": "c-bad", "merchant_id": "m00", "item_id": "i1", "category": "shoes",
+               "price": -5.0, "title": "t", "timestamp": 1_700_000_000.0}
+    enc = msgspec.json.encode
+    return {
+        "malformed_json": b'{"type": "click", "event_id": ',
+        "missing_field": enc(click_dict(user_id=...)),
+        "unexpected_field": enc(click_dict(coupon="FREE")),
+        "wrong_type": enc(click_dict(position="first")),
+        "out_of_range": enc(catalog),
+        "out_of_range#quantity": enc(order),
+        "future_timestamp": enc(click_dict(timestamp=NOW + 10 * 86_400)),
+        "unknown_event_type": enc(click_dict(type="refund")),
+        "oversize": enc(click_dict(query="q" * 1_100_000)),
+        "not_utf8": b'{"type": "click", "event_id": "\xff\xfe"}',
+        "not_an_object": b"[1, 2, 3]",
+        "missing_type": enc({k: v for k, v in click_dict().items() if k != "type"}),
+    }
+
+
+def drain_raw(settings, topic: str, expected: int | None = None, idle_polls: int = 6) -> list:
+    """Every record of a topic (stops early once ``expected`` records arrived)."""
+    consumer = make_consumer(settings, None, topic)
+    messages, idle = [], 0
+    try:
+        while idle < idle_polls and (expected is None or len(messages) < expected):
+            batch = consumer.poll(timeout_ms=500)
+            idle = 0 if batch else idle + 1
+            for records in batch.values():
+                messages.extend(records)
+    finally:
+        consumer.close()
+    return messages
+
+
+def test_producer_routes_by_type_keys_by_merchant_and_accounts(kafka_settings):
+    events = valid_events(300)
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        summary = producer.send_many(events)
+    assert summary == {"accepted": len(events), "dead_lettered": 0, "reasons": {}}
+    topics = kafka_settings.topics
+    for kind, topic in (("click", topics.clicks), ("order", topics.orders), ("catalog", topics.catalog)):
+        expected = [encode_event(e) for e in events if event_type(e) == kind]
+        messages = drain_raw(kafka_settings, topic.name, len(expected))
+        assert sorted(m.value for m in messages) == sorted(expected)
+        partitions_of = {}
+        for message in messages:
+            merchant = msgspec.json.decode(message.value)["merchant_id"]
+            assert message.key == merchant.encode()
+            partitions_of.setdefault(merchant, set()).add(message.partition)
+        assert all(len(parts) == 1 for parts in partitions_of.values())  # one merchant, one partition
+
+
+def test_every_event_is_processed_or_dead_lettered_exactly_once(kafka_settings):
+    """Bad payloads through the producer AND bad bytes written straight onto an input topic."""
+    events = valid_events(400)
+    bad = bad_payloads()
+    half = len(events) // 2
+    with EventProducer(kafka_settings, now=NOW, source="test-api") as producer:
+        for event in events[:half]:
+            producer.send_event(event)
+        for payload in bad.values():
+            assert producer.send_raw(payload) is False
+        for event in events[half:]:
+            producer.send_raw(encode_event(event))
+    expected_reasons = {}
+    for name in bad:
+        expected_reasons[name.split("#")[0]] = expected_reasons.get(name.split("#")[0], 0) + 1
+    assert producer.summary() == {"accepted": len(events), "dead_lettered": len(bad), "reasons": expected_reasons}
+
+    # a misbehaving client bypasses validation and writes junk onto the clicks topic
+    sneaked = [b"garbage", b'{"type": "click"}', b"\xc3\x28 not utf8", msgspec.json.encode(click_dict(device="fridge"))]
+    raw = make_producer(kafka_settings)
+    for payload in sneaked:
+        raw.send(kafka_settings.topics.clicks.name, value=payload, key=b"m00")
+    raw.flush()
+    raw.close()
+
+    processed: list[str] = []
+    consumer = EventConsumer(kafka_settings, group(), now=NOW, handle_signals=False)
+    consumer.run(lambda batch: processed.extend(r.event.event_id for r in batch), idle_timeout_s=4)
+    assert sorted(processed) == sorted(e.event_id for e in events)  # exactly once each
+    assert consumer.dead_lettered == len(sneaked)
+
+    letters = drain_raw(kafka_settings, kafka_settings.topics.dead_letter.name)
+    digests = [hashlib.sha256(m.value).hexdigest() for m in letters]
+    originals = list(bad.values()) + sneaked
+    assert sorted(digests) == sorted(hashlib.sha256(p).hexdigest() for p in originals)  # original bytes, once
+    headers = [header_dict(m.headers) for m in letters]
+    by_source = {}
+    for h in headers:
+        by_source.setdefault(h["source"].split(":")[0], []).append(h)
+    assert len(by_source["test-api"]) == len(bad) and len(by_source["consumer"]) == len(sneaked)
+    assert sorted(h["reason"] for h in by_source["consumer"]) == sorted(
+        ["malformed_json", "missing_field", "not_utf8", "wrong_type"])
+    assert all(h["topic"] == kafka_settings.topics.clicks.name and int(h["offset"]) >= 0 for h in by_source["consumer"])
+    assert all(h["detail"] for h in headers)
+
+
+def test_uncommitted_batches_are_redelivered(kafka_settings):
+    events = [e for e in valid_events(200) if isinstance(e, Click)]
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        for event in events:
+            producer.send_event(event)
+    name = group()
+    topics = [kafka_settings.topics.clicks.name]
+    first = EventConsumer(kafka_settings, name, topics, now=NOW, handle_signals=False, max_records=50)
+    seen = poll_until(first, lambda got: len(got) > 0)
+    first.close()  # crashed before commit
+    again: list = []
+    second = EventConsumer(kafka_settings, name, topics, now=NOW, handle_signals=False)
+    second.run(lambda batch: again.extend(batch.records), idle_timeout_s=3)
+    assert {r.event.event_id for r in seen} <= {r.event.event_id for r in again}
+    assert sorted(r.event.event_id for r in again) == sorted(e.event_id for e in events)
+
+
+def poll_until(consumer: EventConsumer, done, limit: int = 60) -> list:
+    got: list = []
+    for _ in range(limit):
+        got.extend(consumer.poll().records)
+        if done(got):
+            break
+    return got
+
+
+def test_seek_hook_restores_own_checkpoints_and_lag_uses_the_high_watermark(kafka_settings):
+    orders = [e for e in valid_events(3000) if isinstance(e, Order)]
+    assert len(orders) >= 20
+    topic = kafka_settings.topics.orders.name
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        for event in orders:
+            producer.send_event(event)
+    checkpoint = {TopicPartition(topic, p): 2 for p in range(kafka_settings.topics.orders.partitions)}
+    asked: list[set] = []
+
+    def restore(partitions):
+        asked.append(partitions)
+        return {tp: checkpoint[tp] for tp in partitions}
+
+    consumer = EventConsumer(kafka_settings, group(), [topic], now=NOW, handle_signals=False,
+                             seek_on_assign=restore, max_records=3)
+    records = poll_until(consumer, lambda got: len(got) >= 3)
+    assert asked and asked[0] == set(checkpoint)
+    assert all(r.offset >= 2 for r in records)
+    lag = consumer.lag()
+    assert lag and sum(lag.values()) > 0
+    for tp, behind in lag.items():
+        assert behind == consumer.kafka.highwater(tp) - consumer.kafka.position(tp)
+    rest = poll_until(consumer, lambda got: consumer.total_lag() == 0 and len(got) + len(records) >= len(orders) - 8)
+    consumer.close()
+    skipped = sum(min(2, n) for n in per_partition_counts(orders, kafka_settings).values())
+    assert len(records) + len(rest) == len(orders) - skipped
+
+
+def per_partition_counts(orders, settings) -> dict[int, int]:
+    """How many of the orders landed in each partition (read back from the topic itself)."""
+    messages = drain_raw(settings, settings.topics.orders.name, len(orders))
+    counts: dict[int, int] = {}
+    for message in messages:
+        counts[message.partition] = counts.get(message.partition, 0) + 1
+    assert sum(counts.values()) == len(orders)
+    return counts
+
+
+def test_sigterm_finishes_the_batch_commits_and_stops(kafka_settings):
+    catalog = [e for e in valid_events(100) if isinstance(e, CatalogItem)]
+    topic = kafka_settings.topics.catalog.name
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        for event in catalog:
+            producer.send_event(event)
+    name = group()
+    handled: list[Batch] = []
+
+    def handle(batch: Batch) -> None:
+        handled.append(batch)
+        if len(handled) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-batch
+
+    previous = signal.getsignal(signal.SIGTERM)
+    consumer = EventConsumer(kafka_settings, name, [topic], now=NOW, max_records=20)
+    consumer.run(handle)
+    assert len(handled) == 1 and consumer.stopping
+    assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+    rest: list = []
+    EventConsumer(kafka_settings, name, [topic], now=NOW, handle_signals=False).run(
+        lambda batch: rest.extend(batch.events), idle_timeout_s=3)
+    first_ids = {r.event.event_id for r in handled[0]}
+    assert first_ids.isdisjoint(e.event_id for e in rest)  # the batch was committed before stopping
+    assert len(first_ids) + len(rest) == len(catalog)
+
+
+def test_event_objects_are_validated_too(kafka_settings):
+    broken = Click(event_id="", merchant_id="m00", user_id="u", item_id="i", session_id="s",
+                   timestamp=1.7e9, position=-1, page="home", device="app")  # constructors do not check
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        assert producer.send_event(broken) is False
+    assert producer.summary()["reasons"] == {"out_of_range": 1}
+
+
+@pytest.mark.parametrize("name", ["missing_field", "not_utf8"])
+def test_dead_letter_headers_are_machine_readable(kafka_settings, name):
+    with EventProducer(kafka_settings, now=NOW, source="unit") as producer:
+        producer.send_raw(bad_payloads()[name])
+    (letter,) = drain_raw(kafka_settings, kafka_settings.topics.dead_letter.name, 1)
+    headers = header_dict(letter.headers)
+    assert headers["reason"] == name and headers["source"] == "unit" and letter.value == bad_payloads()[name]
