@@ -1,0 +1,218 @@
+"""The federated click model over the shared hashed features, in Keras (for TFF) and in numpy (for serving).
+
+Wide part: a logistic embedding bag, ``logit = b + Σ_f w[slot_f]·value_f`` (``Embedding(2**bits, 1)``).
+Optional deep part: an 8-dim embedding bag of the same slots, then a small ReLU MLP, whose output is
+added to the wide logit. :class:`NumpyScorer` is the same function over the Keras weights in plain
+numpy: what registered versions carry, so serving never imports TensorFlow.
+
+Example:
+    >>> config = ModelConfig(bits=10, deep=True)
+    >>> scorer = NumpyScorer.initial(config)
+    >>> indices = np.zeros((2, len(FIELDS)), np.int32); values = np.ones((2, len(FIELDS)), np.float32)
+    >>> scorer.predict_proba_many(indices, values).shape
+    (2,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from streams.features import FIELDS
+
+N_FIELDS = len(FIELDS)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the federated model. Keep ``bits`` small in tests (Embedding is 2**bits rows)."""
+
+    bits: int = 16
+    deep: bool = False
+    embedding_dim: int = 8
+    hidden: int = 16
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.bits <= 24:
+            raise ValueError(f"bits must be in [4, 24] for the Keras embedding, got {self.bits}")
+        if self.embedding_dim < 1 or self.hidden < 1:
+            raise ValueError("embedding_dim and hidden must be >= 1")
+
+    @property
+    def n_slots(self) -> int:
+        return 1 << self.bits
+
+
+def _layers():
+    import tensorflow as tf
+
+    @tf.keras.utils.register_keras_serializable(package="fedstream")
+    class HashedEmbeddingBag(tf.keras.layers.Layer):
+        """``Σ_f E[indices_f]·values_f (+ bias)``: an embedding bag over the (n, F) hashed slots."""
+
+        def __init__(self, n_slots: int, dim: int, use_bias: bool = False, init_scale: float = 0.0,
+                     seed: int = 0, **kwargs):
+            super().__init__(**kwargs)
+            self.n_slots, self.dim, self.use_bias = n_slots, dim, use_bias
+            self.init_scale, self.seed = init_scale, seed
+
+        def build(self, input_shape):
+            init = (tf.keras.initializers.Zeros() if self.init_scale == 0 else
+                    tf.keras.initializers.RandomUniform(-self.init_scale, self.init_scale, seed=self.seed))
+            self.embeddings = self.add_weight(name="embeddings", shape=(self.n_slots, self.dim), initializer=init)
+            self.bias = self.add_weight(name="bias", shape=(self.dim,), initializer="zeros") if self.use_bias else None
+            super().build(input_shape)
+
+        def call(self, inputs):
+            indices, values = inputs
+            rows = tf.gather(self.embeddings, indices)  # (b, F, dim)
+            out = tf.reduce_sum(rows * tf.expand_dims(values, -1), axis=1)
+            return out + self.bias if self.use_bias else out
+
+        def get_config(self):
+            return {**super().get_config(), "n_slots": self.n_slots, "dim": self.dim, "use_bias": self.use_bias,
+                    "init_scale": self.init_scale, "seed": self.seed}
+
+    return HashedEmbeddingBag
+
+
+_BAG = None
+
+
+def embedding_bag_layer():
+    """The (registered once) Keras embedding-bag layer class."""
+    global _BAG
+    if _BAG is None:
+        _BAG = _layers()
+    return _BAG
+
+
+def build_keras_model(config: ModelConfig):
+    """An uncompiled Keras model: inputs ``{"indices": int32[·,F], "values": float32[·,F]}`` -> p(click)."""
+    import tensorflow as tf
+
+    bag = embedding_bag_layer()
+    indices = tf.keras.Input(shape=(N_FIELDS,), dtype=tf.int32, name="indices")
+    values = tf.keras.Input(shape=(N_FIELDS,), dtype=tf.float32, name="values")
+    logit = bag(config.n_slots, 1, use_bias=True, name="wide")([indices, values])
+    if config.deep:
+        dense = bag(config.n_slots, config.embedding_dim, init_scale=0.05, seed=config.seed, name="deep_bag")
+        hidden = tf.keras.layers.Dense(
+            config.hidden, activation="relu", name="deep_hidden",
+            kernel_initializer=tf.keras.initializers.GlorotUniform(seed=config.seed))(dense([indices, values]))
+        deep_logit = tf.keras.layers.Dense(
+            1, name="deep_out", kernel_initializer=tf.keras.initializers.GlorotUniform(seed=config.seed + 1))(hidden)
+        logit = tf.keras.layers.Add(name="logit")([logit, deep_logit])
+    prob = tf.keras.layers.Activation("sigmoid", name="p_click")(logit)
+    return tf.keras.Model(inputs={"indices": indices, "values": values}, outputs=prob, name="fedstream_ctr")
+
+
+def input_spec():
+    """The element spec of a client dataset (see :func:`federated.stores.client_dataset`)."""
+    import tensorflow as tf
+
+    features = {"indices": tf.TensorSpec([None, N_FIELDS], tf.int32),
+                "values": tf.TensorSpec([None, N_FIELDS], tf.float32)}
+    return features, tf.TensorSpec([None, 1], tf.float32)
+
+
+def keras_metrics():
+    import tensorflow as tf
+
+    return [tf.keras.metrics.AUC(name="auc", num_thresholds=200),
+            tf.keras.metrics.BinaryCrossentropy(name="logloss")]
+
+
+def tff_model_fn(config: ModelConfig):
+    """A no-argument ``model_fn`` building a fresh TFF model (TFF calls it inside its computations)."""
+
+    def model_fn():
+        import tensorflow as tf
+        import tensorflow_federated as tff
+
+        return tff.learning.models.from_keras_model(
+            build_keras_model(config), input_spec=input_spec(), loss=tf.keras.losses.BinaryCrossentropy(),
+            metrics=keras_metrics())
+
+    return model_fn
+
+
+class NumpyScorer:
+    """The federated model as numpy: ``predict_proba_many(indices, values)`` from the Keras weights.
+
+    Picklable and TF-free, so a registered version can be served by the registry's pyfunc flavor. A
+    wide-only model also exposes ``linear_terms()`` so :class:`registry.bundle.ModelBundle` ranks a whole
+    catalog with its fast linear path.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray]) -> None:
+        self.config = config
+        self.weights = {name: np.asarray(value, np.float32) for name, value in weights.items()}
+        if self.weights["wide_embeddings"].shape != (config.n_slots, 1):
+            raise ValueError(f"wide embeddings must be ({config.n_slots}, 1), got {self.weights['wide_embeddings'].shape}")
+        if not config.deep:
+            self.linear_terms = self._linear_terms  # only a wide model is linear in the slots
+
+    @classmethod
+    def from_keras(cls, config: ModelConfig, model) -> NumpyScorer:
+        return cls(config, named_weights(model))
+
+    @classmethod
+    def initial(cls, config: ModelConfig) -> NumpyScorer:
+        return cls.from_keras(config, build_keras_model(config))
+
+    def _linear_terms(self) -> tuple[np.ndarray, float]:
+        return self.weights["wide_embeddings"][:, 0], float(self.weights["wide_bias"][0])
+
+    def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        w = self.weights
+        logit = (w["wide_embeddings"][indices, 0] * values).sum(axis=1) + w["wide_bias"][0]
+        if self.config.deep:
+            bag = (w["deep_bag_embeddings"][indices] * values[..., None]).sum(axis=1)
+            hidden = np.maximum(bag @ w["deep_hidden_kernel"] + w["deep_hidden_bias"], 0.0)
+            logit = logit + (hidden @ w["deep_out_kernel"] + w["deep_out_bias"])[:, 0]
+        return logit
+
+    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        z = np.clip(self.decision_many(np.asarray(indices), np.asarray(values, np.float32)), -35.0, 35.0)
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def named_weights(model) -> dict[str, np.ndarray]:
+    """``{"wide_embeddings": ..., "wide_bias": ..., "deep_hidden_kernel": ...}`` from a Keras model."""
+    out = {}
+    for layer in model.layers:
+        for variable in layer.weights:
+            short = variable.name.split("/")[-1].split(":")[0]
+            out[f"{layer.name}_{short}"] = variable.numpy()
+    return out
+
+
+def assign_weights(model, weights) -> None:
+    """Load TFF ``ModelWeights`` (trainable + non-trainable lists) into a Keras model, in place."""
+    trainable = [np.asarray(w) for w in weights.trainable]
+    non_trainable = [np.asarray(w) for w in weights.non_trainable]
+    for variable, value in zip(model.trainable_weights, trainable):
+        variable.assign(value)
+    for variable, value in zip(model.non_trainable_weights, non_trainable):
+        variable.assign(value)
+
+
+def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
+    y = np.asarray(y, np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC by ranks (ties averaged); NaN when only one class is present."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y) > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(p)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

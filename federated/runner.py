@@ -1,0 +1,156 @@
+"""A federated training run end to end: TFF rounds, MLflow logging every round, registered versions.
+
+:func:`run_federated` is what ``fedstream federated run`` and the benchmark call. Every round logs its
+aggregate metrics (train and federated-eval AUC/logloss, participants, dropouts, seconds) to one MLflow
+run; every ``register_every`` rounds and at the end the global model is registered as a version of
+``fedstream-federated`` (a TF-free :class:`~federated.model.NumpyScorer` inside a
+:class:`~registry.bundle.ModelBundle`) with lineage tags, and the Keras model is logged with
+``mlflow.tensorflow`` as an artifact of the run. The caller stops TFF's ``worker_binary`` afterwards
+(:func:`fedstream.processes.stop_tff_workers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from federated.model import ModelConfig, NumpyScorer, assign_weights, build_keras_model, tff_model_fn
+from federated.personalize import PersonalizationConfig, compare_merchants, summarize
+from federated.stores import MerchantStore, StoreError
+from federated.training import (
+    FederatedConfig, FederatedData, RoundResult, build_evaluation, build_process, dp_epsilon, run_rounds,
+    use_execution_context,
+)
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+
+log = get_logger("federated.runner")
+
+MODEL_NAME = "fedstream-federated"
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced: per-round results, registered versions, final scorer and per-merchant table."""
+
+    run_id: str | None
+    history: list[RoundResult]
+    scorer: NumpyScorer
+    versions: list[str] = field(default_factory=list)
+    personalization: list[dict] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
+    context: str = ""
+
+
+def privacy_spent(config: FederatedConfig, n_clients: int, rounds: int) -> dict[str, float]:
+    """(ε, δ) after ``rounds`` DP rounds with cohort ``clients_per_round`` out of ``n_clients``."""
+    if not config.dp:
+        return {}
+    q = min(config.clients_per_round, n_clients) / max(n_clients, 1)
+    return {"dp_epsilon": dp_epsilon(config.noise_multiplier, q, rounds, config.dp_delta), "dp_delta": config.dp_delta,
+            "dp_noise_multiplier": config.noise_multiplier, "dp_sampling_rate": q}
+
+
+def data_period(stores: Mapping[str, MerchantStore]) -> dict[str, float]:
+    """Time span of the training data (from the stores' metadata: counts and timestamps, no events)."""
+    starts, splits = [], []
+    for store in stores.values():
+        try:
+            period = store.meta()["period"]
+        except StoreError:
+            continue
+        starts.append(period["start"])
+        splits.append(period["split"])
+    return {"start": min(starts), "end": max(splits)} if starts else {}
+
+
+def scorer_from_state(process, state, model_config: ModelConfig) -> tuple[NumpyScorer, Any]:
+    """The global model of ``state`` as a numpy scorer, and as a Keras model."""
+    model = build_keras_model(model_config)
+    assign_weights(model, process.get_model_weights(state))
+    return NumpyScorer.from_keras(model_config, model), model
+
+
+def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, round_num: int,
+                    config: FederatedConfig, model_config: ModelConfig, metrics: Mapping[str, float],
+                    lineage: Mapping[str, Any], run_id: str | None) -> str:
+    """Register the global model as a version (numpy scorer bundle) and log the Keras model in the run."""
+    import mlflow
+    import mlflow.tensorflow
+
+    from registry.bundle import ModelBundle
+    from registry.models import register_version
+    from streams.features import FeatureContext
+
+    bundle = ModelBundle(model=scorer, feature_bits=model_config.bits, context=FeatureContext(), kind="federated",
+                         description=f"federated global model after round {round_num}",
+                         meta={"round": round_num, "model": asdict(model_config)})
+    version = register_version(settings, bundle, name=MODEL_NAME, metrics=metrics,
+                               lineage={**lineage, "rounds": round_num}, run_id=run_id)
+    mlflow.tensorflow.log_model(keras_model, name=f"keras-round-{round_num:04d}")
+    return str(version.version)
+
+
+def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], config: FederatedConfig,
+                  model_config: ModelConfig, *, register_every: int = 0, personalize: bool = True,
+                  personalization: PersonalizationConfig = PersonalizationConfig(),
+                  on_round: Callable[[int, RoundResult], None] | None = None, track: bool = True) -> RunOutcome:
+    """Train ``config.rounds`` rounds over ``stores``; log, register and compare per merchant."""
+    import contextlib
+
+    import mlflow
+
+    from registry.tracking import activate
+
+    if not stores:
+        raise ValueError("no merchant stores to train on")
+    context_name = use_execution_context(config)
+    model_fn = tff_model_fn(model_config)
+    process = build_process(model_fn, config)
+    evaluation = build_evaluation(model_fn)
+    data = FederatedData.from_stores(stores, batch_size=config.batch_size, epochs=config.client_epochs,
+                                     seed=config.seed)
+    lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),
+               "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name}
+    outcome = RunOutcome(run_id=None, history=[], scorer=None, context=context_name)  # type: ignore[arg-type]
+
+    with contextlib.ExitStack() as stack:
+        run = None
+        if track:
+            exp_id = stack.enter_context(activate(settings))
+            run = stack.enter_context(mlflow.start_run(experiment_id=exp_id, run_name=f"federated-{config.rounds}r"))
+            outcome.run_id = run.info.run_id
+            mlflow.log_params({k: str(v) for k, v in {**config.lineage(), **asdict(model_config)}.items()})
+            mlflow.set_tags({"room": "federated", "merchants": str(len(stores))})
+
+        def after_round(round_num: int, state, result: RoundResult) -> None:
+            privacy = privacy_spent(config, len(stores), round_num)
+            if track:
+                mlflow.log_metrics({**result.metrics(), **privacy}, step=round_num)
+                if register_every and round_num % register_every == 0 and round_num != config.rounds:
+                    scorer, keras_model = scorer_from_state(process, state, model_config)
+                    outcome.versions.append(register_global(
+                        settings, scorer, keras_model, round_num=round_num, config=config, model_config=model_config,
+                        metrics={**result.metrics(), **privacy}, lineage={**lineage, **privacy}, run_id=outcome.run_id))
+            if on_round is not None:
+                on_round(round_num, result)
+
+        state = process.initialize()
+        state, outcome.history = run_rounds(process, state, data, config, evaluation=evaluation, on_round=after_round)
+        outcome.scorer, keras_model = scorer_from_state(process, state, model_config)
+        outcome.privacy = privacy_spent(config, len(stores), config.rounds)
+        if personalize:
+            outcome.personalization = compare_merchants(stores, model_config, outcome.scorer, personalization)
+            outcome.summary = summarize(outcome.personalization)
+        if track:
+            final_metrics = {**outcome.history[-1].metrics(), **outcome.privacy,
+                             **{f"merchant_{k}": v for k, v in outcome.summary.items()}}
+            mlflow.log_metrics({k: v for k, v in final_metrics.items() if k.startswith("merchant_")})
+            if outcome.personalization:
+                mlflow.log_dict({"rows": outcome.personalization}, "personalization/merchants.json")
+            outcome.versions.append(register_global(
+                settings, outcome.scorer, keras_model, round_num=config.rounds, config=config, model_config=model_config,
+                metrics=final_metrics, lineage={**lineage, **outcome.privacy}, run_id=outcome.run_id))
+    return outcome

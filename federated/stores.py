@@ -1,0 +1,317 @@
+"""Per-merchant private example stores: each merchant's training data lives in its own directory.
+
+A merchant's examples are built from *its own* events only, with the platform's shared featurization
+(:class:`streams.features.Featurizer` over a :class:`~streams.features.FeatureContext` that holds only that
+merchant's catalog and users), prequentially: every click is featurized against the context as it was
+*before* the click, then the context observes it. The first ``1 - holdout_fraction`` of a merchant's clicks
+in time order are its training split, the rest its held-out split.
+
+Layout (one directory per merchant, one sub-directory per split, one ``.npy`` per column)::
+
+    <data_dir>/merchants/<merchant_id>/examples-train/{indices,values,labels,timestamps}.npy
+    <data_dir>/merchants/<merchant_id>/examples-heldout/...
+    <data_dir>/merchants/<merchant_id>/meta.json          # counts and time span, no raw events
+
+Plain ``.npy`` (not a zip) so TensorFlow can read a column with ``tf.io.read_file`` *inside* the dataset
+pipeline: :func:`client_dataset` returns a ``tf.data.Dataset`` whose graph holds only the file paths, and
+the examples are materialized when TFF's client computation iterates it. The coordinator hands TFF these
+dataset definitions and sees only what TFF computations return (model updates, aggregate metrics).
+
+Example:
+    >>> import tempfile
+    >>> from streams.generator import GeneratorConfig, generate
+    >>> root = tempfile.mkdtemp()
+    >>> stores = build_stores(generate(GeneratorConfig(merchants=2, events=600, seed=3)), root, bits=12)
+    >>> sorted(stores) == ["m00", "m01"] and stores["m00"].count("train") > stores["m00"].count("heldout")
+    True
+    >>> arrays = stores["m00"].load("train")
+    >>> arrays["indices"].shape[1] == len(FIELDS) and arrays["indices"].dtype.name == "int32"
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedstream.logs import get_logger
+from streams.features import FIELDS, FeatureContext, Featurizer
+from streams.schemas import CatalogItem, Click, Event, Order
+
+log = get_logger("federated.stores")
+
+SPLITS = ("train", "heldout")
+COLUMNS = {"indices": np.int32, "values": np.float32, "labels": np.float32, "timestamps": np.float64}
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class StoreError(RuntimeError):
+    """A merchant store that is missing, unreadable or inconsistent (the merchant cannot take part)."""
+
+
+@dataclass(frozen=True)
+class MerchantStore:
+    """One merchant's private examples on disk. Only the merchant (client) side opens the arrays."""
+
+    root: Path
+    merchant_id: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / "merchants" / self.merchant_id
+
+    def split_dir(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.path / f"examples-{split}"
+
+    def meta(self) -> dict:
+        try:
+            return json.loads((self.path / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"merchant {self.merchant_id}: no readable store at {self.path}") from exc
+
+    def count(self, split: str = "train") -> int:
+        """Number of examples in a split (from the metadata; used as the FedAvg client weight)."""
+        return int(self.meta()["counts"][split])
+
+    def load(self, split: str = "train") -> dict[str, np.ndarray]:
+        """The split's columns as numpy arrays (merchant-side code only: local training, evaluation)."""
+        folder = self.split_dir(split)
+        try:
+            return {name: np.load(folder / f"{name}.npy") for name in COLUMNS}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"merchant {self.merchant_id}: cannot read {folder}") from exc
+
+    def write(self, split: str, arrays: dict[str, np.ndarray]) -> None:
+        folder = self.split_dir(split)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, dtype in COLUMNS.items():
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(arrays[name], dtype=dtype))
+
+
+def open_stores(root: str | Path, merchant_ids: Iterable[str] | None = None) -> dict[str, MerchantStore]:
+    """The merchant stores under ``root`` (all of them, or the named ones, which must exist)."""
+    base = Path(root) / "merchants"
+    if merchant_ids is None:
+        names = sorted(p.name for p in base.iterdir() if (p / "meta.json").is_file()) if base.is_dir() else []
+    else:
+        names = list(merchant_ids)
+    stores = {}
+    for name in names:
+        store = MerchantStore(Path(root), _checked_id(name))
+        store.meta()  # raises StoreError when missing
+        stores[name] = store
+    return stores
+
+
+def _checked_id(merchant_id: str) -> str:
+    if not _SAFE_ID.match(merchant_id) or merchant_id in (".", ".."):
+        raise ValueError(f"merchant id {merchant_id!r} cannot name a directory")
+    return merchant_id
+
+
+class _MerchantBuilder:
+    """Featurizes one merchant's clicks prequentially against a context of its own events only."""
+
+    def __init__(self, featurizer: Featurizer) -> None:
+        self.featurizer = featurizer
+        self.context = FeatureContext()
+        self.pending: list[Click] = []
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, event: Event) -> None:
+        # Unclicked impressions leave the context unchanged, so consecutive ones share one
+        # transform_many call; anything that changes the context flushes first (prequential order).
+        if isinstance(event, Click):
+            self.pending.append(event)
+            if event.clicked:
+                self.flush()
+                self.context.observe(event)
+        else:
+            self.flush()
+            self.context.observe(event)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        indices, values = self.featurizer.transform_many(self.pending, self.context)
+        labels = np.fromiter((c.clicked for c in self.pending), dtype=np.float32, count=len(self.pending))
+        stamps = np.fromiter((c.timestamp for c in self.pending), dtype=np.float64, count=len(self.pending))
+        self.blocks.append((indices, values, labels, stamps))
+        self.pending = []
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        self.flush()
+        if not self.blocks:
+            n_fields = self.featurizer.n_fields
+            return {"indices": np.empty((0, n_fields), np.int32), "values": np.empty((0, n_fields), np.float32),
+                    "labels": np.empty(0, np.float32), "timestamps": np.empty(0, np.float64)}
+        columns = [np.concatenate(parts) for parts in zip(*self.blocks)]
+        order = np.argsort(columns[3], kind="stable")  # by time (events arrive ~ordered already)
+        return {name: column[order] for name, column in zip(COLUMNS, columns)}
+
+
+def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdout_fraction: float = 0.2,
+                 merchants: Iterable[str] | None = None, min_examples: int = 10) -> dict[str, MerchantStore]:
+    """Split ``events`` by merchant and write each merchant's featurized train/held-out examples.
+
+    Each merchant gets its own featurization context, so nothing of one merchant's traffic can leak into
+    another's examples. Merchants with fewer than ``min_examples`` clicks get no store.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    featurizer = Featurizer(bits)
+    wanted = set(merchants) if merchants is not None else None
+    builders: dict[str, _MerchantBuilder] = {}
+    for event in events:
+        merchant_id = event.merchant_id
+        if wanted is not None and merchant_id not in wanted:
+            continue
+        builder = builders.get(merchant_id)
+        if builder is None:
+            builder = builders[merchant_id] = _MerchantBuilder(featurizer)
+        builder.add(event)
+    stores = {}
+    for merchant_id in sorted(builders):
+        arrays = builders.pop(merchant_id).arrays()
+        n = len(arrays["labels"])
+        if n < min_examples:
+            log.info("merchant skipped: too few clicks", extra={"merchant": merchant_id, "clicks": n})
+            continue
+        stores[merchant_id] = write_store(root, merchant_id, arrays, holdout_fraction=holdout_fraction, bits=bits)
+    return stores
+
+
+def write_store(root: str | Path, merchant_id: str, arrays: dict[str, np.ndarray], *, holdout_fraction: float,
+                bits: int) -> MerchantStore:
+    """Write one merchant's time-ordered examples as a train split and a later held-out split."""
+    store = MerchantStore(Path(root), _checked_id(merchant_id))
+    if store.path.exists():
+        shutil.rmtree(store.path)
+    n = len(arrays["labels"])
+    cut = max(1, min(n - 1, int(round(n * (1.0 - holdout_fraction)))))
+    store.write("train", {k: v[:cut] for k, v in arrays.items()})
+    store.write("heldout", {k: v[cut:] for k, v in arrays.items()})
+    stamps = arrays["timestamps"]
+    meta = {
+        "merchant_id": merchant_id, "bits": bits, "fields": list(FIELDS),
+        "counts": {"train": cut, "heldout": n - cut},
+        "positives": {"train": float(arrays["labels"][:cut].sum()), "heldout": float(arrays["labels"][cut:].sum())},
+        "period": {"start": float(stamps[0]), "split": float(stamps[cut]), "end": float(stamps[-1])},
+    }
+    (store.path / "meta.json").write_text(json.dumps(meta, indent=1))
+    return store
+
+
+def merchant_events_from_kafka(settings, merchant_id: str, *, idle_timeout_s: float = 3.0,
+                               max_wait_s: float = 60.0) -> list[Event]:
+    """One merchant's catalog, click and order events read from the platform topics (by record key).
+
+    Reads every partition from the beginning up to the high watermark the broker reports with the fetch
+    (tansu's end offsets are wrong, so ``consumer.highwater`` is the stop condition), keeps the records
+    keyed by ``merchant_id`` and returns them catalog first, then clicks and orders in time order.
+    """
+    import time
+
+    from kafka import TopicPartition
+
+    from streams.kafka import make_consumer
+    from streams.schemas import InvalidEvent, decode_event
+
+    topics = [settings.topics.catalog, settings.topics.clicks, settings.topics.orders]
+    partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
+    consumer = make_consumer(settings, None)
+    key = merchant_id.encode()
+    found: list[Event] = []
+    try:
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        started = last_data = time.monotonic()
+        while time.monotonic() - started < max_wait_s:
+            batch = consumer.poll(timeout_ms=500)
+            for records in batch.values():
+                last_data = time.monotonic()
+                for record in records:
+                    if record.key is not None and record.key != key:
+                        continue
+                    try:
+                        event = decode_event(record.value)
+                    except InvalidEvent:
+                        continue
+                    if event.merchant_id == merchant_id:
+                        found.append(event)
+            if _caught_up(consumer, partitions) or time.monotonic() - last_data > idle_timeout_s:
+                break
+    finally:
+        consumer.close()
+    found.sort(key=lambda e: (not isinstance(e, CatalogItem), e.timestamp))
+    return found
+
+
+def _caught_up(consumer, partitions) -> bool:
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is None or consumer.position(tp) < high:
+            return False
+    return True
+
+
+def build_stores_from_kafka(settings, root: str | Path, merchant_ids: Iterable[str], *, bits: int,
+                            holdout_fraction: float = 0.2) -> dict[str, MerchantStore]:
+    """Each merchant reads its own events from Kafka (filtered by key) and builds its own store."""
+    stores: dict[str, MerchantStore] = {}
+    for merchant_id in merchant_ids:
+        events = merchant_events_from_kafka(settings, merchant_id)
+        stores.update(build_stores(events, root, bits=bits, holdout_fraction=holdout_fraction,
+                                   merchants=[merchant_id]))
+    return stores
+
+
+def iter_rows(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Mini-batches of a loaded split (merchant-side numpy training)."""
+    n = len(arrays["labels"])
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in arrays.items()}
+
+
+def _npy_column(path, dtype, width: int | None):
+    """TF ops reading one ``.npy`` file (v1 header) into a tensor, for use inside a dataset map."""
+    import tensorflow as tf
+
+    raw = tf.io.read_file(path)
+    header_len = tf.cast(tf.io.decode_raw(tf.strings.substr(raw, 8, 2), tf.uint16)[0], tf.int32)
+    body = tf.strings.substr(raw, 10 + header_len, -1)
+    column = tf.io.decode_raw(body, dtype)
+    return tf.reshape(column, [-1, width]) if width else column
+
+
+def client_dataset(store: MerchantStore, split: str = "train", *, batch_size: int = 32, epochs: int = 1,
+                   shuffle_seed: int | None = None):
+    """A ``tf.data.Dataset`` of ``({"indices", "values"}, label[·,1])`` batches that reads the merchant's
+    files only when iterated (inside TFF's client computation); its graph holds paths, not examples."""
+    import tensorflow as tf
+
+    folder = store.split_dir(split)
+    if not (folder / "labels.npy").is_file():
+        raise StoreError(f"merchant {store.merchant_id}: split {split} missing at {folder}")
+    width = len(FIELDS)
+    paths = tf.data.Dataset.from_tensors(tuple(str(folder / f"{name}.npy") for name in ("indices", "values", "labels")))
+
+    def read(indices_path, values_path, labels_path):
+        return (_npy_column(indices_path, tf.int32, width), _npy_column(values_path, tf.float32, width),
+                _npy_column(labels_path, tf.float32, None))
+
+    def to_example(indices, values, label):
+        return {"indices": indices, "values": values}, tf.reshape(label, [1])
+
+    rows = paths.map(read).flat_map(lambda i, v, y: tf.data.Dataset.from_tensor_slices((i, v, y))).map(to_example)
+    if shuffle_seed is not None:
+        rows = rows.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return rows.repeat(epochs).batch(batch_size)
