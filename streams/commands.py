@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
@@ -47,3 +51,203 @@ def broker_status(settings: Settings) -> None:
     alive = bool(record and broker_alive(record))
     click.echo(json.dumps({"alive": alive, **(asdict(record) if record else {})}))
     raise SystemExit(0 if alive else 1)
+
+
+# -- producing events --------------------------------------------------------------------------------------
+
+CSV_FIELD_TYPES = {"timestamp": float, "price": float, "position": int, "schema_version": int,
+                   "clicked": "bool", "items": "json"}
+
+
+def _progress(total: int | None, unit: str, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=None, file=sys.stderr, leave=False)
+
+
+def _open_producer(settings: Settings, source: str):
+    from streams.kafka import BrokerUnavailable, ensure_topics
+    from streams.producer import EventProducer
+
+    try:
+        ensure_topics(settings)
+        return EventProducer(settings, source=source)
+    except BrokerUnavailable as exc:
+        raise click.ClickException(f"{exc} (start one with `fedstream broker start`)") from exc
+
+
+def _finish(producer) -> dict:
+    from streams.producer import DeliveryFailed
+
+    try:
+        producer.close()
+    except DeliveryFailed as exc:
+        raise click.ClickException(f"{exc}; accounting so far: {json.dumps(producer.summary())}") from exc
+    return producer.summary()
+
+
+def csv_row_to_json(header: list[str], cells: list[str]) -> bytes:
+    """One CSV row as a JSON event: empty cells are omitted, typed columns converted when they parse
+    (a cell that does not parse stays a string, so validation reports ``wrong_type``)."""
+    import msgspec
+
+    row: dict = {}
+    for name, cell in zip(header, cells):
+        if cell == "":
+            continue
+        kind = CSV_FIELD_TYPES.get(name)
+        try:
+            if kind == "bool":
+                row[name] = {"true": True, "false": False, "1": True, "0": False}[cell.strip().lower()]
+            elif kind == "json":
+                row[name] = json.loads(cell)
+            elif kind is not None:
+                row[name] = kind(cell)
+            else:
+                row[name] = cell
+        except (KeyError, ValueError):
+            row[name] = cell
+    if len(cells) > len(header):
+        row["_extra_columns"] = cells[len(header):]
+    return msgspec.json.encode(row)
+
+
+def iter_payloads(handle, fmt: str, progress=None):
+    """(payload, original bytes, line number) per record of a JSONL or CSV byte stream."""
+    import csv
+
+    header: list[str] | None = None
+    for number, line in enumerate(handle, start=1):
+        if progress is not None:
+            progress.update(len(line))
+        original = line.rstrip(b"\r\n")
+        if not original.strip():
+            continue
+        if fmt == "jsonl":
+            yield original, original, number
+            continue
+        try:
+            text = original.decode("utf-8")
+        except UnicodeDecodeError:
+            yield original, original, number  # validation reports not_utf8 with the raw line
+            continue
+        cells = next(csv.reader([text]))
+        if header is None:
+            header = cells
+            continue
+        yield csv_row_to_json(header, cells), original, number
+
+
+@click.command()
+@click.argument("file", type=click.File("rb"))
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
+              help="Input format; auto uses the file extension (.csv, else JSONL).")
+@click.option("--source", default=None, help="Name recorded in dead-letter headers (default: ingest:<file>).")
+@pass_settings
+def ingest(settings: Settings, file, fmt: str, source: str | None) -> None:
+    """Validate events from FILE (JSONL or CSV, `-` for stdin) and produce them to Kafka.
+
+    Valid events go to the clicks/orders/catalog topic keyed by merchant; invalid ones go, with their
+    original bytes and the reason in the headers, to the dead-letter topic. CSV has one event per line with
+    a header row naming the event fields (``items`` as a JSON array). Prints one JSON line:
+    {"accepted": N, "dead_lettered": M, "reasons": {...}}.
+    """
+    name = getattr(file, "name", "-")
+    if fmt == "auto":
+        fmt = "csv" if str(name).lower().endswith((".csv", ".csv.gz")) else "jsonl"
+    size = os.fstat(file.fileno()).st_size if name not in ("-", "<stdin>") and hasattr(file, "fileno") else None
+    producer = _open_producer(settings, source or f"ingest:{os.path.basename(str(name))}")
+    with _progress(size or None, "B", "ingest") as progress:
+        for payload, original, number in iter_payloads(file, fmt, progress):
+            producer.send_raw(payload, original=original if payload is not original else None, line=number)
+    click.echo(json.dumps(_finish(producer)))
+
+
+@click.command()
+@click.option("--merchants", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--events", type=click.IntRange(min=0), default=100_000, show_default=True,
+              help="Clicks + orders (catalog events come on top).")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--days", type=float, default=14.0, show_default=True, help="Time span of the traffic.")
+@click.option("--drift", "drifts", multiple=True, metavar="MERCHANT:AT_EVENT:KIND[:MAGNITUDE]",
+              help="Concept drift, e.g. m03:500000:preferences or m01:200000:prices:0.5 (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write JSONL here instead of producing to Kafka (ground truth goes to <out stem>.truth.json).")
+@pass_settings
+def generate(settings: Settings, merchants: int, events: int, seed: int, days: float, drifts: tuple[str, ...],
+             out: str | None) -> None:
+    """Generate seeded synthetic merchant traffic (see streams/generator.py) to Kafka or a JSONL file.
+
+    Prints one JSON line with the accounting, where the ground truth of the drifts was written, and the
+    ground truth itself.
+    """
+    from streams import generator
+    from streams.schemas import encode_event
+
+    try:
+        config = generator.GeneratorConfig(merchants=merchants, events=events, seed=seed, days=days,
+                                           drifts=tuple(generator.DriftSpec.parse(d) for d in drifts))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    truth = generator.ground_truth(config)
+    if out is not None:
+        path = Path(out)
+        truth_path = path.with_name(path.name.split(".")[0] + ".truth.json")
+        counts = {"written": 0}
+        with path.open("wb") as handle, _progress(events, "ev", "generate") as progress:
+            for event in generator.generate(config):
+                handle.write(encode_event(event) + b"\n")
+                counts["written"] += 1
+                progress.update(1)
+        summary: dict = {"out": str(path), **counts}
+    else:
+        producer = _open_producer(settings, f"generate:seed={seed}")
+        with _progress(events, "ev", "generate") as progress:
+            for event in generator.generate(config):
+                producer.send_event(event)
+                progress.update(1)
+        summary = _finish(producer)
+        truth_path = settings.data_path / "generated" / f"truth-seed{seed}-m{merchants}-e{events}.json"
+        truth_path.parent.mkdir(parents=True, exist_ok=True)
+    truth_path.write_text(json.dumps({"config": {"merchants": merchants, "events": events, "seed": seed, "days": days,
+                                                 "drifts": list(drifts)}, "drifts": truth}, indent=2))
+    click.echo(json.dumps({**summary, "ground_truth_file": str(truth_path), "ground_truth": truth}))
+
+
+@click.command()
+@click.argument("dataset", type=click.Choice(["cdnow", "ecom"]))
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N events.")
+@click.option("--merchant-id", default=None, help="Merchant id to replay as (default: the data set's name).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write JSONL here instead of producing to Kafka.")
+@pass_settings
+def replay(settings: Settings, dataset: str, limit: int | None, merchant_id: str | None, out: str | None) -> None:
+    """Replay a real data set shipped in an installed wheel as our events (mapping: streams/datasets.py).
+
+    cdnow: 69,659 real CDNOW orders (lifetimes wheel) as orders of one merchant; ecom: retentioneering's
+    31k-event clickstream (synthetic, per its own docs) as page clicks. Prints one JSON line of accounting.
+    """
+    from streams import datasets
+    from streams.schemas import encode_event
+
+    try:
+        events = datasets.load(dataset, limit=limit, merchant_id=merchant_id)
+        first = next(events, None)
+    except datasets.DatasetMissing as exc:
+        raise click.ClickException(str(exc)) from exc
+    stream = [] if first is None else itertools.chain([first], events)
+    if out is not None:
+        written = 0
+        with open(out, "wb") as handle, _progress(limit, "ev", dataset) as progress:
+            for event in stream:
+                handle.write(encode_event(event) + b"\n")
+                written += 1
+                progress.update(1)
+        click.echo(json.dumps({"dataset": dataset, "out": out, "written": written}))
+        return
+    producer = _open_producer(settings, f"replay:{dataset}")
+    with _progress(limit, "ev", dataset) as progress:
+        for event in stream:
+            producer.send_event(event)
+            progress.update(1)
+    click.echo(json.dumps({"dataset": dataset, **_finish(producer)}))

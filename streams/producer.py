@@ -99,12 +99,16 @@ class EventProducer:
 
     # -- sending ------------------------------------------------------------------------------------------
 
-    def send_raw(self, raw: bytes, *, source: str | None = None) -> bool:
-        """Validate serialized bytes and send them; True if accepted, False if dead-lettered."""
+    def send_raw(self, raw: bytes, *, source: str | None = None, original: bytes | None = None, **extra: Any) -> bool:
+        """Validate serialized bytes and send them; True if accepted, False if dead-lettered.
+
+        ``original``: the bytes as they arrived when ``raw`` is a conversion of them (a CSV line turned
+        into JSON); the dead-letter topic keeps the original. ``extra`` becomes dead-letter headers.
+        """
         try:
             event = decode_event(raw, now=self._now(), merchants=self.merchants)
         except InvalidEvent as bad:
-            self.dead_letter(raw, bad.reason, bad.detail, source=source)
+            self.dead_letter(raw if original is None else original, bad.reason, bad.detail, source=source, **extra)
             return False
         self._send_valid(event, encode_event(event))
         return True

