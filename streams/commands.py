@@ -71,7 +71,7 @@ def _open_producer(settings: Settings, source: str):
 
     try:
         ensure_topics(settings)
-        return EventProducer(settings, source=source)
+        return EventProducer(settings, source=source, linger_ms=max(settings.kafka.producer_linger_ms, 50))  # bulk
     except BrokerUnavailable as exc:
         raise click.ClickException(f"{exc} (start one with `fedstream broker start`)") from exc
 
