@@ -44,18 +44,28 @@ from drift.events import DriftEvent
 from fedstream.settings import DriftSettings
 
 
-def prequential_error(y: bool | int, p: float, metric: str = "logloss", clip: float = 1e-3) -> float:
-    """The error of predicting ``p`` = P(y=1) before seeing ``y``: logloss (clipped) or 0/1 error.
+def prequential_error(y: bool | int, p: float, metric: str = "excess_logloss", clip: float = 1e-3) -> float:
+    """The error of predicting ``p`` = P(y=1) before seeing ``y``.
 
-    >>> round(prequential_error(1, 0.9), 4), prequential_error(0, 0.9, "zero_one")
+    ``excess_logloss`` (default) is the logloss minus the loss the model itself expects, the entropy
+    ``H(p)``: its mean is 0 while the model is calibrated, whatever the base rate, so a click rate that
+    moves with the hour of day does not look like a worse model, while a concept change does.
+    ``logloss`` (clipped) and ``zero_one`` are the raw alternatives.
+
+    >>> round(prequential_error(1, 0.9, "logloss"), 4), prequential_error(0, 0.9, "zero_one")
     (0.1054, 1.0)
+    >>> round(0.1 * prequential_error(1, 0.1) + 0.9 * prequential_error(0, 0.1), 12)  # calibrated: 0 on average
+    0.0
     """
     if metric == "zero_one":
         return float((p >= 0.5) != bool(y))
-    if metric != "logloss":
-        raise ValueError(f"unknown error metric {metric!r}: use 'logloss' or 'zero_one'")
+    if metric not in ("logloss", "excess_logloss"):
+        raise ValueError(f"unknown error metric {metric!r}: use 'excess_logloss', 'logloss' or 'zero_one'")
     p = min(max(float(p), clip), 1.0 - clip)
-    return -math.log(p if y else 1.0 - p)
+    loss = -math.log(p if y else 1.0 - p)
+    if metric == "logloss":
+        return loss
+    return loss + p * math.log(p) + (1.0 - p) * math.log(1.0 - p)
 
 
 class _Trail:
@@ -144,13 +154,13 @@ class ErrorADWIN(Detector):
     """ADWIN (River) on the prequential error; fires only when the recent window's error is higher.
 
     ADWIN keeps the longest recent window whose mean is consistent; when it cuts, the kept (recent)
-    window's mean is compared with the dropped (older) part's, and only a relative rise above
-    ``min_increase`` is drift.
+    window's mean is compared with the dropped (older) part's, and only a rise above ``min_increase``
+    (absolute, in error units: the default excess logloss has mean ~0, so a ratio would mean nothing) is drift.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(1)
     >>> errors = np.r_[rng.random(8000) < 0.2, rng.random(4000) < 0.35].astype(float)
-    >>> det = ErrorADWIN("m1", delta=1e-5, warmup=0)
+    >>> det = ErrorADWIN("m1", delta=1e-5, min_increase=0.01, warmup=0)
     >>> fired = [e for i, x in enumerate(errors) if (e := det.update(x, timestamp=float(i)))]
     >>> len(fired), 8000 <= fired[0].event_index < 9000
     (1, True)
@@ -159,8 +169,8 @@ class ErrorADWIN(Detector):
     family = "error"
     statistic = "mean_error_increase"
 
-    def __init__(self, merchant_id: str, name: str = "error.adwin", *, delta: float = 1e-5, clock: int = 32,
-                 min_increase: float = 0.02, model_version: str | None = None, cooldown: int = 0,
+    def __init__(self, merchant_id: str, name: str = "error.adwin", *, delta: float = 1e-3, clock: int = 32,
+                 min_increase: float = 0.01, model_version: str | None = None, cooldown: int = 0,
                  warmup: int = 0) -> None:
         from river.drift import ADWIN
 
@@ -180,12 +190,11 @@ class ErrorADWIN(Detector):
             return None
         kept, width = self.adwin.estimation, self.adwin.width
         dropped = (total_before - kept * width) / max(width_before - width, 1.0)
-        if kept <= dropped * (1.0 + self.min_increase):
+        if kept - dropped <= self.min_increase:
             return None  # a drop (or a tiny rise) in error is not a problem
         start = self._trail.at(self.n_seen - int(width))
-        relative = kept / dropped - 1.0 if dropped > 0 else math.inf
-        return relative, self.min_increase, start, {"mean_before": dropped, "mean_after": kept,
-                                                     "window": float(width)}
+        return kept - dropped, self.min_increase, start, {"mean_before": dropped, "mean_after": kept,
+                                                          "window": float(width)}
 
     def state(self) -> dict:
         return {**super().state(), "mean_error": self.adwin.estimation, "width": int(self.adwin.width),
@@ -210,8 +219,8 @@ class ErrorPageHinkley(Detector):
     family = "error"
     statistic = "page_hinkley"
 
-    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 60.0,
-                 delta: float = 0.03, alpha: float = 1 - 1e-4, min_instances: int = 500,
+    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 80.0,
+                 delta: float = 0.01, alpha: float = 1 - 1e-4, min_instances: int = 500,
                  model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
         from river.drift import PageHinkley
 
@@ -433,7 +442,7 @@ class CategoryShift(_TwoWindow):
     """
 
     def __init__(self, merchant_id: str, field: str, *, statistic: Literal["psi", "chi2"] = "chi2",
-                 psi_threshold: float = 0.25, chi2_alpha: float = 1e-8, min_effect: float = 0.12,
+                 psi_threshold: float = 0.25, chi2_alpha: float = 1e-8, min_effect: float = 0.2,
                  name: str | None = None, **window) -> None:
         if statistic not in ("psi", "chi2"):
             raise ValueError(f"categorical statistic must be 'psi' or 'chi2', got {statistic!r}")
@@ -488,8 +497,9 @@ def build_detectors(config: DriftSettings, merchant_id: str, model_version: str 
                                                alpha=config.ph_alpha, min_instances=config.ph_min_instances,
                                                **error_common),
     }
+    # click rates follow the hour of day: label windows are whole days, compared day(s) against day(s)
     label_window = dict(reference=config.label_reference, window=config.label_window,
-                        check_every=config.check_every, **common)
+                        check_every=config.check_every, min_span_seconds=config.hour_period_seconds, **common)
     for name in LABEL_DETECTORS:
         detectors[name] = RateShift(merchant_id, name, z_threshold=config.label_z,
                                     min_relative_change=config.label_min_relative_change, **label_window)

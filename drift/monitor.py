@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -176,6 +176,8 @@ class DriftMonitor:
         self.global_index = 0
         self.events: list[DriftEvent] = []
         self._predictions: dict[str, int] = {}
+        self._sessions: dict[str, OrderedDict[str, None]] = {}
+        self.max_sessions = 20_000
 
     def _detectors_of(self, merchant_id: str) -> dict[str, Detector]:
         found = self.detectors.get(merchant_id)
@@ -224,7 +226,11 @@ class DriftMonitor:
                                                                                 index=index)) is not None]
 
     def _values(self, event: Click | Order) -> list[tuple[str, object]]:
-        """(detector name, value) pairs a raw event feeds: labels, price, hour, category."""
+        """(detector name, value) pairs a raw event feeds: labels, price, hour, category.
+
+        Values are per impression (price), per clicked or ordered item (category), per session (hour of
+        the session's first click: the events of a session are not independent draws of the hour).
+        """
         hour = time.gmtime(event.timestamp).tm_hour
         fields = self.config
         values: list[tuple[str, object]] = []
@@ -234,7 +240,8 @@ class DriftMonitor:
                 statistics = ("psi", "ks") if field in fields.numeric_fields else ("psi", "chi2")
                 values.extend((f"feature.{field}.{s}", value) for s in statistics)
 
-        feature("hour", hour)
+        if isinstance(event, Click) and self._new_session(event.merchant_id, event.session_id):
+            feature("hour", hour)  # one value per session: a session's events share their hour
         if isinstance(event, Click):
             values.append(("label.ctr", event.clicked))
             info = self.context.item(event.merchant_id, event.item_id)
@@ -251,6 +258,15 @@ class DriftMonitor:
                 if info is not None:
                     feature("category", info.category)
         return values
+
+    def _new_session(self, merchant_id: str, session_id: str) -> bool:
+        seen = self._sessions.setdefault(merchant_id, OrderedDict())
+        if session_id in seen:
+            return False
+        seen[session_id] = None
+        if len(seen) > self.max_sessions:
+            seen.popitem(last=False)
+        return True
 
     def _emit(self, fired: list[DriftEvent]) -> list[DriftEvent]:
         import msgspec

@@ -216,7 +216,7 @@ def run_monitor(events: Iterable[Event], monitor, *, bits: int = 16, model=None,
         t = traces.get(event.merchant_id) or traces.setdefault(event.merchant_id, MerchantTrace(event.merchant_id))
         t.events += 1
         ts = event.timestamp
-        t.add_feature("hour", ts, time.gmtime(ts).tm_hour)
+        t.add_feature("hour", ts, time.gmtime(ts).tm_hour)  # per event: what the hour plot shows
         if isinstance(event, Click):
             t.clicks += 1
             t.clicked += int(event.clicked)

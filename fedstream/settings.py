@@ -85,16 +85,16 @@ class DriftSettings(BaseModel):
     window tests need full windows, so one change is reported once, not on every following event.
     """
 
-    error_metric: Literal["logloss", "zero_one"] = "logloss"
+    error_metric: Literal["excess_logloss", "logloss", "zero_one"] = "excess_logloss"
     error_clip: float = Field(default=1e-3, gt=0, lt=0.5, description="p is clipped to [c, 1-c] for logloss.")
     warmup_events: int = Field(
         default=1000, ge=0, description="First errors per merchant not fed to error detectors (the model is learning)."
     )
-    adwin_delta: float = Field(default=1e-5, gt=0, lt=1)
+    adwin_delta: float = Field(default=1e-3, gt=0, lt=1)
     adwin_clock: int = Field(default=32, ge=1)
-    adwin_min_increase: float = Field(default=0.02, ge=0, description="Relative error rise ADWIN must show.")
-    ph_threshold: float = Field(default=60.0, gt=0)
-    ph_delta: float = Field(default=0.03, ge=0)
+    adwin_min_increase: float = Field(default=0.01, ge=0, description="Absolute error rise ADWIN must show.")
+    ph_threshold: float = Field(default=80.0, gt=0)
+    ph_delta: float = Field(default=0.01, ge=0)
     ph_alpha: float = Field(default=1 - 1e-4, gt=0, le=1)
     ph_min_instances: int = Field(default=500, ge=1)
     label_reference: int = Field(default=5000, ge=10, description="Labels in the reference window.")
@@ -109,12 +109,12 @@ class DriftSettings(BaseModel):
     ks_threshold: float = Field(default=0.15, gt=0, le=1, description="KS distance D that counts as drift.")
     ks_alpha: float = Field(default=1e-6, gt=0, lt=1)
     chi2_alpha: float = Field(default=1e-8, gt=0, lt=1)
-    chi2_min_effect: float = Field(default=0.12, ge=0, description="Cramér's V needed on top of the p-value.")
+    chi2_min_effect: float = Field(default=0.2, ge=0, description="Cramér's V needed on top of the p-value.")
     cooldown_events: int = Field(default=5000, ge=0)
     numeric_fields: tuple[str, ...] = ("price", "hour")
     categorical_fields: tuple[str, ...] = ("category",)
     hour_period_seconds: float = Field(
-        default=86_400.0, gt=0, description="Hour-of-day windows span whole days so daily seasonality is not drift."
+        default=86_400.0, gt=0, description="Hour-of-day and label windows span whole days: daily cycles are not drift."
     )
 
 

@@ -84,7 +84,7 @@ def test_detector_stays_quiet_on_a_stationary_stream(name, seed):
     assert run(make(), streams(kind, shifted=False, seed=seed)) == []
 
 
-@pytest.mark.parametrize("make", [lambda: ErrorADWIN("m1", warmup=0), lambda: ErrorPageHinkley("m1", warmup=0)])
+@pytest.mark.parametrize("make", [DETECTORS["error.adwin"][0], DETECTORS["error.page_hinkley"][0]])
 def test_error_detectors_ignore_an_improving_model(make):
     rng = np.random.default_rng(5)
     errors = np.r_[rng.exponential(0.6, SHIFT), rng.exponential(0.3, SHIFT)]
@@ -128,7 +128,8 @@ def test_bad_parameters_are_rejected_with_clear_errors():
 
 
 def test_prequential_error_and_psi_basics():
-    assert prequential_error(1, 1.0) == pytest.approx(-np.log(1 - 1e-3))  # clipped, never infinite
+    assert prequential_error(1, 1.0, "logloss") == pytest.approx(-np.log(1 - 1e-3))  # clipped, never infinite
+    assert prequential_error(1, 0.01) > 0 > prequential_error(0, 0.3)  # excess over the model's own entropy
     assert prequential_error(0, 0.2, "zero_one") == 0.0
     assert psi(np.array([0.25] * 4), np.array([0.25] * 4)) == pytest.approx(0.0)
     assert psi(np.array([0.7, 0.3]), np.array([0.3, 0.7])) > 0.25
