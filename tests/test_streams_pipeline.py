@@ -245,3 +245,15 @@ def test_dead_letter_headers_are_machine_readable(kafka_settings, name):
     (letter,) = drain_raw(kafka_settings, kafka_settings.topics.dead_letter.name, 1)
     headers = header_dict(letter.headers)
     assert headers["reason"] == name and headers["source"] == "unit" and letter.value == bad_payloads()[name]
+
+
+def test_payload_too_large_for_kafka_is_dead_lettered_truncated_with_its_digest(kafka_settings):
+    huge = msgspec.json.encode(click_dict(query="z" * 3_000_000))
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        assert producer.send_raw(huge) is False
+    assert producer.summary()["reasons"] == {"oversize": 1}
+    (letter,) = drain_raw(kafka_settings, kafka_settings.topics.dead_letter.name, 1)
+    headers = header_dict(letter.headers)
+    assert headers["truncated"] == "true" and int(headers["original_size"]) == len(huge)
+    assert headers["sha256"] == hashlib.sha256(huge).hexdigest()
+    assert huge.startswith(letter.value) and len(letter.value) < len(huge)
