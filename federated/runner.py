@@ -87,9 +87,13 @@ def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, rou
     bundle = ModelBundle(model=scorer, feature_bits=model_config.bits, context=FeatureContext(), kind="federated",
                          description=f"federated global model after round {round_num}",
                          meta={"round": round_num, "model": asdict(model_config)})
+    # run_id=None: a nested registration run per version, so its metrics (step 0) stay out of the round curves
     version = register_version(settings, bundle, name=MODEL_NAME, metrics=metrics,
-                               lineage={**lineage, "rounds": round_num}, run_id=run_id)
-    mlflow.tensorflow.log_model(keras_model, name=f"keras-round-{round_num:04d}")
+                               lineage={**lineage, "rounds": round_num, "training_run_id": run_id}, run_id=None)
+    import tensorflow as tf
+
+    mlflow.tensorflow.log_model(keras_model, name=f"keras-round-{round_num:04d}",
+                                pip_requirements=[f"tensorflow=={tf.__version__}"])
     return str(version.version)
 
 

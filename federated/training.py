@@ -183,16 +183,20 @@ def build_process(model_fn: Callable[[], Any], config: FederatedConfig):
     """FedAvg (or FedProx when ``prox_mu > 0``) learning process for ``config``."""
     import tensorflow_federated as tff
 
-    weighting = tff.learning.ClientWeighting.UNIFORM if config.dp else tff.learning.ClientWeighting.NUM_EXAMPLES
     common = dict(
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(config.client_learning_rate),
         server_optimizer_fn=_server_optimizer(config),
-        client_weighting=weighting,
         model_aggregator=build_aggregator(config),
     )
+    algorithms = tff.learning.algorithms
+    if config.dp:  # DP needs every client's update to count the same: unweighted mean of clipped updates
+        if config.prox_mu > 0:
+            return algorithms.build_unweighted_fed_prox(model_fn, proximal_strength=config.prox_mu, **common)
+        return algorithms.build_unweighted_fed_avg(model_fn, **common)
+    common["client_weighting"] = tff.learning.ClientWeighting.NUM_EXAMPLES
     if config.prox_mu > 0:
-        return tff.learning.algorithms.build_weighted_fed_prox(model_fn, proximal_strength=config.prox_mu, **common)
-    return tff.learning.algorithms.build_weighted_fed_avg(model_fn, **common)
+        return algorithms.build_weighted_fed_prox(model_fn, proximal_strength=config.prox_mu, **common)
+    return algorithms.build_weighted_fed_avg(model_fn, **common)
 
 
 def build_evaluation(model_fn: Callable[[], Any]):

@@ -1,0 +1,198 @@
+"""Federated training cost and quality: TFF round time vs merchants, TFF vs numpy FedAvg, federated vs pooled.
+
+1. Scaling: seconds per TFF round (all sampled merchants train one local epoch, batch 32) for 10, 50 and
+   100 merchants and a few example counts per merchant, on merchants generated with equal traffic shares;
+   the same round in plain numpy (:mod:`federated.numpy_fedavg`, same wide model, same SGD, same data) gives
+   TFF's overhead factor.
+2. Quality on a Zipf marketplace (20 merchants, some with < 1k examples): pooled held-out AUC of the
+   federated global model (FedAdam, ``ROUNDS`` rounds, 10 merchants per round) against centralized
+   training on all merchants' pooled train data (the upper bound no merchant would accept), and the
+   per-merchant table: local-only vs global vs global fine-tuned, with the cold-start comparison for
+   merchants with < 1k examples (warm start from the global model vs training from scratch).
+
+Targets: federated within 1% AUC of centralized; global+fine-tune beats local-only for merchants with
+< 1k examples; a round of 100 merchants x 1k examples <= 10 s.
+
+Run: ``.venv/bin/python -m benchmarks.federated`` (``BENCH_QUICK=1``: 1k examples per merchant only, fewer
+rounds; a few minutes on 2 cores). Prints tables, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from federated.model import ModelConfig, auc, logloss, tff_model_fn  # noqa: E402
+from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
+from federated.personalize import PersonalizationConfig, format_table  # noqa: E402
+from federated.stores import build_stores, open_stores, write_store  # noqa: E402
+from federated.training import FederatedConfig, FederatedData, build_process, use_execution_context  # noqa: E402
+from fedstream.processes import stop_tff_workers  # noqa: E402
+from fedstream.settings import load_settings  # noqa: E402
+from streams.generator import GeneratorConfig, generate  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+BITS = 16
+MERCHANT_COUNTS = (10, 50, 100)
+EXAMPLES = (1000,) if QUICK else (300, 1000, 3000)
+TIMED_ROUNDS = 1 if QUICK else 3
+ROUNDS = 15 if QUICK else 30
+CLIENT_LR, BATCH = 0.5, 32
+TARGET_ROUND_S, TARGET_AUC_GAP, SMALL = 10.0, 0.01, 1000
+
+
+def _uniform_stores(root: Path, examples: int) -> dict:
+    """100 merchants with equal traffic, each with exactly ``examples`` training rows (+ a held-out tail)."""
+    per_merchant = int(examples * 1.35) + 40
+    full = build_stores(generate(GeneratorConfig(merchants=100, events=per_merchant * 100, seed=1, merchant_zipf=0.0)),
+                        root / "full", bits=BITS, holdout_fraction=0.2)
+    stores = {}
+    for merchant_id, store in full.items():
+        arrays = {k: np.concatenate([store.load("train")[k], store.load("heldout")[k]]) for k in ("indices", "values", "labels", "timestamps")}
+        if len(arrays["labels"]) < examples + 20:
+            continue
+        held = 20
+        rows = {k: v[:examples + held] for k, v in arrays.items()}
+        stores[merchant_id] = write_store(root / f"e{examples}", merchant_id, rows, holdout_fraction=held / (examples + held), bits=BITS)
+    return stores
+
+
+def _time_tff(process, stores: dict, n: int) -> float:
+    """Median seconds of a TFF round over ``n`` merchants (after one warm-up round that traces)."""
+    chosen = dict(list(stores.items())[:n])
+    data = FederatedData.from_stores(chosen, batch_size=BATCH)
+    state = process.initialize()
+    datasets = [data.train[m]() for m in data.client_ids]
+    state = process.next(state, datasets).state
+    times = []
+    for _ in range(TIMED_ROUNDS):
+        datasets = [data.train[m]() for m in data.client_ids]
+        started = time.perf_counter()
+        state = process.next(state, datasets).state
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _time_numpy(stores: dict, n: int) -> float:
+    clients = []
+    for store in list(stores.values())[:n]:
+        arrays = store.load("train")
+        clients.append((arrays["indices"], arrays["values"], arrays["labels"]))
+    model = NumpyWide(BITS)
+    times = []
+    for _ in range(TIMED_ROUNDS):
+        started = time.perf_counter()
+        model = fedavg_round(model, clients, client_learning_rate=CLIENT_LR, batch_size=BATCH)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def scaling(root: Path) -> list[dict]:
+    config = FederatedConfig(rounds=1, clients_per_round=100, server_optimizer="sgd", server_learning_rate=1.0,
+                             client_learning_rate=CLIENT_LR, batch_size=BATCH)
+    process = build_process(tff_model_fn(ModelConfig(bits=BITS)), config)
+    rows = []
+    for examples in EXAMPLES:
+        stores = _uniform_stores(root / "scaling", examples)
+        for n in MERCHANT_COUNTS:
+            if len(stores) < n:
+                continue
+            tff_s, numpy_s = _time_tff(process, stores, n), _time_numpy(stores, n)
+            rows.append({"merchants": n, "examples": examples, "tff_round_s": tff_s, "numpy_round_s": numpy_s,
+                         "overhead": tff_s / numpy_s})
+            print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   numpy {numpy_s:6.2f} s/round"
+                  f"   overhead x{tff_s / numpy_s:5.1f}", flush=True)
+    return rows
+
+
+def _pooled(stores: dict, split: str) -> dict[str, np.ndarray]:
+    parts = [s.load(split) for s in stores.values()]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def centralized_auc(stores: dict, epochs: int) -> tuple[float, float]:
+    """Upper bound: the same wide model trained with SGD on all merchants' pooled train data."""
+    train, held = _pooled(stores, "train"), _pooled(stores, "heldout")
+    model = NumpyWide(BITS)
+    rng = np.random.default_rng(0)
+    best = (0.0, 0.0)
+    for _ in range(epochs):
+        model.sgd_epoch(train["indices"], train["values"], train["labels"], learning_rate=CLIENT_LR, batch_size=BATCH, rng=rng)
+        p = model.predict_proba_many(held["indices"], held["values"])
+        best = max(best, (auc(held["labels"], p), -logloss(held["labels"], p)))
+    return best[0], -best[1]
+
+
+def quality(root: Path, settings) -> dict:
+    from federated.runner import run_federated
+
+    events = 60_000 if QUICK else 150_000
+    stores = build_stores(generate(GeneratorConfig(merchants=20, events=events, seed=7)), root / "zipf", bits=BITS)
+    stores = open_stores(root / "zipf")
+    config = FederatedConfig(rounds=ROUNDS, clients_per_round=10, server_optimizer="adam", server_learning_rate=0.05,
+                             client_learning_rate=CLIENT_LR, batch_size=BATCH, eval_every=5, seed=7)
+    started = time.perf_counter()
+    outcome = run_federated(settings, stores, config, ModelConfig(bits=BITS), personalize=True, track=False,
+                            personalization=PersonalizationConfig(local_epochs=5, finetune_epochs=2))
+    federated_s = time.perf_counter() - started
+    held = _pooled(stores, "heldout")
+    p = outcome.scorer.predict_proba_many(held["indices"], held["values"])
+    fed_auc, fed_ll = auc(held["labels"], p), logloss(held["labels"], p)
+    central_auc, central_ll = centralized_auc(stores, epochs=5)
+    print(format_table(outcome.personalization))
+    s = outcome.summary
+    return {"merchants": len(stores), "rounds": ROUNDS, "federated_seconds": federated_s,
+            "federated_auc": fed_auc, "federated_logloss": fed_ll, "centralized_auc": central_auc,
+            "centralized_logloss": central_ll, "auc_gap": central_auc - fed_auc,
+            "small_merchants": int(s.get("small_merchants", 0)),
+            "small_local_auc": s.get("small_local_auc"), "small_global_auc": s.get("small_global_auc"),
+            "small_finetuned_auc": s.get("small_finetuned_auc"), "all_local_auc": s.get("all_local_auc"),
+            "all_global_auc": s.get("all_global_auc"), "all_finetuned_auc": s.get("all_finetuned_auc"),
+            "small_finetune_wins": sum(r["finetuned_auc"] > r["local_auc"] for r in outcome.personalization
+                                       if r["n_train"] < SMALL)}
+
+
+def main() -> int:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-federated-") as tmp:
+        root = Path(tmp)
+        settings = load_settings(data_dir=root / "data", feature_bits=BITS)
+        try:
+            import tensorflow_federated  # noqa: F401  (~11 s, once)
+
+            use_execution_context(FederatedConfig())
+            print(f"TFF round time vs merchants ({'quick' if QUICK else 'full'}; one local epoch, batch {BATCH}, 2**{BITS} slots)")
+            rows = scaling(root)
+            print("\nQuality on a 20-merchant Zipf marketplace (held-out, later in time)")
+            result = quality(root, settings)
+        finally:
+            stopped = stop_tff_workers()
+    target_row = next((r for r in rows if r["merchants"] == 100 and r["examples"] == 1000), None)
+    print(f"\nfederated AUC {result['federated_auc']:.4f} vs centralized {result['centralized_auc']:.4f} "
+          f"(gap {result['auc_gap']:+.4f}, target <= {TARGET_AUC_GAP})")
+    print(f"merchants < {SMALL} examples ({result['small_merchants']}): local {result['small_local_auc']:.4f}  "
+          f"global {result['small_global_auc']:.4f}  global+fine-tune {result['small_finetuned_auc']:.4f} "
+          f"(fine-tune wins {result['small_finetune_wins']}/{result['small_merchants']})")
+    figures = {
+        "benchmark": "federated", "quick": QUICK, "scaling": rows,
+        "round_s_100x1k": target_row["tff_round_s"] if target_row else None,
+        "round_s_target_met": bool(target_row and target_row["tff_round_s"] <= TARGET_ROUND_S),
+        "auc_gap_target_met": result["auc_gap"] <= TARGET_AUC_GAP,
+        "small_finetune_beats_local": (result["small_finetuned_auc"] or 0) > (result["small_local_auc"] or 1),
+        **result, "tff_workers_stopped": len(stopped), "seconds": time.perf_counter() - started,
+    }
+    print(json.dumps(figures, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

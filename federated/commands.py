@@ -1,0 +1,148 @@
+"""``fedstream federated``: build per-merchant stores and run federated rounds with TFF.
+
+Import-light on purpose: TensorFlow, TFF and MLflow are imported inside the command bodies, so
+``fedstream --help`` never pays TFF's ~11 s import. Every command that starts TFF stops its
+``worker_binary`` child by PID when done (success, error or Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from fedstream.cli import pass_settings
+from fedstream.logs import get_logger
+
+log = get_logger("federated.commands")
+
+
+@click.group()
+def federated() -> None:
+    """Federated averaging rounds across merchants (TFF); each merchant's examples stay in its own store."""
+
+
+def _merchant_list(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise click.BadParameter("give merchant ids separated by commas, e.g. m00,m01")
+    return names
+
+
+def _store_root(settings):
+    return settings.data_path / "federated"
+
+
+def _build_stores(settings, source: str, merchants: list[str] | None, events: int, n_merchants: int, seed: int,
+                  bits: int):
+    from federated.stores import build_stores, build_stores_from_kafka, open_stores
+
+    root = _store_root(settings)
+    if source == "stores":
+        stores = open_stores(root, merchants)
+        if not stores:
+            raise click.ClickException(f"no merchant stores under {root}; build them with --source generate|kafka")
+        return stores
+    if source == "kafka":
+        if not merchants:
+            raise click.BadParameter("--source kafka needs --merchants (each merchant reads its own events)")
+        return build_stores_from_kafka(settings, root, merchants, bits=bits)
+    from streams.generator import GeneratorConfig, generate
+
+    return build_stores(generate(GeneratorConfig(merchants=n_merchants, events=events, seed=seed)), root, bits=bits,
+                        merchants=merchants)
+
+
+@federated.command("run")
+@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="Federated rounds.")
+@click.option("--merchants", default=None, help="Comma-separated merchant ids to include (default: all).")
+@click.option("--clients-per-round", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Merchants sampled per round (seeded).")
+@click.option("--dp", is_flag=True, help="DP-FedAvg with TFF's Gaussian DP aggregator; reports (ε, δ).")
+@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="L2 clip of each client update (fixed); with --dp the DP clip (else adaptive).")
+@click.option("--dp-delta", type=float, default=1e-5, show_default=True)
+@click.option("--secure-agg", is_flag=True, help="Secure aggregation (TFF's simulated secure sum, test context).")
+@click.option("--server-optimizer", type=click.Choice(["adam", "yogi", "sgd"]), default="adam", show_default=True)
+@click.option("--server-lr", type=float, default=0.05, show_default=True, help="Server learning rate.")
+@click.option("--client-lr", type=float, default=0.5, show_default=True, help="Client SGD learning rate.")
+@click.option("--client-epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--prox-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="FedProx proximal strength (0 = FedAvg).")
+@click.option("--dropout-rate", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Simulated mid-round client failures.")
+@click.option("--deep", is_flag=True, help="Add the deep part (8-dim embedding bag + MLP) to the wide model.")
+@click.option("--bits", type=click.IntRange(8, 24), default=None, help="Hash bits (default: settings.feature_bits).")
+@click.option("--source", type=click.Choice(["generate", "kafka", "stores"]), default="generate", show_default=True,
+              help="Where merchant examples come from: the seeded generator, the Kafka topics, or existing stores.")
+@click.option("--events", type=click.IntRange(min=100), default=50_000, show_default=True,
+              help="Generated events (--source generate).")
+@click.option("--generate-merchants", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--register-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also register every Nth round's global model (the final one always is).")
+@click.option("--no-personalize", is_flag=True, help="Skip the per-merchant local/global/fine-tuned table.")
+@click.option("--seed", type=int, default=None, help="Seed (default: settings.seed).")
+@pass_settings
+def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, clip, dp_delta, secure_agg,
+        server_optimizer, server_lr, client_lr, client_epochs, prox_mu, dropout_rate, deep, bits, source, events,
+        generate_merchants, register_every, no_personalize, seed) -> None:
+    """Run federated rounds over per-merchant stores, log every round to MLflow and register the model."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from federated.model import ModelConfig
+    from federated.training import FederatedConfig
+
+    seed = settings.seed if seed is None else seed
+    bits = bits or min(settings.feature_bits, 20)
+    try:
+        config = FederatedConfig(
+            rounds=rounds, clients_per_round=clients_per_round, client_learning_rate=client_lr,
+            client_epochs=client_epochs, server_optimizer=server_optimizer, server_learning_rate=server_lr,
+            prox_mu=prox_mu, clip=clip, dp=dp, noise_multiplier=noise_multiplier, dp_delta=dp_delta,
+            secure_agg=secure_agg, dropout_rate=dropout_rate, seed=seed)
+        model_config = ModelConfig(bits=bits, deep=deep, seed=seed)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    stores = _build_stores(settings, source, _merchant_list(merchants), events, generate_merchants, seed, bits)
+    if not stores:
+        raise click.ClickException("no merchant has enough examples to train on")
+    click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)
+    outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize)
+    _report(outcome)
+
+
+def _run_with_progress(settings, stores, config, model_config, register_every, personalize):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from federated.runner import run_federated
+    from fedstream.processes import stop_tff_workers
+
+    columns = (TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}"))
+    try:
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task("rounds", total=config.rounds, status="")
+
+            def on_round(round_num, result):
+                auc = result.evaluation.get("auc")
+                status = f"clients {len(result.participants)}/{len(result.sampled)}" + (
+                    f"  eval auc {auc:.4f}" if auc is not None else "")
+                progress.update(task, advance=1, status=status)
+
+            return run_federated(settings, stores, config, model_config, register_every=register_every,
+                                 personalize=personalize, on_round=on_round)
+    finally:
+        stop_tff_workers()
+
+
+def _report(outcome) -> None:
+    from federated.personalize import format_table
+
+    if outcome.personalization:
+        click.echo(format_table(outcome.personalization))
+    summary = {"run_id": outcome.run_id, "versions": outcome.versions, "execution_context": outcome.context,
+               "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.summary}
+    click.echo(json.dumps(summary, default=float))

@@ -1,0 +1,239 @@
+"""Federated training with real TFF: FedAvg learns, dropouts, DP accounting, secure aggregation, FedProx/Yogi,
+MLflow logging and registration, the CLI. One module-scoped TFF setup; worker_binary stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from federated.model import ModelConfig, NumpyScorer, build_keras_model, named_weights
+from federated.stores import build_stores, client_dataset
+from federated.training import (
+    FederatedConfig, FederatedData, build_evaluation, build_process, dp_epsilon, run_rounds, sample_clients,
+    use_execution_context,
+)
+from fedstream.processes import stop_tff_workers
+from streams.generator import GeneratorConfig, generate
+
+pytestmark = pytest.mark.slow
+BITS = 14
+MODEL = ModelConfig(bits=BITS)
+
+
+@pytest.fixture(scope="module")
+def tff_module():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_federated as tff
+
+    tff.backends.native.set_sync_local_cpp_execution_context()
+    yield tff
+    stop_tff_workers()  # TFF's worker_binary outlives Python and holds the test runner's pipes
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    return build_stores(generate(GeneratorConfig(merchants=6, events=9000, seed=3)), root, bits=BITS)
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    from federated.model import tff_model_fn
+
+    return tff_model_fn(MODEL)
+
+
+def test_client_dataset_reads_the_store_lazily(stores, tff_module):
+    import tensorflow as tf
+
+    dataset = client_dataset(stores["m01"], "heldout", batch_size=1000)
+    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor).numpy()
+    assert b"examples-heldout/indices.npy" in graph and len(graph) < 50_000  # paths, not examples
+    features, labels = next(iter(dataset))
+    arrays = stores["m01"].load("heldout")
+    np.testing.assert_array_equal(features["indices"].numpy(), arrays["indices"])
+    np.testing.assert_array_equal(labels.numpy()[:, 0], arrays["labels"])
+
+
+def test_numpy_scorer_matches_keras(tff_module):
+    config = ModelConfig(bits=10, deep=True)
+    model = build_keras_model(config)
+    rng = np.random.default_rng(0)
+    for variable in model.trainable_weights:
+        variable.assign(rng.normal(0, 0.3, variable.shape).astype(np.float32))
+    indices = rng.integers(0, 2**10, (50, 18)).astype(np.int32)
+    values = rng.random((50, 18)).astype(np.float32)
+    keras_p = model({"indices": indices, "values": values}).numpy()[:, 0]
+    scorer = NumpyScorer(config, named_weights(model))
+    np.testing.assert_allclose(scorer.predict_proba_many(indices, values), keras_p, rtol=1e-4, atol=1e-6)
+    assert not hasattr(scorer, "linear_terms")
+    assert hasattr(NumpyScorer.initial(ModelConfig(bits=10)), "linear_terms")
+    with pytest.raises(ValueError):
+        ModelConfig(bits=30)
+
+
+def test_fedavg_learns_with_seeded_sampling(stores, tff_module, model_fn):
+    config = FederatedConfig(rounds=4, clients_per_round=3, seed=11, eval_every=4)
+    data = FederatedData.from_stores(stores, batch_size=32)
+    process = build_process(model_fn, config)
+    evaluation = build_evaluation(model_fn)
+    eval_state = evaluation.initialize()
+    from federated.training import evaluate_federated
+
+    _, before = evaluate_federated(evaluation, eval_state, process.get_model_weights(process.initialize()), data)
+    state, history = run_rounds(process, process.initialize(), data, config, evaluation=evaluation)
+    assert [r.round for r in history] == [1, 2, 3, 4]
+    assert all(len(r.participants) == 3 and not r.dropped for r in history)
+    assert [r.sampled for r in history] == [sample_clients(data.client_ids, 3, k, 11) for k in range(1, 5)]
+    assert len({tuple(r.sampled) for r in history}) > 1
+    assert before["auc"] == pytest.approx(0.5, abs=0.02)
+    assert history[-1].evaluation["auc"] > 0.62
+    assert history[-1].evaluation["num_examples"] == sum(s.count("heldout") for s in stores.values())
+    assert history[-1].train["num_examples"] == sum(data.counts[m] for m in history[-1].participants)
+
+
+def test_dropouts_are_excluded_from_the_cohort(stores, tff_module, model_fn, tmp_path):
+    broken = dict(stores)
+    gone = build_stores([], tmp_path, bits=BITS)  # no events: nothing built
+    assert gone == {}
+    # a merchant whose store vanished mid-run, plus seeded simulated failures
+    victim = stores["m05"]
+    copy = tmp_path / "copy"
+    shutil.copytree(victim.root / "merchants" / "m05", copy / "merchants" / "m05")
+    from federated.stores import MerchantStore
+
+    broken["m05"] = MerchantStore(copy, "m05")
+    data = FederatedData.from_stores(broken)
+    shutil.rmtree(copy / "merchants" / "m05" / "examples-train")
+    config = FederatedConfig(rounds=3, clients_per_round=6, dropout_rate=0.3, seed=2)
+    process = build_process(model_fn, config)
+    state, history = run_rounds(process, process.initialize(), data, config)
+    for result in history:
+        assert "m05" in result.dropped and "m05" not in result.participants
+        assert set(result.participants) | set(result.dropped) == set(result.sampled)
+        assert result.train["num_examples"] == sum(data.counts[m] for m in result.participants)
+    assert sum(len(r.dropped) for r in history) > 3  # simulated failures on top of the broken store
+    all_fail = FederatedConfig(rounds=1, clients_per_round=1, dropout_rate=0.0, seed=2)
+    data.train = {m: data.train["m05"] for m in data.train}  # every store broken: the round is skipped
+    same_state, skipped = run_rounds(process, state, data, all_fail)
+    assert skipped[0].skipped and skipped[0].participants == []
+    np.testing.assert_array_equal(process.get_model_weights(same_state).trainable[0],
+                                  process.get_model_weights(state).trainable[0])
+
+
+def test_dp_fedavg_runs_and_accounts_epsilon(stores, tff_module, model_fn):
+    config = FederatedConfig(rounds=2, clients_per_round=4, dp=True, noise_multiplier=0.3, clip=1.0)
+    process = build_process(model_fn, config)
+    state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config)
+    assert all(np.isfinite(w).all() for w in process.get_model_weights(state).trainable)
+    assert len(history[-1].participants) == 4
+    eps2, eps20 = dp_epsilon(0.3, 4 / 6, 2, 1e-5), dp_epsilon(0.3, 4 / 6, 20, 1e-5)
+    assert 0 < eps2 < eps20 < math.inf
+    assert dp_epsilon(3.0, 0.1, 20, 1e-5) < 1.0 < dp_epsilon(0.8, 0.1, 20, 1e-5)
+    FederatedConfig(rounds=1, clients_per_round=5, dp=True, noise_multiplier=0.4)  # adaptive: 0.4 < 0.1 x 5
+    with pytest.raises(ValueError, match="0.1 x clients_per_round"):
+        FederatedConfig(clients_per_round=3, dp=True, noise_multiplier=0.5)
+    with pytest.raises(ValueError, match="noise multiplier"):
+        FederatedConfig(dp=True)
+    with pytest.raises(ValueError):
+        FederatedConfig(dp=True, noise_multiplier=0.1, clip=1.0, secure_agg=True)
+
+
+def test_secure_aggregation_in_the_test_context(stores, tff_module, model_fn):
+    config = FederatedConfig(rounds=1, clients_per_round=3, secure_agg=True)
+    try:
+        assert use_execution_context(config) == "sync_test_cpp"
+        process = build_process(model_fn, config)
+        state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config)
+        assert history[0].train["num_examples"] > 0
+        assert any(np.abs(w).sum() > 0 for w in process.get_model_weights(state).trainable)
+    finally:
+        use_execution_context(FederatedConfig())
+
+
+def test_fedprox_with_yogi_and_clipping(stores, tff_module, model_fn):
+    config = FederatedConfig(rounds=2, clients_per_round=3, prox_mu=0.1, server_optimizer="yogi", clip=2.0)
+    process = build_process(model_fn, config)
+    state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config)
+    assert history[-1].train["loss"] < 0.69
+    with pytest.raises(ValueError, match="server_optimizer"):
+        FederatedConfig(server_optimizer="rmsprop")  # type: ignore[arg-type]
+
+
+def test_run_logs_rounds_and_registers_versions(stores, tff_module, settings):
+    from mlflow.tracking import MlflowClient
+
+    from federated.model import auc
+    from federated.personalize import PersonalizationConfig, compare_merchants, summarize
+    from federated.runner import MODEL_NAME, run_federated
+    from registry.models import load_bundle, version_lineage
+    from registry.tracking import tracking_uri
+
+    subset = {m: stores[m] for m in ("m00", "m04")}
+    config = FederatedConfig(rounds=2, clients_per_round=2, dp=True, noise_multiplier=0.5, clip=1.0, seed=3)
+    seen = []
+    outcome = run_federated(settings, subset, config, MODEL, register_every=1, personalize=False,
+                            on_round=lambda r, res: seen.append(r))
+    assert seen == [1, 2] and outcome.versions == ["1", "2"]
+    client = MlflowClient(tracking_uri(settings), registry_uri=tracking_uri(settings))
+    steps = client.get_metric_history(outcome.run_id, "eval_auc")
+    assert [m.step for m in steps] == [1, 2]
+    assert client.get_metric_history(outcome.run_id, "dp_epsilon")[-1].value == pytest.approx(outcome.privacy["dp_epsilon"])
+    version = client.get_model_version(MODEL_NAME, "2")
+    lineage = version_lineage(version)
+    assert lineage["rounds"] == 2 and lineage["merchants_per_round"] == 2 and lineage["dp"] is True
+    assert lineage["dp_epsilon"] == pytest.approx(outcome.privacy["dp_epsilon"]) and lineage["dp_delta"] == 1e-5
+    assert lineage["data_period"]["start"] < lineage["data_period"]["end"]
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert any(a.startswith("keras-round") for a in artifacts) or len(client.search_logged_models(
+        experiment_ids=[client.get_run(outcome.run_id).info.experiment_id])) >= 2
+    bundle = load_bundle(settings, f"models:/{MODEL_NAME}/2")
+    held, held_small = subset["m00"].load("heldout"), subset["m04"].load("heldout")
+    np.testing.assert_allclose(bundle.model.predict_proba_many(held["indices"], held["values"]),
+                               outcome.scorer.predict_proba_many(held["indices"], held["values"]), rtol=1e-6)
+    assert lineage["training_run_id"] == outcome.run_id
+    rows = compare_merchants(subset, MODEL, outcome.scorer, PersonalizationConfig(local_epochs=1, finetune_epochs=1))
+    assert [r["merchant_id"] for r in rows] == ["m00", "m04"]
+    for row in rows:
+        assert all(0 <= row[f"{m}_auc"] <= 1 and row[f"{m}_logloss"] > 0 for m in ("local", "global", "finetuned"))
+    assert row["global_auc"] == pytest.approx(auc(held_small["labels"], outcome.scorer.predict_proba_many(
+        held_small["indices"], held_small["values"])))
+    summary = summarize(rows, small=1000)
+    assert summary["merchants"] == 2 and summary["small_merchants"] == 1
+
+
+def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
+    """The real console command, in its own process: it must exit and release its pipes (worker stopped)."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from fedstream.cli import main
+
+    env = {**os.environ, "FEDSTREAM_DATA_DIR": str(tmp_path / "data"), "FEDSTREAM_FEATURE_BITS": "14",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "fedstream", "federated", "run", "--rounds", "2", "--clients-per-round", "3",
+               "--events", "4000", "--generate-merchants", "4", "--no-personalize", "--server-optimizer", "sgd",
+               "--server-lr", "1.0"]
+    # capture_output: a leftover worker_binary would hold the pipes open and this would time out
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["versions"] == ["1"] and summary["final_eval"]["auc"] > 0.5
+    assert sorted(p.name for p in (tmp_path / "data" / "federated" / "merchants").iterdir()) == ["m00", "m01", "m02", "m03"]
+    runner = CliRunner()
+    bad = runner.invoke(main, ["federated", "run", "--dp", "--rounds", "1"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    assert bad.exit_code == 2 and "noise multiplier" in bad.output
+    kafka_without_merchants = runner.invoke(main, ["federated", "run", "--source", "kafka"],
+                                            env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    assert kafka_without_merchants.exit_code == 2 and "--merchants" in kafka_without_merchants.output
+    no_stores = runner.invoke(main, ["federated", "run", "--source", "stores"], env={"FEDSTREAM_DATA_DIR": str(tmp_path / "empty")})
+    assert no_stores.exit_code == 1 and "no merchant stores" in no_stores.output
+    help_text = runner.invoke(main, ["federated", "run", "--help"]).output
+    assert "--clients-per-round" in help_text and "--secure-agg" in help_text
