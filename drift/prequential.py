@@ -106,25 +106,46 @@ def learner_name(model) -> str:
     return f"{type(model).__module__}.{type(model).__name__}"
 
 
-def prequential(events: Iterable[Event], bits: int = 16, model=None) -> Iterator[tuple[Event, float | None]]:
-    """Yield ``(event, p)``: ``p`` is P(click) predicted before learning the click; None for other events."""
+def prequential(events: Iterable[Event], bits: int = 16, model=None, batch: int = 64
+                ) -> Iterator[tuple[Event, float | None]]:
+    """Yield ``(event, p)`` in order: ``p`` is P(click) predicted before learning the click; None otherwise.
+
+    Clicks are scored and learned in mini-batches of ``batch`` (test-then-train per batch): every click is
+    still predicted by a model that has not seen it, and the vectorized learners run ~10x faster than
+    row by row. Features are read per event, before the event enters the context.
+    """
     featurizer, context = Featurizer(bits), FeatureContext()
     model = make_learner(bits) if model is None else model
     vectorized = hasattr(model, "predict_proba_many") and hasattr(model, "learn_many")
+    pending: list[Event] = []
+    rows: list[tuple[np.ndarray, np.ndarray, bool]] = []
     for event in events:
-        p = None
         if isinstance(event, Click):
             indices, values = featurizer.transform(event, context)
-            if vectorized:
-                indices, values = indices[None, :], values[None, :]
-                p = float(model.predict_proba_many(indices, values)[0])
-                model.learn_many(indices, values, np.array([event.clicked]))
-            else:
-                x = as_dict(indices, values)
-                p = float(model.predict_proba_one(x).get(True, 0.0))
-                model.learn_one(x, event.clicked)
+            rows.append((indices, values, event.clicked))
+        pending.append(event)
         context.observe(event)
-        yield event, p
+        if len(rows) >= (batch if vectorized else 1):
+            yield from _score_and_learn(model, pending, rows, vectorized)
+            pending, rows = [], []
+    yield from _score_and_learn(model, pending, rows, vectorized)
+
+
+def _score_and_learn(model, pending: list[Event], rows: list, vectorized: bool) -> Iterator[tuple[Event, float | None]]:
+    if rows and vectorized:
+        indices = np.stack([r[0] for r in rows])
+        values = np.stack([r[1] for r in rows])
+        labels = np.array([r[2] for r in rows])
+        scores = iter(np.asarray(model.predict_proba_many(indices, values), dtype=float).tolist())
+        model.learn_many(indices, values, labels)
+    elif rows:
+        x = as_dict(rows[0][0], rows[0][1])
+        scores = iter([float(model.predict_proba_one(x).get(True, 0.0))])
+        model.learn_one(x, rows[0][2])
+    else:
+        scores = iter(())
+    for event in pending:
+        yield event, (next(scores) if isinstance(event, Click) else None)
 
 
 def read_events_file(path: str | Path) -> Iterator[Event]:
