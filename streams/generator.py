@@ -169,43 +169,49 @@ def generate(config: GeneratorConfig) -> Iterator[Event]:
         yield _catalog_event(config, world, j, price, config.start_time - config.catalog_start_offset_s, mids,
                              item_ids, cat_names, f"cat{seed}-{j}")
     reissues = {change.at_event: change for change in sim.price_changes}
-    # per-impression columns as Python lists: attribute access in the loop stays cheap
-    i_user, i_item, i_pos, i_merchant = imp.user.tolist(), imp.item.tolist(), imp.position.tolist(), imp.merchant.tolist()
-    i_time, i_label = imp.time.tolist(), sim.labels.tolist()
-    i_session = imp.session.tolist()
-    s_device, s_page = imp.device.tolist(), imp.page.tolist()
-    s_merchant, s_user = sim.sessions.merchant.tolist(), sim.sessions.user.tolist()
-    s_ref = sim.sessions.referrer.tolist()
-    i_first = imp.first_of_session.tolist()
     currency = [CURRENCIES[k] for k in world.merchant_currency.tolist()]
     order_start, order_lines_item = sim.order_offsets, sim.order_line_item.tolist()
     order_qty, order_price = sim.order_line_qty.tolist(), sim.order_line_price.tolist()
-    kinds, refs, times = sim.stream_kind.tolist(), sim.stream_ref.tolist(), sim.stream_time.tolist()
-    for n, (kind, ref, when) in enumerate(zip(kinds, refs, times)):
-        change = reissues.get(n)
-        if change is not None:
-            for j, price in zip(change.items.tolist(), change.prices.tolist()):
-                yield _catalog_event(config, world, j, price, change.timestamp, mids, item_ids, cat_names,
-                                     f"cat{seed}-{j}-d{n}")
-        if kind == 0:
-            item, session, page = i_item[ref], i_session[ref], s_page[ref]
-            yield Click(
-                event_id=f"c{seed}-{ref}", merchant_id=mids[i_merchant[ref]], user_id=user_ids[i_user[ref]],
-                item_id=item_ids[item], session_id=f"s{seed}-{session}", timestamp=i_time[ref],
-                position=i_pos[ref], page=PAGES[page], device=DEVICES[s_device[ref]], clicked=bool(i_label[ref]),
-                query=cat_names[item_mcat[item]] if page == 1 else None,
-                referrer=REFERRERS[s_ref[session]] if i_first[ref] else None,
-            )
-        else:
-            lo, hi = order_start[ref], order_start[ref + 1]
-            merchant = s_merchant[ref]
-            yield Order(
-                event_id=f"o{seed}-{ref}", order_id=f"{mids[merchant]}-o{seed}-{ref}", merchant_id=mids[merchant],
-                user_id=user_ids[s_user[ref]], session_id=f"s{seed}-{ref}", timestamp=when,
-                currency=currency[merchant],
-                items=[LineItem(item_id=item_ids[order_lines_item[k]], quantity=order_qty[k],
-                                unit_price=order_price[k]) for k in range(lo, hi)],
-            )
+    sessions = sim.sessions
+    for lo in range(0, len(sim.stream_kind), _CHUNK):  # columns gathered per chunk: bounded Python lists
+        kind_a, ref_a = sim.stream_kind[lo:lo + _CHUNK], sim.stream_ref[lo:lo + _CHUNK]
+        clicks = np.where(kind_a == 0, ref_a, 0)
+        orders = np.where(kind_a == 1, ref_a, 0)
+        click_session = imp.session[clicks]
+        columns = zip(
+            range(lo, lo + len(kind_a)), kind_a.tolist(), ref_a.tolist(), sim.stream_time[lo:lo + _CHUNK].tolist(),
+            imp.merchant[clicks].tolist(), imp.user[clicks].tolist(), imp.item[clicks].tolist(),
+            click_session.tolist(), imp.position[clicks].tolist(), imp.page[clicks].tolist(),
+            imp.device[clicks].tolist(), sim.labels[clicks].tolist(), imp.first_of_session[clicks].tolist(),
+            sessions.referrer[click_session].tolist(), sessions.merchant[orders].tolist(), sessions.user[orders].tolist(),
+        )
+        for n, kind, ref, when, merchant, user, item, session, position, page, device, label, first, referrer, \
+                o_merchant, o_user in columns:
+            change = reissues.get(n)
+            if change is not None:
+                for j, price in zip(change.items.tolist(), change.prices.tolist()):
+                    yield _catalog_event(config, world, j, price, change.timestamp, mids, item_ids, cat_names,
+                                         f"cat{seed}-{j}-d{n}")
+            if kind == 0:
+                yield Click(
+                    event_id=f"c{seed}-{ref}", merchant_id=mids[merchant], user_id=user_ids[user],
+                    item_id=item_ids[item], session_id=f"s{seed}-{session}", timestamp=when, position=position,
+                    page=PAGES[page], device=DEVICES[device], clicked=label,
+                    query=cat_names[item_mcat[item]] if page == 1 else None,
+                    referrer=REFERRERS[referrer] if first else None,
+                )
+            else:
+                lines = range(order_start[ref], order_start[ref + 1])
+                yield Order(
+                    event_id=f"o{seed}-{ref}", order_id=f"{mids[o_merchant]}-o{seed}-{ref}",
+                    merchant_id=mids[o_merchant], user_id=user_ids[o_user], session_id=f"s{seed}-{ref}",
+                    timestamp=when, currency=currency[o_merchant],
+                    items=[LineItem(item_id=item_ids[order_lines_item[k]], quantity=order_qty[k],
+                                    unit_price=order_price[k]) for k in lines],
+                )
+
+
+_CHUNK = 65_536
 
 
 def _catalog_event(config, world, j, price, when, mids, item_ids, cat_names, event_id) -> CatalogItem:
@@ -489,7 +495,7 @@ def _stream(config, sessions, imp, ordered) -> tuple[np.ndarray, np.ndarray, np.
     return kind[order], ref[order], time[order], seq[order]
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def _simulate(config: GeneratorConfig) -> _Simulation:
     world_rng, session_rng, drift_rng = _rngs(config.seed, 3)
     n_sessions = int(config.events / 15.0 * 1.15) + 20  # ~15 impressions per session
