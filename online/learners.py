@@ -1,0 +1,383 @@
+"""Logistic regression over the shared hashed features, with SGD, Adam and FTRL-Proximal updates.
+
+The weights (and every optimizer statistic) live in numpy arrays of ``2**bits`` slots, so memory is set
+by the hash space, never by how long the stream runs. Each learner speaks two protocols:
+
+* River's: ``learn_one(x, y)`` / ``predict_proba_one(x) -> {False: p0, True: p1}`` on ``{feature: value}``
+  dicts. The classes subclass :class:`river.base.Classifier`, so River pipelines, metrics and
+  ``evaluate.progressive_val_score`` accept them. Integer keys are slots (``streams.features.as_dict``);
+  any other key is hashed with CRC32C into the same space.
+* A vectorized one for mini-batches: ``learn_many(indices int32[n, F], values float32[n, F], y)`` and
+  ``predict_proba_many(indices, values) -> float[n]``, the dense ``(n, F)`` arrays of
+  :meth:`streams.features.Featurizer.transform_many`. ``learn_many`` returns the probabilities it
+  predicted *before* updating (test-then-train for free).
+
+Mini-batch semantics (why the three optimizers differ): the gradients of a batch are all taken at the
+weights the batch started from, and a slot hit by several rows gets their gradients summed with
+``np.add.at`` (duplicate slots are the norm: ``bias`` is in every row).
+
+* FTRL: ``learn_many`` is *exactly* the per-row updates of ``learn_one`` applied in order with the
+  gradients evaluated at the batch-start weights (the per-coordinate ``σ`` sums telescope:
+  ``Σ σ_t = (√(n + Σg²) − √n) / α``), its adaptive rates keep summed gradients stable.
+* SGD: one step per slot on the mean gradient of the rows carrying that slot (summed gradients of a
+  constant-rate SGD would blow up on ``bias``, a slot every row has).
+* Adam: one Adam step per batch on the batch-mean gradient (the usual mini-batch Adam), lazy: only the
+  touched slots' moments move, bias correction uses the global step count (as River and TF LazyAdam).
+
+Example:
+    >>> import numpy as np
+    >>> model = FTRLProximalClassifier(bits=8, alpha=0.5, l2=0.0)
+    >>> indices = np.array([[0, 3], [0, 5]], dtype=np.int32)
+    >>> values = np.ones((2, 2), dtype=np.float32)
+    >>> for _ in range(20):
+    ...     _ = model.learn_many(indices, values, np.array([True, False]))
+    >>> p = model.predict_proba_many(indices, values)
+    >>> bool(p[0] > 0.8 and p[1] < 0.2)
+    True
+    >>> model.learn_one({0: 1.0, 3: 1.0}, True)
+    >>> model.predict_proba_one({0: 1.0, 3: 1.0})[True] > 0.8
+    True
+    >>> model.n_updates
+    41
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import crc32c
+import numpy as np
+from river import base
+
+CLIP = 35.0  # |logit| cap: exp() stays finite, p stays in (1e-15, 1 - 1e-15)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -CLIP, CLIP)))
+
+
+def hash_key(key: Any, mask: int) -> int:
+    """A River feature key as a slot: integers are slots already, anything else is CRC32C-hashed."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return int(key) & mask
+    return crc32c.crc32c(str(key).encode()) & mask
+
+
+def dict_to_arrays(x: Mapping[Any, float], mask: int) -> tuple[np.ndarray, np.ndarray]:
+    """``{feature: value}`` as one ``(1, k)`` row of unique slots (colliding features add up)."""
+    slots: dict[int, float] = {}
+    for key, value in x.items():
+        slot = hash_key(key, mask)
+        slots[slot] = slots.get(slot, 0.0) + float(value)
+    return (np.fromiter(slots.keys(), dtype=np.int64, count=len(slots))[None, :],
+            np.fromiter(slots.values(), dtype=np.float64, count=len(slots))[None, :])
+
+
+def merge_row_duplicates(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose slots collide get their values summed into one entry (the others keep the slot with
+    value 0, which changes neither predictions nor any optimizer statistic). Rows without collisions
+    (nearly all) are returned untouched; this keeps per-coordinate squared gradients exact."""
+    if indices.shape[1] < 2:
+        return indices, values
+    order = np.argsort(indices, axis=1, kind="stable")
+    ordered = np.take_along_axis(indices, order, axis=1)
+    same = ordered[:, 1:] == ordered[:, :-1]
+    if not same.any():
+        return indices, values
+    rows = np.flatnonzero(same.any(axis=1))
+    values = np.array(values, dtype=np.float64, copy=True)
+    for row in rows.tolist():
+        seen: dict[int, int] = {}
+        for column in range(indices.shape[1]):
+            slot = int(indices[row, column])
+            first = seen.setdefault(slot, column)
+            if first != column:
+                values[row, first] += values[row, column]
+                values[row, column] = 0.0
+    return indices, values
+
+
+class HashedLogisticRegression(base.Classifier):
+    """Shared machinery: hashed weight vector, predictions, River protocol, mini-batch gradients, state.
+
+    Subclasses implement :meth:`_apply` (one optimizer step given the flat slots and gradients of a
+    batch) and list their per-slot arrays in ``_arrays``.
+    """
+
+    _arrays: tuple[str, ...] = ("w",)
+
+    def __init__(self, bits: int = 20) -> None:
+        if not 1 <= bits <= 30:
+            raise ValueError(f"bits must be in [1, 30], got {bits}")
+        self.bits = bits
+        self.n_features = 1 << bits
+        self._mask = self.n_features - 1
+        for name in self._arrays:
+            setattr(self, name, np.zeros(self.n_features, dtype=np.float64))
+        self.n_updates = 0  # examples learned
+        self.n_batches = 0  # learn_one / learn_many calls that changed the weights
+
+    # -- inspection ---------------------------------------------------------------------------------------
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The current weight vector ``float64[2**bits]`` (slot ``i`` is the weight of hashed slot ``i``)."""
+        return self.w
+
+    def linear_terms(self) -> tuple[np.ndarray, float]:
+        """``(weights, intercept)`` for :class:`registry.bundle.ModelBundle`'s fast ranking path. The
+        intercept is 0: the featurizer's ``bias`` field is an ordinary slot."""
+        return self.w, 0.0
+
+    @property
+    def nonzero(self) -> int:
+        """How many slots have a non-zero weight (FTRL's L1 keeps this small)."""
+        return int(np.count_nonzero(self.w))
+
+    # -- vectorized protocol ------------------------------------------------------------------------------
+
+    def _check(self, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        indices, values = np.asarray(indices), np.asarray(values)
+        if indices.ndim != 2 or indices.shape != values.shape:
+            raise ValueError(f"indices and values must be (n, F) arrays of one shape, got "
+                             f"{indices.shape} and {values.shape}")
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"indices must be integers, got {indices.dtype}")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_features):
+            raise ValueError(f"slot indices must be in [0, {self.n_features}) for bits={self.bits}")
+        return indices, values
+
+    def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Logits ``float[n]``."""
+        indices, values = self._check(indices, values)
+        return (self.w[indices] * values).sum(axis=1)
+
+    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """P(y=True) ``float[n]`` for a batch of ``(n, F)`` slot indices and values."""
+        return sigmoid(self.decision_many(indices, values))
+
+    def learn_many(self, indices: np.ndarray, values: np.ndarray, y: Any) -> np.ndarray:
+        """Learn a mini-batch; returns the probabilities predicted before the update (test-then-train)."""
+        indices, values = self._check(indices, values)
+        labels = np.asarray(y, dtype=np.float64).reshape(-1)
+        if labels.shape[0] != indices.shape[0]:
+            raise ValueError(f"{indices.shape[0]} rows but {labels.shape[0]} labels")
+        if indices.shape[0] == 0:
+            return np.empty(0)
+        indices, values = merge_row_duplicates(indices, values)
+        return self._learn_rows(indices, values.astype(np.float64, copy=False), labels)
+
+    def _learn_rows(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        p = sigmoid((self.w[indices] * values).sum(axis=1))
+        gradient = ((p - labels)[:, None] * values).ravel()
+        self._apply(indices.ravel(), gradient, values.ravel(), indices.shape[0])
+        self.n_updates += indices.shape[0]
+        self.n_batches += 1
+        return p
+
+    @abc.abstractmethod
+    def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
+        """One optimizer step from the flat slots, gradients and feature values of ``rows`` examples."""
+
+    # -- River protocol -----------------------------------------------------------------------------------
+
+    def predict_proba_one(self, x: dict) -> dict[bool, float]:
+        indices, values = dict_to_arrays(x, self._mask)
+        p = float(sigmoid((self.w[indices] * values).sum(axis=1))[0])
+        return {False: 1.0 - p, True: p}
+
+    def learn_one(self, x: dict, y: bool) -> None:
+        indices, values = dict_to_arrays(x, self._mask)
+        self._learn_rows(indices, values, np.array([float(bool(y))]))
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    def _params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._get_params()}
+
+    def state(self) -> dict[str, Any]:
+        """Plain-data snapshot (hyper-parameters, per-slot arrays, counters) for checkpoints."""
+        return {
+            "class": type(self).__name__,
+            "params": self._params(),
+            "arrays": {name: getattr(self, name).copy() for name in self._arrays},
+            "counters": {"n_updates": self.n_updates, "n_batches": self.n_batches},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HashedLogisticRegression:
+        """Rebuild a learner from :meth:`state` (the class is checked, the arrays are copied)."""
+        if state.get("class") != cls.__name__:
+            raise ValueError(f"state of {state.get('class')!r} cannot restore a {cls.__name__}")
+        model = cls(**state["params"])
+        for name in cls._arrays:
+            array = np.asarray(state["arrays"][name], dtype=np.float64)
+            if array.shape != (model.n_features,):
+                raise ValueError(f"array {name!r} has shape {array.shape}, expected ({model.n_features},)")
+            setattr(model, name, array.copy())
+        model.n_updates = int(state["counters"]["n_updates"])
+        model.n_batches = int(state["counters"]["n_batches"])
+        return model
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_scratch")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _scratch_buffers(self, count: int) -> list[np.ndarray]:
+        """Zeroed per-slot accumulators reused across batches (reset after use, never pickled)."""
+        buffers = self.__dict__.get("_scratch")
+        if buffers is None or len(buffers) < count:
+            buffers = [np.zeros(self.n_features, dtype=np.float64) for _ in range(count)]
+            self.__dict__["_scratch"] = buffers
+        return buffers[:count]
+
+
+class SGDClassifier(HashedLogisticRegression):
+    """Logistic regression with plain SGD: ``w_i ← w_i − η (g_i + λ₂ w_i)`` on the slots of each example.
+
+    The L2 term is lazy (only slots present in the example shrink), the usual choice for sparse data.
+    In a mini-batch each slot takes one step on the mean gradient of the rows that carry it, so the
+    ``bias`` slot (in every row) does not take a batch-size-times larger step than a rare ``user×item``
+    slot; with one row this is exactly ``learn_one``.
+
+    Example:
+        >>> import numpy as np
+        >>> model = SGDClassifier(bits=4, learning_rate=0.5)
+        >>> model.learn_one({1: 1.0, 2: 2.0}, True)      # p was 0.5, so g = (0.5 - 1) x
+        >>> model.weights[[1, 2]].tolist()
+        [0.25, 0.5]
+    """
+
+    _arrays = ("w",)
+
+    def __init__(self, bits: int = 20, learning_rate: float = 0.01, l2: float = 0.0) -> None:
+        if learning_rate <= 0 or l2 < 0:
+            raise ValueError("learning_rate must be > 0 and l2 >= 0")
+        super().__init__(bits)
+        self.learning_rate = learning_rate
+        self.l2 = l2
+
+    def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
+        total, count = self._scratch_buffers(2)
+        np.add.at(total, slots, gradient)
+        np.add.at(count, slots, values != 0)
+        g = total[slots] / np.maximum(count[slots], 1.0)  # mean over the rows that carry the slot
+        total[slots] = 0.0
+        count[slots] = 0.0
+        self.w[slots] = self.w[slots] - self.learning_rate * (g + self.l2 * self.w[slots])
+
+
+class AdamClassifier(HashedLogisticRegression):
+    """Logistic regression with lazy Adam (Kingma & Ba 2015), per-coordinate moments, global step count.
+
+    For each touched slot: ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
+    ``w ← w − η · √(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε)``; untouched slots keep their moments (lazy, sparse).
+
+    Example:
+        >>> model = AdamClassifier(bits=4, learning_rate=0.1)
+        >>> model.learn_one({3: 1.0}, False)   # first step moves by ~learning_rate: m̂/√v̂ = sign(g)
+        >>> round(float(model.weights[3]), 6)
+        -0.1
+        >>> model.t
+        1
+    """
+
+    _arrays = ("w", "m", "v")
+
+    def __init__(self, bits: int = 20, learning_rate: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        if learning_rate <= 0 or not (0 <= beta_1 < 1 and 0 <= beta_2 < 1) or eps <= 0:
+            raise ValueError("need learning_rate > 0, 0 <= beta_1, beta_2 < 1 and eps > 0")
+        super().__init__(bits)
+        self.learning_rate = learning_rate
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.eps = eps
+
+    @property
+    def t(self) -> int:
+        """Adam's step count (one per learn_one / learn_many call)."""
+        return self.n_batches
+
+    def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
+        (total,) = self._scratch_buffers(1)
+        np.add.at(total, slots, gradient)
+        g = total[slots] / rows  # batch-mean gradient per slot (same value for duplicate slots)
+        total[slots] = 0.0
+        step = self.n_batches + 1
+        lr = self.learning_rate * math.sqrt(1 - self.beta_2**step) / (1 - self.beta_1**step)
+        m = self.beta_1 * self.m[slots] + (1 - self.beta_1) * g
+        v = self.beta_2 * self.v[slots] + (1 - self.beta_2) * g * g
+        self.w[slots] = self.w[slots] - lr * m / (np.sqrt(v) + self.eps)
+        self.m[slots] = m
+        self.v[slots] = v
+
+
+class FTRLProximalClassifier(HashedLogisticRegression):
+    """Logistic regression with FTRL-Proximal, exactly McMahan et al. 2013, "Ad Click Prediction", Alg. 1.
+
+    Per coordinate ``i`` with gradient ``g_i``::
+
+        σ_i = (√(n_i + g_i²) − √n_i) / α
+        z_i ← z_i + g_i − σ_i w_i
+        n_i ← n_i + g_i²
+        w_i = 0                                              if |z_i| ≤ λ₁
+        w_i = −(z_i − sgn(z_i) λ₁) / ((β + √n_i)/α + λ₂)     otherwise
+
+    ``w`` is kept materialized for the touched slots (the paper computes it lazily at prediction time:
+    same numbers). L1 makes rare, uninformative slots exactly zero.
+
+    Example:
+        >>> model = FTRLProximalClassifier(bits=4, alpha=0.1, beta=1.0, l1=0.0, l2=0.0)
+        >>> model.learn_one({2: 1.0}, True)   # g = -0.5: σ = 5, z = -0.5, n = 0.25
+        >>> float(model.z[2]), float(model.n[2]), round(float(model.weights[2]), 6)
+        (-0.5, 0.25, 0.033333)
+    """
+
+    _arrays = ("w", "z", "n")
+
+    def __init__(self, bits: int = 20, alpha: float = 0.05, beta: float = 1.0, l1: float = 0.0,
+                 l2: float = 1.0) -> None:
+        if alpha <= 0 or beta < 0 or l1 < 0 or l2 < 0:
+            raise ValueError("need alpha > 0 and beta, l1, l2 >= 0")
+        super().__init__(bits)
+        self.alpha = alpha
+        self.beta = beta
+        self.l1 = l1
+        self.l2 = l2
+
+    def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
+        total, squares = self._scratch_buffers(2)
+        np.add.at(total, slots, gradient)
+        np.add.at(squares, slots, gradient * gradient)
+        g, g2 = total[slots], squares[slots]
+        total[slots] = 0.0
+        squares[slots] = 0.0
+        n_old = self.n[slots]
+        n_new = n_old + g2
+        sigma = (np.sqrt(n_new) - np.sqrt(n_old)) / self.alpha
+        z = self.z[slots] + g - sigma * self.w[slots]
+        self.z[slots] = z
+        self.n[slots] = n_new
+        self.w[slots] = self.closed_form(z, n_new)
+
+    def closed_form(self, z: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """The weights FTRL-Proximal derives from ``z`` and ``n`` (the paper's per-coordinate arg-min)."""
+        shrunk = z - np.sign(z) * self.l1
+        w = -shrunk / ((self.beta + np.sqrt(n)) / self.alpha + self.l2)
+        return np.where(np.abs(z) <= self.l1, 0.0, w)
+
+
+LEARNERS: dict[str, type[HashedLogisticRegression]] = {
+    "sgd": SGDClassifier,
+    "adam": AdamClassifier,
+    "ftrl": FTRLProximalClassifier,
+}
+
+__all__ = ["HashedLogisticRegression", "SGDClassifier", "AdamClassifier", "FTRLProximalClassifier", "LEARNERS",
+           "sigmoid", "dict_to_arrays", "hash_key"]
