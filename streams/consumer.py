@@ -255,13 +255,17 @@ class EventConsumer:
         return self._dead_letter_producer.send(self.settings.topics.dead_letter.name, value=value,
                                                key=message.key, headers=headers)
 
-    def commit(self, batch: Batch | None = None) -> None:
-        """Commit the batch's offsets (or every position read so far), retrying while the broker is away.
+    def commit(self, batch: Batch | dict[TopicPartition, int] | None = None) -> None:
+        """Commit a processed batch's offsets (or explicit ``{TopicPartition: next offset}``, or every
+        position read so far), retrying with backoff while the broker is away.
 
-        A commit rejected because the group rebalanced is logged and dropped: the records will be read
-        again by the partition's new owner (at least once).
+        A commit rejected because the group rebalanced is logged and dropped, and so is a failing commit
+        once a stop was requested: those records will be read again (at least once, never lost).
         """
-        offsets = batch.offsets if batch is not None else dict(self._positions)
+        if isinstance(batch, Batch):
+            offsets = batch.offsets
+        else:
+            offsets = batch if batch is not None else self.positions()
         offsets = {tp: off for tp, off in offsets.items() if tp in self.assigned}
         if not offsets:
             return
@@ -270,7 +274,7 @@ class EventConsumer:
         for delay in self.retry.delays():
             try:
                 self._consumer.commit(payload)
-                if batch is not None:
+                if isinstance(batch, Batch):
                     self.processed += len(batch)
                 return
             except CommitFailedError as exc:
@@ -280,8 +284,16 @@ class EventConsumer:
                 waited = time.monotonic() - started
                 if self.retry.deadline_s is not None and waited + delay > self.retry.deadline_s:
                     raise BrokerUnavailable(f"could not commit offsets: {exc}") from exc
+                if self._stop.is_set():
+                    log.warning("commit failed while stopping; records will be redelivered", extra={"error": str(exc)})
+                    return
                 log.warning("commit failed, retrying", extra={"delay_s": delay, "error": str(exc)})
-                time.sleep(delay)
+                self._stop.wait(delay)
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """Next offset to read per assigned partition, as far as this consumer has read or seeked
+        (what a worker saves with its checkpoint and later returns from ``seek_on_assign``)."""
+        return {tp: off for tp, off in self._positions.items() if tp in self.assigned}
 
     def lag(self) -> dict[TopicPartition, int]:
         """Records behind per assigned partition: fetched high watermark minus position (unknown: skipped)."""

@@ -183,6 +183,12 @@ def test_seek_hook_restores_own_checkpoints_and_lag_uses_the_high_watermark(kafk
     records = poll_until(consumer, lambda got: len(got) >= 3)
     assert asked and asked[0] == set(checkpoint)
     assert all(r.offset >= 2 for r in records)
+    last = {}
+    for r in records:
+        last[r.tp] = max(last.get(r.tp, -1), r.offset)
+    positions = consumer.positions()
+    assert all(positions[tp] == offset + 1 for tp, offset in last.items())  # what a checkpoint would save
+    assert all(positions[tp] == 2 for tp in set(checkpoint) - set(last) if tp in positions)
     lag = consumer.lag()
     assert lag and sum(lag.values()) > 0
     for tp, behind in lag.items():
