@@ -37,6 +37,24 @@ def _load_events(settings: Settings, events_file: str | None) -> list:
         raise click.ClickException(str(bad))
 
 
+def _load_truth(truth_file: str | None, events_file: str | None) -> list[dict]:
+    """Ground truth rows from ``--truth``, or the ``<stem>.truth.json`` `fedstream generate --out` wrote."""
+    from pathlib import Path
+
+    path = Path(truth_file) if truth_file else (Path(events_file).with_suffix(".truth.json") if events_file else None)
+    if path is None or (not truth_file and not path.is_file()):
+        return []
+    try:
+        rows = json.loads(path.read_text())
+        rows = rows.get("drifts", rows) if isinstance(rows, dict) else rows  # `generate --out` wraps the rows
+    except (OSError, ValueError) as bad:
+        raise click.ClickException(f"cannot read ground truth {path}: {bad}")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"merchant_id", "timestamp"} <= r.keys()
+                                             for r in rows):
+        raise click.ClickException(f"ground truth {path} must list objects with merchant_id and timestamp")
+    return rows
+
+
 @click.group()
 def drift() -> None:
     """Drift detection per merchant: HTML reports, a monitor run over a stream, the latest drift events."""
@@ -53,9 +71,11 @@ def drift() -> None:
 @click.option("--mlflow/--no-mlflow", default=True, show_default=True,
               help="Log the report as artifacts of the serving model's MLflow run.")
 @click.option("--run-id", default=None, help="MLflow run to log to (default: the champion model's run).")
+@click.option("--truth", "truth_file", type=click.Path(dir_okay=False), default=None,
+              help="Ground-truth drifts JSON to mark (default: <events stem>.truth.json when it exists).")
 @pass_settings
 def report(settings: Settings, merchants: tuple[str, ...], since: str | None, out_dir: str,
-           events_file: str | None, window: int, mlflow: bool, run_id: str | None) -> None:
+           events_file: str | None, window: int, mlflow: bool, run_id: str | None, truth_file: str | None) -> None:
     """Run a prequential model and the drift detectors over the events, write DIR/index.html with PNG plots."""
     from drift.monitor import UnknownMerchant
     from drift.prequential import EmptyStream
@@ -65,7 +85,7 @@ def report(settings: Settings, merchants: tuple[str, ...], since: str | None, ou
     events = _load_events(settings, events_file)
     try:
         result = write_report(settings, events, out_dir, merchants=merchants or None, since=since_ts, window=window,
-                              mlflow=mlflow, mlflow_run_id=run_id)
+                              mlflow=mlflow, mlflow_run_id=run_id, truth=_load_truth(truth_file, events_file))
     except (UnknownMerchant, EmptyStream) as bad:
         raise click.ClickException(str(bad))
     click.echo(json.dumps({"html": str(result.html), "images": [p.name for p in result.images],

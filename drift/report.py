@@ -78,8 +78,10 @@ def _mark_drifts(axes, drifts: Sequence[DriftEvent]) -> None:
                        linestyle="--", linewidth=1.2, label=label if ax is axes[0] else None)
 
 
-def plot_performance(trace: MerchantTrace, drifts: Sequence[DriftEvent], path: Path, window: int) -> Path:
-    """Rolling logloss and AUC of the prequential model, drift events as dashed lines."""
+def plot_performance(trace: MerchantTrace, drifts: Sequence[DriftEvent], path: Path, window: int,
+                     truth: Sequence[dict] = ()) -> Path:
+    """Rolling logloss and AUC of the prequential model, drift events as dashed lines, known (injected)
+    drifts from a ground-truth file as thick grey bands."""
     import matplotlib.pyplot as plt
 
     y, p = np.asarray(trace.y, dtype=bool), np.asarray(trace.p, dtype=float)
@@ -92,9 +94,13 @@ def plot_performance(trace: MerchantTrace, drifts: Sequence[DriftEvent], path: P
     axes[1].plot(times, aucs, color="tab:orange")
     axes[1].set_ylabel(f"AUC (last {window} clicks)")
     axes[1].set_xlabel("event time (UTC)")
+    for row in truth:
+        for ax in axes:
+            ax.axvline(_when([row["timestamp"]])[0], color="0.4", alpha=0.35, linewidth=5,
+                       label=f"injected {row.get('kind', 'drift')}" if ax is axes[0] else None)
     _mark_drifts(axes, drifts)
-    if drifts:
-        axes[0].legend(loc="upper left", fontsize=8, title="drift detected", title_fontsize=8)
+    if drifts or truth:
+        axes[0].legend(loc="upper left", fontsize=8, title="drift", title_fontsize=8)
     axes[0].set_title(f"merchant {trace.merchant_id}: prequential model quality ({len(y)} clicks)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -210,12 +216,13 @@ def _safe(name: str) -> str:
 
 def write_report(settings: Settings, events: Iterable[Event], out_dir: str | Path, *,
                  merchants: Sequence[str] | None = None, since: float | None = None, window: int = 500,
-                 mlflow: bool = True, mlflow_run_id: str | None = None) -> Report:
+                 mlflow: bool = True, mlflow_run_id: str | None = None, truth: Sequence[dict] = ()) -> Report:
     """Run the prequential model and the drift monitor over ``events``, then write the report to ``out_dir``.
 
     ``merchants`` limits what is reported (every merchant's events still train the model); an unknown
     merchant raises :class:`~drift.monitor.UnknownMerchant`. ``since`` (epoch seconds) hides older data from
     plots and tables. With ``mlflow`` the PNGs and HTML are logged as artifacts of the serving model's run.
+    ``truth`` (rows of ``streams.generator.ground_truth``: merchant_id, timestamp, kind) marks known drifts.
     """
     import matplotlib
 
@@ -246,11 +253,12 @@ def write_report(settings: Settings, events: Iterable[Event], out_dir: str | Pat
         if not trace.clicks:
             sections.append(f"<h2>merchant {html.escape(merchant)}</h2><p>No clicks in range: nothing to plot.</p>")
             continue
-        perf = plot_performance(trace, drifts, out / f"{_safe(merchant)}_performance.png", window)
+        known = [row for row in truth if row.get("merchant_id") == merchant]
+        perf = plot_performance(trace, drifts, out / f"{_safe(merchant)}_performance.png", window, known)
         split_time, split_label = _split_point(trace, drifts)
         feats = plot_features(trace, split_time, split_label, out / f"{_safe(merchant)}_features.png")
         images += [perf, feats]
-        sections.append(_section(merchant, perf, feats, drifts, split_label))
+        sections.append(_section(merchant, perf, feats, drifts, split_label, known))
     columns = ("merchant_id", "events", "clicks", "ctr", "conversion", "logloss", "auc", "drift_events")
     page = _page(summaries, columns, sections, learner_name(model), monitor)
     html_path = out / "index.html"
@@ -285,14 +293,17 @@ def _split_point(trace: MerchantTrace, drifts: Sequence[DriftEvent]) -> tuple[fl
     return middle, f"midpoint {_iso(middle)} UTC (no drift detected)"
 
 
-def _section(merchant: str, perf: Path, feats: Path, drifts: Sequence[DriftEvent], split_label: str) -> str:
+def _section(merchant: str, perf: Path, feats: Path, drifts: Sequence[DriftEvent], split_label: str,
+             known: Sequence[dict] = ()) -> str:
     rows = [{"detector": e.detector, "statistic": e.statistic, "value": e.value, "threshold": e.threshold,
              "event_index": e.event_index, "window": f"{e.window_start_index}–{e.window_end_index}",
              "time (UTC)": _iso(e.window_end_time)} for e in drifts]
     table = _table(rows, ("detector", "statistic", "value", "threshold", "event_index", "window", "time (UTC)")) \
         if rows else "<p>No drift detected.</p>"
     name = html.escape(merchant)
-    return (f"<h2 id='m-{name}'>merchant {name}</h2>"
+    injected = "".join(f"<p>Injected drift (ground truth): {html.escape(str(row.get('kind')))} from event "
+                       f"{row.get('at_event')} at {_iso(row['timestamp'])} UTC.</p>" for row in known)
+    return (f"<h2 id='m-{name}'>merchant {name}</h2>{injected}"
             f"<img src='{perf.name}' alt='rolling logloss and AUC of {name}'>"
             f"<p>Features before vs after {html.escape(split_label)}.</p>"
             f"<img src='{feats.name}' alt='feature distributions of {name}'>"

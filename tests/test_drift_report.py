@@ -26,8 +26,14 @@ def write_events(path: Path, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def events_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_events(tmp_path_factory.mktemp("events") / "events.jsonl", n=16_000, seed=3, shift_merchant="m1",
+    """A price shift of m1 at event 7000, with the ground truth next to it as `fedstream generate --out` writes."""
+    path = write_events(tmp_path_factory.mktemp("events") / "events.jsonl", n=16_000, seed=3, shift_merchant="m1",
                         shift_at=7000, kind="prices")
+    repriced = [json.loads(line) for line in path.read_text().splitlines() if '"catalog"' in line]
+    shift_time = max(row["timestamp"] for row in repriced)
+    truth = {"drifts": [{"merchant_id": "m1", "at_event": 7000, "timestamp": shift_time, "kind": "prices"}]}
+    path.with_suffix(".truth.json").write_text(json.dumps(truth))
+    return path
 
 
 def invoke(settings: Settings, *args: str):
@@ -52,6 +58,7 @@ def test_report_writes_self_contained_html_with_readable_pngs_and_logs_them_to_m
     for name in referenced:  # relative names of files in the same directory: the folder is self-contained
         assert (out / name).read_bytes()[:8] == PNG_MAGIC and (out / name).stat().st_size > 10_000
     assert "feature.price" in page and "<table>" in page
+    assert "Injected drift (ground truth): prices from event 7000" in page
     drift_lines = (out / "drift-events.jsonl").read_text().splitlines()
     assert any(json.loads(line)["detector"].startswith("feature.price") for line in drift_lines)
 
@@ -85,6 +92,14 @@ def test_report_bad_input_is_a_clear_error(settings, events_file, tmp_path, args
                     "--no-mlflow", *args)
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_report_rejects_a_malformed_ground_truth_file(settings, events_file, tmp_path):
+    truth = tmp_path / "truth.json"
+    truth.write_text('{"drifts": [{"at_event": 3}]}')
+    result = invoke(settings, "drift", "report", "--out", str(tmp_path / "r"), "--events", str(events_file),
+                    "--no-mlflow", "--truth", str(truth))
+    assert result.exit_code == 1 and "must list objects with merchant_id and timestamp" in result.output
 
 
 def test_report_on_empty_or_broken_files_is_a_clear_error(settings, tmp_path):
@@ -130,3 +145,16 @@ def test_drift_help_lists_the_subcommands(settings):
     assert result.exit_code == 0
     for name in ("report", "monitor", "status"):
         assert name in result.output
+
+
+def test_report_reads_what_fedstream_generate_writes(settings, tmp_path):
+    events = tmp_path / "generated.jsonl"
+    made = invoke(settings, "generate", "--events", "6000", "--merchants", "3", "--seed", "2", "--drift",
+                  "m01:3000:prices", "--out", str(events))
+    assert made.exit_code == 0, made.output
+    result = invoke(settings, "drift", "report", "--merchant", "m01", "--out", str(tmp_path / "r"), "--events",
+                    str(events), "--no-mlflow")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "Injected drift (ground truth): prices from event 3000" in page  # found <stem>.truth.json by itself
+    assert (tmp_path / "r" / "m01_performance.png").read_bytes()[:8] == PNG_MAGIC
