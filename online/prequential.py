@@ -108,6 +108,20 @@ class StreamMetrics:
         self.bin_p[b] += p
         self.bin_y[b] += y
 
+    def update_many(self, y: np.ndarray, p: np.ndarray) -> None:
+        """:meth:`update` for arrays of labels and probabilities."""
+        if len(y) == 0:
+            return
+        yf = y.astype(np.float64)
+        self.events += len(y)
+        self.positives += int(y.sum())
+        self.loss_sum += float(logloss(yf, p).sum())
+        self.recent.extend(zip(yf.tolist(), p.tolist()))
+        which = np.minimum((p * self.bins).astype(np.int64), self.bins - 1)
+        self.bin_count += np.bincount(which, minlength=self.bins)
+        self.bin_p += np.bincount(which, weights=p, minlength=self.bins)
+        self.bin_y += np.bincount(which, weights=yf, minlength=self.bins)
+
     def rank(self, ranked: Sequence[str], actual: str, k: int) -> None:
         stats = self.rankings.setdefault(k, [0.0, 0.0, 0.0])
         stats[0] += 1
@@ -174,8 +188,23 @@ class PrequentialEvaluator:
         return item
 
     def update_many(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: Sequence, p: Sequence) -> None:
-        for item in zip(merchant_ids, timestamps, np.asarray(y).tolist(), np.asarray(p, dtype=np.float64).tolist()):
-            self.update(*item)
+        """:meth:`update` for a batch (same result, vectorized per merchant)."""
+        labels = np.asarray(y, dtype=bool)
+        probs = np.asarray(p, dtype=np.float64)
+        if labels.shape != probs.shape or len(labels) != len(merchant_ids) or len(labels) != len(timestamps):
+            raise ValueError("merchant_ids, timestamps, y and p must have one length")
+        if np.isnan(probs).any() or (probs < 0).any() or (probs > 1).any():
+            raise ValueError("p must be probabilities in [0, 1]")
+        self.overall.update_many(labels, probs)
+        ids = np.asarray(merchant_ids, dtype=object)
+        for merchant_id in dict.fromkeys(merchant_ids):
+            mine = ids == merchant_id
+            self._merchant(merchant_id).update_many(labels[mine], probs[mine])
+        items = list(zip(merchant_ids, map(float, timestamps), labels.tolist(), probs.tolist()))
+        self.errors.extend(items)
+        for callback in self._subscribers:
+            for item in items:
+                callback(item)
 
     def observe_ranking(self, merchant_id: str, ranked: Sequence[str], actual: str, k: int = 10) -> None:
         """Score a ranked list shown before the user's next click/order on ``actual``."""
@@ -196,7 +225,8 @@ class PrequentialEvaluator:
         """Flat numeric metrics for MLflow; ``prequential_logloss`` is the windowed log loss the registry's
         promotion policy compares, ``window_events`` how many events it covers."""
         report = self.overall.report()
-        out = {k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out = {k.replace("@", "_at_"): float(v) for k, v in report.items()  # MLflow names: no "@"
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "rolling_logloss" in report:
             out["prequential_logloss"] = report["rolling_logloss"]
         return {k: v for k, v in out.items() if math.isfinite(v)}

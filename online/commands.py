@@ -1,0 +1,80 @@
+"""`fedstream learn`: run an online learner worker as a member of a Kafka consumer group."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fedstream.cli import pass_settings
+from fedstream.settings import Settings
+
+MODEL_CHOICES = ("ftrl", "adam", "sgd", "river-ftrl", "river-adam", "river-sgd", "river-fm", "river-baseline",
+                 "river-biasedmf", "river-funkmf")
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--param")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+@click.command()
+@click.option("--model", type=click.Choice(MODEL_CHOICES), default="ftrl", show_default=True,
+              help="Learner: ours (ftrl, adam, sgd) or River's (river-...).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Learner hyper-parameter, e.g. --param alpha=0.1 --param l1=1.0 (JSON values).")
+@click.option("--group", default=None, help="Consumer group (default: fedstream-learn-<model>).")
+@click.option("--topic", "topics", multiple=True, help="Topic to read (repeatable; default: clicks, orders, catalog).")
+@click.option("--worker-id", default="0", show_default=True, help="Names this worker's checkpoint within the group.")
+@click.option("--max-events", type=click.IntRange(min=1), default=None, help="Stop after learning N events.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
+              help="Stop after S seconds without records (default: run until SIGTERM).")
+@click.option("--block", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Mini-batch size; blocks are cut at offsets that are multiples of it.")
+@click.option("--flush-after", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Learn a partial block after it waited S seconds.")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint file (default: <data>/artifacts/online/<group>-<worker>.ckpt).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Checkpoint every N events...")
+@click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="...or every S seconds.")
+@click.option("--publish-every", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Register a snapshot in MLflow every S seconds (0: only at the end).")
+@click.option("--no-publish", is_flag=True, help="Never register snapshots in MLflow.")
+@click.option("--rank-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Score the recommender on every N-th click/order (HitRate/NDCG; 0: never).")
+@pass_settings
+def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
+          worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
+          checkpoint_path: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
+          no_publish: bool, rank_every: int) -> None:
+    """Consume clicks and orders as a consumer group member, learn test-then-train, checkpoint and publish.
+
+    Resumes from its checkpoint (model, features, recommender, metrics and offsets saved together), so a
+    restarted worker neither loses nor re-learns an event. Prints a JSON summary when it stops.
+    """
+    from online.worker import OnlineWorker, WorkerConfig
+
+    config = WorkerConfig(
+        model=model, params=_parse_params(params), group=group, topics=list(topics) or None, worker_id=worker_id,
+        block=block, flush_after_s=flush_after, checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
+        publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
+        max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
+    )
+    try:
+        worker = OnlineWorker(settings, config)
+    except ValueError as exc:  # a checkpoint of another model or feature space
+        raise click.ClickException(str(exc)) from exc
+    summary = worker.run()
+    click.echo(json.dumps(summary, default=str))

@@ -1,0 +1,381 @@
+"""The online learning worker: Kafka -> featurize -> test-then-train -> metrics, checkpoints, registry.
+
+One :class:`OnlineWorker` is a member of a consumer group (``streams.consumer.EventConsumer``): the group
+hands it partitions, i.e. merchants, so adding workers scales out. For every event it reads:
+
+1. clicks are featurized with the shared :class:`~streams.features.Featurizer` against the
+   :class:`~streams.features.FeatureContext` *before* the event is observed (no label leakage);
+2. the model predicts, then learns (``learn_many`` returns the pre-update probabilities), and the
+   :class:`~online.prequential.PrequentialEvaluator` scores the prediction; every ``rank_every``-th click
+   or order also scores the recommender's ranked list against the item the user actually chose;
+3. the context and the :class:`~online.reco.Recommender` observe the event.
+
+**Deterministic mini-batches.** Records of a partition are learned in blocks cut at offsets that are
+multiples of ``block`` (a partial block waits up to ``flush_after_s`` for the rest, or until the stream
+goes idle). Block boundaries therefore depend on offsets only, never on how polls happened to split the
+stream, so a restarted worker computes exactly what an uninterrupted one does.
+
+**Exactly-once state.** Model, feature context, recommender, metrics and the next offset of every
+partition are checkpointed *together* in one file (temp file, fsync, ``os.replace``, fsync of the
+directory) every ``checkpoint_every`` events or ``checkpoint_seconds``. Records not yet learned are not in
+the checkpoint: after a crash (even ``kill -9``) the worker restores the file and seeks every partition to
+its checkpointed offset, so no event is lost and none is learned twice. Kafka offsets are committed after
+each checkpoint, for monitoring and for partitions that move to a worker without a checkpoint of them.
+
+**Registry.** Every ``publish_every_s`` seconds (and at the end) a snapshot is registered with
+``registry.models.register_version`` as a :class:`~registry.bundle.ModelBundle` (alias ``challenger``),
+with the prequential metrics and the offsets as lineage.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedstream.logs import get_logger
+from fedstream.settings import Settings
+from online.prequential import PrequentialEvaluator
+from online.reco import Recommender, recommend
+from online.river_models import make_model
+from streams.features import FeatureContext, Featurizer
+from streams.schemas import Click, Order
+
+log = get_logger("online.worker")
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class WorkerConfig:
+    """How a worker learns, checkpoints and publishes (the ``fedstream learn`` options)."""
+
+    model: str = "ftrl"
+    params: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None  # default: fedstream-learn-<model>
+    topics: list[str] | None = None  # default: clicks, orders, catalog
+    worker_id: str = "0"
+    block: int = 256
+    flush_after_s: float = 1.0
+    checkpoint_every: int = 20_000
+    checkpoint_seconds: float = 30.0
+    checkpoint_path: Path | None = None
+    publish_every_s: float | None = 300.0
+    publish_at_end: bool = True
+    max_events: int | None = None
+    idle_timeout_s: float | None = None
+    rank_every: int = 50
+    rank_k: int = 10
+    metrics_window: int = 5000
+    max_records: int = 2000
+    poll_timeout_ms: int = 200
+
+    def __post_init__(self) -> None:
+        if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:
+            raise ValueError("block, checkpoint_every and rank_k must be >= 1, rank_every >= 0")
+        self.group = self.group or f"fedstream-learn-{self.model}"
+
+
+def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
+    from registry.tracking import artifacts_dir
+
+    return artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Replace ``path`` with ``payload`` so that a crash leaves either the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    with open(path, "rb") as handle:
+        state = pickle.load(handle)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+    return state
+
+
+class LearnerState:
+    """Everything that is checkpointed together: model, context, recommender, metrics, offsets."""
+
+    def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000) -> None:
+        self.model = model
+        self.bits = bits
+        self.model_name = model_name
+        self.context = FeatureContext()
+        self.recommender = Recommender()
+        self.evaluator = PrequentialEvaluator(window=metrics_window)
+        self.offsets: dict[tuple[str, int], int] = {}  # next offset to learn, per (topic, partition)
+        self.events = 0  # records learned (all types)
+        self.clicks = 0
+        self.ranked = 0  # clicks/orders seen, for rank_every sampling
+
+    def to_bytes(self) -> bytes:
+        state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
+                 "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
+                 "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
+                 "written_at": time.time()}
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> LearnerState:
+        learner = cls(state["model"], state["bits"], state["model_name"])
+        learner.context = FeatureContext.from_state(state["context"])
+        learner.recommender = state["recommender"]
+        learner.evaluator = state["evaluator"]
+        learner.offsets = dict(state["offsets"])
+        learner.events, learner.clicks, learner.ranked = state["events"], state["clicks"], state["ranked"]
+        return learner
+
+
+class OnlineWorker:
+    """A consumer-group member that learns online (see the module docstring)."""
+
+    def __init__(self, settings: Settings, config: WorkerConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.featurizer = Featurizer(settings.feature_bits)
+        self.checkpoint_path = config.checkpoint_path or default_checkpoint_path(settings, config)
+        saved = read_checkpoint(self.checkpoint_path)
+        if saved is not None:
+            if saved["model_name"] != config.model or saved["bits"] != settings.feature_bits:
+                raise ValueError(f"checkpoint {self.checkpoint_path} holds {saved['model_name']} with "
+                                 f"{saved['bits']} bits, not {config.model} with {settings.feature_bits}")
+            self.state = LearnerState.from_checkpoint(saved)
+            log.info("resumed from checkpoint", extra={"path": str(self.checkpoint_path), "events": self.state.events,
+                                                        "offsets": {f"{t}:{p}": o for (t, p), o in self.state.offsets.items()}})
+        else:
+            model = make_model(config.model, settings.feature_bits, **config.params)
+            self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
+        self.pending: dict[tuple[str, int], list] = {}
+        self.pending_since: dict[tuple[str, int], float] = {}
+        self.latencies: deque[float] = deque(maxlen=200_000)
+        self.learned_this_run = 0
+        self._last_checkpoint_events = self.state.events
+        self._last_checkpoint_time = time.monotonic()
+        self._last_publish = time.monotonic()
+        self._consumer = None
+        self._closing = False
+        self._run_id: str | None = None
+        self.published: list[str] = []
+
+    # -- consumer hooks -----------------------------------------------------------------------------------
+
+    def _seek(self, partitions: set) -> dict:
+        return {tp: self.state.offsets[(tp.topic, tp.partition)] for tp in partitions
+                if (tp.topic, tp.partition) in self.state.offsets}
+
+    def _revoked(self, partitions: set) -> None:
+        if self._closing:  # leaving the group at the end: the final checkpoint is already written
+            return
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._flush(key)
+        self.checkpoint(commit=True)
+
+    # -- learning -----------------------------------------------------------------------------------------
+
+    def accept(self, records: Iterable) -> None:
+        """Queue polled records; learn every block that is complete."""
+        now = time.monotonic()
+        block = self.config.block
+        for record in records:
+            key = (record.topic, record.partition)
+            expected = self.state.offsets.get(key)
+            if expected is not None and record.offset < expected:
+                continue  # already learned (a redelivery after a rebalance): never learn twice
+            queue = self.pending.setdefault(key, [])
+            if not queue:
+                self.pending_since[key] = now
+            queue.append(record)
+            if (record.offset + 1) % block == 0:
+                self._flush(key)
+
+    def flush_stale(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for key in list(self.pending):
+            if self.pending[key] and (force or now - self.pending_since[key] >= self.config.flush_after_s):
+                self._flush(key)
+
+    def _flush(self, key: tuple[str, int]) -> None:
+        records = self.pending.pop(key, None)
+        self.pending_since.pop(key, None)
+        if records:
+            self.learn_block(records)
+            self.state.offsets[key] = records[-1].offset + 1
+
+    def learn_block(self, records: list) -> None:
+        """Test-then-train on one block of one partition, in offset order."""
+        state, config = self.state, self.config
+        rows, labels, merchants, stamps, produced = [], [], [], [], []
+        for record in records:
+            event = record.event
+            if isinstance(event, Click):
+                indices, _ = self.featurizer.transform(event, state.context)
+                rows.append(indices)
+                labels.append(event.clicked)
+                merchants.append(event.merchant_id)
+                stamps.append(event.timestamp)
+                produced.append(record.timestamp_ms)
+            if config.rank_every and ((isinstance(event, Click) and event.clicked) or isinstance(event, Order)):
+                state.ranked += 1
+                if state.ranked % config.rank_every == 0:
+                    self._score_ranking(event)
+            state.context.observe(event)
+            state.recommender.observe(event)
+        if rows:
+            indices = np.vstack(rows)
+            p = state.model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), np.array(labels))
+            state.evaluator.update_many(merchants, stamps, labels, p)
+            state.clicks += len(rows)
+            now_ms = time.time() * 1000.0
+            self.latencies.extend((now_ms - t) / 1000.0 for t in produced if t is not None and t >= 0)
+        state.events += len(records)
+        self.learned_this_run += len(records)
+
+    def _score_ranking(self, event: Click | Order) -> None:
+        actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
+        ranked = recommend(self.state.model, self.featurizer, self.state.context, event.merchant_id, event.user_id,
+                           self.config.rank_k, recommender=self.state.recommender, timestamp=event.timestamp,
+                           candidate_limit=50)
+        self.state.evaluator.observe_ranking(event.merchant_id, [item for item, _ in ranked], actual, self.config.rank_k)
+
+    # -- checkpoints and publishing -----------------------------------------------------------------------
+
+    def checkpoint(self, commit: bool = True) -> None:
+        """Write the state atomically, then commit the same offsets to Kafka."""
+        write_atomic(self.checkpoint_path, self.state.to_bytes())
+        self._last_checkpoint_events = self.state.events
+        self._last_checkpoint_time = time.monotonic()
+        if commit and self._consumer is not None:
+            from kafka import TopicPartition
+
+            from streams.consumer import Batch
+
+            offsets = {TopicPartition(t, p): o for (t, p), o in self.state.offsets.items()}
+            self._consumer.commit(Batch(offsets=offsets))
+
+    def _maybe_checkpoint(self) -> None:
+        due_events = self.state.events - self._last_checkpoint_events >= self.config.checkpoint_every
+        due_time = time.monotonic() - self._last_checkpoint_time >= self.config.checkpoint_seconds
+        if due_events or (due_time and self.state.events != self._last_checkpoint_events):
+            self.checkpoint()
+
+    def _maybe_publish(self, force: bool = False) -> None:
+        every = self.config.publish_every_s
+        if not force and (not every or time.monotonic() - self._last_publish < every):
+            return
+        if self.state.clicks == 0:
+            return
+        self._last_publish = time.monotonic()
+        try:
+            self.publish()
+        except Exception as exc:  # the registry being down must not stop learning; next schedule retries
+            log.warning("publishing to the registry failed", extra={"error": str(exc)[:500]})
+
+    def publish(self) -> str:
+        """Register the current state as a new ``challenger`` version; returns the version number."""
+        from registry.bundle import ModelBundle
+        from registry.models import register_version
+        from registry.tracking import client, experiment_id
+
+        mlflow_client = client(self.settings)
+        if self._run_id is None:
+            run = mlflow_client.create_run(experiment_id(self.settings), run_name=f"learn-{self.config.group}-{self.config.worker_id}",
+                                           tags={"room": "online", "model": self.config.model})
+            self._run_id = run.info.run_id
+        metrics = self.metrics()
+        for key, value in metrics.items():
+            mlflow_client.log_metric(self._run_id, key, value, step=self.state.events)
+        bundle = ModelBundle(model=self.state.model, feature_bits=self.state.bits, context=self.state.context,
+                             recommender=self.state.recommender, kind="online",
+                             description=f"online {self.config.model} learner, group {self.config.group}",
+                             meta={"learner": self.config.model, "params": dict(self.config.params)})
+        lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(self.state.offsets.items())},
+                   "events_seen": self.state.events, "clicks_seen": self.state.clicks, "model": self.config.model,
+                   "group": self.config.group, "worker_id": self.config.worker_id}
+        version = register_version(self.settings, bundle, name=self.settings.serving.model_name, metrics=metrics,
+                                   lineage=lineage, run_id=self._run_id)
+        self.published.append(str(version.version))
+        return str(version.version)
+
+    def metrics(self) -> dict[str, float]:
+        out = self.state.evaluator.summary()
+        out["clicks_evaluated"] = out.pop("events", 0.0)
+        out["events_seen"] = float(self.state.events)
+        if self.latencies:
+            out["latency_p95_s"] = float(np.percentile(np.fromiter(self.latencies, float), 95))
+        return out
+
+    # -- main loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
+        records; checkpoint and publish at the end. Returns a summary."""
+        from streams.consumer import EventConsumer
+
+        config = self.config
+        topics = config.topics or [self.settings.topics.clicks.name, self.settings.topics.orders.name,
+                                   self.settings.topics.catalog.name]
+        started = time.monotonic()
+        consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
+                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._seek,
+                                 on_revoked=self._revoked)
+        self._consumer = consumer
+        last_data = time.monotonic()
+        idle = False
+        try:
+            while not consumer.stopping:
+                batch = consumer.poll()
+                if batch.records:
+                    self.accept(batch.records)
+                if batch.offsets or not consumer.assigned:
+                    last_data = time.monotonic()
+                elif config.idle_timeout_s is not None and time.monotonic() - last_data > config.idle_timeout_s:
+                    idle = True
+                    break
+                self.flush_stale()
+                self._maybe_checkpoint()
+                self._maybe_publish()
+                if config.max_events is not None and self.learned_this_run >= config.max_events:
+                    break
+            if idle:
+                self.flush_stale(force=True)  # end of the stream: the last partial blocks
+            self.checkpoint()
+            if config.publish_at_end:
+                self._maybe_publish(force=True)
+        finally:
+            self._closing = True
+            consumer.close()
+            self._consumer = None
+        elapsed = time.monotonic() - started
+        summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
+                   "elapsed_s": elapsed, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
+                   "stopped": "idle" if idle else ("max_events" if config.max_events is not None
+                                                   and self.learned_this_run >= config.max_events else "signal"),
+                   **{k: v for k, v in self.metrics().items()}}
+        log.info("worker stopped", extra=summary)
+        return summary
+
+
+__all__ = ["OnlineWorker", "WorkerConfig", "LearnerState", "read_checkpoint", "write_atomic"]
