@@ -86,10 +86,12 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="Also register every Nth round's global model (the final one always is).")
 @click.option("--no-personalize", is_flag=True, help="Skip the per-merchant local/global/fine-tuned table.")
 @click.option("--seed", type=int, default=None, help="Seed (default: settings.seed).")
+@click.option("--workers", is_flag=True,
+              help="Run client work on the merchants that joined with `fedstream federated join` (one worker each).")
 @pass_settings
 def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, clip, dp_delta, secure_agg,
         server_optimizer, server_lr, client_lr, client_epochs, prox_mu, dropout_rate, deep, bits, source, events,
-        generate_merchants, register_every, no_personalize, seed) -> None:
+        generate_merchants, register_every, no_personalize, seed, workers) -> None:
     """Run federated rounds over per-merchant stores, log every round to MLflow and register the model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from federated.model import ModelConfig
@@ -106,15 +108,57 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
         model_config = ModelConfig(bits=bits, deep=deep, seed=seed)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    joined = None
+    if workers:
+        from federated.remote import joined_workers
+
+        joined = joined_workers(settings)
+        if not joined:
+            raise click.ClickException("no joined merchant workers answer; start some with `fedstream federated join`")
+        if dp or secure_agg:
+            raise click.BadParameter("--workers runs FedAvg/FedProx (with --clip), not --dp or --secure-agg")
+        source = "stores"
+        merchants = ",".join(w.merchant_id for w in joined)
     stores = _build_stores(settings, source, _merchant_list(merchants), events, generate_merchants, seed, bits)
     if not stores:
         raise click.ClickException("no merchant has enough examples to train on")
     click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)
-    outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize)
+    outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize, joined)
     _report(outcome)
 
 
-def _run_with_progress(settings, stores, config, model_config, register_every, personalize):
+@federated.command("join")
+@click.option("--merchant", "merchant_id", required=True, help="The merchant whose local store this worker serves.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port (0: a free one).")
+@click.option("--advertise", default="127.0.0.1", show_default=True, help="Host the coordinator dials.")
+@click.option("--stop-after", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
+@pass_settings
+def join(settings, merchant_id, port, advertise, stop_after) -> None:
+    """Join federated rounds: run this merchant's TFF worker (its client work and data reads happen here)."""
+    from federated.remote import WorkerRecord, serve_until_stopped, start_worker, write_record
+    from federated.stores import StoreError, open_stores
+
+    try:
+        open_stores(_store_root(settings), [merchant_id])
+    except (StoreError, ValueError) as exc:
+        raise click.ClickException(f"{exc}; build the merchant's store first (fedstream federated run --source ...)")
+    proc, port = start_worker(port)
+    record_path = None
+    try:
+        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{port}", pid=proc.pid)
+        record_path = write_record(settings, record)
+        click.echo(json.dumps(record.__dict__), nl=True)
+        log.info("merchant joined", extra=record.__dict__)
+        serve_until_stopped(proc, stop_after)
+    finally:
+        from federated.remote import stop_worker
+
+        stop_worker(proc)
+        if record_path is not None:
+            record_path.unlink(missing_ok=True)
+
+
+def _run_with_progress(settings, stores, config, model_config, register_every, personalize, workers=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from federated.runner import run_federated
@@ -133,7 +177,7 @@ def _run_with_progress(settings, stores, config, model_config, register_every, p
                 progress.update(task, advance=1, status=status)
 
             return run_federated(settings, stores, config, model_config, register_every=register_every,
-                                 personalize=personalize, on_round=on_round)
+                                 personalize=personalize, on_round=on_round, workers=workers)
     finally:
         stop_tff_workers()
 

@@ -97,11 +97,34 @@ def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, rou
     return str(version.version)
 
 
+def _on_workers(stores, config: FederatedConfig, process, evaluation, workers: list):
+    """Restrict the run to the joined merchants and run each round's client work on their workers."""
+    import dataclasses
+
+    from federated.remote import OnWorkers, mergeable_context
+
+    if config.dp or config.secure_agg:
+        raise ValueError("rounds on joined workers support FedAvg/FedProx with clipping, not --dp or --secure-agg")
+    ordered = sorted(workers, key=lambda w: w.merchant_id)  # cohort order == worker order (sorted ids)
+    missing = [w.merchant_id for w in ordered if w.merchant_id not in stores]
+    if missing:
+        raise ValueError(f"joined merchants without a store: {missing}")
+    context = mergeable_context([w.address for w in ordered])
+    config = dataclasses.replace(config, clients_per_round=len(ordered), dropout_rate=0.0)
+    chosen = {w.merchant_id: stores[w.merchant_id] for w in ordered}
+    return chosen, config, OnWorkers(process, context), OnWorkers(evaluation, context), f"remote_workers[{len(ordered)}]"
+
+
 def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], config: FederatedConfig,
                   model_config: ModelConfig, *, register_every: int = 0, personalize: bool = True,
                   personalization: PersonalizationConfig = PersonalizationConfig(),
-                  on_round: Callable[[int, RoundResult], None] | None = None, track: bool = True) -> RunOutcome:
-    """Train ``config.rounds`` rounds over ``stores``; log, register and compare per merchant."""
+                  on_round: Callable[[int, RoundResult], None] | None = None, track: bool = True,
+                  workers: list | None = None) -> RunOutcome:
+    """Train ``config.rounds`` rounds over ``stores``; log, register and compare per merchant.
+
+    With ``workers`` (:class:`federated.remote.WorkerRecord` of joined merchants), every round's client
+    work runs in the joined merchants' own TFF workers (one merchant per worker, all of them every round).
+    """
     import contextlib
 
     import mlflow
@@ -114,6 +137,8 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
     model_fn = tff_model_fn(model_config)
     process = build_process(model_fn, config)
     evaluation = build_evaluation(model_fn)
+    if workers:
+        stores, config, process, evaluation, context_name = _on_workers(stores, config, process, evaluation, workers)
     data = FederatedData.from_stores(stores, batch_size=config.batch_size, epochs=config.client_epochs,
                                      seed=config.seed)
     lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),

@@ -237,3 +237,51 @@ def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
     assert no_stores.exit_code == 1 and "no merchant stores" in no_stores.output
     help_text = runner.invoke(main, ["federated", "run", "--help"]).output
     assert "--clients-per-round" in help_text and "--secure-agg" in help_text
+
+
+def test_rounds_across_three_joined_workers_over_loopback(tff_module, tmp_path):
+    """`fedstream federated join` x3 (real processes, each with its own worker_binary), coordinator rounds on them
+    give the same model as the same rounds in the local context; stopping a join stops its worker."""
+    import signal
+    import subprocess
+    import sys
+
+    from federated.remote import joined_workers
+    from federated.runner import run_federated
+    from fedstream.settings import load_settings
+
+    settings = load_settings(data_dir=tmp_path / "data", feature_bits=BITS)
+    stores = build_stores(generate(GeneratorConfig(merchants=3, events=3000, seed=9)), settings.data_path / "federated",
+                          bits=BITS)
+    env = {**os.environ, "FEDSTREAM_DATA_DIR": str(settings.data_path)}
+    joins = [subprocess.Popen([sys.executable, "-m", "fedstream", "federated", "join", "--merchant", m],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for m in sorted(stores)]
+    try:
+        records = [json.loads(p.stdout.readline()) for p in joins]
+        assert sorted(r["merchant_id"] for r in records) == ["m00", "m01", "m02"]
+        workers = joined_workers(settings)
+        assert [w.merchant_id for w in workers] == ["m00", "m01", "m02"]
+        config = FederatedConfig(rounds=2, clients_per_round=2, server_optimizer="sgd", server_learning_rate=1.0)
+        remote = run_federated(settings, stores, config, MODEL, personalize=False, track=False, workers=workers)
+        assert remote.context == "remote_workers[3]"
+        assert all(r.participants == ["m00", "m01", "m02"] for r in remote.history)
+        assert remote.history[-1].evaluation["num_examples"] == sum(s.count("heldout") for s in stores.values())
+        local = run_federated(settings, stores, FederatedConfig(rounds=2, clients_per_round=3, server_optimizer="sgd",
+                                                                server_learning_rate=1.0),
+                              MODEL, personalize=False, track=False)
+        for name, value in local.scorer.weights.items():
+            np.testing.assert_allclose(remote.scorer.weights[name], value, atol=1e-5)
+        with pytest.raises(ValueError, match="not --dp"):
+            run_federated(settings, stores, FederatedConfig(dp=True, noise_multiplier=0.1, clip=1.0), MODEL,
+                          personalize=False, track=False, workers=workers)
+    finally:
+        for proc in joins:
+            proc.send_signal(signal.SIGTERM)
+        for proc in joins:
+            assert proc.wait(timeout=20) == 0
+            proc.stdout.close()
+    worker_pids = [r["pid"] for r in records]
+    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and open(f"/proc/{pid}/cmdline", "rb").read()
+                   for pid in worker_pids)
+    assert joined_workers(settings) == []
