@@ -16,9 +16,10 @@ Mini-batch semantics (why the three optimizers differ): the gradients of a batch
 weights the batch started from, and a slot hit by several rows gets their gradients summed with
 ``np.add.at`` (duplicate slots are the norm: ``bias`` is in every row).
 
-* FTRL: ``learn_many`` is *exactly* the per-row updates of ``learn_one`` applied in order with the
-  gradients evaluated at the batch-start weights (the per-coordinate ``σ`` sums telescope:
-  ``Σ σ_t = (√(n + Σg²) − √n) / α``), its adaptive rates keep summed gradients stable.
+* FTRL: ``learn_many`` is Algorithm 1 with the rows' updates delayed to the end of the batch: per slot,
+  the rows' gradients are summed into ``z`` and their *squares* summed into ``n`` (as if they had come
+  one by one), ``σ`` is the change of ``√n / α`` and ``w`` is re-derived. Its adaptive rates keep the
+  summed gradients of frequent slots stable.
 * SGD: one step per slot on the mean gradient of the rows carrying that slot (summed gradients of a
   constant-rate SGD would blow up on ``bias``, a slot every row has).
 * Adam: one Adam step per batch on the batch-mean gradient (the usual mini-batch Adam), lazy: only the
