@@ -219,7 +219,7 @@ class ErrorPageHinkley(Detector):
     family = "error"
     statistic = "page_hinkley"
 
-    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 80.0,
+    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 150.0,
                  delta: float = 0.01, alpha: float = 1 - 1e-4, min_instances: int = 500,
                  model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
         from river.drift import PageHinkley

@@ -93,7 +93,7 @@ class DriftSettings(BaseModel):
     adwin_delta: float = Field(default=1e-3, gt=0, lt=1)
     adwin_clock: int = Field(default=32, ge=1)
     adwin_min_increase: float = Field(default=0.01, ge=0, description="Absolute error rise ADWIN must show.")
-    ph_threshold: float = Field(default=80.0, gt=0)
+    ph_threshold: float = Field(default=150.0, gt=0)
     ph_delta: float = Field(default=0.01, ge=0)
     ph_alpha: float = Field(default=1 - 1e-4, gt=0, le=1)
     ph_min_instances: int = Field(default=500, ge=1)
