@@ -274,26 +274,26 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
         log.exception("unhandled error", extra={"path": request.url.path})
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
-    # ---- dependencies ----
+    # ---- dependencies (async: trivial and non-blocking, so no threadpool hop per request) ----
 
-    def principal(key: Annotated[str | None, Security(api_key_header)]) -> Principal:
+    async def principal(key: Annotated[str | None, Security(api_key_header)]) -> Principal:
         found = keys.verify(key)
         if found is None:
             raise HTTPException(401, "missing or invalid API key (send it in the X-API-Key header)",
                                 headers={"WWW-Authenticate": "ApiKey"})
         return found
 
-    def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
         if not who.is_admin:
             raise HTTPException(403, "this operation needs an admin key")
         return who
 
-    def merchant_reader(merchant_id: MerchantId, who: Annotated[Principal, Depends(principal)]) -> Principal:
+    async def merchant_reader(merchant_id: MerchantId, who: Annotated[Principal, Depends(principal)]) -> Principal:
         if not who.may_read(merchant_id):
             raise HTTPException(403, f"this key may only access merchant {who.merchant_id!r}")
         return who
 
-    def served() -> ServedModel:
+    async def served() -> ServedModel:
         current = holder.current
         if current is None:
             raise HTTPException(503, f"no model to serve yet: {name}@champion is not set")
@@ -485,3 +485,12 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
             raise HTTPException(503, f"drift events unavailable: {type(exc).__name__}") from None
 
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` worker processes: settings from FEDSTREAM_* / FEDSTREAM_CONFIG."""
+    import os
+
+    from fedstream.settings import load_settings
+
+    return create_app(load_settings(), poll=os.environ.get("FEDSTREAM_SERVING_NO_POLL") != "1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -15,8 +16,11 @@ from fedstream.settings import Settings
 @click.option("--port", default=None, type=int, help="Port [default: settings.serving.port].")
 @click.option("--model-name", default=None, help="Registered model to serve [default: settings.serving.model_name].")
 @click.option("--no-poll", is_flag=True, help="Do not poll the champion alias (swap only via the admin API).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes (each loads the model and polls the alias; /metrics is per worker).")
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None, model_name: str | None, no_poll: bool) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, model_name: str | None, no_poll: bool,
+          workers: int) -> None:
     """Serve recommendations, predictions and event ingestion over HTTP (OpenAPI docs at /docs).
 
     Loads models:/NAME@champion from the MLflow registry and hot-swaps it when the alias moves.
@@ -33,10 +37,22 @@ def serve(ctx: click.Context, host: str | None, port: int | None, model_name: st
         from fedstream.settings import load_settings
 
         settings = load_settings()
-    app = create_app(settings, model_name=model_name, poll=not no_poll)
     bind_host, bind_port = host or settings.serving.host, port or settings.serving.port
     click.echo(f"fedstream API on http://{bind_host}:{bind_port}  (docs: /docs, metrics: /metrics)")
-    uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning", access_log=False)
+    if workers == 1:
+        app = create_app(settings, model_name=model_name, poll=not no_poll)
+        uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning", access_log=False)
+        return
+    # worker processes rebuild settings from the environment: pass the command line's choices through it
+    if model_name:
+        os.environ["FEDSTREAM_SERVING__MODEL_NAME"] = model_name
+    if no_poll:
+        os.environ["FEDSTREAM_SERVING_NO_POLL"] = "1"
+    os.environ.setdefault("FEDSTREAM_DATA_DIR", str(settings.data_path))
+    if settings.config_file is not None:
+        os.environ.setdefault("FEDSTREAM_CONFIG", str(settings.config_file))
+    uvicorn.run("serving.app:create_app_from_env", factory=True, host=bind_host, port=bind_port, workers=workers,
+                log_level="warning", access_log=False)
 
 
 @serve.group("keys")

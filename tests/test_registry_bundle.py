@@ -190,3 +190,29 @@ def test_pyfunc_flavor_saves_and_loads_a_bundle_that_predicts_from_a_dataframe(t
     with pytest.raises(InvalidEvent, match="row 1") as caught:
         loaded.predict(bad)
     assert caught.value.reason == "out_of_range"
+
+
+class OpaqueScorer:
+    """The same model without ``linear_terms``: forces the generic (n, F) ranking path."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def predict_proba_many(self, indices, values):
+        return self.model.predict_proba_many(indices, values)
+
+
+def test_linear_fast_path_ranks_exactly_like_the_generic_path():
+    reco = RecentPurchases()
+    for click in make_clicks(800):
+        reco.observe(click)
+    reco.popular["m1"]["never-announced"] = 100
+    for recommender in (None, reco):
+        fast = make_bundle(recommender=recommender)
+        generic = ModelBundle(model=OpaqueScorer(fast.model), feature_bits=BITS, context=fast.context,
+                              recommender=recommender)
+        for user in ("u1", "u5", "stranger"):
+            a = fast.recommend("m1", user, k=20, timestamp=T0)
+            b = generic.recommend("m1", user, k=20, timestamp=T0)
+            assert [item for item, _ in a] == [item for item, _ in b]
+            np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-5)
