@@ -135,3 +135,44 @@ def test_models_cli_lists_promotes_and_rolls_back(settings):
     again = cli(settings, "rollback")
     assert again.exit_code == 1 and "no previous champion" in again.output
     assert T0 > 0
+
+
+def test_a_real_online_learner_and_recommender_round_trip_through_the_registry(settings):
+    """The online room's FTRL learner and Recommender, registered and loaded back by alias."""
+    import mlflow.pyfunc
+
+    from online.learners import FTRLProximalClassifier
+    from online.reco import Recommender
+    from registry.bundle import ModelBundle
+    from streams.features import Featurizer
+    from streams.schemas import LineItem, Order
+    from tests.test_registry_bundle import BITS, make_catalog
+
+    context, catalog = make_catalog()
+    clicks = make_clicks(3000)
+    learner, recommender = FTRLProximalClassifier(bits=BITS, alpha=0.1), Recommender()
+    for event in catalog:
+        recommender.observe(event)
+    indices, values = Featurizer(BITS).transform_many(clicks, context)
+    for start in range(0, len(clicks), 100):
+        learner.learn_many(indices[start:start + 100], values[start:start + 100],
+                           np.array([c.clicked for c in clicks[start:start + 100]]))
+    for click in clicks:
+        recommender.observe(click)
+    bought = Order(event_id="o", order_id="o1", merchant_id="m1", user_id="u1", timestamp=T0 + 3000, currency="EUR",
+                   items=[LineItem(item_id="m1-i0", quantity=1, unit_price=5.0)])
+    recommender.observe(bought)
+    bundle = ModelBundle(model=learner, feature_bits=BITS, context=context, recommender=recommender,
+                         description="ftrl + reco", meta={"learner": "FTRLProximalClassifier"})
+    register_version(settings, bundle, name=NAME, metrics={"prequential_logloss": 0.4, "window_events": 3000},
+                     lineage={"events_seen": 3000, "offsets": {"clicks/0": 3000}})
+    promote(settings, NAME)
+
+    loaded = load_bundle(settings, f"models:/{NAME}@champion")
+    expected = bundle.recommend("m1", "u1", k=10, timestamp=T0)
+    assert loaded.recommend("m1", "u1", k=10, timestamp=T0) == expected
+    assert len(expected) == 10 and "m1-i0" not in [item for item, _ in expected]
+    held_out = make_clicks(40, seed=8)
+    with activate(settings):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    np.testing.assert_allclose(pyfunc.predict(click_frame(held_out)), bundle.predict(held_out), rtol=1e-6)
