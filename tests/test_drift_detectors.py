@@ -156,3 +156,13 @@ def test_drift_event_round_trips_and_rejects_garbage():
         decode_drift_event(b'{"merchant_id": "m1"}')
     with pytest.raises(msgspec.DecodeError):
         decode_drift_event(b"not json")
+
+
+@pytest.mark.parametrize("module", ["drift.detectors", "drift.events", "drift.monitor", "drift.prequential",
+                                    "drift.report", "drift.synthetic"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

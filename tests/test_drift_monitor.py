@@ -43,7 +43,9 @@ def test_price_shift_fires_feature_detectors_of_that_merchant_only(settings):
 
 @pytest.mark.slow
 def test_preference_shift_raises_the_prequential_error_and_is_detected(settings):
-    monitor = DriftMonitor(settings)
+    """A more sensitive Page-Hinkley than the default (tuned for <= 1 false alarm per 1M events) via settings."""
+    sensitive = settings.drift.model_copy(update={"ph_threshold": 80.0, "ph_delta": 0.01})
+    monitor = DriftMonitor(settings.model_copy(update={"drift": sensitive}))
     stream = synthetic_events(n=30_000, seed=3, shift_merchant="m1", shift_at=15_000, kind="preferences")
     run_monitor(stream, monitor, bits=settings.feature_bits, trace=False)
     errors = [e for e in monitor.events if e.family == "error"]
