@@ -32,7 +32,7 @@ from fedstream.settings import Settings
 from serving.holder import ModelHolder, ServedModel
 from serving.keys import KeyStore, Principal
 from serving.metrics import MetricsMiddleware, ServingMetrics
-from streams.schemas import CatalogItem, Click, InvalidEvent, Order, decode_event, encode_event, event_type
+from streams.schemas import CatalogItem, Click, InvalidEvent, Order, decode_event, event_type
 
 log = get_logger("serving.app")
 
@@ -175,25 +175,31 @@ def _decode_events(raws: list[msgspec.Raw], field: str, metrics: ServingMetrics,
 # ---- the app ----
 
 class _Producer:
-    """A Kafka producer created on first use (the API also runs without a broker, for reads)."""
+    """The streams room's :class:`~streams.producer.EventProducer` (routing by type, keyed by merchant,
+    murmur2 partitions, acks=all, delivery accounting), created on first use so the API also runs without
+    a broker for reads; one request's batch at a time, as the producer keeps per-batch state."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._producer = None
         self._lock = threading.Lock()
 
-    def get(self):
+    def send_all(self, events: list) -> None:
+        """Send and wait for every acknowledgement; raises BrokerUnavailable or DeliveryFailed."""
+        from streams.producer import EventProducer
+
         with self._lock:
             if self._producer is None:
-                from streams.kafka import make_producer
-
-                self._producer = make_producer(self.settings)
-            return self._producer
+                self._producer = EventProducer(self.settings, source="serving-api")
+            for event in events:
+                self._producer.send_event(event)
+            self._producer.flush()
 
     def close(self) -> None:
         with self._lock:
             if self._producer is not None:
-                self._producer.close(timeout=5)
+                with contextlib.suppress(Exception):  # closing a client to a dead broker
+                    self._producer.close(timeout_s=5)
                 self._producer = None
 
 
@@ -378,7 +384,10 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
         who: Annotated[Principal, Depends(principal)],
         body: Annotated[bytes, Depends(_read_body)],
     ) -> EventsAccepted:
-        """Validate events and produce them to Kafka (keyed by merchant, acks=all); all or nothing on validation."""
+        """Validate events and produce them to Kafka via the streams EventProducer (keyed by merchant, acks=all).
+
+        All or nothing on validation: any invalid event rejects the batch with 422 and each bad index and reason.
+        """
         raws = _decode_envelope(body, _Batch, "events")
         events = _decode_events(raws, "events", metrics, clicks_only=False,
                                 merchant_id=None if who.is_admin else who.merchant_id)
@@ -386,19 +395,15 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
 
     def _produce(events: list) -> dict[str, int]:
         from streams.kafka import BrokerUnavailable
+        from streams.producer import DeliveryFailed
 
-        topics = {"click": settings.topics.clicks.name, "order": settings.topics.orders.name,
-                  "catalog": settings.topics.catalog.name}
         try:
-            kafka = producer.get()
-            futures = [kafka.send(topics[event_type(e)], key=e.merchant_id.encode(), value=encode_event(e))
-                       for e in events]
-            kafka.flush(timeout=settings.kafka.request_timeout_ms / 1000)
-            for future in futures:
-                future.get(timeout=settings.kafka.request_timeout_ms / 1000)
+            producer.send_all(events)
         except BrokerUnavailable as exc:
             raise HTTPException(503, f"event broker unavailable: {exc}") from None
-        except Exception as exc:  # kafka errors: the events were not durably accepted
+        except DeliveryFailed as exc:
+            raise HTTPException(503, f"events not acknowledged by the broker: {exc}") from None
+        except Exception as exc:  # other Kafka client errors: the events were not durably accepted
             log.warning("produce failed", extra={"error": str(exc)[:300]})
             raise HTTPException(503, f"events not accepted by the broker: {type(exc).__name__}") from None
         counts: dict[str, int] = {}
