@@ -95,6 +95,9 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str, **over
         bootstrap_timeout_ms=settings.kafka.bootstrap_timeout_ms,
         fetch_max_bytes=8 * 1024 * 1024,
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        # a consumer must not create a missing topic with the broker's default partition count, which
+        # would then clash with ensure_topics (Apache Kafka honours this; tansu auto-creates regardless)
+        allow_auto_create_topics=False,
     )
     config.update(overrides)
     try:

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from fedstream.settings import KafkaClientSettings
+from fedstream.settings import KafkaClientSettings, Topic, Topics
 from streams.broker import _terminate, free_port, start_broker_process
 from streams.consumer import EventConsumer, RetryPolicy
 from streams.generator import GeneratorConfig, generate
@@ -41,6 +41,7 @@ def test_producer_without_broker_fails_fast_and_clearly(settings):
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow
 def test_broker_dying_mid_stream_is_reported_not_swallowed(settings, tmp_path):
     port = free_port()
     proc, _ = start_broker_process(tmp_path, port=port)
@@ -64,6 +65,7 @@ def test_broker_dying_mid_stream_is_reported_not_swallowed(settings, tmp_path):
     producer._producer.close(timeout=1)
 
 
+@pytest.mark.slow
 def test_consumer_started_before_the_broker_retries_then_reads_everything(settings, tmp_path):
     port = free_port()
     configured = own_broker_settings(settings, port)
@@ -104,14 +106,20 @@ def test_consumer_gives_up_after_its_retry_deadline(settings):
     assert 2 < time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_consumer_survives_a_broker_restart_and_reads_what_comes_after(settings, tmp_path):
     """tansu loses everything on restart: topics are recreated, offsets reset to the earliest, and the
     same consumer (no restart of its own) reads every event produced after the broker came back.
 
     Commits made while the group re-forms are rejected, so some records arrive twice: at least once,
-    never lost."""
+    never lost. tansu auto-creates topics a reconnecting client asks about (with 4 partitions) and may
+    win the race against ``ensure_topics``, so every topic here has those 4 partitions.
+    """
     port = free_port()
     configured = own_broker_settings(settings, port)
+    configured = configured.model_copy(update={"topics": Topics(**{
+        t: Topic(name=getattr(configured.topics, t).name, partitions=4)
+        for t in ("clicks", "orders", "catalog", "dead_letter", "drift")})})
     events = small_events(400)
     before, after = events[:150], events[150:]
     proc, _ = start_broker_process(tmp_path, port=port)
