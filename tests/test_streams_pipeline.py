@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import signal
 import uuid
 
@@ -263,3 +264,41 @@ def test_payload_too_large_for_kafka_is_dead_lettered_truncated_with_its_digest(
     assert headers["truncated"] == "true" and int(headers["original_size"]) == len(huge)
     assert headers["sha256"] == hashlib.sha256(huge).hexdigest()
     assert huge.startswith(letter.value) and len(letter.value) < len(huge)
+
+
+@pytest.mark.slow
+def test_rebalance_calls_on_revoked_then_seeks_the_new_owner_to_its_checkpoint(kafka_settings):
+    import threading
+
+    topic = kafka_settings.topics.clicks.name
+    name = group()
+    revoked: list[set] = []
+    assigned_b: list[set] = []
+    first = EventConsumer(kafka_settings, name, [topic], now=NOW, handle_signals=False,
+                          on_revoked=lambda parts: revoked.append(set(parts)))
+    for _ in range(40):
+        first.poll(timeout_ms=250)
+        if first.assigned:
+            break
+    assert len(first.assigned) == kafka_settings.topics.clicks.partitions
+
+    def second_member(out: dict) -> None:
+        member = EventConsumer(kafka_settings, name, [topic], now=NOW, handle_signals=False,
+                               seek_on_assign=lambda parts: assigned_b.append(set(parts)) or {tp: 0 for tp in parts})
+        deadline = time.monotonic() + 40
+        while not member.assigned and time.monotonic() < deadline:
+            member.poll(timeout_ms=250)
+        out["assigned"] = set(member.assigned)
+        member.close()
+
+    out: dict = {}
+    thread = threading.Thread(target=second_member, args=(out,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 45
+    while thread.is_alive() and time.monotonic() < deadline:
+        first.poll(timeout_ms=250)  # keeps the first member in the group so the rebalance completes
+    thread.join(timeout=5)
+    first.close()
+    assert revoked, "the first member was never asked to checkpoint"
+    assert out.get("assigned") and assigned_b and assigned_b[0] == out["assigned"]
+    assert out["assigned"] <= revoked[0]  # what it got had been revoked from the first member
