@@ -133,7 +133,7 @@ class Recommender:
         value = self._decayed(merchant, timestamp, weight)
         merchant.popularity[item_id] = merchant.popularity.get(item_id, 0.0) + value
         user = self._user(merchant, user_id)
-        for other in set(user.recent):
+        for other in dict.fromkeys(user.recent):  # ordered (a set would iterate by per-process string hash)
             if other != item_id:
                 self._link(merchant, other, item_id, value)
                 self._link(merchant, item_id, other, value)

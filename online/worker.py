@@ -178,6 +178,7 @@ class OnlineWorker:
         self._closing = False
         self._run_id: str | None = None
         self.published: list[str] = []
+        self.publish_errors: list[str] = []
 
     # -- consumer hooks -----------------------------------------------------------------------------------
 
@@ -291,7 +292,8 @@ class OnlineWorker:
         try:
             self.publish()
         except Exception as exc:  # the registry being down must not stop learning; next schedule retries
-            log.warning("publishing to the registry failed", extra={"error": str(exc)[:500]})
+            self.publish_errors.append(f"{type(exc).__name__}: {exc}"[:500])
+            log.warning("publishing to the registry failed", extra={"error": self.publish_errors[-1]}, exc_info=True)
 
     def publish(self) -> str:
         """Register the current state as a new ``challenger`` version; returns the version number."""
@@ -371,6 +373,7 @@ class OnlineWorker:
         elapsed = time.monotonic() - started
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
                    "elapsed_s": elapsed, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
+                   "publish_errors": self.publish_errors,
                    "stopped": "idle" if idle else ("max_events" if config.max_events is not None
                                                    and self.learned_this_run >= config.max_events else "signal"),
                    **{k: v for k, v in self.metrics().items()}}

@@ -1,0 +1,158 @@
+"""The online worker on the real embedded broker: resume after kill -9 equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedstream.settings import Settings, Topic, Topics
+from online.worker import OnlineWorker, WorkerConfig, read_checkpoint, write_atomic
+from streams.generator import GeneratorConfig, generate
+from streams.kafka import ensure_topics
+from streams.producer import EventProducer
+
+EVENTS = 8000
+
+
+def single_partition_settings(settings: Settings, broker: str) -> Settings:
+    """Clicks, orders and catalog on ONE single-partition topic: one total order, so equality is exact."""
+    tag = f"online-{uuid.uuid4().hex[:8]}"
+    events = Topic(name=f"{tag}.events", partitions=1)
+    topics = Topics(clicks=events, orders=events, catalog=events,
+                    dead_letter=Topic(name=f"{tag}.dead-letter", partitions=1), drift=Topic(name=f"{tag}.drift", partitions=1))
+    configured = settings.model_copy(update={"bootstrap_servers": broker, "topics": topics})
+    ensure_topics(configured, [events, topics.dead_letter, topics.drift])
+    return configured
+
+
+@pytest.fixture(scope="module")
+def produced(broker, tmp_path_factory) -> tuple[Settings, int]:
+    from fedstream.settings import load_settings
+
+    base = load_settings(data_dir=tmp_path_factory.mktemp("online-data"), feature_bits=16)
+    settings = single_partition_settings(base, broker)
+    events = list(generate(GeneratorConfig(merchants=4, events=EVENTS, seed=21)))
+    with EventProducer(settings, source="test-online") as producer:
+        for event in events:
+            producer.send_event(event)
+    return settings, len(events)
+
+
+def _config(tmp: Path, group: str, **extra) -> WorkerConfig:
+    return WorkerConfig(model="ftrl", group=group, checkpoint_path=tmp / f"{group}.ckpt", block=64, flush_after_s=60.0,
+                        checkpoint_every=500, checkpoint_seconds=3600, publish_every_s=None, publish_at_end=False,
+                        idle_timeout_s=4.0, rank_every=20, **extra)
+
+
+def _cli(settings: Settings, tmp: Path, group: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "fedstream"), "learn", "--model", "ftrl", "--group", group,
+            "--topic", settings.topics.clicks.name, "--checkpoint", str(tmp / f"{group}.ckpt"), "--block", "64",
+            "--flush-after", "60", "--checkpoint-every", "500", "--checkpoint-seconds", "3600", "--no-publish",
+            "--idle-timeout", "4", "--rank-every", "20"]
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSTREAM_")}
+    env.update(FEDSTREAM_BOOTSTRAP_SERVERS=settings.bootstrap_servers, FEDSTREAM_DATA_DIR=str(settings.data_path),
+               FEDSTREAM_FEATURE_BITS=str(settings.feature_bits),
+               FEDSTREAM_TOPICS__DEAD_LETTER__NAME=settings.topics.dead_letter.name,
+               FEDSTREAM_TOPICS__DEAD_LETTER__PARTITIONS="1")
+    return env
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stream_then_resume_equals_uninterrupted_run(produced, tmp_path):
+    settings, total = produced
+    reference = OnlineWorker(settings, _config(tmp_path, "reference"))
+    summary = reference.run()
+    assert summary["events"] == total and summary["stopped"] == "idle"
+
+    command, env = _cli(settings, tmp_path, "crashy"), _env(settings)
+    path = tmp_path / "crashy.ckpt"
+    victim = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.005)
+    os.kill(victim.pid, signal.SIGKILL)  # no goodbye: no final checkpoint, no offset commit, no group leave
+    victim.wait(timeout=30)
+    crashed_at = read_checkpoint(path)
+    assert crashed_at is not None and 0 < crashed_at["events"] < total, "the kill did not land mid-stream"
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert out["learned_this_run"] == total - crashed_at["events"]  # resumed exactly where the file said
+
+    mine, theirs = read_checkpoint(path), read_checkpoint(reference.checkpoint_path)
+    assert mine["events"] == theirs["events"] == total
+    assert mine["offsets"] == theirs["offsets"]
+    for name in ("w", "z", "n"):
+        np.testing.assert_array_equal(getattr(mine["model"], name), getattr(theirs["model"], name))
+    assert mine["model"].n_updates == theirs["model"].n_updates == mine["clicks"]
+    assert mine["evaluator"].report() == theirs["evaluator"].report()
+    assert mine["evaluator"].per_merchant() == theirs["evaluator"].per_merchant()
+    assert mine["context"] == theirs["context"]
+    assert _recommender_facts(mine["recommender"]) == _recommender_facts(theirs["recommender"])
+
+
+def _recommender_facts(recommender) -> dict:
+    return {m: (s.landmark, s.clock, s.popularity, s.neighbors, sorted(s.catalog), s.ranked,
+                {u: (list(user.recent), list(user.bought)) for u, user in s.users.items()})
+            for m, s in recommender.merchants.items()}
+
+
+def test_worker_learns_publishes_and_resumes_without_relearning(produced, tmp_path):
+    settings, total = produced
+    stop_after = total - EVENTS // 2  # catalog events come first: stop half way through clicks and orders
+    config = _config(tmp_path, "publisher", max_events=stop_after)
+    config.publish_at_end = True
+    first = OnlineWorker(settings, config).run()
+    assert first["stopped"] == "max_events" and stop_after <= first["learned_this_run"] < total
+    assert first["published_versions"] == ["1"], first["publish_errors"]
+    assert first["rolling_auc"] > 0.6 and 0 < first["prequential_logloss"] < 0.6
+
+    from registry.models import load_bundle
+
+    bundle = load_bundle(settings, f"models:/{settings.serving.model_name}@challenger")
+    merchant = bundle.merchants()[0]
+    ranked = bundle.recommend(merchant, "nobody", k=5)
+    assert len(ranked) == 5 and all(0 < p < 1 for _, p in ranked)
+
+    config = _config(tmp_path, "publisher")
+    second = OnlineWorker(settings, config)
+    assert second.state.events == first["events"]  # restored, and the pending records were not checkpointed
+    summary = second.run()
+    assert summary["events"] == total and summary["learned_this_run"] == total - first["events"]
+
+
+def test_checkpoint_of_another_model_is_refused_and_writes_are_atomic(settings, tmp_path):
+    path = tmp_path / "x.ckpt"
+    worker = OnlineWorker(settings, WorkerConfig(model="adam", checkpoint_path=path, publish_every_s=None))
+    worker.checkpoint(commit=False)
+    assert not list(tmp_path.glob(".x.ckpt.*"))  # no temp file left behind
+    with pytest.raises(ValueError, match="holds adam"):
+        OnlineWorker(settings, WorkerConfig(model="ftrl", checkpoint_path=path))
+    write_atomic(path, b"replaced")
+    assert path.read_bytes() == b"replaced"
+    with pytest.raises(ValueError):
+        WorkerConfig(block=0)
+
+
+def test_learn_cli_help_and_bad_params():
+    from click.testing import CliRunner
+
+    from fedstream.cli import main
+
+    runner = CliRunner()
+    assert "--max-events" in runner.invoke(main, ["learn", "--help"]).output
+    bad = runner.invoke(main, ["learn", "--param", "novalue"])
+    assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
