@@ -255,7 +255,7 @@ def write_report(settings: Settings, events: Iterable[Event], out_dir: str | Pat
             continue
         known = [row for row in truth if row.get("merchant_id") == merchant]
         perf = plot_performance(trace, drifts, out / f"{_safe(merchant)}_performance.png", window, known)
-        split_time, split_label = _split_point(trace, drifts)
+        split_time, split_label = _split_point(trace, drifts, known)
         feats = plot_features(trace, split_time, split_label, out / f"{_safe(merchant)}_features.png")
         images += [perf, feats]
         sections.append(_section(merchant, perf, feats, drifts, split_label, known))
@@ -285,10 +285,15 @@ def _since(trace: MerchantTrace, since: float) -> MerchantTrace:
     return out
 
 
-def _split_point(trace: MerchantTrace, drifts: Sequence[DriftEvent]) -> tuple[float, str]:
+def _split_point(trace: MerchantTrace, drifts: Sequence[DriftEvent], known: Sequence[dict] = ()) -> tuple[float, str]:
+    """Split features at the first detected drift, else at the first injected one, else at the midpoint."""
     if drifts:
         first = min(drifts, key=lambda e: e.window_end_time)
         return first.window_end_time, f"first drift ({first.detector} at {_iso(first.window_end_time)} UTC)"
+    if known:
+        first_known = min(known, key=lambda row: row["timestamp"])
+        return first_known["timestamp"], (f"injected {first_known.get('kind', 'drift')} drift at "
+                                          f"{_iso(first_known['timestamp'])} UTC (not detected)")
     middle = trace.click_times[len(trace.click_times) // 2]
     return middle, f"midpoint {_iso(middle)} UTC (no drift detected)"
 
