@@ -182,7 +182,7 @@ def generate(settings: Settings, merchants: int, events: int, seed: int, days: f
     ground truth itself.
     """
     from streams import generator
-    from streams.schemas import encode_event
+    from streams.schemas import CatalogItem, encode_event
 
     try:
         config = generator.GeneratorConfig(merchants=merchants, events=events, seed=seed, days=days,
@@ -198,14 +198,14 @@ def generate(settings: Settings, merchants: int, events: int, seed: int, days: f
             for event in generator.generate(config):
                 handle.write(encode_event(event) + b"\n")
                 counts["written"] += 1
-                progress.update(1)
+                progress.update(not isinstance(event, CatalogItem))
         summary: dict = {"out": str(path), **counts}
     else:
         producer = _open_producer(settings, f"generate:seed={seed}")
         with _progress(events, "ev", "generate") as progress:
             for event in generator.generate(config):
                 producer.send_event(event)
-                progress.update(1)
+                progress.update(not isinstance(event, CatalogItem))
         summary = _finish(producer)
         truth_path = settings.data_path / "generated" / f"truth-seed{seed}-m{merchants}-e{events}.json"
         truth_path.parent.mkdir(parents=True, exist_ok=True)
