@@ -19,7 +19,10 @@ weights the batch started from, and a slot hit by several rows gets their gradie
 * FTRL: ``learn_many`` is Algorithm 1 with the rows' updates delayed to the end of the batch: per slot,
   the rows' gradients are summed into ``z`` and their *squares* summed into ``n`` (as if they had come
   one by one), ``σ`` is the change of ``√n / α`` and ``w`` is re-derived. Its adaptive rates keep the
-  summed gradients of frequent slots stable.
+  summed gradients of frequent slots stable as long as the delay is short: gradients taken at stale
+  weights overshoot on slots that every row carries (``bias``) when ``n`` is still small, so batches are
+  learned in chunks of at most ``max_delay`` rows (default 64: log loss within ~0.5% of one at a time on
+  the generated stream; 1024-row delays cost ~30% early on).
 * SGD: one step per slot on the mean gradient of the rows carrying that slot (summed gradients of a
   constant-rate SGD would blow up on ``bias``, a slot every row has).
 * Adam: one Adam step per batch on the batch-mean gradient (the usual mini-batch Adam), lazy: only the
@@ -169,7 +172,12 @@ class HashedLogisticRegression(base.Classifier):
         if indices.shape[0] == 0:
             return np.empty(0)
         indices, values = merge_row_duplicates(indices, values)
-        return self._learn_rows(indices, values.astype(np.float64, copy=False), labels)
+        values = values.astype(np.float64, copy=False)
+        chunk = getattr(self, "max_delay", None) or indices.shape[0]
+        if chunk >= indices.shape[0]:
+            return self._learn_rows(indices, values, labels)
+        return np.concatenate([self._learn_rows(indices[s:s + chunk], values[s:s + chunk], labels[s:s + chunk])
+                               for s in range(0, indices.shape[0], chunk)])
 
     def _learn_rows(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray) -> np.ndarray:
         p = sigmoid((self.w[indices] * values).sum(axis=1))
@@ -343,10 +351,11 @@ class FTRLProximalClassifier(HashedLogisticRegression):
     _arrays = ("w", "z", "n")
 
     def __init__(self, bits: int = 20, alpha: float = 0.05, beta: float = 1.0, l1: float = 0.0,
-                 l2: float = 1.0) -> None:
-        if alpha <= 0 or beta < 0 or l1 < 0 or l2 < 0:
-            raise ValueError("need alpha > 0 and beta, l1, l2 >= 0")
+                 l2: float = 1.0, max_delay: int | None = 64) -> None:
+        if alpha <= 0 or beta < 0 or l1 < 0 or l2 < 0 or (max_delay is not None and max_delay < 1):
+            raise ValueError("need alpha > 0, beta, l1, l2 >= 0 and max_delay >= 1 (or None)")
         super().__init__(bits)
+        self.max_delay = max_delay
         self.alpha = alpha
         self.beta = beta
         self.l1 = l1

@@ -171,6 +171,8 @@ class OnlineWorker:
         self.pending_since: dict[tuple[str, int], float] = {}
         self.latencies: deque[float] = deque(maxlen=200_000)
         self.learned_this_run = 0
+        self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
+        self.last_learned_at: float | None = None
         self._last_checkpoint_events = self.state.events
         self._last_checkpoint_time = time.monotonic()
         self._last_publish = time.monotonic()
@@ -199,6 +201,8 @@ class OnlineWorker:
     def accept(self, records: Iterable) -> None:
         """Queue polled records; learn every block that is complete."""
         now = time.monotonic()
+        if self.first_record_at is None:
+            self.first_record_at = now
         block = self.config.block
         for record in records:
             key = (record.topic, record.partition)
@@ -253,6 +257,7 @@ class OnlineWorker:
             self.latencies.extend((now_ms - t) / 1000.0 for t in produced if t is not None and t >= 0)
         state.events += len(records)
         self.learned_this_run += len(records)
+        self.last_learned_at = time.monotonic()
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
@@ -371,9 +376,11 @@ class OnlineWorker:
             consumer.close()
             self._consumer = None
         elapsed = time.monotonic() - started
+        busy = (self.last_learned_at - self.first_record_at) if self.first_record_at and self.last_learned_at else 0.0
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
                    "elapsed_s": elapsed, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
                    "publish_errors": self.publish_errors,
+                   "events_per_s": self.learned_this_run / busy if busy > 0 else None,
                    "stopped": "idle" if idle else ("max_events" if config.max_events is not None
                                                    and self.learned_this_run >= config.max_events else "signal"),
                    **{k: v for k, v in self.metrics().items()}}
