@@ -37,7 +37,33 @@ def client(settings: Settings):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(settings)
+    if uri.startswith("sqlite:") and uri not in _READY_SQLITE_STORES:
+        with _store_init_lock(settings):
+            mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            mlflow_client.search_registered_models(max_results=1)  # opens (and migrates) the registry too
+        _READY_SQLITE_STORES.add(uri)
+        return mlflow_client
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_READY_SQLITE_STORES: set[str] = set()  # memo only: stores this process has already seen migrated
+
+
+@contextlib.contextmanager
+def _store_init_lock(settings: Settings) -> Iterator[None]:
+    """Serialize the first opening of a sqlite store across processes.
+
+    MLflow runs alembic migrations when it first opens a store; two workers opening the same new
+    store at once race (``duplicate column name: step``). The first one migrates, the others wait.
+    """
+    import fcntl
+
+    with (settings.data_path / "mlflow" / ".init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def experiment_id(settings: Settings, name: str | None = None) -> str:

@@ -154,3 +154,14 @@ def test_deploy_compose_file_validates():
     out = subprocess.run(["docker-compose", "-f", str(REPO / "deploy" / "docker-compose.yml"), "config", "-q"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_concurrent_workers_open_a_fresh_mlflow_store_safely(tmp_path):
+    """Learner workers start together on a new sqlite store; MLflow's migrations must not race."""
+    code = ("import sys; from fedstream.settings import load_settings; from registry.tracking import experiment_id;"
+            "print(experiment_id(load_settings(data_dir=sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [err[-500:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1
