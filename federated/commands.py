@@ -47,8 +47,6 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
             raise click.ClickException(f"no merchant stores under {root}; build them with --source generate|kafka")
         return stores
     if source == "kafka":
-        if not merchants:
-            raise click.BadParameter("--source kafka needs --merchants (each merchant reads its own events)")
         return build_stores_from_kafka(settings, root, merchants, bits=bits)
     from streams.generator import GeneratorConfig, generate
 
@@ -67,8 +65,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="L2 clip of each client update (fixed); with --dp the DP clip (else adaptive).")
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True)
 @click.option("--secure-agg", is_flag=True, help="Secure aggregation (TFF's simulated secure sum, test context).")
-@click.option("--server-optimizer", type=click.Choice(["adam", "yogi", "sgd"]), default="adam", show_default=True)
-@click.option("--server-lr", type=float, default=0.05, show_default=True, help="Server learning rate.")
+@click.option("--server-optimizer", type=click.Choice(["adam", "yogi", "sgd"]), default="sgd", show_default=True,
+              help="sgd with lr 1 is plain FedAvg; adam/yogi are FedAdam/FedYogi.")
+@click.option("--server-lr", type=float, default=None, help="Server learning rate [default: 1.0 for sgd, 0.02 else].")
 @click.option("--client-lr", type=float, default=0.5, show_default=True, help="Client SGD learning rate.")
 @click.option("--client-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prox-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -98,6 +97,7 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
     from federated.training import FederatedConfig
 
     seed = settings.seed if seed is None else seed
+    server_lr = server_lr if server_lr is not None else (1.0 if server_optimizer == "sgd" else 0.02)
     bits = bits or min(settings.feature_bits, 20)
     try:
         config = FederatedConfig(

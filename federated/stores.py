@@ -210,13 +210,13 @@ def write_store(root: str | Path, merchant_id: str, arrays: dict[str, np.ndarray
     return store
 
 
-def merchant_events_from_kafka(settings, merchant_id: str, *, idle_timeout_s: float = 3.0,
-                               max_wait_s: float = 60.0) -> list[Event]:
-    """One merchant's catalog, click and order events read from the platform topics (by record key).
+def events_from_kafka(settings, merchant_ids: Iterable[str] | None = None, *, idle_timeout_s: float = 3.0,
+                      max_wait_s: float = 120.0) -> list[Event]:
+    """Catalog, click and order events of the given merchants (all when None) read from the platform topics.
 
     Reads every partition from the beginning up to the high watermark the broker reports with the fetch
-    (tansu's end offsets are wrong, so ``consumer.highwater`` is the stop condition), keeps the records
-    keyed by ``merchant_id`` and returns them catalog first, then clicks and orders in time order.
+    (tansu's end offsets are wrong, so ``consumer.highwater`` is the stop condition), keeps the records whose
+    key is a wanted merchant id, and returns them catalog first, then clicks and orders in time order.
     """
     import time
 
@@ -225,10 +225,10 @@ def merchant_events_from_kafka(settings, merchant_id: str, *, idle_timeout_s: fl
     from streams.kafka import make_consumer
     from streams.schemas import InvalidEvent, decode_event
 
+    wanted = {m.encode() for m in merchant_ids} if merchant_ids is not None else None
     topics = [settings.topics.catalog, settings.topics.clicks, settings.topics.orders]
     partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
     consumer = make_consumer(settings, None)
-    key = merchant_id.encode()
     found: list[Event] = []
     try:
         consumer.assign(partitions)
@@ -239,13 +239,13 @@ def merchant_events_from_kafka(settings, merchant_id: str, *, idle_timeout_s: fl
             for records in batch.values():
                 last_data = time.monotonic()
                 for record in records:
-                    if record.key is not None and record.key != key:
+                    if wanted is not None and record.key is not None and record.key not in wanted:
                         continue
                     try:
                         event = decode_event(record.value)
                     except InvalidEvent:
                         continue
-                    if event.merchant_id == merchant_id:
+                    if wanted is None or event.merchant_id.encode() in wanted:
                         found.append(event)
             if _caught_up(consumer, partitions) or time.monotonic() - last_data > idle_timeout_s:
                 break
@@ -253,6 +253,11 @@ def merchant_events_from_kafka(settings, merchant_id: str, *, idle_timeout_s: fl
         consumer.close()
     found.sort(key=lambda e: (not isinstance(e, CatalogItem), e.timestamp))
     return found
+
+
+def merchant_events_from_kafka(settings, merchant_id: str, **kwargs) -> list[Event]:
+    """One merchant's own events from Kafka (by record key): what a joining merchant reads."""
+    return events_from_kafka(settings, [merchant_id], **kwargs)
 
 
 def _caught_up(consumer, partitions) -> bool:
@@ -263,15 +268,16 @@ def _caught_up(consumer, partitions) -> bool:
     return True
 
 
-def build_stores_from_kafka(settings, root: str | Path, merchant_ids: Iterable[str], *, bits: int,
+def build_stores_from_kafka(settings, root: str | Path, merchant_ids: Iterable[str] | None = None, *, bits: int,
                             holdout_fraction: float = 0.2) -> dict[str, MerchantStore]:
-    """Each merchant reads its own events from Kafka (filtered by key) and builds its own store."""
-    stores: dict[str, MerchantStore] = {}
-    for merchant_id in merchant_ids:
-        events = merchant_events_from_kafka(settings, merchant_id)
-        stores.update(build_stores(events, root, bits=bits, holdout_fraction=holdout_fraction,
-                                   merchants=[merchant_id]))
-    return stores
+    """Stores of the given merchants (all merchants on the topics when None) from one pass over Kafka.
+
+    Events are routed by merchant into separate builders, each with its own featurization context, so a
+    store holds only what its merchant's own events say (as if each merchant read its own keys).
+    """
+    wanted = list(merchant_ids) if merchant_ids is not None else None
+    events = events_from_kafka(settings, wanted)
+    return build_stores(events, root, bits=bits, holdout_fraction=holdout_fraction, merchants=wanted)
 
 
 def iter_rows(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

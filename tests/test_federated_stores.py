@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from federated.stores import (
-    MerchantStore, StoreError, build_stores, build_stores_from_kafka, iter_rows, open_stores,
+    MerchantStore, StoreError, build_stores, build_stores_from_kafka, iter_rows, merchant_events_from_kafka, open_stores,
 )
 from streams.features import FIELDS, FeatureContext, Featurizer
 from streams.generator import GeneratorConfig, generate
@@ -115,9 +115,13 @@ def test_each_merchant_builds_its_store_from_kafka(kafka_settings, generated, tm
     finally:
         producer.close()
     assert summary["accepted"] == len(events)
-    from_kafka = build_stores_from_kafka(kafka_settings, tmp_path, ["m03"], bits=BITS)
+    from_kafka = build_stores_from_kafka(kafka_settings, tmp_path / "one", ["m03"], bits=BITS)
     assert list(from_kafka) == ["m03"]
+    everyone = build_stores_from_kafka(kafka_settings, tmp_path / "all", bits=BITS)
+    assert sorted(everyone) == sorted(stores)
     for split in ("train", "heldout"):
         direct, read = stores["m03"].load(split), from_kafka["m03"].load(split)
         np.testing.assert_array_equal(direct["indices"], read["indices"])
         np.testing.assert_array_equal(direct["labels"], read["labels"])
+        np.testing.assert_array_equal(stores["m01"].load(split)["indices"], everyone["m01"].load(split)["indices"])
+    assert len(merchant_events_from_kafka(kafka_settings, "m02")) == sum(e.merchant_id == "m02" for e in events)

@@ -78,7 +78,8 @@ def test_numpy_scorer_matches_keras(tff_module):
 
 
 def test_fedavg_learns_with_seeded_sampling(stores, tff_module, model_fn):
-    config = FederatedConfig(rounds=4, clients_per_round=3, seed=11, eval_every=4)
+    config = FederatedConfig(rounds=4, clients_per_round=3, seed=11, eval_every=4, server_optimizer="adam",
+                             server_learning_rate=0.05)
     data = FederatedData.from_stores(stores, batch_size=32)
     process = build_process(model_fn, config)
     evaluation = build_evaluation(model_fn)
@@ -230,9 +231,10 @@ def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
     runner = CliRunner()
     bad = runner.invoke(main, ["federated", "run", "--dp", "--rounds", "1"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert bad.exit_code == 2 and "noise multiplier" in bad.output
-    kafka_without_merchants = runner.invoke(main, ["federated", "run", "--source", "kafka"],
-                                            env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
-    assert kafka_without_merchants.exit_code == 2 and "--merchants" in kafka_without_merchants.output
+    no_broker = runner.invoke(main, ["federated", "run", "--source", "kafka"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    assert no_broker.exit_code != 0 and "broker" in str(no_broker.exception).lower()
+    bad_merchants = runner.invoke(main, ["federated", "run", "--merchants", " , "], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    assert bad_merchants.exit_code == 2
     no_stores = runner.invoke(main, ["federated", "run", "--source", "stores"], env={"FEDSTREAM_DATA_DIR": str(tmp_path / "empty")})
     assert no_stores.exit_code == 1 and "no merchant stores" in no_stores.output
     help_text = runner.invoke(main, ["federated", "run", "--help"]).output
