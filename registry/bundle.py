@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -121,6 +122,8 @@ class _MerchantCandidates:
     base_zero_crc: list[int]  # per suffix length n: crc("user×item={m}/" + "\0" * n)
     catalog_key: tuple[int, int]
     _static_logits: tuple[np.ndarray, np.ndarray] | None = None  # (weights it was computed with, float64[n])
+    _time_slots: dict[tuple[int, int, int], tuple[int, int, np.ndarray]] = field(default_factory=dict)
+    _time_logits: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def static_logits(self, weights: np.ndarray) -> np.ndarray:
         """Σ w[slot] over the user- and time-independent slots of every item, for a linear model."""
@@ -129,6 +132,30 @@ class _MerchantCandidates:
             columns = [_FIELD[name] for name in STATIC_FIELDS]
             logits = weights[self.static[:, columns]].sum(axis=1, dtype=np.float64)
             self._static_logits = found = (weights, logits)
+        return found[1]
+
+    def time_slots(self, hour: int, weekday: int, mask: int) -> tuple[int, int, np.ndarray]:
+        """``hour``, ``weekday`` slots and ``category×hour`` slot per category code (memoized: 168 keys)."""
+        key = (hour, weekday, mask)
+        found = self._time_slots.get(key)
+        if found is None:
+            by_category = np.fromiter((_crc(f"category×hour={c}|{hour}") & mask for c in self.categories),
+                                      dtype=np.int32, count=len(self.categories))
+            found = self._time_slots[key] = (_crc(f"hour={hour}") & mask, _crc(f"weekday={weekday}") & mask,
+                                             by_category)
+        return found
+
+    def time_logits(self, weights: np.ndarray, hour: int, weekday: int, mask: int) -> np.ndarray:
+        """static_logits + the hour, weekday and category×hour weights of every item (memoized per hour)."""
+        key = (hour, weekday, mask)
+        found = self._time_logits.get(key)
+        if found is None or found[0] is not weights:
+            hour_slot, weekday_slot, category_hour = self.time_slots(hour, weekday, mask)
+            logits = self.static_logits(weights) + weights[category_hour].astype(np.float64)[self.category_codes]
+            logits += float(weights[hour_slot]) + float(weights[weekday_slot])
+            if len(self._time_logits) >= 8:  # only the current hour matters; stay small
+                self._time_logits.clear()
+            found = self._time_logits[key] = (weights, logits)
         return found[1]
 
 
@@ -210,20 +237,26 @@ class _UserSlots:
 def _user_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, recent: Sequence[str], when: float,
                 rows: np.ndarray | None, mask: int) -> _UserSlots:
     tm = time.gmtime(when)
-    n_categories = len(cached.categories)
-    user_cat, affinity, cat_hour = (np.empty(n_categories, dtype=np.int32) for _ in range(3))
-    recent_set = set(recent)
-    for code, category in enumerate(cached.categories):
-        user_cat[code] = _crc(f"user×category={merchant_id}/{user_id}|{category}") & mask
-        label = "new" if not recent_set else ("match" if category in recent_set else "other")
-        affinity[code] = _crc(f"user_affinity={label}") & mask
-        cat_hour[code] = _crc(f"category×hour={category}|{tm.tm_hour}") & mask
+    hour_slot, weekday_slot, category_hour = cached.time_slots(tm.tm_hour, tm.tm_wday, mask)
+    user_cat = np.fromiter((_crc(f"user×category={merchant_id}/{user_id}|{c}") & mask for c in cached.categories),
+                           dtype=np.int32, count=len(cached.categories))
+    if recent:
+        recent_set = set(recent)
+        is_recent = np.fromiter((c in recent_set for c in cached.categories), dtype=bool, count=len(cached.categories))
+        affinity = np.where(is_recent, _affinity_slot("match", mask), _affinity_slot("other", mask)).astype(np.int32)
+    else:
+        affinity = np.full(len(cached.categories), _affinity_slot("new", mask), dtype=np.int32)
     return _UserSlots(
-        hour=_crc(f"hour={tm.tm_hour}") & mask, weekday=_crc(f"weekday={tm.tm_wday}") & mask,
-        user=_crc(f"user={merchant_id}/{user_id}") & mask, user_category=user_cat, affinity=affinity,
-        category_hour=cat_hour, codes=cached.category_codes if rows is None else cached.category_codes[rows],
+        hour=hour_slot, weekday=weekday_slot, user=_crc(f"user={merchant_id}/{user_id}") & mask,
+        user_category=user_cat, affinity=affinity, category_hour=category_hour,
+        codes=cached.category_codes if rows is None else cached.category_codes[rows],
         user_item=_user_item_slots(cached, merchant_id, user_id, rows) & mask,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _affinity_slot(label: str, mask: int) -> int:
+    return _crc(f"user_affinity={label}") & mask
 
 
 def _user_item_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rows: np.ndarray | None) -> np.ndarray:
@@ -250,13 +283,18 @@ def _assemble(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray |
 
 
 def _linear_logits(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray | None,
-                   weights: np.ndarray, bias: float) -> np.ndarray:
-    """``bias + Σ w[slot]`` per candidate without materializing the ``(n, F)`` index matrix."""
-    static = cached.static_logits(weights)
-    per_category = (weights[slots.user_category].astype(np.float64) + weights[slots.affinity]
-                    + weights[slots.category_hour])
-    shared = bias + float(weights[slots.hour]) + float(weights[slots.weekday]) + float(weights[slots.user])
-    return (static if rows is None else static[rows]) + shared + per_category[slots.codes] + weights[slots.user_item]
+                   weights: np.ndarray, bias: float, when: float, mask: int) -> np.ndarray:
+    """``bias + Σ w[slot]`` per candidate without materializing the ``(n, F)`` index matrix: the item-
+    and time-only part is memoized per hour, so a request adds two per-category and one per-item term."""
+    tm = time.gmtime(when)
+    base = cached.time_logits(weights, tm.tm_hour, tm.tm_wday, mask)
+    per_category = weights[slots.user_category].astype(np.float64)
+    per_category += weights[slots.affinity]
+    logits = per_category[slots.codes]
+    logits += base if rows is None else base[rows]
+    logits += weights[slots.user_item]
+    logits += bias + float(weights[slots.user])
+    return logits
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -375,7 +413,8 @@ class ModelBundle:
             return item_ids, np.asarray(self.model.predict_proba_many(indices, ones), np.float64), False
         weights, bias = linear()
         item_ids, cached, rows, slots, unknown = self._candidates(merchant_id, user_id, when)
-        parts = [_linear_logits(cached, slots, rows, weights, float(bias))] if slots is not None else []
+        mask = self.featurizer.n_features - 1
+        parts = [_linear_logits(cached, slots, rows, weights, float(bias), when, mask)] if slots is not None else []
         if unknown:
             indices, _ = self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)
             parts.append(float(bias) + weights[indices].sum(axis=1, dtype=np.float64))
