@@ -43,6 +43,8 @@ CONCURRENCY = 8
 CLOSED_REQUESTS = 1_500 if QUICK else 6_000
 OPEN_SECONDS = 10.0 if QUICK else 30.0
 SWAPS = 10
+SWEEP_RATES = (100.0, 200.0)
+SWEEP_SECONDS = 5.0 if QUICK else 15.0
 SWAP_GAP_SECONDS = 1.5 if QUICK else 3.0
 MERCHANT, MODEL = "bench", "fedstream-ctr"
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))  # uvicorn worker processes of `fedstream serve`
@@ -353,6 +355,10 @@ def main() -> None:
             console.print(f"serving on {base}: version {wait_ready(base, proc)} ready")
             console.print(f"closed loop: {CLOSED_REQUESTS} requests, {CONCURRENCY} in flight ...")
             closed = asyncio.run(closed_loop("127.0.0.1", port, merchant_key, CLOSED_REQUESTS, CONCURRENCY))
+            sweep = {}
+            for rate in SWEEP_RATES:  # where the latency knee is on this machine right now
+                console.print(f"open loop: {rate:.0f} req/s for {SWEEP_SECONDS:.0f} s ...")
+                sweep[rate] = asyncio.run(open_loop("127.0.0.1", port, merchant_key, rate, SWEEP_SECONDS))
             console.print(f"open loop: {RATE:.0f} req/s for {OPEN_SECONDS:.0f} s ...")
             steady = asyncio.run(open_loop("127.0.0.1", port, merchant_key, RATE, OPEN_SECONDS))
             console.print(f"open loop with {SWAPS} hot swaps ...")
@@ -374,7 +380,8 @@ def main() -> None:
     table = Table(title=f"top-10 recommendations, {ITEMS}-item catalog, loopback HTTP (uvicorn, {WORKERS} worker(s))")
     for column in ("phase", "requests", "failed", "throughput req/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "versions"):
         table.add_column(column)
-    for label, row in ((f"closed loop, {CONCURRENCY} in flight", closed), (f"open loop {RATE:.0f} req/s", steady),
+    sweep_rows = [(f"open loop {rate:.0f} req/s", row) for rate, row in sweep.items()]
+    for label, row in ((f"closed loop, {CONCURRENCY} in flight", closed), *sweep_rows, (f"open loop {RATE:.0f} req/s", steady),
                        (f"open loop {RATE:.0f} req/s + {SWAPS} swaps", swapping)):
         table.add_row(label, str(row["requests"]), str(row["failed"]), f"{row['throughput_rps']:.0f}",
                       f"{row['p50_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['max_ms']:.1f}",
@@ -388,6 +395,10 @@ def main() -> None:
         "benchmark": "serving", "quick": QUICK, "catalog_items": ITEMS, "k": 10, "workers": WORKERS,
         "load_average_1m": os.getloadavg()[0],
         "closed_loop": closed, "open_loop": steady, "hot_swap": {**swapping, "swaps": swaps},
+        "sweep": {f"{rate:.0f}": {k: row[k] for k in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "failed")}
+                  for rate, row in sweep.items()},
+        "max_rate_meeting_p99_rps": max([r for r, row in [*sweep.items(), (RATE, steady)]
+                                         if row["p99_ms"] <= TARGET_P99_MS and row["failed"] == 0], default=0.0),
         "in_process": in_process,
         "targets": {"p99_ms": TARGET_P99_MS, "rate_rps": TARGET_RATE, "met_latency": bool(meets_latency),
                     "zero_failures_across_swaps": swapping["failed"] == 0 and swaps["observed"] == SWAPS},
