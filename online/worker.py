@@ -33,7 +33,7 @@ import os
 import pickle
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,18 @@ def read_checkpoint(path: Path) -> dict[str, Any] | None:
     return state
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM: its own address space, unlike ru_maxrss after fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 class LearnerState:
     """Everything that is checkpointed together: model, context, recommender, metrics, offsets."""
 
@@ -151,7 +163,9 @@ class LearnerState:
 class OnlineWorker:
     """A consumer-group member that learns online (see the module docstring)."""
 
-    def __init__(self, settings: Settings, config: WorkerConfig) -> None:
+    def __init__(self, settings: Settings, config: WorkerConfig,
+                 subscribers: Iterable[Callable[[tuple[str, float, bool, float]], Any]] = ()) -> None:
+        """``subscribers`` receive every prediction as ``(merchant_id, timestamp, y, p)`` (drift detectors)."""
         self.settings = settings
         self.config = config
         self.featurizer = Featurizer(settings.feature_bits)
@@ -167,6 +181,8 @@ class OnlineWorker:
         else:
             model = make_model(config.model, settings.feature_bits, **config.params)
             self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
+        for callback in subscribers:
+            self.state.evaluator.subscribe(callback)
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
         self.latencies: deque[float] = deque(maxlen=200_000)
@@ -381,6 +397,7 @@ class OnlineWorker:
                    "elapsed_s": elapsed, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
                    "publish_errors": self.publish_errors,
                    "events_per_s": self.learned_this_run / busy if busy > 0 else None,
+                   "peak_rss_mb": peak_rss_mb(),
                    "stopped": "idle" if idle else ("max_events" if config.max_events is not None
                                                    and self.learned_this_run >= config.max_events else "signal"),
                    **{k: v for k, v in self.metrics().items()}}

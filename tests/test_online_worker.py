@@ -128,10 +128,14 @@ def test_worker_learns_publishes_and_resumes_without_relearning(produced, tmp_pa
     assert len(ranked) == 5 and all(0 < p < 1 for _, p in ranked)
 
     config = _config(tmp_path, "publisher")
-    second = OnlineWorker(settings, config)
+    errors = []
+    second = OnlineWorker(settings, config, subscribers=[errors.append])
     assert second.state.events == first["events"]  # restored, and the pending records were not checkpointed
     summary = second.run()
     assert summary["events"] == total and summary["learned_this_run"] == total - first["events"]
+    assert len(errors) == summary["clicks"] - first["clicks"]  # one (merchant, t, y, p) per click learned
+    merchant_id, timestamp, y, p = errors[-1]
+    assert merchant_id.startswith("m") and timestamp > 1.6e9 and isinstance(y, bool) and 0 < p < 1
 
 
 def test_checkpoint_of_another_model_is_refused_and_writes_are_atomic(settings, tmp_path):
