@@ -14,7 +14,7 @@ by the hash space, never by how long the stream runs. Each learner speaks two pr
 
 Mini-batch semantics (why the three optimizers differ): the gradients of a batch are all taken at the
 weights the batch started from, and a slot hit by several rows gets their gradients summed with
-``np.add.at`` (duplicate slots are the norm: ``bias`` is in every row).
+``np.add.at`` or ``np.bincount`` (duplicate slots are the norm: ``bias`` is in every row).
 
 * FTRL: ``learn_many`` is Algorithm 1 with the rows' updates delayed to the end of the batch: per slot,
   the rows' gradients are summed into ``z`` and their *squares* summed into ``n`` (as if they had come
@@ -362,19 +362,18 @@ class FTRLProximalClassifier(HashedLogisticRegression):
         self.l2 = l2
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
-        total, squares = self._scratch_buffers(2)
-        np.add.at(total, slots, gradient)
-        np.add.at(squares, slots, gradient * gradient)
-        g, g2 = total[slots], squares[slots]
-        total[slots] = 0.0
-        squares[slots] = 0.0
-        n_old = self.n[slots]
+        # per distinct slot: Σg and Σg² (a chunk of ≤ max_delay rows is small, so sorting it is cheaper
+        # than scattering into 2**bits-sized accumulators)
+        touched, where = np.unique(slots, return_inverse=True)
+        g = np.bincount(where, weights=gradient, minlength=len(touched))
+        g2 = np.bincount(where, weights=gradient * gradient, minlength=len(touched))
+        n_old = self.n[touched]
         n_new = n_old + g2
         sigma = (np.sqrt(n_new) - np.sqrt(n_old)) / self.alpha
-        z = self.z[slots] + g - sigma * self.w[slots]
-        self.z[slots] = z
-        self.n[slots] = n_new
-        self.w[slots] = self.closed_form(z, n_new)
+        z = self.z[touched] + g - sigma * self.w[touched]
+        self.z[touched] = z
+        self.n[touched] = n_new
+        self.w[touched] = self.closed_form(z, n_new)
 
     def closed_form(self, z: np.ndarray, n: np.ndarray) -> np.ndarray:
         """The weights FTRL-Proximal derives from ``z`` and ``n`` (the paper's per-coordinate arg-min)."""
