@@ -498,4 +498,14 @@ def create_app_from_env() -> FastAPI:
 
     from fedstream.settings import load_settings
 
+    prefer_requests_over_background_work()
     return create_app(load_settings(), poll=os.environ.get("FEDSTREAM_SERVING_NO_POLL") != "1")
+
+
+def prefer_requests_over_background_work(interval_s: float = 0.001) -> None:
+    """Hand the GIL back every millisecond (default 5 ms) so the event loop is not starved while the poller
+    thread loads and warms a new model: request tails stay short during hot swaps. Process-wide: call it
+    in a server process only."""
+    import sys
+
+    sys.setswitchinterval(interval_s)

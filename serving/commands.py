@@ -40,6 +40,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, model_name: st
     bind_host, bind_port = host or settings.serving.host, port or settings.serving.port
     click.echo(f"fedstream API on http://{bind_host}:{bind_port}  (docs: /docs, metrics: /metrics)")
     if workers == 1:
+        from serving.app import prefer_requests_over_background_work
+
+        prefer_requests_over_background_work()
         app = create_app(settings, model_name=model_name, poll=not no_poll)
         uvicorn.run(app, host=bind_host, port=bind_port, log_level="warning", access_log=False)
         return
