@@ -516,13 +516,15 @@ def build_detectors(config: DriftSettings, merchant_id: str, model_version: str 
                           check_every=config.check_every, **common)
     for field in config.numeric_fields:
         span = config.hour_period_seconds if field == "hour" else 0.0
+        psi_threshold = config.psi_thresholds.get(field, config.psi_threshold)
         for statistic in ("psi", "ks"):
             detectors[f"feature.{field}.{statistic}"] = NumericShift(
-                merchant_id, field, statistic=statistic, psi_threshold=config.psi_threshold, bins=config.psi_bins,
+                merchant_id, field, statistic=statistic, psi_threshold=psi_threshold, bins=config.psi_bins,
                 ks_threshold=config.ks_threshold, ks_alpha=config.ks_alpha, min_span_seconds=span, **feature_window)
     for field in config.categorical_fields:
+        psi_threshold = config.psi_thresholds.get(field, config.psi_threshold)
         for statistic in ("psi", "chi2"):
             detectors[f"feature.{field}.{statistic}"] = CategoryShift(
-                merchant_id, field, statistic=statistic, psi_threshold=config.psi_threshold,
-                chi2_alpha=config.chi2_alpha, min_effect=config.chi2_min_effect, **feature_window)
+                merchant_id, field, statistic=statistic, psi_threshold=psi_threshold, chi2_alpha=config.chi2_alpha,
+                min_effect=config.chi2_min_effect, **feature_window)
     return detectors

@@ -105,6 +105,9 @@ class DriftSettings(BaseModel):
     feature_window: int = Field(default=1500, ge=10, description="Values in a feature's current window.")
     check_every: int = Field(default=250, ge=1, description="Window tests run every N values.")
     psi_threshold: float = Field(default=0.25, gt=0)
+    psi_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"price": 0.15}, description="Per-field PSI thresholds overriding psi_threshold."
+    )
     psi_bins: int = Field(default=10, ge=2)
     ks_threshold: float = Field(default=0.15, gt=0, le=1, description="KS distance D that counts as drift.")
     ks_alpha: float = Field(default=1e-6, gt=0, lt=1)

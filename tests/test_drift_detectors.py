@@ -138,8 +138,11 @@ def test_prequential_error_and_psi_basics():
 def test_detectors_are_built_from_settings_including_env_overrides(monkeypatch):
     monkeypatch.setenv("FEDSTREAM_DRIFT__PH_THRESHOLD", "123.5")
     monkeypatch.setenv("FEDSTREAM_DRIFT__NUMERIC_FIELDS", '["price"]')
+    monkeypatch.setenv("FEDSTREAM_DRIFT__PSI_THRESHOLDS", '{"price": 0.1}')
     config = load_settings().drift
     detectors = build_detectors(config, "m7", model_version="4")
+    assert detectors["feature.price.psi"].psi_threshold == 0.1
+    assert detectors["feature.category.psi"].psi_threshold == config.psi_threshold
     assert detectors["error.page_hinkley"].ph.threshold == 123.5
     assert "feature.hour.ks" not in detectors and "feature.price.ks" in detectors
     assert {d.model_version for d in detectors.values()} == {"4"}
