@@ -123,6 +123,7 @@ def test_worker_learns_publishes_and_resumes_without_relearning(produced, tmp_pa
     from registry.models import load_bundle
 
     bundle = load_bundle(settings, f"models:/{settings.serving.model_name}@challenger")
+    assert type(bundle.model).__name__ == "LinearScorer"  # serving gets FTRL's weights only, not z and n
     merchant = bundle.merchants()[0]
     ranked = bundle.recommend(merchant, "nobody", k=5)
     assert len(ranked) == 5 and all(0 < p < 1 for _, p in ranked)
