@@ -89,19 +89,28 @@ def _experiment_artifacts(settings: Settings, name: str) -> str | None:
 
 @contextlib.contextmanager
 def activate(settings: Settings) -> Iterator[str]:
-    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at our store inside the block."""
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at our store inside the block.
+
+    MLflow keeps the URI in a module global *and* in ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``;
+    both are put back exactly as they were on exit, so one settings' store never leaks into the next.
+    """
     import mlflow
 
-    previous_tracking = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     uri = tracking_uri(settings)
+    exp_id = experiment_id(settings)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    exp_id = experiment_id(settings)
     try:
         yield exp_id
     finally:
-        if previous_tracking:
-            mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def server_command(settings: Settings, host: str, port: int) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -165,3 +166,19 @@ def test_concurrent_workers_open_a_fresh_mlflow_store_safely(tmp_path):
     results = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [err[-500:] for _, err in results]
     assert len({out.strip() for out, _ in results}) == 1
+
+
+def test_activate_leaves_no_store_behind(tmp_path, monkeypatch):
+    import mlflow
+
+    from registry.tracking import activate, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = load_settings(data_dir=tmp_path / "a"), load_settings(data_dir=tmp_path / "b")
+    with activate(first):
+        assert mlflow.get_tracking_uri() == tracking_uri(first)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    with activate(second):
+        assert mlflow.get_tracking_uri() == tracking_uri(second)
+        assert mlflow.get_registry_uri() == tracking_uri(second)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
