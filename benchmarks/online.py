@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from online.prequential import mean_logloss
 from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.generator import GeneratorConfig, generate
@@ -46,11 +47,6 @@ BATCH = 1024
 BITS = 20
 FTRL = {"alpha": 0.1, "beta": 1.0, "l1": 0.0, "l2": 1.0}
 PARAMS = {"ftrl": FTRL, "river-ftrl": FTRL, "adam": {"learning_rate": 0.005}, "sgd": {"learning_rate": 0.05}}
-
-
-def logloss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-15, 1 - 1e-15)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def featurize(events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,8 +96,8 @@ def learner_rows(indices, values, labels) -> list[dict]:
                      **mini_batches(name, indices, values, labels)})
     for row in rows:
         n = row["events"]
-        row["logloss"] = logloss(labels[:n], row["p"])
-        row["logloss_prefix"] = logloss(labels[:RIVER_EVENTS], row["p"][:RIVER_EVENTS])
+        row["logloss"] = mean_logloss(labels[:n], row["p"])
+        row["logloss_prefix"] = mean_logloss(labels[:RIVER_EVENTS], row["p"][:RIVER_EVENTS])
         row.pop("p")
     return rows
 

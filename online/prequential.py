@@ -47,6 +47,13 @@ def logloss(y: np.ndarray, p: np.ndarray, clip: float = 1e-15) -> np.ndarray:
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
+def mean_logloss(y: np.ndarray, p: np.ndarray, clip: float = 1e-15) -> float:
+    """Mean logloss of probabilities ``p`` for binary labels ``y``; NaN on no data."""
+    if len(y) == 0:
+        return float("nan")
+    return float(np.mean(logloss(np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64), clip)))
+
+
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     """Exact ROC AUC (ties count one half); NaN when only one class is present."""
     from scipy.stats import rankdata

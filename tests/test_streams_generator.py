@@ -7,8 +7,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy.stats import rankdata
 
+from online.prequential import mean_logloss, roc_auc
 from streams.features import FeatureContext, Featurizer
 from streams.generator import DriftSpec, GeneratorConfig, generate, ground_truth, merchant_ids
 from streams.schemas import CatalogItem, Click, Order, decode_event, encode_event
@@ -146,17 +146,6 @@ def predict(w, x):
     return 1.0 / (1.0 + np.exp(-w[x].sum(axis=1)))
 
 
-def auc(y, p):
-    ranks = rankdata(p)
-    pos = y.sum()
-    return (ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos))
-
-
-def logloss(y, p):
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 @pytest.mark.slow
 def test_click_label_is_learnable_and_preference_drift_hurts_a_stale_model():
     base = GeneratorConfig(merchants=10, events=50_000, seed=3)
@@ -168,12 +157,12 @@ def test_click_label_is_learnable_and_preference_drift_hurts_a_stale_model():
     assert (x[:cut] == xd[:cut]).all() and (y[:cut] == yd[:cut]).all()
     w = fit_logistic(x[:cut], y[:cut])
     held = np.arange(len(y)) >= int(0.62 * len(y))
-    held_auc = auc(y[held], predict(w, x[held]))
+    held_auc = roc_auc(y[held], predict(w, x[held]))
     assert 0.68 < held_auc < 0.85, held_auc
     prior = np.full(held.sum(), y[:cut].mean())
-    assert logloss(y[held], predict(w, x[held])) < logloss(y[held], prior) - 0.03
+    assert mean_logloss(y[held], predict(w, x[held])) < mean_logloss(y[held], prior) - 0.03
     stable = held & (m == "m00")
     moved = (np.arange(len(yd)) >= int(0.62 * len(yd))) & (md == "m00")
-    before, after = logloss(y[stable], predict(w, x[stable])), logloss(yd[moved], predict(w, xd[moved]))
+    before, after = mean_logloss(y[stable], predict(w, x[stable])), mean_logloss(yd[moved], predict(w, xd[moved]))
     assert after > before * 1.05, (before, after)
-    assert auc(yd[moved], predict(w, xd[moved])) < auc(y[stable], predict(w, x[stable])) - 0.02
+    assert roc_auc(yd[moved], predict(w, xd[moved])) < roc_auc(y[stable], predict(w, x[stable])) - 0.02
