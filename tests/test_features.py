@@ -76,3 +76,19 @@ def test_as_dict_adds_colliding_slots():
 def test_bits_are_validated():
     with pytest.raises(ValueError, match="bits"):
         Featurizer(bits=40)
+
+
+def test_memoized_slots_equal_hashing_the_names():
+    """The fast path must be bit-identical to hashing the documented feature names."""
+    from streams.generator import GeneratorConfig, generate
+
+    featurizer, context = Featurizer(bits=18, memo_size=500), FeatureContext()  # small memo: clears too
+    clicks = []
+    for event in generate(GeneratorConfig(merchants=4, events=3000, seed=11)):
+        if isinstance(event, Click):
+            clicks.append(event)
+            fast, _ = featurizer.transform(event, context)
+            assert fast.tolist() == featurizer.hash_names(featurizer.names(event, context)).tolist()
+        context.observe(event)
+    many, _ = featurizer.transform_many(clicks[:50], context)
+    assert many.tolist() == [featurizer.hash_names(featurizer.names(c, context)).tolist() for c in clicks[:50]]
