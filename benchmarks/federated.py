@@ -179,15 +179,21 @@ def main() -> int:
     target_row = next((r for r in rows if r["merchants"] == 100 and r["examples"] == 1000), None)
     print(f"\nfederated AUC {result['federated_auc']:.4f} vs centralized {result['centralized_auc']:.4f} "
           f"(gap {result['auc_gap']:+.4f}, target <= {TARGET_AUC_GAP})")
-    print(f"merchants < {SMALL} examples ({result['small_merchants']}): local {result['small_local_auc']:.4f}  "
-          f"global {result['small_global_auc']:.4f}  global+fine-tune {result['small_finetuned_auc']:.4f} "
-          f"(fine-tune wins {result['small_finetune_wins']}/{result['small_merchants']})")
+    for group in ("small", "all"):
+        if result[f"{group}_local_auc"] is None:
+            print(f"no merchant with < {SMALL} examples in this stream")
+            continue
+        label = f"merchants < {SMALL} examples ({result['small_merchants']})" if group == "small" else "all merchants"
+        print(f"{label}: mean AUC local {result[f'{group}_local_auc']:.4f}  global {result[f'{group}_global_auc']:.4f}  "
+              f"global+fine-tune {result[f'{group}_finetuned_auc']:.4f}")
+    print(f"fine-tune beats local-only for {result['small_finetune_wins']}/{result['small_merchants']} small merchants")
     figures = {
         "benchmark": "federated", "quick": QUICK, "scaling": rows,
         "round_s_100x1k": target_row["tff_round_s"] if target_row else None,
         "round_s_target_met": bool(target_row and target_row["tff_round_s"] <= TARGET_ROUND_S),
         "auc_gap_target_met": result["auc_gap"] <= TARGET_AUC_GAP,
-        "small_finetune_beats_local": (result["small_finetuned_auc"] or 0) > (result["small_local_auc"] or 1),
+        "small_finetune_beats_local": (None if result["small_local_auc"] is None
+                                       else result["small_finetuned_auc"] > result["small_local_auc"]),
         **result, "tff_workers_stopped": len(stopped), "seconds": time.perf_counter() - started,
     }
     print(json.dumps(figures, default=float))
