@@ -31,7 +31,8 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from federated.model import ModelConfig, auc, logloss, tff_model_fn  # noqa: E402
+from federated.model import ModelConfig, tff_model_fn  # noqa: E402
+from online.prequential import mean_logloss, roc_auc  # noqa: E402
 from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
 from federated.personalize import PersonalizationConfig, format_table  # noqa: E402
 from federated.stores import build_stores, open_stores, write_store  # noqa: E402
@@ -128,7 +129,7 @@ def centralized_auc(stores: dict, epochs: int) -> tuple[float, float]:
     for _ in range(epochs):
         model.sgd_epoch(train["indices"], train["values"], train["labels"], learning_rate=CLIENT_LR, batch_size=BATCH, rng=rng)
         p = model.predict_proba_many(held["indices"], held["values"])
-        best = max(best, (auc(held["labels"], p), -logloss(held["labels"], p)))
+        best = max(best, (roc_auc(held["labels"], p), -mean_logloss(held["labels"], p, clip=1e-7)))
     return best[0], -best[1]
 
 
@@ -146,7 +147,7 @@ def quality(root: Path, settings) -> dict:
     federated_s = time.perf_counter() - started
     held = _pooled(stores, "heldout")
     p = outcome.scorer.predict_proba_many(held["indices"], held["values"])
-    fed_auc, fed_ll = auc(held["labels"], p), logloss(held["labels"], p)
+    fed_auc, fed_ll = roc_auc(held["labels"], p), mean_logloss(held["labels"], p, clip=1e-7)
     central_auc, central_ll = centralized_auc(stores, epochs=5)
     print(format_table(outcome.personalization))
     s = outcome.summary

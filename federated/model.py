@@ -198,21 +198,3 @@ def assign_weights(model, weights) -> None:
         variable.assign(value)
     for variable, value in zip(model.non_trainable_weights, non_trainable):
         variable.assign(value)
-
-
-def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
-    y = np.asarray(y, np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by ranks (ties averaged); NaN when only one class is present."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y) > 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(p)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from federated.model import ModelConfig, NumpyScorer, auc, build_keras_model, logloss
+from federated.model import ModelConfig, NumpyScorer, build_keras_model
+from online.prequential import mean_logloss, roc_auc
 from federated.stores import MerchantStore, StoreError
 
 
@@ -67,7 +68,7 @@ def set_named_weights(model, weights: Mapping[str, np.ndarray]) -> None:
 
 def score(scorer: NumpyScorer, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     p = scorer.predict_proba_many(arrays["indices"], arrays["values"])
-    return {"auc": auc(arrays["labels"], p), "logloss": logloss(arrays["labels"], p)}
+    return {"auc": roc_auc(arrays["labels"], p), "logloss": mean_logloss(arrays["labels"], p, clip=1e-7)}
 
 
 def compare_merchant(store: MerchantStore, model_config: ModelConfig, global_scorer: NumpyScorer,
