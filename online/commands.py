@@ -53,11 +53,14 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
 @click.option("--no-publish", is_flag=True, help="Never register snapshots in MLflow.")
 @click.option("--rank-every", type=click.IntRange(min=0), default=50, show_default=True,
               help="Score the recommender on every N-th click/order (HitRate/NDCG; 0: never).")
+@click.option("--drift/--no-drift", "watch_drift", default=True, show_default=True,
+              help="Feed every prediction to per-merchant drift detectors (ADWIN, Page-Hinkley); drift events go "
+                   "to the drift topic, the JSONL drift log and MLflow.")
 @pass_settings
 def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
           worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
           checkpoint_path: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
-          no_publish: bool, rank_every: int) -> None:
+          no_publish: bool, rank_every: int, watch_drift: bool) -> None:
     """Consume clicks and orders as a consumer group member, learn test-then-train, checkpoint and publish.
 
     Resumes from its checkpoint (model, features, recommender, metrics and offsets saved together), so a
@@ -72,9 +75,21 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
     )
+    monitor = _drift_monitor(settings, publish_to_mlflow=not no_publish) if watch_drift else None
+    subscribers = [lambda prediction: monitor.observe_prediction(*prediction)] if monitor else []
     try:
-        worker = OnlineWorker(settings, config)
+        worker = OnlineWorker(settings, config, subscribers=subscribers)
     except ValueError as exc:  # a checkpoint of another model or feature space
         raise click.ClickException(str(exc)) from exc
     summary = worker.run()
+    if monitor is not None:
+        summary["drift_events"] = [{"merchant_id": e.merchant_id, "detector": e.detector, "event_index": e.event_index}
+                                   for e in monitor.events]
     click.echo(json.dumps(summary, default=str))
+
+
+def _drift_monitor(settings: Settings, publish_to_mlflow: bool):
+    """Error-stream drift detectors per merchant, publishing to the drift topic, the drift log and MLflow."""
+    from drift.monitor import DriftMonitor, default_sinks
+
+    return DriftMonitor(settings, sinks=default_sinks(settings, mlflow=publish_to_mlflow))
