@@ -2,9 +2,9 @@
 
 Each click is first scored by an online model, then learned from, so the probability ``p`` is an honest
 out-of-sample prediction: its error stream is what the error detectors watch. The model is the online
-room's FTRL-Proximal learner when ``online/learners.py`` provides one, else :class:`HashedLogistic`
-(a small AdaGrad logistic regression; River's own LogisticRegression costs ~0.5 ms per click here because
-its dot product walks the whole weight dict) over the same hashed features (``streams.features``).
+room's FTRL-Proximal learner (``online.learners``), in mini-batches, over the same hashed features
+(``streams.features``); River's own LogisticRegression costs ~0.5 ms per click here because its dot
+product walks the whole weight dict.
 
 Events come from a JSONL file (as written by ``fedstream generate --out``) or the Kafka topics.
 
@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,65 +40,11 @@ class EmptyStream(ValueError):
     """No usable events where some were expected (empty file, empty topics, nothing after --since)."""
 
 
-class HashedLogistic:
-    """Logistic regression over hashed slots with per-coordinate AdaGrad steps: the fallback online model.
-
-    It speaks both the River protocol (``learn_one``/``predict_proba_one`` on ``{slot: value}`` dicts) and
-    the vectorized one of ``online.learners`` (``learn_many``/``predict_proba_many`` on index/value arrays).
-
-    >>> model = HashedLogistic(bits=8)
-    >>> idx, val = np.array([[1, 2]], dtype=np.int32), np.ones((1, 2), dtype=np.float32)
-    >>> for _ in range(50):
-    ...     model.learn_many(idx, val, np.array([True]))
-    >>> bool(model.predict_proba_many(idx, val)[0] > 0.8)
-    True
-    """
-
-    def __init__(self, bits: int = 16, learning_rate: float = 0.1, l2: float = 1e-6) -> None:
-        self.bits, self.learning_rate, self.l2 = bits, learning_rate, l2
-        self.weights = np.zeros(1 << bits)
-        self.squared = np.full(1 << bits, 1e-8)
-
-    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
-        z = (self.weights[indices] * values).sum(axis=1)
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-
-    def learn_many(self, indices: np.ndarray, values: np.ndarray, y: np.ndarray) -> None:
-        gradient = (self.predict_proba_many(indices, values) - np.asarray(y, dtype=float))[:, None] * values
-        gradient = gradient + self.l2 * self.weights[indices]
-        np.add.at(self.squared, indices, gradient**2)
-        np.add.at(self.weights, indices, -self.learning_rate * gradient / np.sqrt(self.squared[indices]))
-
-    def predict_proba_one(self, x: dict) -> dict:
-        p = float(self.predict_proba_many(*_arrays(x))[0])
-        return {False: 1.0 - p, True: p}
-
-    def learn_one(self, x: dict, y: bool) -> None:
-        self.learn_many(*_arrays(x), np.array([y]))
-
-
-def _arrays(x: dict) -> tuple[np.ndarray, np.ndarray]:
-    return (np.fromiter(x.keys(), dtype=np.int64)[None, :] % (1 << 30),
-            np.fromiter(x.values(), dtype=np.float64)[None, :])
-
-
 def make_learner(bits: int = 16):
-    """The online room's FTRL learner if it exists, else :class:`HashedLogistic` (same protocols)."""
-    if importlib.util.find_spec("online.learners") is not None:
-        try:
-            from online.learners import FTRLProximalClassifier
+    """The online room's FTRL-Proximal learner: the same model family the learner workers run."""
+    from online.learners import FTRLProximalClassifier
 
-            return FTRLProximalClassifier(bits=bits) if "bits" in _parameters(FTRLProximalClassifier) \
-                else FTRLProximalClassifier()
-        except (ImportError, TypeError) as exc:  # the online room is mid-change: fall back, say why
-            log.warning("online FTRL learner unavailable, using HashedLogistic", extra={"error": str(exc)[:200]})
-    return HashedLogistic(bits=bits)
-
-
-def _parameters(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls).parameters)
+    return FTRLProximalClassifier(bits=bits)
 
 
 def learner_name(model) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from drift.events import DriftEvent
 from drift.prequential import EmptyStream, MerchantTrace, learner_name, make_learner, run_monitor
+from online.prequential import mean_logloss, roc_auc
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.schemas import Event
@@ -32,35 +33,17 @@ log = get_logger("drift.report")
 FAMILY_COLORS = {"error": "tab:red", "label": "tab:purple", "feature": "tab:green"}
 
 
-def logloss(y: np.ndarray, p: np.ndarray, clip: float = 1e-3) -> float:
-    """Mean logloss; nan on no data."""
-    if len(y) == 0:
-        return math.nan
-    p = np.clip(p, clip, 1 - clip)
-    return float(-np.mean(np.where(y, np.log(p), np.log(1 - p))))
+def logloss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean logloss, probabilities clipped to [1e-3, 1 - 1e-3] so one confident miss does not swamp a plot."""
+    return mean_logloss(y, p, clip=1e-3)
 
-
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by ranks (ties averaged); nan when one class is missing.
-
-    >>> auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
-    0.75
-    """
-    from scipy.stats import rankdata
-
-    y = np.asarray(y, dtype=bool)
-    positives, negatives = int(y.sum()), int((~y).sum())
-    if positives == 0 or negatives == 0:
-        return math.nan
-    ranks = rankdata(p)
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def rolling(y: np.ndarray, p: np.ndarray, window: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(end positions, logloss, AUC) over sliding windows of ``window`` clicks every ``stride`` clicks."""
     ends = np.arange(min(window, len(y)), len(y) + 1, max(stride, 1))
     losses = np.array([logloss(y[e - window:e], p[e - window:e]) for e in ends]) if len(ends) else np.array([])
-    aucs = np.array([auc(y[max(e - window, 0):e], p[max(e - window, 0):e]) for e in ends]) if len(ends) else np.array([])
+    aucs = np.array([roc_auc(y[max(e - window, 0):e], p[max(e - window, 0):e]) for e in ends]) if len(ends) else np.array([])
     return ends, losses, aucs
 
 
@@ -175,7 +158,7 @@ def merchant_summary(trace: MerchantTrace, drifts: Sequence[DriftEvent]) -> dict
         "ctr": trace.clicked / trace.clicks if trace.clicks else math.nan,
         "conversion": trace.orders / trace.clicked if trace.clicked else math.nan,
         "logloss": logloss(y, p),
-        "auc": auc(y, p),
+        "auc": roc_auc(y, p),
         "drift_events": len(drifts),
     }
 
