@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.schemas import CatalogItem, Click, Event, InvalidEvent, Order, decode_event
 
-log = get_logger("drift.prequential")
 
 
 class EmptyStream(ValueError):
