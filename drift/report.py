@@ -34,7 +34,11 @@ FAMILY_COLORS = {"error": "tab:red", "label": "tab:purple", "feature": "tab:gree
 
 
 def logloss(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean logloss, probabilities clipped to [1e-3, 1 - 1e-3] so one confident miss does not swamp a plot."""
+    """Mean logloss, probabilities clipped to [1e-3, 1 - 1e-3] so one confident miss does not swamp a plot.
+
+    >>> round(logloss(np.array([1, 0]), np.array([1.0, 0.5])), 3)
+    0.347
+    """
     return mean_logloss(y, p, clip=1e-3)
 
 

