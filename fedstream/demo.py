@@ -185,7 +185,14 @@ class Demo:
     def promote_champion(self) -> None:
         self.step(6, "model versions and champion")
         name = self.settings.serving.model_name
-        self.summary["promotion"] = self.last_json(self.fedstream("models", "promote", "--name", name, "--json"))
+        registered = json.loads(self.fedstream("models", "list", "--name", name, "--json"))
+        decisions = []
+        for version in sorted(registered, key=lambda v: int(v["version"])):  # each challenger meets the policy
+            decisions.append(self.last_json(self.fedstream("models", "promote", "--name", name, "--version",
+                                                           str(version["version"]), "--json")))
+            console.print(f"version {version['version']} ({version.get('lineage', {}).get('model', '?')}): "
+                          f"{'promoted' if decisions[-1]['moved'] else 'kept as challenger'}: {decisions[-1]['reason']}")
+        self.summary["promotion"] = decisions
         self.summary["versions"] = json.loads(self.fedstream("models", "list", "--name", name, "--json"))
 
     def serve_and_query(self) -> None:
@@ -284,11 +291,12 @@ def _users_of(events: Path, merchant: str, count: int) -> list[str]:
 
 
 def run_demo(settings: Settings, plan: DemoPlan) -> dict:
-    """Run steps 2-9 (step 1, the environment, is `make demo`'s `uv sync`). Returns the summary."""
+    """Run steps 2-9 (step 1, the environment, is `make demo`'s `uv sync`) in ``<data_dir>/demo``, which is
+    wiped first so every demo starts from an empty broker, MLflow store and key file. Returns the summary."""
     workdir = settings.data_path / "demo"
-    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # the demo owns this directory: broker record, MLflow, keys
     workdir.mkdir(parents=True)
-    demo = Demo(settings, plan, workdir)
+    demo = Demo(settings.model_copy(update={"data_dir": workdir}), plan, workdir)
     started = time.monotonic()
     try:
         demo.start_infrastructure()

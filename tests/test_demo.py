@@ -52,6 +52,8 @@ def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path)
     assert 0.5 < summary["federated"]["final_eval"]["auc"] <= 1.0
     champions = [v for v in summary["versions"] if "champion" in v["aliases"]]
     assert len(champions) == 1
+    assert [d["version"] for d in summary["promotion"]] == sorted((v["version"] for v in summary["versions"]), key=int)
+    assert summary["promotion"][0]["moved"]  # the first version always becomes champion
     for answer in summary["recommendations"].values():
         assert len(answer["items"]) == 5 and answer["model_version"] == champions[0]["version"]
     assert summary["other_merchant_status"] == 403
@@ -59,4 +61,5 @@ def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path)
     report = Path(summary["report"])
     assert report.exists() and list(report.parent.glob("*.png"))
     # everything started was stopped: no broker record left, no tansu/uvicorn/worker children of ours
-    assert not (tmp_path / "broker.json").exists()
+    assert not (tmp_path / "demo" / "broker.json").exists()
+    assert (tmp_path / "demo" / "mlflow" / "mlflow.db").exists()
