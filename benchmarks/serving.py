@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from fedstream.host import free_port
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 ITEMS = 10_000
@@ -49,12 +50,6 @@ SWAP_GAP_SECONDS = 1.5 if QUICK else 3.0
 MERCHANT, MODEL = "bench", "fedstream-ctr"
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))  # uvicorn worker processes of `fedstream serve`
 TARGET_P99_MS, TARGET_RATE = 15.0, 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_bundle(seed: int = 7):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedstream.host import MissingPackageFile, free_port, package_file
 from fedstream.logs import get_logger
 
 log = get_logger("federated.remote")
@@ -35,21 +36,10 @@ log = get_logger("federated.remote")
 
 def worker_binary() -> Path:
     """Path of the C++ executor service shipped inside the TFF wheel."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("tensorflow_federated")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("tensorflow_federated is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "worker_binary"
-    if not path.is_file():
-        raise RuntimeError(f"TFF worker binary missing at {path}")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        return package_file("tensorflow_federated", "data/worker_binary")
+    except MissingPackageFile as exc:
+        raise RuntimeError(f"TFF worker binary unavailable: {exc}") from None
 
 
 def start_worker(port: int = 0, timeout_s: float = 30.0) -> tuple[subprocess.Popen, int]:

@@ -197,7 +197,7 @@ class Demo:
 
     def serve_and_query(self) -> None:
         self.step(7, "serving: recommendations for a few users")
-        from streams.broker import free_port
+        from fedstream.host import free_port
 
         port = free_port()
         self.spawn("serve", "--port", str(port), log_name="serve.log")

