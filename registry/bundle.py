@@ -36,10 +36,9 @@ from typing import Any, Literal, Protocol
 import crc32c
 import numpy as np
 
-from streams.features import FIELDS, FeatureContext, Featurizer, price_bucket
+from streams.features import FIELD_INDEX, FIELDS, FeatureContext, Featurizer, feature_slot, price_bucket
 from streams.schemas import Click
 
-_FIELD = {name: position for position, name in enumerate(FIELDS)}
 DEVICE, PAGE, POSITION = "desktop", "recommendation", 0  # what Featurizer.candidates assumes
 # slots of a candidate that depend on neither the user nor the time: hashed once per merchant
 STATIC_FIELDS = ("bias", "merchant", "item", "category", "price_bucket", "device", "page", "position",
@@ -102,10 +101,6 @@ class LinearScorer:
         self.bias -= float(self.learning_rate * error.mean())
 
 
-def _crc(text: str) -> int:
-    return crc32c.crc32c(text.encode())
-
-
 @dataclass
 class _MerchantCandidates:
     """A merchant's catalog pre-hashed for ranking: item-only slots, category codes, user×item partial CRCs."""
@@ -129,7 +124,7 @@ class _MerchantCandidates:
         """Σ w[slot] over the user- and time-independent slots of every item, for a linear model."""
         found = self._static_logits
         if found is None or found[0] is not weights:
-            columns = [_FIELD[name] for name in STATIC_FIELDS]
+            columns = [FIELD_INDEX[name] for name in STATIC_FIELDS]
             logits = weights[self.static[:, columns]].sum(axis=1, dtype=np.float64)
             self._static_logits = found = (weights, logits)
         return found[1]
@@ -139,9 +134,9 @@ class _MerchantCandidates:
         key = (hour, weekday, mask)
         found = self._time_slots.get(key)
         if found is None:
-            by_category = np.fromiter((_crc(f"category×hour={c}|{hour}") & mask for c in self.categories),
+            by_category = np.fromiter((feature_slot("category×hour", c, hour, mask=mask) for c in self.categories),
                                       dtype=np.int32, count=len(self.categories))
-            found = self._time_slots[key] = (_crc(f"hour={hour}") & mask, _crc(f"weekday={weekday}") & mask,
+            found = self._time_slots[key] = (feature_slot("hour", hour, mask=mask), feature_slot("weekday", weekday, mask=mask),
                                              by_category)
         return found
 
@@ -192,12 +187,10 @@ class _CandidateIndex:
         code_of = {category: code for code, category in enumerate(categories)}
         n = len(item_ids)
         static = np.zeros((n, len(FIELDS)), dtype=np.int32)
-        constant = {
-            "bias": "bias", "merchant": f"merchant={merchant_id}", "device": f"device={DEVICE}",
-            "page": f"page={PAGE}", "position": f"position={POSITION}", "page×position": f"page×position={PAGE}|{POSITION}",
-        }
-        for name, text in constant.items():
-            static[:, _FIELD[name]] = _crc(text) & mask
+        constant = {"bias": (), "merchant": (merchant_id,), "device": (DEVICE,), "page": (PAGE,),
+                    "position": (POSITION,), "page×position": (PAGE, POSITION)}
+        for name, values in constant.items():
+            static[:, FIELD_INDEX[name]] = feature_slot(name, *values, mask=mask)
         codes = np.empty(n, dtype=np.int32)
         base_prefix = f"user×item={merchant_id}/"
         base_crc = np.empty(n, dtype=np.uint32)
@@ -205,11 +198,11 @@ class _CandidateIndex:
         for row, item_id in enumerate(item_ids):
             info = catalog[item_id]
             codes[row] = code_of[info.category]
-            static[row, _FIELD["item"]] = _crc(f"item={merchant_id}/{item_id}") & mask
-            static[row, _FIELD["category"]] = _crc(f"category={info.category}") & mask
-            static[row, _FIELD["price_bucket"]] = _crc(f"price_bucket={price_bucket(info.price)}") & mask
-            static[row, _FIELD["category×device"]] = _crc(f"category×device={info.category}|{DEVICE}") & mask
-            static[row, _FIELD["merchant×category"]] = _crc(f"merchant×category={merchant_id}|{info.category}") & mask
+            static[row, FIELD_INDEX["item"]] = feature_slot("item", merchant_id, item_id, mask=mask)
+            static[row, FIELD_INDEX["category"]] = feature_slot("category", info.category, mask=mask)
+            static[row, FIELD_INDEX["price_bucket"]] = feature_slot("price_bucket", price_bucket(info.price), mask=mask)
+            static[row, FIELD_INDEX["category×device"]] = feature_slot("category×device", info.category, DEVICE, mask=mask)
+            static[row, FIELD_INDEX["merchant×category"]] = feature_slot("merchant×category", merchant_id, info.category, mask=mask)
             suffix = f"|{item_id}".encode()
             base_crc[row] = crc32c.crc32c(base_prefix.encode() + suffix)
             lengths[row] = len(suffix)
@@ -238,7 +231,7 @@ def _user_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rec
                 rows: np.ndarray | None, mask: int) -> _UserSlots:
     tm = time.gmtime(when)
     hour_slot, weekday_slot, category_hour = cached.time_slots(tm.tm_hour, tm.tm_wday, mask)
-    user_cat = np.fromiter((_crc(f"user×category={merchant_id}/{user_id}|{c}") & mask for c in cached.categories),
+    user_cat = np.fromiter((feature_slot("user×category", merchant_id, user_id, c, mask=mask) for c in cached.categories),
                            dtype=np.int32, count=len(cached.categories))
     if recent:
         recent_set = set(recent)
@@ -247,7 +240,7 @@ def _user_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rec
     else:
         affinity = np.full(len(cached.categories), _affinity_slot("new", mask), dtype=np.int32)
     return _UserSlots(
-        hour=hour_slot, weekday=weekday_slot, user=_crc(f"user={merchant_id}/{user_id}") & mask,
+        hour=hour_slot, weekday=weekday_slot, user=feature_slot("user", merchant_id, user_id, mask=mask),
         user_category=user_cat, affinity=affinity, category_hour=category_hour,
         codes=cached.category_codes if rows is None else cached.category_codes[rows],
         user_item=_user_item_slots(cached, merchant_id, user_id, rows) & mask,
@@ -256,7 +249,7 @@ def _user_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rec
 
 @functools.lru_cache(maxsize=64)
 def _affinity_slot(label: str, mask: int) -> int:
-    return _crc(f"user_affinity={label}") & mask
+    return feature_slot("user_affinity", label, mask=mask)
 
 
 def _user_item_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rows: np.ndarray | None) -> np.ndarray:
@@ -272,13 +265,13 @@ def _user_item_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str
 def _assemble(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray | None) -> np.ndarray:
     """Slot indices ``int32[n, F]``, identical to :meth:`Featurizer.candidates`."""
     out = (cached.static if rows is None else cached.static[rows]).copy()
-    out[:, _FIELD["hour"]] = slots.hour
-    out[:, _FIELD["weekday"]] = slots.weekday
-    out[:, _FIELD["user"]] = slots.user
-    out[:, _FIELD["user×category"]] = slots.user_category[slots.codes]
-    out[:, _FIELD["user_affinity"]] = slots.affinity[slots.codes]
-    out[:, _FIELD["category×hour"]] = slots.category_hour[slots.codes]
-    out[:, _FIELD["user×item"]] = slots.user_item
+    out[:, FIELD_INDEX["hour"]] = slots.hour
+    out[:, FIELD_INDEX["weekday"]] = slots.weekday
+    out[:, FIELD_INDEX["user"]] = slots.user
+    out[:, FIELD_INDEX["user×category"]] = slots.user_category[slots.codes]
+    out[:, FIELD_INDEX["user_affinity"]] = slots.affinity[slots.codes]
+    out[:, FIELD_INDEX["category×hour"]] = slots.category_hour[slots.codes]
+    out[:, FIELD_INDEX["user×item"]] = slots.user_item
     return out
 
 

@@ -160,6 +160,18 @@ _NAME_FORMATS: tuple[str, ...] = (
 )
 
 
+FIELD_INDEX: dict[str, int] = {name: index for index, name in enumerate(FIELDS)}
+
+
+def feature_slot(field: str, *values: object, mask: int) -> int:
+    """Slot of one feature, by field name and values: the one place feature names are spelled and hashed.
+
+    >>> feature_slot("category", "shoes", mask=2**16 - 1) == Featurizer(16).hash_names(["category=shoes"] * 18)[0]
+    True
+    """
+    return crc32c.crc32c(_NAME_FORMATS[FIELD_INDEX[field]].format(*values).encode()) & mask
+
+
 def price_bucket(price: float) -> int:
     """Half-octave price buckets: 0-1, 1-1.4, 1.4-2, ... so +41% in price moves one bucket."""
     return int(2 * math.log2(1.0 + max(price, 0.0)))
@@ -272,8 +284,7 @@ class Featurizer:
         if found is None:
             if len(self._memo) >= self.memo_size:
                 self._memo.clear()
-            name = _NAME_FORMATS[field_index].format(*values)
-            found = self._memo[key] = crc32c.crc32c(name.encode()) & self._mask
+            found = self._memo[key] = feature_slot(FIELDS[field_index], *values, mask=self._mask)
         return found
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
