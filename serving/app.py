@@ -9,7 +9,9 @@ API and the Kafka consumers agree on what a valid click is.
 Auth: every ``/v1`` route needs an ``X-API-Key`` header (:mod:`serving.keys`). A merchant key reads and
 writes only its own merchant's data; an admin key may do everything, including promote/rollback.
 Errors are JSON ``{"detail": ...}`` with 4xx codes; per-event problems list the event index and the
-machine-readable reason from :data:`streams.schemas.REASONS`.
+machine-readable reason from :data:`streams.schemas.REASONS`. Ingestion is never all-or-nothing on
+content: invalid events go to the dead-letter topic with their original bytes and reason (as with
+``fedstream ingest``) while the valid ones are produced, and the answer accounts for each.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the closures' Depends(...) objects, not strings.
@@ -68,9 +70,20 @@ class Predictions(BaseModel):
     probabilities: list[float]
 
 
+class RejectedEvent(BaseModel):
+    index: int = Field(description="Position of the event in the request's list.")
+    reason: str = Field(description="Machine-readable reason (streams.schemas.REASONS).")
+    msg: str
+
+
 class EventsAccepted(BaseModel):
+    """Every event of the request is accounted for: accepted (produced) or dead-lettered with its reason."""
+
     accepted: int
     by_type: dict[str, int]
+    dead_lettered: int = 0
+    reasons: dict[str, int] = Field(default_factory=dict)
+    rejected: list[RejectedEvent] = Field(default_factory=list)
 
 
 class ServedModelInfo(BaseModel):
@@ -184,8 +197,9 @@ class _Producer:
         self._producer = None
         self._lock = threading.Lock()
 
-    def send_all(self, events: list) -> None:
-        """Send and wait for every acknowledgement; raises BrokerUnavailable or DeliveryFailed."""
+    def send_all(self, events: list, invalid: list[tuple[bytes, InvalidEvent]] = ()) -> None:
+        """Send the valid events and dead-letter the invalid ones (original bytes, reason), then wait for
+        every acknowledgement; raises BrokerUnavailable or DeliveryFailed."""
         from streams.producer import EventProducer
 
         with self._lock:
@@ -193,6 +207,8 @@ class _Producer:
                 self._producer = EventProducer(self.settings, source="serving-api")
             for event in events:
                 self._producer.send_event(event)
+            for raw, bad in invalid:
+                self._producer.dead_letter(raw, bad.reason, bad.detail)
             self._producer.flush()
 
     def close(self) -> None:
@@ -386,19 +402,42 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
     ) -> EventsAccepted:
         """Validate events and produce them to Kafka via the streams EventProducer (keyed by merchant, acks=all).
 
-        All or nothing on validation: any invalid event rejects the batch with 422 and each bad index and reason.
+        Invalid events are dead-lettered with their reason and listed in ``rejected`` (202: the valid ones
+        are in). A merchant key sending another merchant's event is refused whole (403, nothing sent).
         """
         raws = _decode_envelope(body, _Batch, "events")
-        events = _decode_events(raws, "events", metrics, clicks_only=False,
-                                merchant_id=None if who.is_admin else who.merchant_id)
-        return EventsAccepted(accepted=len(events), by_type=_produce(events))
+        events, invalid = _split_events(raws, None if who.is_admin else who.merchant_id)
+        by_type = _produce(events, invalid)
+        reasons: dict[str, int] = {}
+        for _, _, bad in invalid:
+            reasons[bad.reason] = reasons.get(bad.reason, 0) + 1
+        rejected = [RejectedEvent(index=index, reason=bad.reason, msg=bad.detail) for index, _, bad in invalid]
+        return EventsAccepted(accepted=len(events), by_type=by_type, dead_lettered=len(invalid), reasons=reasons,
+                              rejected=rejected)
 
-    def _produce(events: list) -> dict[str, int]:
+    def _split_events(raws: list[msgspec.Raw], merchant_id: str | None) -> tuple[list, list]:
+        events, invalid = [], []
+        for index, raw in enumerate(raws):
+            payload = bytes(raw)
+            try:
+                event = decode_event(payload)
+            except InvalidEvent as bad:
+                invalid.append((index, payload, bad))
+                continue
+            if merchant_id is not None and event.merchant_id != merchant_id:
+                metrics.rejected.labels("merchant_mismatch").inc()
+                raise HTTPException(403, [{"loc": ["body", "events", index, "merchant_id"], "type": "merchant_mismatch",
+                                           "msg": f"event of merchant {event.merchant_id!r} sent with a key of "
+                                                  f"merchant {merchant_id!r}"}])
+            events.append(event)
+        return events, invalid
+
+    def _produce(events: list, invalid: list = ()) -> dict[str, int]:
         from streams.kafka import BrokerUnavailable
         from streams.producer import DeliveryFailed
 
         try:
-            producer.send_all(events)
+            producer.send_all(events, [(payload, bad) for _, payload, bad in invalid])
         except BrokerUnavailable as exc:
             raise HTTPException(503, f"event broker unavailable: {exc}") from None
         except DeliveryFailed as exc:
@@ -406,6 +445,8 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
         except Exception as exc:  # other Kafka client errors: the events were not durably accepted
             log.warning("produce failed", extra={"error": str(exc)[:300]})
             raise HTTPException(503, f"events not accepted by the broker: {type(exc).__name__}") from None
+        for _, _, bad in invalid:
+            metrics.rejected.labels(bad.reason).inc()
         counts: dict[str, int] = {}
         for event in events:
             kind = event_type(event)

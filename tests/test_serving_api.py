@@ -159,10 +159,8 @@ def test_drift_status_is_filtered_per_merchant(api, settings, keys):
 
 
 def test_events_are_produced_to_kafka_keyed_by_merchant(kafka_settings, keys):
-    from kafka import TopicPartition
-
-    from streams.kafka import make_consumer
     from streams.schemas import decode_event
+    from tests.test_streams_pipeline import drain_raw
 
     settings = kafka_settings
     with TestClient(create_app(settings, poll=False)) as api:
@@ -171,25 +169,26 @@ def test_events_are_produced_to_kafka_keyed_by_merchant(kafka_settings, keys):
         events = clicks_json(n=3) + [catalog]
         response = api.post("/v1/events", json={"events": events}, headers=auth(keys["m1"]))
         assert response.status_code == 202, response.text
-        assert response.json() == {"accepted": 4, "by_type": {"click": 3, "catalog": 1}}
+        assert response.json() == {"accepted": 4, "by_type": {"click": 3, "catalog": 1}, "dead_lettered": 0,
+                                   "reasons": {}, "rejected": []}
         foreign = api.post("/v1/events", json={"events": clicks_json("m2", 1)}, headers=auth(keys["m1"]))
-        assert foreign.status_code == 422 and foreign.json()["detail"][0]["type"] == "merchant_mismatch"
-        invalid = api.post("/v1/events", json={"events": [dict(events[0], clicked="yes")]}, headers=auth(keys["admin"]))
-        assert invalid.status_code == 422
+        assert foreign.status_code == 403 and foreign.json()["detail"][0]["type"] == "merchant_mismatch"
+        bad_click = dict(events[0], event_id="bad-1", clicked="yes")
+        mixed = api.post("/v1/events", json={"events": [bad_click, {"type": "refund", "event_id": "bad-2"}]},
+                         headers=auth(keys["admin"]))
+        assert mixed.status_code == 202, mixed.text
+        answer = mixed.json()
+        assert answer["accepted"] == 0 and answer["dead_lettered"] == 2
+        assert [r["index"] for r in answer["rejected"]] == [0, 1]
+        assert answer["reasons"] == {"wrong_type": 1, "unknown_event_type": 1}
         assert api.post("/v1/events", json={"events": events}).status_code == 401
 
-    consumer = make_consumer(settings, None)
-    try:
-        topic = settings.topics.clicks
-        consumer.assign([TopicPartition(topic.name, p) for p in range(topic.partitions)])
-        records, deadline = [], time.monotonic() + 20
-        while len(records) < 3 and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=1000).values():
-                records.extend(batch)
-    finally:
-        consumer.close()
+    records = drain_raw(settings, settings.topics.clicks.name, 3)
     assert sorted(decode_event(r.value).event_id for r in records) == sorted(e["event_id"] for e in events[:3])
     assert {r.key for r in records} == {b"m1"}
+    dead = drain_raw(settings, settings.topics.dead_letter.name, 2)
+    assert sorted(dict(r.headers)["reason"].decode() for r in dead) == ["unknown_event_type", "wrong_type"]
+    assert b'"bad-1"' in dead[0].value or b'"bad-1"' in dead[1].value
 
 
 def test_events_without_a_broker_are_refused_with_503(api, keys):
