@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -55,6 +56,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_payload
+from streams.records import install_fast_fetch
 from streams.schemas import Event, InvalidEvent, decode_event
 
 log = get_logger("streams.consumer")
@@ -77,9 +79,9 @@ class RetryPolicy:
             delay = min(delay * self.factor, self.max_s)
 
 
-@dataclass(frozen=True)
-class Record:
-    """A decoded event and where it was read."""
+class Record(msgspec.Struct, frozen=True):
+    """A decoded event and where it was read (a frozen msgspec struct: ~10x cheaper to build than a
+    frozen dataclass, which matters at tens of thousands of records per second)."""
 
     event: Event
     topic: str
@@ -165,7 +167,9 @@ class EventConsumer:
         started = time.monotonic()
         for attempt, delay in enumerate(self.retry.delays(), start=1):
             try:
-                return make_consumer(self.settings, self.group_id, **overrides)
+                consumer = make_consumer(self.settings, self.group_id, **overrides)
+                install_fast_fetch(consumer)
+                return consumer
             except BrokerUnavailable as exc:
                 waited = time.monotonic() - started
                 if self._stop.is_set() or (self.retry.deadline_s is not None and waited + delay > self.retry.deadline_s):
@@ -224,17 +228,23 @@ class EventConsumer:
         fetched = self._consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms,
                                       max_records=max_records or self.max_records)
         batch = Batch()
+        if not fetched:
+            return batch
         now = self.now if self.now is not None else time.time()
+        merchants = self.merchants
+        append = batch.records.append
+        decode = decode_event
         futures = []
         for tp, messages in fetched.items():
+            topic, partition = tp.topic, tp.partition
             for message in messages:
                 try:
-                    event = decode_event(message.value or b"", now=now, merchants=self.merchants)
+                    event = decode(message.value or b"", now=now, merchants=merchants)
                 except InvalidEvent as bad:
                     futures.append(self._dead_letter(message, bad))
                     batch.dead_lettered += 1
                 else:
-                    batch.records.append(Record(event, tp.topic, tp.partition, message.offset, message.timestamp, message.key))
+                    append(Record(event, topic, partition, message.offset, message.timestamp, message.key))
             if messages:
                 batch.offsets[tp] = messages[-1].offset + 1
                 self._positions[tp] = messages[-1].offset + 1

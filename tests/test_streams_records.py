@@ -1,0 +1,130 @@
+"""streams.records: the bulk record codec must give exactly what kafka-python's own code gives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from kafka import TopicPartition
+from kafka.consumer.fetcher import Fetcher
+from kafka.errors import CorruptRecordError
+from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
+
+from kafka.producer.producer_batch import ProducerBatch
+
+from streams.records import SUPPORTED, FastPartitionRecords, RecordBatchEncoder, key_field, varint
+
+TP = TopicPartition("t", 3)
+
+
+def build(records, *, compression: int = 0, batch_size: int = 1 << 20, base_offset: int = 0) -> bytes:
+    """One v2 batch written by kafka-python's own builder."""
+    builder = MemoryRecordsBuilder(2, compression, batch_size, offset=0)
+    for timestamp, key, value, headers in records:
+        assert builder.append(timestamp, key, value, headers) is not None
+    builder.close()
+    buffer = bytearray(builder.buffer())
+    buffer[0:8] = base_offset.to_bytes(8, "big")  # the broker assigns base offsets
+    return bytes(buffer)
+
+
+def take_all(parser_class, buffer: bytes, fetch_offset: int = 0, n: int | None = None) -> tuple[list, int]:
+    parser = parser_class(fetch_offset, TP, MemoryRecords(buffer))
+    records = parser.take(n)
+    return records, parser.next_fetch_offset
+
+
+def varied_records(n: int, seed: int = 3):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        key = None if i % 7 == 0 else rng.randbytes(rng.randint(0, 40))
+        value = None if i % 11 == 5 else rng.randbytes(rng.choice([0, 1, 63, 64, 127, 128, 300, 20_000]))
+        headers = [] if i % 3 else [("reason", b"x" * rng.randint(0, 200)), ("empty", None), ("ünï", b"")]
+        timestamp = 1_700_000_000_000 + rng.choice([0, 1, 63, 64, 8191, 8192, 10**9])
+        out.append((timestamp, key, value, headers))
+    return out
+
+
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="kafka-python internals differ from the pinned version")
+
+
+@pytest.mark.parametrize("compression", [0, 1])  # none, gzip
+def test_fast_parser_yields_exactly_kafka_pythons_records(compression):
+    buffers = [build(varied_records(150, seed), compression=compression, base_offset=base)
+               for seed, base in ((1, 0), (2, 150), (3, 300))]
+    buffer = b"".join(buffers)
+    ours, our_next = take_all(FastPartitionRecords, buffer)
+    theirs, their_next = take_all(Fetcher.PartitionRecords, buffer)
+    assert len(ours) == 450
+    assert ours == theirs and our_next == their_next == 450
+
+
+def test_partial_takes_and_mid_batch_fetch_offsets_agree():
+    buffer = build(varied_records(40), base_offset=100)
+    for fetch_offset, n in ((100, 7), (117, 5), (139, None)):
+        ours, our_next = take_all(FastPartitionRecords, buffer, fetch_offset, n)
+        theirs, their_next = take_all(Fetcher.PartitionRecords, buffer, fetch_offset, n)
+        assert ours == theirs and our_next == their_next
+        assert ours[0].offset == fetch_offset
+
+
+def test_corrupt_batches_raise_like_kafka_python():
+    buffer = bytearray(build(varied_records(10)))
+    buffer[-5] ^= 0xFF  # payload byte flipped: the batch CRC no longer matches
+    with pytest.raises(CorruptRecordError):
+        take_all(FastPartitionRecords, bytes(buffer))
+    broken = bytearray(build(varied_records(10)))
+    broken[61] = 0x7F  # the first record's length varint (after the 61-byte batch header) is now -64
+    for parser_class in (FastPartitionRecords, Fetcher.PartitionRecords):
+        parser = parser_class(0, TP, MemoryRecords(bytes(broken)), check_crcs=False)
+        with pytest.raises(CorruptRecordError):
+            parser.take()
+
+
+def kafka_python_batch(records, compression: int = 0, producer_state=None) -> bytes:
+    builder = MemoryRecordsBuilder(2, compression, 1 << 30)
+    for timestamp, key, value in records:
+        assert builder.append(timestamp, key, value, []) is not None
+    if producer_state:
+        builder.set_producer_state(*producer_state)
+    builder.close()
+    return bytes(builder.buffer())
+
+
+def our_batch(records, compression: int = 0, producer_state=None) -> tuple[bytes, ProducerBatch]:
+    encoder = RecordBatchEncoder(opened=0.0)
+    for timestamp, key, value in records:
+        encoder.add(key_field(key), value, timestamp)
+    batch = encoder.producer_batch(TP, compression, now=0.0)
+    if producer_state:
+        batch.records.set_producer_state(*producer_state)
+    batch.records.close()
+    return bytes(batch.records.buffer()), batch
+
+
+@pytest.mark.parametrize("compression", [0, 1])
+@pytest.mark.parametrize("producer_state", [None, (4242, 3, 17, False)])  # idempotent producers set these
+def test_encoded_batches_are_byte_identical_to_kafka_pythons(compression, producer_state):
+    rng = random.Random(11)
+    records = []
+    for i in range(20_000 if compression == 0 and producer_state is None else 300):
+        key = None if i % 9 == 0 else f"m{rng.randint(0, 999):03d}".encode() * rng.choice([1, 50])
+        value = rng.randbytes(rng.choice([0, 1, 63, 64, 200, 8191, 8192, 70_000]) if i % 100 == 0 else rng.randint(0, 400))
+        records.append((1_700_000_000_000 + i // 3 + rng.choice([0, 0, 0, -5, 9000, 20_000]), key, value))
+    ours, batch = our_batch(records, compression, producer_state)
+    assert ours == kafka_python_batch(records, compression, producer_state)
+    assert batch.record_count == len(records)
+    assert batch.records.is_full()  # the accumulator never appends another record to it
+    assert batch.records.append(1_700_000_000_000, b"k", b"v") is None
+    parsed = [(r.timestamp, r.key, r.value) for r in take_all(FastPartitionRecords, ours)[0]]
+    assert parsed == records
+
+
+def test_varints_match_kafka_pythons():
+    from kafka.record.util import encode_varint
+
+    for value in [0, 1, 63, 64, 127, 128, 8191, 8192, 16383, 16384, 2**31, -1, -64, -65, -(2**40)]:
+        expected = bytearray()
+        encode_varint(value, expected.append)
+        assert varint(value) == bytes(expected)
