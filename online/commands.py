@@ -90,6 +90,8 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
 
 def _drift_monitor(settings: Settings, publish_to_mlflow: bool):
     """Error-stream drift detectors per merchant, publishing to the drift topic, the drift log and MLflow."""
+    import river.drift  # noqa: F401  (the detectors' import costs seconds: pay it before the first record, not in it)
+
     from drift.monitor import DriftMonitor, default_sinks
 
     return DriftMonitor(settings, sinks=default_sinks(settings, mlflow=publish_to_mlflow))

@@ -86,13 +86,10 @@ class Recommender:
     def observe(self, event: Event) -> None:
         """Fold one event in: catalog items become candidates, clicks and orders move the statistics
         (impressions that were not clicked are not interest and are ignored)."""
-        merchant = self._merchant(event.merchant_id)
-        merchant.clock = max(merchant.clock, event.timestamp)
-        if isinstance(event, CatalogItem):
-            if len(merchant.catalog) < self.max_items:
-                merchant.catalog.add(event.item_id)
-            return
-        if isinstance(event, Click):
+        merchant = self.merchants.get(event.merchant_id) or self._merchant(event.merchant_id)
+        if event.timestamp > merchant.clock:  # max(), without the call: this runs for every event
+            merchant.clock = event.timestamp
+        if isinstance(event, Click):  # the most frequent type first
             if event.clicked:
                 self._interaction(merchant, event.user_id, event.item_id, event.timestamp, 1.0)
         elif isinstance(event, Order):
@@ -100,6 +97,10 @@ class Recommender:
             for line in event.items:
                 self._interaction(merchant, event.user_id, line.item_id, event.timestamp, self.order_weight)
                 user.bought.append((line.item_id, event.timestamp))
+        elif isinstance(event, CatalogItem):
+            if len(merchant.catalog) < self.max_items:
+                merchant.catalog.add(event.item_id)
+            return
         self.n_observed += 1
 
     def _merchant(self, merchant_id: str) -> _Merchant:

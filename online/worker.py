@@ -259,34 +259,53 @@ class OnlineWorker:
             self.state.offsets[key] = records[-1].offset + 1
 
     def learn_block(self, records: list) -> None:
-        """Test-then-train on one block of one partition, in offset order."""
+        """Test-then-train on one block of one partition, in offset order.
+
+        The hot path of the worker: one pass over the records featurizes each click (against the context
+        as it stands *before* the click, so earlier events of the block are already observed) and folds
+        every event into the context and the recommender; then the model predicts and learns the whole
+        block's clicks at once and the evaluator scores those predictions.
+        """
         state, config = self.state, self.config
+        slots_for, context = self.featurizer.slots_for, state.context
+        observe_context, observe_reco = context.observe, state.recommender.observe
+        rank_every = config.rank_every
         rows, labels, merchants, stamps, produced = [], [], [], [], []
         for record in records:
             event = record.event
-            if isinstance(event, Click):
-                indices, _ = self.featurizer.transform(event, state.context)
-                rows.append(indices)
+            if type(event) is Click:
+                rows.append(slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
+                                      event.device, event.page, event.position, context))
                 labels.append(event.clicked)
                 merchants.append(event.merchant_id)
                 stamps.append(event.timestamp)
                 produced.append(record.timestamp_ms)
-            if config.rank_every and ((isinstance(event, Click) and event.clicked) or isinstance(event, Order)):
+                ranked = rank_every and event.clicked
+            else:
+                ranked = rank_every and type(event) is Order
+            if ranked:
                 state.ranked += 1
-                if state.ranked % config.rank_every == 0:
+                if state.ranked % rank_every == 0:
                     self._score_ranking(event)
-            state.context.observe(event)
-            state.recommender.observe(event)
+            observe_context(event)
+            observe_reco(event)
         if rows:
-            indices = np.vstack(rows)
-            p = state.model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), np.array(labels))
-            state.evaluator.update_many(merchants, stamps, labels, p)
+            indices = np.array(rows, dtype=np.int32)
+            y = np.array(labels, dtype=bool)
+            p = state.model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), y)
+            state.evaluator.update_many(merchants, stamps, y, p)
             state.clicks += len(rows)
-            now_ms = time.time() * 1000.0
-            self.latencies.extend((now_ms - t) / 1000.0 for t in produced if t is not None and t >= 0)
+            self._record_latencies(produced)
         state.events += len(records)
         self.learned_this_run += len(records)
         self.last_learned_at = time.monotonic()
+
+    def _record_latencies(self, produced_ms: list) -> None:
+        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned."""
+        stamps = np.array([t if t is not None else -1 for t in produced_ms], dtype=np.float64)
+        stamps = stamps[stamps >= 0]
+        if len(stamps):
+            self.latencies.extend(((time.time() * 1000.0 - stamps) / 1000.0).tolist())
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id

@@ -111,11 +111,11 @@ class FeatureContext:
 
     def observe(self, event: Event) -> None:
         """Fold an event into the context, after it has been featurized and learned from."""
-        if isinstance(event, CatalogItem):
-            self.set_item(event.merchant_id, event.item_id, event.category, event.price)
-        elif isinstance(event, Click):
+        if isinstance(event, Click):  # the most frequent type first
             if event.clicked:
                 self._remember(event.merchant_id, event.user_id, event.item_id)
+        elif isinstance(event, CatalogItem):
+            self.set_item(event.merchant_id, event.item_id, event.category, event.price)
         elif isinstance(event, Order):
             merchant = self.merchant(event.merchant_id)
             for line in event.items:
@@ -177,10 +177,47 @@ def price_bucket(price: float) -> int:
     return int(2 * math.log2(1.0 + max(price, 0.0)))
 
 
+class _SlotMemo(dict):
+    """One field's ``value (or tuple of values) -> slot`` cache; a miss spells, hashes and stores the name.
+
+    Subscripting a dict whose ``__missing__`` fills it is the cheapest lookup Python has (no tuple with
+    the field index, no method call on a hit). Bounded: cleared when it holds ``limit`` entries.
+    """
+
+    __slots__ = ("field", "mask", "limit")
+
+    def __init__(self, field: str, mask: int, limit: int) -> None:
+        super().__init__()
+        self.field, self.mask, self.limit = field, mask, max(int(limit), 1)
+
+    def __missing__(self, key: object) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        values = key if type(key) is tuple else (key,)
+        slot = self[key] = feature_slot(self.field, *values, mask=self.mask)
+        return slot
+
+
+class _BucketMemo(dict):
+    """``price -> price_bucket(price)`` cache (catalog prices repeat on every impression of an item)."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = max(int(limit), 1)
+
+    def __missing__(self, price: float) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        bucket = self[price] = price_bucket(price)
+        return bucket
+
+
 class Featurizer:
     """Turns (merchant, user, item, when, where) plus context into ``len(FIELDS)`` hashed slots."""
 
-    def __init__(self, bits: int = 20, memo_size: int = 1_000_000) -> None:
+    def __init__(self, bits: int = 20, memo_size: int = 250_000) -> None:
         if not 4 <= bits <= 30:
             raise ValueError(f"bits must be in [4, 30], got {bits}")
         self.bits = bits
@@ -188,11 +225,21 @@ class Featurizer:
         self.n_fields = len(FIELDS)
         self.memo_size = memo_size
         self._mask = self.n_features - 1
-        self._memo: dict[tuple, int] = {}
         self._bias_slot = crc32c.crc32c(b"bias") & self._mask
+        self._new_memos()
+
+    def _new_memos(self) -> None:
+        self._memos = tuple(_SlotMemo(name, self._mask, self.memo_size) for name in FIELDS)
+        self._buckets = _BucketMemo(self.memo_size)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_memo": {}}  # the memo is a cache: never pickled into checkpoints
+        # the memos are caches: never pickled into checkpoints or bundles
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.pop("_memo", None)  # pickled by an older version
+        self._new_memos()
 
     def names(self, click: Click, context: FeatureContext) -> list[str]:
         """Field-aware feature names of a click (what gets hashed); useful for debugging and docs."""
@@ -243,49 +290,45 @@ class Featurizer:
     ) -> list[int]:
         """The hashed slots of :meth:`names_for`, bit-identical, without formatting a string per feature.
 
-        Each feature's slot is memoized by its (field, values) tuple: merchants, items, categories, hours
-        and devices repeat across events, so most features cost one dict lookup instead of a format and
-        a CRC. The memo is bounded (cleared when full); only per-user crosses miss often.
+        Each field keeps a memo from its values to the slot (a dict whose misses format and hash the
+        name): merchants, items, categories, hours and devices repeat across events, so most features
+        cost one dict lookup instead of a format and a CRC. Each memo is bounded (cleared when full);
+        only the per-user crosses miss often. This is the worker's hot path (~18 lookups per click).
         """
-        info = context.item(merchant_id, item_id)
-        category = info.category if info else UNKNOWN
-        bucket = price_bucket(info.price) if info else -1
+        merchant = context.merchants.get(merchant_id)
+        if merchant is None:
+            info, recent = None, None
+        else:
+            info, recent = merchant.catalog.get(item_id), merchant.recent.get(user_id)
+        if info is None:
+            category, bucket = UNKNOWN, -1
+        else:
+            category, bucket = info.category, self._buckets[info.price]
         hours = int(timestamp // 3600)  # gmtime's hour and weekday, for timestamps >= 0
         hour, weekday = hours % 24, (hours // 24 + 3) % 7
-        slot = min(position, 20)
-        merchant = context.merchants.get(merchant_id)
-        recent = merchant.recent_categories(user_id) if merchant is not None else ()
+        slot = position if position < 20 else 20
         affinity = "new" if not recent else ("match" if category in recent else "other")
-        cached = self._slot
+        memo = self._memos
         return [
             self._bias_slot,
-            cached(1, merchant_id),
-            cached(2, merchant_id, item_id),
-            cached(3, category),
-            cached(4, bucket),
-            cached(5, hour),
-            cached(6, weekday),
-            cached(7, device),
-            cached(8, page),
-            cached(9, slot),
-            cached(10, merchant_id, user_id),
-            cached(11, merchant_id, user_id, category),
-            cached(12, merchant_id, user_id, item_id),
-            cached(13, category, device),
-            cached(14, page, slot),
-            cached(15, merchant_id, category),
-            cached(16, affinity),
-            cached(17, category, hour),
+            memo[1][merchant_id],
+            memo[2][merchant_id, item_id],
+            memo[3][category],
+            memo[4][bucket],
+            memo[5][hour],
+            memo[6][weekday],
+            memo[7][device],
+            memo[8][page],
+            memo[9][slot],
+            memo[10][merchant_id, user_id],
+            memo[11][merchant_id, user_id, category],
+            memo[12][merchant_id, user_id, item_id],
+            memo[13][category, device],
+            memo[14][page, slot],
+            memo[15][merchant_id, category],
+            memo[16][affinity],
+            memo[17][category, hour],
         ]
-
-    def _slot(self, field_index: int, *values: object) -> int:
-        key = (field_index, *values)
-        found = self._memo.get(key)
-        if found is None:
-            if len(self._memo) >= self.memo_size:
-                self._memo.clear()
-            found = self._memo[key] = feature_slot(FIELDS[field_index], *values, mask=self._mask)
-        return found
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""

@@ -92,3 +92,16 @@ def test_memoized_slots_equal_hashing_the_names():
         context.observe(event)
     many, _ = featurizer.transform_many(clicks[:50], context)
     assert many.tolist() == [featurizer.hash_names(featurizer.names(c, context)).tolist() for c in clicks[:50]]
+
+
+def test_memos_stay_bounded_and_are_never_pickled():
+    import pickle
+
+    featurizer, context = Featurizer(bits=16, memo_size=50), FeatureContext()
+    clicks = [click(user=f"u{k}", item=f"i{k % 7}") for k in range(400)]
+    before, _ = featurizer.transform_many(clicks, context)
+    assert max(len(memo) for memo in featurizer._memos) <= 50
+    copy = pickle.loads(pickle.dumps(featurizer))
+    assert all(len(memo) == 0 for memo in copy._memos) and len(pickle.dumps(featurizer)) < 1000
+    after, _ = copy.transform_many(clicks, context)
+    assert after.tolist() == before.tolist()
