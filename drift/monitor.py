@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from drift.detectors import ERROR_DETECTORS, Detector, build_detectors, prequential_error
+from drift.detectors import ERROR_DETECTORS, TASTE_DETECTOR, Detector, build_detectors, prequential_error
 from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -176,7 +176,7 @@ class DriftMonitor:
         self.global_index = 0
         self.events: list[DriftEvent] = []
         self._predictions: dict[str, int] = {}
-        self._sessions: dict[str, OrderedDict[str, None]] = {}
+        self._sessions: dict[str, OrderedDict[str, set]] = {}  # session -> categories of its current page view
         self.max_sessions = 20_000
 
     def _detectors_of(self, merchant_id: str) -> dict[str, Detector]:
@@ -229,7 +229,9 @@ class DriftMonitor:
         """(detector name, value) pairs a raw event feeds: labels, price, hour, category.
 
         Values are per impression (price), per clicked or ordered item (category), per session (hour of
-        the session's first click: the events of a session are not independent draws of the hour).
+        the session's first click: the events of a session are not independent draws of the hour), per
+        user's category choice (user_category: each category once per page view, on intent-driven pages
+        or clicked).
         """
         hour = time.gmtime(event.timestamp).tm_hour
         fields = self.config
@@ -240,15 +242,18 @@ class DriftMonitor:
                 statistics = ("psi", "ks") if field in fields.numeric_fields else ("psi", "chi2")
                 values.extend((f"feature.{field}.{s}", value) for s in statistics)
 
-        if isinstance(event, Click) and self._new_session(event.merchant_id, event.session_id):
-            feature("hour", hour)  # one value per session: a session's events share their hour
         if isinstance(event, Click):
+            new_session, page_view = self._session(event.merchant_id, event.session_id)
+            if new_session:
+                feature("hour", hour)  # one value per session: a session's events share their hour
             values.append(("label.ctr", event.clicked))
             info = self.context.item(event.merchant_id, event.item_id)
             if info is not None:
                 feature("price", info.price)
                 if event.clicked:
                     feature("category", info.category)
+                if fields.user_category:
+                    self._category_choice(event, info.category, page_view, values)
             if event.clicked:
                 values.append(("label.conversion", False))
         else:
@@ -259,14 +264,26 @@ class DriftMonitor:
                     feature("category", info.category)
         return values
 
-    def _new_session(self, merchant_id: str, session_id: str) -> bool:
+    def _category_choice(self, event: Click, category: str, page_view: set, values: list) -> None:
+        """A category the user chose, once per page view: what the page shows on intent-driven pages (search,
+        category, product, cart, recommendations), what was clicked elsewhere (home pages show anything)."""
+        if event.position == 0:
+            page_view.clear()  # slot 0: a new page view
+        if category in page_view or not (event.clicked or event.page in self.config.user_category_pages):
+            return
+        page_view.add(category)
+        values.append((TASTE_DETECTOR, (event.user_id, category)))
+
+    def _session(self, merchant_id: str, session_id: str) -> tuple[bool, set]:
+        """Whether the session is new, and the categories of its current page view (LRU-bounded)."""
         seen = self._sessions.setdefault(merchant_id, OrderedDict())
-        if session_id in seen:
-            return False
-        seen[session_id] = None
+        page_view = seen.get(session_id)
+        if page_view is not None:
+            return False, page_view
+        page_view = seen[session_id] = set()
         if len(seen) > self.max_sessions:
             seen.popitem(last=False)
-        return True
+        return True, page_view
 
     def _emit(self, fired: list[DriftEvent]) -> list[DriftEvent]:
         import msgspec

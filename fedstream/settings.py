@@ -119,6 +119,18 @@ class DriftSettings(BaseModel):
     hour_period_seconds: float = Field(
         default=86_400.0, gt=0, description="Hour-of-day and label windows span whole days: daily cycles are not drift."
     )
+    # users' category choices vs their own history (drift.detectors.TasteShift): catches taste changes
+    user_category: bool = Field(default=True, description="Run the feature.user_category.cusum detector.")
+    user_category_pages: tuple[str, ...] = Field(
+        default=("search", "category", "product", "cart", "recommendation"),
+        description="Pages whose items follow the user's intent; on other pages only clicked items count.",
+    )
+    user_category_slack: float = Field(default=0.3, ge=0, description="CUSUM slack, in reference SDs per score.")
+    user_category_threshold: float = Field(default=22.0, gt=0, description="CUSUM level that counts as drift.")
+    user_category_reference: int = Field(default=3000, ge=2, description="Scores in the (lagging) reference.")
+    user_category_min_reference: int = Field(default=100, ge=2, description="Scores before the CUSUM (re)arms.")
+    user_category_lag: int = Field(default=200, ge=0, description="Newest scores kept out of the reference.")
+    user_category_max_users: int = Field(default=20_000, ge=1, description="User histories kept per merchant.")
 
 
 class Settings(BaseSettings):

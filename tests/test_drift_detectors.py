@@ -12,6 +12,7 @@ from drift.detectors import (
     ErrorPageHinkley,
     NumericShift,
     RateShift,
+    TasteShift,
     build_detectors,
     prequential_error,
     psi,
@@ -42,6 +43,12 @@ def streams(kind: str, shifted: bool, seed: int):
         if shifted:
             rate[SHIFT:] = 0.15
         return rng.random(N) < rate
+    if kind == "taste":  # (user, category) choices: 500 users, each favouring one of 6 categories half the time
+        favourite = rng.integers(0, 6, 500)
+        users = rng.integers(0, 500, N)
+        liked = (favourite[users] + (shifted & (np.arange(N) >= SHIFT))) % 6  # the shift: every taste moves on
+        categories = np.where(rng.random(N) < 0.5, liked, rng.integers(0, 6, N))
+        return [(f"u{u}", f"c{c}") for u, c in zip(users.tolist(), categories.tolist())]
     if kind == "numeric":
         values = rng.lognormal(3.0, 0.6, N)
         if shifted:
@@ -62,6 +69,7 @@ DETECTORS = {
     "feature.price.ks": (lambda: NumericShift("m1", "price", statistic="ks"), "numeric"),
     "feature.category.psi": (lambda: CategoryShift("m1", "category", statistic="psi"), "category"),
     "feature.category.chi2": (lambda: CategoryShift("m1", "category", statistic="chi2"), "category"),
+    "feature.user_category.cusum": (lambda: TasteShift("m1"), "taste"),
 }
 
 
@@ -89,6 +97,32 @@ def test_error_detectors_ignore_an_improving_model(make):
     rng = np.random.default_rng(5)
     errors = np.r_[rng.exponential(0.6, SHIFT), rng.exponential(0.3, SHIFT)]
     assert run(make(), errors) == []
+
+
+def test_taste_shift_ignores_users_growing_more_predictable_and_keeps_bounded_state():
+    rng = np.random.default_rng(8)
+    favourite = rng.integers(0, 6, 800)
+    users = rng.integers(0, 800, N)
+    share = np.where(np.arange(N) < SHIFT, 0.3, 0.7)  # choices follow the favourite more often: not a drift
+    categories = np.where(rng.random(N) < share, favourite[users], rng.integers(0, 6, N))
+    detector = TasteShift("m1", max_users=300, history_cap=8)
+    assert run(detector, [(f"u{u}", f"c{c}") for u, c in zip(users.tolist(), categories.tolist())]) == []
+    state = detector.state()
+    assert state["users"] == 300 and state["armed"] and state["reference_size"] == 3000
+    assert state["n_seen"] == N and state["scores"] < N  # users evicted from the LRU start without a history
+    assert all(sum(h.values()) <= 8 for h in detector.users.values())
+    assert detector.score("nobody", "c1") is None
+
+
+def test_taste_shift_event_dates_the_change_and_rearms_after_firing():
+    detector = TasteShift("m1")
+    fired = run(detector, streams("taste", shifted=True, seed=12))
+    assert len(fired) == 1
+    event = fired[0]
+    assert SHIFT - 300 <= event.window_start_index <= event.event_index < SHIFT + 1000
+    assert event.value > event.threshold == 22.0
+    assert event.details["mean_since_change"] < event.details["reference_mean"]
+    assert detector.state()["armed"] and detector.cusum < 22.0  # re-armed on the new regime, quiet since
 
 
 def test_hour_of_day_cycle_is_not_drift_when_windows_span_whole_days():
@@ -123,6 +157,10 @@ def test_bad_parameters_are_rejected_with_clear_errors():
         CategoryShift("m1", "category", statistic="ks")
     with pytest.raises(ValueError, match="at least 2 values"):
         RateShift("m1", "label.ctr", reference=1, window=10)
+    with pytest.raises(ValueError, match="threshold, clip and prior"):
+        TasteShift("m1", threshold=0)
+    with pytest.raises(ValueError, match="min_reference <= reference"):
+        TasteShift("m1", min_reference=500, reference=100)
     with pytest.raises(ValueError, match="unknown error metric"):
         prequential_error(1, 0.5, "hinge")
 
@@ -148,6 +186,9 @@ def test_detectors_are_built_from_settings_including_env_overrides(monkeypatch):
     assert {d.model_version for d in detectors.values()} == {"4"}
     assert detectors["label.conversion"].merchant_id == "m7"
     assert DriftSettings().cooldown_events > 0
+    assert detectors["feature.user_category.cusum"].threshold == config.user_category_threshold
+    monkeypatch.setenv("FEDSTREAM_DRIFT__USER_CATEGORY", "false")
+    assert "feature.user_category.cusum" not in build_detectors(load_settings().drift, "m7")
 
 
 def test_drift_event_round_trips_and_rejects_garbage():

@@ -54,6 +54,28 @@ def test_preference_shift_raises_the_prequential_error_and_is_detected(settings)
     assert errors[0].value >= errors[0].threshold
 
 
+@pytest.mark.parametrize("drifted", [True, False])
+def test_generator_taste_change_is_found_by_user_category_and_only_there(settings, drifted):
+    """The platform generator's preference drift leaves shares and click rates alone; users' choices move."""
+    from streams.generator import DriftSpec, GeneratorConfig, generate
+
+    drifts = (DriftSpec("m01", 40_000, "preferences"),) if drifted else ()
+    monitor = DriftMonitor(settings)
+    before = {}
+    for event in generate(GeneratorConfig(merchants=4, events=70_000, seed=11, drifts=drifts)):
+        if monitor.global_index == 40_000 and not before:
+            before = dict(monitor.merchant_index)
+        monitor.observe(event)  # raw events only: features and labels, no model
+    if not drifted:
+        assert monitor.events == []
+        assert monitor.state("m00")["feature.user_category.cusum"]["armed"]
+        return
+    assert [(e.merchant_id, e.detector) for e in monitor.events] == [("m01", "feature.user_category.cusum")]
+    event = monitor.events[0]
+    assert 0 <= event.event_index - before["m01"] < 5000 and event.global_index >= 40_000
+    assert event.details["mean_since_change"] < event.details["reference_mean"]
+
+
 def test_stationary_stream_raises_no_drift(settings):
     monitor = DriftMonitor(settings)
     run_monitor(synthetic_events(n=20_000, seed=4), monitor, bits=settings.feature_bits, trace=False)
