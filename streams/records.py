@@ -20,6 +20,8 @@ those are missing, and the clients then fall back to kafka-python's own code pat
 
 from __future__ import annotations
 
+from collections import Counter
+
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.errors import CorruptRecordError, IllegalStateError
 from kafka.producer.producer_batch import ProducerBatch
@@ -301,3 +303,20 @@ def enqueue_batch(kafka_producer, batch: ProducerBatch) -> None:
         accumulator._batches[tp].append(batch)
         accumulator._incomplete.add(batch)
     kafka_producer._sender.wakeup()
+
+
+def batch_errors(batch: ProducerBatch, count: int) -> Counter:
+    """Why records of a handed-off batch were not delivered (empty when the broker acknowledged them all).
+
+    kafka-python completes a batch's ``produce_future`` *successfully* even when the batch failed, with a
+    function giving each record's exception; a batch still in flight counts as not acknowledged in time.
+    """
+    future = batch.produce_future
+    if not future.is_done:
+        return Counter({"not_acknowledged_in_time": count})
+    if future.failed():
+        return Counter({type(future.exception).__name__: count})
+    record_exception = future.value[2]
+    if record_exception is None:
+        return Counter()
+    return Counter(type(record_exception(index)).__name__ for index in range(count))

@@ -302,3 +302,64 @@ def test_rebalance_calls_on_revoked_then_seeks_the_new_owner_to_its_checkpoint(k
     assert revoked, "the first member was never asked to checkpoint"
     assert out.get("assigned") and assigned_b and assigned_b[0] == out["assigned"]
     assert out["assigned"] <= revoked[0]  # what it got had been revoked from the first member
+
+
+def test_explicit_partitions_are_where_kafka_pythons_default_partitioner_puts_the_key(kafka_settings):
+    """The producer computes each merchant's partition itself (cached murmur2); a plain kafka-python
+    producer without ``partition=`` (and so a Java client) puts the same key in the same partition."""
+    from kafka.partitioner import DefaultPartitioner
+
+    clicks = [e for e in valid_events(300) if isinstance(e, Click)]
+    extra = [Click(event_id=f"x{i}", merchant_id=f"shop-{i}-{'é' * (i % 3)}", user_id="u", item_id="i",
+                   session_id="s", timestamp=1.7e9, position=0, page="home", device="app") for i in range(40)]
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        assert producer.bulk  # the batch path is what is being checked
+        producer.send_many(clicks + extra)
+    topic = kafka_settings.topics.clicks
+    messages = drain_raw(kafka_settings, topic.name, len(clicks) + len(extra))
+    assert len(messages) == len(clicks) + len(extra)
+    ours: dict[bytes, set[int]] = {}
+    for message in messages:
+        ours.setdefault(message.key, set()).add(message.partition)
+    raw = make_producer(kafka_settings)  # kafka-python's DefaultPartitioner picks the partition
+    assert isinstance(raw.config["partitioner"], DefaultPartitioner)
+    futures = {key: raw.send(topic.name, value=b"{}", key=key) for key in ours}
+    theirs = {key: {future.get(timeout=10).partition} for key, future in futures.items()}
+    raw.close()
+    assert ours == theirs and len({p for (p,) in ours.values()}) > 1
+
+def test_a_lone_event_is_sent_after_linger_without_flush(kafka_settings):
+    """Batches nobody adds to any more are handed off by the linger thread, not only by flush/close."""
+    producer = EventProducer(kafka_settings, now=NOW, linger_ms=20)
+    try:
+        event = valid_events(50)[0]
+        assert producer.send_event(event)
+        (message,) = drain_raw(kafka_settings, producer.routes[event_type(event)], 1)
+        assert message.value == encode_event(event) and message.key == event.merchant_id.encode()
+        assert not producer._open  # handed off by the linger thread
+    finally:
+        producer.close()
+    assert producer.summary() == {"accepted": 1, "dead_lettered": 0, "reasons": {}}
+
+
+def test_batch_path_and_per_record_path_write_the_same_records(kafka_settings):
+    events = valid_events(300)
+    raw_lines = [msgspec.json.encode(msgspec.to_builtins(e)) for e in events]  # our encoding, via dicts
+    spaced = [line.replace(b'","', b'", "') for line in raw_lines]  # valid, but not canonical bytes
+    per_record = kafka_settings.model_copy(update={"topics": kafka_settings.topics.model_copy(update={
+        "clicks": kafka_settings.topics.clicks.model_copy(update={"name": kafka_settings.topics.clicks.name + "-b"})})})
+    from streams.kafka import ensure_topics
+
+    ensure_topics(per_record, [per_record.topics.clicks])
+    with EventProducer(kafka_settings, now=NOW) as bulk:
+        summary = bulk.send_many(spaced)
+    with EventProducer(per_record, now=NOW) as single:
+        single.bulk = False
+        assert single.send_many(spaced) == summary == {"accepted": len(events), "dead_lettered": 0, "reasons": {}}
+    n_clicks = sum(isinstance(e, Click) for e in events)
+    ours = drain_raw(kafka_settings, kafka_settings.topics.clicks.name, n_clicks)
+    theirs = drain_raw(per_record, per_record.topics.clicks.name, n_clicks)
+    assert len(ours) == n_clicks
+    assert sorted((m.partition, m.offset, m.key, m.value) for m in ours) == sorted(
+        (m.partition, m.offset, m.key, m.value) for m in theirs)
+    assert {m.value for m in ours} == {encode_event(e) for e in events if isinstance(e, Click)}  # canonical again
