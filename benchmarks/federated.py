@@ -36,7 +36,9 @@ from online.prequential import mean_logloss, roc_auc  # noqa: E402
 from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
 from federated.personalize import PersonalizationConfig, format_table  # noqa: E402
 from federated.stores import build_stores, open_stores, write_store  # noqa: E402
-from federated.training import FederatedConfig, FederatedData, build_process, use_execution_context  # noqa: E402
+from federated.training import (  # noqa: E402
+    FederatedConfig, FederatedData, build_process, client_seed, use_execution_context,
+)
 from fedstream.processes import stop_tff_workers  # noqa: E402
 from fedstream.settings import load_settings  # noqa: E402
 from streams.generator import GeneratorConfig, generate  # noqa: E402
@@ -70,13 +72,13 @@ def _uniform_stores(root: Path, examples: int) -> dict:
 def _time_tff(process, stores: dict, n: int) -> float:
     """Median seconds of a TFF round over ``n`` merchants (the caller warmed the computation up once)."""
     chosen = dict(list(stores.items())[:n])
-    data = FederatedData.from_stores(chosen, batch_size=BATCH)
+    data = FederatedData.from_stores(chosen)
     state = process.initialize()
     times = []
-    for _ in range(TIMED_ROUNDS):
-        datasets = [data.train[m]() for m in data.client_ids]
-        started = time.perf_counter()
-        state = process.next(state, datasets).state
+    for round_num in range(1, TIMED_ROUNDS + 1):
+        started = time.perf_counter()  # the cohort's arguments are part of the round
+        clients = [(data.train[m](), client_seed(7, round_num, m)) for m in data.client_ids]
+        state = process.next(state, clients).state
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -102,8 +104,8 @@ def scaling(root: Path) -> list[dict]:
     rows = []
     for examples in EXAMPLES:
         stores = _uniform_stores(root / "scaling", examples)
-        warm = FederatedData.from_stores(dict(list(stores.items())[:3]), batch_size=BATCH)
-        process.next(process.initialize(), [warm.train[m]() for m in warm.client_ids])  # trace once
+        warm = FederatedData.from_stores(dict(list(stores.items())[:3]))
+        process.next(process.initialize(), [(warm.train[m](), 0) for m in warm.client_ids])  # trace once
         for n in MERCHANT_COUNTS:
             if len(stores) < n:
                 continue

@@ -110,7 +110,7 @@ def build_keras_model(config: ModelConfig):
 
 
 def input_spec():
-    """The element spec of a client dataset (see :func:`federated.stores.client_dataset`)."""
+    """The element spec of a client dataset (see :func:`federated.stores.dataset_from_folder`)."""
     import tensorflow as tf
 
     features = {"indices": tf.TensorSpec([None, N_FIELDS], tf.int32),

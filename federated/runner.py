@@ -139,8 +139,7 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
     evaluation = build_evaluation(model_fn)
     if workers:
         stores, config, process, evaluation, context_name = _on_workers(stores, config, process, evaluation, workers)
-    data = FederatedData.from_stores(stores, batch_size=config.batch_size, epochs=config.client_epochs,
-                                     seed=config.seed)
+    data = FederatedData.from_stores(stores)
     lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),
                "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name}
     outcome = RunOutcome(run_id=None, history=[], scorer=None, context=context_name)  # type: ignore[arg-type]

@@ -13,9 +13,10 @@ Layout (one directory per merchant, one sub-directory per split, one ``.npy`` pe
     <data_dir>/merchants/<merchant_id>/meta.json          # counts and time span, no raw events
 
 Plain ``.npy`` (not a zip) so TensorFlow can read a column with ``tf.io.read_file`` *inside* the dataset
-pipeline: :func:`client_dataset` returns a ``tf.data.Dataset`` whose graph holds only the file paths, and
-the examples are materialized when TFF's client computation iterates it. The coordinator hands TFF these
-dataset definitions and sees only what TFF computations return (model updates, aggregate metrics).
+pipeline: :func:`dataset_from_folder` builds the batches from a split directory's *path* (a ``tf.string``),
+so TFF's per-client dataset computation turns the path the coordinator hands it into the merchant's
+examples inside the client's work. The coordinator sees only what TFF computations return (model
+updates, aggregate metrics).
 
 Example:
     >>> import tempfile
@@ -298,17 +299,19 @@ def _npy_column(path, dtype, width: int | None):
     return tf.reshape(column, [-1, width]) if width else column
 
 
-def client_dataset(store: MerchantStore, split: str = "train", *, batch_size: int = 32, epochs: int = 1,
-                   shuffle_seed: int | None = None):
-    """A ``tf.data.Dataset`` of ``({"indices", "values"}, label[·,1])`` batches that reads the merchant's
-    files only when iterated (inside TFF's client computation); its graph holds paths, not examples."""
+def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffle_seed=None):
+    """The ``({"indices", "values"}, label[·,1])`` batches of one split directory, as TF ops over its path.
+
+    ``folder`` may be a Python string or a ``tf.string`` tensor (the parameter of TFF's per-client dataset
+    computation); ``shuffle_seed`` likewise (None: file order). Only the path is in the graph: the columns
+    are read with ``tf.io.read_file`` when the dataset is iterated, by whoever iterates it.
+    """
     import tensorflow as tf
 
-    folder = store.split_dir(split)
-    if not (folder / "labels.npy").is_file():
-        raise StoreError(f"merchant {store.merchant_id}: split {split} missing at {folder}")
     width = len(FIELDS)
-    paths = tf.data.Dataset.from_tensors(tuple(str(folder / f"{name}.npy") for name in ("indices", "values", "labels")))
+    folder = tf.convert_to_tensor(folder, tf.string)
+    paths = tf.data.Dataset.from_tensors(tuple(tf.strings.join([folder, f"/{name}.npy"])
+                                               for name in ("indices", "values", "labels")))
 
     def read(indices_path, values_path, labels_path):
         return (_npy_column(indices_path, tf.int32, width), _npy_column(values_path, tf.float32, width),
@@ -319,5 +322,21 @@ def client_dataset(store: MerchantStore, split: str = "train", *, batch_size: in
 
     rows = paths.map(read).flat_map(lambda i, v, y: tf.data.Dataset.from_tensor_slices((i, v, y)))
     if shuffle_seed is not None:
-        rows = rows.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+        rows = rows.shuffle(4096, seed=tf.cast(shuffle_seed, tf.int64), reshuffle_each_iteration=True)
     return rows.repeat(epochs).batch(batch_size).map(to_batch)
+
+
+def split_folder(store: MerchantStore, split: str = "train") -> str:
+    """The split directory of a merchant, checked to hold data (what a client's dataset is built from)."""
+    folder = store.split_dir(split)
+    if not (folder / "labels.npy").is_file():
+        raise StoreError(f"merchant {store.merchant_id}: split {split} missing at {folder}")
+    return str(folder)
+
+
+def client_dataset(store: MerchantStore, split: str = "train", *, batch_size: int = 32, epochs: int = 1,
+                   shuffle_seed: int | None = None):
+    """A ``tf.data.Dataset`` of ``({"indices", "values"}, label[·,1])`` batches that reads the merchant's
+    files only when iterated; its graph holds paths, not examples."""
+    return dataset_from_folder(split_folder(store, split), batch_size=batch_size, epochs=epochs,
+                               shuffle_seed=shuffle_seed)

@@ -80,7 +80,7 @@ def test_numpy_scorer_matches_keras(tff_module):
 def test_fedavg_learns_with_seeded_sampling(stores, tff_module, model_fn):
     config = FederatedConfig(rounds=4, clients_per_round=3, seed=11, eval_every=4, server_optimizer="adam",
                              server_learning_rate=0.05)
-    data = FederatedData.from_stores(stores, batch_size=32)
+    data = FederatedData.from_stores(stores)
     process = build_process(model_fn, config)
     evaluation = build_evaluation(model_fn)
     eval_state = evaluation.initialize()

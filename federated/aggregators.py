@@ -1,0 +1,64 @@
+"""A weighted mean for sparse models: each coordinate averaged over the clients whose update touched it.
+
+Plain FedAvg averages every coordinate over *all* clients of the round, weighted by example count. On our
+hashed wide model most slots are merchant-specific (user, item, merchant id): only the merchants whose
+examples hit a slot move it, yet their update is divided by the whole cohort's example count, so a
+merchant with 2% of the round's examples moves its own slots by 2% of what its local training found.
+Those weights then need ~50x more rounds than the shared ones, and FedAvg stays short of centralized
+training (measured: 0.730 vs 0.743 AUC after 40 rounds, numpy peer, quick benchmark data).
+
+:func:`touched_mean_factory` divides, per coordinate, the weighted sum of the client updates by the sum of
+the weights of the clients whose update is non-zero there. Coordinates every client touches (bias,
+shared fields, dense layers) get exactly the weighted mean; a slot touched by one merchant gets that
+merchant's update. What leaves a client is its weighted update and which coordinates it changed, and the
+latter is already visible in the update's non-zero pattern, so the aggregate reveals nothing plain FedAvg
+would not. (It composes with ``tff.aggregators.clipping_factory``; DP and secure aggregation keep TFF's
+own aggregators.)
+
+Example (not run here: it takes TFF's ~11 s import):
+    >>> aggregator = touched_mean_factory()                                # doctest: +SKIP
+    >>> process = build_weighted_fed_avg(model_fn, model_aggregator=aggregator)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+
+def touched_mean_factory():
+    """A ``tff.aggregators.WeightedAggregationFactory`` computing the touched-coordinate weighted mean."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    class TouchedMeanFactory(tff.aggregators.WeightedAggregationFactory):
+        """Per coordinate: Σ_k w_k·Δ_k / Σ_k w_k·[Δ_k ≠ 0] (0 where no client touched it)."""
+
+        def create(self, value_type, weight_type):
+            @tff.tensorflow.computation(value_type, weight_type)
+            def client_terms(value, weight):
+                def weighted(v):
+                    return v * tf.cast(weight, v.dtype)
+
+                def touched(v):
+                    return tf.cast(tf.not_equal(v, 0), v.dtype) * tf.cast(weight, v.dtype)
+
+                return tf.nest.map_structure(weighted, value), tf.nest.map_structure(touched, value)
+
+            @tff.tensorflow.computation(client_terms.type_signature.result)
+            def normalize(sums):
+                total, touched = sums
+                return tf.nest.map_structure(tf.math.divide_no_nan, total, touched)
+
+            @tff.federated_computation()
+            def init_fn():
+                return tff.federated_value((), tff.SERVER)
+
+            @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS),
+                                       tff.FederatedType(weight_type, tff.CLIENTS))
+            def next_fn(state, value, weight):
+                sums = tff.federated_sum(tff.federated_map(client_terms, (value, weight)))
+                return tff.templates.MeasuredProcessOutput(
+                    state=state, result=tff.federated_map(normalize, sums),
+                    measurements=tff.federated_value((), tff.SERVER))
+
+            return tff.templates.AggregationProcess(init_fn, next_fn)
+
+    return TouchedMeanFactory()
