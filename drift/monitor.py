@@ -306,6 +306,41 @@ class DriftMonitor:
             raise UnknownMerchant(f"merchant {merchant_id!r} has no detectors yet (no events seen)")
         return {name: detector.state() for name, detector in self.detectors[merchant_id].items()}
 
+    SNAPSHOT_VERSION = 1
+
+    def snapshot(self) -> bytes:
+        """Every detector's state, the counters, the open sessions and (when the monitor owns it) the context,
+        as bytes for a checkpoint: a restarted worker that saved this resumes its detectors mid-window
+        instead of re-learning references (and re-arming CUSUMs) from scratch. Sinks are not included."""
+        import pickle
+
+        state = {"version": self.SNAPSHOT_VERSION, "detectors": self.detectors, "merchant_index": self.merchant_index,
+                 "global_index": self.global_index, "predictions": self._predictions, "sessions": self._sessions,
+                 "context": self.context.state() if self._owns_context else None}
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, settings: Settings, snapshot: bytes, **options) -> DriftMonitor:
+        """A monitor resumed from :meth:`snapshot` bytes (``options`` as for the constructor: sinks, model
+        version, allow-list, the learner's context). Detectors keep the thresholds they were built with;
+        a ``model_version`` given here is stamped on their future events. Only load your own checkpoints
+        (pickle)."""
+        import pickle
+
+        state = pickle.loads(snapshot)
+        if not isinstance(state, dict) or state.get("version") != cls.SNAPSHOT_VERSION:
+            raise ValueError(f"not a drift monitor snapshot of version {cls.SNAPSHOT_VERSION}")
+        monitor = cls(settings, **options)
+        monitor.detectors, monitor.merchant_index = state["detectors"], state["merchant_index"]
+        monitor.global_index, monitor._predictions = state["global_index"], state["predictions"]
+        monitor._sessions = state["sessions"]
+        if state["context"] is not None and monitor._owns_context:
+            monitor.context = FeatureContext.from_state(state["context"])
+        if monitor.model_version is not None:
+            for detector in (d for merchant in monitor.detectors.values() for d in merchant.values()):
+                detector.model_version = monitor.model_version
+        return monitor
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

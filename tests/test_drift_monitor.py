@@ -76,6 +76,31 @@ def test_generator_taste_change_is_found_by_user_category_and_only_there(setting
     assert event.details["mean_since_change"] < event.details["reference_mean"]
 
 
+def test_a_restored_monitor_continues_exactly_where_the_snapshot_was_taken(settings):
+    """Checkpointing: half a stream, snapshot, restore in a "new process", second half == one uninterrupted run."""
+    from streams.generator import DriftSpec, GeneratorConfig, generate
+
+    events = list(generate(GeneratorConfig(merchants=3, events=50_000, seed=11,
+                                           drifts=(DriftSpec("m01", 30_000, "preferences"),))))
+    whole = DriftMonitor(settings)
+    for event in events:
+        whole.observe(event)
+    first = DriftMonitor(settings)
+    half = len(events) // 2
+    for event in events[:half]:
+        first.observe(event)
+    resumed = DriftMonitor.restore(settings, first.snapshot(), model_version="7")
+    for event in events[half:]:
+        resumed.observe(event)
+    key = [(e.merchant_id, e.detector, e.event_index, e.global_index, e.value) for e in resumed.events]
+    assert key == [(e.merchant_id, e.detector, e.event_index, e.global_index, e.value) for e in whole.events
+                   if e.global_index >= first.global_index]
+    assert key and {e.model_version for e in resumed.events} == {"7"}
+    assert resumed.state("m01")["feature.user_category.cusum"] == whole.state("m01")["feature.user_category.cusum"]
+    with pytest.raises(ValueError, match="not a drift monitor snapshot"):
+        DriftMonitor.restore(settings, __import__("pickle").dumps({"version": 0}))
+
+
 def test_stationary_stream_raises_no_drift(settings):
     monitor = DriftMonitor(settings)
     run_monitor(synthetic_events(n=20_000, seed=4), monitor, bits=settings.feature_bits, trace=False)
