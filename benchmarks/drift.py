@@ -52,6 +52,7 @@ class StreamResult:
     drift_merchant_index: dict[int, int] = field(default_factory=dict)  # truth row -> merchant count at drift
     events: int = 0
     seconds: float = 0.0
+    monitor_cpu_seconds: float = 0.0  # CPU time inside DriftMonitor.observe (all detectors of all merchants)
     detectors: list[str] = field(default_factory=list)
     learner: str = ""
 
@@ -68,11 +69,14 @@ def run_stream(config: GeneratorConfig, bits: int) -> StreamResult:
     model = make_learner(bits)
     result.learner = learner_name(model)
     started = time.perf_counter()
+    cpu = time.process_time
     for event, p in prequential(generate(config), bits=bits, model=model):
         if not isinstance(event, CatalogItem) and monitor.global_index in at:
             row = at[monitor.global_index]
             result.drift_merchant_index[row] = monitor.merchant_index.get(truth[row]["merchant_id"], 0)
+        before = cpu()
         monitor.observe(event, p)
+        result.monitor_cpu_seconds += cpu() - before
         if p is not None:
             for found in sensitive._feed_error(sensitive._detectors_of(event.merchant_id), event.merchant_id,
                                                event.timestamp, event.clicked, p,
@@ -180,7 +184,9 @@ def print_table(summary: dict, results: list[StreamResult]) -> None:
     for r in results:
         kind = "drift-free" if not r.truth else f"{len(r.truth)} drifts"
         print(f"stream seed={r.config.seed} {kind}: {r.events} events in {r.seconds:.0f}s "
-              f"({1e6 * r.seconds / max(r.events, 1):.0f} µs/event, learner {r.learner})")
+              f"({1e6 * r.seconds / max(r.events, 1):.0f} µs/event, of which DriftMonitor.observe "
+              f"{1e6 * r.monitor_cpu_seconds / max(r.events, 1):.1f} µs CPU; learner {r.learner})")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
     header = f"{'detector':<30}{'prefs':>6}{'prices':>7}{'med delay m':>12}{'max delay m':>12}{'med delay g':>12}" \
              f"{'FA clean':>9}{'FA/100k':>9}{'FA all':>7}"
@@ -196,13 +202,13 @@ def print_table(summary: dict, results: list[StreamResult]) -> None:
               f"{_fmt(row['median_delay_global_events']):>12}{row['false_alarms_clean']:>9}"
               f"{row['false_alarms_per_100k_clean']:>9.2f}{row['false_alarms_all_streams']:>7}")
     print()
-    print(f"{'drift':<32}{'merchant events before':>24}{'first detector':>26}{'delay m':>9}{'delay g':>9}")
+    print(f"{'drift':<32}{'merchant events before':>24}{'first detector':>30}{'delay m':>9}{'delay g':>9}")
     for d in summary["drifts"]:
         first = d["first"]
         counted = [n for n in d["detections"] if n != SENSITIVE_NAME]
         name = min(counted, key=lambda n: d["detections"][n]["merchant"]) if first else "MISSED"
         print(f"{d['merchant_id'] + ' ' + d['kind'] + ' @' + str(d['at_event']):<32}{d['merchant_events_before']:>24}"
-              f"{name:>26}{_fmt(first and first['merchant']):>9}{_fmt(first and first['global']):>9}")
+              f"{name:>30}{_fmt(first and first['merchant']):>9}{_fmt(first and first['global']):>9}")
     print()
     print(f"drifts detected within {TARGET_DELAY} merchant events: {summary['drifts_detected_within_target']}/"
           f"{summary['drifts_total']}; false alarms on drift-free streams: {summary['false_alarms_clean_total']} in "
@@ -229,6 +235,9 @@ def main() -> None:
         "false_alarms_per_1m_all_streams": round(summary["false_alarms_per_1m_all_streams"], 3),
         "clean_events": summary["clean_events"],
         "us_per_event": round(1e6 * sum(r.seconds for r in results) / max(sum(r.events for r in results), 1), 1),
+        "monitor_cpu_us_per_event": round(1e6 * sum(r.monitor_cpu_seconds for r in results)
+                                          / max(sum(r.events for r in results), 1), 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "detectors": summary["detectors"],
         "drifts": [{k: v for k, v in d.items() if k != "detections"} for d in summary["drifts"]],
     }

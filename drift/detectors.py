@@ -10,7 +10,9 @@ Three families, named by what they watch:
   that gets better is not a problem). River's FHDDM is not used: it flags drops of its input.
 * ``label.*`` — label rates (click-through, conversion) with a two-window, two-proportion z-test.
 * ``feature.<field>.*`` — a feature's distribution: PSI and Kolmogorov-Smirnov for numeric fields (price,
-  hour of day), PSI and chi-squared for category shares, reference window vs current window.
+  hour of day), PSI and chi-squared for category shares, reference window vs current window;
+  ``feature.user_category.cusum`` — category shares *per user*: how well each user's own history predicts
+  the categories they choose (:class:`TasteShift`), the one that sees a change of tastes.
 
 Window tests compare the current window (the last ``window`` values) with the reference window just
 before it (the ``reference`` values preceding it); a ``min_span_seconds`` stretches both windows to cover
@@ -23,9 +25,10 @@ false alarms: its traffic comes in sessions (a session's impressions share user,
 so events are far from independent and textbook p-values alone fire every day. Hence effect-size gates
 (PSI, KS distance, Cramér's V, relative rate change) on top of p-values, one hour value per session,
 day-aligned windows for the hour and the label rates, and high error-detector thresholds. Price changes
-are caught within ~1-2k of the merchant's events; a taste change the online model re-learns within ~1k
-events barely moves the error and is mostly missed by the defaults (see the benchmark's sensitive
-Page-Hinkley row for the trade-off).
+are caught within ~1-2k of the merchant's events (PSI on price). A taste change the online model re-learns
+within ~1k events barely moves the error and leaves the platform-wide shares alone (other users now want
+each category), so the error and share detectors miss it; ``feature.user_category.cusum`` finds it within
+~0.5-1k of the merchant's events, its threshold set from the CUSUM's tail on 2M drift-free events.
 
 Example (a seeded stream whose mean jumps at value 5000):
     >>> import numpy as np

@@ -109,7 +109,9 @@ class DriftSettings(BaseModel):
         default_factory=lambda: {"price": 0.15}, description="Per-field PSI thresholds overriding psi_threshold."
     )
     psi_bins: int = Field(default=10, ge=2)
-    ks_threshold: float = Field(default=0.15, gt=0, le=1, description="KS distance D that counts as drift.")
+    ks_threshold: float = Field(
+        default=0.18, gt=0, le=1, description="KS distance D that counts as drift (0.15: ~1 false alarm per 1M events)."
+    )
     ks_alpha: float = Field(default=1e-6, gt=0, lt=1)
     chi2_alpha: float = Field(default=1e-8, gt=0, lt=1)
     chi2_min_effect: float = Field(default=0.2, ge=0, description="Cramér's V needed on top of the p-value.")
