@@ -2,7 +2,8 @@
 
 Same function as the Keras wide model (``p = σ(b + Σ w[slot]·value)``), same client optimizer (mini-batch
 SGD on mean logloss, one pass per round by default), example-count weighted mean of the client deltas, and
-a plain server step ``w += server_lr · Δ``. No privacy, no TFF: only what the arithmetic costs.
+a plain server step ``w += server_lr · Δ``; ``touched=True`` (the default, like
+:func:`federated.aggregators.touched_mean_factory`) averages each slot only over the clients that moved it. No privacy, no TFF: only what the arithmetic costs.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -58,10 +59,12 @@ class NumpyWide:
 
 def fedavg_round(model: NumpyWide, clients: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                  client_learning_rate: float = 0.5, batch_size: int = 32, epochs: int = 1,
-                 server_learning_rate: float = 1.0, seed: int | None = None) -> NumpyWide:
-    """One FedAvg round: every client trains a copy locally; the server applies the weighted mean delta."""
+                 server_learning_rate: float = 1.0, seed: int | None = None, touched: bool = True) -> NumpyWide:
+    """One FedAvg round: every client trains a copy locally; the server applies the weighted mean delta
+    (per slot over the clients whose delta is non-zero there when ``touched``)."""
     total = sum(len(c[2]) for c in clients)
     delta_w = np.zeros_like(model.weights, dtype=np.float64)
+    touched_share = np.zeros_like(delta_w)
     delta_b = 0.0
     for k, (indices, values, labels) in enumerate(clients):
         local = model.copy()
@@ -70,6 +73,9 @@ def fedavg_round(model: NumpyWide, clients: Sequence[tuple[np.ndarray, np.ndarra
             local.sgd_epoch(indices, values, labels, learning_rate=client_learning_rate, batch_size=batch_size, rng=rng)
         share = len(labels) / total
         delta_w += share * (local.weights - model.weights)
+        touched_share += share * (local.weights != model.weights)
         delta_b += share * (local.bias - model.bias)
+    if touched:
+        delta_w = np.divide(delta_w, touched_share, out=np.zeros_like(delta_w), where=touched_share > 0)
     return NumpyWide(model.bits, (model.weights + server_learning_rate * delta_w).astype(np.float32),
                      model.bias + server_learning_rate * delta_b)

@@ -66,6 +66,27 @@ def data_period(stores: Mapping[str, MerchantStore]) -> dict[str, float]:
     return {"start": min(starts), "end": max(splits)} if starts else {}
 
 
+def published_catalogs(stores: Mapping[str, MerchantStore]):
+    """A :class:`~streams.features.FeatureContext` holding the merchants' published catalogs only.
+
+    What the registered bundle needs to rank a merchant's items in serving. Users' recent categories are
+    not in it (they live in the merchants' stores): the bundle ranks for a user as one with no known
+    history (the user's own hashed slot still counts).
+    """
+    from streams.features import FeatureContext
+
+    context = FeatureContext()
+    for merchant_id, store in stores.items():
+        try:
+            catalog = store.catalog()
+        except StoreError as exc:
+            log.warning("catalog skipped", extra={"merchant": merchant_id, "error": str(exc)})
+            continue
+        for item_id, (category, price) in catalog.items():
+            context.set_item(merchant_id, item_id, category, price)
+    return context
+
+
 def scorer_from_state(process, state, model_config: ModelConfig) -> tuple[NumpyScorer, Any]:
     """The global model of ``state`` as a numpy scorer, and as a Keras model."""
     model = build_keras_model(model_config)
@@ -75,8 +96,11 @@ def scorer_from_state(process, state, model_config: ModelConfig) -> tuple[NumpyS
 
 def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, round_num: int,
                     config: FederatedConfig, model_config: ModelConfig, metrics: Mapping[str, float],
-                    lineage: Mapping[str, Any], run_id: str | None) -> str:
-    """Register the global model as a version (numpy scorer bundle) and log the Keras model in the run."""
+                    lineage: Mapping[str, Any], run_id: str | None, context=None) -> str:
+    """Register the global model as a version (numpy scorer bundle) and log the Keras model in the run.
+
+    ``context``: the merchants' published catalogs (:func:`published_catalogs`), so serving can recommend.
+    """
     import mlflow
     import mlflow.tensorflow
 
@@ -84,7 +108,8 @@ def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, rou
     from registry.models import register_version
     from streams.features import FeatureContext
 
-    bundle = ModelBundle(model=scorer, feature_bits=model_config.bits, context=FeatureContext(), kind="federated",
+    context = context if context is not None else FeatureContext()
+    bundle = ModelBundle(model=scorer, feature_bits=model_config.bits, context=context, kind="federated",
                          description=f"federated global model after round {round_num}",
                          meta={"round": round_num, "model": asdict(model_config)})
     # run_id=None: a nested registration run per version, so its metrics (step 0) stay out of the round curves
@@ -143,6 +168,7 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
     lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),
                "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name}
     outcome = RunOutcome(run_id=None, history=[], scorer=None, context=context_name)  # type: ignore[arg-type]
+    catalogs = published_catalogs(stores) if track else None
 
     with contextlib.ExitStack() as stack:
         run = None
@@ -161,7 +187,8 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
                     scorer, keras_model = scorer_from_state(process, state, model_config)
                     outcome.versions.append(register_global(
                         settings, scorer, keras_model, round_num=round_num, config=config, model_config=model_config,
-                        metrics={**result.metrics(), **privacy}, lineage={**lineage, **privacy}, run_id=outcome.run_id))
+                        metrics={**result.metrics(), **privacy}, lineage={**lineage, **privacy}, run_id=outcome.run_id,
+                        context=catalogs))
             if on_round is not None:
                 on_round(round_num, result)
 
@@ -180,5 +207,5 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
                 mlflow.log_dict({"rows": outcome.personalization}, "personalization/merchants.json")
             outcome.versions.append(register_global(
                 settings, outcome.scorer, keras_model, round_num=config.rounds, config=config, model_config=model_config,
-                metrics=final_metrics, lineage={**lineage, **outcome.privacy}, run_id=outcome.run_id))
+                metrics=final_metrics, lineage={**lineage, **outcome.privacy}, run_id=outcome.run_id, context=catalogs))
     return outcome

@@ -11,12 +11,18 @@ Layout (one directory per merchant, one sub-directory per split, one ``.npy`` pe
     <data_dir>/merchants/<merchant_id>/examples-train/{indices,values,labels,timestamps}.npy
     <data_dir>/merchants/<merchant_id>/examples-heldout/...
     <data_dir>/merchants/<merchant_id>/meta.json          # counts and time span, no raw events
+    <data_dir>/merchants/<merchant_id>/catalog.json       # the merchant's published catalog (see below)
 
 Plain ``.npy`` (not a zip) so TensorFlow can read a column with ``tf.io.read_file`` *inside* the dataset
 pipeline: :func:`dataset_from_folder` builds the batches from a split directory's *path* (a ``tf.string``),
 so TFF's per-client dataset computation turns the path the coordinator hands it into the merchant's
 examples inside the client's work. The coordinator sees only what TFF computations return (model
 updates, aggregate metrics).
+
+``catalog.json`` is what a merchant publishes anyway on its storefront: item id -> (category, price), from its
+catalog events (and items first seen in its orders, with their unit price). No user, click or order record
+is in it. The coordinator reads it (:meth:`MerchantStore.catalog`) so the registered global model can rank a
+merchant's catalog in serving; users' recent categories stay in the merchant's store.
 
 Example:
     >>> import tempfile
@@ -81,6 +87,16 @@ class MerchantStore:
     def count(self, split: str = "train") -> int:
         """Number of examples in a split (from the metadata; used as the FedAvg client weight)."""
         return int(self.meta()["counts"][split])
+
+    def catalog(self) -> dict[str, tuple[str, float]]:
+        """The merchant's published catalog, item id -> (category, price); empty when it published none."""
+        try:
+            items = json.loads((self.path / "catalog.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"merchant {self.merchant_id}: unreadable catalog at {self.path}") from exc
+        return {item: (str(category), float(price)) for item, (category, price) in items.items()}
 
     def load(self, split: str = "train") -> dict[str, np.ndarray]:
         """The split's columns as numpy arrays (merchant-side code only: local training, evaluation)."""
@@ -148,6 +164,11 @@ class _MerchantBuilder:
         self.blocks.append((indices, values, labels, stamps))
         self.pending = []
 
+    def catalog(self) -> dict[str, tuple[str, float]]:
+        """Item id -> (category, price) as the merchant's own catalog (and order) events described them."""
+        return {item: (info.category, info.price) for merchant in self.context.merchants.values()
+                for item, info in merchant.catalog.items()}
+
     def arrays(self) -> dict[str, np.ndarray]:
         self.flush()
         if not self.blocks:
@@ -181,18 +202,21 @@ def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdou
         builder.add(event)
     stores = {}
     for merchant_id in sorted(builders):
-        arrays = builders.pop(merchant_id).arrays()
+        builder = builders.pop(merchant_id)
+        arrays = builder.arrays()
         n = len(arrays["labels"])
         if n < min_examples:
             log.info("merchant skipped: too few clicks", extra={"merchant": merchant_id, "clicks": n})
             continue
-        stores[merchant_id] = write_store(root, merchant_id, arrays, holdout_fraction=holdout_fraction, bits=bits)
+        stores[merchant_id] = write_store(root, merchant_id, arrays, holdout_fraction=holdout_fraction, bits=bits,
+                                          catalog=builder.catalog())
     return stores
 
 
 def write_store(root: str | Path, merchant_id: str, arrays: dict[str, np.ndarray], *, holdout_fraction: float,
-                bits: int) -> MerchantStore:
-    """Write one merchant's time-ordered examples as a train split and a later held-out split."""
+                bits: int, catalog: dict[str, tuple[str, float]] | None = None) -> MerchantStore:
+    """Write one merchant's time-ordered examples as a train split and a later held-out split (and its
+    published catalog, item id -> (category, price), when given)."""
     store = MerchantStore(Path(root), _checked_id(merchant_id))
     if store.path.exists():
         shutil.rmtree(store.path)
@@ -207,6 +231,8 @@ def write_store(root: str | Path, merchant_id: str, arrays: dict[str, np.ndarray
         "positives": {"train": float(arrays["labels"][:cut].sum()), "heldout": float(arrays["labels"][cut:].sum())},
         "period": {"start": float(stamps[0]), "split": float(stamps[cut]), "end": float(stamps[-1])},
     }
+    if catalog is not None:
+        (store.path / "catalog.json").write_text(json.dumps({item: list(info) for item, info in catalog.items()}))
     (store.path / "meta.json").write_text(json.dumps(meta, indent=1))
     return store
 

@@ -45,6 +45,12 @@ def test_one_directory_per_merchant_with_time_split(generated):
         assert abs(store.count("heldout") / n_clicks - 0.2) < 0.01
         meta = json.loads((store.path / "meta.json").read_text())
         assert meta["positives"]["train"] == float(train["labels"].sum())
+        published = {e.item_id: (e.category, e.price) for e in events
+                     if isinstance(e, CatalogItem) and e.merchant_id == merchant_id}
+        ordered = {line.item_id for e in events if isinstance(e, Order) and e.merchant_id == merchant_id for line in e.items}
+        catalog = store.catalog()  # the merchant's published catalog: its items only, nothing about users
+        assert published.items() <= catalog.items() and set(catalog) <= set(published) | ordered
+    assert MerchantStore(root, "m-none").catalog() == {}
 
 
 def test_examples_use_only_the_merchants_own_events_prequentially(generated):

@@ -60,6 +60,37 @@ def test_client_dataset_reads_the_store_lazily(stores, tff_module):
     np.testing.assert_array_equal(labels.numpy()[:, 0], arrays["labels"])
 
 
+def test_tff_gets_a_path_and_a_seed_per_client_and_reads_there(stores, tff_module, model_fn):
+    from federated.training import train_dataset_computation
+
+    process = build_process(model_fn, FederatedConfig(rounds=1, batch_size=16))
+    client_arg = process.next.type_signature.parameter[1]
+    assert str(client_arg) == "{<folder=str,seed=int64>}@CLIENTS"  # no sequence, no tensor of examples
+    comp = train_dataset_computation(16, 2)
+    assert comp.to_building_block().proto.ByteSize() < 50_000  # the pipeline definition, not data
+    batches = list(comp(str(stores["m02"].split_dir("train")), 5))
+    arrays = stores["m02"].load("train")
+    assert sum(len(y) for _, y in batches) == 2 * len(arrays["labels"]) and len(batches[0][1]) == 16
+    n = len(arrays["labels"])
+    first_epoch = np.concatenate([x["indices"].numpy() for x, _ in batches])[:n]
+    assert not np.array_equal(first_epoch, arrays["indices"])  # shuffled ...
+    np.testing.assert_array_equal(np.sort(first_epoch, axis=0), np.sort(arrays["indices"], axis=0))  # ... same rows
+    data = FederatedData.from_stores(stores)
+    assert data.train["m02"]() == str(stores["m02"].split_dir("train"))
+
+
+def test_touched_mean_averages_each_slot_over_the_clients_that_moved_it(tff_module):
+    from federated.aggregators import touched_mean_factory
+
+    process = touched_mean_factory().create(tff_module.TensorType(np.float32, [4]), tff_module.TensorType(np.float32))
+    deltas = [np.array([1.0, 0.0, 2.0, 0.0], np.float32), np.array([3.0, 0.0, 0.0, -1.0], np.float32)]
+    output = process.next(process.initialize(), deltas, [np.float32(1.0), np.float32(3.0)])
+    # slot 0: both clients (weighted mean 2.5); slot 2 only client 0; slot 3 only client 1; slot 1 nobody
+    np.testing.assert_allclose(output.result, [2.5, 0.0, 2.0, -1.0])
+    with pytest.raises(ValueError, match="aggregation"):
+        FederatedConfig(aggregation="median")  # type: ignore[arg-type]
+
+
 def test_numpy_scorer_matches_keras(tff_module):
     config = ModelConfig(bits=10, deep=True)
     model = build_keras_model(config)
@@ -198,6 +229,9 @@ def test_run_logs_rounds_and_registers_versions(stores, tff_module, settings):
     np.testing.assert_allclose(bundle.model.predict_proba_many(held["indices"], held["values"]),
                                outcome.scorer.predict_proba_many(held["indices"], held["values"]), rtol=1e-6)
     assert lineage["training_run_id"] == outcome.run_id
+    recommended = bundle.recommend("m00", "u0001", k=5)  # ranks the merchant's published catalog
+    assert len(recommended) == 5 and {item for item, _ in recommended} <= set(subset["m00"].catalog())
+    assert all(0 < p < 1 for _, p in recommended) and bundle.recommend("m99", "u0001", k=5) == []
     rows = compare_merchants(subset, MODEL, outcome.scorer, PersonalizationConfig(local_epochs=1, finetune_epochs=1))
     assert [r["merchant_id"] for r in rows] == ["m00", "m04"]
     for row in rows:
