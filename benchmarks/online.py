@@ -6,7 +6,8 @@
   no separate intercept). River is slow, so it runs on a prefix of the stream and every model's log loss
   is also reported on that same prefix (prequential predictions do not depend on what comes after);
 * the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog
-  (decode, featurize, learn, metrics, recommender, checkpoints), and produced->learned latency (Kafka
+  (decode, featurize, learn, metrics, drift detectors, recommender, checkpoints; the worker's default
+  options), and produced->learned latency (Kafka
   record timestamp to the moment the event's block was learned) while events are produced at a steady rate;
 * peak memory: the benchmark process (learners, ``ru_maxrss``) and the worker process (its VmHWM), and the
   learners' state size, which is set by the hash space (``2**bits``).
@@ -115,8 +116,7 @@ def _env(settings) -> dict[str, str]:
 
 def _worker(settings, group: str, idle: float) -> subprocess.Popen:
     command = [str(Path(sys.executable).parent / "fedstream"), "learn", "--model", "ftrl", "--group", group,
-               "--no-publish", "--idle-timeout", str(idle), "--flush-after", "0.05", "--block", "256",
-               "--checkpoint-every", "50000", "--checkpoint-seconds", "10"]
+               "--no-publish", "--idle-timeout", str(idle), "--checkpoint-every", "50000", "--checkpoint-seconds", "10"]
     return subprocess.Popen(command, env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
@@ -195,7 +195,13 @@ def main() -> None:
     backlog, paced = worker["backlog"], worker["paced"]
     print(f"worker backlog: {backlog['learned_this_run']} events at {backlog['events_per_s'] or 0:,.0f} events/s "
           f"(rolling AUC {backlog.get('rolling_auc', float('nan')):.3f}, logloss {backlog.get('prequential_logloss', float('nan')):.4f})")
-    print(f"worker paced at {paced['rate']:.0f} events/s: p95 produced->learned latency {paced.get('latency_p95_s', float('nan')):.3f} s")
+    print(f"worker paced at {paced['rate']:.0f} events/s: produced->learned latency p50 "
+          f"{paced.get('latency_p50_s', float('nan')):.3f} s, p95 {paced.get('latency_p95_s', float('nan')):.3f} s, "
+          f"p99 {paced.get('latency_p99_s', float('nan')):.3f} s, max {paced.get('latency_max_s', float('nan')):.3f} s")
+    print(f"worker CPU on the backlog: {backlog['busy_cpu_us_per_event']:.1f} us/event from first record to last "
+          f"learned (consume, decode, learn, drift, checkpoints; {1e6 / backlog['busy_cpu_us_per_event']:,.0f} "
+          f"events per CPU second), {1e6 * backlog['cpu_s'] / max(backlog['learned_this_run'], 1):.1f} us/event "
+          f"over the whole run (group join and idle end included)")
     print(f"peak RSS: benchmark {learners_rss:.0f} MB, worker {worker['worker_peak_rss_mb']:.0f} MB; "
           f"FTRL state {ftrl_batch['state_mb']:.0f} MB at bits={BITS}")
     figures = {
@@ -208,7 +214,9 @@ def main() -> None:
         "ftrl_batch_logloss_prefix": ftrl_batch["logloss_prefix"],
         "ftrl_batch_speedup_vs_river": speedup, "ftrl_batch_logloss_gap_vs_river": ll_gap,
         "worker_events_per_s": backlog["events_per_s"], "worker_rolling_auc": backlog.get("rolling_auc"),
-        "latency_p95_s": paced.get("latency_p95_s"), "paced_rate": paced["rate"],
+        "latency_p50_s": paced.get("latency_p50_s"), "latency_p95_s": paced.get("latency_p95_s"),
+        "latency_p99_s": paced.get("latency_p99_s"), "paced_rate": paced["rate"],
+        "worker_busy_cpu_us_per_event": backlog["busy_cpu_us_per_event"],
         "peak_rss_mb": learners_rss, "worker_peak_rss_mb": worker["worker_peak_rss_mb"], "ftrl_state_mb": ftrl_batch["state_mb"],
         "targets": {"speedup_100x": speedup >= 100, "logloss_within_1pct": ll_gap <= 0.01,
                     "worker_20k": (backlog["events_per_s"] or 0) >= 20_000,

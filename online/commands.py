@@ -42,6 +42,11 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
               help="Mini-batch size; blocks are cut at offsets that are multiples of it.")
 @click.option("--flush-after", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Learn a partial block after it waited S seconds.")
+@click.option("--flush-caught-up/--no-flush-caught-up", "flush_caught_up", default=True, show_default=True,
+              help="Learn a partial block at once when its partition is read up to the high watermark (low "
+                   "latency); off: only full blocks, --flush-after and the idle end cut blocks.")
+@click.option("--fetch-wait-ms", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Longest a fetch waits for records (the embedded broker always waits this long).")
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file (default: <data>/artifacts/online/<group>-<worker>.ckpt).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=20_000, show_default=True,
@@ -59,6 +64,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
 @pass_settings
 def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
           worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
+          flush_caught_up: bool, fetch_wait_ms: int,
           checkpoint_path: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
           no_publish: bool, rank_every: int, watch_drift: bool) -> None:
     """Consume clicks and orders as a consumer group member, learn test-then-train, checkpoint and publish.
@@ -70,7 +76,8 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
 
     config = WorkerConfig(
         model=model, params=_parse_params(params), group=group, topics=list(topics) or None, worker_id=worker_id,
-        block=block, flush_after_s=flush_after, checkpoint_every=checkpoint_every,
+        block=block, flush_after_s=flush_after, flush_when_caught_up=flush_caught_up,
+        fetch_max_wait_ms=fetch_wait_ms, checkpoint_every=checkpoint_every,
         checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,

@@ -11,9 +11,17 @@ hands it partitions, i.e. merchants, so adding workers scales out. For every eve
 3. the context and the :class:`~online.reco.Recommender` observe the event.
 
 **Deterministic mini-batches.** Records of a partition are learned in blocks cut at offsets that are
-multiples of ``block`` (a partial block waits up to ``flush_after_s`` for the rest, or until the stream
-goes idle). Block boundaries therefore depend on offsets only, never on how polls happened to split the
-stream, so a restarted worker computes exactly what an uninterrupted one does.
+multiples of ``block``. A partial block is learned early only when the worker has read its partition up
+to the high watermark of the last fetch (it is caught up: waiting would only add latency), after
+``flush_after_s`` at the latest, or when the stream goes idle. On a backlog, block boundaries therefore
+depend on offsets only, never on how polls happened to split the stream, so a restarted worker computes
+exactly what an uninterrupted one does; on a live stream a caught-up worker learns each poll's records at
+once (small blocks when idle, full blocks again as soon as it falls behind).
+
+**Latency.** From produced to learned is one fetch plus one block: ``fetch_max_wait_ms`` is short
+(100 ms) because the embedded tansu broker holds a fetch for the whole wait even when records arrive
+(Apache Kafka answers as soon as ``fetch_min_bytes`` are there); the partial block of a caught-up
+partition is learned at once instead of waiting ``flush_after_s``.
 
 **Exactly-once state.** Model, feature context, recommender, metrics and the next offset of every
 partition are checkpointed *together* in one file (temp file, fsync, ``os.replace``, fsync of the
@@ -76,6 +84,8 @@ class WorkerConfig:
     metrics_window: int = 5000
     max_records: int = 2000
     poll_timeout_ms: int = 200
+    fetch_max_wait_ms: int = 100
+    flush_when_caught_up: bool = True
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:
@@ -202,6 +212,7 @@ class OnlineWorker:
         self.learned_this_run = 0
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
+        self.first_record_cpu = self.last_learned_cpu = 0.0  # process CPU seconds at those moments
         self._last_checkpoint_events = self.state.events
         self._last_checkpoint_time = time.monotonic()
         self._last_publish = time.monotonic()
@@ -231,7 +242,7 @@ class OnlineWorker:
         """Queue polled records; learn every block that is complete."""
         now = time.monotonic()
         if self.first_record_at is None:
-            self.first_record_at = now
+            self.first_record_at, self.first_record_cpu = now, time.process_time()
         block = self.config.block
         for record in records:
             key = (record.topic, record.partition)
@@ -250,6 +261,13 @@ class OnlineWorker:
         for key in list(self.pending):
             if self.pending[key] and (force or now - self.pending_since[key] >= self.config.flush_after_s):
                 self._flush(key)
+
+    def flush_caught_up(self, lag: dict) -> None:
+        """Learn the partial block of every partition read up to its fetched high watermark
+        (``lag`` is ``EventConsumer.lag()``: ``{TopicPartition: records behind}``)."""
+        for tp, behind in lag.items():
+            if behind == 0 and self.pending.get((tp.topic, tp.partition)):
+                self._flush((tp.topic, tp.partition))
 
     def _flush(self, key: tuple[str, int]) -> None:
         records = self.pending.pop(key, None)
@@ -298,7 +316,7 @@ class OnlineWorker:
             self._record_latencies(produced)
         state.events += len(records)
         self.learned_this_run += len(records)
-        self.last_learned_at = time.monotonic()
+        self.last_learned_at, self.last_learned_cpu = time.monotonic(), time.process_time()
 
     def _record_latencies(self, produced_ms: list) -> None:
         """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned."""
@@ -380,7 +398,10 @@ class OnlineWorker:
         out["clicks_evaluated"] = out.pop("events", 0.0)
         out["events_seen"] = float(self.state.events)
         if self.latencies:
-            out["latency_p95_s"] = float(np.percentile(np.fromiter(self.latencies, float), 95))
+            latencies = np.fromiter(self.latencies, float)
+            for q in (50, 95, 99):
+                out[f"latency_p{q}_s"] = float(np.percentile(latencies, q))
+            out["latency_max_s"] = float(latencies.max())
         return out
 
     # -- main loop ----------------------------------------------------------------------------------------
@@ -393,10 +414,10 @@ class OnlineWorker:
         config = self.config
         topics = config.topics or [self.settings.topics.clicks.name, self.settings.topics.orders.name,
                                    self.settings.topics.catalog.name]
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
                                  poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._seek,
-                                 on_revoked=self._revoked)
+                                 on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
         self._consumer = consumer
         last_data = time.monotonic()
         idle = False
@@ -405,6 +426,8 @@ class OnlineWorker:
                 batch = consumer.poll()
                 if batch.records:
                     self.accept(batch.records)
+                    if config.flush_when_caught_up:
+                        self.flush_caught_up(consumer.lag())
                 if batch.offsets or not consumer.assigned:
                     last_data = time.monotonic()
                 elif config.idle_timeout_s is not None and time.monotonic() - last_data > config.idle_timeout_s:
@@ -424,12 +447,14 @@ class OnlineWorker:
             self._closing = True
             consumer.close()
             self._consumer = None
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
         busy = (self.last_learned_at - self.first_record_at) if self.first_record_at and self.last_learned_at else 0.0
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
-                   "elapsed_s": elapsed, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
+                   "elapsed_s": elapsed, "cpu_s": cpu, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
                    "publish_errors": self.publish_errors,
                    "events_per_s": self.learned_this_run / busy if busy > 0 else None,
+                   "busy_cpu_us_per_event": (1e6 * (self.last_learned_cpu - self.first_record_cpu) / self.learned_this_run
+                                             if self.learned_this_run else None),
                    "peak_rss_mb": peak_rss_mb(),
                    "stopped": "idle" if idle else ("max_events" if config.max_events is not None
                                                    and self.learned_this_run >= config.max_events else "signal"),

@@ -161,3 +161,23 @@ def test_learn_cli_help_and_bad_params():
     assert "--max-events" in runner.invoke(main, ["learn", "--help"]).output
     bad = runner.invoke(main, ["learn", "--param", "novalue"])
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
+
+
+def test_partial_blocks_wait_unless_the_partition_is_caught_up(settings, tmp_path):
+    from kafka import TopicPartition
+
+    from streams.consumer import Record
+    from streams.schemas import Click
+
+    clicks = [e for e in generate(GeneratorConfig(merchants=2, events=300, seed=5)) if isinstance(e, Click)][:100]
+    worker = OnlineWorker(settings, WorkerConfig(model="ftrl", checkpoint_path=tmp_path / "w.ckpt", block=64,
+                                                 flush_after_s=3600, publish_every_s=None))
+    now_ms = int(time.time() * 1000)
+    worker.accept([Record(c, "clicks", 0, offset, now_ms, None) for offset, c in enumerate(clicks)])
+    assert worker.state.events == 64 and len(worker.pending[("clicks", 0)]) == 36  # block cut at offset 64
+    worker.flush_caught_up({TopicPartition("clicks", 0): 3})  # records still to read: keep waiting
+    assert worker.state.events == 64
+    worker.flush_caught_up({TopicPartition("clicks", 0): 0, TopicPartition("clicks", 1): 0})
+    assert worker.state.events == 100 and worker.state.offsets[("clicks", 0)] == 100 and not worker.pending
+    metrics = worker.metrics()
+    assert 0 <= metrics["latency_p50_s"] <= metrics["latency_p95_s"] <= metrics["latency_max_s"] < 60
