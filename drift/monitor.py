@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from drift.detectors import ERROR_DETECTORS, TASTE_DETECTOR, Detector, build_detectors, prequential_error
+from drift.detectors import ERROR_DETECTORS, PRICE_INDEX_DETECTOR, TASTE_DETECTOR, Detector, build_detectors, prequential_error
 from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -250,6 +250,8 @@ class DriftMonitor:
             info = self.context.item(event.merchant_id, event.item_id)
             if info is not None:
                 feature("price", info.price)
+                if "price" in fields.numeric_fields and fields.price_index:
+                    values.append((PRICE_INDEX_DETECTOR, (event.item_id, info.price)))
                 if event.clicked:
                     feature("category", info.category)
                 if fields.user_category:

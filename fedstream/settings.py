@@ -133,6 +133,11 @@ class DriftSettings(BaseModel):
     user_category_min_reference: int = Field(default=100, ge=2, description="Scores before the CUSUM (re)arms.")
     user_category_lag: int = Field(default=200, ge=0, description="Newest scores kept out of the reference.")
     user_category_max_users: int = Field(default=20_000, ge=1, description="User histories kept per merchant.")
+    # price level of shown items vs the same items' reference prices (drift.detectors.PriceIndex)
+    price_index: bool = Field(default=True, description="Run feature.price.index (when price is a numeric field).")
+    price_index_threshold: float = Field(default=0.05, gt=0, description="|median log price ratio| that is drift.")
+    price_index_window: int = Field(default=200, ge=2, description="Impressions in the median.")
+    price_index_max_items: int = Field(default=200_000, ge=1, description="Reference prices kept per merchant.")
 
 
 class Settings(BaseSettings):

@@ -11,6 +11,7 @@ from drift.detectors import (
     ErrorADWIN,
     ErrorPageHinkley,
     NumericShift,
+    PriceIndex,
     RateShift,
     TasteShift,
     build_detectors,
@@ -49,6 +50,14 @@ def streams(kind: str, shifted: bool, seed: int):
         liked = (favourite[users] + (shifted & (np.arange(N) >= SHIFT))) % 6  # the shift: every taste moves on
         categories = np.where(rng.random(N) < 0.5, liked, rng.integers(0, 6, N))
         return [(f"u{u}", f"c{c}") for u, c in zip(users.tolist(), categories.tolist())]
+    if kind == "catalog":  # (item, price) impressions; a tenth of the items is on a -30% promotion half the time
+        base = rng.lognormal(3.0, 0.6, 400)
+        items = rng.integers(0, 400, N)
+        promoted = (items % 10 == 0) & (np.arange(N) // 3000 % 2 == 1)
+        prices = base[items] * np.where(promoted, 0.7, 1.0)
+        if shifted:  # the shift: the merchant re-prices everything by +15..45%
+            prices[SHIFT:] *= np.exp(rng.normal(0.3, 0.1, 400))[items[SHIFT:]]
+        return [(f"i{i}", float(x)) for i, x in zip(items.tolist(), prices.tolist())]
     if kind == "numeric":
         values = rng.lognormal(3.0, 0.6, N)
         if shifted:
@@ -70,6 +79,7 @@ DETECTORS = {
     "feature.category.psi": (lambda: CategoryShift("m1", "category", statistic="psi"), "category"),
     "feature.category.chi2": (lambda: CategoryShift("m1", "category", statistic="chi2"), "category"),
     "feature.user_category.cusum": (lambda: TasteShift("m1"), "taste"),
+    "feature.price.index": (lambda: PriceIndex("m1"), "catalog"),
 }
 
 
@@ -125,6 +135,18 @@ def test_taste_shift_event_dates_the_change_and_rearms_after_firing():
     assert detector.state()["armed"] and detector.cusum < 22.0  # re-armed on the new regime, quiet since
 
 
+def test_price_index_rereferences_after_firing_and_ignores_broken_prices():
+    detector = PriceIndex("m1")
+    fired = run(detector, streams("catalog", shifted=True, seed=13))
+    assert len(fired) == 1 and fired[0].value > 0.15 and fired[0].details["changed_share"] > 0.5
+    assert SHIFT - 200 <= fired[0].window_start_index <= SHIFT <= fired[0].event_index < SHIFT + 400  # 200: the window
+    assert detector.state()["items"] == 400  # re-referenced at the new prices: quiet after firing
+    bounded = PriceIndex("m1", max_items=100)
+    run(bounded, streams("catalog", shifted=False, seed=13)[:5000])
+    assert bounded.state()["items"] == 100  # oldest references forgotten first
+    assert detector.update(("i1", 0.0), timestamp=0.0) is None and detector.update(("i1", float("nan")), timestamp=0.0) is None
+
+
 def test_hour_of_day_cycle_is_not_drift_when_windows_span_whole_days():
     """Events every 60 s with a strong daily cycle: count windows see drift, day-long windows do not."""
     rng = np.random.default_rng(3)
@@ -161,6 +183,8 @@ def test_bad_parameters_are_rejected_with_clear_errors():
         TasteShift("m1", threshold=0)
     with pytest.raises(ValueError, match="min_reference <= reference"):
         TasteShift("m1", min_reference=500, reference=100)
+    with pytest.raises(ValueError, match="window >= 2"):
+        PriceIndex("m1", window=1)
     with pytest.raises(ValueError, match="unknown error metric"):
         prequential_error(1, 0.5, "hinge")
 
@@ -187,6 +211,7 @@ def test_detectors_are_built_from_settings_including_env_overrides(monkeypatch):
     assert detectors["label.conversion"].merchant_id == "m7"
     assert DriftSettings().cooldown_events > 0
     assert detectors["feature.user_category.cusum"].threshold == config.user_category_threshold
+    assert detectors["feature.price.index"].threshold == config.price_index_threshold
     monkeypatch.setenv("FEDSTREAM_DRIFT__USER_CATEGORY", "false")
     assert "feature.user_category.cusum" not in build_detectors(load_settings().drift, "m7")
 
