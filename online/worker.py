@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -219,6 +220,7 @@ class OnlineWorker:
         self._consumer = None
         self._closing = False
         self._run_id: str | None = None
+        self._publisher: threading.Thread | None = None
         self.published: list[str] = []
         self.publish_errors: list[str] = []
 
@@ -354,32 +356,61 @@ class OnlineWorker:
             self.checkpoint()
 
     def _maybe_publish(self, force: bool = False) -> None:
+        """Publish on schedule in a background thread (learning goes on meanwhile); ``force`` (the end of
+        the run) waits for a publication in flight, then publishes in this thread."""
         every = self.config.publish_every_s
         if not force and (not every or time.monotonic() - self._last_publish < every):
             return
         if self.state.clicks == 0:
             return
+        in_flight = self._publisher is not None and self._publisher.is_alive()
+        if in_flight and not force:
+            return  # one publication at a time; the next loop iteration tries again
+        if in_flight:
+            self._publisher.join()
         self._last_publish = time.monotonic()
         try:
-            self.publish()
-        except Exception as exc:  # the registry being down must not stop learning; next schedule retries
-            self.publish_errors.append(f"{type(exc).__name__}: {exc}"[:500])
-            log.warning("publishing to the registry failed", extra={"error": self.publish_errors[-1]}, exc_info=True)
+            snapshot = self._snapshot()
+        except Exception as exc:
+            self._publish_failed(exc)
+            return
+        if force:
+            self._register_snapshot(snapshot)
+        else:
+            self._publisher = threading.Thread(target=self._register_snapshot, args=(snapshot,),
+                                               name="online-publish", daemon=True)
+            self._publisher.start()
+
+    def _publish_failed(self, exc: Exception) -> None:
+        # the registry being down must not stop learning; the next schedule retries
+        self.publish_errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        log.warning("publishing to the registry failed", extra={"error": self.publish_errors[-1]}, exc_info=True)
+
+    def _register_snapshot(self, snapshot: dict[str, Any]) -> None:
+        try:
+            self._register(snapshot)
+        except Exception as exc:
+            self._publish_failed(exc)
+
+    def prepare_publishing(self) -> None:
+        """Import MLflow and open the tracking store before the first record: the first publication
+        otherwise spends seconds of CPU on imports and store set-up while records wait."""
+        try:
+            from registry.models import register_version  # noqa: F401
+            from registry.tracking import experiment_id
+
+            experiment_id(self.settings)
+        except Exception as exc:
+            self._publish_failed(exc)
 
     def publish(self) -> str:
         """Register the current state as a new ``challenger`` version; returns the version number."""
-        from registry.bundle import ModelBundle
-        from registry.models import register_version
-        from registry.tracking import client, experiment_id
+        return self._register(self._snapshot())
 
-        mlflow_client = client(self.settings)
-        if self._run_id is None:
-            run = mlflow_client.create_run(experiment_id(self.settings), run_name=f"learn-{self.config.group}-{self.config.worker_id}",
-                                           tags={"room": "online", "model": self.config.model})
-            self._run_id = run.info.run_id
-        metrics = self.metrics()
-        for key, value in metrics.items():
-            mlflow_client.log_metric(self._run_id, key, value, step=self.state.events)
+    def _snapshot(self) -> dict[str, Any]:
+        """What a publication needs, copied now (the live state keeps changing while it is registered)."""
+        from registry.bundle import ModelBundle
+
         bundle = ModelBundle(model=serving_model(self.state.model, self.state.bits), feature_bits=self.state.bits,
                              context=self.state.context,
                              recommender=self.state.recommender, kind="online",
@@ -388,8 +419,22 @@ class OnlineWorker:
         lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(self.state.offsets.items())},
                    "events_seen": self.state.events, "clicks_seen": self.state.clicks, "model": self.config.model,
                    "group": self.config.group, "worker_id": self.config.worker_id}
-        version = register_version(self.settings, bundle, name=self.settings.serving.model_name, metrics=metrics,
-                                   lineage=lineage, run_id=self._run_id)
+        return {"bundle": pickle.loads(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL)),
+                "metrics": self.metrics(), "lineage": lineage, "step": self.state.events}
+
+    def _register(self, snapshot: dict[str, Any]) -> str:
+        from registry.models import register_version
+        from registry.tracking import client, experiment_id
+
+        mlflow_client = client(self.settings)
+        if self._run_id is None:
+            run = mlflow_client.create_run(experiment_id(self.settings), run_name=f"learn-{self.config.group}-{self.config.worker_id}",
+                                           tags={"room": "online", "model": self.config.model})
+            self._run_id = run.info.run_id
+        for key, value in snapshot["metrics"].items():
+            mlflow_client.log_metric(self._run_id, key, value, step=snapshot["step"])
+        version = register_version(self.settings, snapshot["bundle"], name=self.settings.serving.model_name,
+                                   metrics=snapshot["metrics"], lineage=snapshot["lineage"], run_id=self._run_id)
         self.published.append(str(version.version))
         return str(version.version)
 
@@ -415,6 +460,8 @@ class OnlineWorker:
         topics = config.topics or [self.settings.topics.clicks.name, self.settings.topics.orders.name,
                                    self.settings.topics.catalog.name]
         started, cpu_started = time.monotonic(), time.process_time()
+        if config.publish_every_s or config.publish_at_end:
+            self.prepare_publishing()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
                                  poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._seek,
                                  on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
@@ -447,6 +494,8 @@ class OnlineWorker:
             self._closing = True
             consumer.close()
             self._consumer = None
+            if self._publisher is not None:
+                self._publisher.join(timeout=120)  # a scheduled publication still registering
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
         busy = (self.last_learned_at - self.first_record_at) if self.first_record_at and self.last_learned_at else 0.0
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,

@@ -181,3 +181,32 @@ def test_partial_blocks_wait_unless_the_partition_is_caught_up(settings, tmp_pat
     assert worker.state.events == 100 and worker.state.offsets[("clicks", 0)] == 100 and not worker.pending
     metrics = worker.metrics()
     assert 0 <= metrics["latency_p50_s"] <= metrics["latency_p95_s"] <= metrics["latency_max_s"] < 60
+
+
+def test_scheduled_publication_registers_a_snapshot_while_learning_goes_on(settings, tmp_path):
+    from registry.models import load_bundle, version_lineage
+    from registry.tracking import client
+    from streams.consumer import Record
+
+    events = list(generate(GeneratorConfig(merchants=2, events=1200, seed=9)))
+    records = [Record(e, "events", 0, offset, int(time.time() * 1000), None) for offset, e in enumerate(events)]
+    worker = OnlineWorker(settings, WorkerConfig(model="ftrl", checkpoint_path=tmp_path / "p.ckpt", block=64,
+                                                 publish_every_s=1.0))
+    worker.prepare_publishing()
+    half = (len(records) + [type(e).__name__ for e in events].index("Click")) // 2  # half of the clicks and orders
+    worker.accept(records[:half])
+    worker._last_publish -= 10  # the schedule is due
+    worker._maybe_publish()
+    published_at, weights_at = worker.state.events, worker.state.model.w.astype(np.float32)
+    assert worker._publisher is not None and worker._publisher.is_alive()
+    worker.accept(records[half:])  # learning goes on while the snapshot is registered
+    worker.flush_stale(force=True)
+    worker._publisher.join(timeout=120)
+    assert worker.published == ["1"], worker.publish_errors
+    assert worker.state.events == len(events) > published_at
+
+    version = client(settings).get_model_version(settings.serving.model_name, "1")
+    assert version_lineage(version)["events_seen"] == published_at  # the snapshot, not the state at registration
+    bundle = load_bundle(settings, f"models:/{settings.serving.model_name}/1")
+    np.testing.assert_array_equal(bundle.model.weights, weights_at)
+    assert not np.array_equal(worker.state.model.w.astype(np.float32), weights_at)
