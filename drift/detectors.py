@@ -25,7 +25,8 @@ false alarms: its traffic comes in sessions (a session's impressions share user,
 so events are far from independent and textbook p-values alone fire every day. Hence effect-size gates
 (PSI, KS distance, Cramér's V, relative rate change) on top of p-values, one hour value per session,
 day-aligned windows for the hour and the label rates, and high error-detector thresholds. Price changes
-are caught within ~1-2k of the merchant's events (PSI on price). A taste change the online model re-learns
+are caught within a few hundred of the merchant's events by ``feature.price.index`` (same items, new
+prices), within ~1-2k by PSI/KS on the price distribution. A taste change the online model re-learns
 within ~1k events barely moves the error and leaves the platform-wide shares alone (other users now want
 each category), so the error and share detectors miss it; ``feature.user_category.cusum`` finds it within
 ~0.5-1k of the merchant's events, its threshold set from the CUSUM's tail on 2M drift-free events.
