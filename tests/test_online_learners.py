@@ -171,12 +171,13 @@ def test_mini_batches_stay_close_to_one_at_a_time(stream):
     for name in ("ftrl", "adam", "sgd"):
         params = {"adam": {"learning_rate": 0.005}, "sgd": {"learning_rate": 0.05}}.get(name, {})
         one = _progressive_logloss(make_model(name, 14, **params), dicts, labels)
-        model = make_model(name, 14, **params)
-        p = np.concatenate([model.learn_many(indices[s:s + 32], values[s:s + 32], labels[s:s + 32])
-                            for s in range(0, len(labels), 32)])
-        batched = float(prequential.logloss(labels.astype(float), p).mean())
-        limit = 1.03 if name == "ftrl" else 1.15  # Adam takes 32x fewer steps in batches of 32
-        assert batched < one * limit, (name, batched, one)
+        for batch in (32, 1024):  # chunks of max_delay rows: the batch size the caller picks hardly matters
+            model = make_model(name, 14, **params)
+            p = np.concatenate([model.learn_many(indices[s:s + batch], values[s:s + batch], labels[s:s + batch])
+                                for s in range(0, len(labels), batch)])
+            batched = float(prequential.logloss(labels.astype(float), p).mean())
+            limit = 1.08 if name == "adam" else 1.03  # Adam takes 16x fewer steps (one per 16-row chunk)
+            assert batched < one * limit, (name, batch, batched, one)
 
 
 def test_river_protocol_progressive_val_score_and_pipelines(stream):
