@@ -69,6 +69,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="sgd with lr 1 is plain FedAvg; adam/yogi are FedAdam/FedYogi.")
 @click.option("--server-lr", type=float, default=None, help="Server learning rate [default: 1.0 for sgd, 0.02 else].")
 @click.option("--client-lr", type=float, default=0.5, show_default=True, help="Client SGD learning rate.")
+@click.option("--aggregation", type=click.Choice(["touched", "mean"]), default="touched", show_default=True,
+              help="touched: each hashed slot averaged over the merchants whose update moved it (reaches "
+                   "centralized AUC); mean: plain weighted FedAvg mean. --dp/--secure-agg use TFF's own aggregators.")
 @click.option("--client-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prox-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="FedProx proximal strength (0 = FedAvg).")
@@ -89,7 +92,7 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="Run client work on the merchants that joined with `fedstream federated join` (one worker each).")
 @pass_settings
 def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, clip, dp_delta, secure_agg,
-        server_optimizer, server_lr, client_lr, client_epochs, prox_mu, dropout_rate, deep, bits, source, events,
+        server_optimizer, server_lr, client_lr, aggregation, client_epochs, prox_mu, dropout_rate, deep, bits, source, events,
         generate_merchants, register_every, no_personalize, seed, workers) -> None:
     """Run federated rounds over per-merchant stores, log every round to MLflow and register the model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -103,6 +106,7 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
         config = FederatedConfig(
             rounds=rounds, clients_per_round=clients_per_round, client_learning_rate=client_lr,
             client_epochs=client_epochs, server_optimizer=server_optimizer, server_learning_rate=server_lr,
+            aggregation=aggregation,
             prox_mu=prox_mu, clip=clip, dp=dp, noise_multiplier=noise_multiplier, dp_delta=dp_delta,
             secure_agg=secure_agg, dropout_rate=dropout_rate, seed=seed)
         model_config = ModelConfig(bits=bits, deep=deep, seed=seed)
