@@ -116,7 +116,7 @@ def _env(settings) -> dict[str, str]:
 
 def _worker(settings, group: str, idle: float) -> subprocess.Popen:
     command = [str(Path(sys.executable).parent / "fedstream"), "learn", "--model", "ftrl", "--group", group,
-               "--no-publish", "--idle-timeout", str(idle), "--checkpoint-every", "50000", "--checkpoint-seconds", "10"]
+               "--no-publish", "--idle-timeout", str(idle)]
     return subprocess.Popen(command, env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 

@@ -49,7 +49,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
               help="Longest a fetch waits for records (the embedded broker always waits this long).")
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file (default: <data>/artifacts/online/<group>-<worker>.ckpt).")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=20_000, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Checkpoint every N events...")
 @click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="...or every S seconds.")
