@@ -11,6 +11,7 @@ the probability it predicted *before* learning from the click; a learner that on
   and tags ``drift.<merchant>.last`` / ``drift.<merchant>.count`` / ``drift.last`` on the serving model's run.
 
 :func:`latest_drift` is what the serving API calls to show drift status; see its docstring for where it reads.
+:meth:`DriftMonitor.snapshot` / :meth:`DriftMonitor.restore` carry the detectors' state across a restart.
 
 Example:
     >>> from fedstream.settings import load_settings
@@ -274,7 +275,7 @@ class DriftMonitor:
         if category in page_view or not (event.clicked or event.page in self.config.user_category_pages):
             return
         page_view.add(category)
-        values.append((TASTE_DETECTOR, (event.user_id, category)))
+        values.append((TASTE_DETECTOR, (event.user_id, category, event.session_id)))
 
     def _session(self, merchant_id: str, session_id: str) -> tuple[bool, set]:
         """Whether the session is new, and the categories of its current page view (LRU-bounded)."""

@@ -129,7 +129,9 @@ class DriftSettings(BaseModel):
         description="Pages whose items follow the user's intent; on other pages only clicked items count.",
     )
     user_category_slack: float = Field(default=0.3, ge=0, description="CUSUM slack, in reference SDs per score.")
-    user_category_threshold: float = Field(default=22.0, gt=0, description="CUSUM level that counts as drift.")
+    user_category_threshold: float = Field(
+        default=30.0, gt=0, description="CUSUM level that counts as drift (drift-free streams reach ~21)."
+    )
     user_category_reference: int = Field(default=3000, ge=2, description="Scores in the (lagging) reference.")
     user_category_min_reference: int = Field(default=100, ge=2, description="Scores before the CUSUM (re)arms.")
     user_category_lag: int = Field(default=200, ge=0, description="Newest scores kept out of the reference.")

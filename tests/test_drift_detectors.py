@@ -120,8 +120,21 @@ def test_taste_shift_ignores_users_growing_more_predictable_and_keeps_bounded_st
     state = detector.state()
     assert state["users"] == 300 and state["armed"] and state["reference_size"] == 3000
     assert state["n_seen"] == N and state["scores"] < N  # users evicted from the LRU start without a history
-    assert all(sum(h.values()) <= 8 for h in detector.users.values())
+    assert all(sum(history.values()) <= 8 for history, _, _ in detector.users.values())
     assert detector.score("nobody", "c1") is None
+
+
+def test_taste_shift_scores_against_earlier_sessions_only():
+    """Choices of the open session are not history yet: a session agrees with itself whatever the tastes."""
+    detector = TasteShift("m1")
+    detector.update(("u1", "shoes", "s1"), timestamp=0.0)
+    detector.update(("u1", "shoes", "s1"), timestamp=1.0)
+    assert detector.score("u1", "shoes") is None  # only the open session so far
+    detector.update(("u1", "bags", "s2"), timestamp=2.0)  # a new session commits s1
+    assert detector.users["u1"][0] == {"shoes": 2.0}
+    assert detector.score("u1", "shoes") > 0 > detector.score("u1", "bags")
+    detector.update(("u2", "hats"), timestamp=3.0)  # no session given: history at once
+    assert detector.score("u2", "hats") > 0
 
 
 def test_taste_shift_event_dates_the_change_and_rearms_after_firing():
@@ -130,9 +143,9 @@ def test_taste_shift_event_dates_the_change_and_rearms_after_firing():
     assert len(fired) == 1
     event = fired[0]
     assert SHIFT - 300 <= event.window_start_index <= event.event_index < SHIFT + 1000
-    assert event.value > event.threshold == 22.0
+    assert event.value > event.threshold == 30.0
     assert event.details["mean_since_change"] < event.details["reference_mean"]
-    assert detector.state()["armed"] and detector.cusum < 22.0  # re-armed on the new regime, quiet since
+    assert detector.state()["armed"] and detector.cusum < 30.0  # re-armed on the new regime, quiet since
 
 
 def test_price_index_rereferences_after_firing_and_ignores_broken_prices():
