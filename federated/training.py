@@ -149,15 +149,32 @@ class RoundResult:
         return out
 
 
-def use_execution_context(config: FederatedConfig) -> str:
-    """Secure aggregation needs TFF's simulated secure-sum intrinsics: the sync *test* C++ context."""
-    import tensorflow_federated as tff
+_INSTALLED: dict[str, Any] = {}  # the context this module last installed, by kind
 
+
+def use_execution_context(config: FederatedConfig) -> str:
+    """Install TFF's sync C++ context for ``config`` (secure aggregation needs the *test* context, whose
+    secure-sum intrinsics are simulated); keep the current one when it is already the right kind.
+
+    Replacing a context drops the old one, whose finalizer sends its ``worker_binary`` SIGINT and then
+    *waits* for it: a busy worker can keep that wait (and the caller) blocked for good, which hung a
+    benchmark that switched contexts between phases. So a context is only replaced when the kind changes.
+    """
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    kind = "sync_test_cpp" if config.secure_agg else "sync_local_cpp"
+    installed = _INSTALLED.get(kind)
+    if installed is not None and context_stack_impl.context_stack.current is installed:
+        return kind
     if config.secure_agg:
-        tff.backends.test.set_sync_test_cpp_execution_context()
-        return "sync_test_cpp"
-    tff.backends.native.set_sync_local_cpp_execution_context()
-    return "sync_local_cpp"
+        context = tff.backends.test.create_sync_test_cpp_execution_context()
+    else:
+        context = tff.backends.native.create_sync_local_cpp_execution_context()
+    context_stack_impl.context_stack.set_default_context(context)
+    _INSTALLED.clear()
+    _INSTALLED[kind] = context
+    return kind
 
 
 def build_aggregator(config: FederatedConfig):
