@@ -82,6 +82,26 @@ def prequential_error(y: bool | int, p: float, metric: str = "excess_logloss", c
     return loss + p * math.log(p) + (1.0 - p) * math.log(1.0 - p)
 
 
+def prequential_errors(y: np.ndarray, p: np.ndarray, metric: str = "excess_logloss", clip: float = 1e-3) -> np.ndarray:
+    """:func:`prequential_error` of a whole block of predictions at once (the online worker's path).
+
+    >>> errors = prequential_errors(np.array([True, False, True]), np.array([0.9, 0.9, 0.0005]))
+    >>> bool(np.allclose(errors, [prequential_error(1, 0.9), prequential_error(0, 0.9), prequential_error(1, 0.0005)]))
+    True
+    """
+    y = np.asarray(y, dtype=bool)
+    p = np.asarray(p, dtype=np.float64)
+    if metric == "zero_one":
+        return ((p >= 0.5) != y).astype(np.float64)
+    if metric not in ("logloss", "excess_logloss"):
+        raise ValueError(f"unknown error metric {metric!r}: use 'excess_logloss', 'logloss' or 'zero_one'")
+    p = np.clip(p, clip, 1.0 - clip)
+    loss = -np.log(np.where(y, p, 1.0 - p))
+    if metric == "logloss":
+        return loss
+    return loss + p * np.log(p) + (1.0 - p) * np.log(1.0 - p)
+
+
 class _Trail:
     """Sparse, bounded map from a detector's value count to (merchant event index, timestamp).
 

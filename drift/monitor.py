@@ -36,7 +36,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from drift.detectors import ERROR_DETECTORS, PRICE_INDEX_DETECTOR, TASTE_DETECTOR, Detector, build_detectors, prequential_error
+import numpy as np
+
+from drift.detectors import (ERROR_DETECTORS, PRICE_INDEX_DETECTOR, TASTE_DETECTOR, Detector, build_detectors,
+                             prequential_error, prequential_errors)
 from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -219,6 +222,26 @@ class DriftMonitor:
             index = self._predictions.get(merchant_id, 0) if index is None else max(index - 1, 0)
         self._predictions[merchant_id] = self._predictions.get(merchant_id, 0) + 1
         return self._emit(self._feed_error(detectors, merchant_id, timestamp, y, p, index))
+
+    def observe_predictions(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: Sequence,
+                            p: Sequence) -> list[DriftEvent]:
+        """:meth:`observe_prediction` for a block of predictions in stream order (one call per learned block:
+        the errors are computed at once, then each merchant's detectors see them in order)."""
+        errors = prequential_errors(np.asarray(y), np.asarray(p), self.config.error_metric, self.config.error_clip)
+        if len(errors) != len(merchant_ids) or len(errors) != len(timestamps):
+            raise ValueError("merchant_ids, timestamps, y and p must have one length")
+        fired: list[DriftEvent] = []
+        counts, merchant_index = self._predictions, self.merchant_index
+        for merchant_id, timestamp, error in zip(merchant_ids, timestamps, errors.tolist()):
+            detectors = self._detectors_of(merchant_id)
+            index = merchant_index.get(merchant_id)
+            index = counts.get(merchant_id, 0) if index is None else max(index - 1, 0)
+            counts[merchant_id] = counts.get(merchant_id, 0) + 1
+            for name in ERROR_DETECTORS:
+                found = detectors[name].update(error, timestamp=timestamp, index=index)
+                if found is not None:
+                    fired.append(found)
+        return self._emit(fired) if fired else []
 
     def _feed_error(self, detectors: dict[str, Detector], merchant_id: str, timestamp: float, y, p: float,
                     index: int) -> list[DriftEvent]:

@@ -59,8 +59,8 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
 @click.option("--rank-every", type=click.IntRange(min=0), default=50, show_default=True,
               help="Score the recommender on every N-th click/order (HitRate/NDCG; 0: never).")
 @click.option("--drift/--no-drift", "watch_drift", default=True, show_default=True,
-              help="Feed every prediction to per-merchant drift detectors (ADWIN, Page-Hinkley); drift events go "
-                   "to the drift topic, the JSONL drift log and MLflow.")
+              help="Feed every prediction to per-merchant drift detectors (ADWIN, Page-Hinkley), checkpointed with "
+                   "the model; drift events go to the drift topic, the JSONL drift log and MLflow.")
 @pass_settings
 def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
           worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
@@ -82,23 +82,34 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
     )
-    monitor = _drift_monitor(settings, publish_to_mlflow=not no_publish) if watch_drift else None
-    subscribers = [lambda prediction: monitor.observe_prediction(*prediction)] if monitor else []
+    monitors = {"drift": _drift_monitor_factory(settings, publish_to_mlflow=not no_publish)} if watch_drift else {}
     try:
-        worker = OnlineWorker(settings, config, subscribers=subscribers)
+        worker = OnlineWorker(settings, config, monitors=monitors)
     except ValueError as exc:  # a checkpoint of another model or feature space
         raise click.ClickException(str(exc)) from exc
-    summary = worker.run()
+    try:
+        summary = worker.run()
+    finally:
+        for monitor in worker.state.monitors.values():
+            monitor.close()
+    monitor = worker.state.monitors.get("drift")
     if monitor is not None:
         summary["drift_events"] = [{"merchant_id": e.merchant_id, "detector": e.detector, "event_index": e.event_index}
                                    for e in monitor.events]
     click.echo(json.dumps(summary, default=str))
 
 
-def _drift_monitor(settings: Settings, publish_to_mlflow: bool):
-    """Error-stream drift detectors per merchant, publishing to the drift topic, the drift log and MLflow."""
+def _drift_monitor_factory(settings: Settings, publish_to_mlflow: bool):
+    """Error-stream drift detectors per merchant (drift topic, drift log, MLflow), resumed from the worker's
+    checkpoint when it holds their snapshot."""
     import river.drift  # noqa: F401  (the detectors' import costs seconds: pay it before the first record, not in it)
 
     from drift.monitor import DriftMonitor, default_sinks
 
-    return DriftMonitor(settings, sinks=default_sinks(settings, mlflow=publish_to_mlflow))
+    def build(snapshot: bytes | None) -> DriftMonitor:
+        sinks = default_sinks(settings, mlflow=publish_to_mlflow)
+        if snapshot is None:
+            return DriftMonitor(settings, sinks=sinks)
+        return DriftMonitor.restore(settings, snapshot, sinks=sinks)
+
+    return build

@@ -23,12 +23,13 @@ once (small blocks when idle, full blocks again as soon as it falls behind).
 (Apache Kafka answers as soon as ``fetch_min_bytes`` are there); the partial block of a caught-up
 partition is learned at once instead of waiting ``flush_after_s``.
 
-**Exactly-once state.** Model, feature context, recommender, metrics and the next offset of every
-partition are checkpointed *together* in one file (temp file, fsync, ``os.replace``, fsync of the
+**Exactly-once state.** Model, feature context, recommender, metrics, the drift detectors watching the
+predictions (``monitors``) and the next offset of every partition are checkpointed *together* in one file (temp file, fsync, ``os.replace``, fsync of the
 directory) every ``checkpoint_every`` events or ``checkpoint_seconds``. Records not yet learned are not in
 the checkpoint: after a crash (even ``kill -9``) the worker restores the file and seeks every partition to
 its checkpointed offset, so no event is lost and none is learned twice. Kafka offsets are committed after
 each checkpoint, for monitoring and for partitions that move to a worker without a checkpoint of them.
+(Drift events a monitor published after the last checkpoint are published again on replay: at least once.)
 
 **Registry.** Every ``publish_every_s`` seconds (and at the end) a snapshot is registered with
 ``registry.models.register_version`` as a :class:`~registry.bundle.ModelBundle` (alias ``challenger``),
@@ -42,10 +43,10 @@ import pickle
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -92,6 +93,17 @@ class WorkerConfig:
         if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:
             raise ValueError("block, checkpoint_every and rank_k must be >= 1, rank_every >= 0")
         self.group = self.group or f"fedstream-learn-{self.model}"
+
+
+class PredictionMonitor(Protocol):
+    """What watches a worker's predictions block by block, with state saved in the worker's checkpoint."""
+
+    def observe_predictions(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: np.ndarray,
+                            p: np.ndarray) -> Any: ...
+
+    def snapshot(self) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
@@ -165,11 +177,16 @@ class LearnerState:
         self.events = 0  # records learned (all types)
         self.clicks = 0
         self.ranked = 0  # clicks/orders seen, for rank_every sampling
+        # prediction monitors (drift detectors) learn from the same blocks, so their state is checkpointed
+        # with the model: live objects by name, and the snapshots a checkpoint held for them
+        self.monitors: dict[str, PredictionMonitor] = {}
+        self.saved_monitors: dict[str, bytes] = {}
 
     def to_bytes(self) -> bytes:
         state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
+                 "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
                  "written_at": time.time()}
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -181,6 +198,7 @@ class LearnerState:
         learner.evaluator = state["evaluator"]
         learner.offsets = dict(state["offsets"])
         learner.events, learner.clicks, learner.ranked = state["events"], state["clicks"], state["ranked"]
+        learner.saved_monitors = dict(state.get("monitors", {}))  # absent in checkpoints written before monitors
         return learner
 
 
@@ -188,8 +206,15 @@ class OnlineWorker:
     """A consumer-group member that learns online (see the module docstring)."""
 
     def __init__(self, settings: Settings, config: WorkerConfig,
-                 subscribers: Iterable[Callable[[tuple[str, float, bool, float]], Any]] = ()) -> None:
-        """``subscribers`` receive every prediction as ``(merchant_id, timestamp, y, p)`` (drift detectors)."""
+                 subscribers: Iterable[Callable[[tuple[str, float, bool, float]], Any]] = (),
+                 monitors: Mapping[str, Callable[[bytes | None], PredictionMonitor]] | None = None) -> None:
+        """``subscribers`` receive every prediction as ``(merchant_id, timestamp, y, p)``, one call each.
+
+        ``monitors`` (e.g. drift detectors) receive each block's predictions in one call and are part of the
+        checkpoint: each factory is called with the snapshot the checkpoint holds under its name (``None``
+        on a fresh start) and returns a :class:`PredictionMonitor`, so after a crash the detectors resume
+        exactly where the model does.
+        """
         self.settings = settings
         self.config = config
         self.featurizer = Featurizer(settings.feature_bits)
@@ -207,6 +232,8 @@ class OnlineWorker:
             self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
         for callback in subscribers:
             self.state.evaluator.subscribe(callback)
+        for name, factory in (monitors or {}).items():
+            self.state.monitors[name] = factory(self.state.saved_monitors.get(name))
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
         self.latencies: deque[float] = deque(maxlen=200_000)
@@ -314,6 +341,8 @@ class OnlineWorker:
             y = np.array(labels, dtype=bool)
             p = state.model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), y)
             state.evaluator.update_many(merchants, stamps, y, p)
+            for monitor in state.monitors.values():
+                monitor.observe_predictions(merchants, stamps, y, p)
             state.clicks += len(rows)
             self._record_latencies(produced)
         state.events += len(records)

@@ -132,6 +132,30 @@ def test_observe_prediction_feeds_only_error_detectors(settings):
     assert state["label.ctr"]["n_seen"] == 0 and state["feature.price.ks"]["n_seen"] == 0
 
 
+def test_a_block_of_predictions_detects_like_one_at_a_time(settings):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    n = 12_000
+    merchants = ["m1" if k % 3 else "m2" for k in range(n)]
+    stamps = [1.7e9 + k for k in range(n)]
+    p = np.full(n, 0.15)
+    y = rng.random(n) < np.where(np.arange(n) < 6000, 0.15, 0.45)  # the model goes stale halfway
+    one, block = DriftMonitor(settings), DriftMonitor(settings)
+    for row in zip(merchants, stamps, y.tolist(), p.tolist()):
+        one.observe_prediction(*row)
+    for start in range(0, n, 256):
+        block.observe_predictions(merchants[start:start + 256], stamps[start:start + 256], y[start:start + 256],
+                                  p[start:start + 256])
+    found = [(e.merchant_id, e.detector, e.event_index) for e in one.events]
+    assert found and {m for m, _, _ in found} == {"m1", "m2"}
+    assert [(e.merchant_id, e.detector, e.event_index) for e in block.events] == found
+    for merchant in ("m1", "m2"):
+        assert block.state(merchant)["error.adwin"]["width"] == one.state(merchant)["error.adwin"]["width"]
+    with pytest.raises(ValueError, match="one length"):
+        block.observe_predictions(["m1"], [1.7e9, 1.8e9], np.array([True]), np.array([0.5]))
+
+
 def test_drift_events_are_published_to_the_broker_and_read_back(kafka_settings):
     sink = KafkaSink(kafka_settings)
     try:

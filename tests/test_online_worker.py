@@ -72,7 +72,7 @@ def _env(settings: Settings) -> dict[str, str]:
 @pytest.mark.slow
 def test_kill_9_mid_stream_then_resume_equals_uninterrupted_run(produced, tmp_path):
     settings, total = produced
-    reference = OnlineWorker(settings, _config(tmp_path, "reference"))
+    reference = OnlineWorker(settings, _config(tmp_path, "reference"), monitors={"drift": _drift_monitor(settings)})
     summary = reference.run()
     assert summary["events"] == total and summary["stopped"] == "idle"
 
@@ -102,6 +102,20 @@ def test_kill_9_mid_stream_then_resume_equals_uninterrupted_run(produced, tmp_pa
     assert mine["evaluator"].per_merchant() == theirs["evaluator"].per_merchant()
     assert mine["context"] == theirs["context"]
     assert _recommender_facts(mine["recommender"]) == _recommender_facts(theirs["recommender"])
+    # the CLI worker's drift detectors (on by default) were checkpointed with the model and resumed with it
+    assert _drift_facts(settings, mine["monitors"]["drift"]) == _drift_facts(settings, theirs["monitors"]["drift"])
+
+
+def _drift_monitor(settings: Settings):
+    from drift.monitor import DriftMonitor
+
+    return lambda snapshot: DriftMonitor(settings) if snapshot is None else DriftMonitor.restore(settings, snapshot)
+
+
+def _drift_facts(settings: Settings, snapshot: bytes) -> dict:
+    monitor = _drift_monitor(settings)(snapshot)
+    assert monitor.detectors, "the drift monitor saw no predictions"
+    return {m: monitor.state(m) for m in monitor.detectors} | {"predictions": monitor._predictions}
 
 
 def _recommender_facts(recommender) -> dict:
