@@ -56,7 +56,6 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_payload
-from streams.records import install_fast_fetch
 from streams.schemas import Event, InvalidEvent, decode_event
 
 log = get_logger("streams.consumer")
@@ -167,9 +166,7 @@ class EventConsumer:
         started = time.monotonic()
         for attempt, delay in enumerate(self.retry.delays(), start=1):
             try:
-                consumer = make_consumer(self.settings, self.group_id, **overrides)
-                install_fast_fetch(consumer)
-                return consumer
+                return make_consumer(self.settings, self.group_id, **overrides)
             except BrokerUnavailable as exc:
                 waited = time.monotonic() - started
                 if self._stop.is_set() or (self.retry.deadline_s is not None and waited + delay > self.retry.deadline_s):

@@ -18,6 +18,7 @@ _UNREACHABLE = (KafkaTimeoutError, KafkaConnectionError)
 
 from fedstream.logs import get_logger
 from fedstream.settings import Settings, Topic
+from streams.records import install_fast_fetch
 
 log = get_logger("streams.kafka")
 
@@ -78,7 +79,8 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
 
 
 def make_consumer(settings: Settings, group_id: str | None, *topics: str, **overrides: Any) -> KafkaConsumer:
-    """A consumer with manual commits, reading from the earliest uncommitted offset.
+    """A consumer with manual commits, reading from the earliest uncommitted offset, parsing fetched
+    record batches with :class:`streams.records.FastPartitionRecords`.
 
     Never use ``auto_offset_reset='latest'`` or ``seek_to_end``: tansu reports wrong end offsets.
     """
@@ -101,9 +103,11 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str, **over
     )
     config.update(overrides)
     try:
-        return KafkaConsumer(*topics, **config)
+        consumer = KafkaConsumer(*topics, **config)
     except _UNREACHABLE as exc:
         raise BrokerUnavailable(f"no Kafka broker reachable at {servers}") from exc
+    install_fast_fetch(consumer)  # same ConsumerRecords, parsed ~3x cheaper (streams.records)
+    return consumer
 
 
 def ensure_topics(settings: Settings, topics: list[Topic] | None = None, timeout_s: float = 15.0) -> None:

@@ -128,3 +128,14 @@ def test_varints_match_kafka_pythons():
         expected = bytearray()
         encode_varint(value, expected.append)
         assert varint(value) == bytes(expected)
+
+
+def test_every_consumer_built_by_make_consumer_uses_the_fast_parser(settings, broker):
+    from streams.kafka import make_consumer
+
+    configured = settings.model_copy(update={"bootstrap_servers": broker})
+    consumer = make_consumer(configured, None)
+    try:
+        assert consumer._fetcher.PartitionRecords is FastPartitionRecords
+    finally:
+        consumer.close()
