@@ -96,18 +96,46 @@ def report(settings: Settings, merchants: tuple[str, ...], since: str | None, ou
 @drift.command("monitor")
 @click.option("--events", "events_file", type=click.Path(dir_okay=False), default=None,
               help="Events JSONL; default: read the Kafka topics.")
+@click.option("--follow", is_flag=True,
+              help="Run as a consumer-group member until SIGTERM: every event feeds the label and feature "
+                   "detectors (the learners feed the error detectors), state checkpointed with the offsets.")
+@click.option("--group", default="fedstream-drift", show_default=True, help="Consumer group (with --follow).")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint file (with --follow; default: <data>/drift/<group>.ckpt).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
+              help="With --follow: stop after S seconds without records (default: run until SIGTERM).")
 @click.option("--kafka/--no-kafka", default=True, show_default=True, help="Publish to the drift topic.")
 @click.option("--mlflow/--no-mlflow", default=True, show_default=True, help="Log drift to the serving run.")
 @click.option("--run-id", default=None, help="MLflow run to log to (default: the champion model's run).")
 @pass_settings
-def monitor(settings: Settings, events_file: str | None, kafka: bool, mlflow: bool, run_id: str | None) -> None:
-    """Run the prequential model and every merchant's detectors over a stream; publish the drift events."""
+def monitor(settings: Settings, events_file: str | None, follow: bool, group: str, checkpoint_path: str | None,
+            idle_timeout: float | None, kafka: bool, mlflow: bool, run_id: str | None) -> None:
+    """Run every merchant's detectors over a stream and publish the drift events.
+
+    Without --follow: one pass over a file or the topics, with a prequential model feeding the error
+    detectors too. With --follow: a long-running, restartable consumer-group service.
+    """
     from drift.monitor import DriftMonitor, default_sinks
+
+    if follow and events_file:
+        raise click.UsageError("--follow reads the Kafka topics; it does not take --events")
+    sinks = default_sinks(settings, kafka=kafka, mlflow=mlflow, mlflow_run_id=run_id)
+    if follow:
+        from pathlib import Path
+
+        from drift.follow import DriftFollower
+
+        try:
+            follower = DriftFollower(settings, group=group, sinks=sinks, idle_timeout_s=idle_timeout,
+                                     checkpoint_path=Path(checkpoint_path) if checkpoint_path else None)
+        except ValueError as bad:
+            raise click.ClickException(str(bad))
+        click.echo(json.dumps(follower.run()))
+        return
     from drift.prequential import EmptyStream, run_monitor
 
     events = _load_events(settings, events_file)
-    drift_monitor = DriftMonitor(settings, sinks=default_sinks(settings, kafka=kafka, mlflow=mlflow,
-                                                                mlflow_run_id=run_id))
+    drift_monitor = DriftMonitor(settings, sinks=sinks)
     try:
         run_monitor(events, drift_monitor, bits=settings.feature_bits, trace=False)
     except EmptyStream as bad:
