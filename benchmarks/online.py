@@ -202,6 +202,9 @@ def main() -> None:
           f"learned (consume, decode, learn, drift, checkpoints; {1e6 / backlog['busy_cpu_us_per_event']:,.0f} "
           f"events per CPU second), {1e6 * backlog['cpu_s'] / max(backlog['learned_this_run'], 1):.1f} us/event "
           f"over the whole run (group join and idle end included)")
+    print(f"our FTRL mini-batches vs River: {speedup:,.0f}x the events/s, log loss {100 * ll_gap:+.1f}% on River's "
+          f"prefix" + (" (quick mode: River's 3k-event prefix is too short to judge the 100x / +1% targets; "
+                       "run without BENCH_QUICK)" if QUICK else ""))
     print(f"peak RSS: benchmark {learners_rss:.0f} MB, worker {worker['worker_peak_rss_mb']:.0f} MB; "
           f"FTRL state {ftrl_batch['state_mb']:.0f} MB at bits={BITS}")
     figures = {
@@ -218,7 +221,9 @@ def main() -> None:
         "latency_p99_s": paced.get("latency_p99_s"), "paced_rate": paced["rate"],
         "worker_busy_cpu_us_per_event": backlog["busy_cpu_us_per_event"],
         "peak_rss_mb": learners_rss, "worker_peak_rss_mb": worker["worker_peak_rss_mb"], "ftrl_state_mb": ftrl_batch["state_mb"],
-        "targets": {"speedup_100x": speedup >= 100, "logloss_within_1pct": ll_gap <= 0.01,
+        # quick mode runs River on 3k events, too short to judge our mini-batches against it: not judged
+        "targets": {"speedup_100x": None if QUICK else speedup >= 100,
+                    "logloss_within_1pct": None if QUICK else ll_gap <= 0.01,
                     "worker_20k": (backlog["events_per_s"] or 0) >= 20_000,
                     "p95_2s": (paced.get("latency_p95_s") or math.inf) <= 2.0},
         "elapsed_s": time.perf_counter() - started,

@@ -151,7 +151,8 @@ def test_a_block_of_predictions_detects_like_one_at_a_time(settings):
     assert found and {m for m, _, _ in found} == {"m1", "m2"}
     assert [(e.merchant_id, e.detector, e.event_index) for e in block.events] == found
     for merchant in ("m1", "m2"):
-        assert block.state(merchant)["error.adwin"]["width"] == one.state(merchant)["error.adwin"]["width"]
+        assert block.state(merchant) == one.state(merchant)
+        assert block._predictions[merchant] == one._predictions[merchant]
     with pytest.raises(ValueError, match="one length"):
         block.observe_predictions(["m1"], [1.7e9, 1.8e9], np.array([True]), np.array([0.5]))
 
