@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import crc32c
 import numpy as np
@@ -177,41 +178,34 @@ def price_bucket(price: float) -> int:
     return int(2 * math.log2(1.0 + max(price, 0.0)))
 
 
-class _SlotMemo(dict):
-    """One field's ``value (or tuple of values) -> slot`` cache; a miss spells, hashes and stores the name.
+class _BoundedMemo(dict):
+    """``key -> compute(key)`` cache: a miss computes and stores the value; cleared when it holds ``limit``
+    entries.
 
-    Subscripting a dict whose ``__missing__`` fills it is the cheapest lookup Python has (no tuple with
-    the field index, no method call on a hit). Bounded: cleared when it holds ``limit`` entries.
+    Subscripting a dict whose ``__missing__`` fills it is the cheapest lookup Python has (no method call
+    on a hit), which matters on the featurizer's hot path. Memos hold closures: never pickle them.
     """
 
-    __slots__ = ("field", "mask", "limit")
+    __slots__ = ("compute", "limit")
 
-    def __init__(self, field: str, mask: int, limit: int) -> None:
+    def __init__(self, compute: Callable[[Any], int], limit: int) -> None:
         super().__init__()
-        self.field, self.mask, self.limit = field, mask, max(int(limit), 1)
+        self.compute, self.limit = compute, max(int(limit), 1)
 
-    def __missing__(self, key: object) -> int:
+    def __missing__(self, key: Any) -> int:
         if len(self) >= self.limit:
             self.clear()
-        values = key if type(key) is tuple else (key,)
-        slot = self[key] = feature_slot(self.field, *values, mask=self.mask)
-        return slot
+        value = self[key] = self.compute(key)
+        return value
 
 
-class _BucketMemo(dict):
-    """``price -> price_bucket(price)`` cache (catalog prices repeat on every impression of an item)."""
+def _field_slot(field_name: str, mask: int) -> Callable[[Any], int]:
+    """One field's ``value (or tuple of values) -> slot``: spells and hashes the name as :func:`feature_slot`."""
 
-    __slots__ = ("limit",)
+    def slot(key: Any) -> int:
+        return feature_slot(field_name, *(key if type(key) is tuple else (key,)), mask=mask)
 
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = max(int(limit), 1)
-
-    def __missing__(self, price: float) -> int:
-        if len(self) >= self.limit:
-            self.clear()
-        bucket = self[price] = price_bucket(price)
-        return bucket
+    return slot
 
 
 class Featurizer:
@@ -229,8 +223,8 @@ class Featurizer:
         self._new_memos()
 
     def _new_memos(self) -> None:
-        self._memos = tuple(_SlotMemo(name, self._mask, self.memo_size) for name in FIELDS)
-        self._buckets = _BucketMemo(self.memo_size)
+        self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
+        self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
