@@ -11,8 +11,8 @@ Each prediction is made before its label is learned, so every event is a test ev
 * recommendations — HitRate@K and NDCG@K of a ranked list against the next item the user clicked or
   ordered (:meth:`PrequentialEvaluator.observe_ranking`).
 
-Every update emits ``(merchant_id, timestamp, y, p)`` to the subscribers (drift detectors) and keeps the
-last ones in :attr:`PrequentialEvaluator.errors`.
+Every update emits ``(merchant_id, timestamp, y, p)`` to its subscribers (callbacks; the worker feeds its
+drift detectors per block instead) and keeps the last ones in :attr:`PrequentialEvaluator.errors`.
 
 Example:
     >>> evaluator = PrequentialEvaluator(window=100)

@@ -24,11 +24,12 @@ once (small blocks when idle, full blocks again as soon as it falls behind).
 partition is learned at once instead of waiting ``flush_after_s``.
 
 **Exactly-once state.** Model, feature context, recommender, metrics, the drift detectors watching the
-predictions (``monitors``) and the next offset of every partition are checkpointed *together* in one file (temp file, fsync, ``os.replace``, fsync of the
-directory) every ``checkpoint_every`` events or ``checkpoint_seconds``. Records not yet learned are not in
-the checkpoint: after a crash (even ``kill -9``) the worker restores the file and seeks every partition to
-its checkpointed offset, so no event is lost and none is learned twice. Kafka offsets are committed after
-each checkpoint, for monitoring and for partitions that move to a worker without a checkpoint of them.
+predictions (``monitors``) and the next offset of every partition are checkpointed *together* in one
+file (temp file, fsync, ``os.replace``, fsync of the directory) every ``checkpoint_every`` events or
+``checkpoint_seconds``. Records not yet learned are not in the checkpoint: after a crash (even ``kill -9``)
+the worker restores the file and seeks every partition to its checkpointed offset, so no event is lost and
+none is learned twice. Kafka offsets are committed after each checkpoint, for monitoring and for
+partitions that move to a worker without a checkpoint of them.
 (Drift events a monitor published after the last checkpoint are published again on replay: at least once.)
 
 **Registry.** Every ``publish_every_s`` seconds (and at the end) a snapshot is registered with
@@ -206,12 +207,9 @@ class OnlineWorker:
     """A consumer-group member that learns online (see the module docstring)."""
 
     def __init__(self, settings: Settings, config: WorkerConfig,
-                 subscribers: Iterable[Callable[[tuple[str, float, bool, float]], Any]] = (),
                  monitors: Mapping[str, Callable[[bytes | None], PredictionMonitor]] | None = None) -> None:
-        """``subscribers`` receive every prediction as ``(merchant_id, timestamp, y, p)``, one call each.
-
-        ``monitors`` (e.g. drift detectors) receive each block's predictions in one call and are part of the
-        checkpoint: each factory is called with the snapshot the checkpoint holds under its name (``None``
+        """``monitors`` (e.g. drift detectors) receive each block's predictions ``(merchant_ids, timestamps,
+        y, p)`` in one call and are part of the checkpoint: each factory is called with the snapshot the checkpoint holds under its name (``None``
         on a fresh start) and returns a :class:`PredictionMonitor`, so after a crash the detectors resume
         exactly where the model does.
         """
@@ -230,8 +228,6 @@ class OnlineWorker:
         else:
             model = make_model(config.model, settings.feature_bits, **config.params)
             self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
-        for callback in subscribers:
-            self.state.evaluator.subscribe(callback)
         for name, factory in (monitors or {}).items():
             self.state.monitors[name] = factory(self.state.saved_monitors.get(name))
         self.pending: dict[tuple[str, int], list] = {}

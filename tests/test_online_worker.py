@@ -143,14 +143,31 @@ def test_worker_learns_publishes_and_resumes_without_relearning(produced, tmp_pa
     assert len(ranked) == 5 and all(0 < p < 1 for _, p in ranked)
 
     config = _config(tmp_path, "publisher")
-    errors = []
-    second = OnlineWorker(settings, config, subscribers=[errors.append])
+    recorder = _PredictionRecorder()
+    second = OnlineWorker(settings, config, monitors={"recorder": lambda snapshot: recorder})
     assert second.state.events == first["events"]  # restored, and the pending records were not checkpointed
     summary = second.run()
     assert summary["events"] == total and summary["learned_this_run"] == total - first["events"]
+    errors = recorder.errors
     assert len(errors) == summary["clicks"] - first["clicks"]  # one (merchant, t, y, p) per click learned
     merchant_id, timestamp, y, p = errors[-1]
     assert merchant_id.startswith("m") and timestamp > 1.6e9 and isinstance(y, bool) and 0 < p < 1
+
+
+class _PredictionRecorder:
+    """A PredictionMonitor that keeps every (merchant, timestamp, y, p) it is shown."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple] = []
+
+    def observe_predictions(self, merchant_ids, timestamps, y, p) -> None:
+        self.errors.extend(zip(merchant_ids, timestamps, y.tolist(), p.tolist()))
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
 
 
 def test_checkpoint_of_another_model_is_refused_and_writes_are_atomic(settings, tmp_path):
