@@ -208,7 +208,8 @@ class DriftMonitor:
             if found is not None:
                 fired.append(found)
         if p is not None and isinstance(event, Click):
-            fired += self._feed_error(detectors, event.merchant_id, ts, event.clicked, p, index)
+            error = prequential_error(event.clicked, p, self.config.error_metric, self.config.error_clip)
+            fired += self._feed_error(detectors, ts, error, index)
         if isinstance(event, Order) and self._owns_context:
             self.context.observe(event)  # orders of unseen items teach the catalog their price
         return self._emit(fired)
@@ -217,11 +218,9 @@ class DriftMonitor:
                            index: int | None = None) -> list[DriftEvent]:
         """Feed one prequential (y, p) pair to the error detectors of ``merchant_id``."""
         detectors = self._detectors_of(merchant_id)
-        if index is None:
-            index = self.merchant_index.get(merchant_id)
-            index = self._predictions.get(merchant_id, 0) if index is None else max(index - 1, 0)
-        self._predictions[merchant_id] = self._predictions.get(merchant_id, 0) + 1
-        return self._emit(self._feed_error(detectors, merchant_id, timestamp, y, p, index))
+        counted = self._count_prediction(merchant_id)
+        error = prequential_error(y, p, self.config.error_metric, self.config.error_clip)
+        return self._emit(self._feed_error(detectors, timestamp, error, counted if index is None else index))
 
     def observe_predictions(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: Sequence,
                             p: Sequence) -> list[DriftEvent]:
@@ -231,21 +230,21 @@ class DriftMonitor:
         if len(errors) != len(merchant_ids) or len(errors) != len(timestamps):
             raise ValueError("merchant_ids, timestamps, y and p must have one length")
         fired: list[DriftEvent] = []
-        counts, merchant_index = self._predictions, self.merchant_index
         for merchant_id, timestamp, error in zip(merchant_ids, timestamps, errors.tolist()):
             detectors = self._detectors_of(merchant_id)
-            index = merchant_index.get(merchant_id)
-            index = counts.get(merchant_id, 0) if index is None else max(index - 1, 0)
-            counts[merchant_id] = counts.get(merchant_id, 0) + 1
-            for name in ERROR_DETECTORS:
-                found = detectors[name].update(error, timestamp=timestamp, index=index)
-                if found is not None:
-                    fired.append(found)
+            fired += self._feed_error(detectors, timestamp, error, self._count_prediction(merchant_id))
         return self._emit(fired) if fired else []
 
-    def _feed_error(self, detectors: dict[str, Detector], merchant_id: str, timestamp: float, y, p: float,
+    def _count_prediction(self, merchant_id: str) -> int:
+        """Count one prediction of ``merchant_id``; returns its event index: the merchant's latest raw event
+        when raw events are observed here too, else the number of its predictions before this one."""
+        seen = self._predictions.get(merchant_id, 0)
+        self._predictions[merchant_id] = seen + 1
+        index = self.merchant_index.get(merchant_id)
+        return seen if index is None else max(index - 1, 0)
+
+    def _feed_error(self, detectors: dict[str, Detector], timestamp: float, error: float,
                     index: int) -> list[DriftEvent]:
-        error = prequential_error(y, p, self.config.error_metric, self.config.error_clip)
         return [e for name in ERROR_DETECTORS if (e := detectors[name].update(error, timestamp=timestamp,
                                                                                 index=index)) is not None]
 
