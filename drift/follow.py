@@ -73,16 +73,8 @@ class DriftFollower:
                    "written_at": time.time()}
         write_atomic(self.checkpoint_path, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
         self._last_checkpoint = time.monotonic()
-        if self._consumer is not None and self.offsets:
-            from kafka import TopicPartition
-
-            from streams.consumer import Batch
-
-            self._consumer.commit(Batch(offsets={TopicPartition(t, p): o for (t, p), o in self.offsets.items()}))
-
-    def _seek(self, partitions: set) -> dict:
-        return {tp: self.offsets[(tp.topic, tp.partition)] for tp in partitions
-                if (tp.topic, tp.partition) in self.offsets}
+        if self._consumer is not None:
+            self._consumer.commit_saved(self.offsets)
 
     def observe(self, batch) -> None:
         """Feed one polled batch in order; records below a saved offset (redeliveries) are skipped."""
@@ -98,9 +90,9 @@ class DriftFollower:
             self.offsets[key] = max(self.offsets.get(key, 0), offset)
 
     def run(self) -> dict[str, Any]:
-        from streams.consumer import EventConsumer
+        from streams.consumer import EventConsumer, seek_to_saved
 
-        consumer = EventConsumer(self.settings, self.group, seek_on_assign=self._seek,
+        consumer = EventConsumer(self.settings, self.group, seek_on_assign=seek_to_saved(self.offsets),
                                  on_revoked=lambda _: self.checkpoint(), max_records=2000, poll_timeout_ms=200)
         self._consumer = consumer
         last_data, stopped = time.monotonic(), "signal"

@@ -249,10 +249,6 @@ class OnlineWorker:
 
     # -- consumer hooks -----------------------------------------------------------------------------------
 
-    def _seek(self, partitions: set) -> dict:
-        return {tp: self.state.offsets[(tp.topic, tp.partition)] for tp in partitions
-                if (tp.topic, tp.partition) in self.state.offsets}
-
     def _revoked(self, partitions: set) -> None:
         if self._closing:  # leaving the group at the end: the final checkpoint is already written
             return
@@ -367,12 +363,7 @@ class OnlineWorker:
         self._last_checkpoint_events = self.state.events
         self._last_checkpoint_time = time.monotonic()
         if commit and self._consumer is not None:
-            from kafka import TopicPartition
-
-            from streams.consumer import Batch
-
-            offsets = {TopicPartition(t, p): o for (t, p), o in self.state.offsets.items()}
-            self._consumer.commit(Batch(offsets=offsets))
+            self._consumer.commit_saved(self.state.offsets)
 
     def _maybe_checkpoint(self) -> None:
         due_events = self.state.events - self._last_checkpoint_events >= self.config.checkpoint_every
@@ -479,7 +470,7 @@ class OnlineWorker:
     def run(self) -> dict[str, Any]:
         """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
         records; checkpoint and publish at the end. Returns a summary."""
-        from streams.consumer import EventConsumer
+        from streams.consumer import EventConsumer, seek_to_saved
 
         config = self.config
         topics = config.topics or [self.settings.topics.clicks.name, self.settings.topics.orders.name,
@@ -488,7 +479,7 @@ class OnlineWorker:
         if config.publish_every_s or config.publish_at_end:
             self.prepare_publishing()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
-                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._seek,
+                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=seek_to_saved(self.state.offsets),
                                  on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
         self._consumer = consumer
         last_data = time.monotonic()

@@ -43,7 +43,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,17 @@ class _Listener(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.owner._assigned(set(assigned))
+
+
+def seek_to_saved(offsets: Mapping[tuple[str, int], int]) -> Callable[[set[TopicPartition]], dict[TopicPartition, int]]:
+    """A ``seek_on_assign`` hook for a member that checkpoints its own offsets (``offsets``: the live
+    ``{(topic, partition): next offset}`` it keeps): an assigned partition found there resumes at its
+    saved offset, any other at the group's committed one."""
+
+    def seek(partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: offsets[(tp.topic, tp.partition)] for tp in partitions if (tp.topic, tp.partition) in offsets}
+
+    return seek
 
 
 class EventConsumer:
@@ -261,6 +272,10 @@ class EventConsumer:
                                       partition=message.partition, offset=message.offset, **size_headers)
         return self._dead_letter_producer.send(self.settings.topics.dead_letter.name, value=value,
                                                key=message.key, headers=headers)
+
+    def commit_saved(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """:meth:`commit` the offsets a checkpoint holds (``{(topic, partition): next offset}``)."""
+        self.commit({TopicPartition(topic, partition): offset for (topic, partition), offset in offsets.items()})
 
     def commit(self, batch: Batch | dict[TopicPartition, int] | None = None) -> None:
         """Commit a processed batch's offsets (or explicit ``{TopicPartition: next offset}``, or every
