@@ -161,28 +161,33 @@ def _decode_envelope(body: bytes, kind: type[msgspec.Struct], field: str) -> lis
         raise HTTPException(422, [{"loc": ["body"], "msg": str(exc), "type": "invalid_body"}]) from None
 
 
-def _decode_events(raws: list[msgspec.Raw], field: str, metrics: ServingMetrics, *, clicks_only: bool,
-                   merchant_id: str | None) -> list:
-    """Decode each event with the stream schema; 422 listing every bad one (index and reason)."""
-    events, problems = [], []
+def _decode_clicks(raws: list[msgspec.Raw], metrics: ServingMetrics, merchant_id: str | None) -> list:
+    """Decode each click with the stream schema; 422 listing every bad one (index and reason)."""
+    clicks, problems = [], []
     for index, raw in enumerate(raws):
         try:
             event = decode_event(bytes(raw))
-            if clicks_only and not isinstance(event, Click):
+            if not isinstance(event, Click):
                 raise InvalidEvent("unknown_event_type", f"expected a click, got a {event_type(event)} event")
         except InvalidEvent as bad:
             metrics.rejected.labels(bad.reason).inc()
-            problems.append({"loc": ["body", field, index], "msg": bad.detail, "type": bad.reason})
+            problems.append({"loc": ["body", "clicks", index], "msg": bad.detail, "type": bad.reason})
             continue
         if merchant_id is not None and event.merchant_id != merchant_id:
-            metrics.rejected.labels("merchant_mismatch").inc()
-            problems.append({"loc": ["body", field, index, "merchant_id"], "type": "merchant_mismatch",
-                             "msg": f"event of merchant {event.merchant_id!r} sent for merchant {merchant_id!r}"})
+            problems.append(_merchant_mismatch(metrics, "clicks", index, event.merchant_id, merchant_id))
             continue
-        events.append(event)
+        clicks.append(event)
     if problems:
         raise HTTPException(422, problems)
-    return events
+    return clicks
+
+
+def _merchant_mismatch(metrics: ServingMetrics, field: str, index: int, sent: str, allowed: str) -> dict[str, Any]:
+    """The problem of an event of merchant ``sent`` where only merchant ``allowed`` may be (counted)."""
+    metrics.rejected.labels("merchant_mismatch").inc()
+    where = "with a key of" if field == "events" else "for"  # ingestion checks the key, prediction the path
+    return {"loc": ["body", field, index, "merchant_id"], "type": "merchant_mismatch",
+            "msg": f"event of merchant {sent!r} sent {where} merchant {allowed!r}"}
 
 
 # ---- the app ----
@@ -372,7 +377,7 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
     ) -> Predictions:
         """Click probability of each impression, featurized like the online learners do."""
         raws = _decode_envelope(body, _ClickBatch, "clicks")
-        clicks = _decode_events(raws, "clicks", metrics, clicks_only=True, merchant_id=merchant_id)
+        clicks = _decode_clicks(raws, metrics, merchant_id)
         return Predictions(model_version=model.version, probabilities=model.bundle.predict(clicks).tolist())
 
     @app.get("/v1/merchants/{merchant_id}/model", tags=["merchant"], response_model=ServedModelInfo)
@@ -425,10 +430,7 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
                 invalid.append((index, payload, bad))
                 continue
             if merchant_id is not None and event.merchant_id != merchant_id:
-                metrics.rejected.labels("merchant_mismatch").inc()
-                raise HTTPException(403, [{"loc": ["body", "events", index, "merchant_id"], "type": "merchant_mismatch",
-                                           "msg": f"event of merchant {event.merchant_id!r} sent with a key of "
-                                                  f"merchant {merchant_id!r}"}])
+                raise HTTPException(403, [_merchant_mismatch(metrics, "events", index, event.merchant_id, merchant_id)])
             events.append(event)
         return events, invalid
 
