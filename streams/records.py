@@ -9,12 +9,13 @@ kafka-python's:
 
 * :class:`FastPartitionRecords` replaces the fetcher's per-partition record parser of one consumer
   (:func:`install_fast_fetch`); it yields the very same ``ConsumerRecord`` tuples as kafka-python.
-* :func:`encode_record` / :class:`EncodedBatch` build a record batch from ``(key, value)`` pairs; the
-  producer hands a whole batch to kafka-python's accumulator (see :mod:`streams.producer`).
+* :class:`RecordBatchEncoder` builds a record batch from ``(key, value)`` pairs; the producer hands the
+  whole batch to kafka-python's accumulator (:func:`enqueue_batch`, see :mod:`streams.producer`).
 
 Both are checked byte for byte / field for field against kafka-python's own implementation in
 ``tests/test_streams_records.py``. They rely on kafka-python internals pinned in ``uv.lock``
-(``DefaultRecordBatch._buffer/_pos``, ``Fetcher.PartitionRecords``); :data:`SUPPORTED` is False when
+(``DefaultRecordBatch._buffer/_pos``, ``Fetcher.PartitionRecords``, the accumulator); :data:`SUPPORTED` and
+:data:`SUPPORTED_PRODUCE` are False when
 those are missing, and the clients then fall back to kafka-python's own code paths.
 """
 
