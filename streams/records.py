@@ -14,9 +14,9 @@ kafka-python's:
 
 Both are checked byte for byte / field for field against kafka-python's own implementation in
 ``tests/test_streams_records.py``. They rely on kafka-python internals pinned in ``uv.lock``
-(``DefaultRecordBatch._buffer/_pos``, ``Fetcher.PartitionRecords``, the accumulator); :data:`SUPPORTED` and
-:data:`SUPPORTED_PRODUCE` are False when
-those are missing, and the clients then fall back to kafka-python's own code paths.
+(``DefaultRecordBatch._buffer/_pos``, ``Fetcher.PartitionRecords``, the accumulator); :data:`SUPPORTED`
+and :data:`SUPPORTED_PRODUCE` are False when those are missing, and the clients then fall back to
+kafka-python's own code paths.
 """
 
 from __future__ import annotations
