@@ -3,7 +3,8 @@
 Same function as the Keras wide model (``p = σ(b + Σ w[slot]·value)``), same client optimizer (mini-batch
 SGD on mean logloss, one pass per round by default), example-count weighted mean of the client deltas, and
 a plain server step ``w += server_lr · Δ``; ``touched=True`` (the default, like
-:func:`federated.aggregators.touched_mean_factory`) averages each slot only over the clients that moved it. No privacy, no TFF: only what the arithmetic costs.
+:func:`federated.aggregators.touched_mean_factory`) averages each slot only over the clients that moved
+it. No privacy, no TFF: only what the arithmetic costs.
 
 Example:
     >>> rng = np.random.default_rng(0)

@@ -105,11 +105,8 @@ class FederatedData:
 
     @classmethod
     def from_stores(cls, stores: Mapping[str, MerchantStore]) -> FederatedData:
-        def train_fn(store):
-            return lambda: split_folder(store, "train")
-
-        def heldout_fn(store):
-            return lambda: split_folder(store, "heldout")
+        def folder_of(store, split):
+            return lambda: split_folder(store, split)
 
         counts = {}
         for merchant_id, store in stores.items():
@@ -118,8 +115,8 @@ class FederatedData:
             except StoreError:
                 counts[merchant_id] = 0
         return cls(
-            train={m: train_fn(s) for m, s in stores.items()},
-            heldout={m: heldout_fn(s) for m, s in stores.items()},
+            train={m: folder_of(s, "train") for m, s in stores.items()},
+            heldout={m: folder_of(s, "heldout") for m, s in stores.items()},
             counts=counts,
         )
 
