@@ -21,6 +21,7 @@ kafka-python's own code paths.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
@@ -36,9 +37,10 @@ except ImportError:  # pragma: no cover - other kafka-python layouts
 
 SUPPORTED = (
     IsolationLevel is not None
-    and {"_buffer", "_pos"} <= set(DefaultRecordBatch.__slots__)
+    and {"_buffer", "_pos", "_header_data", "_num_records"} <= set(DefaultRecordBatch.__slots__)
     and hasattr(Fetcher, "PartitionRecords")
-    and hasattr(Fetcher.PartitionRecords, "_unpack_records")
+    and all(hasattr(Fetcher.PartitionRecords, name)
+            for name in ("_unpack_records", "take", "drain", "_maybe_skip_record", "_maybe_raise_next_inline_exception"))
 )
 
 _BUILDER_SLOTS = {"_buffer", "_first_timestamp", "_max_timestamp", "_last_offset", "_num_records"}
@@ -71,92 +73,161 @@ def _varint(buffer, pos: int) -> tuple[int, int]:
             raise CorruptRecordError("varint out of int64 range")
 
 
+#: zig-zag decoded value of every 1- and 2-byte varint, indexed by its 14 payload bits (low group first)
+_ZIGZAG = tuple((raw >> 1) ^ -(raw & 1) for raw in range(1 << 14))
+_new_tuple = tuple.__new__  # ConsumerRecord(...) without the namedtuple's Python-level __new__ frame
+
+
 def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int) -> list:
-    """Every record of one v2 batch as kafka-python ``ConsumerRecord`` tuples (no deserializers)."""
+    """Every record of one v2 batch as kafka-python ``ConsumerRecord`` tuples (no deserializers).
+
+    The hot loop of consuming: varints of one or two bytes (nearly all of them: lengths up to 8 KiB,
+    offset deltas, key lengths) are decoded inline through :data:`_ZIGZAG`, longer ones by :func:`_varint`;
+    the batch is copied to ``bytes`` once so that keys and values are plain slices.
+    """
     batch._maybe_uncompress()
-    buffer = batch._buffer
-    view = memoryview(buffer)
+    data = bytes(batch._buffer)
     pos = batch._pos
-    count = batch.records_count
-    base_offset = batch.base_offset
-    first_timestamp = batch.first_timestamp
-    log_append = bool(batch.attributes & _TIMESTAMP_TYPE_MASK)
+    header = batch._header_data  # base_offset, length, epoch, magic, crc, attributes, ..., first/max timestamp
+    base_offset = header[0]
+    epoch = header[2]
+    log_append = bool(header[5] & _TIMESTAMP_TYPE_MASK)
     timestamp_type = 1 if log_append else 0
-    max_timestamp = batch.max_timestamp
-    epoch = batch.leader_epoch
-    varint = _varint
+    first_timestamp = header[7]
+    max_timestamp = header[8]
+    zigzag, varint, new, record_type = _ZIGZAG, _varint, _new_tuple, ConsumerRecord
     out = []
     append = out.append
     try:
-        for _ in range(count):
-            length, pos = varint(buffer, pos)
+        for _ in range(batch._num_records):
+            # Record => Length Attributes TimestampDelta OffsetDelta KeyLen Key ValueLen Value Headers
+            byte = data[pos]
+            if byte < 0x80:
+                length = zigzag[byte]
+                pos += 1
+            elif data[pos + 1] < 0x80:
+                length = zigzag[(byte & 0x7F) | (data[pos + 1] << 7)]
+                pos += 2
+            else:
+                length, pos = varint(data, pos)
             end = pos + length
-            pos += 1  # attributes (int8, unused in v2 records)
-            ts_delta, pos = varint(buffer, pos)
-            offset_delta, pos = varint(buffer, pos)
-            key_len, pos = varint(buffer, pos)
+            if data[pos] < 0x80:  # attributes (unused): an int8 by the spec, a varint to kafka-python
+                pos += 1
+            else:
+                pos = varint(data, pos)[1]
+            byte = data[pos]
+            if byte < 0x80:
+                ts_delta = zigzag[byte]
+                pos += 1
+            else:
+                ts_delta, pos = varint(data, pos)
+            byte = data[pos]
+            if byte < 0x80:
+                offset_delta = zigzag[byte]
+                pos += 1
+            elif data[pos + 1] < 0x80:
+                offset_delta = zigzag[(byte & 0x7F) | (data[pos + 1] << 7)]
+                pos += 2
+            else:
+                offset_delta, pos = varint(data, pos)
+            byte = data[pos]
+            if byte < 0x80:
+                key_len = zigzag[byte]
+                pos += 1
+            else:
+                key_len, pos = varint(data, pos)
             if key_len >= 0:
-                key = bytes(view[pos:pos + key_len])
+                key = data[pos:pos + key_len]
                 pos += key_len
             else:
                 key = None
-            value_len, pos = varint(buffer, pos)
+            byte = data[pos]
+            if byte < 0x80:
+                value_len = zigzag[byte]
+                pos += 1
+            elif data[pos + 1] < 0x80:
+                value_len = zigzag[(byte & 0x7F) | (data[pos + 1] << 7)]
+                pos += 2
+            else:
+                value_len, pos = varint(data, pos)
             if value_len >= 0:
-                value = bytes(view[pos:pos + value_len])
+                value = data[pos:pos + value_len]
                 pos += value_len
             else:
                 value = None
-            header_count, pos = varint(buffer, pos)
-            headers = []
-            header_size = -1
-            if header_count:
-                if header_count < 0:
-                    raise CorruptRecordError(f"invalid number of record headers {header_count}")
-                header_size = 0
-                for _h in range(header_count):
-                    name_len, pos = varint(buffer, pos)
-                    if name_len < 0:
-                        raise CorruptRecordError(f"invalid negative header key size {name_len}")
-                    name = bytes(view[pos:pos + name_len]).decode("utf-8")
-                    pos += name_len
-                    header_len, pos = varint(buffer, pos)
-                    if header_len >= 0:
-                        header_value = bytes(view[pos:pos + header_len])
-                        pos += header_len
-                        header_size += name_len + header_len
-                    else:
-                        header_value = None
-                        header_size += name_len
-                    headers.append((name, header_value))
+            if data[pos] == 0:  # no headers: the common case
+                pos += 1
+                headers = []
+                header_size = -1
+            else:
+                headers, header_size, pos = _headers(data, pos)
             if pos != end:
                 raise CorruptRecordError(f"invalid record size: expected {length} bytes, read {length + pos - end}")
-            append(ConsumerRecord(topic, partition, epoch, base_offset + offset_delta,
-                                  max_timestamp if log_append else first_timestamp + ts_delta, timestamp_type,
-                                  key, value, headers, None, -1 if key is None else key_len,
-                                  -1 if value is None else value_len, header_size))
+            append(new(record_type, (topic, partition, epoch, base_offset + offset_delta,
+                                     max_timestamp if log_append else first_timestamp + ts_delta, timestamp_type,
+                                     key, value, headers, None, -1 if key is None else key_len,
+                                     -1 if value is None else value_len, header_size)))
     except (ValueError, IndexError) as exc:  # as kafka-python: truncated buffers, undecodable header names
         raise CorruptRecordError(f"invalid record structure: {exc!r}") from None
-    if pos != len(buffer):
-        raise CorruptRecordError(f"{len(buffer) - pos} unconsumed bytes after all records consumed")
+    if pos != len(data):
+        raise CorruptRecordError(f"{len(data) - pos} unconsumed bytes after all records consumed")
     return out
+
+
+def _headers(data: bytes, pos: int) -> tuple[list, int, int]:
+    """A record's headers at ``pos`` (count varint first): (headers, kafka-python's header size, next pos)."""
+    header_count, pos = _varint(data, pos)
+    if header_count < 0:
+        raise CorruptRecordError(f"invalid number of record headers {header_count}")
+    headers = []
+    header_size = 0
+    for _h in range(header_count):
+        name_len, pos = _varint(data, pos)
+        if name_len < 0:
+            raise CorruptRecordError(f"invalid negative header key size {name_len}")
+        name = data[pos:pos + name_len].decode("utf-8")
+        pos += name_len
+        header_len, pos = _varint(data, pos)
+        if header_len >= 0:
+            header_value = data[pos:pos + header_len]
+            pos += header_len
+            header_size += name_len + header_len
+        else:
+            header_value = None
+            header_size += name_len
+        headers.append((name, header_value))
+    return headers, header_size, pos
 
 
 class FastPartitionRecords(Fetcher.PartitionRecords):
     """kafka-python's per-partition record parser with the v2 batch loop done by
-    :func:`decode_batch_records`; anything unusual (deserializers, read_committed, legacy message
-    formats) goes through kafka-python's own parser unchanged."""
+    :func:`decode_batch_records`, and :meth:`take` handing out slices of decoded batches instead of pulling
+    records one by one through a generator (same records, same ``next_fetch_offset`` after every take, same
+    skipping of records before the fetch offset, same drain at the end). Anything unusual (deserializers,
+    read_committed, legacy message formats) goes through kafka-python's own parser unchanged."""
+
+    _batches = None  # decoded batches (lists of records) still to hand out; None: kafka-python's own path
+    _pending: list = []  # the decoded batch being handed out ...
+    _taken = 0  # ... and how many of its records were handed out already
 
     def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
         if (key_deserializer is not None or value_deserializer is not None
                 or self.isolation_level != IsolationLevel.READ_UNCOMMITTED):
-            yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
-            return
+            return super()._unpack_records(tp, records, key_deserializer, value_deserializer)
+        self._batches = self._decoded_batches(tp, records)
+        return iter(())  # the record iterator kafka-python keeps: only its None-ness (drained) is used
+
+    def _decoded_batches(self, tp, records):
+        """Decoded v2 batches, each a non-empty list, with kafka-python's per-batch bookkeeping."""
         try:
+            skipping = True  # records before the fetch offset (a fetch can start mid-batch) are dropped
             batch = records.next_batch()
             last_batch = None
             while batch is not None:
                 if batch.magic != 2:  # legacy formats: kafka-python's parser, for this fetch's rest
-                    yield from super()._unpack_records(tp, _Rewound(batch, records), None, None)
+                    self.record_iterator = itertools.dropwhile(
+                        self._maybe_skip_record, super()._unpack_records(tp, _Rewound(batch, records), None, None))
+                    self._batches = None
                     return
                 last_batch = batch
                 if self.check_crcs and not batch.validate_crc():
@@ -170,15 +241,51 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
                 decoded = decode_batch_records(batch, tp.topic, tp.partition)
                 self.records_read += len(decoded)
                 self.bytes_read += batch.size_in_bytes
-                for record in decoded:
-                    self.next_fetch_offset = record.offset + 1
-                    yield record
+                if skipping and decoded:
+                    first_wanted = next((i for i, record in enumerate(decoded) if record.offset >= self.fetch_offset),
+                                        len(decoded))
+                    if first_wanted:
+                        self.next_fetch_offset = decoded[first_wanted - 1].offset + 1
+                        del decoded[:first_wanted]
+                    skipping = not decoded
+                if decoded:
+                    yield decoded
                 batch = records.next_batch()
             if last_batch is not None:
                 self.next_fetch_offset = last_batch.next_offset
             self.drain()
         except StopIteration:  # see kafka-python issue 545: never let it end the generator silently
             raise RuntimeError("StopIteration raised unpacking messageset") from None
+
+    def take(self, n=None):
+        """Up to ``n`` records (all when None), as kafka-python's ``take``: an error after some records
+        were gathered is raised by the next call."""
+        if self._batches is None:
+            return super().take(n)
+        self._maybe_raise_next_inline_exception()
+        out = []
+        try:
+            while self.record_iterator is not None and (n is None or len(out) < n):
+                pending, start = self._pending, self._taken
+                if start < len(pending):
+                    stop = len(pending) if n is None else min(len(pending), start + n - len(out))
+                    out += pending[start:stop] if start or stop < len(pending) else pending
+                    self._taken = stop
+                    self.next_fetch_offset = pending[stop - 1].offset + 1
+                    continue
+                batch = next(self._batches, None)
+                if batch is not None:
+                    self._pending, self._taken = batch, 0
+                elif self._batches is None:  # a legacy batch: kafka-python's parser takes over
+                    out += super().take(None if n is None else n - len(out))
+                    break
+                elif self.record_iterator is not None:  # ended by an error raised earlier: nothing more
+                    self.drain()
+        except Exception as exc:
+            if not out:
+                raise
+            self._next_inline_exception = exc
+        return out
 
 
 class _Rewound:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -143,3 +144,67 @@ def test_every_consumer_built_by_make_consumer_uses_the_fast_parser(settings, br
         assert consumer._fetcher.PartitionRecords is FastPartitionRecords
     finally:
         consumer.close()
+
+
+def test_takes_of_every_size_agree_record_for_record_and_offset_for_offset():
+    buffer = b"".join(build(varied_records(60, seed), base_offset=base) for seed, base in ((4, 0), (5, 60), (6, 120)))
+    for fetch_offset, sizes in ((0, [1, 7, 59, 60, 3, None]), (37, [23, 1, 200]), (61, [500]), (179, [1, 1])):
+        ours = FastPartitionRecords(fetch_offset, TP, MemoryRecords(buffer))
+        theirs = Fetcher.PartitionRecords(fetch_offset, TP, MemoryRecords(buffer))
+        for n in sizes:
+            assert ours.take(n) == theirs.take(n)
+            assert ours.next_fetch_offset == theirs.next_fetch_offset
+            assert bool(ours) == bool(theirs)
+        assert not ours and not theirs  # drained, with the fetch's end as the next offset
+        assert ours.next_fetch_offset == theirs.next_fetch_offset == 180
+        assert ours.records_read == theirs.records_read  # (ours counts a batch when decoding it)
+
+
+def read_until_error(parser_class, buffer: bytes) -> tuple[list, object]:
+    """Records taken (5 at a time) until drained or until the parser raises CorruptRecordError."""
+    parser = parser_class(0, TP, MemoryRecords(buffer), check_crcs=False)
+    records = []
+    try:
+        while parser:
+            records += parser.take(5)
+    except CorruptRecordError:
+        return records, "corrupt"
+    return records, parser.next_fetch_offset
+
+
+def test_corrupted_bytes_give_kafka_pythons_records_or_its_error():
+    rng = random.Random(5)
+    small = [(timestamp, key and key[:4], value and value[:rng.choice([0, 5, 70, 130])],
+              [(name, header and header[:3]) for name, header in headers])
+             for timestamp, key, value, headers in varied_records(24, seed=7)]  # mostly varints, little payload
+    batches = [build(small[:12]), build(small[12:], base_offset=12)]
+    clean = b"".join(batches)
+    record_areas = [(61, len(batches[0])), (len(batches[0]) + 61, len(clean))]  # after each 61-byte batch header
+    outcomes = Counter()
+    for trial in range(600):
+        broken = bytearray(clean)
+        for _ in range(rng.choice([1, 1, 2])):
+            broken[rng.randrange(*rng.choice(record_areas))] = rng.choice([0x00, 0x01, 0x7F, 0x80, 0x81, 0xFF, rng.randrange(256)])
+        ours = read_until_error(FastPartitionRecords, bytes(broken))
+        theirs = read_until_error(Fetcher.PartitionRecords, bytes(broken))
+        if ours[1] == "corrupt":  # ours fails a whole batch at once: the records of the batches before it
+            assert theirs[1] == "corrupt" and ours[0] == theirs[0][:len(ours[0])], f"trial {trial}"
+            assert len(ours[0]) in (0, 12)
+        else:
+            assert ours == theirs, f"trial {trial}"
+        outcomes[ours[1] == "corrupt"] += 1
+    assert outcomes[True] > 120 and outcomes[False] > 120  # both kinds really exercised
+
+
+def test_legacy_message_format_after_v2_batches_falls_back_to_kafka_python():
+    legacy = MemoryRecordsBuilder(1, 0, 1 << 20, offset=9)  # message format v1, after nine v2 records
+    for i in range(5):
+        legacy.append(1_700_000_000_000 + i, b"k", b"legacy-%d" % i, None)
+    legacy.close()
+    buffer = build(varied_records(9)) + bytes(legacy.buffer())
+    ours = FastPartitionRecords(0, TP, MemoryRecords(buffer))
+    theirs = Fetcher.PartitionRecords(0, TP, MemoryRecords(buffer))
+    for n in (4, 7, None):  # the second take crosses from our parser into kafka-python's
+        assert ours.take(n) == theirs.take(n)
+        assert ours.next_fetch_offset == theirs.next_fetch_offset
+    assert not ours and not theirs and ours.next_fetch_offset == 14
