@@ -78,9 +78,8 @@ def run_stream(config: GeneratorConfig, bits: int) -> StreamResult:
         monitor.observe(event, p)
         result.monitor_cpu_seconds += cpu() - before
         if p is not None:
-            for found in sensitive._feed_error(sensitive._detectors_of(event.merchant_id), event.merchant_id,
-                                               event.timestamp, event.clicked, p,
-                                               monitor.merchant_index[event.merchant_id] - 1):
+            for found in sensitive.observe_prediction(event.merchant_id, event.timestamp, event.clicked, p,
+                                                      index=monitor.merchant_index[event.merchant_id] - 1):
                 if found.detector == "error.page_hinkley":
                     extra.append(msgspec.structs.replace(found, detector=SENSITIVE_NAME,
                                                          global_index=monitor.global_index - 1))

@@ -218,30 +218,47 @@ class DriftMonitor:
                            index: int | None = None) -> list[DriftEvent]:
         """Feed one prequential (y, p) pair to the error detectors of ``merchant_id``."""
         detectors = self._detectors_of(merchant_id)
-        counted = self._count_prediction(merchant_id)
+        counted = self._count_predictions(merchant_id, 1)[0]
         error = prequential_error(y, p, self.config.error_metric, self.config.error_clip)
         return self._emit(self._feed_error(detectors, timestamp, error, counted if index is None else index))
 
     def observe_predictions(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: Sequence,
                             p: Sequence) -> list[DriftEvent]:
-        """:meth:`observe_prediction` for a block of predictions in stream order (one call per learned block:
-        the errors are computed at once, then each merchant's detectors see them in order)."""
+        """:meth:`observe_prediction` for a block of predictions in stream order (one call per learned block).
+
+        The errors are computed at once, then each merchant's detectors take that merchant's errors in one
+        :meth:`~drift.detectors._ChunkedError.update_many` call; detections are emitted in stream order.
+        """
         errors = prequential_errors(np.asarray(y), np.asarray(p), self.config.error_metric, self.config.error_clip)
         if len(errors) != len(merchant_ids) or len(errors) != len(timestamps):
             raise ValueError("merchant_ids, timestamps, y and p must have one length")
-        fired: list[DriftEvent] = []
-        for merchant_id, timestamp, error in zip(merchant_ids, timestamps, errors.tolist()):
+        codes: dict[str, int] = {}
+        merchant_codes = [codes.setdefault(m, len(codes)) for m in merchant_ids]
+        if len(codes) == 1:
+            groups = [(merchant_ids[0], None)]
+        else:
+            merchant_codes = np.array(merchant_codes)
+            groups = [(m, np.flatnonzero(merchant_codes == code)) for m, code in codes.items()]
+        stamps = np.asarray(timestamps, dtype=np.float64)
+        fired: list[tuple[int, int, DriftEvent]] = []
+        for merchant_id, positions in groups:
             detectors = self._detectors_of(merchant_id)
-            fired += self._feed_error(detectors, timestamp, error, self._count_prediction(merchant_id))
-        return self._emit(fired) if fired else []
+            mine = errors if positions is None else errors[positions]
+            indices = self._count_predictions(merchant_id, len(mine))
+            values, when = mine.tolist(), stamps if positions is None else stamps[positions]
+            for rank, name in enumerate(ERROR_DETECTORS):
+                for position, event in detectors[name].update_many(values, when, indices):
+                    fired.append((position if positions is None else int(positions[position]), rank, event))
+        fired.sort(key=lambda found: found[:2])
+        return self._emit([event for _, _, event in fired]) if fired else []
 
-    def _count_prediction(self, merchant_id: str) -> int:
-        """Count one prediction of ``merchant_id``; returns its event index: the merchant's latest raw event
-        when raw events are observed here too, else the number of its predictions before this one."""
+    def _count_predictions(self, merchant_id: str, n: int) -> Sequence[int]:
+        """Count ``n`` predictions of ``merchant_id``; returns their event indices: the merchant's latest raw
+        event when raw events are observed here too, else the number of its predictions before each."""
         seen = self._predictions.get(merchant_id, 0)
-        self._predictions[merchant_id] = seen + 1
+        self._predictions[merchant_id] = seen + n
         index = self.merchant_index.get(merchant_id)
-        return seen if index is None else max(index - 1, 0)
+        return range(seen, seen + n) if index is None else [max(index - 1, 0)] * n
 
     def _feed_error(self, detectors: dict[str, Detector], timestamp: float, error: float,
                     index: int) -> list[DriftEvent]:
@@ -331,7 +348,7 @@ class DriftMonitor:
             raise UnknownMerchant(f"merchant {merchant_id!r} has no detectors yet (no events seen)")
         return {name: detector.state() for name, detector in self.detectors[merchant_id].items()}
 
-    SNAPSHOT_VERSION = 1
+    SNAPSHOT_VERSION = 2  # 2: error detectors keep pending chunk values
 
     def snapshot(self) -> bytes:
         """Every detector's state, the counters, the open sessions and (when the monitor owns it) the context,

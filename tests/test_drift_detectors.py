@@ -109,6 +109,32 @@ def test_error_detectors_ignore_an_improving_model(make):
     assert run(make(), errors) == []
 
 
+@pytest.mark.parametrize("make", [
+    lambda: ErrorADWIN("m1", warmup=300, cooldown=2000, chunk=16),
+    lambda: ErrorPageHinkley("m1", threshold=80, delta=0.05, warmup=300, cooldown=2000, chunk=16),
+])
+def test_error_detectors_in_blocks_equal_one_at_a_time_whatever_the_block_boundaries(make):
+    """The worker feeds blocks whose boundaries depend on timing; detections and state must not."""
+    errors = streams("error", shifted=True, seed=11).tolist()
+    stamps = np.arange(len(errors), dtype=float) + 1.7e9
+    single = make()
+    expected = [(i, e) for i, x in enumerate(errors)
+                if (e := single.update(x, timestamp=float(stamps[i]), index=i)) is not None]
+    assert expected and SHIFT <= expected[0][0]
+    sizes = np.random.default_rng(3).integers(1, 300, len(errors))
+    blocked, found, start = make(), [], 0
+    for size in sizes.tolist():
+        block = slice(start, min(start + size, len(errors)))
+        found += [(start + k, e) for k, e in blocked.update_many(errors[block], stamps[block], range(block.start, block.stop))]
+        start = block.stop
+        if start == len(errors):
+            break
+    strip = lambda pairs: [(i, msgspec.structs.replace(e, detected_at=0.0)) for i, e in pairs]  # noqa: E731
+    assert strip(found) == strip(expected)
+    assert blocked.state() == single.state()
+    assert blocked.state()["n_seen"] == len(errors) and blocked.state()["pending"] < 16
+
+
 def test_taste_shift_ignores_users_growing_more_predictable_and_keeps_bounded_state():
     rng = np.random.default_rng(8)
     favourite = rng.integers(0, 6, 800)
