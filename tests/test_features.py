@@ -94,6 +94,31 @@ def test_memoized_slots_equal_hashing_the_names():
     assert many.tolist() == [featurizer.hash_names(featurizer.names(c, context)).tolist() for c in clicks[:50]]
 
 
+def test_candidate_rows_equal_the_names_of_showing_each_item():
+    """Ranking shares the item-free and per-category fields across candidates; rows must not change."""
+    from streams.generator import GeneratorConfig, generate
+
+    featurizer, context = Featurizer(bits=18, memo_size=300), FeatureContext()
+    events = list(generate(GeneratorConfig(merchants=3, events=4000, seed=5)))
+    for event in events:
+        context.observe(event)
+    clicks = [e for e in events if isinstance(e, Click)]
+    items = {m: sorted(context.merchant(m).catalog) for m in context.merchants}
+    rng = np.random.default_rng(2)
+    for user_click in clicks[::97]:
+        merchant = user_click.merchant_id
+        pool = items[merchant] + ["never-seen-item"]
+        chosen = [pool[k] for k in rng.choice(len(pool), size=min(40, len(pool)), replace=False)]
+        for shown in (chosen, chosen[:1], []):
+            rows, values = featurizer.candidates(merchant, user_click.user_id, shown, context,
+                                                 timestamp=user_click.timestamp, device="tablet", page="cart")
+            assert rows.shape == values.shape == (len(shown), len(FIELDS)) and rows.dtype == np.int32
+            expected = [featurizer.hash_names(featurizer.names_for(merchant, user_click.user_id, item,
+                                                                   user_click.timestamp, "tablet", "cart", 0,
+                                                                   context)).tolist() for item in shown]
+            assert rows.tolist() == expected
+
+
 def test_memos_stay_bounded_and_are_never_pickled():
     import pickle
 
