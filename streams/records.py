@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import msgspec
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.errors import CorruptRecordError, IllegalStateError
 from kafka.producer.producer_batch import ProducerBatch
@@ -73,13 +74,28 @@ def _varint(buffer, pos: int) -> tuple[int, int]:
             raise CorruptRecordError("varint out of int64 range")
 
 
+class RawRecord(msgspec.Struct, frozen=True, gc=False):
+    """A fetched record reduced to what a consumer of events reads, under ``ConsumerRecord``'s field names
+    (:class:`RawPartitionRecords`). One untracked object instead of a namedtuple and a headers list, both
+    tracked by the garbage collector: at tens of thousands of records per second those set off
+    collections, full ones included, that cost more than building the records."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+
 #: zig-zag decoded value of every 1- and 2-byte varint, indexed by its 14 payload bits (low group first)
 _ZIGZAG = tuple((raw >> 1) ^ -(raw & 1) for raw in range(1 << 14))
 _new_tuple = tuple.__new__  # ConsumerRecord(...) without the namedtuple's Python-level __new__ frame
 
 
-def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int) -> list:
-    """Every record of one v2 batch as kafka-python ``ConsumerRecord`` tuples (no deserializers).
+def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, raw: bool = False) -> list:
+    """Every record of one v2 batch as kafka-python ``ConsumerRecord`` tuples (no deserializers), or as
+    :class:`RawRecord` when ``raw``.
 
     The hot loop of consuming: varints of one or two bytes (nearly all of them: lengths up to 8 KiB,
     offset deltas, key lengths) are decoded inline through :data:`_ZIGZAG`, longer ones by :func:`_varint`;
@@ -95,7 +111,7 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int) 
     timestamp_type = 1 if log_append else 0
     first_timestamp = header[7]
     max_timestamp = header[8]
-    zigzag, varint, new, record_type = _ZIGZAG, _varint, _new_tuple, ConsumerRecord
+    zigzag, varint, new, record_type, raw_record = _ZIGZAG, _varint, _new_tuple, ConsumerRecord, RawRecord
     out = []
     append = out.append
     try:
@@ -163,10 +179,14 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int) 
                 headers, header_size, pos = _headers(data, pos)
             if pos != end:
                 raise CorruptRecordError(f"invalid record size: expected {length} bytes, read {length + pos - end}")
-            append(new(record_type, (topic, partition, epoch, base_offset + offset_delta,
-                                     max_timestamp if log_append else first_timestamp + ts_delta, timestamp_type,
-                                     key, value, headers, None, -1 if key is None else key_len,
-                                     -1 if value is None else value_len, header_size)))
+            if raw:
+                append(raw_record(topic, partition, base_offset + offset_delta,
+                                  max_timestamp if log_append else first_timestamp + ts_delta, key, value))
+            else:
+                append(new(record_type, (topic, partition, epoch, base_offset + offset_delta,
+                                         max_timestamp if log_append else first_timestamp + ts_delta, timestamp_type,
+                                         key, value, headers, None, -1 if key is None else key_len,
+                                         -1 if value is None else value_len, header_size)))
     except (ValueError, IndexError) as exc:  # as kafka-python: truncated buffers, undecodable header names
         raise CorruptRecordError(f"invalid record structure: {exc!r}") from None
     if pos != len(data):
@@ -206,6 +226,7 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
     skipping of records before the fetch offset, same drain at the end). Anything unusual (deserializers,
     read_committed, legacy message formats) goes through kafka-python's own parser unchanged."""
 
+    raw = False  # ConsumerRecords (True: RawRecords, see RawPartitionRecords)
     _batches = None  # decoded batches (lists of records) still to hand out; None: kafka-python's own path
     _pending: list = []  # the decoded batch being handed out ...
     _taken = 0  # ... and how many of its records were handed out already
@@ -238,7 +259,7 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
                     self.next_fetch_offset = batch.next_offset
                     batch = records.next_batch()
                     continue
-                decoded = decode_batch_records(batch, tp.topic, tp.partition)
+                decoded = decode_batch_records(batch, tp.topic, tp.partition, self.raw)
                 self.records_read += len(decoded)
                 self.bytes_read += batch.size_in_bytes
                 if skipping and decoded:
@@ -288,6 +309,15 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
         return out
 
 
+class RawPartitionRecords(FastPartitionRecords):
+    """:class:`FastPartitionRecords` handing out v2 records as :class:`RawRecord` (topic, partition, offset,
+    timestamp, key, value; no headers): for a consumer that reads only those (``EventConsumer``). Records of
+    the fallbacks (legacy formats, deserializers, read_committed) stay kafka-python's ``ConsumerRecord``,
+    which has the same fields."""
+
+    raw = True
+
+
 class _Rewound:
     """``records`` with an already-read batch put back in front (for the legacy-format fallback)."""
 
@@ -302,13 +332,14 @@ class _Rewound:
         return self._records.next_batch()
 
 
-def install_fast_fetch(kafka_consumer) -> bool:
-    """Make one kafka-python consumer parse fetched v2 batches with :class:`FastPartitionRecords`.
-    Returns False (and changes nothing) when this kafka-python does not have the expected internals."""
+def install_fast_fetch(kafka_consumer, raw: bool = False) -> bool:
+    """Make one kafka-python consumer parse fetched v2 batches with :class:`FastPartitionRecords`
+    (:class:`RawPartitionRecords` when ``raw``). Returns False (and changes nothing) when this
+    kafka-python does not have the expected internals."""
     fetcher = getattr(kafka_consumer, "_fetcher", None)
     if not SUPPORTED or fetcher is None:
         return False
-    fetcher.PartitionRecords = FastPartitionRecords
+    fetcher.PartitionRecords = RawPartitionRecords if raw else FastPartitionRecords
     return True
 
 

@@ -32,6 +32,8 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from operator import attrgetter
 from typing import Annotated, Literal
 
 import msgspec
@@ -149,6 +151,42 @@ def decode_event(raw: bytes | str, *, now: float | None = None, merchants: froze
         raise InvalidEvent("not_utf8", str(exc)) from None
     _check_semantics(event, now, merchants)
     return event
+
+
+_get_schema_version = attrgetter("schema_version")
+_get_timestamp = attrgetter("timestamp")
+_get_merchant_id = attrgetter("merchant_id")
+
+
+def decode_valid_events(raws: Sequence[bytes], *, now: float | None = None,
+                        merchants: frozenset[str] | None = None) -> list[Event] | None:
+    """Every one of ``raws`` decoded, when every one is valid (the common case), else None: then
+    :func:`decode_event`, one by one, tells which are not and why.
+
+    The same checks as :func:`decode_event`, done as C-level passes over the whole list (``map`` over
+    the msgspec decoder and attribute getters) instead of a Python call per event: a consumer decodes
+    tens of thousands of events per second.
+
+    >>> raw = encode_event(Click(event_id="e1", merchant_id="m1", user_id="u1", item_id="i1",
+    ...                          session_id="s1", timestamp=1.7e9, position=0, page="home", device="app"))
+    >>> [event.item_id for event in decode_valid_events([raw, raw])]
+    ['i1', 'i1']
+    >>> decode_valid_events([raw, b"{}"]) is None
+    True
+    """
+    try:
+        if max(map(len, raws), default=0) > MAX_EVENT_BYTES:
+            return None
+        events = list(map(_decoder.decode, raws))
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError):  # TypeError: a None (tombstone) value
+        return None
+    limit = (now if now is not None else time.time()) + MAX_FUTURE_SKEW_S
+    # limit.__lt__(timestamp) is `timestamp > limit`, SCHEMA_VERSION.__ne__(v) is `v != SCHEMA_VERSION`
+    if (any(map(SCHEMA_VERSION.__ne__, map(_get_schema_version, events)))
+            or any(map(limit.__lt__, map(_get_timestamp, events)))
+            or (merchants is not None and not merchants.issuperset(map(_get_merchant_id, events)))):
+        return None
+    return events
 
 
 def _check_semantics(event: Event, now: float | None, merchants: frozenset[str] | None) -> None:

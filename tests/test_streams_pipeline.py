@@ -16,7 +16,9 @@ from streams.consumer import Batch, EventConsumer
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import make_consumer, make_producer
 from streams.producer import EventProducer, header_dict
-from streams.schemas import CatalogItem, Click, Order, encode_event, event_type
+from streams.records import RawPartitionRecords
+from streams.schemas import (CatalogItem, Click, InvalidEvent, Order, decode_event, decode_valid_events, encode_event,
+                             event_type)
 
 NOW = 1_800_000_000.0  # validation clock: the generator's traffic is in late 2023
 
@@ -363,3 +365,38 @@ def test_batch_path_and_per_record_path_write_the_same_records(kafka_settings):
     assert sorted((m.partition, m.offset, m.key, m.value) for m in ours) == sorted(
         (m.partition, m.offset, m.key, m.value) for m in theirs)
     assert {m.value for m in ours} == {encode_event(e) for e in events if isinstance(e, Click)}  # canonical again
+
+
+def test_bulk_decoding_agrees_with_decoding_one_by_one():
+    """decode_valid_events (the consumer's fast path) accepts a list exactly when decode_event accepts
+    every member, and then gives the same events."""
+    raws = [encode_event(event) for event in valid_events(120)]
+    merchants = frozenset(msgspec.json.decode(raw)["merchant_id"] for raw in raws)
+    assert decode_valid_events(raws, now=NOW, merchants=merchants) == [decode_event(r, now=NOW) for r in raws]
+    assert decode_valid_events([], now=NOW) == []
+    bad = dict(bad_payloads())
+    bad["unsupported_schema_version"] = msgspec.json.encode(click_dict(schema_version=2))
+    bad["unknown_merchant"] = msgspec.json.encode(click_dict(merchant_id="m-stranger"))
+    bad["empty"] = b""
+    for position, (name, payload) in enumerate(bad.items()):
+        mixed = raws[:position * 7] + [payload] + raws[position * 7:]
+        assert decode_valid_events(mixed, now=NOW, merchants=merchants) is None, name
+        with pytest.raises(InvalidEvent):
+            decode_event(payload, now=NOW, merchants=merchants)
+    assert decode_valid_events(raws + [None], now=NOW) is None  # a tombstone
+
+
+def test_consumer_records_carry_the_offsets_timestamps_and_keys_kafka_python_reads(kafka_settings):
+    events = valid_events(300)
+    with EventProducer(kafka_settings, now=NOW) as producer:
+        producer.send_many(events)
+    consumer = EventConsumer(kafka_settings, group(), now=NOW, handle_signals=False, max_records=64)
+    assert consumer.kafka._fetcher.PartitionRecords is RawPartitionRecords
+    records = []
+    consumer.run(lambda batch: records.extend(batch), idle_timeout_s=3)
+    ours = {(r.topic, r.partition, r.offset): (r.timestamp_ms, r.key, encode_event(r.event)) for r in records}
+    theirs = {}
+    for topic in (kafka_settings.topics.clicks, kafka_settings.topics.orders, kafka_settings.topics.catalog):
+        for m in drain_raw(kafka_settings, topic.name):
+            theirs[(m.topic, m.partition, m.offset)] = (m.timestamp, m.key, m.value)
+    assert len(ours) == len(events) and ours == theirs

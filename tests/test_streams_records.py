@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import random
 from collections import Counter
@@ -15,7 +16,8 @@ from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
 
 from kafka.producer.producer_batch import ProducerBatch
 
-from streams.records import SUPPORTED, FastPartitionRecords, RecordBatchEncoder, key_field, varint
+from streams.records import (SUPPORTED, FastPartitionRecords, RawPartitionRecords, RawRecord, RecordBatchEncoder,
+                             key_field, varint)
 
 TP = TopicPartition("t", 3)
 
@@ -208,3 +210,18 @@ def test_legacy_message_format_after_v2_batches_falls_back_to_kafka_python():
         assert ours.take(n) == theirs.take(n)
         assert ours.next_fetch_offset == theirs.next_fetch_offset
     assert not ours and not theirs and ours.next_fetch_offset == 14
+
+
+def test_raw_records_carry_the_fields_of_kafka_pythons_records():
+    buffer = b"".join(build(varied_records(80, seed), base_offset=base) for seed, base in ((9, 0), (10, 80)))
+    ours = RawPartitionRecords(5, TP, MemoryRecords(buffer))
+    theirs = Fetcher.PartitionRecords(5, TP, MemoryRecords(buffer))
+    fields = ("topic", "partition", "offset", "timestamp", "key", "value")
+    for n in (3, 100, None):
+        taken = ours.take(n)
+        assert all(type(record) is RawRecord for record in taken)
+        assert [tuple(getattr(r, f) for f in fields) for r in taken] == [
+            tuple(getattr(r, f) for f in fields) for r in theirs.take(n)]
+        assert ours.next_fetch_offset == theirs.next_fetch_offset
+    assert not ours and not theirs
+    assert not gc.is_tracked(taken[0])  # no work for the garbage collector
