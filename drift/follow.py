@@ -6,7 +6,7 @@ PSI/KS, category shares, the price index and the users' category choices) run he
 consumer group, so they scale by partition (merchant) like the learners and never slow learning down.
 
 State is exactly-once like the learner's: the monitor's snapshot and the next offset of every partition
-are written together atomically (``online.worker.write_atomic``); a restarted follower restores both and
+are written together atomically (``fedstream.files.write_atomic``); a restarted follower restores both and
 seeks every partition to its saved offset, so no event is missed or counted twice by a detector. Drift
 events published after the last checkpoint are published again on replay (at least once).
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from drift.monitor import DriftMonitor, DriftSink
+from fedstream.files import write_atomic
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 
@@ -67,8 +68,6 @@ class DriftFollower:
 
     def checkpoint(self) -> None:
         """Write the monitor and the offsets together, then commit the same offsets to Kafka."""
-        from online.worker import write_atomic
-
         payload = {"version": CHECKPOINT_VERSION, "monitor": self.monitor.snapshot(), "offsets": dict(self.offsets),
                    "written_at": time.time()}
         write_atomic(self.checkpoint_path, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))

@@ -40,7 +40,6 @@ with the prequential metrics and the offsets as lineage.
 
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 import time
@@ -52,6 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedstream.files import write_atomic
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.prequential import PrequentialEvaluator
@@ -112,22 +112,6 @@ def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
     from registry.tracking import artifacts_dir
 
     return artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Replace ``path`` with ``payload`` so that a crash leaves either the old or the new file, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -567,4 +551,4 @@ class OnlineWorker:
         return summary
 
 
-__all__ = ["OnlineWorker", "WorkerConfig", "LearnerState", "read_checkpoint", "write_atomic"]
+__all__ = ["OnlineWorker", "WorkerConfig", "LearnerState", "read_checkpoint"]

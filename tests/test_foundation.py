@@ -182,3 +182,11 @@ def test_activate_leaves_no_store_behind(tmp_path, monkeypatch):
         assert mlflow.get_tracking_uri() == tracking_uri(second)
         assert mlflow.get_registry_uri() == tracking_uri(second)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_files_docstring_examples_run():
+    import doctest
+
+    import fedstream.files
+
+    assert doctest.testmod(fedstream.files).failed == 0

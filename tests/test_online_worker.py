@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from fedstream.settings import Settings, Topic, Topics
-from online.worker import OnlineWorker, WorkerConfig, read_checkpoint, write_atomic
+from fedstream.files import write_atomic
+from online.worker import OnlineWorker, WorkerConfig, read_checkpoint
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import ensure_topics
 from streams.producer import EventProducer
