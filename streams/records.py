@@ -173,8 +173,7 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
                 value = None
             if data[pos] == 0:  # no headers: the common case
                 pos += 1
-                headers = []
-                header_size = -1
+                headers = None
             else:
                 headers, header_size, pos = _headers(data, pos)
             if pos != end:
@@ -183,6 +182,8 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
                 append(raw_record(topic, partition, base_offset + offset_delta,
                                   max_timestamp if log_append else first_timestamp + ts_delta, key, value))
             else:
+                if headers is None:
+                    headers, header_size = [], -1
                 append(new(record_type, (topic, partition, epoch, base_offset + offset_delta,
                                          max_timestamp if log_append else first_timestamp + ts_delta, timestamp_type,
                                          key, value, headers, None, -1 if key is None else key_len,
@@ -216,7 +217,7 @@ def _headers(data: bytes, pos: int) -> tuple[list, int, int]:
             header_value = None
             header_size += name_len
         headers.append((name, header_value))
-    return headers, header_size, pos
+    return headers, header_size if headers else -1, pos  # as kafka-python: -1 without headers
 
 
 class FastPartitionRecords(Fetcher.PartitionRecords):

@@ -225,3 +225,15 @@ def test_raw_records_carry_the_fields_of_kafka_pythons_records():
         assert ours.next_fetch_offset == theirs.next_fetch_offset
     assert not ours and not theirs
     assert not gc.is_tracked(taken[0])  # no work for the garbage collector
+
+
+def test_a_zero_header_count_in_two_bytes_reads_as_no_headers():
+    clean = build([(1_700_000_000_000, b"k", b"v" * 10, [])])
+    length = clean[61] >> 1  # the record's length varint (one byte for so small a record)
+    assert clean[-1] == 0 and length + 1 < 64
+    batch = bytearray(clean[:61]) + bytes([(length + 1) << 1]) + clean[62:-1] + b"\x80\x00"  # header count 0, two bytes
+    batch[8:12] = (int.from_bytes(clean[8:12], "big") + 1).to_bytes(4, "big")  # the batch length field
+    parsers = [parser_class(0, TP, MemoryRecords(bytes(batch)), check_crcs=False)
+               for parser_class in (FastPartitionRecords, Fetcher.PartitionRecords)]
+    ours, theirs = (parser.take() for parser in parsers)
+    assert ours == theirs and ours[0].headers == [] and ours[0].serialized_header_size == -1
