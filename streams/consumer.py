@@ -6,6 +6,8 @@
   :class:`Record` (event + topic/partition/offset). Bytes on an input topic that fail
   :func:`~streams.schemas.decode_event` are forwarded to the dead-letter topic (original bytes, headers
   ``reason``/``detail``/``source``/``topic``/``partition``/``offset``) and never reach the worker.
+  Records are decoded in chunks by C-level passes (:func:`~streams.schemas.decode_valid_events`); a chunk
+  holding an invalid event is decoded one event at a time, so each bad one gets its own reason.
 * **At least once.** Nothing is committed automatically: call :meth:`EventConsumer.commit` with the batch
   after processing it. Dead-lettered records are acknowledged by the broker before their offsets are
   committed. A crash between processing and commit means the batch is seen again, never lost.

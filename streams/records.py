@@ -8,15 +8,17 @@ narrow points so everything else (networking, group membership, retries, idempot
 kafka-python's:
 
 * :class:`FastPartitionRecords` replaces the fetcher's per-partition record parser of one consumer
-  (:func:`install_fast_fetch`); it yields the very same ``ConsumerRecord`` tuples as kafka-python.
+  (:func:`install_fast_fetch`); it yields the very same ``ConsumerRecord`` tuples as kafka-python, a
+  decoded batch at a time. :class:`RawPartitionRecords` yields :class:`RawRecord` instead (the fields an
+  event consumer reads, not tracked by the garbage collector): what ``EventConsumer`` uses.
 * :class:`RecordBatchEncoder` builds a record batch from ``(key, value)`` pairs; the producer hands the
   whole batch to kafka-python's accumulator (:func:`enqueue_batch`, see :mod:`streams.producer`).
 
 Both are checked byte for byte / field for field against kafka-python's own implementation in
 ``tests/test_streams_records.py``. They rely on kafka-python internals pinned in ``uv.lock``
-(``DefaultRecordBatch._buffer/_pos``, ``Fetcher.PartitionRecords``, the accumulator); :data:`SUPPORTED`
-and :data:`SUPPORTED_PRODUCE` are False when those are missing, and the clients then fall back to
-kafka-python's own code paths.
+(``DefaultRecordBatch._buffer/_pos/_header_data``, ``Fetcher.PartitionRecords`` and its ``take``, the
+accumulator); :data:`SUPPORTED` and :data:`SUPPORTED_PRODUCE` are False when those are missing, and the
+clients then fall back to kafka-python's own code paths.
 """
 
 from __future__ import annotations
