@@ -231,14 +231,14 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
 
     raw = False  # ConsumerRecords (True: RawRecords, see RawPartitionRecords)
     _batches = None  # decoded batches (lists of records) still to hand out; None: kafka-python's own path
-    _pending: list = []  # the decoded batch being handed out ...
-    _taken = 0  # ... and how many of its records were handed out already
 
     def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
         if (key_deserializer is not None or value_deserializer is not None
                 or self.isolation_level != IsolationLevel.READ_UNCOMMITTED):
             return super()._unpack_records(tp, records, key_deserializer, value_deserializer)
         self._batches = self._decoded_batches(tp, records)
+        self._pending: list = []  # the decoded batch being handed out ...
+        self._taken = 0  # ... and how many of its records were handed out already
         return iter(())  # the record iterator kafka-python keeps: only its None-ness (drained) is used
 
     def _decoded_batches(self, tp, records):

@@ -16,6 +16,7 @@ from streams.consumer import Batch, EventConsumer
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import make_consumer, make_producer
 from streams.producer import EventProducer, header_dict
+import streams.records as records_module
 from streams.records import RawPartitionRecords
 from streams.schemas import (CatalogItem, Click, InvalidEvent, Order, decode_event, decode_valid_events, encode_event,
                              event_type)
@@ -400,3 +401,33 @@ def test_consumer_records_carry_the_offsets_timestamps_and_keys_kafka_python_rea
         for m in drain_raw(kafka_settings, topic.name):
             theirs[(m.topic, m.partition, m.offset)] = (m.timestamp, m.key, m.value)
     assert len(ours) == len(events) and ours == theirs
+
+
+def test_kafka_pythons_own_record_parser_gives_the_consumer_the_same_records(kafka_settings, monkeypatch):
+    """The fallback when kafka-python's internals differ (no fast parser installed): same Records, same
+    dead letters, chunks with a bad event in the middle included."""
+    events = valid_events(300)
+    raw = make_producer(kafka_settings)
+    bad = 0
+    for i, event in enumerate(events):  # one partition (one key): every poll's list holds whole chunks
+        raw.send(kafka_settings.topics.clicks.name, value=encode_event(event), key=b"m00")
+        if i % 97 == 50:
+            raw.send(kafka_settings.topics.clicks.name, value=b"not json %d" % i, key=b"m00")
+            bad += 1
+    raw.flush()
+    raw.close()
+
+    def consume() -> tuple[list, int, type]:
+        consumer = EventConsumer(kafka_settings, group(), [kafka_settings.topics.clicks.name], now=NOW,
+                                 handle_signals=False)
+        parser = consumer.kafka._fetcher.PartitionRecords
+        records = []
+        consumer.run(lambda batch: records.extend(batch), idle_timeout_s=3)
+        return records, consumer.dead_lettered, parser
+
+    fast, fast_dead, fast_parser = consume()
+    monkeypatch.setattr(records_module, "SUPPORTED", False)
+    slow, slow_dead, slow_parser = consume()
+    assert fast_parser is RawPartitionRecords and slow_parser is not RawPartitionRecords
+    assert fast_dead == slow_dead == bad > 1
+    assert len(fast) == len(events) and sorted(fast, key=lambda r: r.offset) == sorted(slow, key=lambda r: r.offset)
