@@ -154,8 +154,10 @@ def use_execution_context(config: FederatedConfig) -> str:
     secure-sum intrinsics are simulated); keep the current one when it is already the right kind.
 
     Replacing a context drops the old one, whose finalizer sends its ``worker_binary`` SIGINT and then
-    *waits* for it: a busy worker can keep that wait (and the caller) blocked for good, which hung a
-    benchmark that switched contexts between phases. So a context is only replaced when the kind changes.
+    *waits* for it: a worker that does not exit on SIGINT keeps that wait (and the caller) blocked for
+    good, which hung a benchmark and once the test suite. So a context is only replaced when the kind
+    changes, and this process's own workers are stopped first (SIGTERM, then SIGKILL) and left for the
+    old context's finalizer to reap.
     """
     import tensorflow_federated as tff
     from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
@@ -164,6 +166,9 @@ def use_execution_context(config: FederatedConfig) -> str:
     installed = _INSTALLED.get(kind)
     if installed is not None and context_stack_impl.context_stack.current is installed:
         return kind
+    from fedstream.processes import stop_tff_workers
+
+    stop_tff_workers(reap=False, children_only=True)
     if config.secure_agg:
         context = tff.backends.test.create_sync_test_cpp_execution_context()
     else:

@@ -15,20 +15,21 @@ from pathlib import Path
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+        if entry.name.isdigit() and (parent := _parent(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
     found, stack = [], [pid]
     while stack:
         for child in children.get(stack.pop(), []):
             found.append(child)
             stack.append(child)
     return found
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _cmdline(pid: int) -> bytes:
@@ -38,9 +39,26 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def stop_tff_workers(root_pid: int | None = None, grace_s: float = 3.0) -> list[int]:
-    """Stop every ``worker_binary`` descended from ``root_pid`` (default: this process). Returns their PIDs."""
-    targets = [pid for pid in _descendants(root_pid or os.getpid()) if b"worker_binary" in _cmdline(pid)]
+def tff_workers(root_pid: int | None = None, children_only: bool = False) -> list[int]:
+    """PIDs of the ``worker_binary`` processes descended from ``root_pid`` (default: this process), or only
+    of its own children."""
+    root = root_pid or os.getpid()
+    candidates = _descendants(root)
+    if children_only:
+        candidates = [pid for pid in candidates if _parent(pid) == root]
+    return [pid for pid in candidates if b"worker_binary" in _cmdline(pid)]
+
+
+def stop_tff_workers(root_pid: int | None = None, grace_s: float = 3.0, reap: bool = True,
+                     children_only: bool = False) -> list[int]:
+    """Stop every ``worker_binary`` descended from ``root_pid`` (default: this process). Returns their PIDs.
+
+    ``children_only`` spares the workers of child processes (e.g. merchants' ``federated join`` workers
+    started by a test); ``reap=False`` leaves the dead workers to be reaped by whoever started them (TFF's
+    own ``Popen``, whose finalizer signals and waits for its worker: it then returns at once instead of
+    failing on a lost PID).
+    """
+    targets = tff_workers(root_pid, children_only)
     for pid in targets:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -55,7 +73,7 @@ def stop_tff_workers(root_pid: int | None = None, grace_s: float = 3.0) -> list[
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    for pid in targets:
+    for pid in targets if reap else ():
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:

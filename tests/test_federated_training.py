@@ -17,7 +17,7 @@ from federated.training import (
     FederatedConfig, FederatedData, build_evaluation, build_process, dp_epsilon, run_rounds, sample_clients,
     use_execution_context,
 )
-from fedstream.processes import stop_tff_workers
+from fedstream.processes import stop_tff_workers, tff_workers
 from streams.generator import GeneratorConfig, generate
 
 pytestmark = pytest.mark.slow
@@ -185,6 +185,36 @@ def test_secure_aggregation_in_the_test_context(stores, tff_module, model_fn):
         assert history[0].train["num_examples"] > 0
         assert any(np.abs(w).sum() > 0 for w in process.get_model_weights(state).trainable)
     finally:
+        use_execution_context(FederatedConfig())
+
+
+def test_switching_contexts_does_not_wait_for_a_stuck_worker(stores, tff_module, model_fn):
+    """Replacing a context makes TFF's finalizer SIGINT the old worker_binary and wait for it; a worker that
+    does not exit (here: stopped with SIGSTOP) once hung the suite. The switch must stop it and go on."""
+    import contextlib
+    import signal
+    import threading
+
+    local = FederatedConfig(rounds=1, clients_per_round=2)
+    use_execution_context(FederatedConfig(secure_agg=True))
+    use_execution_context(local)  # a fresh local context, installed by us
+    process = build_process(model_fn, local)
+    run_rounds(process, process.initialize(), FederatedData.from_stores(stores), local)  # starts its worker
+    stuck = tff_workers(children_only=True)
+    assert stuck
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)
+    switch = threading.Thread(target=use_execution_context, args=(FederatedConfig(secure_agg=True),), daemon=True)
+    switch.start()
+    switch.join(timeout=60)
+    try:
+        assert not switch.is_alive(), "switching the execution context hung on the old worker_binary"
+        assert not set(stuck) & set(tff_workers())
+    finally:
+        for pid in stuck:  # frees a hung switch, so a failure is reported instead of hanging the run
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        switch.join(timeout=30)
         use_execution_context(FederatedConfig())
 
 
