@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from drift.monitor import DriftMonitor, DriftSink
-from fedstream.files import write_atomic
+from fedstream.files import read_versioned, write_atomic
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 
@@ -46,7 +46,7 @@ class DriftFollower:
         self.idle_timeout_s = idle_timeout_s
         self.max_events = max_events
         self.offsets: dict[tuple[str, int], int] = {}
-        saved = self._read()
+        saved = read_versioned(self.checkpoint_path, CHECKPOINT_VERSION, "drift follower")
         if saved is None:
             self.monitor = DriftMonitor(settings, sinks=sinks)
         else:
@@ -57,14 +57,6 @@ class DriftFollower:
         self.observed_this_run = 0
         self._consumer = None
         self._last_checkpoint = time.monotonic()
-
-    def _read(self) -> dict[str, Any] | None:
-        if not self.checkpoint_path.exists():
-            return None
-        state = pickle.loads(self.checkpoint_path.read_bytes())
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path} is not a drift follower checkpoint of version {CHECKPOINT_VERSION}")
-        return state
 
     def checkpoint(self) -> None:
         """Write the monitor and the offsets together, then commit the same offsets to Kafka."""

@@ -1,9 +1,11 @@
-"""Crash-safe files: the one way checkpoints (learner worker, drift follower) reach the disk."""
+"""Crash-safe files: the one way checkpoints (learner worker, drift follower) reach the disk and come back."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, payload: bytes) -> None:
@@ -29,3 +31,27 @@ def write_atomic(path: Path, payload: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def read_versioned(path: Path, version: int, kind: str) -> dict[str, Any] | None:
+    """The ``{"version": ..., ...}`` dict pickled at ``path`` (None when there is no file yet); a
+    ``ValueError`` naming the ``kind`` of checkpoint expected for anything else, e.g. one written in an
+    older format. Only read your own files: this is pickle.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "state.ckpt"
+    >>> read_versioned(target, 2, "demo") is None
+    True
+    >>> write_atomic(target, pickle.dumps({"version": 1}))
+    >>> read_versioned(target, 2, "demo")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ... is not a demo checkpoint of version 2 (it holds version 1)
+    """
+    if not path.exists():
+        return None
+    state = pickle.loads(path.read_bytes())
+    found = state.get("version") if isinstance(state, dict) else type(state).__name__
+    if found != version:
+        raise ValueError(f"{path} is not a {kind} checkpoint of version {version} (it holds version {found!r})")
+    return state

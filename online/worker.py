@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedstream.files import write_atomic
+from fedstream.files import read_versioned, write_atomic
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.prequential import PrequentialEvaluator
@@ -115,13 +115,8 @@ def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    with open(path, "rb") as handle:
-        state = pickle.load(handle)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
-    return state
+    """A worker checkpoint (None when there is none yet)."""
+    return read_versioned(path, CHECKPOINT_VERSION, "learner worker")
 
 
 def serving_model(model: Any, bits: int) -> Any:
