@@ -92,7 +92,7 @@ class DriftSettings(BaseModel):
     )
     error_chunk: int = Field(
         default=16, ge=1, description="Error detectors test the sums of every N errors of a merchant (River's ADWIN costs "
-        "~5 µs per value: 1/N of that; a detection comes at most N predictions later).")
+        "~5 µs per value: 1/N of that; the tests see a new value every N predictions).")
     adwin_delta: float = Field(default=1e-5, gt=0, lt=1)
     adwin_clock: int = Field(default=128, ge=1, description="ADWIN looks for a cut every N errors (a look costs ~80 µs).")
     adwin_min_increase: float = Field(default=0.01, ge=0, description="Absolute error rise ADWIN must show.")
