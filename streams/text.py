@@ -41,7 +41,7 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    return 0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2.0))))
 
 
 @dataclass(frozen=True)
@@ -135,18 +135,20 @@ class TextEncoder:
     def _block(self, x: np.ndarray, bias: np.ndarray, layer: _Layer) -> np.ndarray:
         n, t, d = x.shape
         h, hd = self.heads, d // self.heads
+        flat = x.reshape(n * t, d)  # one 2-D GEMM per projection, not n small ones
 
         def split(proj: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-            return (x @ proj[0] + proj[1]).reshape(n, t, h, hd).transpose(0, 2, 1, 3)
+            return (flat @ proj[0] + proj[1]).reshape(n, t, h, hd).transpose(0, 2, 1, 3)
 
         q, k, v = split(layer.q), split(layer.k), split(layer.v)
         scores = q @ k.transpose(0, 1, 3, 2) / np.float32(np.sqrt(hd)) + bias
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         attn = scores / scores.sum(-1, keepdims=True)
-        context = (attn @ v).transpose(0, 2, 1, 3).reshape(n, t, d)
-        x = _layer_norm(context @ layer.out[0] + layer.out[1] + x, *layer.ln1, self.eps)
-        hidden = _gelu(x @ layer.up[0] + layer.up[1])
-        return _layer_norm(hidden @ layer.down[0] + layer.down[1] + x, *layer.ln2, self.eps)
+        context = (attn @ v).transpose(0, 2, 1, 3).reshape(n * t, d)
+        flat = _layer_norm(context @ layer.out[0] + layer.out[1] + flat, *layer.ln1, self.eps)
+        hidden = _gelu(flat @ layer.up[0] + layer.up[1])
+        out = _layer_norm(hidden @ layer.down[0] + layer.down[1] + flat, *layer.ln2, self.eps)
+        return out.reshape(n, t, d)
 
 
 def item_text(title: str = "", category: str = "", brand: str = "") -> str:
