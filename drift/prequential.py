@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedstream.errors import ExpectedFailure
 from fedstream.settings import Settings
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.schemas import CatalogItem, Click, Event, InvalidEvent, Order, decode_event
 
 
 
-class EmptyStream(ValueError):
+class EmptyStream(ExpectedFailure, ValueError):
     """No usable events where some were expected (empty file, empty topics, nothing after --since)."""
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from streams.features import FIELDS, FeatureContext, Featurizer
 from streams.schemas import CatalogItem, Click, Event, Order
@@ -58,7 +59,7 @@ COLUMNS = {"indices": np.int32, "values": np.float32, "labels": np.float32, "tim
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
-class StoreError(RuntimeError):
+class StoreError(ExpectedFailure, RuntimeError):
     """A merchant store that is missing, unreadable or inconsistent (the merchant cannot take part)."""
 
 

@@ -11,8 +11,10 @@ import importlib.util
 import socket
 from pathlib import Path
 
+from fedstream.errors import ExpectedFailure
 
-class MissingPackageFile(FileNotFoundError):
+
+class MissingPackageFile(ExpectedFailure, FileNotFoundError):
     """The wheel that should ship a file is not installed, or the file is not in it."""
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from fedstream.settings import RegistrySettings, Settings
 from registry.bundle import ModelBundle
@@ -42,7 +43,7 @@ METRIC_PREFIX, LINEAGE_PREFIX = "metric.", "lineage."
 HISTORY_TAG, STACK_TAG = "alias_history", "champion_stack"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(ExpectedFailure, RuntimeError):
     """A registry operation that cannot be done as asked (unknown model or version, nothing to roll back to)."""
 
 

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedstream.errors import ExpectedFailure
 from fedstream.host import MissingPackageFile, free_port, package_file
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -39,7 +40,7 @@ class BrokerRecord:
     started_at: float
 
 
-class BrokerStartError(RuntimeError):
+class BrokerStartError(ExpectedFailure, RuntimeError):
     """The embedded broker did not come up (port taken, binary missing, timeout)."""
 
 

@@ -16,6 +16,7 @@ from kafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyEx
 # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap") when nothing answers.
 _UNREACHABLE = (KafkaTimeoutError, KafkaConnectionError)
 
+from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from fedstream.settings import Settings, Topic
 from streams.records import install_fast_fetch
@@ -23,7 +24,7 @@ from streams.records import install_fast_fetch
 log = get_logger("streams.kafka")
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(ExpectedFailure, RuntimeError):
     """No Kafka broker answered at the configured bootstrap address."""
 
 

@@ -43,6 +43,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.partitioner.default import murmur2
 
+from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_producer
@@ -54,7 +55,7 @@ log = get_logger("streams.producer")
 MAX_DETAIL_CHARS = 1000
 
 
-class DeliveryFailed(RuntimeError):
+class DeliveryFailed(ExpectedFailure, RuntimeError):
     """Some records were not acknowledged by the broker; ``failed`` says how many, ``errors`` why."""
 
     def __init__(self, failed: int, errors: Counter) -> None:
