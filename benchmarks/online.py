@@ -131,7 +131,8 @@ def _summary(proc: subprocess.Popen) -> dict:
 def worker_figures(events: list) -> dict:
     """Backlog throughput and paced latency through the embedded broker and the real worker process."""
     from fedstream.settings import Topic, Topics, load_settings
-    from streams.broker import _terminate, start_broker_process
+    from fedstream.processes import terminate
+    from streams.broker import start_broker_process
     from streams.kafka import ensure_topics
     from streams.producer import EventProducer
 
@@ -175,7 +176,7 @@ def worker_figures(events: list) -> dict:
             out["worker_peak_rss_mb"] = max(out["backlog"]["peak_rss_mb"] or 0, out["paced"]["peak_rss_mb"] or 0)
             return out
         finally:
-            _terminate(proc.pid)
+            terminate(proc.pid)
 
 
 def main() -> None:

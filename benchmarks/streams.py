@@ -189,7 +189,8 @@ def _pipeline(bootstrap: str, data_dir: Path, raws: list[bytes], broker_pid: int
 
 
 def main() -> dict:
-    from streams.broker import _terminate, start_broker_process
+    from fedstream.processes import terminate
+    from streams.broker import start_broker_process
     from streams.kafka import ensure_topics
     from streams.schemas import encode_event
 
@@ -212,7 +213,7 @@ def main() -> dict:
             figures["produce_raw"] = _produce_raw(raw_settings, kafka_events, raws)
             figures.update(_pipeline(record.bootstrap, Path(tmp) / "data", pipeline_raws, proc.pid))
         finally:
-            _terminate(proc.pid)
+            terminate(proc.pid)
     _print_table(figures)
     result = {"benchmark": "streams", "quick": QUICK, "codec_events": len(events), "kafka_events": len(raws),
               "pipeline_events": len(pipeline_raws), "cpus": os.cpu_count(), "load_avg_1m_before": load_before,

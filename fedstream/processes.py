@@ -79,3 +79,26 @@ def stop_tff_workers(root_pid: int | None = None, grace_s: float = 3.0, reap: bo
         except ChildProcessError:
             pass
     return targets
+
+
+def terminate(pid: int, grace_s: float = 5.0) -> None:
+    """Stop a child process by PID: SIGTERM, then SIGKILL after ``grace_s``; reaps it when it is ours."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+            if waited == pid:
+                return
+        except ChildProcessError:
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

@@ -12,33 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from fedstream.errors import ExpectedFailure
 from fedstream.host import MissingPackageFile, free_port, package_file
 from fedstream.logs import get_logger
+from fedstream.processes import terminate
 from fedstream.settings import Settings
+from streams.broker_record import RECORD_FILE, BrokerRecord, read_broker_record
 
 log = get_logger("streams.broker")
-
-RECORD_FILE = "broker.json"
-
-
-@dataclass(frozen=True)
-class BrokerRecord:
-    """Where a running embedded broker is found; written to ``<data_dir>/broker.json``."""
-
-    bootstrap: str
-    pid: int
-    cluster_id: str
-    log_file: str
-    started_at: float
-
 
 class BrokerStartError(ExpectedFailure, RuntimeError):
     """The embedded broker did not come up (port taken, binary missing, timeout)."""
@@ -112,17 +99,10 @@ def start_embedded_broker(settings: Settings, port: int | None = None) -> Broker
     try:
         ensure_topics(settings.model_copy(update={"bootstrap_servers": record.bootstrap}))
     except Exception:
-        _terminate(record.pid)
+        terminate(record.pid)
         raise
     (settings.data_path / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
     return record
-
-
-def read_broker_record(data_dir: Path) -> BrokerRecord | None:
-    path = Path(data_dir) / RECORD_FILE
-    if not path.exists():
-        return None
-    return BrokerRecord(**json.loads(path.read_text()))
 
 
 def broker_alive(record: BrokerRecord) -> bool:
@@ -143,30 +123,8 @@ def stop_embedded_broker(settings: Settings) -> BrokerRecord | None:
         return None
     try:
         if b"tansu" in Path(f"/proc/{record.pid}/cmdline").read_bytes():
-            _terminate(record.pid)
+            terminate(record.pid)
     except OSError:
         pass
     (settings.data_path / RECORD_FILE).unlink(missing_ok=True)
     return record
-
-
-def _terminate(pid: int, grace_s: float = 5.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            waited, _ = os.waitpid(pid, os.WNOHANG)
-            if waited == pid:
-                return
-        except ChildProcessError:
-            if not Path(f"/proc/{pid}").exists():
-                return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass

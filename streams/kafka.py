@@ -19,6 +19,7 @@ _UNREACHABLE = (KafkaTimeoutError, KafkaConnectionError)
 from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from fedstream.settings import Settings, Topic
+from streams.broker_record import read_broker_record
 from streams.records import install_fast_fetch
 
 log = get_logger("streams.kafka")
@@ -32,7 +33,6 @@ def bootstrap_servers(settings: Settings) -> str:
     """The configured bootstrap address, or the embedded broker recorded in the data directory."""
     if settings.bootstrap_servers:
         return settings.bootstrap_servers
-    from streams.broker import read_broker_record
 
     record = read_broker_record(settings.data_path)
     if record is None:

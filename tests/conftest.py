@@ -32,13 +32,14 @@ def _stop_tff_workers_at_exit() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of an embedded tansu broker that lives for the whole test session."""
-    from streams.broker import _terminate, start_broker_process
+    from fedstream.processes import terminate
+    from streams.broker import start_broker_process
 
     proc, record = start_broker_process(tmp_path_factory.mktemp("broker"))
     try:
         yield record.bootstrap
     finally:
-        _terminate(proc.pid)
+        terminate(proc.pid)
 
 
 def unique_topics(prefix: str = "t") -> Topics:

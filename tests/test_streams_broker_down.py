@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from fedstream.settings import KafkaClientSettings, Topic, Topics
-from streams.broker import _terminate, free_port, start_broker_process
+from fedstream.processes import terminate
+from streams.broker import free_port, start_broker_process
 from streams.consumer import EventConsumer, RetryPolicy
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import BrokerUnavailable, ensure_topics
@@ -55,7 +56,7 @@ def test_broker_dying_mid_stream_is_reported_not_swallowed(settings, tmp_path):
         producer.flush()  # these are safe
         assert producer.accepted == 100
     finally:
-        _terminate(proc.pid)
+        terminate(proc.pid)
     with pytest.raises((DeliveryFailed, BrokerUnavailable)) as failure:
         for event in events[100:]:
             producer.send_event(event)
@@ -95,7 +96,7 @@ def test_consumer_started_before_the_broker_retries_then_reads_everything(settin
     finally:
         thread.join(timeout=30)
         if "proc" in broker:
-            _terminate(broker["proc"].pid)
+            terminate(broker["proc"].pid)
 
 
 def test_consumer_gives_up_after_its_retry_deadline(settings):
@@ -137,7 +138,7 @@ def test_consumer_survives_a_broker_restart_and_reads_what_comes_after(settings,
             seen.extend(r.event.event_id for r in batch)
             consumer.commit(batch)
         assert sorted(seen) == sorted(e.event_id for e in before)
-        _terminate(proc.pid)
+        terminate(proc.pid)
         for _ in range(3):  # polls against a dead broker just come back empty
             assert len(consumer.poll(timeout_ms=300)) == 0
         proc, _ = start_broker_process(tmp_path, port=port)
@@ -155,4 +156,4 @@ def test_consumer_survives_a_broker_restart_and_reads_what_comes_after(settings,
         consumer.close()
         assert set(later) == wanted
     finally:
-        _terminate(proc.pid)
+        terminate(proc.pid)
