@@ -485,3 +485,17 @@ def _read_topic(settings: Settings, poll_timeout_s: float, max_wait_s: float) ->
         return [value for _, _, value in records]
     finally:
         consumer.close()
+
+
+def learner_monitor_factory(settings: Settings, publish_to_mlflow: bool):
+    """Error-stream drift detectors per merchant (drift topic, drift log, MLflow), resumed from the worker's
+    checkpoint when it holds their snapshot."""
+    import river.drift  # noqa: F401  (the detectors' import costs seconds: pay it before the first record, not in it)
+
+    def build(snapshot: bytes | None) -> DriftMonitor:
+        sinks = default_sinks(settings, mlflow=publish_to_mlflow)
+        if snapshot is None:
+            return DriftMonitor(settings, sinks=sinks)
+        return DriftMonitor.restore(settings, snapshot, sinks=sinks)
+
+    return build

@@ -23,7 +23,7 @@ import numpy as np
 
 from drift.events import DriftEvent
 from drift.prequential import EmptyStream, MerchantTrace, learner_name, make_learner, run_monitor
-from online.prequential import mean_logloss, roc_auc
+from fedstream.metrics import mean_logloss, roc_auc
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.schemas import Event

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from federated.model import ModelConfig, NumpyScorer, build_keras_model
-from online.prequential import mean_logloss, roc_auc
+from fedstream.metrics import mean_logloss, roc_auc
 from federated.stores import MerchantStore, StoreError
 
 

@@ -27,6 +27,18 @@ def _parse_params(pairs: tuple[str, ...]) -> dict:
     return params
 
 
+# Prediction monitors a learner can feed, by name -> "module:factory". Rooms above online (drift) plug in
+# here; online never imports them statically (the worker only knows the PredictionMonitor protocol).
+PREDICTION_MONITORS: dict[str, str] = {"drift": "drift.monitor:learner_monitor_factory"}
+
+
+def prediction_monitor(name: str):
+    """The factory builder declared for ``name`` in :data:`PREDICTION_MONITORS`, imported on first use."""
+    import importlib
+
+    module, attribute = PREDICTION_MONITORS[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
 @click.command()
 @click.option("--model", type=click.Choice(MODEL_CHOICES), default="ftrl", show_default=True,
               help="Learner: ours (ftrl, adam, sgd) or River's (river-...).")
@@ -82,7 +94,7 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
     )
-    monitors = {"drift": _drift_monitor_factory(settings, publish_to_mlflow=not no_publish)} if watch_drift else {}
+    monitors = {"drift": prediction_monitor("drift")(settings, publish_to_mlflow=not no_publish)} if watch_drift else {}
     try:
         worker = OnlineWorker(settings, config, monitors=monitors)
     except ValueError as exc:  # a checkpoint of another model or feature space
@@ -97,19 +109,3 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         summary["drift_events"] = [{"merchant_id": e.merchant_id, "detector": e.detector, "event_index": e.event_index}
                                    for e in monitor.events]
     click.echo(json.dumps(summary, default=str))
-
-
-def _drift_monitor_factory(settings: Settings, publish_to_mlflow: bool):
-    """Error-stream drift detectors per merchant (drift topic, drift log, MLflow), resumed from the worker's
-    checkpoint when it holds their snapshot."""
-    import river.drift  # noqa: F401  (the detectors' import costs seconds: pay it before the first record, not in it)
-
-    from drift.monitor import DriftMonitor, default_sinks
-
-    def build(snapshot: bytes | None) -> DriftMonitor:
-        sinks = default_sinks(settings, mlflow=publish_to_mlflow)
-        if snapshot is None:
-            return DriftMonitor(settings, sinks=sinks)
-        return DriftMonitor.restore(settings, snapshot, sinks=sinks)
-
-    return build

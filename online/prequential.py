@@ -39,32 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from fedstream.metrics import logloss, mean_logloss, roc_auc  # noqa: F401  (re-exported: the scores' old home)
+
 ErrorTuple = tuple[str, float, bool, float]
-
-
-def logloss(y: np.ndarray, p: np.ndarray, clip: float = 1e-15) -> np.ndarray:
-    p = np.clip(p, clip, 1 - clip)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
-
-
-def mean_logloss(y: np.ndarray, p: np.ndarray, clip: float = 1e-15) -> float:
-    """Mean logloss of probabilities ``p`` for binary labels ``y``; NaN on no data."""
-    if len(y) == 0:
-        return float("nan")
-    return float(np.mean(logloss(np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64), clip)))
-
-
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Exact ROC AUC (ties count one half); NaN when only one class is present."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y, dtype=bool)
-    positives = int(y.sum())
-    negatives = len(y) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    ranks = rankdata(p)
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[list[dict], float]:

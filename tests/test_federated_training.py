@@ -230,7 +230,7 @@ def test_fedprox_with_yogi_and_clipping(stores, tff_module, model_fn):
 def test_run_logs_rounds_and_registers_versions(stores, tff_module, settings):
     from mlflow.tracking import MlflowClient
 
-    from online.prequential import roc_auc as auc
+    from fedstream.metrics import roc_auc as auc
     from federated.personalize import PersonalizationConfig, compare_merchants, summarize
     from federated.runner import MODEL_NAME, run_federated
     from registry.models import load_bundle, version_lineage

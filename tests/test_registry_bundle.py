@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from online.prequential import roc_auc
+from fedstream.metrics import roc_auc
 from registry.bundle import LinearScorer, ModelBundle
 from streams.features import FeatureContext, Featurizer
 from streams.schemas import CatalogItem, Click, InvalidEvent, LineItem, Order

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from online.prequential import mean_logloss, roc_auc
+from fedstream.metrics import mean_logloss, roc_auc
 from streams.features import FeatureContext, Featurizer
 from streams.generator import DriftSpec, GeneratorConfig, generate, ground_truth, merchant_ids
 from streams.schemas import CatalogItem, Click, Order, decode_event, encode_event
