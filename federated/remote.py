@@ -120,9 +120,9 @@ class OnWorkers:
     context: Any
 
     def next(self, *args):
-        from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+        import tensorflow_federated as tff
 
-        with context_stack_impl.context_stack.install(self.context):
+        with tff.framework.get_context_stack().install(self.context):
             return self.process.next(*args)
 
     def __getattr__(self, name: str):

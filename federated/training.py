@@ -160,11 +160,10 @@ def use_execution_context(config: FederatedConfig) -> str:
     old context's finalizer to reap.
     """
     import tensorflow_federated as tff
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
     kind = "sync_test_cpp" if config.secure_agg else "sync_local_cpp"
     installed = _INSTALLED.get(kind)
-    if installed is not None and context_stack_impl.context_stack.current is installed:
+    if installed is not None and tff.framework.get_context_stack().current is installed:
         return kind
     from fedstream.processes import stop_tff_workers
 
@@ -173,7 +172,7 @@ def use_execution_context(config: FederatedConfig) -> str:
         context = tff.backends.test.create_sync_test_cpp_execution_context()
     else:
         context = tff.backends.native.create_sync_local_cpp_execution_context()
-    context_stack_impl.context_stack.set_default_context(context)
+    tff.framework.set_default_context(context)
     _INSTALLED.clear()
     _INSTALLED[kind] = context
     return kind
