@@ -18,20 +18,28 @@ Both are checked byte for byte / field for field against kafka-python's own impl
 ``tests/test_streams_records.py``. They rely on kafka-python internals pinned in ``uv.lock``
 (``DefaultRecordBatch._buffer/_pos/_header_data``, ``Fetcher.PartitionRecords`` and its ``take``, the
 accumulator); :data:`SUPPORTED` and :data:`SUPPORTED_PRODUCE` are False when those are missing, and the
-clients then fall back to kafka-python's own code paths.
+clients then fall back to kafka-python's own code paths. Names alone are not enough: before the first use,
+:func:`fast_paths_agree` also runs both paths on a sample batch and compares records and bytes; when they
+disagree (an upgrade changed what a private means), it logs an ERROR naming the kafka-python version and
+the clients fall back.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
 
+import kafka
 import msgspec
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.errors import CorruptRecordError, IllegalStateError
 from kafka.producer.producer_batch import ProducerBatch
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
-from kafka.record.memory_records import MemoryRecordsBuilder
+from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
+from kafka.structs import TopicPartition
+
+from fedstream.logs import get_logger
 
 try:
     from kafka.consumer.fetcher import IsolationLevel
@@ -340,7 +348,7 @@ def install_fast_fetch(kafka_consumer, raw: bool = False) -> bool:
     (:class:`RawPartitionRecords` when ``raw``). Returns False (and changes nothing) when this
     kafka-python does not have the expected internals."""
     fetcher = getattr(kafka_consumer, "_fetcher", None)
-    if not SUPPORTED or fetcher is None:
+    if not SUPPORTED or fetcher is None or not fast_paths_agree():
         return False
     fetcher.PartitionRecords = RawPartitionRecords if raw else FastPartitionRecords
     return True
@@ -429,7 +437,7 @@ def supports_bulk(kafka_producer) -> bool:
     """True when :func:`enqueue_batch` can be used with this kafka-python producer (not transactional)."""
     accumulator = getattr(kafka_producer, "_accumulator", None)
     manager = getattr(kafka_producer, "_transaction_manager", None)
-    return (SUPPORTED_PRODUCE and hasattr(kafka_producer, "_sender")
+    return (SUPPORTED_PRODUCE and fast_paths_agree() and hasattr(kafka_producer, "_sender")
             and all(hasattr(accumulator, name) for name in ("_tp_lock", "_batches", "_incomplete", "_closed"))
             and not (manager is not None and manager.is_transactional()))
 
@@ -462,3 +470,53 @@ def batch_errors(batch: ProducerBatch, count: int) -> Counter:
     if record_exception is None:
         return Counter()
     return Counter(type(record_exception(index)).__name__ for index in range(count))
+
+
+# -- the meaning check ------------------------------------------------------------------------------------
+
+_SAMPLE = [(1_700_000_000_000 + delta, key, value, headers) for delta, key, value, headers in (
+    (0, b"m01", b'{"type":"click"}', []), (5, None, b"", [("reason", b"x"), ("empty", None)]),
+    (9000, b"k" * 200, b"v" * 300, []), (-3, b"", b"\x00\xff", [("\u00fcn\u00ef", b"")]))]
+
+
+def _disagreement() -> str | None:
+    """What differs between our paths and kafka-python's on :data:`_SAMPLE` (None: nothing)."""
+    tp = TopicPartition("fedstream-self-check", 0)
+    builder = MemoryRecordsBuilder(2, 0, 1 << 20, offset=0)
+    for timestamp, key, value, headers in _SAMPLE:
+        builder.append(timestamp, key, value, headers)
+    builder.close()
+    batch = bytes(builder.buffer())
+    if SUPPORTED:
+        ours = FastPartitionRecords(0, tp, MemoryRecords(batch)).take()
+        theirs = Fetcher.PartitionRecords(0, tp, MemoryRecords(batch)).take()
+        if ours != theirs:
+            return "consuming: FastPartitionRecords yields other records than Fetcher.PartitionRecords"
+    if SUPPORTED_PRODUCE:
+        reference = MemoryRecordsBuilder(2, 0, 1 << 30)
+        encoder = RecordBatchEncoder(opened=0.0)
+        for timestamp, key, value, _ in _SAMPLE:
+            reference.append(timestamp, key, value, [])
+            encoder.add(key_field(key), value, timestamp)
+        ours_built = encoder.producer_batch(tp, 0, now=0.0).records
+        ours_built.close()
+        reference.close()
+        if bytes(ours_built.buffer()) != bytes(reference.buffer()):
+            return "producing: RecordBatchEncoder writes other bytes than MemoryRecordsBuilder"
+    return None
+
+
+@functools.cache
+def fast_paths_agree() -> bool:
+    """True when the fast paths give exactly kafka-python's records and bytes on a sample (checked once);
+    otherwise an ERROR says what changed and the clients use kafka-python's own code."""
+    try:
+        problem = _disagreement()
+    except Exception as exc:  # a private that kept its name but not its shape
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        get_logger("streams.records").error(
+            "kafka-python internals changed meaning: fast record paths disabled",
+            extra={"kafka_python": kafka.__version__, "problem": problem})
+    return problem is None
+
