@@ -1,0 +1,72 @@
+"""Poisoned records written straight onto an input topic (bypassing the producer), on the real broker:
+the learner and the drift follower dead-letter them and go on learning every valid event."""
+
+from __future__ import annotations
+
+import pytest
+
+from drift.follow import DriftFollower
+from drift.monitor import DriftMonitor
+from fedstream.settings import load_settings
+from online.worker import OnlineWorker
+from streams.generator import GeneratorConfig, generate
+from streams.kafka import make_producer
+from streams.producer import EventProducer, header_dict
+from tests.test_online_worker import _config, single_partition_settings
+from tests.test_streams_pipeline import drain_raw
+
+#: (value, key, headers, reason it must be dead-lettered with)
+POISON = [
+    (b'{"a":' * 1000 + b"1" + b"}" * 1000, b"m00", [], "too_deep"),  # 6 KB: RecursionError in msgspec
+    (b"[" * 100_000, b"\xff\xfe", [("h", b"\xff")], "too_deep"),  # key and header not UTF-8
+    (b'{"type":"click","position":' + b"9" * 5000 + b"}", None, [], "out_of_range"),
+    (b"\xff\xfe\xfd", b"m01", [], "not_utf8"),
+    (None, b"m00", [], "malformed_json"),  # a tombstone
+]
+
+
+@pytest.fixture
+def poisoned(broker, tmp_path):
+    """A single-partition topic: valid events, the poison in the middle, valid events again."""
+    settings = single_partition_settings(load_settings(data_dir=tmp_path / "data", feature_bits=16), broker)
+    events = list(generate(GeneratorConfig(merchants=3, events=600, seed=4, items_per_merchant=(10, 30))))
+    half = len(events) // 2
+    with EventProducer(settings, source="test-poison") as producer:
+        producer.send_many(events[:half])
+    raw = make_producer(settings)
+    for value, key, headers, _ in POISON:
+        raw.send(settings.topics.clicks.name, value=value, key=key, headers=headers)
+    raw.flush()
+    raw.close()
+    with EventProducer(settings, source="test-poison") as producer:
+        producer.send_many(events[half:])
+    return settings, events
+
+
+def _dead_letters(settings, group: str) -> list[str]:
+    letters = drain_raw(settings, settings.topics.dead_letter.name, len(POISON))
+    headers = [header_dict(letter.headers) for letter in letters]
+    assert all(h["source"] == f"consumer:{group}" for h in headers)
+    return [h["reason"] for h in sorted(headers, key=lambda h: int(h["offset"]))]
+
+
+def test_the_learner_dead_letters_poison_written_onto_its_topic_and_learns_every_valid_event(poisoned, tmp_path):
+    settings, events = poisoned
+    summary = OnlineWorker(settings, _config(tmp_path, "poisoned-learner")).run()
+    assert summary["stopped"] == "idle" and summary["events"] == len(events) == summary["learned_this_run"]
+    assert _dead_letters(settings, "poisoned-learner") == [reason for *_, reason in POISON]
+
+
+def test_the_drift_follower_dead_letters_the_poison_and_observes_every_valid_event(poisoned, tmp_path):
+    settings, events = poisoned
+    follower = DriftFollower(settings, group="poisoned-drift", checkpoint_path=tmp_path / "drift.ckpt",
+                             idle_timeout_s=3)
+    summary = follower.run()
+    assert summary["stopped"] == "idle" and summary["observed_this_run"] == len(events)
+    assert _dead_letters(settings, "poisoned-drift") == [reason for *_, reason in POISON]
+    reference = DriftMonitor(settings)
+    for event in events:
+        reference.observe(event)
+    resumed = DriftFollower(settings, group="poisoned-drift", checkpoint_path=tmp_path / "drift.ckpt").monitor
+    assert resumed.global_index == reference.global_index > 0
+    assert all(resumed.state(m) == reference.state(m) for m in {event.merchant_id for event in events})
