@@ -127,3 +127,18 @@ def test_a_broker_dying_mid_file_ends_with_the_summary_and_a_resume_without_dupl
     resumed = [line_of[decode_event(value).event_id] for value in sent]
     assert len(resumed) == len(set(resumed)) == rest["accepted"]  # no duplicates
     assert set(resumed) | before == set(line_of.values()) and not set(resumed) & before  # each line once
+
+
+def test_resume_point_skips_lines_acknowledged_after_the_first_failure(kafka_settings):
+    """Batches of different partitions complete out of line order: a later line can be acknowledged while an
+    earlier one failed; resuming at the earlier one must skip the later one."""
+    producer = EventProducer(kafka_settings, now=NOW)
+    try:
+        assert producer.resume_point(None) == (None, []) and producer.resume_point(12) == (12, [])
+        producer._account_lines([1, 2, 3], [])  # a flush with no failure: nothing to remember
+        producer._account_lines([4, 7, 9], [5, 6])
+        producer._account_lines([8, 10], [])  # the final flush after the failure
+        assert producer.resume_point(None) == (5, [7, 8, 9, 10])
+        assert producer.resume_point(11) == (5, [7, 8, 9, 10])
+    finally:
+        producer.close()

@@ -12,6 +12,7 @@ from online.worker import OnlineWorker
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import make_producer
 from streams.producer import EventProducer, header_dict
+from streams.schemas import CatalogItem, Click, LineItem, Order
 from tests.test_online_worker import _config, single_partition_settings
 from tests.test_streams_pipeline import drain_raw
 
@@ -25,12 +26,25 @@ POISON = [
 ]
 
 
+def extreme_but_valid(before) -> list:
+    """Valid events at the edges of the schema: the largest doubles, 500 lines of 100,000 units each."""
+    item = getattr(before, "item_id", "i-extreme")
+    return [CatalogItem(event_id="c-max", merchant_id=before.merchant_id, item_id=item, category="c" * 128,
+                        price=1.7e308, title="t" * 1000, timestamp=before.timestamp),
+            Order(event_id="o-max", order_id="o-max", merchant_id=before.merchant_id, user_id="u" * 128,
+                  timestamp=before.timestamp, currency="XXX",
+                  items=[LineItem(item_id=item, quantity=100_000, unit_price=1.7e308)] * 500),
+            Click(event_id="k-max", merchant_id=before.merchant_id, user_id="u" * 128, item_id=item, session_id="s",
+                  timestamp=0.0, position=10_000, page="other", device="app", query="q" * 10_000)]
+
+
 @pytest.fixture
 def poisoned(broker, tmp_path):
     """A single-partition topic: valid events, the poison in the middle, valid events again."""
     settings = single_partition_settings(load_settings(data_dir=tmp_path / "data", feature_bits=16), broker)
     events = list(generate(GeneratorConfig(merchants=3, events=600, seed=4, items_per_merchant=(10, 30))))
     half = len(events) // 2
+    events[half:half] = extreme_but_valid(events[half - 1])
     with EventProducer(settings, source="test-poison") as producer:
         producer.send_many(events[:half])
     raw = make_producer(settings)
@@ -54,6 +68,7 @@ def test_the_learner_dead_letters_poison_written_onto_its_topic_and_learns_every
     settings, events = poisoned
     summary = OnlineWorker(settings, _config(tmp_path, "poisoned-learner")).run()
     assert summary["stopped"] == "idle" and summary["events"] == len(events) == summary["learned_this_run"]
+    assert 0 < summary["prequential_logloss"] < 1  # the extreme values did not turn the model into NaNs
     assert _dead_letters(settings, "poisoned-learner") == [reason for *_, reason in POISON]
 
 
