@@ -232,7 +232,12 @@ def ingest(settings: Settings, file, fmt: str, source: str | None, from_line: in
         fmt = "csv" if str(name).lower().endswith((".csv", ".csv.gz")) else "jsonl"
     size = os.fstat(file.fileno()).st_size if name not in ("-", "<stdin>") and hasattr(file, "fileno") else None
     stream = open_input(file)
-    producer = _open_producer(settings, source or f"ingest:{os.path.basename(str(name))}")
+    try:
+        producer = _open_producer(settings, source or f"ingest:{os.path.basename(str(name))}")
+    except click.ClickException:  # no broker: nothing sent, the summary says where to start again
+        click.echo(json.dumps({"accepted": 0, "dead_lettered": 0, "reasons": {}, "failed": 0, "dead_letter_failed": 0,
+                               "resume_from_line": from_line, "skip_lines": ""}))
+        raise
     with _progress(None if stream is not file else size, "B", "ingest") as progress:
         unsent, problem = _send_lines(producer, iter_payloads(stream, fmt, progress), from_line, skip)
     problem = _close_counting(producer) or problem

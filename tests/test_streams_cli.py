@@ -98,7 +98,9 @@ def test_ingest_without_broker_is_a_clear_error(settings, tmp_path):
     env = {"FEDSTREAM_BOOTSTRAP_SERVERS": "127.0.0.1:1", "FEDSTREAM_DATA_DIR": str(tmp_path),
            "FEDSTREAM_KAFKA__BOOTSTRAP_TIMEOUT_MS": "1000"}
     result = CliRunner().invoke(main, ["ingest", str(path)], env=env)
-    assert result.exit_code != 0 and "no Kafka broker reachable at 127.0.0.1:1" in result.output
+    assert result.exit_code != 0 and "no Kafka broker reachable at 127.0.0.1:1" in result.stderr
+    assert json.loads(result.stdout) == {"accepted": 0, "dead_lettered": 0, "reasons": {}, "failed": 0,
+                                         "dead_letter_failed": 0, "resume_from_line": 1, "skip_lines": ""}
 
 
 def test_generate_to_file_is_deterministic_and_writes_ground_truth(tmp_path):

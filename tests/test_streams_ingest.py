@@ -61,6 +61,10 @@ def test_gzipped_input_is_read_not_dead_lettered(kafka_settings, tmp_path):
     assert summary == {"accepted": len(events), "dead_lettered": 1, "reasons": {"malformed_json": 1}, **CLEAN}
     stdin = last_json_line(CliRunner().invoke(main, ["ingest", "-"], input=path.read_bytes(), env=env_for(kafka_settings)))
     assert stdin == summary
+    cut = CliRunner().invoke(main, ["ingest", "-"], input=path.read_bytes()[:-200], env=env_for(kafka_settings))
+    assert cut.exit_code == 1 and "ingest stopped (input:" in cut.stderr and "Traceback" not in cut.output
+    partial = json.loads(cut.stdout)  # every complete line before the cut was sent, resume at the next
+    assert 0 < partial["accepted"] < len(events) and partial["resume_from_line"] == partial["accepted"] + 1
 
 
 def test_line_ranges_round_trip():
