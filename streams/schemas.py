@@ -150,17 +150,24 @@ def decode_event(raw: bytes | str, *, now: float | None = None, merchants: froze
         raise InvalidEvent("oversize", f"{len(raw)} bytes > {MAX_EVENT_BYTES}")
     try:
         event = _decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise InvalidEvent(_too_deep(raw) or _validation_reason(str(exc)), str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent(_too_deep(raw) or _decode_reason(raw), str(exc)) from None
-    except UnicodeDecodeError as exc:  # msgspec raises this for bad UTF-8 inside a JSON string
-        raise InvalidEvent("not_utf8", str(exc)) from None
-    except RecursionError:  # msgspec's own depth guard, wherever the caller's stack is
-        raise InvalidEvent("too_deep", f"nested deeper than the interpreter's recursion limit "
-                                       f"(the limit is {MAX_JSON_DEPTH})") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise _rejection(raw, exc) from None
     _check_semantics(event, now, merchants)
     return event
+
+
+def _rejection(raw: bytes, exc: Exception) -> InvalidEvent:
+    """The :class:`InvalidEvent` for what msgspec raised on ``raw``; too deep first, whatever msgspec tripped
+    on (so the reason does not depend on where it stopped, or on how deep the caller's stack is)."""
+    if isinstance(exc, RecursionError) or raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        depth = nesting_depth(raw)  # more brackets than the limit: may be that deep, measure
+        if depth > MAX_JSON_DEPTH or isinstance(exc, RecursionError):
+            return InvalidEvent("too_deep", f"arrays/objects nested {depth} deep (at most {MAX_JSON_DEPTH})")
+    if isinstance(exc, msgspec.ValidationError):
+        return InvalidEvent(_validation_reason(str(exc)), str(exc))
+    if isinstance(exc, UnicodeDecodeError):  # msgspec raises this for bad UTF-8 inside a JSON string
+        return InvalidEvent("not_utf8", str(exc))
+    return InvalidEvent(_decode_reason(raw), str(exc))
 
 
 def _text_bytes(text: str) -> bytes:
@@ -191,14 +198,6 @@ def nesting_depth(raw: bytes) -> int:
         return 0
     steps = np.frombuffer(brackets.translate(_BRACKET_STEP), dtype=np.int8)
     return max(int(np.cumsum(steps, dtype=np.int64).max()), 0)
-
-
-def _too_deep(raw: bytes) -> str | None:
-    """``too_deep`` for a rejected payload nested deeper than :data:`MAX_JSON_DEPTH` (whatever msgspec
-    stumbled on first), so the reason does not depend on where in the payload msgspec stopped."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # cannot be that deep: skip the scan
-        return None
-    return "too_deep" if nesting_depth(raw) > MAX_JSON_DEPTH else None
 
 
 _get_schema_version = attrgetter("schema_version")
