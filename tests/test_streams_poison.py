@@ -85,3 +85,23 @@ def test_the_drift_follower_dead_letters_the_poison_and_observes_every_valid_eve
     resumed = DriftFollower(settings, group="poisoned-drift", checkpoint_path=tmp_path / "drift.ckpt").monitor
     assert resumed.global_index == reference.global_index > 0
     assert all(resumed.state(m) == reference.state(m) for m in {event.merchant_id for event in events})
+
+
+def test_a_consumer_whose_dead_letter_fails_counts_it_and_goes_on(kafka_settings):
+    """A dead letter the client cannot deliver (here: over its max_request_size, a real kafka-python failure)
+    is counted and logged; the consumer does not stop on it (it would again at every restart)."""
+    from streams.consumer import EventConsumer
+
+    events = list(generate(GeneratorConfig(merchants=2, events=100, seed=6, items_per_merchant=(5, 10))))
+    raw = make_producer(kafka_settings)
+    raw.send(kafka_settings.topics.clicks.name, value=b'{"type": "click", "query": "' + b"q" * 2000 + b'"}')
+    raw.flush()
+    raw.close()
+    with EventProducer(kafka_settings, source="test-poison") as producer:
+        producer.send_many(events)
+    consumer = EventConsumer(kafka_settings, "failing-dead-letters", handle_signals=False)
+    consumer._dead_letter_producer = make_producer(kafka_settings, max_request_size=1000)  # refuses 2 KB records
+    seen: list[str] = []
+    consumer.run(lambda batch: seen.extend(r.event.event_id for r in batch), idle_timeout_s=3)
+    assert sorted(seen) == sorted(e.event_id for e in events)
+    assert consumer.dead_letter_failed == 1 and consumer.dead_lettered == 1
