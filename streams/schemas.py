@@ -159,6 +159,7 @@ def decode_event(raw: bytes | str, *, now: float | None = None, merchants: froze
 def _rejection(raw: bytes, exc: Exception) -> InvalidEvent:
     """The :class:`InvalidEvent` for what msgspec raised on ``raw``; too deep first, whatever msgspec tripped
     on (so the reason does not depend on where it stopped, or on how deep the caller's stack is)."""
+    raw = bytes(raw)  # a memoryview or bytearray too
     if isinstance(exc, RecursionError) or raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
         depth = nesting_depth(raw)  # more brackets than the limit: may be that deep, measure
         if depth > MAX_JSON_DEPTH or isinstance(exc, RecursionError):

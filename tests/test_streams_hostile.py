@@ -52,6 +52,11 @@ def test_deep_nesting_anywhere_is_too_deep_whatever_msgspec_trips_on_first(where
     assert outcome(nested(MAX_JSON_DEPTH, kind="array")) == "not_an_object"  # at the limit: the usual reason
 
 
+def test_any_bytes_like_payload_is_decoded_or_rejected_alike():
+    for raw in (nested(100), b"\xff", encode_event(_VALID[0])):
+        assert outcome(memoryview(raw)) == outcome(bytearray(raw)) == outcome(raw)
+
+
 def test_nesting_depth_ignores_brackets_in_strings_and_counts_unclosed_ones():
     assert nesting_depth(b'{"a": [[1], {"b": "[[[[\\"{{"}]}') == 3
     assert nesting_depth(b"[" * 100) == 100
