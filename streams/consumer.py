@@ -10,7 +10,8 @@
   holding an invalid event is decoded one event at a time, so each bad one gets its own reason.
 * **At least once.** Nothing is committed automatically: call :meth:`EventConsumer.commit` with the batch
   after processing it. Dead-lettered records are acknowledged by the broker before their offsets are
-  committed. A crash between processing and commit means the batch is seen again, never lost.
+  committed; one the broker does not take after the client's retries is counted (``dead_letter_failed``)
+  and logged, not raised, as raising would stop the worker on that record at every restart. A crash between processing and commit means the batch is seen again, never lost.
 * **Lag** per partition is the fetched high watermark (``consumer.highwater``) minus the position: tansu
   reports wrong end offsets, so ``end_offsets``/``seek_to_end`` are never used.
 * **Graceful stop.** SIGTERM/SIGINT (main thread only) or :meth:`EventConsumer.stop` end :meth:`run`
