@@ -138,29 +138,114 @@ def iter_payloads(handle, fmt: str, progress=None):
         yield csv_row_to_json(header, cells), original, number
 
 
+def parse_line_ranges(text: str) -> frozenset[int]:
+    """``"4,7-9"`` -> {4, 7, 8, 9} (the ``skip_lines`` an interrupted ingest prints)."""
+    lines: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            start, stop = int(first), int(last or first)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a line number or a range like 7-9") from None
+        lines.update(range(start, stop + 1))
+    return frozenset(lines)
+
+
+def format_line_ranges(lines: list[int]) -> str:
+    """Sorted line numbers as ``"4,7-9"``."""
+    ranges: list[list[int]] = []
+    for line in lines:
+        if ranges and line == ranges[-1][1] + 1:
+            ranges[-1][1] = line
+        else:
+            ranges.append([line, line])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def open_input(handle):
+    """A byte stream of the input, gunzipped when it starts with the gzip magic (file or stdin)."""
+    import gzip
+    import io
+
+    stream = handle if hasattr(handle, "peek") else io.BufferedReader(handle)
+    return gzip.GzipFile(fileobj=stream) if stream.peek(2)[:2] == b"\x1f\x8b" else stream
+
+
+def _send_lines(producer, payloads, from_line: int, skip: frozenset[int]) -> tuple[int | None, str | None]:
+    """Send every payload from ``from_line`` on (except ``skip``); (first line not handed to the producer,
+    why it stopped), (None, None) when the input was read to its end."""
+    from kafka.errors import KafkaError
+
+    from streams.kafka import BrokerUnavailable
+    from streams.producer import DeliveryFailed
+
+    number = 0
+    try:
+        for payload, original, number in payloads:
+            if number < from_line or number in skip:
+                continue
+            producer.send_raw(payload, original=original if payload is not original else None, line=number)
+    except (DeliveryFailed, BrokerUnavailable, KafkaError) as exc:
+        return (number + 1 if producer.last_line_sent == number else number), f"broker: {exc}"
+    except (OSError, EOFError) as exc:  # unreadable input, e.g. a corrupt or cut .gz
+        return number + 1, f"input: {exc}"
+    return None, None
+
+
+def _close_counting(producer) -> str | None:
+    """Close the producer (every record is then acknowledged or failed); why delivery failed, if it did."""
+    from kafka.errors import KafkaError
+
+    from streams.kafka import BrokerUnavailable
+    from streams.producer import DeliveryFailed
+
+    try:
+        producer.close()
+    except (DeliveryFailed, BrokerUnavailable, KafkaError) as exc:
+        return f"broker: {exc}"
+    return None
+
+
 @click.command()
 @click.argument("file", type=click.File("rb"))
 @click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
-              help="Input format; auto uses the file extension (.csv, else JSONL).")
+              help="Input format; auto uses the file extension (.csv or .csv.gz, else JSONL).")
 @click.option("--source", default=None, help="Name recorded in dead-letter headers (default: ingest:<file>).")
+@click.option("--from-line", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Resume: skip the lines before this one (the resume_from_line of an interrupted ingest).")
+@click.option("--skip-lines", default="", metavar="RANGES",
+              help="Resume: lines already acknowledged, e.g. 4,7-9 (the skip_lines of an interrupted ingest).")
 @pass_settings
-def ingest(settings: Settings, file, fmt: str, source: str | None) -> None:
-    """Validate events from FILE (JSONL or CSV, `-` for stdin) and produce them to Kafka.
+def ingest(settings: Settings, file, fmt: str, source: str | None, from_line: int, skip_lines: str) -> None:
+    """Validate events from FILE (JSONL or CSV, gzipped or not, `-` for stdin) and produce them to Kafka.
 
     Valid events go to the clicks/orders/catalog topic keyed by merchant; invalid ones go, with their
     original bytes and the reason in the headers, to the dead-letter topic. CSV has one event per line with
-    a header row naming the event fields (``items`` as a JSON array). Prints one JSON line:
-    {"accepted": N, "dead_lettered": M, "reasons": {...}}.
+    a header row naming the event fields (``items`` as a JSON array). Always prints one JSON line:
+    {"accepted", "dead_lettered" (both acknowledged by the broker), "reasons", "failed",
+    "dead_letter_failed", "resume_from_line", "skip_lines"}; when the broker or the input failed, it exits
+    1 and `--from-line N --skip-lines RANGES` with the printed values resumes without duplicates.
     """
+    skip = parse_line_ranges(skip_lines)
     name = getattr(file, "name", "-")
     if fmt == "auto":
         fmt = "csv" if str(name).lower().endswith((".csv", ".csv.gz")) else "jsonl"
     size = os.fstat(file.fileno()).st_size if name not in ("-", "<stdin>") and hasattr(file, "fileno") else None
-    producer = _open_producer(settings, source or f"ingest:{os.path.basename(str(name))}")
-    with _progress(size or None, "B", "ingest") as progress:
-        for payload, original, number in iter_payloads(file, fmt, progress):
-            producer.send_raw(payload, original=original if payload is not original else None, line=number)
-    click.echo(json.dumps(_finish(producer)))
+    stream = open_input(file)
+    try:
+        producer = _open_producer(settings, source or f"ingest:{os.path.basename(str(name))}")
+    except click.ClickException:  # no broker: nothing sent, the summary says where to start again
+        click.echo(json.dumps({"accepted": 0, "dead_lettered": 0, "reasons": {}, "failed": 0, "dead_letter_failed": 0,
+                               "resume_from_line": from_line, "skip_lines": ""}))
+        raise
+    with _progress(None if stream is not file else size, "B", "ingest") as progress:
+        unsent, problem = _send_lines(producer, iter_payloads(stream, fmt, progress), from_line, skip)
+    problem = _close_counting(producer) or problem
+    resume, acknowledged = producer.resume_point(unsent)
+    click.echo(json.dumps({**producer.summary(), "resume_from_line": resume, "skip_lines": format_line_ranges(acknowledged)}))
+    if problem is not None or resume is not None:
+        raise click.ClickException(f"ingest stopped ({problem}); resume with --from-line {resume}"
+                                   + (f" --skip-lines {format_line_ranges(acknowledged)}" if acknowledged else ""))
 
 
 @click.command()

@@ -10,7 +10,8 @@
   holding an invalid event is decoded one event at a time, so each bad one gets its own reason.
 * **At least once.** Nothing is committed automatically: call :meth:`EventConsumer.commit` with the batch
   after processing it. Dead-lettered records are acknowledged by the broker before their offsets are
-  committed. A crash between processing and commit means the batch is seen again, never lost.
+  committed; one the broker does not take after the client's retries is counted (``dead_letter_failed``)
+  and logged, not raised, as raising would stop the worker on that record at every restart. A crash between processing and commit means the batch is seen again, never lost.
 * **Lag** per partition is the fetched high watermark (``consumer.highwater``) minus the position: tansu
   reports wrong end offsets, so ``end_offsets``/``seek_to_end`` are never used.
 * **Graceful stop.** SIGTERM/SIGINT (main thread only) or :meth:`EventConsumer.stop` end :meth:`run`
@@ -59,7 +60,7 @@ from kafka.structs import OffsetAndMetadata
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
-from streams.producer import dead_letter_headers, dead_letter_payload
+from streams.producer import dead_letter_headers, dead_letter_limit, dead_letter_payload
 from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events
 
 log = get_logger("streams.consumer")
@@ -171,6 +172,7 @@ class EventConsumer:
         self.merchants = merchants
         self.processed = 0
         self.dead_lettered = 0
+        self.dead_letter_failed = 0  # dead letters the broker did not take (counted and logged, not raised)
         self.assigned: set[TopicPartition] = set()
         self._stop = threading.Event()
         self._positions: dict[TopicPartition, int] = {}
@@ -258,11 +260,26 @@ class EventConsumer:
                 batch.offsets[tp] = messages[-1].offset + 1
                 self._positions[tp] = messages[-1].offset + 1
         if futures:  # the dead letters must be safe before their offsets can be committed
-            self._dead_letter_producer.flush()
-            for future in futures:
-                future.get(timeout=self.settings.kafka.request_timeout_ms / 1000)
+            self._await_dead_letters(futures)
         self.dead_lettered += batch.dead_lettered
         return batch
+
+    def _await_dead_letters(self, futures: list) -> None:
+        """Wait for the dead letters of a poll; one not delivered after the client's retries is counted and
+        logged, not raised: raising would stop the worker on the same record at every restart."""
+        timeout = self.settings.kafka.request_timeout_ms / 1000
+        try:
+            self._dead_letter_producer.flush(timeout=timeout * 2)
+        except KafkaError:
+            pass  # the futures say which ones failed
+        for future in futures:
+            try:
+                if future is None:
+                    raise KafkaError("not sent")
+                future.get(timeout=timeout)
+            except KafkaError as exc:
+                self.dead_letter_failed += 1
+                log.error("dead letter not delivered", extra={"group": self.group_id, "error": str(exc)[:300]})
 
     def _decode_chunk(self, batch: Batch, tp: TopicPartition, messages: list, now: float, futures: list) -> None:
         """Records of valid events into ``batch``, invalid ones to the dead-letter topic (their send futures
@@ -283,14 +300,19 @@ class EventConsumer:
                 batch.records.append(Record(event, topic, partition, message.offset, message.timestamp, message.key))
 
     def _dead_letter(self, message: Any, bad: InvalidEvent):
+        """Send a bad record to the dead-letter topic (at most ``dead_letter_limit`` bytes of it); its future,
+        or None when the client would not even take it."""
         if self._dead_letter_producer is None:
             self._dead_letter_producer = make_producer(self.settings)
-        limit = max(2 * self.settings.kafka.max_payload_bytes, 1_048_576) - 1024
-        value, size_headers = dead_letter_payload(message.value or b"", limit)
+        value, size_headers = dead_letter_payload(message.value or b"", dead_letter_limit(self.settings))
         headers = dead_letter_headers(bad.reason, bad.detail, f"consumer:{self.group_id}", topic=message.topic,
                                       partition=message.partition, offset=message.offset, **size_headers)
-        return self._dead_letter_producer.send(self.settings.topics.dead_letter.name, value=value,
-                                               key=message.key, headers=headers)
+        try:
+            return self._dead_letter_producer.send(self.settings.topics.dead_letter.name, value=value,
+                                                   key=message.key, headers=headers)
+        except KafkaError as exc:  # e.g. no metadata within max_block_ms
+            log.error("dead letter not sent", extra={"group": self.group_id, "error": str(exc)[:300]})
+            return None
 
     def commit_saved(self, offsets: Mapping[tuple[str, int], int]) -> None:
         """:meth:`commit` the offsets a checkpoint holds (``{(topic, partition): next offset}``)."""

@@ -9,9 +9,16 @@ Every payload that enters the platform goes through :class:`EventProducer`:
   partition), with ``acks=all``;
 * an invalid payload is sent to ``topics.dead_letter`` with its **original bytes** and headers that say why
   (see :func:`dead_letter_headers`), and counted under its reason;
-* :meth:`EventProducer.flush` waits for every send and raises :class:`DeliveryFailed` if any did not
-  reach the broker, so nothing is lost silently. Memory is bounded: after ``max_pending`` sends the
-  producer flushes and checks before accepting more.
+* :meth:`EventProducer.flush` waits for every send and raises :class:`DeliveryFailed` if a valid event did
+  not reach the broker, so nothing is lost silently. ``accepted`` and ``dead_lettered`` count records the
+  broker **acknowledged**; ``failed`` and ``dead_letter_failed`` those it did not. A dead letter that fails
+  (after the client's retries) is counted and logged, never fatal. Memory is bounded: after
+  ``max_pending`` sends the producer flushes and checks before accepting more.
+* a dead letter is at most ``settings.kafka.max_payload_bytes`` (truncated beyond, with ``original_size``
+  and ``sha256`` headers) and its header values at most 1000 characters each, so it fits a broker's default
+  record limit (Apache Kafka's ``message.max.bytes``, 1,048,588).
+* records sent with a ``line`` (``fedstream ingest``) are tracked: after a failure, :meth:`resume_point`
+  says from which line to resume and which later lines were acknowledged all the same (to skip).
 
 Hot path: valid events are not sent one by one through ``KafkaProducer.send`` (~25 µs of pure Python per
 record: checks, partitioner, record builder, one future each). The producer computes each merchant's
@@ -52,7 +59,7 @@ from streams.schemas import Event, InvalidEvent, decode_event, encode_event
 
 log = get_logger("streams.producer")
 
-MAX_DETAIL_CHARS = 1000
+MAX_DETAIL_CHARS = 1000  # and any other header value
 
 
 class DeliveryFailed(ExpectedFailure, RuntimeError):
@@ -69,9 +76,16 @@ def dead_letter_headers(reason: str, detail: str, source: str, **extra: Any) -> 
     ``source`` (who rejected it: a producer's source name or ``consumer:<group>``), and any extras
     (``topic``/``partition``/``offset`` where a consumer found it, ``original_size``/``sha256``/
     ``truncated`` for payloads too large to forward whole)."""
-    headers = [("reason", reason), ("detail", detail[:MAX_DETAIL_CHARS]), ("source", source)]
+    headers = [("reason", reason), ("detail", detail), ("source", source)]
     headers += [(key, str(value)) for key, value in extra.items()]
-    return [(key, value.encode("utf-8", "replace")) for key, value in headers]
+    return [(key, value[:MAX_DETAIL_CHARS].encode("utf-8", "replace")) for key, value in headers]
+
+
+def dead_letter_limit(settings: Settings) -> int:
+    """The largest dead-letter value: ``settings.kafka.max_payload_bytes`` (1,000,000), so that with its
+    headers (a few KB at most) a dead letter fits a broker's default record limit (Apache Kafka's
+    ``message.max.bytes`` is 1,048,588); larger payloads are truncated, see :func:`dead_letter_payload`."""
+    return settings.kafka.max_payload_bytes
 
 
 def dead_letter_payload(raw: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
@@ -105,16 +119,22 @@ class EventProducer:
         self._partitions: dict[tuple[str, bytes], int] = {}
         self._targets: dict[tuple[str, str], tuple[TopicPartition, bytes, bytes]] = {}
         self.dead_letter_topic = topics.dead_letter.name
-        self.dead_letter_limit = max(2 * settings.kafka.max_payload_bytes, 1_048_576) - 1024
-        self.accepted = 0
-        self.dead_lettered = 0
-        self.reasons: Counter[str] = Counter()
+        self.dead_letter_limit = dead_letter_limit(settings)
+        self.accepted = 0  # valid events the broker acknowledged
+        self.failed = 0  # valid events it did not
+        self.dead_lettered = 0  # dead letters it acknowledged
+        self.dead_letter_failed = 0
+        self.reasons: Counter[str] = Counter()  # every rejected payload, by reason
         self.by_type: Counter[str] = Counter()
         self.delivery_errors: Counter[str] = Counter()
-        self._pending: list[Any] = []  # futures of records sent one by one (dead letters)
-        self._pending_batches: list[tuple[Any, int]] = []  # (ProducerBatch, records in it)
+        self.last_line_sent: int | None = None  # the last ``line`` handed to the client
+        self.failed_lines: list[int] = []  # lines of valid events not acknowledged
+        self.acknowledged_after_failure: list[int] = []  # lines acknowledged in or after a failing flush
+        self._pending: list[tuple[Any, int | None, bool]] = []  # (future, line, dead letter?) sent one by one
+        self._pending_batches: list[tuple[Any, int, list[int]]] = []  # (ProducerBatch, records, their lines)
         self._pending_records = 0
         self._open: dict[TopicPartition, RecordBatchEncoder] = {}
+        self._open_lines: dict[TopicPartition, list[int]] = {}
         self._oldest_open = 0.0
         self._lock = threading.Lock()
         self._has_open = threading.Event()
@@ -150,7 +170,7 @@ class EventProducer:
         except InvalidEvent as bad:
             self.dead_letter(raw if original is None else original, bad.reason, bad.detail, source=source, **extra)
             return False
-        self._send_valid(event, raw if canonical else encode_event(event))
+        self._send_valid(event, raw if canonical else encode_event(event), extra.get("line"))
         return True
 
     def send_many(self, payloads: Iterable[bytes | Event], *, source: str | None = None) -> dict:
@@ -164,24 +184,30 @@ class EventProducer:
         return self.summary()
 
     def dead_letter(self, raw: bytes, reason: str, detail: str, *, source: str | None = None, **extra: Any) -> None:
-        """Send the original bytes to the dead-letter topic with the reason in the headers."""
+        """Send the original bytes (truncated to :attr:`dead_letter_limit`) to the dead-letter topic with the
+        reason in the headers. Not delivering it is counted (``dead_letter_failed``), never raised."""
         value, size_headers = dead_letter_payload(raw, self.dead_letter_limit)
         headers = dead_letter_headers(reason, detail, source or self.source, **size_headers, **extra)
-        self._send(self.dead_letter_topic, value, key=None, headers=headers)
-        self.dead_lettered += 1
         self.reasons[reason] += 1
+        self._make_room()  # may raise DeliveryFailed for earlier valid events
+        try:
+            self._send(self.dead_letter_topic, value, key=None, headers=headers, line=extra.get("line"), dead=True)
+        except (BrokerUnavailable, KafkaError) as exc:
+            self.dead_letter_failed += 1
+            self.delivery_errors[f"dead_letter:{type(exc).__name__}"] += 1
+            log.error("dead letter not sent", extra={"reason": reason, "error": str(exc)[:300]})
 
-    def _send_valid(self, event: Event, value: bytes) -> None:
+    def _send_valid(self, event: Event, value: bytes, line: int | None = None) -> None:
         kind = type(event).__struct_config__.tag  # event_type(event), inlined: this runs per event
         target = self._targets.get((kind, event.merchant_id))
         if target is None:
             target = self._target(kind, event.merchant_id)
         tp, key, field = target
         if self.bulk:
-            self._append(tp, field, value)
+            self._append(tp, field, value, line)
         else:
-            self._send(tp.topic, value, key=key, partition=tp.partition)
-        self.accepted += 1
+            self._make_room()
+            self._send(tp.topic, value, key=key, partition=tp.partition, line=line)
         self.by_type[kind] += 1
 
     def _target(self, kind: str, merchant_id: str) -> tuple[TopicPartition, bytes, bytes]:
@@ -203,7 +229,7 @@ class EventProducer:
             found = self._partitions[(topic, key)] = (murmur2(key) & 0x7FFFFFFF) % count
         return found
 
-    def _append(self, tp: TopicPartition, field: bytes, value: bytes) -> None:
+    def _append(self, tp: TopicPartition, field: bytes, value: bytes, line: int | None) -> None:
         """Encode one record into its partition's open batch; hand batches off when full or lingered."""
         now = time.monotonic()
         with self._lock:
@@ -217,6 +243,9 @@ class EventProducer:
                     self._start_lingerer()
                 encoder = self._open[tp] = RecordBatchEncoder(opened=now)
             encoder.add(field, value, int(time.time() * 1000))
+            if line is not None:
+                self._open_lines.setdefault(tp, []).append(line)
+                self.last_line_sent = line
             if encoder.size >= self._batch_bytes:
                 self._hand_off(tp)
             elif now - self._oldest_open >= self._linger_s:
@@ -227,9 +256,10 @@ class EventProducer:
     def _hand_off(self, tp: TopicPartition) -> None:
         """(Under the lock.) Queue one open batch in kafka-python's accumulator."""
         encoder = self._open.pop(tp)
+        lines = self._open_lines.pop(tp, [])
         batch = encoder.producer_batch(tp, self._compression, time.monotonic())
         enqueue_batch(self._producer, batch)
-        self._pending_batches.append((batch, encoder.count))
+        self._pending_batches.append((batch, encoder.count, lines))
         self._pending_records += encoder.count
 
     def _hand_off_all(self) -> None:
@@ -275,59 +305,119 @@ class EventProducer:
             raise BrokerUnavailable(f"topic {topic} does not exist (create it with ensure_topics)")
         return len(found)
 
-    def _send(self, topic: str, value: bytes, *, key: bytes | None, headers: list | None = None,
-              partition: int | None = None) -> None:
+    def _make_room(self) -> None:
         if len(self._pending) >= self.max_pending:
             self.flush()
+
+    def _send(self, topic: str, value: bytes, *, key: bytes | None, headers: list | None = None,
+              partition: int | None = None, line: int | None = None, dead: bool = False) -> None:
         try:
             future = self._producer.send(topic, value=value, key=key, headers=headers, partition=partition)
         except KafkaTimeoutError as exc:  # metadata or buffer space not available within max_block_ms
             raise BrokerUnavailable(f"broker did not accept a record for {topic} in time: {exc}") from exc
-        self._pending.append(future)
+        self._pending.append((future, line, dead))
+        if line is not None:
+            self.last_line_sent = line
 
     # -- delivery and accounting --------------------------------------------------------------------------
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Wait for every pending send; raise :class:`DeliveryFailed` if any was not acknowledged."""
+        """Wait for every pending send and count what was acknowledged; raise :class:`DeliveryFailed` if a
+        valid event was not (a dead letter that was not is counted and logged)."""
         timeout = timeout_s if timeout_s is not None else self.settings.kafka.request_timeout_ms / 1000 * 2
+        pending, batches = self._take_pending()
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaTimeoutError:
+            pass  # the futures below say exactly which records failed
+        self._count_outcomes(pending, batches)
+
+    def _take_pending(self) -> tuple[list, list]:
         with self._lock:
             self._hand_off_all()
             pending, self._pending = self._pending, []
             batches, self._pending_batches = self._pending_batches, []
             self._pending_records = 0
-        try:
-            self._producer.flush(timeout=timeout)
-        except KafkaTimeoutError:
-            pass  # the futures below say exactly which records failed
+        return pending, batches
+
+    def _count_outcomes(self, pending: list, batches: list) -> None:
         errors: Counter[str] = Counter()
-        for future in pending:
-            if not future.is_done:
-                errors["not_acknowledged_in_time"] += 1
-            elif future.failed():
-                errors[type(future.exception).__name__] += 1
-        for batch, count in batches:
-            errors += batch_errors(batch, count)
+        acked: list[int] = []
+        failed_lines: list[int] = []
+        for future, line, dead in pending:
+            error = _future_error(future)
+            if error is None:
+                if dead:
+                    self.dead_lettered += 1
+                else:
+                    self.accepted += 1
+                if line is not None:
+                    acked.append(line)
+            elif dead:
+                self.dead_letter_failed += 1
+                self.delivery_errors[f"dead_letter:{error}"] += 1
+                log.error("dead letter not delivered", extra={"line": line, "error": error})
+            else:
+                errors[error] += 1
+                if line is not None:
+                    failed_lines.append(line)
+        for batch, count, lines in batches:
+            batch_failed = batch_errors(batch, count)
+            if batch_failed:
+                errors += batch_failed
+                failed_lines += lines
+            else:
+                self.accepted += count
+                acked += lines
+        self._account_lines(acked, failed_lines)
         failed = sum(errors.values())
+        self.failed += failed
         self.delivery_errors += errors
         if failed:
             log.error("records not delivered", extra={"failed": failed, "errors": dict(self.delivery_errors)})
-            raise DeliveryFailed(failed, Counter(self.delivery_errors))
+            raise DeliveryFailed(failed, Counter(errors))
+
+    def _account_lines(self, acked: list[int], failed: list[int]) -> None:
+        """Remember failed lines and, once any failed, the lines acknowledged from this flush on (every line
+        of an earlier flush is older than any line of this one)."""
+        if failed or self.failed_lines:
+            self.failed_lines += failed
+            self.acknowledged_after_failure += acked
+
+    def resume_point(self, next_unsent_line: int | None) -> tuple[int | None, list[int]]:
+        """Where to resume a line-tracked input: the first line whose valid event was not acknowledged or
+        ``next_unsent_line`` (the first line never handed over; None: the input was read to its end),
+        whichever comes first, and the later lines acknowledged all the same (to skip on resume, or they
+        would be sent twice). ``(None, [])`` when nothing is left to send."""
+        candidates = self.failed_lines if next_unsent_line is None else [*self.failed_lines, next_unsent_line]
+        if not candidates:
+            return None, []
+        start = min(candidates)
+        return start, sorted(line for line in set(self.acknowledged_after_failure) if line >= start)
 
     def summary(self) -> dict:
-        """``{"accepted": N, "dead_lettered": M, "reasons": {reason: count}}``."""
-        return {"accepted": self.accepted, "dead_lettered": self.dead_lettered, "reasons": dict(sorted(self.reasons.items()))}
+        """``{"accepted": N, "dead_lettered": M, "reasons": {reason: count}, "failed": F,
+        "dead_letter_failed": D}``: acknowledged valid events and dead letters, every rejected payload by
+        reason, and what the broker did not acknowledge (as of the last :meth:`flush`)."""
+        return {"accepted": self.accepted, "dead_lettered": self.dead_lettered, "reasons": dict(sorted(self.reasons.items())),
+                "failed": self.failed, "dead_letter_failed": self.dead_letter_failed}
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Flush (raising if anything was lost), then close the client."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Hand off what is open, wait up to ``timeout_s`` for acknowledgements, close the client (aborting
+        what is left), then count: every record is acknowledged or failed by then, none in flight.
+        Raises :class:`DeliveryFailed` like :meth:`flush`."""
+        timeout = timeout_s if timeout_s is not None else self.settings.kafka.request_timeout_ms / 1000 * 2
+        self._closing.set()
+        self._has_open.set()  # let the linger thread see the close
+        pending, batches = [], []
         try:
-            self.flush()
-        finally:
-            self._closing.set()
-            self._has_open.set()  # let the linger thread see the close
-            try:
-                self._producer.close(timeout=timeout_s)
-            except KafkaError:  # pragma: no cover - closing a client to a dead broker
-                pass
+            pending, batches = self._take_pending()
+            self._producer.flush(timeout=timeout)
+            self._producer.close(timeout=timeout)
+        except KafkaError as exc:  # kafka-python's close gives up at its flush: abort what is left ourselves
+            log.warning("closing the producer by force", extra={"error": str(exc)[:300]})
+            _force_close(self._producer, timeout)
+        self._count_outcomes(pending, batches)
 
     def __enter__(self) -> EventProducer:
         return self
@@ -340,3 +430,25 @@ class EventProducer:
                 self.close()
             except (DeliveryFailed, KafkaError):
                 pass
+
+
+def _future_error(future: Any) -> str | None:
+    """Why a one-record send was not acknowledged (None if it was)."""
+    if not future.is_done:
+        return "not_acknowledged_in_time"
+    if future.failed():
+        return type(future.exception).__name__
+    return None
+
+
+def _force_close(producer: Any, timeout_s: float) -> None:
+    """Stop a kafka-python producer whose broker does not answer: its sender aborts the incomplete batches
+    (their futures fail), so every record has an outcome."""
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(timeout_s)
+    try:
+        producer.close(timeout=0)
+    except KafkaError:  # pragma: no cover - still nothing to flush to
+        pass

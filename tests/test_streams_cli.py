@@ -18,6 +18,9 @@ from streams.producer import header_dict
 from streams.schemas import CatalogItem, Click, Order, decode_event, encode_event
 
 
+CLEAN = {"failed": 0, "dead_letter_failed": 0, "resume_from_line": None, "skip_lines": ""}  # nothing left to resume
+
+
 def env_for(settings) -> dict[str, str]:
     """The environment that makes the CLI use these settings (broker, data dir, this test's topics)."""
     env = {"FEDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers or "", "FEDSTREAM_DATA_DIR": str(settings.data_dir)}
@@ -57,7 +60,8 @@ def test_ingest_jsonl_with_bad_lines_reports_exact_accounting(kafka_settings, tm
     path.write_bytes(b"\n".join(lines) + b"\n")
     summary = last_json_line(CliRunner().invoke(main, ["ingest", str(path)], env=env_for(kafka_settings)))
     assert summary == {"accepted": 1, "dead_lettered": 4,
-                       "reasons": {"malformed_json": 1, "missing_field": 1, "not_utf8": 1, "out_of_range": 1}}
+                       "reasons": {"malformed_json": 1, "missing_field": 1, "not_utf8": 1, "out_of_range": 1},
+                       **CLEAN}
     letters = drain(kafka_settings, kafka_settings.topics.dead_letter.name, 4)
     assert sorted(m.value for m in letters) == sorted([lines[1], lines[2], lines[3], lines[5]])
     assert {header_dict(m.headers)["line"] for m in letters} == {"2", "3", "4", "6"}
@@ -72,7 +76,7 @@ def test_ingest_csv_from_stdin_converts_types_and_keeps_original_lines(kafka_set
     data = "\n".join([header, *rows]) + "\n"
     summary = last_json_line(CliRunner().invoke(main, ["ingest", "--format", "csv", "-"], input=data,
                                                 env=env_for(kafka_settings)))
-    assert summary == {"accepted": 1, "dead_lettered": 2, "reasons": {"out_of_range": 1, "wrong_type": 1}}
+    assert summary == {"accepted": 1, "dead_lettered": 2, "reasons": {"out_of_range": 1, "wrong_type": 1}, **CLEAN}
     (click,) = drain(kafka_settings, kafka_settings.topics.clicks.name, 1)
     assert decode_event(click.value) == Click(event_id="e1", merchant_id="m1", user_id="u1", item_id="i1",
                                               session_id="s1", timestamp=1.7e9, position=3, page="home",
@@ -94,7 +98,9 @@ def test_ingest_without_broker_is_a_clear_error(settings, tmp_path):
     env = {"FEDSTREAM_BOOTSTRAP_SERVERS": "127.0.0.1:1", "FEDSTREAM_DATA_DIR": str(tmp_path),
            "FEDSTREAM_KAFKA__BOOTSTRAP_TIMEOUT_MS": "1000"}
     result = CliRunner().invoke(main, ["ingest", str(path)], env=env)
-    assert result.exit_code != 0 and "no Kafka broker reachable at 127.0.0.1:1" in result.output
+    assert result.exit_code != 0 and "no Kafka broker reachable at 127.0.0.1:1" in result.stderr
+    assert json.loads(result.stdout) == {"accepted": 0, "dead_lettered": 0, "reasons": {}, "failed": 0,
+                                         "dead_letter_failed": 0, "resume_from_line": 1, "skip_lines": ""}
 
 
 def test_generate_to_file_is_deterministic_and_writes_ground_truth(tmp_path):
@@ -124,7 +130,8 @@ def test_generate_and_replay_to_kafka(kafka_settings):
                                                          "--seed", "2"], env=env))
     assert generated["dead_lettered"] == 0 and generated["accepted"] > 500
     replayed = last_json_line(CliRunner().invoke(main, ["replay", "cdnow", "--limit", "300"], env=env))
-    assert replayed == {"dataset": "cdnow", "accepted": 300, "dead_lettered": 0, "reasons": {}}
+    assert replayed == {"dataset": "cdnow", "accepted": 300, "dead_lettered": 0, "reasons": {}, "failed": 0,
+                        "dead_letter_failed": 0}
     orders = drain(kafka_settings, kafka_settings.topics.orders.name)
     cdnow = [m for m in orders if m.key == b"cdnow"]
     assert len(cdnow) == 300 and len({m.partition for m in cdnow}) == 1
