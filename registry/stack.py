@@ -242,13 +242,16 @@ class ProductionStack:
 
     def _wait(self, name: str, ready) -> None:  # noqa: ANN001 (a () -> bool probe)
         service = next(s for s in self._services if s.name == name)
-        deadline = time.monotonic() + self.config.start_timeout_s
+        started = time.monotonic()
+        deadline = started + self.config.start_timeout_s
         while not ready():
             if service.process.poll() is not None:
                 raise StackError(f"{name} exited with code {service.process.returncode}: {_tail(service.log_path)}")
             if time.monotonic() > deadline:
                 raise StackError(f"{name} not ready after {self.config.start_timeout_s:.0f} s: {_tail(service.log_path)}")
             time.sleep(0.25)
+        log.info("service ready", extra={"service": name, "pid": service.process.pid,
+                                         "waited_s": round(time.monotonic() - started, 2)})
 
 
 def _postgres_user(pgdir: Path) -> str | None:

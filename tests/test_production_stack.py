@@ -170,6 +170,18 @@ def test_register_promote_serve_hot_swap_rollback_on_postgres_and_s3(prod_stack,
     _assert_bundles_in_s3(prod_stack, api)
 
 
+def test_mlflow_ui_on_a_tracking_server_shows_the_server_instead_of_starting_one(prod_stack, monkeypatch):
+    from click.testing import CliRunner
+
+    from fedstream.cli import main
+
+    uri = prod_stack["env"]["FEDSTREAM_MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("FEDSTREAM_MLFLOW_TRACKING_URI", uri)
+    result = CliRunner().invoke(main, ["mlflow-ui", "--port", str(free_port())])
+    assert result.exit_code == 0 and f"MLflow UI: {uri}" in result.output
+    assert httpx.get(f"{uri}/", timeout=30).headers["content-type"].startswith("text/html")
+
+
 def _hammer(api: Api):
     """Predictions in a loop on a thread; returns the (status, version) seen and a stop function."""
     seen: list[tuple[int, str | None]] = []
