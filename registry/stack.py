@@ -208,21 +208,28 @@ class ProductionStack:
             return False
         return True
 
-    def _start_mlflow(self) -> None:
+    def mlflow_server_args(self) -> list[str]:
+        """``mlflow server`` arguments: the compose file's ``mlflow`` command on this stack's port and bucket."""
+        return ["--host=127.0.0.1", f"--port={self.ports['mlflow']}", f"--workers={self.config.mlflow_workers}",
+                "--serve-artifacts", f"--artifacts-destination=s3://{self.config.bucket}"]
+
+    def mlflow_server_env(self) -> dict[str, str]:
+        """The MLflow server's own settings (the compose file's ``mlflow.environment``, same names)."""
         c = self.config
-        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": c.s3_access_key,
-               "AWS_SECRET_ACCESS_KEY": c.s3_secret_key, "AWS_DEFAULT_REGION": "us-east-1",
-               # in the environment, not on the command line, so the password is not in `ps` (as in compose)
-               "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
-               "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-               # no GenAI job runner: it forks 8 more processes (~0.7 GB) a model registry never uses
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        return {"MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": c.s3_access_key,
+                "AWS_SECRET_ACCESS_KEY": c.s3_secret_key,
+                # in the environment, not on the command line, so the password is not in `ps` (as in compose)
+                "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
+                # no GenAI job runner: it forks 8 more processes (~0.7 GB) that a model registry never uses
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    def _start_mlflow(self) -> None:
+        env = {**os.environ, **self.mlflow_server_env(), "AWS_DEFAULT_REGION": "us-east-1",
+               "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",  # loopback only
                "TMPDIR": str(self._scratch())}  # MLflow's db_init_lock file goes there, not in /tmp
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             env.pop(key, None)
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                   "--port", str(self.ports["mlflow"]), "--workers", str(c.mlflow_workers),
-                   "--serve-artifacts", f"--artifacts-destination=s3://{c.bucket}"]
+        command = [sys.executable, "-m", "mlflow", "server", *self.mlflow_server_args()]
         self._spawn("mlflow", command, cwd=self.workdir, env=env)
         self._wait("mlflow", lambda: _http_ok(f"{self.tracking_uri}/health"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,22 +27,21 @@ from fedstream.host import free_port
 from fedstream.settings import load_settings
 from registry.flavor import BUNDLE_FILE, read_bundle
 from registry.models import alias_history, register_version
-from registry.stack import group_members, postgres_bindir
+from registry.stack import ProductionStack, StackError, group_members, postgres_bindir
 from serving.keys import KeyStore
 from tests.test_registry_bundle import make_bundle, make_clicks
 
 NAME = "fedstream-ctr"
 S3_CLIENT_VARS = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
-pytestmark = pytest.mark.skipif(
-    postgres_bindir() is None and os.environ.get("CI") != "true",
-    reason="PostgreSQL server binaries not installed (`make postgres-tools` installs Debian's postgresql-15)",
-)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def prod_stack(tmp_path_factory: pytest.TempPathFactory):
     """`python -m registry.stack --json` in the background; SIGTERM at the end, then nothing may be left."""
+    if postgres_bindir() is None and os.environ.get("CI") != "true":
+        pytest.skip("PostgreSQL server binaries not installed (`make postgres-tools` installs postgresql-15)")
     log_path = tmp_path_factory.mktemp("prod-stack") / "stack.log"
     env = {k: v for k, v in os.environ.items() if k not in S3_CLIENT_VARS}
     with log_path.open("w") as log_file:
@@ -232,3 +232,62 @@ def _assert_bundles_in_s3(prod_stack: dict, api: Api) -> None:
         probabilities = read_bundle(local).predict(api.clicks)
         scales |= {scale for scale in (1.0, 2.0) if np.allclose(probabilities, expected(api, scale), rtol=1e-6)}
     assert scales == {1.0, 2.0}
+
+
+def _compose_default(text: str) -> str:
+    """``${VAR:-default}`` -> ``default``: the value compose uses without a .env."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def test_compose_runs_the_mlflow_server_this_file_tests():
+    """deploy/docker-compose.yml's mlflow, postgres and clients are the design the stack above runs."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    stack = ProductionStack()
+    stack.ports = {"postgres": 5432, "s3": 9000, "mlflow": 5000}
+    service = compose["services"]["mlflow"]
+
+    def flags(args: list[str]) -> dict[str, str]:
+        return {arg.split("=", 1)[0]: _compose_default(arg.split("=", 1)[-1]) for arg in args if arg.startswith("--")}
+
+    theirs, ours = flags(service["command"]), flags(stack.mlflow_server_args())
+    assert theirs.keys() == ours.keys()
+    assert [theirs[f] for f in ("--serve-artifacts", "--artifacts-destination")] == [
+        ours[f] for f in ("--serve-artifacts", "--artifacts-destination")]
+    env = {key: _compose_default(str(value)) for key, value in service["environment"].items()}
+    assert set(stack.mlflow_server_env()) <= set(env)
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == stack.mlflow_server_env()["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].replace("@postgres:", "@127.0.0.1:") == stack.backend_store_uri
+    assert _compose_default(compose["services"]["minio-init"]["environment"]["MLFLOW_BUCKET"]) == stack.config.bucket
+    clients = compose["x-fedstream"]["environment"]
+    assert set(stack.client_env()) <= set(clients) and clients["FEDSTREAM_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    example = dict(line.split("=", 1) for line in (REPO / "deploy" / ".env.example").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    c = stack.config
+    assert [example[k] for k in ("POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD", "MINIO_ROOT_USER",
+                                 "MINIO_ROOT_PASSWORD", "MLFLOW_BUCKET")] == [
+        c.database, c.db_user, c.db_password, c.s3_access_key, c.s3_secret_key, c.bucket]
+    bindir = postgres_bindir()
+    if bindir is not None:
+        version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=True)
+        major = re.search(r"(\d+)\.\d+", version.stdout).group(1)
+        assert compose["services"]["postgres"]["image"] == f"postgres:{major}-alpine"
+
+
+def test_a_stack_that_cannot_start_says_why_and_leaves_nothing_behind(monkeypatch):
+    import registry.stack
+
+    monkeypatch.setattr(registry.stack, "postgres_bindir", lambda: None)
+    started, spawn = [], ProductionStack._spawn
+
+    def spawn_and_record(self, name, command, **kwargs):  # noqa: ANN001, ANN202
+        spawn(self, name, command, **kwargs)
+        started.append(self._services[-1].process.pid)
+
+    monkeypatch.setattr(ProductionStack, "_spawn", spawn_and_record)
+    stack = ProductionStack()
+    with pytest.raises(StackError, match="PostgreSQL server binaries not found.*postgres-tools"):
+        stack.start()
+    assert len(started) == 1 and group_members(started[0]) == []  # the S3 server had started: stopped
+    assert stack.describe()["pids"] == {} and not stack.workdir.exists()
