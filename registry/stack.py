@@ -31,6 +31,7 @@ import click
 
 from fedstream.host import free_port
 from fedstream.logs import configure_logging, get_logger
+from fedstream.settings import MlflowStackSettings, load_settings
 
 log = get_logger("registry.stack")
 
@@ -39,20 +40,6 @@ POSTGRES_PACKAGE = "postgresql-15"  # Debian bookworm's server package (`make po
 
 class StackError(RuntimeError):
     """A service of the stack could not be started (the message names it and quotes its log)."""
-
-
-@dataclass(frozen=True)
-class StackConfig:
-    """Names and secrets, with the defaults of ``deploy/.env.example`` (a local, throwaway stack)."""
-
-    database: str = "mlflow"
-    db_user: str = "mlflow"
-    db_password: str = "mlflow-db-secret"
-    bucket: str = "mlflow"
-    s3_access_key: str = "fedstream"
-    s3_secret_key: str = "fedstream-minio-secret"
-    mlflow_workers: int = 1
-    start_timeout_s: float = 180.0
 
 
 @dataclass
@@ -67,7 +54,7 @@ def postgres_bindir() -> Path | None:
     """Directory of PostgreSQL's server binaries (``initdb``, ``postgres``): PATH, then Debian's layout."""
     found = shutil.which("initdb")
     if found:
-        return Path(found).parent
+        return Path(found).resolve().parent  # /usr/local/bin/initdb may be a symlink into Debian's layout
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     return candidates[-1].parent if candidates else None
 
@@ -77,7 +64,7 @@ class ProductionStack:
     """PostgreSQL + S3 + MLflow tracking server in a fresh temp dir; a context manager that stops
     everything (and deletes the dir) on exit."""
 
-    config: StackConfig = field(default_factory=StackConfig)
+    config: MlflowStackSettings = field(default_factory=MlflowStackSettings)
     workdir: Path | None = field(default=None, init=False)
     ports: dict[str, int] = field(default_factory=dict, init=False)
     _services: list[_Service] = field(default_factory=list, init=False)
@@ -210,7 +197,7 @@ class ProductionStack:
 
     def mlflow_server_args(self) -> list[str]:
         """``mlflow server`` arguments: the compose file's ``mlflow`` command on this stack's port and bucket."""
-        return ["--host=127.0.0.1", f"--port={self.ports['mlflow']}", f"--workers={self.config.mlflow_workers}",
+        return ["--host=127.0.0.1", f"--port={self.ports['mlflow']}", f"--workers={self.config.workers}",
                 "--serve-artifacts", f"--artifacts-destination=s3://{self.config.bucket}"]
 
     def mlflow_server_env(self) -> dict[str, str]:
@@ -324,18 +311,19 @@ def group_members(pgid: int) -> list[int]:
 
 
 @click.command("prod-stack", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--workers", default=StackConfig.mlflow_workers, show_default=True, type=click.IntRange(1, 16),
-              help="MLflow server worker processes (the compose file's MLFLOW_WORKERS).")
+@click.option("--workers", default=None, type=click.IntRange(1, 16),
+              help="MLflow server worker processes [default: settings.mlflow_stack.workers, 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line (env, addresses, PIDs) once ready.")
-def main(workers: int, as_json: bool) -> None:
+def main(workers: int | None, as_json: bool) -> None:
     """Run MLflow on PostgreSQL with S3 artifacts locally (deploy/'s design) until Ctrl-C or SIGTERM.
 
     Prints the FEDSTREAM_* settings that point every `fedstream` command at it. Ephemeral: stopping
-    deletes the database and the artifacts.
+    deletes the database and the artifacts. Names and secrets: FEDSTREAM_MLFLOW_STACK__* (settings).
     """
     configure_logging()
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop like Ctrl-C: the finally below runs
-    stack = ProductionStack(StackConfig(mlflow_workers=workers))
+    config = load_settings().mlflow_stack
+    stack = ProductionStack(config.model_copy(update={"workers": workers}) if workers else config)
     try:
         try:
             stack.start()
