@@ -321,7 +321,8 @@ def main(workers: int | None, as_json: bool) -> None:
     deletes the database and the artifacts. Names and secrets: FEDSTREAM_MLFLOW_STACK__* (settings).
     """
     configure_logging()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop like Ctrl-C: the finally below runs
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job starts with it ignored
+        signal.signal(sig, _raise_interrupt)  # both stop like Ctrl-C: the finally below runs
     config = load_settings().mlflow_stack
     stack = ProductionStack(config.model_copy(update={"workers": workers}) if workers else config)
     try:

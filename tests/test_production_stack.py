@@ -8,9 +8,12 @@ to check that the metadata and the model files really live there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,13 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def prod_stack(tmp_path_factory: pytest.TempPathFactory):
-    """`python -m registry.stack --json` in the background; SIGTERM at the end, then nothing may be left."""
+    """`python -m registry.stack --json` started as a shell's background job would be (SIGINT ignored), stopped
+    with SIGINT at the end (what `kill -INT` or Ctrl-C sends); then nothing may be left."""
     if postgres_bindir() is None and os.environ.get("CI") != "true":
         pytest.skip("PostgreSQL server binaries not installed (`make postgres-tools` installs postgresql-15)")
     log_path = tmp_path_factory.mktemp("prod-stack") / "stack.log"
     env = {k: v for k, v in os.environ.items() if k not in S3_CLIENT_VARS}
     with log_path.open("w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "registry.stack", "--json"], stdout=subprocess.PIPE,
+        command = f"trap '' INT; exec {shlex.quote(sys.executable)} -m registry.stack --json"
+        process = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE,
                                    stderr=log_file, stdin=subprocess.DEVNULL, text=True, env=env)
     described = None
     try:
@@ -55,12 +60,17 @@ def prod_stack(tmp_path_factory: pytest.TempPathFactory):
         described = json.loads(line)
         yield described
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=120)
+            process.wait(timeout=90)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+            for pid in (described or {}).get("pids", {}).values():  # its services run in their own sessions
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            if described:
+                shutil.rmtree(described["workdir"], ignore_errors=True)
     assert process.returncode == 0, log_path.read_text()[-2000:]
     assert {name: group_members(pid) for name, pid in described["pids"].items()} == {
         "postgres": [], "s3": [], "mlflow": []}
