@@ -31,6 +31,7 @@ import click
 
 from fedstream.host import free_port
 from fedstream.logs import configure_logging, get_logger
+from fedstream.processes import group_members
 from fedstream.settings import MlflowStackSettings, load_settings
 
 log = get_logger("registry.stack")
@@ -284,30 +285,10 @@ def _stop_group(process: subprocess.Popen, stop_signal: int, grace_s: float) -> 
         deadline = time.monotonic() + (grace_s if sig != signal.SIGKILL else 5.0)
         while time.monotonic() < deadline:
             process.poll()
-            if process.returncode is not None and not _group_alive(process.pid):
+            if process.returncode is not None and not group_members(process.pid):
                 return
             time.sleep(0.1)
     log.warning("service did not stop", extra={"pid": process.pid})
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while any process of group ``pgid`` exists (zombies excluded)."""
-    return bool(group_members(pgid))
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) PIDs whose process group is ``pgid``, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 @click.command("prod-stack", context_settings={"help_option_names": ["-h", "--help"]})

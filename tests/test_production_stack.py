@@ -30,7 +30,8 @@ from fedstream.host import free_port
 from fedstream.settings import load_settings
 from registry.flavor import BUNDLE_FILE, read_bundle
 from registry.models import alias_history, register_version
-from registry.stack import ProductionStack, StackError, group_members, postgres_bindir
+from fedstream.processes import group_members
+from registry.stack import ProductionStack, StackError, postgres_bindir
 from serving.keys import KeyStore
 from tests.test_registry_bundle import make_bundle, make_clicks
 
