@@ -164,6 +164,7 @@ def test_register_promote_serve_hot_swap_rollback_on_postgres_and_s3(prod_stack,
             assert moved["version"] == "2"
             swap_s = promote_s + api.wait_for_version("2")
             np.testing.assert_allclose(api.predictions()[2], expected(api, 2.0), rtol=1e-6)
+            _wait_until(lambda: ("2" in {v for _, v in seen}), "the load thread never saw version 2")
             rollback_s, back = _timed(fedstream, client_env, "models", "rollback")
             assert (back["version"], back["previous"]) == ("1", "2")
             rollback_s += api.wait_for_version("1")
@@ -177,7 +178,11 @@ def test_register_promote_serve_hot_swap_rollback_on_postgres_and_s3(prod_stack,
               f"command), rollback {rollback_s:.1f} s; {len(seen)} requests during them, none failed")
     finally:
         serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=60)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
 
     actions = [(h["action"], h["version"]) for h in alias_history(settings, NAME)]
     assert actions == [("register", "1"), ("promote", "1"), ("register", "2"), ("promote", "2"), ("rollback", "1")]
@@ -195,6 +200,14 @@ def test_mlflow_ui_on_a_tracking_server_shows_the_server_instead_of_starting_one
     result = CliRunner().invoke(main, ["mlflow-ui", "--port", str(free_port())])
     assert result.exit_code == 0 and f"MLflow UI: {uri}" in result.output
     assert httpx.get(f"{uri}/", timeout=30).headers["content-type"].startswith("text/html")
+
+
+def _wait_until(condition, message: str, timeout_s: float = 60.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(message)
+        time.sleep(0.05)
 
 
 def _timed(function, *args):  # noqa: ANN001, ANN202
