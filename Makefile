@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen
 
-.PHONY: setup demo test bench compose-tools clean
+.PHONY: setup demo test bench compose-tools clean postgres-tools prod-stack
 
 setup: ## install uv if missing, then the locked environment (.venv)
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
@@ -23,6 +23,14 @@ test: setup compose-tools ## the whole test suite
 
 bench: setup ## every benchmark (BENCH_QUICK=1 for a short run)
 	$(RUN) python -m benchmarks
+
+postgres-tools: ## Debian's PostgreSQL server binaries for the production stack (root + apt; .ci/run calls this)
+	@{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null) || \
+	  echo "postgresql-15 not installed: tests/test_production_stack.py will be skipped (it fails under CI=true)"; }
+
+prod-stack: setup postgres-tools ## MLflow server on PostgreSQL + S3 artifacts, locally (deploy/'s design) until Ctrl-C
+	$(RUN) python -m registry.stack
 
 clean:
 	rm -rf .fedstream

@@ -78,6 +78,23 @@ class RegistrySettings(BaseModel):
     history_limit: int = Field(default=100, ge=2, description="Alias moves kept in the model's tags.")
 
 
+class MlflowStackSettings(BaseModel):
+    """The local production MLflow stack (``registry/stack.py``, ``make prod-stack``, the stack test).
+
+    Names and secrets default to ``deploy/.env.example``'s, so the stack is the compose file's; it is
+    throwaway (loopback only, deleted when stopped), so these are not secrets to protect.
+    """
+
+    database: str = "mlflow"
+    db_user: str = "mlflow"
+    db_password: str = "mlflow-db-secret"
+    bucket: str = "mlflow"
+    s3_access_key: str = "fedstream"
+    s3_secret_key: str = "fedstream-minio-secret"
+    workers: int = Field(default=1, ge=1, le=16, description="MLflow server workers (compose: MLFLOW_WORKERS=2).")
+    start_timeout_s: float = Field(default=180.0, gt=0, description="Per service, until it answers.")
+
+
 class DriftSettings(BaseModel):
     """Drift detector thresholds per merchant; defaults tuned by ``benchmarks/drift.py`` on seeded streams.
 
@@ -164,6 +181,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     drift: DriftSettings = DriftSettings()
     registry: RegistrySettings = RegistrySettings()
+    mlflow_stack: MlflowStackSettings = MlflowStackSettings()
     feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
     seed: int = 7
     config_file: Path | None = Field(default=None, exclude=True)

@@ -17,9 +17,15 @@ from fedstream.settings import Settings
 @click.option("--port", default=5000, show_default=True, type=int)
 @pass_settings
 def mlflow_ui(settings: Settings, host: str, port: int) -> None:
-    """Serve the MLflow UI (runs, metrics, registered models) on the platform's tracking store."""
-    from registry.tracking import server_command
+    """Serve the MLflow UI (runs, metrics, registered models) on the platform's tracking store.
 
+    With a tracking server (FEDSTREAM_MLFLOW_TRACKING_URI=http://...) the server is the UI: its address is shown.
+    """
+    from registry.tracking import is_tracking_server, server_command, tracking_uri
+
+    if is_tracking_server(settings):
+        click.echo(f"MLflow UI: {tracking_uri(settings)}  (served by the tracking server itself)")
+        return
     command = server_command(settings, host, port)
     click.echo(f"MLflow UI on http://{host}:{port}  (store: {command[command.index('--backend-store-uri') + 1]})")
     raise SystemExit(subprocess.call(command, env={**os.environ}))

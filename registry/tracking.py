@@ -23,6 +23,11 @@ def tracking_uri(settings: Settings) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def is_tracking_server(settings: Settings) -> bool:
+    """True when MLflow is a tracking server (``http(s)://``) rather than a store this process opens."""
+    return (settings.mlflow_tracking_uri or "").startswith(("http://", "https://"))
+
+
 def artifact_root(settings: Settings) -> str | None:
     """Local artifact root for the embedded store; a tracking server decides its own (S3/MinIO)."""
     if settings.mlflow_tracking_uri and not settings.mlflow_tracking_uri.startswith("sqlite:"):
