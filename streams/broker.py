@@ -84,7 +84,7 @@ def start_broker_process(run_dir: Path, port: int | None = None, timeout_s: floa
             log.info("embedded broker up", extra=asdict(record))
             return proc, record
         time.sleep(0.1)
-    _terminate(proc.pid)
+    terminate(proc.pid)
     raise BrokerStartError(f"tansu did not answer with cluster id {cluster_id} within {timeout_s}s; log: {log_path}")
 
 

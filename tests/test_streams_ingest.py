@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from fedstream.cli import main
-from streams.broker import _terminate, free_port, start_broker_process
+from fedstream.processes import terminate
+from streams.broker import free_port, start_broker_process
 from streams.kafka import make_consumer
 from streams.commands import *  # noqa
 from streams.producer import EventProducer, header_dict
@@ -116,7 +117,7 @@ def test_a_broker_dying_mid_file_ends_with_the_summary_and_a_resume_without_dupl
         first = CliRunner().invoke(main, ["ingest", "-"], input=_KillsTheBrokerHalfWay(data, proc),
                                    env={**env_for(dying), "FEDSTREAM_KAFKA__REQUEST_TIMEOUT_MS": "3000"})
     finally:
-        _terminate(proc.pid)
+        terminate(proc.pid)
     assert first.exit_code == 1 and "resume with --from-line" in first.stderr and "Traceback" not in first.output
     summary = json.loads(first.stdout)
     resume, skip = summary["resume_from_line"], parse_line_ranges(summary["skip_lines"])
