@@ -115,11 +115,3 @@ def save(bundle: ModelBundle, path: str | Path, key: bytes, **kwargs: Any) -> Pa
         mlflow.pyfunc.save_model(str(path), python_model=BundlePythonModel(),
                                  artifacts={BUNDLE_ARTIFACT: str(artifact)}, **kwargs)
     return Path(path)
-
-
-def load(model_uri: str) -> ModelBundle:
-    """The bundle behind any pyfunc URI this flavor wrote (``models:/NAME@alias``, ``runs:/...``, a path)."""
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if not isinstance(python_model, BundlePythonModel) or python_model.bundle is None:
-        raise TypeError(f"{model_uri} is not a fedstream bundle model")
-    return python_model.bundle
