@@ -6,12 +6,14 @@ drift (or the merchant's midpoint when nothing drifted); a table of drift events
 reported merchants: events, CTR, conversion, logloss, AUC, drift events. The same PNGs are logged to
 MLflow as artifacts of the serving model's run (``drift-report/<name>/``).
 
-Plots use matplotlib's Agg backend (no display needed).
+Plots use matplotlib's Agg backend (no display needed). Every text in them is literal: merchant, item and
+category names such as ``$\\frac{a}{b}$`` or ``m_1^2`` are shown as written, never parsed as math text.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import html
 import math
 from collections import Counter
@@ -65,6 +67,20 @@ def _mark_drifts(axes, drifts: Sequence[DriftEvent]) -> None:
                        linestyle="--", linewidth=1.2, label=label if ax is axes[0] else None)
 
 
+def _literal_text(plot):
+    """Run a plotting function with math text off: names from the stream are data, not TeX."""
+
+    @functools.wraps(plot)
+    def literal(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return literal
+
+
+@_literal_text
 def plot_performance(trace: MerchantTrace, drifts: Sequence[DriftEvent], path: Path, window: int,
                      truth: Sequence[dict] = ()) -> Path:
     """Rolling logloss and AUC of the prequential model, drift events as dashed lines, known (injected)
@@ -104,6 +120,7 @@ def _split(values: list[tuple[float, object]], split_time: float) -> tuple[list,
     return before, after
 
 
+@_literal_text
 def plot_features(trace: MerchantTrace, split_time: float, split_label: str, path: Path) -> Path:
     """Price and hour histograms and category shares, before vs after ``split_time``."""
     import matplotlib.pyplot as plt

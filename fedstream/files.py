@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``payload`` so that a crash leaves either the old or the new file, whole.
 
-    Temp file in the same directory, fsync, ``os.replace``, then fsync of the directory so the rename
-    itself survives a power loss.
+    Temp file in the same directory (named by process and thread, so concurrent writers never share
+    one), fsync, ``os.replace``, then fsync of the directory so the rename itself survives a power loss.
+    ``mode`` (e.g. ``0o600``) is set on the file before it gets its name, so it is never visible wider.
 
     >>> import tempfile
     >>> target = Path(tempfile.mkdtemp()) / "state.bin"
@@ -20,8 +22,11 @@ def write_atomic(path: Path, payload: bytes) -> None:
     b'two'
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    with os.fdopen(fd, "wb") as handle:
+        if mode is not None:
+            os.fchmod(handle.fileno(), mode)
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
@@ -35,8 +40,8 @@ def write_atomic(path: Path, payload: bytes) -> None:
 
 def read_versioned(path: Path, version: int, kind: str) -> dict[str, Any] | None:
     """The ``{"version": ..., ...}`` dict pickled at ``path`` (None when there is no file yet); a
-    ``ValueError`` naming the ``kind`` of checkpoint expected for anything else, e.g. one written in an
-    older format. Only read your own files: this is pickle.
+    ``ValueError`` naming the file and the ``kind`` of checkpoint expected for anything else: one written
+    in an older format, or a truncated or corrupt one. Only read your own files: this is pickle.
 
     >>> import tempfile
     >>> target = Path(tempfile.mkdtemp()) / "state.ckpt"
@@ -47,10 +52,19 @@ def read_versioned(path: Path, version: int, kind: str) -> dict[str, Any] | None
     Traceback (most recent call last):
     ...
     ValueError: ... is not a demo checkpoint of version 2 (it holds version 1)
+    >>> _ = target.write_bytes(b"\\x80\\x04")
+    >>> read_versioned(target, 2, "demo")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ... is not a readable demo checkpoint (truncated or corrupt: EOFError: Ran out of input)
     """
     if not path.exists():
         return None
-    state = pickle.loads(path.read_bytes())
+    try:
+        state = pickle.loads(path.read_bytes())
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
+        raise ValueError(f"{path} is not a readable {kind} checkpoint (truncated or corrupt: "
+                         f"{type(exc).__name__}: {exc})") from None
     found = state.get("version") if isinstance(state, dict) else type(state).__name__
     if found != version:
         raise ValueError(f"{path} is not a {kind} checkpoint of version {version} (it holds version {found!r})")

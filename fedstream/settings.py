@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -57,10 +57,17 @@ class KafkaClientSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
+    """The HTTP API (``serving/``), including its limits on hostile input."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     model_name: str = "fedstream-ctr"
     swap_poll_seconds: float = 5.0
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Longest request body (413 past it).")
+    rate_limit_per_second: float = Field(default=1000.0, gt=0, description="Requests per second per API key.")
+    rate_limit_burst: int = Field(default=2000, ge=1, description="Requests per API key allowed in one burst.")
+    max_catalog_items: int = Field(default=200_000, ge=1, description="Catalog items per merchant the API accepts.")
+    max_categories: int = Field(default=2_000, ge=1, description="Distinct categories per merchant the API accepts.")
 
 
 class RegistrySettings(BaseModel):
@@ -76,6 +83,12 @@ class RegistrySettings(BaseModel):
     min_events: int = Field(default=1000, ge=0, description="Events the challenger's metric must cover.")
     events_metric: str = Field(default="window_events", description="Metric (or lineage key) with that count.")
     history_limit: int = Field(default=100, ge=2, description="Alias moves kept in the model's tags.")
+    user_state: bool = Field(
+        default=True, description="Registered versions keep per-user state (recent categories, recommender "
+                                  "histories); False strips it before logging (recommendations stop personalizing).")
+    signing_key: SecretStr | None = Field(
+        default=None, min_length=16,
+        description="HMAC key that signs and verifies model artifacts; unset: <data_dir>/registry-signing.key.")
 
 
 class MlflowStackSettings(BaseModel):

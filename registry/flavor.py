@@ -1,10 +1,12 @@
 """The ``fedstream`` pyfunc flavor: any :class:`~registry.bundle.ModelBundle` as a standard MLflow model.
 
-The bundle is pickled (cloudpickle) into one artifact, ``bundle.pkl``; a thin
+The bundle is pickled (cloudpickle) into one artifact, ``bundle.pkl``, signed (HMAC-SHA256, see
+:mod:`registry.signing`: it is verified before anything is unpickled); a thin
 :class:`BundlePythonModel` loads it back, so every model of the platform (our numpy learners, River
 models, the federated scorer) loads with the stock loader and predicts from a DataFrame of clicks::
 
-    model = mlflow.pyfunc.load_model("models:/fedstream-ctr@champion")
+    with registry.tracking.activate(settings):     # store URI and signing key of these settings
+        model = mlflow.pyfunc.load_model("models:/fedstream-ctr@champion")
     model.predict(clicks_df)                          # p(click) per row
     bundle = model.unwrap_python_model().bundle       # the ModelBundle, e.g. for .recommend(...)
 
@@ -26,10 +28,12 @@ import numpy as np
 import pandas as pd
 
 from registry.bundle import ModelBundle
+from registry.signing import loading_key, sign, verified_payload
 from streams.schemas import Click, InvalidEvent, decode_event
 
 BUNDLE_ARTIFACT = "bundle"
 BUNDLE_FILE = "bundle.pkl"
+BUNDLE_PATH = f"artifacts/{BUNDLE_FILE}"  # where pyfunc puts it inside the model directory
 FLAVOR_REQUIREMENTS = ["fedstream", "numpy==1.26.4", "crc32c", "msgspec", "cloudpickle", "pandas"]
 
 
@@ -63,7 +67,7 @@ class BundlePythonModel(mlflow.pyfunc.PythonModel):
         self.bundle: ModelBundle | None = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT])
+        self.bundle = read_bundle(context.artifacts[BUNDLE_ARTIFACT], loading_key())
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (pyfunc signature)
         if self.bundle is None:
@@ -72,29 +76,29 @@ class BundlePythonModel(mlflow.pyfunc.PythonModel):
         return self.bundle.predict(clicks_from_frame(frame))
 
 
-def write_bundle(bundle: ModelBundle, path: str | Path) -> Path:
-    """Pickle a bundle (cloudpickle, so classes defined in scripts travel by value)."""
+def write_bundle(bundle: ModelBundle, path: str | Path, key: bytes) -> Path:
+    """Pickle a bundle (cloudpickle, so classes defined in scripts travel by value), signed with ``key``."""
     path = Path(path)
-    with path.open("wb") as handle:
-        cloudpickle.dump(bundle, handle)
+    path.write_bytes(sign(cloudpickle.dumps(bundle), key))
     return path
 
 
-def read_bundle(path: str | Path) -> ModelBundle:
-    with Path(path).open("rb") as handle:
-        bundle = cloudpickle.load(handle)
+def read_bundle(path: str | Path, key: bytes) -> ModelBundle:
+    """Verify the signature of a bundle artifact, and only then unpickle it."""
+    payload = verified_payload(Path(path).read_bytes(), key, str(path))
+    bundle = cloudpickle.loads(payload)
     if not isinstance(bundle, ModelBundle):
         raise TypeError(f"{path} holds a {type(bundle).__name__}, not a ModelBundle")
     return bundle
 
 
-def log_bundle(bundle: ModelBundle, name: str = "model", **kwargs: Any):
-    """Log a bundle into the active MLflow run with the fedstream flavor; returns ``ModelInfo``.
+def log_bundle(bundle: ModelBundle, key: bytes, name: str = "model", **kwargs: Any):
+    """Log a bundle signed with ``key`` into the active MLflow run with the fedstream flavor; returns ``ModelInfo``.
 
     ``pip_requirements`` is given explicitly so MLflow does not load the model in a subprocess to infer it.
     """
     with tempfile.TemporaryDirectory() as scratch:
-        path = write_bundle(bundle, Path(scratch) / BUNDLE_FILE)
+        path = write_bundle(bundle, Path(scratch) / BUNDLE_FILE, key)
         kwargs.setdefault("pip_requirements", FLAVOR_REQUIREMENTS)
         kwargs.setdefault("metadata", {"fedstream_kind": bundle.kind, "feature_bits": bundle.feature_bits})
         return mlflow.pyfunc.log_model(
@@ -102,19 +106,12 @@ def log_bundle(bundle: ModelBundle, name: str = "model", **kwargs: Any):
         )
 
 
-def save(bundle: ModelBundle, path: str | Path, **kwargs: Any) -> Path:
-    """Save a bundle as an MLflow model directory (no tracking store needed), loadable by pyfunc."""
+def save(bundle: ModelBundle, path: str | Path, key: bytes, **kwargs: Any) -> Path:
+    """Save a bundle signed with ``key`` as an MLflow model directory (no tracking store needed), loadable
+    by pyfunc inside ``registry.signing.trusting(key)`` (or with the environment's settings' key)."""
     with tempfile.TemporaryDirectory() as scratch:
-        artifact = write_bundle(bundle, Path(scratch) / BUNDLE_FILE)
+        artifact = write_bundle(bundle, Path(scratch) / BUNDLE_FILE, key)
         kwargs.setdefault("pip_requirements", FLAVOR_REQUIREMENTS)
         mlflow.pyfunc.save_model(str(path), python_model=BundlePythonModel(),
                                  artifacts={BUNDLE_ARTIFACT: str(artifact)}, **kwargs)
     return Path(path)
-
-
-def load(model_uri: str) -> ModelBundle:
-    """The bundle behind any pyfunc URI this flavor wrote (``models:/NAME@alias``, ``runs:/...``, a path)."""
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if not isinstance(python_model, BundlePythonModel) or python_model.bundle is None:
-        raise TypeError(f"{model_uri} is not a fedstream bundle model")
-    return python_model.bundle

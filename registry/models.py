@@ -23,6 +23,7 @@ Example (a real sqlite store under a temp dir)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -34,6 +35,7 @@ from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from fedstream.settings import RegistrySettings, Settings
 from registry.bundle import ModelBundle
+from registry.signing import signing_key
 from registry.tracking import activate, client
 
 log = get_logger("registry.models")
@@ -148,24 +150,47 @@ def version_lineage(version: Any) -> dict[str, Any]:
     return out
 
 
+def without_user_state(bundle: ModelBundle) -> ModelBundle:
+    """A copy of ``bundle`` with no per-user data: users' recent categories and the recommender's per-user
+    histories (recent and bought items) are dropped; catalogs, weights and item-item links stay."""
+    import copy
+
+    from streams.features import FeatureContext
+
+    state = bundle.context.state()
+    for merchant in state["merchants"].values():
+        merchant["recent"] = {}
+    recommender = copy.deepcopy(bundle.recommender)
+    for merchant in getattr(recommender, "merchants", {}).values():
+        merchant.users.clear()
+    return dataclasses.replace(bundle, context=FeatureContext.from_state(state), recommender=recommender)
+
+
 def register_version(settings: Settings, bundle: ModelBundle, *, name: str, metrics: Mapping[str, float],
-                     lineage: Mapping[str, Any], run_id: str | None = None, description: str | None = None):
-    """Log ``bundle`` in a run (new one in the platform experiment when ``run_id`` is None), register it
-    under ``name``, point ``challenger`` at it and tag metrics and lineage. Returns the ``ModelVersion``."""
+                     lineage: Mapping[str, Any], run_id: str | None = None, description: str | None = None,
+                     user_state: bool | None = None):
+    """Log ``bundle`` (signed) in a run (new one in the platform experiment when ``run_id`` is None), register
+    it under ``name``, point ``challenger`` at it and tag metrics and lineage. Returns the ``ModelVersion``.
+
+    ``user_state`` (default ``settings.registry.user_state``) False logs :func:`without_user_state` of it."""
     import mlflow
 
     from registry.flavor import log_bundle
 
+    keep_users = settings.registry.user_state if user_state is None else user_state
+    if not keep_users:
+        bundle = without_user_state(bundle)
     clean_metrics = {k: float(v) for k, v in metrics.items() if _number(v) is not None}
     mlflow_client = client(settings)
-    tags = {"kind": bundle.kind, **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in clean_metrics.items()},
+    tags = {"kind": bundle.kind, "user_state": str(keep_users).lower(),
+            **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in clean_metrics.items()},
             **{f"{LINEAGE_PREFIX}{k}": _tag_value(v) for k, v in lineage.items()}}
     # inside activate(): MLflow resolves a ``models:/m-...`` source through the *global* tracking URI
     with activate(settings) as exp_id:
         with _run(mlflow_client, exp_id, run_id, name) as run:
             mlflow.log_metrics(clean_metrics)
             mlflow.log_dict(dict(lineage), f"lineage/{int(time.time() * 1000)}.json")
-            info = log_bundle(bundle, name="model")
+            info = log_bundle(bundle, signing_key(settings), name="model")
             run_id = run.info.run_id
         _ensure_registered_model(mlflow_client, name)
         version = mlflow_client.create_model_version(
@@ -357,8 +382,18 @@ def resolve(settings: Settings, name: str, alias: str = CHAMPION) -> str | None:
 
 
 def load_bundle(settings: Settings, uri: str) -> ModelBundle:
-    """Load the :class:`ModelBundle` behind a model URI (``models:/NAME@champion``, ``models:/NAME/3``...)."""
-    from registry.flavor import load
+    """Load the :class:`ModelBundle` behind a model URI (``models:/NAME@champion``, ``models:/NAME/3``...).
 
-    with activate(settings):
-        return load(uri)
+    Only the signed ``bundle.pkl`` artifact is fetched and verified with these settings' key before it is
+    unpickled (:class:`~registry.signing.UntrustedArtifact` otherwise); MLflow's own ``python_model.pkl``
+    is never read here.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
+    from registry.flavor import BUNDLE_PATH, read_bundle
+
+    with activate(settings), tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{BUNDLE_PATH}", dst_path=scratch)
+        return read_bundle(local, signing_key(settings))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedstream.settings import Settings
+from registry.signing import signing_key, trusting
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -94,7 +95,8 @@ def _experiment_artifacts(settings: Settings, name: str) -> str | None:
 
 @contextlib.contextmanager
 def activate(settings: Settings) -> Iterator[str]:
-    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at our store inside the block.
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at our store inside the block, and
+    make pyfunc loads in it verify bundle signatures with these settings' key (:mod:`registry.signing`).
 
     MLflow keeps the URI in a module global *and* in ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``;
     both are put back exactly as they were on exit, so one settings' store never leaks into the next.
@@ -107,7 +109,8 @@ def activate(settings: Settings) -> Iterator[str]:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        yield exp_id
+        with trusting(signing_key(settings)):
+            yield exp_id
     finally:
         mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
         mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])

@@ -1,7 +1,8 @@
 """API keys: one per merchant (reads only that merchant's data) plus admin keys for operations.
 
 Keys are high-entropy random tokens (``fsk_<key id>.<256-bit secret>``) shown once when issued; only a
-salted SHA-256 of the secret is stored, in ``<data_dir>/api-keys.json`` (mode 0600). A slow KDF
+salted SHA-256 of the secret is stored, in ``<data_dir>/api-keys.json`` (mode 0600, replaced atomically
+under an exclusive ``flock``, so concurrent ``keys issue`` commands never lose a key). A slow KDF
 (scrypt/PBKDF2) protects *low*-entropy passwords from brute force; a 256-bit random secret cannot be
 brute-forced, so one fast hash keeps verification at ~1 µs per request. The key id makes lookup O(1)
 and lets an operator revoke one key without touching the others.
@@ -21,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -28,10 +31,15 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedstream.files import write_atomic
+from fedstream.logs import get_logger
 from fedstream.settings import Settings
+
+log = get_logger("serving.keys")
 
 PREFIX = "fsk_"
 ADMIN, MERCHANT = "admin", "merchant"
@@ -97,9 +105,14 @@ class KeyStore:
         stamp = (stat.st_mtime, stat.st_size)
         if stamp == self._stamp:
             return
-        data = json.loads(self.path.read_text() or "{}")
-        self._keys = {k["key_id"]: _StoredKey(**k) for k in data.get("keys", [])}
-        self._stamp = stamp
+        try:
+            data = json.loads(self.path.read_text() or "{}")
+            keys = {k["key_id"]: _StoredKey(**k) for k in data.get("keys", [])}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # keep serving the keys we had
+            log.error("unreadable API key file, keeping the keys read before",
+                      extra={"path": str(self.path), "error": f"{type(exc).__name__}: {exc}"[:300]})
+            return
+        self._keys, self._stamp = keys, stamp
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -108,14 +121,26 @@ class KeyStore:
             self._reload()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = self.path.with_suffix(".tmp")
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"keys": [asdict(k) for k in self._keys.values()]}, handle, indent=1)
-        os.replace(scratch, self.path)
+        """Atomically replace the file (unique temp, fsync, rename); call under :meth:`_exclusive`."""
+        payload = json.dumps({"keys": [asdict(k) for k in self._keys.values()]}, indent=1).encode()
+        write_atomic(self.path, payload, mode=0o600)
         self._stamp = None
         self._reload()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This process's threads and every other process changing the file take turns (``flock`` on a
+        sidecar lock file), so each read-modify-write sees the previous one's keys."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._stamp = None  # re-read whatever the previous holder wrote
+                self._reload()
+                yield
+            finally:
+                os.close(fd)  # releases the lock
 
     def issue(self, merchant_id: str | None = None, *, admin: bool = False) -> str:
         """Create a key and return its token (the only time the secret is visible)."""
@@ -123,8 +148,7 @@ class KeyStore:
             raise ValueError("a key is either for one merchant (merchant_id=...) or admin=True")
         if merchant_id is not None and not (0 < len(merchant_id) <= 128):
             raise ValueError("merchant_id must be 1..128 characters")
-        with self._lock:
-            self._reload()
+        with self._exclusive():
             key_id = secrets.token_hex(6)
             secret = secrets.token_urlsafe(32)
             salt = secrets.token_hex(16)
@@ -134,8 +158,7 @@ class KeyStore:
         return f"{PREFIX}{key_id}.{secret}"
 
     def revoke(self, key_id: str) -> bool:
-        with self._lock:
-            self._reload()
+        with self._exclusive():
             key = self._keys.get(key_id)
             if key is None or key.revoked:
                 return False

@@ -158,3 +158,26 @@ def test_report_reads_what_fedstream_generate_writes(settings, tmp_path):
     page = (tmp_path / "r" / "index.html").read_text()
     assert "Injected drift (ground truth): prices from event 3000" in page  # found <stem>.truth.json by itself
     assert (tmp_path / "r" / "m01_performance.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_renders_names_that_matplotlib_would_parse_as_math(settings, tmp_path):
+    import msgspec
+
+    from drift.report import write_report
+    from streams.schemas import CatalogItem
+
+    merchants = ("$\\frac{a}{b}$", "m_1^2")
+    odd = {}
+
+    def rename(event):
+        if not isinstance(event, CatalogItem):
+            return event
+        name = odd.setdefault(event.category, ["$\\nosuchmacro{x}$", "m_1^2", "50$ off $^", "$x_{$"][len(odd) % 4]
+                              + f" {len(odd)}")
+        return msgspec.structs.replace(event, category=name)
+
+    events = [rename(e) for e in synthetic_events(merchants=merchants, n=1500, seed=5)]
+    report = write_report(settings, events, tmp_path / "report", mlflow=False)
+    assert [row["merchant_id"] for row in report.summaries] == sorted(merchants)
+    assert len(report.images) == 4 and all(p.read_bytes()[:8] == PNG_MAGIC for p in report.images)
+    assert "$\\frac{a}{b}$" in (tmp_path / "report" / "index.html").read_text()

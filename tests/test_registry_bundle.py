@@ -172,11 +172,13 @@ def test_pyfunc_flavor_saves_and_loads_a_bundle_that_predicts_from_a_dataframe(t
     import mlflow.pyfunc
 
     from registry.flavor import save
+    from registry.signing import trusting
 
     bundle = make_bundle()
     clicks = make_clicks(50, seed=5)
-    save(bundle, tmp_path / "model")
-    loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    save(bundle, tmp_path / "model", b"k" * 32)
+    with trusting(b"k" * 32):
+        loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     np.testing.assert_allclose(loaded.predict(click_frame(clicks)), bundle.predict(clicks), rtol=1e-6)
     assert loaded.unwrap_python_model().bundle.description == "seeded logistic"
     bad = click_frame(clicks[:2]).assign(position=[1, -3])

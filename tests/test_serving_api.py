@@ -188,6 +188,9 @@ def test_events_are_produced_to_kafka_keyed_by_merchant(kafka_settings, keys):
     assert {r.key for r in records} == {b"m1"}
     dead = drain_raw(settings, settings.topics.dead_letter.name, 2)
     assert sorted(dict(r.headers)["reason"].decode() for r in dead) == ["unknown_event_type", "wrong_type"]
+    admin_id, _, admin_secret = keys["admin"][len("fsk_"):].partition(".")
+    assert {dict(r.headers)["api_key_id"].decode() for r in dead} == {admin_id}  # which key sent them
+    assert not any(admin_secret.encode() in value for r in dead for _, value in r.headers)  # never the secret
     assert b'"bad-1"' in dead[0].value or b'"bad-1"' in dead[1].value
 
 
@@ -254,3 +257,26 @@ def test_keys_are_stored_hashed_revocable_and_issued_by_the_cli(settings, api, k
     url = "/v1/merchants/m2/recommendations"
     assert api.get(url, params={"user_id": "u1"}, headers=auth(token)).status_code == 200
     assert api.get(url, params={"user_id": "u1"}, headers=auth(keys["m2"])).status_code == 401
+
+
+def test_catalog_growth_per_merchant_is_bounded_from_the_served_models_catalog(settings, keys):
+    register(settings, 0.45)
+    promote(settings, NAME)
+    bounded = settings.model_copy(update={"serving": settings.serving.model_copy(
+        update={"max_catalog_items": 201, "max_categories": 6})})  # m1 is served with 200 items in 5 categories
+
+    def item(item_id: str, category: str = "hats") -> dict:
+        return {"type": "catalog", "event_id": f"c-{item_id}", "merchant_id": "m1", "item_id": item_id,
+                "category": category, "price": 9.5, "title": "t", "timestamp": 1.7e9}
+
+    with TestClient(create_app(bounded, poll=False)) as api:
+        def post(*events):
+            return api.post("/v1/events", json={"events": list(events)}, headers=auth(keys["m1"]))
+
+        too_many = post(item("new-1"), item("new-2"))
+        assert too_many.status_code == 422 and too_many.json()["detail"][0]["type"] == "catalog_limit"
+        assert post(item("m1-i3"), item("m1-i4", "shoes")).status_code == 503  # known items: admitted (no broker)
+        assert post(item("new-1")).status_code == 503  # the 201st item: admitted
+        assert post(item("new-1")).status_code == 503  # the same item again (a retry) still fits
+        assert post(item("new-2")).json()["detail"][0]["msg"] == "merchant 'm1' would have over 201 catalog items"
+        assert post(item("m1-i5", "scarves"), item("m1-i6", "gloves")).json()["detail"][0]["type"] == "catalog_limit"

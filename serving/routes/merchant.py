@@ -1,0 +1,73 @@
+"""Merchant routes: what a merchant key (or an admin key) reads about its own merchant."""
+
+# No `from __future__ import annotations` here: FastAPI must see the Depends(...) objects, not strings.
+from typing import Annotated
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from serving.deps import MerchantId, body, context, merchant_reader, served
+from serving.holder import ServedModel
+from serving.keys import Principal
+from serving.schemas import (
+    MAX_BATCH, ClickBatch, DriftStatus, Predictions, Recommendations, ServedModelInfo, body_schema, decode_clicks,
+    decode_envelope,
+)
+
+router = APIRouter(prefix="/v1/merchants/{merchant_id}", tags=["merchant"])
+
+
+@router.get("/recommendations", response_model=None,
+            responses={200: {"model": Recommendations}, 404: {"description": "merchant unknown to the model"}})
+async def recommendations(
+    merchant_id: MerchantId,
+    who: Annotated[Principal, Depends(merchant_reader)],
+    model: Annotated[ServedModel, Depends(served)],
+    user_id: Annotated[str, Query(min_length=1, max_length=128, description="User to recommend for.")],
+    k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
+) -> Response:
+    """Top-k items for a user, ranked by the served model's click probability (just-bought excluded)."""
+    if merchant_id not in model.bundle.context.merchants and model.bundle.recommender is None:
+        raise HTTPException(404, f"merchant {merchant_id!r} has no catalog in model version {model.version}")
+    items = await run_in_threadpool(model.bundle.recommend, merchant_id, user_id, k)  # CPU: off the event loop
+    payload = {"merchant_id": merchant_id, "user_id": user_id, "model_version": model.version,
+               "items": [{"item_id": item, "score": score} for item, score in items]}
+    return Response(msgspec.json.encode(payload), media_type="application/json")
+
+
+@router.post("/predictions", response_model=Predictions,
+             openapi_extra=body_schema("clicks", ["#/components/schemas/Click"],
+                                       f"1..{MAX_BATCH} click events of this merchant (stream schema)."))
+def predictions(
+    request: Request,
+    merchant_id: MerchantId,
+    who: Annotated[Principal, Depends(merchant_reader)],
+    model: Annotated[ServedModel, Depends(served)],
+    raw: Annotated[bytes, Depends(body)],
+) -> Predictions:
+    """Click probability of each impression, featurized like the online learners do."""
+    clicks = decode_clicks(decode_envelope(raw, ClickBatch, "clicks"), context(request).metrics, merchant_id)
+    return Predictions(model_version=model.version, probabilities=model.bundle.predict(clicks).tolist())
+
+
+@router.get("/model", response_model=ServedModelInfo)
+def merchant_model(
+    merchant_id: MerchantId,
+    who: Annotated[Principal, Depends(merchant_reader)],
+    model: Annotated[ServedModel, Depends(served)],
+) -> ServedModelInfo:
+    """The model version currently serving this merchant."""
+    return ServedModelInfo(**model.info())
+
+
+@router.get("/drift", response_model=DriftStatus)
+def merchant_drift(
+    request: Request,
+    merchant_id: MerchantId,
+    who: Annotated[Principal, Depends(merchant_reader)],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> DriftStatus:
+    """The latest drift events detected on this merchant's stream (oldest first)."""
+    return DriftStatus(**context(request).drift(merchant_id, limit))
