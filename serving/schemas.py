@@ -2,9 +2,11 @@
 schemas (the OpenAPI document embeds the same JSON Schema), and the helpers that turn bad input into 4xx."""
 
 # No `from __future__ import annotations`: pydantic and FastAPI read these annotations at runtime.
+import re
 from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
@@ -117,10 +119,49 @@ def body_schema(field: str, refs: list[str], description: str) -> dict[str, Any]
 
 
 def decode_envelope(body: bytes, kind: type[msgspec.Struct], field: str) -> list[msgspec.Raw]:
+    """The raw items of ``{field: [...]}``; each item is validated later, one by one, so a bad one is
+    rejected alone. An item nested too deep for msgspec's recursive skip is cut out without recursion."""
     try:
         return getattr(msgspec.json.decode(body, type=kind), field)
+    except RecursionError:
+        items = split_top_level_items(body, field)
+        if items is None:
+            raise _invalid_body("arrays/objects nested too deep outside the event list") from None
+        return items
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise HTTPException(422, [{"loc": ["body"], "msg": str(exc), "type": "invalid_body"}]) from None
+        raise _invalid_body(str(exc)) from None
+
+
+def _invalid_body(message: str) -> HTTPException:
+    return HTTPException(422, [{"loc": ["body"], "msg": message, "type": "invalid_body"}])
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_STEP = bytes(1 if b in b"[{" else 255 if b in b"]}" else 0 for b in range(256))  # int8: +1 / -1
+
+
+def split_top_level_items(body: bytes, field: str) -> list[msgspec.Raw] | None:
+    """Items of the one array in ``{"<field>": [...]}`` cut at its top-level commas, in C-level passes
+    (strings masked, bracket depth by cumulative sum); None when the body is not exactly that envelope.
+
+    >>> [bytes(r) for r in split_top_level_items(b'{"events": [{"a": [1, 2]}, "x,]", [[[]]]]}', "events")]
+    [b'{"a": [1, 2]}', b'"x,]"', b'[[[]]]']
+    """
+    masked = _JSON_STRING.sub(lambda m: b'"' + b"_" * (len(m.group()) - 2) + b'"', body)
+    head = re.match(rb'\s*\{\s*"' + re.escape(field.encode()) + rb'"\s*:\s*\[', body)  # same offsets as masked
+    tail = re.search(rb"\]\s*\}\s*$", masked)
+    if head is None or tail is None or tail.start() < head.end():
+        return None
+    depth = np.cumsum(np.frombuffer(masked.translate(_STEP), dtype=np.int8), dtype=np.int64)
+    inner = depth[head.end():tail.start()]
+    if len(inner) and (inner.min() < 2 or depth[tail.start()] != 1):
+        return None  # the array closes early, or another key follows it
+    in_array = np.frombuffer(masked, np.uint8)[head.end():tail.start()]
+    commas = (head.end() + np.flatnonzero((inner == 2) & (in_array == ord(",")))).tolist()
+    bounds = [head.end(), *[c + 1 for c in commas]]
+    ends = [*commas, tail.start()]
+    items = [body[a:b].strip() for a, b in zip(bounds, ends, strict=True)]
+    return [msgspec.Raw(item) for item in items if item] or None
 
 
 def decode_clicks(raws: list[msgspec.Raw], metrics: ServingMetrics, merchant_id: str | None) -> list:

@@ -280,3 +280,25 @@ def test_catalog_growth_per_merchant_is_bounded_from_the_served_models_catalog(s
         assert post(item("new-1")).status_code == 503  # the same item again (a retry) still fits
         assert post(item("new-2")).json()["detail"][0]["msg"] == "merchant 'm1' would have over 201 catalog items"
         assert post(item("m1-i5", "scarves"), item("m1-i6", "gloves")).json()["detail"][0]["type"] == "catalog_limit"
+
+
+def test_a_deeply_nested_event_in_a_batch_is_dead_lettered_alone(kafka_settings, keys):
+    """msgspec's skip of a raw list item recurses: a 2 KB event nested 5,000 deep answered 500."""
+    from tests.test_streams_pipeline import drain_raw
+
+    settings = kafka_settings
+    good = clicks_json(n=2)
+    deep = "[" * 5000 + "]" * 5000
+    body = ('{"events": [' + json.dumps(good[0]) + ", " + deep + ", " + json.dumps(good[1]) + "]}").encode()
+    with TestClient(create_app(settings, poll=False)) as api:
+        response = api.post("/v1/events", content=body, headers={**auth(keys["m1"]), "content-type": "application/json"})
+        assert response.status_code == 202, response.text
+        answer = response.json()
+        assert answer["accepted"] == 2 and answer["dead_lettered"] == 1 and answer["reasons"] == {"too_deep": 1}
+        assert [r["index"] for r in answer["rejected"]] == [1]
+        smuggled = b'{"events": [' + json.dumps(good[0]).encode() + b'], "x": ' + deep.encode() + b"}"
+        refused = api.post("/v1/events", content=smuggled, headers={**auth(keys["m1"]), "content-type": "application/json"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["type"] == "invalid_body"
+    assert len(drain_raw(settings, settings.topics.clicks.name, 2)) == 2
+    dead = drain_raw(settings, settings.topics.dead_letter.name, 1)
+    assert dict(dead[0].headers)["reason"] == b"too_deep"
