@@ -23,13 +23,32 @@ def federated() -> None:
     """Federated averaging rounds across merchants (TFF); each merchant's examples stay in its own store."""
 
 
-def _merchant_list(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    names = [m.strip() for m in text.split(",") if m.strip()]
+def _merchant_list(text: str | None, source: str) -> list[str] | None:
+    """The listed merchants (None: every store / generated merchant); ids that cannot be stores are skipped.
+
+    ``--source kafka`` reads the platform's topics, where every merchant's events are: only merchants
+    listed explicitly take part, so an empty list is an error (exit 2), never "everyone".
+    """
+    from federated.stores import id_problem
+
+    names = [m.strip() for m in (text or "").split(",") if m.strip()]
+    if text and text.strip() and not names:
+        raise click.BadParameter("give merchant ids separated by commas, e.g. m00,m01", param_hint="--merchants")
     if not names:
-        raise click.BadParameter("give merchant ids separated by commas, e.g. m00,m01")
-    return names
+        if source == "kafka":
+            raise click.UsageError("--source kafka needs --merchants m00,m01,...: only merchants listed explicitly "
+                                   "take part in federated training")
+        return None
+    usable = []
+    for name in dict.fromkeys(names):
+        if (reason := id_problem(name)) is None:
+            usable.append(name)
+        else:
+            click.echo(f"skipped: {reason}", err=True)
+            log.warning("merchant skipped", extra={"merchant": name, "reason": reason})
+    if not usable:
+        raise click.BadParameter("no usable merchant id left", param_hint="--merchants")
+    return usable
 
 
 def _store_root(settings):
@@ -38,11 +57,14 @@ def _store_root(settings):
 
 def _build_stores(settings, source: str, merchants: list[str] | None, events: int, n_merchants: int, seed: int,
                   bits: int):
-    from federated.stores import build_stores, build_stores_from_kafka, open_stores
+    from federated.stores import StoreError, build_stores, build_stores_from_kafka, open_stores
 
     root = _store_root(settings)
     if source == "stores":
-        stores = open_stores(root, merchants)
+        try:
+            stores = open_stores(root, merchants)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
         if not stores:
             raise click.ClickException(f"no merchant stores under {root}; build them with --source generate|kafka")
         return stores
@@ -56,7 +78,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 
 @federated.command("run")
 @click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="Federated rounds.")
-@click.option("--merchants", default=None, help="Comma-separated merchant ids to include (default: all).")
+@click.option("--merchants", default=None,
+              help="Comma-separated merchant ids that take part; required with --source kafka "
+                   "(with generate/stores: default all).")
 @click.option("--clients-per-round", type=click.IntRange(min=1), default=10, show_default=True,
               help="Merchants sampled per round (seeded).")
 @click.option("--dp", is_flag=True, help="DP-FedAvg with TFF's Gaussian DP aggregator; reports (ε, δ).")
@@ -79,8 +103,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="Simulated mid-round client failures.")
 @click.option("--deep", is_flag=True, help="Add the deep part (8-dim embedding bag + MLP) to the wide model.")
 @click.option("--bits", type=click.IntRange(8, 24), default=None, help="Hash bits (default: settings.feature_bits).")
-@click.option("--source", type=click.Choice(["generate", "kafka", "stores"]), default="generate", show_default=True,
-              help="Where merchant examples come from: the seeded generator, the Kafka topics, or existing stores.")
+@click.option("--source", type=click.Choice(["kafka", "stores", "generate"]), default="kafka", show_default=True,
+              help="Where merchant examples come from: the platform's Kafka topics (each listed merchant's own "
+                   "events), existing merchant stores, or the seeded synthetic generator (demos, benchmarks).")
 @click.option("--events", type=click.IntRange(min=100), default=50_000, show_default=True,
               help="Generated events (--source generate).")
 @click.option("--generate-merchants", type=click.IntRange(min=1), default=20, show_default=True)
@@ -123,7 +148,8 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
             raise click.BadParameter("--workers runs FedAvg/FedProx (with --clip), not --dp or --secure-agg")
         source = "stores"
         merchants = ",".join(w.merchant_id for w in joined)
-    stores = _build_stores(settings, source, _merchant_list(merchants), events, generate_merchants, seed, bits)
+    stores = _build_stores(settings, source, _merchant_list(merchants, source), events, generate_merchants, seed,
+                           bits)
     if not stores:
         raise click.ClickException("no merchant has enough examples to train on")
     click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)

@@ -283,8 +283,8 @@ def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
 
     env = {**os.environ, "FEDSTREAM_DATA_DIR": str(tmp_path / "data"), "FEDSTREAM_FEATURE_BITS": "14",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "fedstream", "federated", "run", "--rounds", "2", "--clients-per-round", "3",
-               "--events", "4000", "--generate-merchants", "4", "--no-personalize", "--server-optimizer", "sgd",
+    command = [sys.executable, "-m", "fedstream", "federated", "run", "--source", "generate", "--rounds", "2",
+               "--clients-per-round", "3", "--events", "4000", "--generate-merchants", "4", "--no-personalize", "--server-optimizer", "sgd",
                "--server-lr", "1.0"]
     # capture_output: a leftover worker_binary would hold the pipes open and this would time out
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -295,7 +295,7 @@ def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
     runner = CliRunner()
     bad = runner.invoke(main, ["federated", "run", "--dp", "--rounds", "1"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert bad.exit_code == 2 and "noise multiplier" in bad.output
-    no_broker = runner.invoke(main, ["federated", "run", "--source", "kafka"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    no_broker = runner.invoke(main, ["federated", "run", "--source", "kafka", "--merchants", "m00"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert no_broker.exit_code != 0 and "broker" in str(no_broker.exception).lower()
     bad_merchants = runner.invoke(main, ["federated", "run", "--merchants", " , "], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert bad_merchants.exit_code == 2
