@@ -82,7 +82,7 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="Comma-separated merchant ids that take part; required with --source kafka "
                    "(with generate/stores: default all).")
 @click.option("--clients-per-round", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Merchants sampled per round (seeded).")
+              help="Merchants sampled per round (seeded; with --dp: the expected number, Poisson-sampled in secret).")
 @click.option("--dp", is_flag=True, help="DP-FedAvg with TFF's Gaussian DP aggregator; reports (ε, δ).")
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -153,8 +153,23 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
     if not stores:
         raise click.ClickException("no merchant has enough examples to train on")
     click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)
+    _warn_meaningless_dp(settings, config, len(stores))
     outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize, joined)
     _report(outcome)
+
+
+def _warn_meaningless_dp(settings, config, n_merchants: int) -> None:
+    """Say before training, in plain words, when the DP run's ε will give no meaningful guarantee."""
+    if not config.dp:
+        return
+    from federated.runner import dp_verdict, privacy_spent
+
+    planned = privacy_spent(config, n_merchants, config.rounds)
+    verdict = dp_verdict(planned["dp_epsilon"], settings.federated.meaningful_epsilon)
+    if verdict.startswith("none"):
+        click.echo(f"WARNING: DP guarantee {verdict} (noise multiplier {config.noise_multiplier:g}, "
+                   f"{config.rounds} rounds, sampling rate {planned['dp_sampling_rate']:.3g}); "
+                   "raise --noise-multiplier or run fewer rounds", err=True)
 
 
 @federated.command("join")
@@ -218,5 +233,8 @@ def _report(outcome) -> None:
     if outcome.personalization:
         click.echo(format_table(outcome.personalization))
     summary = {"run_id": outcome.run_id, "versions": outcome.versions, "execution_context": outcome.context,
-               "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.summary}
+               "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.privacy_notes,
+               **outcome.summary}
+    if outcome.privacy_notes.get("dp_guarantee", "").startswith("none"):
+        click.echo(f"WARNING: DP guarantee {outcome.privacy_notes['dp_guarantee']}", err=True)
     click.echo(json.dumps(summary, default=float))
