@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -146,6 +147,11 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
             raise click.ClickException("no joined merchant workers answer; start some with `fedstream federated join`")
         if dp or secure_agg:
             raise click.BadParameter("--workers runs FedAvg/FedProx (with --clip), not --dp or --secure-agg")
+        from federated.certs import tls_files
+
+        if any(w.tls for w in joined) and (missing := tls_files(settings, "coordinator").missing()):
+            raise click.ClickException(f"joined workers require TLS and the coordinator's certificate is missing: "
+                                       f"{', '.join(map(str, missing))} (fedstream federated certs)")
         source = "stores"
         merchants = ",".join(w.merchant_id for w in joined)
     stores = _build_stores(settings, source, _merchant_list(merchants, source), events, generate_merchants, seed,
@@ -174,33 +180,108 @@ def _warn_meaningless_dp(settings, config, n_merchants: int) -> None:
 
 @federated.command("join")
 @click.option("--merchant", "merchant_id", required=True, help="The merchant whose local store this worker serves.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the TLS gateway listens on (loopback unless the coordinator is on another host).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port (0: a free one).")
-@click.option("--advertise", default="127.0.0.1", show_default=True, help="Host the coordinator dials.")
+@click.option("--advertise", default=None, help="Host the coordinator dials [default: --host].")
+@click.option("--insecure-bind-all", is_flag=True,
+              help="Run TFF's worker bare: plain gRPC on ALL interfaces, no authentication (only where the "
+                   "worker cannot be isolated, on a private network you trust).")
 @click.option("--stop-after", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
 @pass_settings
-def join(settings, merchant_id, port, advertise, stop_after) -> None:
-    """Join federated rounds: run this merchant's TFF worker (its client work and data reads happen here)."""
-    from federated.remote import WorkerRecord, serve_until_stopped, start_worker, write_record
+def join(settings, merchant_id, host, port, advertise, insecure_bind_all, stop_after) -> None:
+    """Join federated rounds: run this merchant's TFF worker (its client work and data reads happen here).
+
+    The worker runs in a network namespace of its own (only lo) and is reached through a TLS gateway that
+    requires a client certificate from the federation CA (fedstream federated certs; settings.federated).
+    """
     from federated.stores import StoreError, open_stores
 
     try:
         open_stores(_store_root(settings), [merchant_id])
     except (StoreError, ValueError) as exc:
         raise click.ClickException(f"{exc}; build the merchant's store first (fedstream federated run --source ...)")
+    advertise = advertise or host
+    if insecure_bind_all:
+        _join_insecure(settings, merchant_id, port, advertise, stop_after)
+        return
+    context, prefix = _join_preflight(settings)
+    from federated.isolation import serve_isolated
+    from federated.remote import WorkerRecord, write_record
+
+    paths = []
+
+    def publish(gateway_port: int, ready: dict) -> None:
+        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{gateway_port}", pid=ready["worker_pid"])
+        paths.append(write_record(settings, record))
+        click.echo(json.dumps(record.__dict__), nl=True)
+        log.info("merchant joined", extra={**record.__dict__, "isolation": " ".join(prefix)})
+
+    try:
+        serve_isolated(prefix, context, host, port, publish, stop_after)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"cannot serve merchant {merchant_id}'s worker: {exc}") from None
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+def _join_preflight(settings):
+    """The gateway's TLS context and the namespace prefix, or a one-line refusal."""
+    from federated.certs import server_context, tls_files
+    from federated.isolation import isolation_command
+
+    files = tls_files(settings, "worker")
+    if missing := files.missing():
+        raise click.ClickException(
+            f"no worker TLS material: {', '.join(map(str, missing))} missing; make a test federation with "
+            "`fedstream federated certs` or set FEDSTREAM_FEDERATED__TLS_CA_FILE / __WORKER_CERT_FILE / __WORKER_KEY_FILE")
+    prefix = isolation_command()
+    if prefix is None:
+        raise click.ClickException(
+            "cannot give the worker a network namespace of its own here (`unshare --net` and `unshare -Urn` "
+            "both refused): refusing to start TFF's worker_binary, which serves plain gRPC on all interfaces and "
+            "runs any computation it is sent; pass --insecure-bind-all only on a private network you trust")
+    try:
+        return server_context(files), prefix
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"unusable worker TLS material: {exc}") from None
+
+
+def _join_insecure(settings, merchant_id, port, advertise, stop_after) -> None:
+    from federated.remote import WorkerRecord, serve_until_stopped, start_worker, stop_worker, write_record
+
+    click.echo("WARNING: --insecure-bind-all: TFF's worker listens on ALL interfaces with NO authentication and "
+               "NO encryption; anyone who reaches its port can run any TensorFlow computation as this user "
+               "(read and write its files)", err=True)
     proc, port = start_worker(port)
     record_path = None
     try:
-        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{port}", pid=proc.pid)
+        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{port}", pid=proc.pid, tls=False)
         record_path = write_record(settings, record)
         click.echo(json.dumps(record.__dict__), nl=True)
-        log.info("merchant joined", extra=record.__dict__)
+        log.warning("merchant joined without isolation or TLS", extra=record.__dict__)
         serve_until_stopped(proc, stop_after)
     finally:
-        from federated.remote import stop_worker
-
         stop_worker(proc)
         if record_path is not None:
             record_path.unlink(missing_ok=True)
+
+
+@federated.command("certs")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write to [default: <data_dir>/federated/tls, where join and run look].")
+@click.option("--worker-host", "worker_hosts", multiple=True, default=("127.0.0.1", "localhost"), show_default=True,
+              help="Address or name the coordinator dials a worker by (repeat for several).")
+@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True, help="Validity.")
+@click.option("--name", default="fedstream", show_default=True, help="Federation name (in the subjects).")
+@pass_settings
+def certs(settings, out, worker_hosts, days, name) -> None:
+    """Make a test/demo federation: a CA, a worker (server) and a coordinator (client) certificate."""
+    from federated.certs import default_dir, make_federation
+
+    written = make_federation(out or default_dir(settings), list(worker_hosts), days=days, name=name)
+    click.echo(json.dumps({k: str(v) for k, v in written.items()}))
 
 
 def _run_with_progress(settings, stores, config, model_config, register_every, personalize, workers=None):

@@ -143,11 +143,11 @@ def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, rou
     return str(version.version)
 
 
-def _on_workers(stores, config: FederatedConfig, process, evaluation, workers: list):
+def _on_workers(settings: Settings, stores, config: FederatedConfig, process, evaluation, workers: list):
     """Restrict the run to the joined merchants and run each round's client work on their workers."""
     import dataclasses
 
-    from federated.remote import OnWorkers, mergeable_context
+    from federated.remote import OnWorkers, channel_credentials, mergeable_context
 
     if config.dp or config.secure_agg:
         raise ValueError("rounds on joined workers support FedAvg/FedProx with clipping, not --dp or --secure-agg")
@@ -155,7 +155,8 @@ def _on_workers(stores, config: FederatedConfig, process, evaluation, workers: l
     missing = [w.merchant_id for w in ordered if w.merchant_id not in stores]
     if missing:
         raise ValueError(f"joined merchants without a store: {missing}")
-    context = mergeable_context([w.address for w in ordered])
+    credentials = channel_credentials(settings) if any(w.tls for w in ordered) else None
+    context = mergeable_context(ordered, credentials)
     config = dataclasses.replace(config, clients_per_round=len(ordered), dropout_rate=0.0)
     chosen = {w.merchant_id: stores[w.merchant_id] for w in ordered}
     return chosen, config, OnWorkers(process, context), OnWorkers(evaluation, context), f"remote_workers[{len(ordered)}]"
@@ -184,7 +185,7 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
     process = build_process(model_fn, config)
     evaluation = build_evaluation(model_fn)
     if workers:
-        stores, config, process, evaluation, context_name = _on_workers(stores, config, process, evaluation, workers)
+        stores, config, process, evaluation, context_name = _on_workers(settings, stores, config, process, evaluation, workers)
     data = FederatedData.from_stores(stores)
     lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),
                "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name}

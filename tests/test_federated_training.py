@@ -183,8 +183,6 @@ def test_dp_cohorts_are_secret_poisson_samples_not_the_logged_seed(stores, tff_m
     Two DP runs with the same seed over 6 merchants (q = 4/6) draw the same 3 cohorts with probability
     (q^2 + (1-q)^2)^(6x3) ~ 2e-5; a seeded sampler draws them every time.
     """
-    from federated.training import secret_poisson_cohort
-
     config = FederatedConfig(rounds=3, clients_per_round=4, dp=True, noise_multiplier=1.0, clip=1.0, seed=5)
     data = FederatedData.from_stores(stores)
     process = build_process(model_fn, config)
@@ -192,6 +190,8 @@ def test_dp_cohorts_are_secret_poisson_samples_not_the_logged_seed(stores, tff_m
     cohorts = [[r.sampled for r in history] for history in runs]
     assert cohorts[0] != cohorts[1]
     assert cohorts[0] != [sample_clients(data.client_ids, 4, k, 5) for k in (1, 2, 3)]
+    from federated.training import secret_poisson_cohort
+
     draws = [secret_poisson_cohort([f"m{k:03d}" for k in range(400)], 0.25) for _ in range(2)]
     assert draws[0] != draws[1] and all(60 < len(d) < 140 for d in draws)  # Poisson, not a fixed-size cohort
     # a DP round whose whole cohort dropped out still releases its noise (the accountant counted it)
@@ -258,7 +258,7 @@ def test_run_logs_rounds_and_registers_versions(stores, tff_module, settings):
 
     from online.prequential import roc_auc as auc
     from federated.personalize import PersonalizationConfig, compare_merchants, summarize
-    from federated.runner import MODEL_NAME, dp_verdict, run_federated
+    from federated.runner import MODEL_NAME, run_federated
     from registry.models import load_bundle, version_lineage
     from registry.tracking import tracking_uri
 
@@ -273,6 +273,9 @@ def test_run_logs_rounds_and_registers_versions(stores, tff_module, settings):
     assert [m.step for m in steps] == [1, 2]
     assert client.get_metric_history(outcome.run_id, "dp_epsilon")[-1].value == pytest.approx(outcome.privacy["dp_epsilon"])
     tags = client.get_run(outcome.run_id).data.tags
+    assert "dp_sampling" in tags and "dp_guarantee" in tags
+    from federated.runner import dp_verdict
+
     assert tags["dp_sampling"].startswith("poisson") and "OS entropy" in tags["dp_sampling"]
     assert "Poisson-subsampled" in tags["dp_accounting"] and "amplified" in tags["dp_accounting"]
     assert tags["dp_guarantee"] == dp_verdict(outcome.privacy["dp_epsilon"], settings.federated.meaningful_epsilon)
@@ -358,12 +361,15 @@ def test_rounds_across_three_joined_workers_over_loopback(tff_module, tmp_path):
     stores = build_stores(generate(GeneratorConfig(merchants=3, events=3000, seed=9)), settings.data_path / "federated",
                           bits=BITS)
     env = {**os.environ, "FEDSTREAM_DATA_DIR": str(settings.data_path)}
+    from federated.certs import default_dir, make_federation
+
+    make_federation(default_dir(settings), ["127.0.0.1"], days=1)  # joins serve mTLS; the coordinator dials with it
     joins = [subprocess.Popen([sys.executable, "-m", "fedstream", "federated", "join", "--merchant", m],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for m in sorted(stores)]
     try:
         records = [json.loads(p.stdout.readline()) for p in joins]
-        assert sorted(r["merchant_id"] for r in records) == ["m00", "m01", "m02"]
+        assert sorted(r["merchant_id"] for r in records) == ["m00", "m01", "m02"] and all(r["tls"] for r in records)
         workers = joined_workers(settings)
         assert [w.merchant_id for w in workers] == ["m00", "m01", "m02"]
         config = FederatedConfig(rounds=2, clients_per_round=2, server_optimizer="sgd", server_learning_rate=1.0)
