@@ -118,32 +118,39 @@ async def _splice(reader, writer, up_reader, up_writer) -> None:
 
 
 class TlsGateway:
-    """mTLS on ``host:port`` in front of the isolated worker's Unix socket (one asyncio loop, in a thread)."""
+    """mTLS on ``host:port`` in front of the isolated worker's Unix socket (asyncio).
+
+    The TLS handshake runs per connection (``start_tls``), so every refused client (no certificate, a
+    foreign CA's, a worker's, plain text) is logged with its peer and reason and counted in ``refused``.
+    """
 
     def __init__(self, host: str, port: int, ssl_context, socket_path: Path) -> None:
         self.host, self.port, self.ssl_context, self.socket_path = host, port, ssl_context, socket_path
         self.refused = 0
 
     async def _handle(self, reader, writer) -> None:
-        peer = writer.get_extra_info("peername")
+        import ssl
+
+        peer = str(writer.get_extra_info("peername"))
+        try:
+            await writer.start_tls(self.ssl_context, ssl_handshake_timeout=10)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            self.refused += 1
+            log.warning("connection refused", extra={"peer": peer, "reason": str(exc) or type(exc).__name__})
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_unix_connection(str(self.socket_path))
         except OSError as exc:
             log.warning("worker socket unavailable", extra={"error": str(exc)})
             writer.close()
             return
-        log.info("coordinator connected", extra={"peer": str(peer),
-                                                 "subject": str(writer.get_extra_info("peercert", {}).get("subject"))})
+        subject = dict(pair[0] for pair in writer.get_extra_info("peercert", {}).get("subject", ()))
+        log.info("coordinator connected", extra={"peer": peer, "subject": subject.get("commonName", "")})
         await _splice(reader, writer, up_reader, up_writer)
 
-    def _on_error(self, loop, context) -> None:
-        self.refused += 1  # failed handshakes: no, wrong or foreign certificate; plain-text clients
-        log.warning("connection refused", extra={"error": str(context.get("exception") or context.get("message"))})
-
     async def serve(self, stop: asyncio.Event, ready=None) -> None:
-        asyncio.get_running_loop().set_exception_handler(self._on_error)
-        server = await asyncio.start_server(self._handle, self.host, self.port, ssl=self.ssl_context,
-                                            ssl_handshake_timeout=10)
+        server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = server.sockets[0].getsockname()[1]
         if ready is not None:
             ready()

@@ -94,7 +94,7 @@ def test_worker_is_reached_across_hosts_only_through_mutual_tls(tmp_path):
     assert foreign.exit_code == 0, foreign.output
     tag = f"{os.getpid() % 100000}"
     merchant_ns, coordinator_ns = f"fsm{tag}", f"fsc{tag}"
-    join, worker_pid = None, None
+    join, worker_pid, join_log = None, None, ""
     try:
         _make_namespaces(merchant_ns, coordinator_ns, f"fsv{tag}")
         join = subprocess.Popen(["ip", "netns", "exec", merchant_ns, sys.executable, "-m", "fedstream", "federated",
@@ -127,11 +127,17 @@ def test_worker_is_reached_across_hosts_only_through_mutual_tls(tmp_path):
         if join is not None:
             join.terminate()
             assert join.wait(timeout=30) == 0
+            join_log = join.stderr.read()
             join.stdout.close()
             join.stderr.close()
         for ns in (merchant_ns, coordinator_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
     assert worker_pid is not None
+    refusals = [json.loads(line) for line in join_log.splitlines() if '"connection refused"' in line]
+    reasons = " ".join(r["reason"] for r in refusals)
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reasons and "unsuitable certificate purpose" in reasons
+    assert "certificate verify failed" in reasons and all(r["peer"].startswith(f"('{COORDINATOR_IP}'") or
+                                                          r["peer"].startswith(f"('{MERCHANT_IP}'") for r in refusals)
     deadline = time.monotonic() + 10
     while _alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
