@@ -173,3 +173,29 @@ def test_certificates_carry_one_usage_each(tmp_path, role):
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH if role == "worker" else ExtendedKeyUsageOID.CLIENT_AUTH]
     assert oct(written[f"{role}_key"].stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("prefix", [["unshare", "--net"], ["unshare", "--user", "--map-root-user", "--net"]])
+def test_isolated_worker_has_only_loopback_and_answers_through_its_socket(prefix):
+    """Both isolation modes (root; unprivileged user namespace): the worker's namespace holds only lo, its port
+    is closed in ours, its Unix socket reaches the real executor, and stopping the relay stops the worker."""
+    import socket
+
+    import grpc
+
+    from federated.isolation import start_isolated_worker, stop_isolated_worker
+
+    proc, ready, socket_dir = start_isolated_worker(prefix)
+    try:
+        interfaces = [line.split(":")[0].strip()
+                      for line in Path(f"/proc/{ready['worker_pid']}/net/dev").read_text().splitlines()[2:]]
+        assert interfaces == ["lo"]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", ready["port"]), timeout=3)
+        with grpc.insecure_channel(f"unix:{socket_dir / 'worker.sock'}") as channel:
+            reply = channel.unary_unary("/tensorflow_federated.v0.ExecutorGroup/GetExecutor")(
+                b"\x0a\x0d\x0a\x09\x0a\x07clients\x10\x01", timeout=15)
+        assert b"clients=1" in reply
+    finally:
+        stop_isolated_worker(proc, socket_dir)
+    assert proc.returncode == 0 and not _alive(ready["worker_pid"]) and not socket_dir.exists()
