@@ -66,12 +66,14 @@ def start_isolated_worker(prefix: list[str], timeout_s: float = 60.0) -> tuple[s
     """
     socket_dir = Path(tempfile.mkdtemp(prefix="fedstream-worker-"))
     command = [*prefix, sys.executable, "-m", "federated.isolation", str(socket_dir / "worker.sock")]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, preexec_fn=die_with_parent)
+    with (socket_dir / "relay.log").open("w") as errors:  # a file, so a chatty relay can never block on a pipe
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL,
+                                text=True, preexec_fn=die_with_parent)
     line = _read_line(proc, timeout_s)
     if not line:
-        stop_isolated_worker(proc, socket_dir)
-        error = proc.stderr.read().strip().splitlines() if proc.stderr else []
+        stop_isolated_worker(proc, socket_dir, keep_dir=True)
+        error = (socket_dir / "relay.log").read_text().strip().splitlines()
+        shutil.rmtree(socket_dir, ignore_errors=True)
         raise RuntimeError(f"isolated worker did not start: {error[-1] if error else 'no output'}")
     return proc, json.loads(line), socket_dir
 
@@ -86,7 +88,8 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def stop_isolated_worker(proc: subprocess.Popen, socket_dir: Path, grace_s: float = 5.0) -> None:
+def stop_isolated_worker(proc: subprocess.Popen, socket_dir: Path, grace_s: float = 5.0,
+                         keep_dir: bool = False) -> None:
     """SIGTERM the relay (it stops its worker by PID), SIGKILL after ``grace_s``; remove the socket dir."""
     if proc.poll() is None:
         proc.terminate()
@@ -95,10 +98,10 @@ def stop_isolated_worker(proc: subprocess.Popen, socket_dir: Path, grace_s: floa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(grace_s)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    shutil.rmtree(socket_dir, ignore_errors=True)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    if not keep_dir:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, other: asyncio.StreamWriter) -> None:

@@ -199,3 +199,17 @@ def test_isolated_worker_has_only_loopback_and_answers_through_its_socket(prefix
     finally:
         stop_isolated_worker(proc, socket_dir)
     assert proc.returncode == 0 and not _alive(ready["worker_pid"]) and not socket_dir.exists()
+
+
+def test_worker_refuses_a_namespace_with_more_than_loopback(tmp_path):
+    """If the namespace it is given has another interface, the relay refuses before starting the worker."""
+    from federated.isolation import start_isolated_worker
+
+    ns = f"fsd{os.getpid() % 100000}"
+    try:
+        _sh("ip", "netns", "add", ns)
+        _sh("ip", "-n", ns, "link", "add", "fsx0", "type", "veth", "peer", "name", "fsx1")
+        with pytest.raises(RuntimeError, match=r"interfaces besides lo: \['fsx0', 'fsx1'\]"):
+            start_isolated_worker(["ip", "netns", "exec", ns], timeout_s=30)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
