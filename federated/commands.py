@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -23,13 +24,32 @@ def federated() -> None:
     """Federated averaging rounds across merchants (TFF); each merchant's examples stay in its own store."""
 
 
-def _merchant_list(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    names = [m.strip() for m in text.split(",") if m.strip()]
+def _merchant_list(text: str | None, source: str) -> list[str] | None:
+    """The listed merchants (None: every store / generated merchant); ids that cannot be stores are skipped.
+
+    ``--source kafka`` reads the platform's topics, where every merchant's events are: only merchants
+    listed explicitly take part, so an empty list is an error (exit 2), never "everyone".
+    """
+    from federated.stores import id_problem
+
+    names = [m.strip() for m in (text or "").split(",") if m.strip()]
+    if text and text.strip() and not names:
+        raise click.BadParameter("give merchant ids separated by commas, e.g. m00,m01", param_hint="--merchants")
     if not names:
-        raise click.BadParameter("give merchant ids separated by commas, e.g. m00,m01")
-    return names
+        if source == "kafka":
+            raise click.UsageError("--source kafka needs --merchants m00,m01,...: only merchants listed explicitly "
+                                   "take part in federated training")
+        return None
+    usable = []
+    for name in dict.fromkeys(names):
+        if (reason := id_problem(name)) is None:
+            usable.append(name)
+        else:
+            click.echo(f"skipped: {reason}", err=True)
+            log.warning("merchant skipped", extra={"merchant": name, "reason": reason})
+    if not usable:
+        raise click.BadParameter("no usable merchant id left", param_hint="--merchants")
+    return usable
 
 
 def _store_root(settings):
@@ -38,11 +58,14 @@ def _store_root(settings):
 
 def _build_stores(settings, source: str, merchants: list[str] | None, events: int, n_merchants: int, seed: int,
                   bits: int):
-    from federated.stores import build_stores, build_stores_from_kafka, open_stores
+    from federated.stores import StoreError, build_stores, build_stores_from_kafka, open_stores
 
     root = _store_root(settings)
     if source == "stores":
-        stores = open_stores(root, merchants)
+        try:
+            stores = open_stores(root, merchants)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
         if not stores:
             raise click.ClickException(f"no merchant stores under {root}; build them with --source generate|kafka")
         return stores
@@ -56,9 +79,11 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 
 @federated.command("run")
 @click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="Federated rounds.")
-@click.option("--merchants", default=None, help="Comma-separated merchant ids to include (default: all).")
+@click.option("--merchants", default=None,
+              help="Comma-separated merchant ids that take part; required with --source kafka "
+                   "(with generate/stores: default all).")
 @click.option("--clients-per-round", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Merchants sampled per round (seeded).")
+              help="Merchants sampled per round (seeded; with --dp: the expected number, Poisson-sampled in secret).")
 @click.option("--dp", is_flag=True, help="DP-FedAvg with TFF's Gaussian DP aggregator; reports (ε, δ).")
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -79,8 +104,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="Simulated mid-round client failures.")
 @click.option("--deep", is_flag=True, help="Add the deep part (8-dim embedding bag + MLP) to the wide model.")
 @click.option("--bits", type=click.IntRange(8, 24), default=None, help="Hash bits (default: settings.feature_bits).")
-@click.option("--source", type=click.Choice(["generate", "kafka", "stores"]), default="generate", show_default=True,
-              help="Where merchant examples come from: the seeded generator, the Kafka topics, or existing stores.")
+@click.option("--source", type=click.Choice(["kafka", "stores", "generate"]), default="kafka", show_default=True,
+              help="Where merchant examples come from: the platform's Kafka topics (each listed merchant's own "
+                   "events), existing merchant stores, or the seeded synthetic generator (demos, benchmarks).")
 @click.option("--events", type=click.IntRange(min=100), default=50_000, show_default=True,
               help="Generated events (--source generate).")
 @click.option("--generate-merchants", type=click.IntRange(min=1), default=20, show_default=True)
@@ -121,45 +147,141 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
             raise click.ClickException("no joined merchant workers answer; start some with `fedstream federated join`")
         if dp or secure_agg:
             raise click.BadParameter("--workers runs FedAvg/FedProx (with --clip), not --dp or --secure-agg")
+        from federated.certs import tls_files
+
+        if any(w.tls for w in joined) and (missing := tls_files(settings, "coordinator").missing()):
+            raise click.ClickException(f"joined workers require TLS and the coordinator's certificate is missing: "
+                                       f"{', '.join(map(str, missing))} (fedstream federated certs)")
         source = "stores"
         merchants = ",".join(w.merchant_id for w in joined)
-    stores = _build_stores(settings, source, _merchant_list(merchants), events, generate_merchants, seed, bits)
+    stores = _build_stores(settings, source, _merchant_list(merchants, source), events, generate_merchants, seed,
+                           bits)
     if not stores:
         raise click.ClickException("no merchant has enough examples to train on")
     click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)
+    _warn_meaningless_dp(settings, config, len(stores))
     outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize, joined)
     _report(outcome)
 
 
+def _warn_meaningless_dp(settings, config, n_merchants: int) -> None:
+    """Say before training, in plain words, when the DP run's ε will give no meaningful guarantee."""
+    if not config.dp:
+        return
+    from federated.runner import dp_verdict, privacy_spent
+
+    planned = privacy_spent(config, n_merchants, config.rounds)
+    verdict = dp_verdict(planned["dp_epsilon"], settings.federated.meaningful_epsilon)
+    if verdict.startswith("none"):
+        click.echo(f"WARNING: DP guarantee {verdict} (noise multiplier {config.noise_multiplier:g}, "
+                   f"{config.rounds} rounds, sampling rate {planned['dp_sampling_rate']:.3g}); "
+                   "raise --noise-multiplier or run fewer rounds", err=True)
+
+
 @federated.command("join")
 @click.option("--merchant", "merchant_id", required=True, help="The merchant whose local store this worker serves.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the TLS gateway listens on (loopback unless the coordinator is on another host).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port (0: a free one).")
-@click.option("--advertise", default="127.0.0.1", show_default=True, help="Host the coordinator dials.")
+@click.option("--advertise", default=None, help="Host the coordinator dials [default: --host].")
+@click.option("--insecure-bind-all", is_flag=True,
+              help="Run TFF's worker bare: plain gRPC on ALL interfaces, no authentication (only where the "
+                   "worker cannot be isolated, on a private network you trust).")
 @click.option("--stop-after", type=click.FloatRange(min=0), default=None, help="Stop after this many seconds.")
 @pass_settings
-def join(settings, merchant_id, port, advertise, stop_after) -> None:
-    """Join federated rounds: run this merchant's TFF worker (its client work and data reads happen here)."""
-    from federated.remote import WorkerRecord, serve_until_stopped, start_worker, write_record
+def join(settings, merchant_id, host, port, advertise, insecure_bind_all, stop_after) -> None:
+    """Join federated rounds: run this merchant's TFF worker (its client work and data reads happen here).
+
+    The worker runs in a network namespace of its own (only lo) and is reached through a TLS gateway that
+    requires a client certificate from the federation CA (fedstream federated certs; settings.federated).
+    """
     from federated.stores import StoreError, open_stores
 
     try:
         open_stores(_store_root(settings), [merchant_id])
     except (StoreError, ValueError) as exc:
         raise click.ClickException(f"{exc}; build the merchant's store first (fedstream federated run --source ...)")
+    advertise = advertise or host
+    if insecure_bind_all:
+        _join_insecure(settings, merchant_id, port, advertise, stop_after)
+        return
+    context, prefix = _join_preflight(settings)
+    from federated.isolation import serve_isolated
+    from federated.remote import WorkerRecord, write_record
+
+    paths = []
+
+    def publish(gateway_port: int, ready: dict) -> None:
+        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{gateway_port}", pid=ready["worker_pid"])
+        paths.append(write_record(settings, record))
+        click.echo(json.dumps(record.__dict__), nl=True)
+        log.info("merchant joined", extra={**record.__dict__, "isolation": " ".join(prefix)})
+
+    try:
+        serve_isolated(prefix, context, host, port, publish, stop_after)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"cannot serve merchant {merchant_id}'s worker: {exc}") from None
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+def _join_preflight(settings):
+    """The gateway's TLS context and the namespace prefix, or a one-line refusal."""
+    from federated.certs import server_context, tls_files
+    from federated.isolation import isolation_command
+
+    files = tls_files(settings, "worker")
+    if missing := files.missing():
+        raise click.ClickException(
+            f"no worker TLS material: {', '.join(map(str, missing))} missing; make a test federation with "
+            "`fedstream federated certs` or set FEDSTREAM_FEDERATED__TLS_CA_FILE / __WORKER_CERT_FILE / __WORKER_KEY_FILE")
+    prefix = isolation_command()
+    if prefix is None:
+        raise click.ClickException(
+            "cannot give the worker a network namespace of its own here (`unshare --net` and `unshare -Urn` "
+            "both refused): refusing to start TFF's worker_binary, which serves plain gRPC on all interfaces and "
+            "runs any computation it is sent; pass --insecure-bind-all only on a private network you trust")
+    try:
+        return server_context(files), prefix
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"unusable worker TLS material: {exc}") from None
+
+
+def _join_insecure(settings, merchant_id, port, advertise, stop_after) -> None:
+    from federated.remote import WorkerRecord, serve_until_stopped, start_worker, stop_worker, write_record
+
+    click.echo("WARNING: --insecure-bind-all: TFF's worker listens on ALL interfaces with NO authentication and "
+               "NO encryption; anyone who reaches its port can run any TensorFlow computation as this user "
+               "(read and write its files)", err=True)
     proc, port = start_worker(port)
     record_path = None
     try:
-        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{port}", pid=proc.pid)
+        record = WorkerRecord(merchant_id=merchant_id, address=f"{advertise}:{port}", pid=proc.pid, tls=False)
         record_path = write_record(settings, record)
         click.echo(json.dumps(record.__dict__), nl=True)
-        log.info("merchant joined", extra=record.__dict__)
+        log.warning("merchant joined without isolation or TLS", extra=record.__dict__)
         serve_until_stopped(proc, stop_after)
     finally:
-        from federated.remote import stop_worker
-
         stop_worker(proc)
         if record_path is not None:
             record_path.unlink(missing_ok=True)
+
+
+@federated.command("certs")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write to [default: <data_dir>/federated/tls, where join and run look].")
+@click.option("--worker-host", "worker_hosts", multiple=True, default=("127.0.0.1", "localhost"), show_default=True,
+              help="Address or name the coordinator dials a worker by (repeat for several).")
+@click.option("--days", type=click.IntRange(1, 3650), default=30, show_default=True, help="Validity.")
+@click.option("--name", default="fedstream", show_default=True, help="Federation name (in the subjects).")
+@pass_settings
+def certs(settings, out, worker_hosts, days, name) -> None:
+    """Make a test/demo federation: a CA, a worker (server) and a coordinator (client) certificate."""
+    from federated.certs import default_dir, make_federation
+
+    written = make_federation(out or default_dir(settings), list(worker_hosts), days=days, name=name)
+    click.echo(json.dumps({k: str(v) for k, v in written.items()}))
 
 
 def _run_with_progress(settings, stores, config, model_config, register_every, personalize, workers=None):
@@ -192,5 +314,8 @@ def _report(outcome) -> None:
     if outcome.personalization:
         click.echo(format_table(outcome.personalization))
     summary = {"run_id": outcome.run_id, "versions": outcome.versions, "execution_context": outcome.context,
-               "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.summary}
+               "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.privacy_notes,
+               **outcome.summary}
+    if outcome.privacy_notes.get("dp_guarantee", "").startswith("none"):
+        click.echo(f"WARNING: DP guarantee {outcome.privacy_notes['dp_guarantee']}", err=True)
     click.echo(json.dumps(summary, default=float))

@@ -10,6 +10,10 @@ TFF 0.87 has no ``set_remote_python_execution_context`` and no ``tff.simulation.
   computation to *mergeable form* (work up to the aggregation, merge of partial aggregates, work after
   the merge) and splits the CLIENTS-placed arguments across several contexts.
 
+The worker serves plain gRPC on all interfaces and runs whatever computation it is sent, so ``join``
+isolates it and puts a mutual-TLS gateway in front (:mod:`federated.isolation`); the coordinator dials
+that gateway with its client certificate (:func:`channel_credentials`).
+
 So a merchant joins by running its own ``worker_binary`` (:func:`start_worker`); the coordinator builds one
 remote async context per worker and a mergeable context over them (:func:`mergeable_context`); each round's
 client work for a merchant runs in that merchant's worker (its dataset is read there), and only partial
@@ -42,14 +46,14 @@ def worker_binary() -> Path:
         raise RuntimeError(f"TFF worker binary unavailable: {exc}") from None
 
 
-def start_worker(port: int = 0, timeout_s: float = 30.0) -> tuple[subprocess.Popen, int]:
+def start_worker(port: int = 0, timeout_s: float = 30.0, preexec_fn=None) -> tuple[subprocess.Popen, int]:
     """Start a ``worker_binary`` serving on ``port`` (0: a free one); returns once it accepts connections.
 
     Its stdout/stderr go to /dev/null so it can never hold a parent's pipes; stop it with :func:`stop_worker`.
     """
     port = port or free_port()
     proc = subprocess.Popen([str(worker_binary()), f"--port={port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -72,8 +76,26 @@ def stop_worker(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             proc.wait(grace_s)
 
 
-def remote_context(address: str):
-    """An async TFF execution context whose executor is the worker service at ``host:port``."""
+def channel_credentials(settings):
+    """The coordinator's mTLS credentials (federation CA, its client certificate and key) for gRPC."""
+    import grpc
+
+    from federated.certs import tls_files
+
+    files = tls_files(settings, "coordinator")
+    if missing := files.missing():
+        raise ValueError(f"no coordinator TLS material: {', '.join(map(str, missing))} missing (fedstream federated "
+                         "certs, or FEDSTREAM_FEDERATED__COORDINATOR_CERT_FILE / __COORDINATOR_KEY_FILE / __TLS_CA_FILE)")
+    ca, cert, key = files.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def remote_context(address: str, credentials=None):
+    """An async TFF execution context whose executor is the worker service at ``host:port``.
+
+    With ``credentials`` (:func:`channel_credentials`) the channel is TLS with the coordinator's client
+    certificate, checked by the worker's gateway; without, plain gRPC (an ``--insecure-bind-all`` worker).
+    """
     import grpc
     import tensorflow_federated as tff
     from tensorflow_federated.python.core.backends.native import compiler
@@ -82,8 +104,12 @@ def remote_context(address: str):
     from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
     from tensorflow_federated.python.core.impl.types import placements
 
-    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1),
-                                                      ("grpc.max_receive_message_length", -1)])
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    if credentials is not None:
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        log.warning("plain gRPC to a worker (no TLS)", extra={"address": address})
+        channel = grpc.insecure_channel(address, options=options)
     stub = tff.framework.RemoteExecutorGrpcStub(channel)
 
     def stack_fn(cardinalities):
@@ -101,11 +127,18 @@ def remote_context(address: str):
     )
 
 
-def mergeable_context(addresses: list[str]):
-    """One context over the workers: client work split across them in order, partial aggregates merged."""
+def mergeable_context(workers: list[WorkerRecord], credentials=None):
+    """One context over the workers: client work split across them in order, partial aggregates merged.
+
+    Workers that joined with TLS (the default) are dialled with ``credentials``; a TLS worker without
+    credentials is an error, never a silent downgrade.
+    """
     import tensorflow_federated as tff
 
-    return tff.backends.native.create_mergeable_comp_execution_context([remote_context(a) for a in addresses])
+    if credentials is None and any(w.tls for w in workers):
+        raise ValueError("joined workers require TLS: the coordinator needs its client certificate")
+    contexts = [remote_context(w.address, credentials if w.tls else None) for w in workers]
+    return tff.backends.native.create_mergeable_comp_execution_context(contexts)
 
 
 @dataclass
@@ -136,6 +169,7 @@ class WorkerRecord:
     merchant_id: str
     address: str
     pid: int
+    tls: bool = True  # False only for `join --insecure-bind-all`
 
 
 def workers_dir(settings) -> Path:

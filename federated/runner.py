@@ -19,8 +19,8 @@ from federated.model import ModelConfig, NumpyScorer, assign_weights, build_kera
 from federated.personalize import PersonalizationConfig, compare_merchants, summarize
 from federated.stores import MerchantStore, StoreError
 from federated.training import (
-    FederatedConfig, FederatedData, RoundResult, build_evaluation, build_process, dp_epsilon, run_rounds,
-    use_execution_context,
+    FederatedConfig, FederatedData, RoundResult, build_evaluation, build_process, dp_epsilon, dp_sampling_rate,
+    run_rounds, use_execution_context,
 )
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -41,16 +41,37 @@ class RunOutcome:
     personalization: list[dict] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, float] = field(default_factory=dict)
+    privacy_notes: dict[str, str] = field(default_factory=dict)
     context: str = ""
 
 
 def privacy_spent(config: FederatedConfig, n_clients: int, rounds: int) -> dict[str, float]:
-    """(ε, δ) after ``rounds`` DP rounds with cohort ``clients_per_round`` out of ``n_clients``."""
+    """(ε, δ) after ``rounds`` DP rounds, merchants Poisson-sampled with ``q = clients_per_round / n_clients``."""
     if not config.dp:
         return {}
-    q = min(config.clients_per_round, n_clients) / max(n_clients, 1)
+    q = dp_sampling_rate(config, n_clients)
     return {"dp_epsilon": dp_epsilon(config.noise_multiplier, q, rounds, config.dp_delta), "dp_delta": config.dp_delta,
             "dp_noise_multiplier": config.noise_multiplier, "dp_sampling_rate": q}
+
+
+def dp_verdict(epsilon: float, meaningful: float) -> str:
+    """Plain words for an ε: what a reader of the run's tags and output needs to know first."""
+    if epsilon > meaningful:
+        return f"none: epsilon {epsilon:.3g} > {meaningful:g} gives no meaningful privacy guarantee"
+    return f"epsilon {epsilon:.3g} <= {meaningful:g}"
+
+
+def privacy_notes(config: FederatedConfig, privacy: Mapping[str, float], meaningful: float) -> dict[str, str]:
+    """Run tags saying how a DP run sampled, how it accounted ε and whether that ε means anything."""
+    if not config.dp:
+        return {}
+    return {
+        "dp_sampling": "poisson: each merchant independently with probability dp_sampling_rate every round, "
+                       "drawn from OS entropy (not seeded, not logged)",
+        "dp_accounting": "RDP accountant, Poisson-subsampled Gaussian, add/remove one merchant: amplified by "
+                         "the secret sampling; covers model updates only (not logged train/eval metrics)",
+        "dp_guarantee": dp_verdict(privacy["dp_epsilon"], meaningful),
+    }
 
 
 def data_period(stores: Mapping[str, MerchantStore]) -> dict[str, float]:
@@ -122,11 +143,11 @@ def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, rou
     return str(version.version)
 
 
-def _on_workers(stores, config: FederatedConfig, process, evaluation, workers: list):
+def _on_workers(settings: Settings, stores, config: FederatedConfig, process, evaluation, workers: list):
     """Restrict the run to the joined merchants and run each round's client work on their workers."""
     import dataclasses
 
-    from federated.remote import OnWorkers, mergeable_context
+    from federated.remote import OnWorkers, channel_credentials, mergeable_context
 
     if config.dp or config.secure_agg:
         raise ValueError("rounds on joined workers support FedAvg/FedProx with clipping, not --dp or --secure-agg")
@@ -134,7 +155,8 @@ def _on_workers(stores, config: FederatedConfig, process, evaluation, workers: l
     missing = [w.merchant_id for w in ordered if w.merchant_id not in stores]
     if missing:
         raise ValueError(f"joined merchants without a store: {missing}")
-    context = mergeable_context([w.address for w in ordered])
+    credentials = channel_credentials(settings) if any(w.tls for w in ordered) else None
+    context = mergeable_context(ordered, credentials)
     config = dataclasses.replace(config, clients_per_round=len(ordered), dropout_rate=0.0)
     chosen = {w.merchant_id: stores[w.merchant_id] for w in ordered}
     return chosen, config, OnWorkers(process, context), OnWorkers(evaluation, context), f"remote_workers[{len(ordered)}]"
@@ -163,11 +185,14 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
     process = build_process(model_fn, config)
     evaluation = build_evaluation(model_fn)
     if workers:
-        stores, config, process, evaluation, context_name = _on_workers(stores, config, process, evaluation, workers)
+        stores, config, process, evaluation, context_name = _on_workers(settings, stores, config, process, evaluation, workers)
     data = FederatedData.from_stores(stores)
     lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),
                "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name}
     outcome = RunOutcome(run_id=None, history=[], scorer=None, context=context_name)  # type: ignore[arg-type]
+    notes = outcome.privacy_notes = privacy_notes(config, privacy_spent(config, len(stores), config.rounds),
+                                                  settings.federated.meaningful_epsilon)
+    lineage.update(notes)
     catalogs = published_catalogs(stores) if track else None
 
     with contextlib.ExitStack() as stack:
@@ -177,7 +202,7 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
             run = stack.enter_context(mlflow.start_run(experiment_id=exp_id, run_name=f"federated-{config.rounds}r"))
             outcome.run_id = run.info.run_id
             mlflow.log_params({k: str(v) for k, v in {**config.lineage(), **asdict(model_config)}.items()})
-            mlflow.set_tags({"room": "federated", "merchants": str(len(stores))})
+            mlflow.set_tags({"room": "federated", "merchants": str(len(stores)), **notes})
 
         def after_round(round_num: int, state, result: RoundResult) -> None:
             privacy = privacy_spent(config, len(stores), round_num)

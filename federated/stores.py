@@ -129,9 +129,16 @@ def open_stores(root: str | Path, merchant_ids: Iterable[str] | None = None) -> 
     return stores
 
 
-def _checked_id(merchant_id: str) -> str:
+def id_problem(merchant_id: str) -> str | None:
+    """Why ``merchant_id`` cannot name a store directory (None when it can)."""
     if not _SAFE_ID.match(merchant_id) or merchant_id in (".", ".."):
-        raise ValueError(f"merchant id {merchant_id!r} cannot name a directory")
+        return f"merchant id {merchant_id!r} cannot name a directory (letters, digits, '.', '_', '-'; at most 128)"
+    return None
+
+
+def _checked_id(merchant_id: str) -> str:
+    if (reason := id_problem(merchant_id)) is not None:
+        raise ValueError(reason)
     return merchant_id
 
 
@@ -186,19 +193,25 @@ def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdou
     """Split ``events`` by merchant and write each merchant's featurized train/held-out examples.
 
     Each merchant gets its own featurization context, so nothing of one merchant's traffic can leak into
-    another's examples. Merchants with fewer than ``min_examples`` clicks get no store.
+    another's examples. Merchants with fewer than ``min_examples`` clicks get no store; a merchant whose id
+    cannot name a directory (:func:`id_problem`) is skipped with a logged reason instead of failing everyone.
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     featurizer = Featurizer(bits)
     wanted = set(merchants) if merchants is not None else None
     builders: dict[str, _MerchantBuilder] = {}
+    refused: set[str] = set()
     for event in events:
         merchant_id = event.merchant_id
-        if wanted is not None and merchant_id not in wanted:
+        if (wanted is not None and merchant_id not in wanted) or merchant_id in refused:
             continue
         builder = builders.get(merchant_id)
         if builder is None:
+            if (reason := id_problem(merchant_id)) is not None:
+                refused.add(merchant_id)
+                log.warning("merchant skipped", extra={"merchant": merchant_id, "reason": reason})
+                continue
             builder = builders[merchant_id] = _MerchantBuilder(featurizer)
         builder.add(event)
     stores = {}

@@ -25,6 +25,7 @@ Example (not run here: it takes TFF's ~11 s import):
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -293,6 +294,17 @@ def sample_clients(client_ids: list[str], k: int, round_num: int, seed: int) -> 
     return [client_ids[i] for i in sorted(chosen.tolist())]
 
 
+def secret_poisson_cohort(client_ids: list[str], rate: float) -> list[str]:
+    """Each client independently with probability ``rate``, drawn from the OS's entropy (DP runs).
+
+    Not seeded and never logged: the amplification by sampling that the DP accountant counts
+    (:func:`dp_epsilon`, Poisson-subsampled Gaussian) holds only when nobody who sees the released models
+    can reproduce who was sampled, and only for Poisson sampling (this one), not a fixed-size cohort.
+    """
+    draw = secrets.SystemRandom()
+    return [m for m in client_ids if draw.random() < rate]
+
+
 def simulated_failures(sampled: list[str], rate: float, round_num: int, seed: int) -> set[str]:
     """Sampled clients that drop out mid-round (seeded coin flips)."""
     if rate <= 0:
@@ -352,8 +364,10 @@ def run_rounds(process, state, data: FederatedData, config: FederatedConfig, *, 
                evaluation=None, eval_state=None, on_round: Callable[[int, Any, RoundResult], None] | None = None):
     """Run ``config.rounds`` rounds from ``state``; returns ``(state, [RoundResult, ...])``.
 
-    Each round samples ``clients_per_round`` merchants (seeded), drops those that fail, and runs one
-    ``process.next`` on the survivors. A round whose whole cohort dropped out leaves the state unchanged.
+    Each round samples ``clients_per_round`` merchants (seeded; with DP, each merchant independently with
+    probability ``clients_per_round / merchants`` from OS entropy: :func:`secret_poisson_cohort`), drops
+    those that fail, and runs one ``process.next`` on the survivors. Without DP a round whose whole cohort
+    dropped out leaves the state unchanged; with DP it still runs (the noise is released either way).
     With ``evaluation`` (from :func:`build_evaluation`) the global model is evaluated on every merchant's
     held-out data every ``config.eval_every`` rounds. ``on_round(round, state, result)`` is called after
     each round (MLflow logging, progress bars, checkpoints).
@@ -362,12 +376,15 @@ def run_rounds(process, state, data: FederatedData, config: FederatedConfig, *, 
     if evaluation is not None and eval_state is None:
         eval_state = evaluation.initialize()
     for round_num in range(start_round, start_round + config.rounds):
-        sampled = sample_clients(data.client_ids, config.clients_per_round, round_num, config.seed)
+        if config.dp:
+            sampled = secret_poisson_cohort(data.client_ids, dp_sampling_rate(config, len(data.client_ids)))
+        else:
+            sampled = sample_clients(data.client_ids, config.clients_per_round, round_num, config.seed)
         failing = simulated_failures(sampled, config.dropout_rate, round_num, config.seed)
         participants, datasets, dropped = _cohort(data, sampled, failing, seed=config.seed, round_num=round_num)
         started = time.perf_counter()
         result = RoundResult(round_num, sampled, participants, dropped, 0.0)
-        if datasets:
+        if datasets or config.dp:  # a DP round releases its noise even when nobody was sampled
             output = process.next(state, datasets)
             state = output.state
             result.train = _scalars(output.metrics["client_work"]["train"])
@@ -385,12 +402,14 @@ def run_rounds(process, state, data: FederatedData, config: FederatedConfig, *, 
     return state, history
 
 
-def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
-    """ε spent by ``rounds`` of the sampled Gaussian mechanism (RDP accountant, Poisson-sampling bound).
+def dp_sampling_rate(config: FederatedConfig, n_clients: int) -> float:
+    """Poisson sampling probability of a DP run: ``clients_per_round / merchants`` (at most 1)."""
+    return min(config.clients_per_round, n_clients) / max(n_clients, 1)
 
-    Client sampling here is uniform without replacement of a fixed cohort size; accounting it as Poisson
-    sampling with ``q = clients_per_round / clients`` is the standard approximation (as in TFF's DP tutorials).
-    """
+
+def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
+    """ε spent by ``rounds`` of the Poisson-subsampled Gaussian mechanism (RDP accountant, add/remove one
+    merchant): what :func:`run_rounds` runs with DP (secret Poisson cohorts, :func:`secret_poisson_cohort`)."""
     import dp_accounting
 
     if noise_multiplier <= 0:

@@ -175,10 +175,13 @@ class Demo:
         console.print(results)
 
     def run_federated(self) -> None:
+        from streams.generator import GeneratorConfig, merchant_ids
+
         self.step(5, f"federated rounds across merchants ({self.plan.rounds} rounds, TFF)")
+        joined = ",".join(merchant_ids(GeneratorConfig(merchants=self.plan.merchants)))  # joining is explicit
         output = self.fedstream(
             "federated", "run", "--rounds", str(self.plan.rounds), "--clients-per-round",
-            str(self.plan.clients_per_round), "--source", "kafka",
+            str(self.plan.clients_per_round), "--source", "kafka", "--merchants", joined,
         )
         self.summary["federated"] = self.last_json(output)
 

@@ -176,6 +176,22 @@ class DriftSettings(BaseModel):
     price_index_max_items: int = Field(default=200_000, ge=1, description="Reference prices kept per merchant.")
 
 
+class FederatedSettings(BaseModel):
+    """Trust settings of federated training: worker/coordinator TLS material and the DP verdict.
+
+    TLS files default to ``<data_dir>/federated/tls/`` (what ``fedstream federated certs`` writes); in
+    production point them at the federation's CA and each site's own certificate and key.
+    """
+
+    tls_ca_file: Path | None = Field(default=None, description="Federation CA certificate (PEM).")
+    worker_cert_file: Path | None = Field(default=None, description="A merchant worker's server certificate chain.")
+    worker_key_file: Path | None = Field(default=None, description="Its private key.")
+    coordinator_cert_file: Path | None = Field(default=None, description="The coordinator's client certificate.")
+    coordinator_key_file: Path | None = Field(default=None, description="Its private key.")
+    meaningful_epsilon: float = Field(
+        default=10.0, gt=0, description="A DP run whose ε exceeds this is reported as giving no meaningful guarantee.")
+
+
 class Settings(BaseSettings):
     """Every setting of the platform. Instantiate through :func:`load_settings`."""
 
@@ -195,6 +211,7 @@ class Settings(BaseSettings):
     drift: DriftSettings = DriftSettings()
     registry: RegistrySettings = RegistrySettings()
     mlflow_stack: MlflowStackSettings = MlflowStackSettings()
+    federated: FederatedSettings = FederatedSettings()
     feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
     seed: int = 7
     config_file: Path | None = Field(default=None, exclude=True)

@@ -33,3 +33,25 @@ def test_option_validation(tmp_path):
     assert both.exit_code == 2
     help_text = _invoke(["--help"], tmp_path).output
     assert "join" in help_text and "run" in help_text
+
+
+def test_kafka_source_takes_only_explicitly_listed_merchants(tmp_path):
+    """The compose file passes `--merchants "$FEDSTREAM_FEDERATED_MERCHANTS"`: unset must not mean everyone."""
+    for args in (["run", "--source", "kafka"], ["run", "--source", "kafka", "--merchants", ""],
+                 ["run", "--source", "kafka", "--merchants", "../x,a/b"]):
+        result = _invoke(args, tmp_path)
+        assert result.exit_code == 2 and "--merchants" in result.output, (args, result.output)
+    assert not (tmp_path / "federated" / "merchants").exists()
+
+
+def test_run_defaults_to_the_platforms_data_not_the_generator(tmp_path):
+    help_text = _invoke(["run", "--help"], tmp_path).output
+    assert "[default: kafka]" in " ".join(help_text.split())
+    result = _invoke(["run", "--rounds", "1"], tmp_path)  # = --source kafka: needs the merchant list
+    assert result.exit_code == 2 and "--merchants" in result.output
+
+
+def test_an_unusable_merchant_id_is_skipped_with_its_reason(tmp_path):
+    result = _invoke(["run", "--source", "stores", "--merchants", "../x,m07"], tmp_path)
+    assert "skipped: merchant id '../x' cannot name a directory" in result.output
+    assert result.exit_code == 1 and "m07" in result.output and "Traceback" not in result.output

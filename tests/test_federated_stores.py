@@ -88,6 +88,16 @@ def test_orders_update_context_and_small_merchants_are_skipped(tmp_path):
     assert list(stores) == ["m1"] and stores["m1"].count("train") == 16
 
 
+def test_a_merchant_id_that_cannot_name_a_store_is_skipped_not_fatal(tmp_path, caplog):
+    events = [_click(n, merchant=m) for n in range(12) for m in ("m1", "acme/eu", "..", "m2")]
+    with caplog.at_level("WARNING", logger="fedstream.federated.stores"):
+        stores = build_stores(events, tmp_path, bits=BITS)
+    assert sorted(stores) == ["m1", "m2"]
+    assert sorted(p.name for p in (tmp_path / "merchants").iterdir()) == ["m1", "m2"]
+    skipped = {r.merchant: r.reason for r in caplog.records if r.getMessage() == "merchant skipped"}
+    assert sorted(skipped) == ["..", "acme/eu"] and "cannot name a directory" in skipped["acme/eu"]
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="holdout_fraction"):
         build_stores([], tmp_path, bits=BITS, holdout_fraction=1.0)

@@ -3,6 +3,7 @@ MLflow logging and registration, the CLI. One module-scoped TFF setup; worker_bi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -163,7 +164,7 @@ def test_dp_fedavg_runs_and_accounts_epsilon(stores, tff_module, model_fn):
     process = build_process(model_fn, config)
     state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config)
     assert all(np.isfinite(w).all() for w in process.get_model_weights(state).trainable)
-    assert len(history[-1].participants) == 4
+    assert all(set(r.participants) <= set(stores) and not r.skipped for r in history)
     eps2, eps20 = dp_epsilon(0.3, 4 / 6, 2, 1e-5), dp_epsilon(0.3, 4 / 6, 20, 1e-5)
     assert 0 < eps2 < eps20 < math.inf
     assert dp_epsilon(3.0, 0.1, 20, 1e-5) < 1.0 < dp_epsilon(0.8, 0.1, 20, 1e-5)
@@ -174,6 +175,31 @@ def test_dp_fedavg_runs_and_accounts_epsilon(stores, tff_module, model_fn):
         FederatedConfig(dp=True)
     with pytest.raises(ValueError):
         FederatedConfig(dp=True, noise_multiplier=0.1, clip=1.0, secure_agg=True)
+
+
+def test_dp_cohorts_are_secret_poisson_samples_not_the_logged_seed(stores, tff_module, model_fn):
+    """ε counts amplification by sampling: the cohorts must not be reproducible from the run's seed.
+
+    Two DP runs with the same seed over 6 merchants (q = 4/6) draw the same 3 cohorts with probability
+    (q^2 + (1-q)^2)^(6x3) ~ 2e-5; a seeded sampler draws them every time.
+    """
+    config = FederatedConfig(rounds=3, clients_per_round=4, dp=True, noise_multiplier=1.0, clip=1.0, seed=5)
+    data = FederatedData.from_stores(stores)
+    process = build_process(model_fn, config)
+    runs = [run_rounds(process, process.initialize(), data, config)[1] for _ in range(2)]
+    cohorts = [[r.sampled for r in history] for history in runs]
+    assert cohorts[0] != cohorts[1]
+    assert cohorts[0] != [sample_clients(data.client_ids, 4, k, 5) for k in (1, 2, 3)]
+    from federated.training import secret_poisson_cohort
+
+    draws = [secret_poisson_cohort([f"m{k:03d}" for k in range(400)], 0.25) for _ in range(2)]
+    assert draws[0] != draws[1] and all(60 < len(d) < 140 for d in draws)  # Poisson, not a fixed-size cohort
+    # a DP round whose whole cohort dropped out still releases its noise (the accountant counted it)
+    data.train = {m: (lambda: (_ for _ in ()).throw(OSError("store gone"))) for m in data.train}
+    state = process.initialize()
+    moved, history = run_rounds(process, state, data, dataclasses.replace(config, rounds=1))
+    assert history[0].participants == [] and not history[0].skipped
+    assert not np.array_equal(process.get_model_weights(moved).trainable[0], process.get_model_weights(state).trainable[0])
 
 
 def test_secure_aggregation_in_the_test_context(stores, tff_module, model_fn):
@@ -246,6 +272,13 @@ def test_run_logs_rounds_and_registers_versions(stores, tff_module, settings):
     steps = client.get_metric_history(outcome.run_id, "eval_auc")
     assert [m.step for m in steps] == [1, 2]
     assert client.get_metric_history(outcome.run_id, "dp_epsilon")[-1].value == pytest.approx(outcome.privacy["dp_epsilon"])
+    tags = client.get_run(outcome.run_id).data.tags
+    assert "dp_sampling" in tags and "dp_guarantee" in tags
+    from federated.runner import dp_verdict
+
+    assert tags["dp_sampling"].startswith("poisson") and "OS entropy" in tags["dp_sampling"]
+    assert "Poisson-subsampled" in tags["dp_accounting"] and "amplified" in tags["dp_accounting"]
+    assert tags["dp_guarantee"] == dp_verdict(outcome.privacy["dp_epsilon"], settings.federated.meaningful_epsilon)
     version = client.get_model_version(MODEL_NAME, "2")
     lineage = version_lineage(version)
     assert lineage["rounds"] == 2 and lineage["merchants_per_round"] == 2 and lineage["dp"] is True
@@ -283,8 +316,8 @@ def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
 
     env = {**os.environ, "FEDSTREAM_DATA_DIR": str(tmp_path / "data"), "FEDSTREAM_FEATURE_BITS": "14",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "fedstream", "federated", "run", "--rounds", "2", "--clients-per-round", "3",
-               "--events", "4000", "--generate-merchants", "4", "--no-personalize", "--server-optimizer", "sgd",
+    command = [sys.executable, "-m", "fedstream", "federated", "run", "--source", "generate", "--rounds", "2",
+               "--clients-per-round", "3", "--events", "4000", "--generate-merchants", "4", "--no-personalize", "--server-optimizer", "sgd",
                "--server-lr", "1.0"]
     # capture_output: a leftover worker_binary would hold the pipes open and this would time out
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -292,10 +325,18 @@ def test_cli_run_in_a_real_process_and_bad_options(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["versions"] == ["1"] and summary["final_eval"]["auc"] > 0.5
     assert sorted(p.name for p in (tmp_path / "data" / "federated" / "merchants").iterdir()) == ["m00", "m01", "m02", "m03"]
+    # a DP run whose ε means nothing says so, before training and in its summary (the issue's ε ~ 222)
+    dp = subprocess.run([*command[:5], "--source", "stores", "--rounds", "3", "--clients-per-round", "3",
+                         "--no-personalize", "--dp", "--noise-multiplier", "0.1", "--clip", "1.0"],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    dp_summary = json.loads(dp.stdout.strip().splitlines()[-1])
+    assert dp_summary["dp_epsilon"] > 100 and dp_summary["dp_guarantee"].startswith("none: epsilon")
+    assert dp.stderr.count("WARNING: DP guarantee none") == 2 and "no meaningful privacy guarantee" in dp.stderr
     runner = CliRunner()
     bad = runner.invoke(main, ["federated", "run", "--dp", "--rounds", "1"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert bad.exit_code == 2 and "noise multiplier" in bad.output
-    no_broker = runner.invoke(main, ["federated", "run", "--source", "kafka"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    no_broker = runner.invoke(main, ["federated", "run", "--source", "kafka", "--merchants", "m00"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert no_broker.exit_code != 0 and "broker" in str(no_broker.exception).lower()
     bad_merchants = runner.invoke(main, ["federated", "run", "--merchants", " , "], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
     assert bad_merchants.exit_code == 2
@@ -320,12 +361,15 @@ def test_rounds_across_three_joined_workers_over_loopback(tff_module, tmp_path):
     stores = build_stores(generate(GeneratorConfig(merchants=3, events=3000, seed=9)), settings.data_path / "federated",
                           bits=BITS)
     env = {**os.environ, "FEDSTREAM_DATA_DIR": str(settings.data_path)}
+    from federated.certs import default_dir, make_federation
+
+    make_federation(default_dir(settings), ["127.0.0.1"], days=1)  # joins serve mTLS; the coordinator dials with it
     joins = [subprocess.Popen([sys.executable, "-m", "fedstream", "federated", "join", "--merchant", m],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for m in sorted(stores)]
     try:
         records = [json.loads(p.stdout.readline()) for p in joins]
-        assert sorted(r["merchant_id"] for r in records) == ["m00", "m01", "m02"]
+        assert sorted(r["merchant_id"] for r in records) == ["m00", "m01", "m02"] and all(r["tls"] for r in records)
         workers = joined_workers(settings)
         assert [w.merchant_id for w in workers] == ["m00", "m01", "m02"]
         config = FederatedConfig(rounds=2, clients_per_round=2, server_optimizer="sgd", server_learning_rate=1.0)
