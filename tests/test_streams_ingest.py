@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import time
 
 import msgspec
 import pytest
@@ -87,14 +88,26 @@ def drain_all(settings) -> list:
 
 
 class _KillsTheBrokerHalfWay(io.BytesIO):
-    """stdin that kills the broker (SIGKILL) once half of it has been read."""
+    """stdin that kills the broker (SIGKILL) once half of it has been read and the broker holds records
+    (on a loaded machine the producer may not have sent anything yet at the half-way mark)."""
 
-    def __init__(self, data: bytes, broker) -> None:
+    def __init__(self, data: bytes, broker, settings) -> None:
         super().__init__(data)
-        self.half, self.broker = len(data) // 2, broker
+        self.half, self.broker, self.settings = len(data) // 2, broker, settings
+
+    def _wait_for_stored_records(self, timeout_s: float = 60.0) -> None:
+        consumer = make_consumer(self.settings, None, self.settings.topics.clicks.name)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline and not consumer.poll(timeout_ms=500):
+                pass
+        finally:
+            consumer.close()
+        time.sleep(1.0)  # let the acknowledgements of what is stored reach the producer
 
     def readinto(self, buffer) -> int:
         if self.broker is not None and self.tell() >= self.half:
+            self._wait_for_stored_records()
             self.broker.kill()
             self.broker.wait()
             self.broker = None
@@ -114,7 +127,7 @@ def test_a_broker_dying_mid_file_ends_with_the_summary_and_a_resume_without_dupl
     proc, _ = start_broker_process(tmp_path / "dying", port=port)
     dying = own_broker_settings(settings, port)
     try:
-        first = CliRunner().invoke(main, ["ingest", "-"], input=_KillsTheBrokerHalfWay(data, proc),
+        first = CliRunner().invoke(main, ["ingest", "-"], input=_KillsTheBrokerHalfWay(data, proc, dying),
                                    env={**env_for(dying), "FEDSTREAM_KAFKA__REQUEST_TIMEOUT_MS": "3000"})
     finally:
         terminate(proc.pid)
