@@ -29,6 +29,7 @@ import pytest
 from fedstream.host import free_port
 from fedstream.settings import load_settings
 from registry.flavor import BUNDLE_FILE, read_bundle
+from registry.signing import signing_key
 from registry.models import alias_history, register_version
 from fedstream.processes import group_members
 from registry.stack import ProductionStack, StackError, postgres_bindir
@@ -187,7 +188,7 @@ def test_register_promote_serve_hot_swap_rollback_on_postgres_and_s3(prod_stack,
     actions = [(h["action"], h["version"]) for h in alias_history(settings, NAME)]
     assert actions == [("register", "1"), ("promote", "1"), ("register", "2"), ("promote", "2"), ("rollback", "1")]
     _assert_metadata_in_postgres(prod_stack["backend_store_uri"])
-    _assert_bundles_in_s3(prod_stack, api)
+    _assert_bundles_in_s3(prod_stack, api, signing_key(settings))
 
 
 def test_mlflow_ui_on_a_tracking_server_shows_the_server_instead_of_starting_one(prod_stack, monkeypatch):
@@ -249,7 +250,7 @@ def _assert_metadata_in_postgres(backend_store_uri: str) -> None:
     connection.close()
 
 
-def _assert_bundles_in_s3(prod_stack: dict, api: Api) -> None:
+def _assert_bundles_in_s3(prod_stack: dict, api: Api, signing: bytes) -> None:
     """The two bundles are objects in the bucket (read with S3 credentials, as a direct s3:// reader would)."""
     import boto3
 
@@ -263,7 +264,7 @@ def _assert_bundles_in_s3(prod_stack: dict, api: Api) -> None:
     for key in keys:
         local = Path(api.log_path.parent) / key.replace("/", "_")
         s3.download_file(bucket, key, str(local))
-        probabilities = read_bundle(local).predict(api.clicks)
+        probabilities = read_bundle(local, signing).predict(api.clicks)  # signed by the registering process
         scales |= {scale for scale in (1.0, 2.0) if np.allclose(probabilities, expected(api, scale), rtol=1e-6)}
     assert scales == {1.0, 2.0}
 
