@@ -62,6 +62,7 @@ from online import kernels
 
 CLIP = kernels.CLIP  # |logit| cap: exp() stays finite, p stays in (1e-15, 1 - 1e-15)
 DTYPES = ("float64", "float32")  # per-slot state: float32 halves memory (its log loss cost: online/README.md)
+_LABELS = (np.zeros(1), np.ones(1))  # learn_one's label as a kernel argument (read, never written)
 KEY_CACHE = 1 << 16  # string feature keys whose slots learn_one / predict_proba_one memoize
 
 
@@ -240,47 +241,57 @@ class HashedLogisticRegression(base.Classifier):
     # -- River protocol -----------------------------------------------------------------------------------
 
     def predict_proba_one(self, x: dict) -> dict[bool, float]:
-        if self.native:
-            indices, values = self._native_row(x)
-            out = np.empty(1)
-            kernels.predict(self.w, indices, values, out)
-            p = float(out[0])
+        if self.native:  # a dict is small: a Python loop beats building arrays for a kernel call
+            weight, known, mask, dot = self.w.item, self._keys().get, self._mask, 0.0
+            for key, value in x.items():
+                slot = known(key)  # memoized string keys (no other key equals a string)
+                if slot is None:
+                    slot = key & mask if type(key) is int else self._slot(key)
+                dot += weight(slot) * value
+            p = float(1.0 / (1.0 + math.exp(-min(max(dot, -CLIP), CLIP))))
         else:
             indices, values = dict_to_arrays(x, self._mask)
             p = float(sigmoid((self.w[indices] * values).sum(axis=1))[0])
         return {False: 1.0 - p, True: p}
 
     def learn_one(self, x: dict, y: bool) -> None:
-        label = np.array([1.0 if y else 0.0])
+        label = _LABELS[1 if y else 0]
         if self.native:
             indices, values = self._native_row(x)
-            self._learn_native(indices, values, label, np.empty(1))
+            out = self.__dict__.get("_scratch_out")
+            if out is None:
+                out = self.__dict__["_scratch_out"] = np.empty(1)
+            self._learn_native(indices, values, label, out)
             self.n_updates += 1
             self.n_batches += 1
         else:
-            self._learn_rows(*dict_to_arrays(x, self._mask), label)
+            self._learn_rows(*dict_to_arrays(x, self._mask), label.copy())
 
     def _native_row(self, x: Mapping[Any, float]) -> tuple[np.ndarray, np.ndarray]:
         """A dict as one ``(1, k)`` kernel row (colliding slots are merged by the kernels). String keys'
         slots are memoized (up to ``KEY_CACHE`` keys; the memo is never pickled)."""
+        mask = self._mask
+        slots = [key & mask if type(key) is int else self._slot(key) for key in x]
+        return (np.array(slots, dtype=np.int32).reshape(1, -1),
+                np.fromiter(x.values(), dtype=np.float64, count=len(x)).reshape(1, -1))
+
+    def _keys(self) -> dict[str, int]:
         cache = self.__dict__.get("_scratch_keys")
         if cache is None:
             cache = self.__dict__["_scratch_keys"] = {}
-        slots = []
-        for key in x:
-            if type(key) is int:
-                slots.append(key & self._mask)
-            elif type(key) is str:
-                slot = cache.get(key)
-                if slot is None:
-                    slot = hash_key(key, self._mask)
-                    if len(cache) < KEY_CACHE:
-                        cache[key] = slot
-                slots.append(slot)
-            else:
-                slots.append(hash_key(key, self._mask))
-        return (np.array(slots, dtype=np.int32).reshape(1, -1),
-                np.array(list(x.values()), dtype=np.float64).reshape(1, -1))
+        return cache
+
+    def _slot(self, key: Any) -> int:
+        """The slot of a non-integer key; string keys' slots are memoized."""
+        if type(key) is not str:
+            return hash_key(key, self._mask)
+        cache = self._keys()
+        slot = cache.get(key)
+        if slot is None:
+            slot = hash_key(key, self._mask)
+            if len(cache) < KEY_CACHE:
+                cache[key] = slot
+        return slot
 
     # -- state --------------------------------------------------------------------------------------------
 
