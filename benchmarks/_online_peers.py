@@ -18,6 +18,7 @@ on River's own data sets, and MovieLens-100K (the copy in the recbole wheel, rea
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import tempfile
 import time
@@ -33,37 +34,48 @@ def _vw_line(row: list[int], values: list[float], label: float) -> str:
     return ("1 |f " if label else "-1 |f ") + features + "\n"
 
 
-def run_vw(indices: np.ndarray, values: np.ndarray, labels: np.ndarray, bits: int, ftrl: dict, repeats: int) -> dict:
-    """VW FTRL on the rows: events/s of each timed pass (from its binary cache), its progressive loss and
-    its per-example predictions (one extra untimed pass with ``-p``, for AUC)."""
+@contextlib.contextmanager
+def vw_session(indices: np.ndarray, values: np.ndarray, labels: np.ndarray, bits: int, ftrl: dict):
+    """VW FTRL ready to run over the rows: yields ``(run, p)``; ``run() -> {seconds, startup_s, logloss}``
+    is one timed pass over the binary cache (then, timed apart, the same start-up over no examples);
+    ``p`` are VW's per-example predictions (from the untimed pass that builds the cache, for AUC)."""
     from vowpalwabbit.pyvw import Workspace
 
     with tempfile.TemporaryDirectory() as tmp:
-        data, cache, preds = Path(tmp) / "rows.vw", Path(tmp) / "rows.cache", Path(tmp) / "p.txt"
+        data, cache, preds, empty = (Path(tmp) / name for name in ("rows.vw", "rows.cache", "p.txt", "empty.vw"))
         with open(data, "w") as out:
             for row, vals, label in zip(indices.tolist(), np.asarray(values).tolist(), labels.tolist()):
                 out.write(_vw_line(row, vals, label))
-        args = (f"--ftrl --ftrl_alpha {ftrl['alpha']} --ftrl_beta {ftrl['beta']} --l1 {ftrl['l1']} --l2 {ftrl['l2']} "
-                f"-b {bits} --loss_function logistic --link logistic --noconstant --quiet "
-                f"-d {data} --cache_file {cache}")
-        Workspace(args + f" -p {preds}").finish()  # writes the binary cache (and the predictions, untimed)
-        p = np.loadtxt(preds, usecols=0, ndmin=1)
-        empty = Path(tmp) / "empty.vw"
         empty.write_text("")
-        empty_args = args.replace(f"-d {data} --cache_file {cache}", f"-d {empty}")
-        seconds, startup, loss = [], [], float("nan")
-        for _ in range(repeats):
+        options = (f"--ftrl --ftrl_alpha {ftrl['alpha']} --ftrl_beta {ftrl['beta']} --l1 {ftrl['l1']} "
+                   f"--l2 {ftrl['l2']} -b {bits} --loss_function logistic --link logistic --noconstant --quiet")
+        args = f"{options} -d {data} --cache_file {cache}"
+        Workspace(f"{args} -p {preds}").finish()  # writes the binary cache (and the predictions, untimed)
+
+        def run() -> dict:
             started = time.perf_counter()
             vw = Workspace(args)  # builds the model, then runs the driver over the cache
-            seconds.append(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
             loss = vw.get_sum_loss() / vw.get_weighted_examples()
             vw.finish()
             started = time.perf_counter()
-            Workspace(empty_args).finish()  # the same start-up (weights allocated) over no examples
-            startup.append(time.perf_counter() - started)
-    net = [max(s - min(startup), 1e-9) for s in seconds]
-    return {"events_per_s": [len(labels) / s for s in net], "wall_events_per_s": [len(labels) / s for s in seconds],
-            "startup_s": float(np.median(startup)), "logloss": loss, "p": p}
+            Workspace(f"{options} -d {empty}").finish()  # the same start-up over no examples
+            return {"seconds": seconds, "startup_s": time.perf_counter() - started, "logloss": loss}
+
+        yield run, np.loadtxt(preds, usecols=0, ndmin=1)
+
+
+def run_vw(indices: np.ndarray, values: np.ndarray, labels: np.ndarray, bits: int, ftrl: dict, repeats: int) -> dict:
+    """``repeats`` timed VW passes: events/s net of start-up (and wall), progressive loss, predictions."""
+    with vw_session(indices, values, labels, bits, ftrl) as (run, p):
+        return vw_figures([run() for _ in range(repeats)], len(labels)) | {"p": p}
+
+
+def vw_figures(runs: list[dict], events: int) -> dict:
+    startup = min(r["startup_s"] for r in runs)
+    return {"events_per_s": float(np.median([events / max(r["seconds"] - startup, 1e-9) for r in runs])),
+            "wall_events_per_s": float(np.median([events / r["seconds"] for r in runs])),
+            "startup_s": startup, "logloss": runs[-1]["logloss"]}
 
 
 def river_dense_sets() -> dict[str, tuple[list[dict], np.ndarray]]:

@@ -90,11 +90,30 @@ def batches(model, indices, values, labels) -> tuple[float, np.ndarray]:
     return time.perf_counter() - started, np.concatenate(parts)
 
 
-def timed_batches(name: str, params: dict, indices, values, labels, repeats: int = REPEATS) -> dict:
-    make_model(name, BITS, **params).learn_many(indices[:BATCH], values[:BATCH], labels[:BATCH])  # warm-up
-    runs = [batches(make_model(name, BITS, **params), indices, values, labels) for _ in range(repeats)]
-    return {"events_per_s": float(np.median([len(labels) / s for s, _ in runs])),
-            "logloss": mean_logloss(labels, runs[0][1])}
+def warm_up(params: dict[str, dict], indices, values, labels) -> None:
+    """One block per learner outside the timed regions (the kernels are compiled at import already)."""
+    for name in LEARNERS:
+        make_model(name, BITS, **params[name]).learn_many(indices[:BATCH], values[:BATCH], labels[:BATCH])
+
+
+def timed_runs(params: dict[str, dict], variants: dict[str, tuple[str, dict]], indices, values, labels) -> dict:
+    """VW and our variants, timed in turn REPEATS times (interleaved: load changes hit all alike)."""
+    seconds: dict[str, list[float]] = {key: [] for key in variants}
+    loss: dict[str, float] = {}
+    vw_runs = []
+    with peers.vw_session(indices, values, labels, BITS, params["ftrl"]) as (run_vw, _):
+        for _ in range(REPEATS):
+            vw_runs.append(run_vw())
+            for key, (name, options) in variants.items():
+                elapsed, p = batches(make_model(name, BITS, **options), indices, values, labels)
+                seconds[key].append(elapsed)
+                loss[key] = mean_logloss(labels, p)
+    vw = peers.vw_figures(vw_runs, len(labels))
+    out = {"vw ftrl": {"events_per_s": vw["events_per_s"], "logloss": vw["logloss"]},
+           "vw ftrl wall (start-up incl.)": {"events_per_s": vw["wall_events_per_s"], "logloss": vw["logloss"]}}
+    for key in variants:
+        out[key] = {"events_per_s": float(np.median([len(labels) / s for s in seconds[key]])), "logloss": loss[key]}
+    return out
 
 
 def one_at_a_time(model, dicts: list[dict], labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -122,15 +141,11 @@ def seed_figures(seed: int, params: dict[str, dict]) -> dict:
     """One report seed: mini-batches against VW, float32 and delayed FTRL, same-API against River."""
     _, indices, values, labels = stream(seed)
     out: dict = {"clicks": int(len(labels))}
-    vw = peers.run_vw(indices, values, labels, BITS, params["ftrl"], REPEATS)
-    out["vw ftrl"] = {"events_per_s": float(np.median(vw["events_per_s"])), "logloss": vw["logloss"]}
-    out["vw ftrl wall (start-up incl.)"] = {"events_per_s": float(np.median(vw["wall_events_per_s"])),
-                                            "logloss": vw["logloss"]}
-    for name in LEARNERS:
-        out[f"ours {name}"] = timed_batches(name, params[name], indices, values, labels)
-    out["ours ftrl float32"] = timed_batches("ftrl", {**params["ftrl"], "dtype": "float32"}, indices, values, labels)
-    out["ours ftrl delayed 64"] = timed_batches("ftrl", {**params["ftrl"], "max_delay": 64}, indices, values,
-                                                labels, repeats=1)
+    warm_up(params, indices, values, labels)
+    variants = {**{f"ours {name}": (name, params[name]) for name in LEARNERS},
+                "ours ftrl float32": ("ftrl", {**params["ftrl"], "dtype": "float32"}),
+                "ours ftrl delayed 64": ("ftrl", {**params["ftrl"], "max_delay": 64})}
+    out.update(timed_runs(params, variants, indices, values, labels))
     dicts = [as_dict(i, v) for i, v in zip(indices[:RIVER_EVENTS], values[:RIVER_EVENTS])]
     for name in ("ftrl", "river-ftrl"):
         rate, p = one_at_a_time(make_model(name, BITS, **params["ftrl"]), dicts, labels[:RIVER_EVENTS])

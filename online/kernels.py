@@ -49,6 +49,17 @@ def _predict_row(w, indices, values, row) -> float:
 
 
 @njit(cache=True, inline="always")
+def _has_duplicates(indices, row) -> bool:
+    """Whether a slot repeats inside the row (no early exit: the comparisons vectorize)."""
+    hits = 0
+    for col in range(1, indices.shape[1]):
+        slot = indices[row, col]
+        for k in range(col):
+            hits += indices[row, k] == slot
+    return hits > 0
+
+
+@njit(cache=True, inline="always")
 def _merged_value(indices, values, row, col) -> float:
     """The summed value of ``indices[row, col]``'s slot in the row, or NaN if an earlier column has it."""
     slot = indices[row, col]
@@ -69,8 +80,9 @@ def sgd_learn(w, indices, values, labels, out, learning_rate, l2):
         p = _predict_row(w, indices, values, row)
         out[row] = p
         error = p - labels[row]
+        duplicates = _has_duplicates(indices, row)
         for col in range(indices.shape[1]):
-            value = _merged_value(indices, values, row, col)
+            value = _merged_value(indices, values, row, col) if duplicates else values[row, col]
             if value != value:
                 continue
             slot = indices[row, col]
@@ -85,10 +97,11 @@ def adam_learn(w, m, v, indices, values, labels, out, learning_rate, beta_1, bet
         p = _predict_row(w, indices, values, row)
         out[row] = p
         error = p - labels[row]
+        duplicates = _has_duplicates(indices, row)
         t = step + row + 1.0
         lr = learning_rate * math.sqrt(1 - beta_2**t) / (1 - beta_1**t)
         for col in range(indices.shape[1]):
-            value = _merged_value(indices, values, row, col)
+            value = _merged_value(indices, values, row, col) if duplicates else values[row, col]
             if value != value:
                 continue
             slot = indices[row, col]
@@ -107,8 +120,9 @@ def ftrl_learn(w, z, n, indices, values, labels, out, alpha, beta, l1, l2):
         p = _predict_row(w, indices, values, row)
         out[row] = p
         error = p - labels[row]
+        duplicates = _has_duplicates(indices, row)
         for col in range(indices.shape[1]):
-            value = _merged_value(indices, values, row, col)
+            value = _merged_value(indices, values, row, col) if duplicates else values[row, col]
             if value != value:
                 continue
             slot = indices[row, col]
