@@ -119,3 +119,26 @@ def test_float32_and_bad_options_are_checked():
     model = FTRLProximalClassifier(bits=4, dtype="float32")
     restored = FTRLProximalClassifier.from_state(model.state())
     assert restored.z.dtype == np.float32 and FTRLProximalClassifier(bits=4).state_bytes_per_slot == 24
+
+
+def test_exact_ftrl_matches_vowpal_wabbit_ftrl():
+    """VW 9.11.9's FTRL (same slots, alpha/beta/l1/l2, no constant) and our exact FTRL: same progressive
+    log loss and predictions (VW keeps float32 weights, hence the tolerance). Rows repeat no slot: VW
+    updates a repeated feature twice, we merge it into one (as learn_one on a dict)."""
+    from benchmarks import _online_peers as peers
+    from online.prequential import mean_logloss
+
+    rng = np.random.default_rng(21)
+    indices = (np.arange(6) * 4096 + rng.integers(0, 4096, size=(3000, 6))).astype(np.int32)  # column c in its own range
+    indices[:, 0] = 7  # a bias slot every row carries
+    indices[:, 1] = 4096 + rng.integers(0, 4, size=3000)  # the informative field: 4 values
+    logit = 2.0 * (indices[:, 1] % 2) - 1.5
+    labels = (rng.random(3000) < 1 / (1 + np.exp(-logit))).astype(np.float64)
+    values = np.ones(indices.shape)
+    ftrl = {"alpha": 0.2, "beta": 1.0, "l1": 0.1, "l2": 1.0}
+    vw = peers.run_vw(indices, values, labels, bits=15, ftrl=ftrl, repeats=1)
+    ours = FTRLProximalClassifier(bits=15, **ftrl)
+    p = learn_in_batches(ours, indices, values, labels, batch=500)
+    assert mean_logloss(labels, p) == pytest.approx(vw["logloss"], abs=1e-6)
+    np.testing.assert_allclose(p, vw["p"], atol=1e-5)
+    assert mean_logloss(labels, p) < mean_logloss(labels, np.full(len(labels), labels.mean()))  # it learns
