@@ -120,8 +120,9 @@ def merge_row_duplicates(indices: np.ndarray, values: np.ndarray) -> tuple[np.nd
 class HashedLogisticRegression(base.Classifier):
     """Shared machinery: hashed weight vector, predictions, River protocol, mini-batch gradients, state.
 
-    Subclasses implement :meth:`_apply` (one optimizer step given the flat slots and gradients of a
-    batch) and list their per-slot arrays in ``_arrays``.
+    Subclasses implement :meth:`_learn_native` (rows one after the other, a kernel of
+    :mod:`online.kernels`) and :meth:`_apply` (the numpy reference: one optimizer step given the flat
+    slots and gradients of a chunk), and list their per-slot arrays in ``_arrays``.
     """
 
     _arrays: tuple[str, ...] = ("w",)
@@ -344,10 +345,9 @@ class SGDClassifier(HashedLogisticRegression):
     """Logistic regression with plain SGD: ``w_i ← w_i − η (g_i + λ₂ w_i)`` on the slots of each example.
 
     The L2 term is lazy (only slots present in the example shrink), the usual choice for sparse data.
-    In a mini-batch (chunks of at most ``max_delay`` rows) each slot takes one step on the summed
-    gradient of the ``k`` rows that carry it divided by ``√k``: the ``bias`` slot (in every row) does
-    not take a ``k``-times larger step at stale weights, yet frequent slots still learn faster than
-    with the mean; with one row this is exactly ``learn_one``.
+    ``learn_many`` learns its rows one after the other (exact, the default ``max_delay=1``); with
+    ``max_delay=k > 1`` each slot takes one step per chunk of ``k`` rows on the summed gradient of the
+    rows carrying it divided by ``√(their count)`` (see the module docstring).
 
     Example:
         >>> import numpy as np
@@ -414,7 +414,7 @@ class AdamClassifier(HashedLogisticRegression):
 
     @property
     def t(self) -> int:
-        """Adam's step count (one per learn_one call and per chunk of ``max_delay`` rows of learn_many)."""
+        """Adam's step count: one per row learned (exact), or per chunk of ``max_delay > 1`` rows."""
         return self.n_batches
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
