@@ -1,28 +1,33 @@
-"""Online learners side by side on one generated stream, and the Kafka worker end to end.
+"""Online learners against their peers (Vowpal Wabbit, River) on generated and real streams, and the
+Kafka worker end to end.
 
-* predict+learn events/s on one core and prequential log loss of our SGD, Adam and FTRL one event at a
-  time (``predict_proba_one`` + ``learn_one`` on River dicts) and in mini-batches (``learn_many`` on the
-  ``(n, F)`` arrays), and of River's ``LogisticRegression`` with ``FTRLProximal`` (same hyper-parameters,
-  no separate intercept). River is slow, so it runs on a prefix of the stream and every model's log loss
-  is also reported on that same prefix (prequential predictions do not depend on what comes after);
-* the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog
-  (decode, featurize, learn, metrics, drift detectors, recommender, checkpoints; the worker's default
-  options), and produced->learned latency (Kafka
-  record timestamp to the moment the event's block was learned) while events are produced at a steady rate;
-* peak memory: the benchmark process (learners, ``ru_maxrss``) and the worker process (its VmHWM), and the
-  learners' state size, which is set by the hash space (``2**bits``).
+* mini-batches (issue #16 target 1): our SGD, Adam and FTRL ``learn_many`` (exact: rows one after the
+  other, numba kernels, blocks of 1024) against VW 9.11.9's FTRL (``pylibvw`` driver over its binary
+  cache, same hashed slots, same alpha/beta/l1/l2, no constant): events/s on one core (median of 3
+  runs per seed) and progressive log loss, on held-out seeds;
+* same API (issue #16 target 2, #18): ours ``predict_proba_one`` + ``learn_one`` against River's
+  ``LogisticRegression`` with the same optimizer and settings, on a prefix of the generated stream, on
+  River's own data sets (Phishing, Bananas: dense) and on MovieLens-100K (sparse, real);
+* MovieLens-100K (real data): rating >= 4 predicted prequentially from hashed user / item / genre /
+  demographic features: ours, River and VW, log loss and AUC;
+* memory (target 5): optimizer state bytes per slot, float32 state's log loss cost;
+* the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog, and
+  produced->learned latency while events are produced at a steady rate; peak memory.
 
-Targets: our FTRL in mini-batches >= 100x River's events/s with log loss <= River's + 1%; worker >= 20k
-events/s; p95 latency <= 2 s. Featurizing is not timed in the learner rows (it is the same for all).
+Calibration: the learning rates (FTRL alpha) are picked on the calibration seed from a small grid by
+our exact learners' log loss; every figure is then measured on the report seeds with those settings,
+the same for every peer. Numba kernels are compiled (or loaded from their cache) when
+``online.learners`` is imported, before any timed region; each learner also learns one warm-up block
+outside the timed region. Featurizing and VW's text parsing are not timed (VW reads its binary cache).
 
-Run: ``.venv/bin/python -m benchmarks.online`` (``BENCH_QUICK=1``: a 30k-event stream, under 3 minutes on
-2 cores). Prints a table, then one JSON line.
+Run: ``.venv/bin/python -m benchmarks.online`` (``BENCH_QUICK=1``: 30k events per seed, 3 report seeds).
+Prints a table, then one JSON line (``readme`` rows as in the benchmark convention).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
-import math
 import os
 import resource
 import subprocess
@@ -34,21 +39,28 @@ from pathlib import Path
 
 import numpy as np
 
-from online.prequential import mean_logloss
+from benchmarks import _online_peers as peers
+from online.learners import LEARNERS
+from online.prequential import mean_logloss, roc_auc
 from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.generator import GeneratorConfig, generate
 from streams.schemas import Click
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+MODE = "quick" if QUICK else "full"
 EVENTS = 30_000 if QUICK else 200_000
 RIVER_EVENTS = 3_000 if QUICK else 20_000
-ONE_AT_A_TIME_EVENTS = 10_000 if QUICK else 50_000
+MOVIELENS_EVENTS = 20_000 if QUICK else 100_000
+CALIBRATION_SEEDS = [7]
+REPORT_SEEDS = [8, 9, 10] if QUICK else [8, 9, 10, 11, 12]
 BATCH = 1024
-REPEATS = 3  # backlog worker runs; the median is reported
+REPEATS = 3  # timed runs per seed (and backlog worker runs); medians are reported
 BITS = 20
-FTRL = {"alpha": 0.1, "beta": 1.0, "l1": 0.0, "l2": 1.0}
-PARAMS = {"ftrl": FTRL, "river-ftrl": FTRL, "adam": {"learning_rate": 0.005}, "sgd": {"learning_rate": 0.05}}
+FTRL = {"beta": 1.0, "l1": 0.0, "l2": 1.0}
+GRID = {"ftrl": [{"alpha": a, **FTRL} for a in (0.05, 0.1, 0.2)],
+        "sgd": [{"learning_rate": r} for r in (0.02, 0.05, 0.1)],
+        "adam": [{"learning_rate": r} for r in (0.002, 0.005, 0.01)]}
 
 
 def featurize(events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -63,45 +75,114 @@ def featurize(events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return indices, np.ones(indices.shape, dtype=np.float32), np.array(labels, dtype=np.float64)
 
 
-def one_at_a_time(name: str, dicts: list[dict], labels: np.ndarray) -> dict:
-    model = make_model(name, BITS, **PARAMS.get(name, {}))
-    p = np.empty(len(dicts))
-    started = time.perf_counter()
-    for row, (x, y) in enumerate(zip(dicts, labels.tolist())):
-        p[row] = model.predict_proba_one(x)[True]
-        model.learn_one(x, bool(y))
-    elapsed = time.perf_counter() - started
-    return {"events": len(dicts), "events_per_s": len(dicts) / elapsed, "p": p}
+def stream(seed: int) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    events = list(generate(GeneratorConfig(merchants=10, events=EVENTS, seed=seed)))
+    return (events, *featurize(events))
 
 
-def mini_batches(name: str, indices: np.ndarray, values: np.ndarray, labels: np.ndarray) -> dict:
-    model = make_model(name, BITS, **PARAMS.get(name, {}))
+def batches(model, indices, values, labels) -> tuple[float, np.ndarray]:
+    """Seconds to learn the rows in blocks of BATCH (predicting each before learning it), and those p."""
     parts = []
     started = time.perf_counter()
     for start in range(0, len(labels), BATCH):
         stop = start + BATCH
         parts.append(model.learn_many(indices[start:stop], values[start:stop], labels[start:stop]))
-    elapsed = time.perf_counter() - started
-    state_bytes = sum(getattr(model, a).nbytes for a in getattr(model, "_arrays", ()))
-    return {"events": len(labels), "events_per_s": len(labels) / elapsed, "p": np.concatenate(parts),
-            "state_mb": state_bytes / 2**20}
+    return time.perf_counter() - started, np.concatenate(parts)
 
 
-def learner_rows(indices, values, labels) -> list[dict]:
-    dicts = [as_dict(i, v) for i, v in zip(indices[:ONE_AT_A_TIME_EVENTS], values[:ONE_AT_A_TIME_EVENTS])]
-    rows = []
-    river = one_at_a_time("river-ftrl", dicts[:RIVER_EVENTS], labels[:RIVER_EVENTS])
-    rows.append({"model": "river LogisticRegression+FTRLProximal", "mode": "learn_one", **river})
-    for name in ("sgd", "adam", "ftrl"):
-        rows.append({"model": f"ours {name}", "mode": "learn_one", **one_at_a_time(name, dicts, labels)})
-        rows.append({"model": f"ours {name}", "mode": f"learn_many({BATCH})",
-                     **mini_batches(name, indices, values, labels)})
-    for row in rows:
-        n = row["events"]
-        row["logloss"] = mean_logloss(labels[:n], row["p"])
-        row["logloss_prefix"] = mean_logloss(labels[:RIVER_EVENTS], row["p"][:RIVER_EVENTS])
-        row.pop("p")
-    return rows
+def warm_up(params: dict[str, dict], indices, values, labels) -> None:
+    """One block per learner outside the timed regions (the kernels are compiled at import already)."""
+    for name in LEARNERS:
+        make_model(name, BITS, **params[name]).learn_many(indices[:BATCH], values[:BATCH], labels[:BATCH])
+
+
+def timed_runs(params: dict[str, dict], variants: dict[str, tuple[str, dict]], indices, values, labels) -> dict:
+    """VW and our variants, timed in turn REPEATS times (interleaved: load changes hit all alike)."""
+    seconds: dict[str, list[float]] = {key: [] for key in variants}
+    loss: dict[str, float] = {}
+    vw_runs = []
+    with peers.vw_session(indices, values, labels, BITS, params["ftrl"]) as (run_vw, _):
+        for _ in range(REPEATS):
+            vw_runs.append(run_vw())
+            for key, (name, options) in variants.items():
+                elapsed, p = batches(make_model(name, BITS, **options), indices, values, labels)
+                seconds[key].append(elapsed)
+                loss[key] = mean_logloss(labels, p)
+    vw = peers.vw_figures(vw_runs, len(labels))
+    out = {"vw ftrl": {"events_per_s": vw["events_per_s"], "logloss": vw["logloss"]},
+           "vw ftrl wall (start-up incl.)": {"events_per_s": vw["wall_events_per_s"], "logloss": vw["logloss"]}}
+    for key in variants:
+        out[key] = {"events_per_s": float(np.median([len(labels) / s for s in seconds[key]])), "logloss": loss[key]}
+    return out
+
+
+def one_at_a_time(model, dicts: list[dict], labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """events/s of ``predict_proba_one`` + ``learn_one`` over the dicts, and the predictions."""
+    p = np.empty(len(dicts))
+    started = time.perf_counter()
+    for row, (x, y) in enumerate(zip(dicts, labels.tolist())):
+        p[row] = model.predict_proba_one(x)[True]
+        model.learn_one(x, bool(y))
+    return len(dicts) / (time.perf_counter() - started), p
+
+
+def calibrate() -> dict[str, dict]:
+    """Per learner, the grid point with the lowest exact log loss on the calibration seeds."""
+    data = [stream(seed)[1:] for seed in CALIBRATION_SEEDS]
+    best = {}
+    for name, grid in GRID.items():
+        scores = [np.mean([mean_logloss(y, batches(make_model(name, BITS, **params), i, v, y)[1]) for i, v, y in data])
+                  for params in grid]
+        best[name] = grid[int(np.argmin(scores))]
+    return best
+
+
+def seed_figures(seed: int, params: dict[str, dict]) -> dict:
+    """One report seed: mini-batches against VW, float32 and delayed FTRL, same-API against River."""
+    _, indices, values, labels = stream(seed)
+    out: dict = {"clicks": int(len(labels))}
+    warm_up(params, indices, values, labels)
+    variants = {**{f"ours {name}": (name, params[name]) for name in LEARNERS},
+                "ours ftrl float32": ("ftrl", {**params["ftrl"], "dtype": "float32"}),
+                "ours ftrl delayed 64": ("ftrl", {**params["ftrl"], "max_delay": 64})}
+    out.update(timed_runs(params, variants, indices, values, labels))
+    dicts = [as_dict(i, v) for i, v in zip(indices[:RIVER_EVENTS], values[:RIVER_EVENTS])]
+    for name in ("ftrl", "river-ftrl"):
+        rate, p = one_at_a_time(make_model(name, BITS, **params["ftrl"]), dicts, labels[:RIVER_EVENTS])
+        out[f"{name} learn_one"] = {"events_per_s": rate, "logloss": mean_logloss(labels[:RIVER_EVENTS], p)}
+    return out
+
+
+def river_set_figures(params: dict[str, dict]) -> dict[str, dict]:
+    """Same API on River's shipped data sets: ours vs River's LogisticRegression, each optimizer."""
+    out = {}
+    for set_name, (dicts, labels) in peers.river_dense_sets().items():
+        for name in LEARNERS:
+            for who in (name, f"river-{name}"):
+                runs = [one_at_a_time(make_model(who, BITS, **params[name]), dicts, labels) for _ in range(REPEATS)]
+                out[f"{set_name} {who}"] = {"events": len(labels), "events_per_s": float(np.median([r for r, _ in runs])),
+                                            "logloss": mean_logloss(labels, runs[0][1])}
+    return out
+
+
+def movielens_figures(params: dict[str, dict]) -> dict[str, dict]:
+    """MovieLens-100K, rating >= 4, prequential: ours (both APIs), River and VW with the same FTRL settings."""
+    dicts, labels = peers.movielens()
+    dicts, labels = dicts[:MOVIELENS_EVENTS], labels[:MOVIELENS_EVENTS]
+    indices, values = peers.dicts_to_rows(dicts, BITS)
+    out = {}
+    for name in LEARNERS:
+        seconds, p = batches(make_model(name, BITS, **params[name]), indices, values, labels)
+        out[f"ours {name}"] = {"events_per_s": len(labels) / seconds, "p": p}
+    for name in ("ftrl", "river-ftrl"):
+        rate, p = one_at_a_time(make_model(name, BITS, **params["ftrl"]), dicts, labels)
+        out[f"{name} learn_one"] = {"events_per_s": rate, "p": p}
+    vw = peers.run_vw(indices, values, labels, BITS, params["ftrl"], REPEATS)
+    out["vw ftrl"] = {"events_per_s": float(np.median(vw["events_per_s"])), "p": vw["p"], "vw_logloss": vw["logloss"]}
+    for row in out.values():
+        p = row.pop("p")
+        row.update(events=len(labels), logloss=mean_logloss(labels, p), auc=roc_auc(labels, p))
+    return out
 
 
 def _env(settings) -> dict[str, str]:
@@ -179,61 +260,119 @@ def worker_figures(events: list) -> dict:
             terminate(proc.pid)
 
 
+def spread(values: list[float], what: str = "seeds", digits: int = 4) -> str:
+    return f"{min(values):.{digits}g}-{max(values):.{digits}g} (min-max, {len(values)} {what})"
+
+
+def readme_row(row: str, value: float, spread_text: str | None, target: str | None, met: bool | None) -> dict:
+    return {"row": f"online: {row}", "value": value, "spread": spread_text, "target": target, "met": met,
+            "mode": MODE, "seeds": {"calibration": CALIBRATION_SEEDS, "report": REPORT_SEEDS},
+            "date": datetime.date.today().isoformat()}
+
+
+def seed_rows(seeds: list[dict]) -> list[dict]:
+    """README rows from the report seeds: same API first, then mini-batches against VW, then memory."""
+    def per_seed(f) -> list[float]:
+        return [float(f(s)) for s in seeds]
+
+    one = per_seed(lambda s: s["ftrl learn_one"]["events_per_s"] / s["river-ftrl learn_one"]["events_per_s"])
+    one_gap = per_seed(lambda s: s["ftrl learn_one"]["logloss"] / s["river-ftrl learn_one"]["logloss"] - 1)
+    rows = [readme_row("FTRL learn_one events/s vs River LogisticRegression+FTRLProximal learn_one (same API, "
+                       f"generated stream, {RIVER_EVENTS} events)", float(np.median(one)), spread(one), ">= 1x",
+                       min(one) >= 1),
+            readme_row("FTRL learn_one log loss vs River's, same settings (relative gap)", float(np.median(one_gap)),
+                       spread(one_gap), "<= +1% on every seed", max(one_gap) <= 0.01)]
+    for name in LEARNERS:
+        ratio = per_seed(lambda s: s[f"ours {name}"]["events_per_s"] / s["vw ftrl"]["events_per_s"])
+        rows.append(readme_row(f"{name.upper()} learn_many (exact, blocks of {BATCH}) events/s vs VW 9.11.9 FTRL",
+                               float(np.median(ratio)), spread(ratio), ">= 1x", min(ratio) >= 1))
+    diff = per_seed(lambda s: s["ours ftrl"]["logloss"] - s["vw ftrl"]["logloss"])
+    rows.append(readme_row("FTRL learn_many log loss minus VW FTRL's", float(np.median(diff)), spread(diff, digits=3),
+                           "<= 1e-6 on every seed (VW keeps float32 weights)", max(diff) <= 1e-6))
+    ll = per_seed(lambda s: s["ours ftrl"]["logloss"])
+    rows.append(readme_row("FTRL learn_many progressive log loss", float(np.median(ll)), spread(ll), None, None))
+    delayed = per_seed(lambda s: s["ours ftrl delayed 64"]["logloss"] / s["ours ftrl"]["logloss"] - 1)
+    rows.append(readme_row("FTRL 64-row delayed updates (old default) log loss vs exact", float(np.median(delayed)),
+                           spread(delayed), None, None))
+    cost = per_seed(lambda s: s["ours ftrl float32"]["logloss"] / s["ours ftrl"]["logloss"] - 1)
+    rows.append(readme_row("FTRL float32 state (12 bytes/slot vs 24) log loss cost", float(np.median(cost)),
+                           spread(cost, digits=3), None, None))
+    return rows
+
+
+def dataset_rows(river_sets: dict, ml: dict) -> list[dict]:
+    rows = []
+    for set_name in sorted({key.split()[0] for key in river_sets}):
+        ratio = [river_sets[f"{set_name} {n}"]["events_per_s"] / river_sets[f"{set_name} river-{n}"]["events_per_s"]
+                 for n in LEARNERS]
+        gap = [river_sets[f"{set_name} {n}"]["logloss"] / river_sets[f"{set_name} river-{n}"]["logloss"] - 1
+               for n in LEARNERS]
+        rows.append(readme_row(f"River {set_name} (dense): learn_one events/s vs River's, worst of SGD/Adam/FTRL",
+                               min(ratio), spread(ratio, "optimizers"), ">= 1x", min(ratio) >= 1))
+        rows.append(readme_row(f"River {set_name} (dense): log loss gap vs River's, worst of SGD/Adam/FTRL", max(gap),
+                               spread(gap, "optimizers", 3), "<= +1%", max(gap) <= 0.01))
+    ratio = ml["ftrl learn_one"]["events_per_s"] / ml["river-ftrl learn_one"]["events_per_s"]
+    rows.append(readme_row("MovieLens-100K (sparse): FTRL learn_one events/s vs River's", ratio, None, ">= 1x", ratio >= 1))
+    for who in ("ours ftrl", "river-ftrl learn_one", "vw ftrl"):
+        for metric in ("logloss", "auc"):
+            rows.append(readme_row(f"MovieLens-100K rating>=4, {MOVIELENS_EVENTS} ratings, {who} {metric}",
+                                   ml[who][metric], None, None, None))
+    return rows
+
+
+def print_table(seeds: list[dict], river_sets: dict, ml: dict) -> None:
+    print(f"report seeds {REPORT_SEEDS} (calibration {CALIBRATION_SEEDS}); per row: median over seeds "
+          f"(events/s: each seed's median of {REPEATS} runs) and min-max")
+    print(f"{'generated stream':34s} {'events/s':>12s} {'min-max':>20s} {'logloss':>8s} {'min-max':>16s}")
+    for key in seeds[0]:
+        if key == "clicks":
+            continue
+        rate = [s[key]["events_per_s"] for s in seeds]
+        loss = [s[key]["logloss"] for s in seeds]
+        print(f"{key:34s} {np.median(rate):12,.0f} {min(rate):9,.0f}-{max(rate):<10,.0f} {np.median(loss):8.5f} "
+              f"{min(loss):.5f}-{max(loss):.5f}")
+    print(f"{'data set / model':34s} {'events':>8s} {'events/s':>12s} {'logloss':>8s} {'auc':>6s}")
+    for key, row in [*river_sets.items(), *((f"movielens {k}", v) for k, v in ml.items())]:
+        print(f"{key:34s} {row['events']:8d} {row['events_per_s']:12,.0f} {row['logloss']:8.5f} "
+              f"{row.get('auc', float('nan')):6.3f}")
+
+
 def main() -> None:
     started = time.perf_counter()
-    config = GeneratorConfig(merchants=10, events=EVENTS, seed=7)
-    events = list(generate(config))
-    indices, values, labels = featurize(events)
-    rows = learner_rows(indices, values, labels)
+    params = calibrate()
+    seeds = [seed_figures(seed, params) for seed in REPORT_SEEDS]
+    river_sets, ml = river_set_figures(params), movielens_figures(params)
     learners_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker = worker_figures(events)
-
-    print(f"online learners, {len(labels)} clicks ({EVENTS} clicks+orders), bits={BITS}, click rate {labels.mean():.3f}")
-    print(f"{'model':40s} {'mode':16s} {'events':>8s} {'events/s':>12s} {'logloss':>9s} {'ll@prefix':>10s}")
-    for row in rows:
-        print(f"{row['model']:40s} {row['mode']:16s} {row['events']:8d} {row['events_per_s']:12,.0f} "
-              f"{row['logloss']:9.4f} {row['logloss_prefix']:10.4f}")
-    river = rows[0]
-    ftrl_batch = next(r for r in rows if r["model"] == "ours ftrl" and r["mode"].startswith("learn_many"))
-    speedup = ftrl_batch["events_per_s"] / river["events_per_s"]
-    ll_gap = ftrl_batch["logloss_prefix"] / river["logloss_prefix"] - 1
+    worker = worker_figures(stream(CALIBRATION_SEEDS[0])[0])
+    print(f"online learners, bits={BITS}, {EVENTS} generated events per seed; calibrated settings: {json.dumps(params)}")
+    print_table(seeds, river_sets, ml)
     backlog, paced = worker["backlog"], worker["paced"]
-    print(f"worker backlog: {backlog['learned_this_run']} events at {backlog['events_per_s'] or 0:,.0f} events/s, median of "
-          f"{REPEATS} runs ({', '.join(f'{r or 0:,.0f}' for r in backlog['runs_events_per_s'])}) "
-          f"(rolling AUC {backlog.get('rolling_auc', float('nan')):.3f}, logloss {backlog.get('prequential_logloss', float('nan')):.4f})")
-    print(f"worker paced at {paced['rate']:.0f} events/s: produced->learned latency p50 "
-          f"{paced.get('latency_p50_s', float('nan')):.3f} s, p95 {paced.get('latency_p95_s', float('nan')):.3f} s, "
-          f"p99 {paced.get('latency_p99_s', float('nan')):.3f} s, max {paced.get('latency_max_s', float('nan')):.3f} s")
-    print(f"worker CPU on the backlog: {backlog['busy_cpu_us_per_event']:.1f} us/event from first record to last "
-          f"learned (consume, decode, learn, drift, checkpoints; {1e6 / backlog['busy_cpu_us_per_event']:,.0f} "
-          f"events per CPU second), {1e6 * backlog['cpu_s'] / max(backlog['learned_this_run'], 1):.1f} us/event "
-          f"over the whole run (group join and idle end included)")
-    print(f"our FTRL mini-batches vs River: {speedup:,.0f}x the events/s, log loss {100 * ll_gap:+.1f}% on River's "
-          f"prefix" + (" (quick mode: River's 3k-event prefix is too short to judge the 100x / +1% targets; "
-                       "run without BENCH_QUICK)" if QUICK else ""))
-    print(f"peak RSS: benchmark {learners_rss:.0f} MB, worker {worker['worker_peak_rss_mb']:.0f} MB; "
-          f"FTRL state {ftrl_batch['state_mb']:.0f} MB at bits={BITS}")
+    print(f"worker backlog: {backlog['learned_this_run']} events at {backlog['events_per_s'] or 0:,.0f} events/s, median "
+          f"of {REPEATS} runs ({', '.join(f'{r or 0:,.0f}' for r in backlog['runs_events_per_s'])}); paced at "
+          f"{paced['rate']:.0f} events/s: latency p50 {paced.get('latency_p50_s', float('nan')):.3f} s, p95 "
+          f"{paced.get('latency_p95_s', float('nan')):.3f} s")
+    rows = [*seed_rows(seeds), *dataset_rows(river_sets, ml),
+            readme_row("worker events/s on a backlog (embedded broker, calibration seed)", backlog["events_per_s"],
+                       spread(backlog["runs_events_per_s"], "runs", 3), None, None)]
+    for row in rows:
+        print(f"{row['row']:110s} {row['value']:>10.4g}  {row['spread'] or '':40s} target {row['target']} met {row['met']}")
+
+    def median(key: str, field: str) -> float:
+        return float(np.median([s[key][field] for s in seeds]))
     figures = {
-        "bench": "online", "quick": QUICK, "clicks": int(len(labels)), "bits": BITS,
-        "river_ftrl_events_per_s": river["events_per_s"], "river_ftrl_logloss_prefix": river["logloss_prefix"],
-        **{f"{r['model'].split()[-1] if r['model'].startswith('ours') else 'river'}_{'batch' if 'many' in r['mode'] else 'one'}"
-           f"_events_per_s": r["events_per_s"] for r in rows},
-        **{f"{r['model'].split()[-1] if r['model'].startswith('ours') else 'river'}_{'batch' if 'many' in r['mode'] else 'one'}"
-           f"_logloss": r["logloss"] for r in rows},
-        "ftrl_batch_logloss_prefix": ftrl_batch["logloss_prefix"],
-        "ftrl_batch_speedup_vs_river": speedup, "ftrl_batch_logloss_gap_vs_river": ll_gap,
+        "bench": "online", "quick": QUICK, "bits": BITS, "params": params,
+        "vw_ftrl_events_per_s": median("vw ftrl", "events_per_s"), "vw_ftrl_logloss": median("vw ftrl", "logloss"),
+        "vw_ftrl_wall_events_per_s": median("vw ftrl wall (start-up incl.)", "events_per_s"),
+        **{f"{n}_batch_events_per_s": median(f"ours {n}", "events_per_s") for n in LEARNERS},
+        **{f"{n}_batch_logloss": median(f"ours {n}", "logloss") for n in LEARNERS},
+        "ftrl32_batch_logloss": median("ours ftrl float32", "logloss"),
+        "ftrl_one_events_per_s": median("ftrl learn_one", "events_per_s"),
+        "river_ftrl_events_per_s": median("river-ftrl learn_one", "events_per_s"),
+        "ftrl_state_bytes_per_slot": 24, "ftrl32_state_bytes_per_slot": 12,
         "worker_events_per_s": backlog["events_per_s"], "worker_runs_events_per_s": backlog["runs_events_per_s"],
-        "worker_rolling_auc": backlog.get("rolling_auc"),
-        "latency_p50_s": paced.get("latency_p50_s"), "latency_p95_s": paced.get("latency_p95_s"),
-        "latency_p99_s": paced.get("latency_p99_s"), "paced_rate": paced["rate"],
-        "worker_busy_cpu_us_per_event": backlog["busy_cpu_us_per_event"],
-        "peak_rss_mb": learners_rss, "worker_peak_rss_mb": worker["worker_peak_rss_mb"], "ftrl_state_mb": ftrl_batch["state_mb"],
-        # quick mode runs River on 3k events, too short to judge our mini-batches against it: not judged
-        "targets": {"speedup_100x": None if QUICK else speedup >= 100,
-                    "logloss_within_1pct": None if QUICK else ll_gap <= 0.01,
-                    "worker_20k": (backlog["events_per_s"] or 0) >= 20_000,
-                    "p95_2s": (paced.get("latency_p95_s") or math.inf) <= 2.0},
-        "elapsed_s": time.perf_counter() - started,
+        "latency_p95_s": paced.get("latency_p95_s"), "peak_rss_mb": learners_rss,
+        "worker_peak_rss_mb": worker["worker_peak_rss_mb"],
+        "readme": rows, "elapsed_s": time.perf_counter() - started,
     }
     print(json.dumps(figures))
 

@@ -12,28 +12,23 @@ by the hash space, never by how long the stream runs. Each learner speaks two pr
   :meth:`streams.features.Featurizer.transform_many`. ``learn_many`` returns the probabilities it
   predicted *before* updating (test-then-train for free).
 
-Mini-batch semantics (why the three optimizers differ): the gradients of a batch are all taken at the
-weights the batch started from, and a slot hit by several rows gets their gradients summed with
-``np.add.at`` or ``np.bincount`` (duplicate slots are the norm: ``bias`` is in every row).
+Mini-batch semantics. By default (``max_delay=1``) ``learn_many`` is exact: rows are learned one after
+the other, each predicted at the weights the previous rows left, exactly as a ``learn_one`` loop, by the
+numba kernels of :mod:`online.kernels` (``native=True``; ``native=False`` runs the numpy reference the
+kernels are tested against, row by row and slowly). ``dtype="float32"`` halves the per-slot state.
 
-* FTRL: ``learn_many`` is Algorithm 1 with the rows' updates delayed to the end of the batch: per slot,
-  the rows' gradients are summed into ``z`` and their *squares* summed into ``n`` (as if they had come
-  one by one), ``σ`` is the change of ``√n / α`` and ``w`` is re-derived. Its adaptive rates keep the
-  summed gradients of frequent slots stable as long as the delay is short: gradients taken at stale
-  weights overshoot on slots that every row carries (``bias``) when ``n`` is still small, so batches are
-  learned in chunks of at most ``max_delay`` rows (default 64: log loss within ~0.5% of one at a time on
-  the generated stream; 1024-row delays cost ~30% early on).
-* SGD: batches are learned in chunks of at most ``max_delay`` rows (default 64); in a chunk each slot
-  takes one step on ``Σg / √k``, the summed gradient of the ``k`` rows carrying it scaled by ``1/√k``.
-  One at a time the slot would take ``k`` steps; the plain sum (``k`` steps at stale weights) blows up on
-  ``bias``, a slot every row has, and the mean (one step) learns frequent slots ``k`` times too slowly
-  (log loss 0.48 instead of 0.43 one at a time on the generated stream, in batches of 1024); ``√k`` is
-  the usual compromise between the two and lands at 0.42.
-* Adam: one Adam step per chunk of at most ``max_delay`` rows (default 16) on the chunk-mean gradient
-  (the usual mini-batch Adam), lazy: only the touched slots' moments move, bias correction uses the
-  global step count (as River and TF LazyAdam). Adam's step is scale-free (``m / √v``), so the number of
-  steps is what matters: one step per 1024-row batch learned far too little (0.54 vs 0.43), one per
-  16 rows matches one at a time.
+``max_delay=k > 1`` (or ``None``: whole batches) keeps the older numpy delayed-update path: the gradients
+of a chunk of ``k`` rows are all taken at the weights the chunk started from, and a slot hit by several
+rows gets their gradients summed (duplicate slots are the norm: ``bias`` is in every row):
+
+* FTRL: Algorithm 1 with the rows' updates delayed to the end of the chunk: per slot, the rows'
+  gradients are summed into ``z`` and their *squares* summed into ``n`` (as if they had come one by one),
+  ``σ`` is the change of ``√n / α`` and ``w`` is re-derived (64-row chunks: log loss +0.6% over exact);
+* SGD: in a chunk each slot takes one step on ``Σg / √k``, the summed gradient of the ``k`` rows
+  carrying it scaled by ``1/√k`` (between the plain sum, which blows up on ``bias``, and the mean, which
+  learns frequent slots ``k`` times too slowly);
+* Adam: one step per chunk on the chunk-mean gradient (the usual mini-batch Adam), lazy: only the
+  touched slots' moments move, bias correction uses the global step count (as River and TF LazyAdam).
 
 Example:
     >>> import numpy as np
@@ -63,7 +58,12 @@ import crc32c
 import numpy as np
 from river import base
 
-CLIP = 35.0  # |logit| cap: exp() stays finite, p stays in (1e-15, 1 - 1e-15)
+from online import kernels
+
+CLIP = kernels.CLIP  # |logit| cap: exp() stays finite, p stays in (1e-15, 1 - 1e-15)
+DTYPES = ("float64", "float32")  # per-slot state: float32 halves memory (its log loss cost: online/README.md)
+_LABELS = (np.zeros(1), np.ones(1))  # learn_one's label as a kernel argument (read, never written)
+KEY_CACHE = 1 << 16  # string feature keys whose slots learn_one / predict_proba_one memoize
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -85,6 +85,12 @@ def dict_to_arrays(x: Mapping[Any, float], mask: int) -> tuple[np.ndarray, np.nd
         slots[slot] = slots.get(slot, 0.0) + float(value)
     return (np.fromiter(slots.keys(), dtype=np.int64, count=len(slots))[None, :],
             np.fromiter(slots.values(), dtype=np.float64, count=len(slots))[None, :])
+
+
+def _native_rows(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``(n, F)`` rows in the kernels' layout: C-contiguous int32 slots and float64 values."""
+    return (np.ascontiguousarray(indices, dtype=np.int32),
+            np.ascontiguousarray(values, dtype=np.float64))
 
 
 def merge_row_duplicates(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,22 +120,31 @@ def merge_row_duplicates(indices: np.ndarray, values: np.ndarray) -> tuple[np.nd
 class HashedLogisticRegression(base.Classifier):
     """Shared machinery: hashed weight vector, predictions, River protocol, mini-batch gradients, state.
 
-    Subclasses implement :meth:`_apply` (one optimizer step given the flat slots and gradients of a
-    batch) and list their per-slot arrays in ``_arrays``.
+    Subclasses implement :meth:`_learn_native` (rows one after the other, a kernel of
+    :mod:`online.kernels`) and :meth:`_apply` (the numpy reference: one optimizer step given the flat
+    slots and gradients of a chunk), and list their per-slot arrays in ``_arrays``.
     """
 
     _arrays: tuple[str, ...] = ("w",)
 
-    def __init__(self, bits: int = 20) -> None:
+    def __init__(self, bits: int = 20, max_delay: int | None = 1, native: bool = True,
+                 dtype: str = "float64") -> None:
         if not 1 <= bits <= 30:
             raise ValueError(f"bits must be in [1, 30], got {bits}")
+        if max_delay is not None and max_delay < 1:
+            raise ValueError(f"max_delay must be >= 1 (or None), got {max_delay}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.bits = bits
+        self.max_delay = max_delay
+        self.native = native
+        self.dtype = dtype
         self.n_features = 1 << bits
         self._mask = self.n_features - 1
         for name in self._arrays:
-            setattr(self, name, np.zeros(self.n_features, dtype=np.float64))
+            setattr(self, name, np.zeros(self.n_features, dtype=dtype))
         self.n_updates = 0  # examples learned
-        self.n_batches = 0  # learn_one / learn_many calls that changed the weights
+        self.n_batches = 0  # optimizer steps: one per row when exact, one per chunk of max_delay rows otherwise
 
     # -- inspection ---------------------------------------------------------------------------------------
 
@@ -142,6 +157,16 @@ class HashedLogisticRegression(base.Classifier):
         """``(weights, intercept)`` for :class:`registry.bundle.ModelBundle`'s fast ranking path. The
         intercept is 0: the featurizer's ``bias`` field is an ordinary slot."""
         return self.w, 0.0
+
+    @property
+    def exact(self) -> bool:
+        """True when rows are learned one after the other (``max_delay == 1``), as ``learn_one`` would."""
+        return self.max_delay == 1
+
+    @property
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of optimizer state per hashed slot (weights included)."""
+        return len(self._arrays) * np.dtype(self.dtype).itemsize
 
     @property
     def nonzero(self) -> int:
@@ -168,6 +193,11 @@ class HashedLogisticRegression(base.Classifier):
 
     def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         """P(y=True) ``float[n]`` for a batch of ``(n, F)`` slot indices and values."""
+        if self.native:
+            indices, values = _native_rows(*self._check(indices, values))
+            out = np.empty(indices.shape[0])
+            kernels.predict(self.w, indices, values, out)
+            return out
         return sigmoid(self.decision_many(indices, values))
 
     def learn_many(self, indices: np.ndarray, values: np.ndarray, y: Any) -> np.ndarray:
@@ -178,9 +208,16 @@ class HashedLogisticRegression(base.Classifier):
             raise ValueError(f"{indices.shape[0]} rows but {labels.shape[0]} labels")
         if indices.shape[0] == 0:
             return np.empty(0)
+        if self.native and self.exact:
+            indices, values = _native_rows(indices, values)
+            out = np.empty(indices.shape[0])
+            self._learn_native(indices, values, np.ascontiguousarray(labels), out)
+            self.n_updates += indices.shape[0]
+            self.n_batches += indices.shape[0]
+            return out
         indices, values = merge_row_duplicates(indices, values)
         values = values.astype(np.float64, copy=False)
-        chunk = getattr(self, "max_delay", None) or indices.shape[0]
+        chunk = self.max_delay or indices.shape[0]
         if chunk >= indices.shape[0]:
             return self._learn_rows(indices, values, labels)
         return np.concatenate([self._learn_rows(indices[s:s + chunk], values[s:s + chunk], labels[s:s + chunk])
@@ -195,19 +232,67 @@ class HashedLogisticRegression(base.Classifier):
         return p
 
     @abc.abstractmethod
+    def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
+        """Learn the rows one after the other with this optimizer's kernel from :mod:`online.kernels`."""
+
+    @abc.abstractmethod
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         """One optimizer step from the flat slots, gradients and feature values of ``rows`` examples."""
 
     # -- River protocol -----------------------------------------------------------------------------------
 
     def predict_proba_one(self, x: dict) -> dict[bool, float]:
-        indices, values = dict_to_arrays(x, self._mask)
-        p = float(sigmoid((self.w[indices] * values).sum(axis=1))[0])
+        if self.native:  # a dict is small: a Python loop beats building arrays for a kernel call
+            weight, known, mask, dot = self.w.item, self._keys().get, self._mask, 0.0
+            for key, value in x.items():
+                slot = known(key)  # memoized string keys (no other key equals a string)
+                if slot is None:
+                    slot = key & mask if type(key) is int else self._slot(key)
+                dot += weight(slot) * value
+            p = float(1.0 / (1.0 + math.exp(-min(max(dot, -CLIP), CLIP))))
+        else:
+            indices, values = dict_to_arrays(x, self._mask)
+            p = float(sigmoid((self.w[indices] * values).sum(axis=1))[0])
         return {False: 1.0 - p, True: p}
 
     def learn_one(self, x: dict, y: bool) -> None:
-        indices, values = dict_to_arrays(x, self._mask)
-        self._learn_rows(indices, values, np.array([float(bool(y))]))
+        label = _LABELS[1 if y else 0]
+        if self.native:
+            indices, values = self._native_row(x)
+            out = self.__dict__.get("_scratch_out")
+            if out is None:
+                out = self.__dict__["_scratch_out"] = np.empty(1)
+            self._learn_native(indices, values, label, out)
+            self.n_updates += 1
+            self.n_batches += 1
+        else:
+            self._learn_rows(*dict_to_arrays(x, self._mask), label.copy())
+
+    def _native_row(self, x: Mapping[Any, float]) -> tuple[np.ndarray, np.ndarray]:
+        """A dict as one ``(1, k)`` kernel row (colliding slots are merged by the kernels). String keys'
+        slots are memoized (up to ``KEY_CACHE`` keys; the memo is never pickled)."""
+        mask = self._mask
+        slots = [key & mask if type(key) is int else self._slot(key) for key in x]
+        return (np.array(slots, dtype=np.int32).reshape(1, -1),
+                np.fromiter(x.values(), dtype=np.float64, count=len(x)).reshape(1, -1))
+
+    def _keys(self) -> dict[str, int]:
+        cache = self.__dict__.get("_scratch_keys")
+        if cache is None:
+            cache = self.__dict__["_scratch_keys"] = {}
+        return cache
+
+    def _slot(self, key: Any) -> int:
+        """The slot of a non-integer key; string keys' slots are memoized."""
+        if type(key) is not str:
+            return hash_key(key, self._mask)
+        cache = self._keys()
+        slot = cache.get(key)
+        if slot is None:
+            slot = hash_key(key, self._mask)
+            if len(cache) < KEY_CACHE:
+                cache[key] = slot
+        return slot
 
     # -- state --------------------------------------------------------------------------------------------
 
@@ -230,7 +315,7 @@ class HashedLogisticRegression(base.Classifier):
             raise ValueError(f"state of {state.get('class')!r} cannot restore a {cls.__name__}")
         model = cls(**state["params"])
         for name in cls._arrays:
-            array = np.asarray(state["arrays"][name], dtype=np.float64)
+            array = np.asarray(state["arrays"][name], dtype=model.dtype)
             if array.shape != (model.n_features,):
                 raise ValueError(f"array {name!r} has shape {array.shape}, expected ({model.n_features},)")
             setattr(model, name, array.copy())
@@ -243,6 +328,8 @@ class HashedLogisticRegression(base.Classifier):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("max_delay", None)  # pickled before SGD and Adam had chunks: whole batches, as then
+        state.setdefault("native", True)  # pickled before the kernels: exact rows (max_delay 1) never existed
+        state.setdefault("dtype", "float64")
         self.__dict__.update(state)
 
     def _scratch_buffers(self, count: int) -> list[np.ndarray]:
@@ -258,10 +345,9 @@ class SGDClassifier(HashedLogisticRegression):
     """Logistic regression with plain SGD: ``w_i ← w_i − η (g_i + λ₂ w_i)`` on the slots of each example.
 
     The L2 term is lazy (only slots present in the example shrink), the usual choice for sparse data.
-    In a mini-batch (chunks of at most ``max_delay`` rows) each slot takes one step on the summed
-    gradient of the ``k`` rows that carry it divided by ``√k``: the ``bias`` slot (in every row) does
-    not take a ``k``-times larger step at stale weights, yet frequent slots still learn faster than
-    with the mean; with one row this is exactly ``learn_one``.
+    ``learn_many`` learns its rows one after the other (exact, the default ``max_delay=1``); with
+    ``max_delay=k > 1`` each slot takes one step per chunk of ``k`` rows on the summed gradient of the
+    rows carrying it divided by ``√(their count)`` (see the module docstring).
 
     Example:
         >>> import numpy as np
@@ -274,13 +360,15 @@ class SGDClassifier(HashedLogisticRegression):
     _arrays = ("w",)
 
     def __init__(self, bits: int = 20, learning_rate: float = 0.01, l2: float = 0.0,
-                 max_delay: int | None = 64) -> None:
-        if learning_rate <= 0 or l2 < 0 or (max_delay is not None and max_delay < 1):
-            raise ValueError("learning_rate must be > 0, l2 >= 0 and max_delay >= 1 (or None)")
-        super().__init__(bits)
+                 max_delay: int | None = 1, native: bool = True, dtype: str = "float64") -> None:
+        if learning_rate <= 0 or l2 < 0:
+            raise ValueError("learning_rate must be > 0 and l2 >= 0")
+        super().__init__(bits, max_delay, native, dtype)
         self.learning_rate = learning_rate
         self.l2 = l2
-        self.max_delay = max_delay
+
+    def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
+        kernels.sgd_learn(self.w, indices, values, labels, out, float(self.learning_rate), float(self.l2))
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         total, count = self._scratch_buffers(2)
@@ -289,7 +377,8 @@ class SGDClassifier(HashedLogisticRegression):
         g = total[slots] / np.sqrt(np.maximum(count[slots], 1.0))  # Σg/√k over the k rows carrying the slot
         total[slots] = 0.0
         count[slots] = 0.0
-        self.w[slots] = self.w[slots] - self.learning_rate * (g + self.l2 * self.w[slots])
+        w = self.w[slots].astype(np.float64)
+        self.w[slots] = w - self.learning_rate * (g + self.l2 * w)
 
 
 class AdamClassifier(HashedLogisticRegression):
@@ -310,20 +399,22 @@ class AdamClassifier(HashedLogisticRegression):
     _arrays = ("w", "m", "v")
 
     def __init__(self, bits: int = 20, learning_rate: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
-                 eps: float = 1e-8, max_delay: int | None = 16) -> None:
-        if (learning_rate <= 0 or not (0 <= beta_1 < 1 and 0 <= beta_2 < 1) or eps <= 0
-                or (max_delay is not None and max_delay < 1)):
-            raise ValueError("need learning_rate > 0, 0 <= beta_1, beta_2 < 1, eps > 0 and max_delay >= 1 (or None)")
-        super().__init__(bits)
+                 eps: float = 1e-8, max_delay: int | None = 1, native: bool = True, dtype: str = "float64") -> None:
+        if learning_rate <= 0 or not (0 <= beta_1 < 1 and 0 <= beta_2 < 1) or eps <= 0:
+            raise ValueError("need learning_rate > 0, 0 <= beta_1, beta_2 < 1 and eps > 0")
+        super().__init__(bits, max_delay, native, dtype)
         self.learning_rate = learning_rate
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.eps = eps
-        self.max_delay = max_delay
+
+    def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
+        kernels.adam_learn(self.w, self.m, self.v, indices, values, labels, out, float(self.learning_rate),
+                           float(self.beta_1), float(self.beta_2), float(self.eps), float(self.n_batches))
 
     @property
     def t(self) -> int:
-        """Adam's step count (one per learn_one call and per chunk of ``max_delay`` rows of learn_many)."""
+        """Adam's step count: one per row learned (exact), or per chunk of ``max_delay > 1`` rows."""
         return self.n_batches
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
@@ -333,8 +424,8 @@ class AdamClassifier(HashedLogisticRegression):
         total[slots] = 0.0
         step = self.n_batches + 1
         lr = self.learning_rate * math.sqrt(1 - self.beta_2**step) / (1 - self.beta_1**step)
-        m = self.beta_1 * self.m[slots] + (1 - self.beta_1) * g
-        v = self.beta_2 * self.v[slots] + (1 - self.beta_2) * g * g
+        m = self.beta_1 * self.m[slots].astype(np.float64) + (1 - self.beta_1) * g
+        v = self.beta_2 * self.v[slots].astype(np.float64) + (1 - self.beta_2) * g * g
         self.w[slots] = self.w[slots] - lr * m / (np.sqrt(v) + self.eps)
         self.m[slots] = m
         self.v[slots] = v
@@ -364,15 +455,18 @@ class FTRLProximalClassifier(HashedLogisticRegression):
     _arrays = ("w", "z", "n")
 
     def __init__(self, bits: int = 20, alpha: float = 0.05, beta: float = 1.0, l1: float = 0.0,
-                 l2: float = 1.0, max_delay: int | None = 64) -> None:
-        if alpha <= 0 or beta < 0 or l1 < 0 or l2 < 0 or (max_delay is not None and max_delay < 1):
-            raise ValueError("need alpha > 0, beta, l1, l2 >= 0 and max_delay >= 1 (or None)")
-        super().__init__(bits)
-        self.max_delay = max_delay
+                 l2: float = 1.0, max_delay: int | None = 1, native: bool = True, dtype: str = "float64") -> None:
+        if alpha <= 0 or beta < 0 or l1 < 0 or l2 < 0:
+            raise ValueError("need alpha > 0 and beta, l1, l2 >= 0")
+        super().__init__(bits, max_delay, native, dtype)
         self.alpha = alpha
         self.beta = beta
         self.l1 = l1
         self.l2 = l2
+
+    def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
+        kernels.ftrl_learn(self.w, self.z, self.n, indices, values, labels, out, float(self.alpha),
+                           float(self.beta), float(self.l1), float(self.l2))
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         # per distinct slot: Σg and Σg² (a chunk of ≤ max_delay rows is small, so sorting it is cheaper
@@ -380,10 +474,10 @@ class FTRLProximalClassifier(HashedLogisticRegression):
         touched, where = np.unique(slots, return_inverse=True)
         g = np.bincount(where, weights=gradient, minlength=len(touched))
         g2 = np.bincount(where, weights=gradient * gradient, minlength=len(touched))
-        n_old = self.n[touched]
+        n_old = self.n[touched].astype(np.float64)
         n_new = n_old + g2
         sigma = (np.sqrt(n_new) - np.sqrt(n_old)) / self.alpha
-        z = self.z[touched] + g - sigma * self.w[touched]
+        z = self.z[touched].astype(np.float64) + g - sigma * self.w[touched]
         self.z[touched] = z
         self.n[touched] = n_new
         self.w[touched] = self.closed_form(z, n_new)

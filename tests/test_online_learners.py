@@ -92,7 +92,7 @@ def test_ftrl_mini_batch_is_one_delayed_algorithm_1_step_per_slot():
     indices[:, 0] = 0  # shared bias slot
     values = rng.random((8, 3)).astype(np.float32) + 0.5
     y = rng.random(8) < 0.4
-    model = FTRLProximalClassifier(bits=4, alpha=0.2, l1=0.01, l2=0.1)
+    model = FTRLProximalClassifier(bits=4, alpha=0.2, l1=0.01, l2=0.1, max_delay=64)  # the delayed path
     model.learn_many(indices[:4], values[:4], y[:4])
     z0, n0, w0 = model.z.copy(), model.n.copy(), model.w.copy()
     model.learn_many(indices[4:], values[4:], y[4:])

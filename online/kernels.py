@@ -1,0 +1,150 @@
+"""Native (numba) kernels: exact sequential SGD, Adam and FTRL-Proximal over hashed index arrays.
+
+Each ``*_learn`` kernel walks a batch of ``(n, F)`` slot indices and values row by row, exactly as
+``learn_one`` would: predict the row at the current weights (written to ``out``, test-then-train), then
+update every distinct slot of the row before the next row is predicted. A slot repeated inside a row
+counts once, with the repeated values summed (as ``learn_one`` on a dict with colliding features).
+The per-slot arrays may be float64 or float32 (all of one learner's arrays share the dtype); arithmetic
+is float64 either way. The numpy code in :mod:`online.learners` is the reference these kernels are
+tested against, value for value.
+
+Compilation: the kernels are compiled for the few signatures the learners use when this module is
+imported, and cached on disk (``cache=True``): the first import on a machine compiles (seconds), later
+imports load the cache (measured in ``online/README.md``). The cache goes next to this file when that
+directory is writable, else to ``$NUMBA_CACHE_DIR`` or ``<tmp>/fedstream-numba``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "fedstream-numba")
+
+from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
+
+CLIP = 35.0  # same |logit| cap as online.learners
+_ROWS = "int32[:, ::1], float64[:, ::1], float64[::1], float64[::1]"  # indices, values, labels, out
+
+
+def _signatures(arrays: int, scalars: int) -> list[str]:
+    """One signature per state dtype: ``arrays`` per-slot arrays, the rows, then float64 scalars."""
+    out = []
+    for dtype in ("float64", "float32"):
+        states = ", ".join([f"{dtype}[::1]"] * arrays)
+        out.append(f"void({states}, {_ROWS}{', float64' * scalars})")
+    return out
+
+
+@njit(cache=True, inline="always")
+def _predict_row(w, indices, values, row) -> float:
+    dot = 0.0
+    for col in range(indices.shape[1]):
+        dot += w[indices[row, col]] * values[row, col]
+    dot = min(max(dot, -CLIP), CLIP)
+    return 1.0 / (1.0 + math.exp(-dot))
+
+
+@njit(cache=True, inline="always")
+def _has_duplicates(indices, row) -> bool:
+    """Whether a slot repeats inside the row (no early exit: the comparisons vectorize)."""
+    hits = 0
+    for col in range(1, indices.shape[1]):
+        slot = indices[row, col]
+        for k in range(col):
+            hits += indices[row, k] == slot
+    return hits > 0
+
+
+@njit(cache=True, inline="always")
+def _merged_value(indices, values, row, col) -> float:
+    """The summed value of ``indices[row, col]``'s slot in the row, or NaN if an earlier column has it."""
+    slot = indices[row, col]
+    for k in range(col):
+        if indices[row, k] == slot:
+            return math.nan
+    value = values[row, col]
+    for k in range(col + 1, indices.shape[1]):
+        if indices[row, k] == slot:
+            value += values[row, k]
+    return value
+
+
+@njit(_signatures(1, 2), cache=True, nogil=True)
+def sgd_learn(w, indices, values, labels, out, learning_rate, l2):
+    """SGD with lazy L2, one row at a time: ``w_i ← w_i − η (g_i + λ₂ w_i)`` on the row's slots."""
+    for row in range(indices.shape[0]):
+        p = _predict_row(w, indices, values, row)
+        out[row] = p
+        error = p - labels[row]
+        duplicates = _has_duplicates(indices, row)
+        for col in range(indices.shape[1]):
+            value = _merged_value(indices, values, row, col) if duplicates else values[row, col]
+            if value != value:
+                continue
+            slot = indices[row, col]
+            weight = float(w[slot])
+            w[slot] = weight - learning_rate * (error * value + l2 * weight)
+
+
+@njit(_signatures(3, 5), cache=True, nogil=True)
+def adam_learn(w, m, v, indices, values, labels, out, learning_rate, beta_1, beta_2, eps, step):
+    """Lazy Adam, one step per row; ``step`` is the step count before the batch (bias correction)."""
+    for row in range(indices.shape[0]):
+        p = _predict_row(w, indices, values, row)
+        out[row] = p
+        error = p - labels[row]
+        duplicates = _has_duplicates(indices, row)
+        t = step + row + 1.0
+        lr = learning_rate * math.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        for col in range(indices.shape[1]):
+            value = _merged_value(indices, values, row, col) if duplicates else values[row, col]
+            if value != value:
+                continue
+            slot = indices[row, col]
+            g = error * value
+            m_new = beta_1 * m[slot] + (1 - beta_1) * g
+            v_new = beta_2 * v[slot] + (1 - beta_2) * g * g
+            w[slot] = w[slot] - lr * m_new / (math.sqrt(v_new) + eps)
+            m[slot] = m_new
+            v[slot] = v_new
+
+
+@njit(_signatures(3, 4), cache=True, nogil=True)
+def ftrl_learn(w, z, n, indices, values, labels, out, alpha, beta, l1, l2):
+    """FTRL-Proximal (McMahan et al. 2013, Algorithm 1), one row at a time, ``w`` kept materialized."""
+    for row in range(indices.shape[0]):
+        p = _predict_row(w, indices, values, row)
+        out[row] = p
+        error = p - labels[row]
+        duplicates = _has_duplicates(indices, row)
+        for col in range(indices.shape[1]):
+            value = _merged_value(indices, values, row, col) if duplicates else values[row, col]
+            if value != value:
+                continue
+            slot = indices[row, col]
+            g = error * value
+            n_old = float(n[slot])
+            n_new = n_old + g * g
+            sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
+            z_new = z[slot] + g - sigma * w[slot]
+            z[slot] = z_new
+            n[slot] = n_new
+            if abs(z_new) <= l1:
+                w[slot] = 0.0
+            else:
+                w[slot] = -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2)
+
+
+@njit(["void(float64[::1], int32[:, ::1], float64[:, ::1], float64[::1])",
+       "void(float32[::1], int32[:, ::1], float64[:, ::1], float64[::1])"], cache=True, nogil=True)
+def predict(w, indices, values, out):
+    """P(y=True) of each row at the current weights (no update)."""
+    for row in range(indices.shape[0]):
+        out[row] = _predict_row(w, indices, values, row)
+
+
+__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict"]
