@@ -6,8 +6,8 @@ different seeds.
    100 merchants, on merchants generated with equal traffic shares; the same round in plain numpy
    (:mod:`federated.numpy_fedavg`) gives TFF's overhead factor.
 2. Calibration on its own seeds (Zipf marketplaces ``CAL_SEEDS``, 20 merchants each; their later 20% per
-   merchant is the *validation* split): the federated client learning rate and round count (TFF, eval
-   every ``EVAL_EVERY`` rounds), the centralized learning rate and epochs (SGD on the pooled train data,
+   merchant is the *validation* split): the federated client learning rate and round count (the numpy
+   FedAvg peer, same arithmetic and cohorts as TFF's process, every ``EVAL_EVERY`` rounds), the centralized learning rate and epochs (SGD on the pooled train data,
    epochs grown until the validation AUC has fallen ``PATIENCE`` epochs in a row), the local-only
    learning rate and epochs (same rule, mean per-merchant AUC) and the fine-tune learning rate and epochs
    (0 epochs = the global model as is). Every choice is the best mean over the calibration seeds.
@@ -16,7 +16,8 @@ different seeds.
 4. Real data: MovieLens-100K with users grouped by occupation as merchants (:mod:`benchmarks._movielens`),
    rating >= 4; calibrated on a validation split inside the first 80% of each group's ratings, reported on
    the last 20% over ``REPORT_SEEDS`` (client sampling and shuffling seeds): federated vs centralized vs
-   local-only vs fine-tuned pooled test AUC.
+   local-only vs fine-tuned pooled test AUC (federated rounds in TFF; with ``BENCH_QUICK=1`` in the numpy
+   peer, as a MovieLens round is ~30k ratings).
 
 Targets: federated within 1% AUC of centralized; global+fine-tune beats local-only for merchants with
 < 1k examples; a round of 100 merchants x 1k examples <= 10 s.
@@ -47,7 +48,7 @@ from online.prequential import mean_logloss, roc_auc  # noqa: E402
 from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
 from federated.stores import build_stores, open_stores, write_store  # noqa: E402
 from federated.training import (  # noqa: E402
-    FederatedConfig, FederatedData, build_process, client_seed, use_execution_context,
+    FederatedConfig, FederatedData, build_process, client_seed, sample_clients, use_execution_context,
 )
 from fedstream.processes import stop_tff_workers  # noqa: E402
 from fedstream.settings import load_settings  # noqa: E402
@@ -65,13 +66,14 @@ TARGET_ROUND_S, TARGET_AUC_GAP, SMALL = 10.0, 0.01, 1000
 CAL_SEEDS = (101, 102)  # marketplaces the settings are chosen on (validation split)
 REPORT_SEEDS = (7, 8, 9) if QUICK else (7, 8, 9, 10, 11)  # marketplaces the figures come from (test split)
 EVENTS = 60_000 if QUICK else 150_000
-FED_LRS = (0.2, 0.5) if QUICK else (0.1, 0.2, 0.5, 1.0)
-MAX_ROUNDS, EVAL_EVERY = (30, 5) if QUICK else (60, 5)
+FED_LRS = (0.2, 0.5, 1.0) if QUICK else (0.1, 0.2, 0.5, 1.0)
+MAX_ROUNDS, EVAL_EVERY = (40 if QUICK else 60), 5
 CENTRAL_LRS = (0.05, 0.1, 0.2, 0.5, 1.0)
 LOCAL_LRS = (0.1, 0.2, 0.5, 1.0, 2.0)
 FINETUNE_LRS = (0.05, 0.1, 0.2, 0.5, 1.0)
 MAX_EPOCHS, FINETUNE_MAX_EPOCHS, PATIENCE = 60, 10, 3
-ML_LRS, ML_MAX_ROUNDS = ((0.2, 0.5), 20) if QUICK else ((0.1, 0.2, 0.5), 40)
+ML_LRS, ML_MAX_ROUNDS = ((0.2, 0.5, 1.0), 40) if QUICK else ((0.1, 0.2, 0.5, 1.0), 60)
+ML_ENGINE = "numpy" if QUICK else "tff"  # quick: MovieLens rounds (~30k ratings each) in the numpy peer
 
 
 def _uniform_stores(root: Path, examples: int) -> dict:
@@ -193,35 +195,52 @@ def pick(curves: dict[float, list[float]], *, max_steps: int, min_step: int = 1,
             "curves": {str(lr): [round(v, 4) for v in c] for lr, c in curves.items()}}
 
 
-def federated_run(settings, stores: dict, lr: float, rounds: int, seed: int, eval_every: int):
-    """One TFF run (``fedstream federated run``'s defaults but ``lr``, ``rounds``, ``seed``): the outcome and
-    its federated validation/test AUC by round."""
+def _clients(stores: dict) -> dict[str, tuple]:
+    return {m: (a["indices"], a["values"], a["labels"]) for m, a in ((m, s.load("train")) for m, s in stores.items())}
+
+
+def fedavg_models(stores: dict, lr: float, rounds: int, seed: int, every: int = 0):
+    """The numpy FedAvg peer (:mod:`federated.numpy_fedavg`: the same wide model, client SGD, example-count
+    weights and touched-slot mean as ``fedstream federated run``, the same seeded cohorts of
+    ``clients_per_round``): yields ``(round, model)`` every ``every`` rounds and after the last."""
+    clients, ids = _clients(stores), sorted(stores)
+    model = NumpyWide(BITS)
+    for round_num in range(1, rounds + 1):
+        cohort = sample_clients(ids, DEFAULTS.clients_per_round, round_num, seed)
+        model = fedavg_round(model, [clients[m] for m in cohort], client_learning_rate=lr, batch_size=BATCH,
+                             seed=seed * 100_003 + round_num)
+        if round_num == rounds or (every and round_num % every == 0):
+            yield round_num, model
+
+
+def federated_model(settings, stores: dict, lr: float, rounds: int, seed: int, engine: str) -> NumpyWide:
+    """The global model after ``rounds`` rounds: TFF (``run_federated``, the platform's code path) or the numpy peer."""
+    if engine == "numpy":
+        return list(fedavg_models(stores, lr, rounds, seed))[-1][1]
     from federated.runner import run_federated
 
-    config = dataclasses.replace(DEFAULTS, rounds=rounds, client_learning_rate=lr, seed=seed, eval_every=eval_every)
-    outcome = run_federated(settings, stores, config, ModelConfig(bits=BITS), personalize=False, track=False)
-    return outcome, {r.round: r.evaluation["auc"] for r in outcome.history if "auc" in r.evaluation}
+    config = dataclasses.replace(DEFAULTS, rounds=rounds, client_learning_rate=lr, seed=seed, eval_every=rounds)
+    return _wide(run_federated(settings, stores, config, ModelConfig(bits=BITS), personalize=False, track=False).scorer)
 
 
-def calibrate(settings, sets: list[dict], lrs: tuple, max_rounds: int) -> dict:
-    """Every setting of every model, chosen on the validation split of ``sets`` (stores per calibration seed)."""
-    fed_curves = {}
+def calibrate(sets: list[dict], lrs: tuple, max_rounds: int) -> dict:
+    """Every setting of every model, chosen on the validation split of ``sets`` (stores per calibration seed).
+    Federated rounds and lr are chosen with the numpy peer (TFF's ~10x overhead goes to the reported runs)."""
+    fed_curves, held = {}, [_pooled(stores, "heldout") for stores in sets]
     for lr in lrs:
-        runs = [federated_run(settings, stores, lr, max_rounds, 1000 + k, EVAL_EVERY) for k, stores in enumerate(sets)]
-        rounds = sorted(runs[0][1])
-        fed_curves[lr] = [0.5] + [float(np.mean([curve[r] for _, curve in runs])) for r in rounds]
-        print(f"  federated lr {lr}: validation AUC by {EVAL_EVERY} rounds {[round(v, 4) for v in fed_curves[lr][1:]]}", flush=True)
+        runs = [[_auc(m, held[k]) for _, m in fedavg_models(stores, lr, max_rounds, 1000 + k, EVAL_EVERY)]
+                for k, stores in enumerate(sets)]
+        fed_curves[lr] = [0.5] + [float(np.mean(aucs)) for aucs in zip(*runs)]
+        print(f"  federated lr {lr}: validation AUC every {EVAL_EVERY} rounds {[round(v, 4) for v in fed_curves[lr][1:]]}", flush=True)
     fed = pick(fed_curves, max_steps=max_rounds, step=EVAL_EVERY)
     fed["rounds"] = fed.pop("steps")
-    pooled = [(_pooled(s, "train"), _pooled(s, "heldout")) for s in sets]
+    pooled = [(_pooled(s, "train"), held[k]) for k, s in enumerate(sets)]
     central = pick({lr: sgd_curve(pooled, lr, MAX_EPOCHS) for lr in CENTRAL_LRS}, max_steps=MAX_EPOCHS)
     merchants = [(s.load("train"), s.load("heldout")) for stores in sets for s in stores.values()]
     local = pick({lr: sgd_curve(merchants, lr, MAX_EPOCHS) for lr in LOCAL_LRS}, max_steps=MAX_EPOCHS)
-    # fine-tuning starts from a global model of the chosen lr and round count (trained again to that round)
-    starts = []
+    starts = []  # fine-tuning starts from the global model of the chosen lr and round count
     for k, stores in enumerate(sets):
-        outcome, _ = federated_run(settings, stores, fed["lr"], fed["rounds"], 1000 + k, fed["rounds"])
-        starts += [_wide(outcome.scorer)] * len(stores)
+        starts += [list(fedavg_models(stores, fed["lr"], fed["rounds"], 1000 + k))[-1][1]] * len(stores)
     finetune = pick({lr: sgd_curve(merchants, lr, FINETUNE_MAX_EPOCHS, starts=starts) for lr in FINETUNE_LRS},
                     max_steps=FINETUNE_MAX_EPOCHS, min_step=0)
     for name, choice in (("federated", fed), ("centralized", central), ("local-only", local), ("fine-tune", finetune)):
@@ -232,16 +251,16 @@ def calibrate(settings, sets: list[dict], lrs: tuple, max_rounds: int) -> dict:
     return {"federated": fed, "centralized": central, "local": local, "finetune": finetune}
 
 
-def evaluate(settings, stores: dict, cal: dict, seed: int) -> dict:
+def evaluate(settings, stores: dict, cal: dict, seed: int, engine: str = "tff") -> dict:
     """Held-out (test) figures of the calibrated settings on one report seed: pooled AUC of the federated and
     centralized models, per-merchant AUC of local-only, global and fine-tuned, and pooled AUC of each
     merchant scored by its own local-only / fine-tuned model."""
     fed, central, local, tune = cal["federated"], cal["centralized"], cal["local"], cal["finetune"]
-    outcome, _ = federated_run(settings, stores, fed["lr"], fed["rounds"], seed, fed["rounds"])
+    start = federated_model(settings, stores, fed["lr"], fed["rounds"], seed, engine)
     train, test = _pooled(stores, "train"), _pooled(stores, "heldout")
-    row = {"seed": seed, "federated_auc": _auc(outcome.scorer, test),
+    row = {"seed": seed, "engine": engine, "federated_auc": _auc(start, test),
            "centralized_auc": _auc(sgd_fit(train, central["lr"], central["steps"], seed=seed), test)}
-    start, merchants, pooled = _wide(outcome.scorer), [], {"local": [], "finetuned": [], "labels": []}
+    merchants, pooled = [], {"local": [], "finetuned": [], "labels": []}
     for store in stores.values():
         own_train, own_test = store.load("train"), store.load("heldout")
         models = {"local": sgd_fit(own_train, local["lr"], local["steps"], seed=seed), "global": start,
@@ -258,7 +277,7 @@ def evaluate(settings, stores: dict, cal: dict, seed: int) -> dict:
             row[f"{group}_{k}_auc"] = float(np.nanmean([m[f"{k}_auc"] for m in members])) if members else None
     row["small_finetune_wins"] = sum(m["finetuned_auc"] > m["local_auc"] for m in merchants if m["n_train"] < SMALL)
     row["auc_gap_relative"] = (row["centralized_auc"] - row["federated_auc"]) / row["centralized_auc"]
-    print(f"  seed {seed}: federated {row['federated_auc']:.4f}  centralized {row['centralized_auc']:.4f}  "
+    print(f"  seed {seed}: federated ({engine}) {row['federated_auc']:.4f}  centralized {row['centralized_auc']:.4f}  "
           f"local-only {row['pooled_local_auc']:.4f}  fine-tuned {row['pooled_finetuned_auc']:.4f} (pooled test AUC)",
           flush=True)
     return row
@@ -283,7 +302,7 @@ def _summary(rows: list[dict]) -> dict:
 
 def synthetic_quality(root: Path, settings) -> dict:
     print(f"\nCalibration on marketplaces {CAL_SEEDS} (validation = each merchant's later 20%)", flush=True)
-    cal = calibrate(settings, [_marketplace(root, seed) for seed in CAL_SEEDS], FED_LRS, MAX_ROUNDS)
+    cal = calibrate([_marketplace(root, seed) for seed in CAL_SEEDS], FED_LRS, MAX_ROUNDS)
     print(f"\nReport on marketplaces {REPORT_SEEDS} (test = each merchant's later 20%)", flush=True)
     rows = [evaluate(settings, _marketplace(root, seed), cal, seed) for seed in REPORT_SEEDS]
     return {"calibration": cal, "per_seed": rows, "summary": _summary(rows)}
@@ -294,10 +313,10 @@ def movielens_quality(root: Path, settings) -> dict:
 
     validation, test = movielens_stores(root / "ml-100k", BITS)
     print(f"\nMovieLens-100K, {len(test)} occupation groups as merchants: calibration on the validation split", flush=True)
-    cal = calibrate(settings, [validation], ML_LRS, ML_MAX_ROUNDS)
-    print(f"MovieLens-100K report on the test split, seeds {REPORT_SEEDS}", flush=True)
-    rows = [evaluate(settings, test, cal, seed) for seed in REPORT_SEEDS]
-    return {"groups": len(test), "calibration": cal, "per_seed": rows, "summary": _summary(rows)}
+    cal = calibrate([validation], ML_LRS, ML_MAX_ROUNDS)
+    print(f"MovieLens-100K report on the test split, seeds {REPORT_SEEDS} (federated: {ML_ENGINE})", flush=True)
+    rows = [evaluate(settings, test, cal, seed, ML_ENGINE) for seed in REPORT_SEEDS]
+    return {"groups": len(test), "engine": ML_ENGINE, "calibration": cal, "per_seed": rows, "summary": _summary(rows)}
 
 
 def _fmt(stat: dict, digits: int = 4) -> str:
@@ -331,8 +350,8 @@ def readme_rows(synthetic: dict, movielens: dict, round_s: float | None, mode: s
                    f"{_fmt(s['small_merchants'], 1)})"),
          "spread": f"fine-tuned {_sd(s['small_finetuned_auc'])}", "target": "fine-tuned > local-only",
          "met": (s["small_finetuned_auc"]["mean"] or 0) > (s["small_local_auc"]["mean"] or 1), "seeds": seeds},
-        {"row": f"MovieLens-100K, {movielens['groups']} occupation groups: federated vs centralized vs local-only "
-                "(fine-tuned) pooled AUC",
+        {"row": f"MovieLens-100K, {movielens['groups']} occupation groups: federated ({movielens['engine']} FedAvg) vs "
+                "centralized vs local-only (fine-tuned) pooled AUC",
          "value": (f"{_fmt(m['federated_auc'])} vs {_fmt(m['centralized_auc'])} vs {_fmt(m['pooled_local_auc'])} "
                    f"({_fmt(m['pooled_finetuned_auc'])})"),
          "spread": f"federated {_sd(m['federated_auc'])}", "target": "gap <= 1%, > local-only",
