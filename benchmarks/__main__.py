@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks            # all rooms
     BENCH_QUICK=1 .venv/bin/python -m benchmarks streams drift   # some rooms, quick
 
-Each module's output is passed through; the last line printed here is one JSON object mapping each
-module to its final JSON figures (or to its exit code when it failed).
+Each module's output is passed through; each module's final JSON line is saved to
+``benchmarks/results/<module>.json`` (for ``benchmarks/readme_table.py``); the last line printed here is one
+JSON object mapping each module to its final JSON figures (or to its exit code when it failed).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import save_result
+
 HERE = Path(__file__).resolve().parent
+TOOLS = {"readme_table"}  # modules here that are not benchmarks
 
 
 def modules() -> list[str]:
-    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_") and p.stem not in TOOLS)
 
 
 def last_json(text: str) -> dict | None:
@@ -52,6 +56,7 @@ def main(selected: list[str]) -> int:
             results[name] = {"exit_code": done.returncode, "error": "no final JSON line" if done.returncode == 0 else "failed"}
         else:
             results[name] = figures
+            save_result(name, figures)
     print(json.dumps(results))
     return 1 if failed else 0
 

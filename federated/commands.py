@@ -89,14 +89,14 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=None,
               help="L2 clip of each client update (fixed); with --dp the DP clip (else adaptive).")
 @click.option("--dp-delta", type=float, default=1e-5, show_default=True)
-@click.option("--secure-agg", is_flag=True, help="Secure aggregation (TFF's simulated secure sum, test context).")
+@click.option("--secure-agg", is_flag=True, help="Secure aggregation: the plain weighted mean over TFF's (simulated) secure sums, test context.")
 @click.option("--server-optimizer", type=click.Choice(["adam", "yogi", "sgd"]), default="sgd", show_default=True,
               help="sgd with lr 1 is plain FedAvg; adam/yogi are FedAdam/FedYogi.")
 @click.option("--server-lr", type=float, default=None, help="Server learning rate [default: 1.0 for sgd, 0.02 else].")
 @click.option("--client-lr", type=float, default=0.5, show_default=True, help="Client SGD learning rate.")
 @click.option("--aggregation", type=click.Choice(["touched", "mean"]), default="touched", show_default=True,
               help="touched: each hashed slot averaged over the merchants whose update moved it (reaches "
-                   "centralized AUC); mean: plain weighted FedAvg mean. --dp/--secure-agg use TFF's own aggregators.")
+                   "centralized AUC); mean: plain weighted FedAvg mean. --dp uses TFF's DP aggregator; --secure-agg the plain mean over secure sums.")
 @click.option("--client-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--prox-mu", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="FedProx proximal strength (0 = FedAvg).")

@@ -117,6 +117,7 @@ class Demo:
         proc = subprocess.Popen([sys.executable, "-m", "fedstream", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=self.env, start_new_session=True)
         self.started.processes.append(proc)
+        self.summary.setdefault("started_pids", []).append(proc.pid)  # the end-to-end test checks each is gone
         return proc
 
     @staticmethod
@@ -136,6 +137,7 @@ class Demo:
         from registry.tracking import tracking_uri
 
         self.summary["broker"] = record["bootstrap"]
+        self.summary.setdefault("started_pids", []).append(record["pid"])
         self.summary["mlflow"] = tracking_uri(self.settings)
         console.print(f"broker {record['bootstrap']} (cluster {record['cluster_id']}), MLflow {self.summary['mlflow']}")
 

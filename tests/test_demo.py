@@ -20,13 +20,62 @@ def constant_rate_logloss(rate: float) -> float:
     return -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
 
 
+# Runs the demo as the child of a process that is a *child subreaper* (prctl PR_SET_CHILD_SUBREAPER): every
+# process the demo starts, at any depth, is reparented to it when its own parent exits (the broker that
+# `fedstream broker start` detaches, TFF's worker_binary of `fedstream federated run`, uvicorn, ...) instead
+# of to init, so after the demo exits whatever is still alive below it was left behind by the demo. It
+# prints those PIDs with their command lines as JSON on its last line, then kills and reaps them.
+REAPER = """
+import ctypes, json, os, signal, subprocess, sys, time
+from pathlib import Path
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+code = subprocess.run(sys.argv[1:]).returncode
+time.sleep(1.0)  # let just-orphaned processes be reparented
+def reap():
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+def left():
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            continue
+        if entry.name.isdigit() and int(stat[1]) == os.getpid() and stat[0] != "Z":
+            found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\\0", b" ").decode(errors="replace")))
+    return found
+reap()
+leftover = left()
+for pid, _ in leftover:
+    os.kill(pid, signal.SIGKILL)
+time.sleep(0.2)
+reap()
+print(json.dumps({"exit_code": code, "leftover": leftover}))
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` still a live process (not a zombie)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSTREAM_")},
            "FEDSTREAM_DATA_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "fedstream", "demo", "--quick"], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-c", REAPER, sys.executable, "-m", "fedstream", "demo", "--quick"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    reaper = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reaper["exit_code"] == 0, done.stderr[-3000:]
+    # no child process left, at any depth (checked by PID, not by the broker record)
+    assert reaper["leftover"] == [], reaper["leftover"]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     plan = DemoPlan.quick()
 
@@ -60,6 +109,8 @@ def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path)
 
     report = Path(summary["report"])
     assert report.exists() and list(report.parent.glob("*.png"))
-    # everything started was stopped: no broker record left, no tansu/uvicorn/worker children of ours
+    # everything started was stopped: the broker, the learners, the API (their PIDs), and its record
+    started = summary["started_pids"]
+    assert len(started) >= 4 and not [pid for pid in started if _alive(pid)]
     assert not (tmp_path / "demo" / "broker.json").exists()
     assert (tmp_path / "demo" / "mlflow" / "mlflow.db").exists()

@@ -159,6 +159,27 @@ def test_dropouts_are_excluded_from_the_cohort(stores, tff_module, model_fn, tmp
                                   process.get_model_weights(state).trainable[0])
 
 
+def test_dp_aggregate_is_the_clipped_mean_plus_noise_of_the_configured_scale(tff_module):
+    """DP-FedAvg's aggregator (as built for the process): every client's update is clipped to ``clip`` and
+    the mean gets Gaussian noise of std ``noise_multiplier x clip / clients_per_round`` per coordinate."""
+    from federated.training import build_aggregator
+
+    dim, n, z, clip = 20_000, 4, 0.5, 1.0
+    config = FederatedConfig(clients_per_round=n, dp=True, noise_multiplier=z, clip=clip)
+    process = build_aggregator(config).create(tff_module.TensorType(np.float32, [dim]))
+    rng = np.random.default_rng(5)
+    directions = [v / np.linalg.norm(v) for v in rng.normal(size=(n, dim))]
+    norms = [0.5, 3.0, 40.0, 1000.0]  # one inside the clip, three far outside
+    updates = [(d * r).astype(np.float32) for d, r in zip(directions, norms)]
+    result = np.asarray(process.next(process.initialize(), updates).result, np.float64)
+    clipped_mean = sum(d * min(r, clip) for d, r in zip(directions, norms)) / n
+    noise, sigma = result - clipped_mean, z * clip / n
+    assert np.std(noise) == pytest.approx(sigma, rel=0.05)  # the configured noise scale, not 0, not more
+    assert abs(np.mean(noise)) < 5 * sigma / math.sqrt(dim)
+    for d, r in zip(directions, norms):  # along each client's direction only its clipped share + noise
+        assert abs(float(noise @ d)) < 5 * sigma, f"client of norm {r} was not clipped to {clip}"
+
+
 def test_dp_fedavg_runs_and_accounts_epsilon(stores, tff_module, model_fn):
     config = FederatedConfig(rounds=2, clients_per_round=4, dp=True, noise_multiplier=0.3, clip=1.0)
     process = build_process(model_fn, config)
@@ -202,14 +223,35 @@ def test_dp_cohorts_are_secret_poisson_samples_not_the_logged_seed(stores, tff_m
     assert not np.array_equal(process.get_model_weights(moved).trainable[0], process.get_model_weights(state).trainable[0])
 
 
-def test_secure_aggregation_in_the_test_context(stores, tff_module, model_fn):
-    config = FederatedConfig(rounds=1, clients_per_round=3, secure_agg=True)
+def test_secure_aggregation_equals_the_plain_weighted_mean(stores, tff_module, model_fn):
+    """Secure aggregation changes how the sum is computed, not what it is: the aggregate equals the
+    example-weighted mean (updates far beyond TFF's default clip norm of 1 included), and a secure round
+    gives the same model as a plain-mean round on the same cohort."""
+    from federated.training import build_aggregator
+
+    config = FederatedConfig(rounds=2, clients_per_round=3, secure_agg=True, seed=4)
     try:
         assert use_execution_context(config) == "sync_test_cpp"
-        process = build_process(model_fn, config)
-        state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config)
-        assert history[0].train["num_examples"] > 0
-        assert any(np.abs(w).sum() > 0 for w in process.get_model_weights(state).trainable)
+        rng = np.random.default_rng(9)
+        updates = [rng.normal(0, scale, 64).astype(np.float32) for scale in (0.02, 3.0, 40.0)]
+        updates[0][:20] = 0.0  # untouched slots count as zeros in the plain mean
+        weights = [np.float32(w) for w in (37, 912, 4100)]
+        aggregator = build_aggregator(config).create(tff_module.TensorType(np.float32, [64]),
+                                                     tff_module.TensorType(np.float32))
+        result = aggregator.next(aggregator.initialize(), updates, weights).result
+        np.testing.assert_allclose(result, np.average(updates, axis=0, weights=weights), rtol=1e-5, atol=1e-5)
+
+        data = FederatedData.from_stores(stores)
+        secure = build_process(model_fn, config)
+        state, history = run_rounds(secure, secure.initialize(), data, config)
+        plain_config = FederatedConfig(rounds=2, clients_per_round=3, aggregation="mean", seed=4)
+        plain = build_process(model_fn, plain_config)
+        plain_state, plain_history = run_rounds(plain, plain.initialize(), data, plain_config)
+        assert [r.participants for r in history] == [r.participants for r in plain_history]
+        assert history[-1].train["num_examples"] > 0
+        for got, want in zip(secure.get_model_weights(state).trainable, plain.get_model_weights(plain_state).trainable):
+            assert np.abs(want).max() > 0.1
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     finally:
         use_execution_context(FederatedConfig())
 
@@ -244,11 +286,44 @@ def test_switching_contexts_does_not_wait_for_a_stuck_worker(stores, tff_module,
         use_execution_context(FederatedConfig())
 
 
-def test_fedprox_with_yogi_and_clipping(stores, tff_module, model_fn):
-    config = FederatedConfig(rounds=2, clients_per_round=3, prox_mu=0.1, server_optimizer="yogi", clip=2.0)
+@pytest.fixture(scope="module")
+def separable_stores(tmp_path_factory):
+    """4 merchants whose click label is a function of one hashed slot (slot 1 -> clicked, slot 2 -> not), plus
+    two uninformative slots from a shared pool: anything that learns gets the logloss far below chance (0.693)."""
+    from federated.model import N_FIELDS
+    from federated.stores import write_store
+
+    rng, root, stores = np.random.default_rng(13), tmp_path_factory.mktemp("separable"), {}
+    for k in range(4):
+        n = 240
+        labels = (rng.random(n) < 0.5).astype(np.float32)
+        indices = np.zeros((n, N_FIELDS), np.int32)
+        indices[:, 0] = np.where(labels > 0, 1, 2)
+        indices[:, 1:3] = rng.integers(16, 80, (n, 2))
+        values = np.zeros((n, N_FIELDS), np.float32)
+        values[:, :3] = 1.0
+        arrays = {"indices": indices, "values": values, "labels": labels,
+                  "timestamps": np.arange(n, dtype=np.float64) + 1.7e9}
+        stores[f"m{k:02d}"] = write_store(root, f"m{k:02d}", arrays, holdout_fraction=0.25, bits=BITS)
+    return stores
+
+
+@pytest.mark.parametrize("options", [
+    dict(server_optimizer="sgd"), dict(server_optimizer="adam"),
+    dict(server_optimizer="yogi", prox_mu=0.1, clip=2.0),
+], ids=["fedavg-sgd", "adam", "fedprox-yogi-clip"])
+def test_server_optimizers_learn_a_separable_task(separable_stores, tff_module, model_fn, options):
+    """Each server optimizer at the configured default learning rate (FedProx and clipping on the Yogi run)."""
+    config = FederatedConfig(rounds=8, clients_per_round=3, seed=1, eval_every=8, **options)
+    data = FederatedData.from_stores(separable_stores)
     process = build_process(model_fn, config)
-    state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config)
-    assert history[-1].train["loss"] < 0.69
+    _, history = run_rounds(process, process.initialize(), data, config, evaluation=build_evaluation(model_fn))
+    assert history[-1].train["loss"] < 0.25, history[-1].train  # chance is 0.693
+    assert history[-1].evaluation["loss"] < 0.25 and history[-1].evaluation["auc"] > 0.99, history[-1].evaluation
+    assert history[0].train["loss"] > history[-1].train["loss"]
+
+
+def test_bad_server_optimizer_is_refused():
     with pytest.raises(ValueError, match="server_optimizer"):
         FederatedConfig(server_optimizer="rmsprop")  # type: ignore[arg-type]
 

@@ -150,8 +150,14 @@ def test_mlflow_logs_a_run_and_reads_it_back(settings):
     assert again.info.status == "FINISHED"
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian docker-compose not installed")
 def test_deploy_compose_file_validates():
+    """In CI (``CI=true``, where ``make test`` installs Debian's docker-compose) a missing tool is a failure,
+    not a skip: a skipped validation once let ``make test`` pass without checking ``deploy/``."""
+    if shutil.which("docker-compose") is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("docker-compose is not installed, so deploy/docker-compose.yml cannot be validated "
+                        "(make compose-tools installs it)")
+        pytest.skip("Debian docker-compose not installed (outside CI)")
     out = subprocess.run(["docker-compose", "-f", str(REPO / "deploy" / "docker-compose.yml"), "config", "-q"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,8 @@ def test_kill_9_mid_stream_then_resume_equals_uninterrupted_run(produced, tmp_pa
     assert _recommender_facts(mine["recommender"]) == _recommender_facts(theirs["recommender"])
     # the CLI worker's drift detectors (on by default) were checkpointed with the model and resumed with it
     assert _drift_facts(settings, mine["monitors"]["drift"]) == _drift_facts(settings, theirs["monitors"]["drift"])
+    mine.pop("written_at"), theirs.pop("written_at")
+    _same(mine, theirs)  # and every other field of the snapshot, detectors' internals included
 
 
 def _drift_monitor(settings: Settings):
@@ -242,3 +245,144 @@ def test_scheduled_publication_registers_a_snapshot_while_learning_goes_on(setti
     bundle = load_bundle(settings, f"models:/{settings.serving.model_name}/1")
     np.testing.assert_array_equal(bundle.model.weights, weights_at)
     assert not np.array_equal(worker.state.model.w.astype(np.float32), weights_at)
+
+
+# -- kill -9 at seeded random points over several partitions, full snapshots compared ------------------------
+# Across partitions the order in which blocks reach the model depends on fetch timing, so two Kafka runs are
+# not bit-comparable. Here the records are read once from the broker (several partitions, keyed by merchant)
+# and fed to a real OnlineWorker in a fixed interleaving (round robin over partitions, one block each, the
+# worker's own accept / checkpoint calls, background checkpoint writes included); a child process running
+# that schedule SIGKILLs itself at seeded random blocks, several times in a row, and each restart resumes from
+# whatever checkpoint landed. The final checkpoint must equal an uninterrupted run's in every field.
+
+PARTITIONS, BLOCK, CHECKPOINT_EVERY = 3, 64, 300
+
+
+def _schedule(records: list) -> list[list]:
+    """Blocks of ``BLOCK`` offsets per partition, taken round robin over the partitions."""
+    by_partition: dict[int, list] = {}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        by_partition.setdefault(record.partition, []).append(record)
+    blocks = {p: [rs[i:i + BLOCK] for i in range(0, len(rs), BLOCK)] for p, rs in sorted(by_partition.items())}
+    return [blocks[p][k] for k in range(max(len(b) for b in blocks.values())) for p in blocks if k < len(blocks[p])]
+
+
+def _scheduled_worker_config(checkpoint: Path) -> WorkerConfig:
+    return WorkerConfig(model="ftrl", group="scheduled", checkpoint_path=checkpoint, block=BLOCK, flush_after_s=3600,
+                        checkpoint_every=CHECKPOINT_EVERY, checkpoint_seconds=3600, publish_every_s=None,
+                        publish_at_end=False, rank_every=20)
+
+
+def learn_in_schedule(settings: Settings, records: list, checkpoint: Path, crash_at: int | None = None) -> dict:
+    """Feed the schedule to a (resumed) worker; ``crash_at``: SIGKILL this process at that block."""
+    worker = OnlineWorker(settings, _scheduled_worker_config(checkpoint), monitors={"drift": _drift_monitor(settings)})
+    for number, block in enumerate(_schedule(records)):
+        if number == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no goodbye: a background checkpoint write may be in flight
+        worker.accept(block)  # blocks learned before the checkpoint are skipped by offset
+        worker._maybe_checkpoint()
+    worker.flush_stale(force=True)
+    worker.checkpoint(commit=False)
+    return {"events": worker.state.events, "learned_this_run": worker.learned_this_run}
+
+
+def _child_main() -> None:
+    """``python -c`` entry of the crashing child: argv = data dir, records pickle, checkpoint, crash block."""
+    import pickle
+
+    from fedstream.settings import load_settings
+
+    data_dir, records_file, checkpoint, crash_at = sys.argv[1:5]
+    settings = load_settings(data_dir=data_dir, feature_bits=16)
+    records = pickle.loads(Path(records_file).read_bytes())
+    print(json.dumps(learn_in_schedule(settings, records, Path(checkpoint), int(crash_at) if crash_at != "-" else None)))
+
+
+def _same(mine, theirs, path: str = "checkpoint") -> None:
+    """Field-by-field equality of two checkpoints (arrays exactly, objects by their attributes)."""
+    import pickle
+
+    if isinstance(mine, bytes) and isinstance(theirs, bytes) and mine[:1] == b"\x80":  # a nested snapshot
+        mine, theirs = pickle.loads(mine), pickle.loads(theirs)
+    if isinstance(mine, np.ndarray) or isinstance(theirs, np.ndarray):
+        np.testing.assert_array_equal(mine, theirs, err_msg=path)
+    elif isinstance(mine, dict) and isinstance(theirs, dict):
+        assert list(mine) == list(theirs), path
+        for key in mine:
+            _same(mine[key], theirs[key], f"{path}[{key!r}]")
+    elif isinstance(mine, (list, tuple, deque)) and isinstance(theirs, (list, tuple, deque)):
+        assert type(mine) is type(theirs) and len(mine) == len(theirs), path
+        for k, (a, b) in enumerate(zip(mine, theirs)):
+            _same(a, b, f"{path}[{k}]")
+    elif hasattr(mine, "__dict__") and type(mine) is type(theirs) and not isinstance(mine, type):
+        _same(vars(mine), vars(theirs), f"{path}.{type(mine).__name__}")
+        slots = [s for cls in type(mine).__mro__ for s in getattr(cls, "__slots__", ())]
+        for name in slots:
+            _same(getattr(mine, name, None), getattr(theirs, name, None), f"{path}.{name}")
+    elif type(mine).__module__ not in ("builtins", "collections") and type(mine) is type(theirs):
+        assert pickle.dumps(mine) == pickle.dumps(theirs), path  # e.g. compiled detectors without __dict__
+    else:
+        assert mine == theirs, path
+
+
+@pytest.fixture(scope="module")
+def partitioned(broker, tmp_path_factory) -> tuple[Settings, Path, int]:
+    """6 merchants' events on a 3-partition topic (keyed by merchant), read back once, pickled for children."""
+    import pickle
+
+    from fedstream.settings import load_settings
+    from streams.consumer import EventConsumer
+
+    data_dir = tmp_path_factory.mktemp("partitioned")
+    tag = f"multi-{uuid.uuid4().hex[:8]}"
+    events_topic = Topic(name=f"{tag}.events", partitions=PARTITIONS)
+    topics = Topics(clicks=events_topic, orders=events_topic, catalog=events_topic,
+                    dead_letter=Topic(name=f"{tag}.dead-letter", partitions=1), drift=Topic(name=f"{tag}.drift", partitions=1))
+    settings = load_settings(data_dir=data_dir, feature_bits=16).model_copy(update={"bootstrap_servers": broker, "topics": topics})
+    ensure_topics(settings, [events_topic, topics.dead_letter, topics.drift])
+    events = list(generate(GeneratorConfig(merchants=6, events=4000, seed=33)))
+    with EventProducer(settings, source="test-multi") as producer:
+        for event in events:
+            producer.send_event(event)
+    consumer = EventConsumer(settings, f"read-{tag}", [events_topic.name], poll_timeout_ms=500)
+    records, deadline = [], time.monotonic() + 120
+    try:
+        while len(records) < len(events) and time.monotonic() < deadline:
+            records.extend(consumer.poll().records)
+    finally:
+        consumer.close()
+    assert len(records) == len(events) and len({r.partition for r in records}) == PARTITIONS
+    path = data_dir / "records.pickle"
+    path.write_bytes(pickle.dumps(records))
+    return settings, path, len(records)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_over_several_partitions_then_resume_equals_uninterrupted(partitioned, tmp_path):
+    import pickle
+
+    settings, records_file, total = partitioned
+    records = pickle.loads(records_file.read_bytes())
+    blocks = len(_schedule(records))
+    reference = learn_in_schedule(settings, records, tmp_path / "reference.ckpt")
+    assert reference["events"] == total
+
+    crashes = sorted(np.random.default_rng(2024).choice(np.arange(3, blocks - 1), size=3, replace=False).tolist())
+    checkpoint, resumed_at = tmp_path / "crashy.ckpt", []
+    code = "from tests.test_online_worker import _child_main; _child_main()"
+    for crash_at in [*crashes, None]:
+        args = [sys.executable, "-c", code, str(settings.data_path), str(records_file), str(checkpoint),
+                "-" if crash_at is None else str(crash_at)]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=180)
+        saved = read_checkpoint(checkpoint)
+        if crash_at is not None:
+            assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+            resumed_at.append(saved["events"] if saved else 0)
+        else:
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert json.loads(done.stdout.strip().splitlines()[-1])["learned_this_run"] == total - resumed_at[-1]
+    assert 0 < resumed_at[0] and resumed_at == sorted(resumed_at) and resumed_at[-1] < total, resumed_at
+    mine, theirs = read_checkpoint(checkpoint), read_checkpoint(tmp_path / "reference.ckpt")
+    mine.pop("written_at"), theirs.pop("written_at")
+    assert len(mine["offsets"]) == PARTITIONS and mine["events"] == total
+    _same(mine, theirs)
