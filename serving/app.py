@@ -55,7 +55,10 @@ class Health(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(description="Predicted click probability of showing the item to the user.")
+    score: float = Field(description="Ranking score (higher first): the learned ranker's score, or the click "
+                                     "probability for versions without a two-stage recommender.")
+    source: str = Field(description="What proposed the item: history, co-occurrence, transition, popular, catalog "
+                                    "(or candidates / click-model for versions without a two-stage recommender).")
 
 
 class Recommendations(BaseModel):
@@ -357,13 +360,15 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
         model: Annotated[ServedModel, Depends(served)],
         user_id: Annotated[str, Query(min_length=1, max_length=128, description="User to recommend for.")],
         k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
+        item_id: Annotated[str | None, Query(min_length=1, max_length=128,
+                                             description="Product page: items bought together with this one.")] = None,
     ) -> Response:
-        """Top-k items for a user, ranked by the served model's click probability (just-bought excluded)."""
+        """Top-k items for a user (on a product page with ``item_id``), each with the source that proposed it."""
         if merchant_id not in model.bundle.context.merchants and model.bundle.recommender is None:
             raise HTTPException(404, f"merchant {merchant_id!r} has no catalog in model version {model.version}")
-        items = model.bundle.recommend(merchant_id, user_id, k)
+        items = model.bundle.recommend_items(merchant_id, user_id, k, item_id=item_id)
         body = {"merchant_id": merchant_id, "user_id": user_id, "model_version": model.version,
-                "items": [{"item_id": item, "score": score} for item, score in items]}
+                "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]}
         return Response(msgspec.json.encode(body), media_type="application/json")
 
     @app.post("/v1/merchants/{merchant_id}/predictions", tags=["merchant"], response_model=Predictions,
