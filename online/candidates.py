@@ -169,8 +169,8 @@ class CandidateState:
         for item in items:
             shop.popularity[item] = shop.popularity.get(item, 0.0) + value
             self._repeat_stats(shop, user, item, when)
-            for other in dict.fromkeys(user.recent):
-                if other != item:
+            for other in dict.fromkeys((*user.recent, *items)):  # earlier items, and the same basket
+                if other != item and (other not in items or other < item):
                     self._link(shop.co, shop.totals_co, other, item, 1.0)
                     self._link(shop.co, shop.totals_co, item, other, 1.0)
             if same_session:
