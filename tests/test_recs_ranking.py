@@ -81,14 +81,15 @@ def test_an_item_is_offered_again_when_it_is_due_by_its_learned_cycle():
 
 
 def test_product_page_shows_items_bought_together():
+    """Each user buys one pair in one basket, then single gifts: the pair's items co-occur only inside
+    that basket (items of the same order were not linked before: the page showed the later gifts)."""
     events, n = [], 0
     for u in range(40):
-        for day in range(3):
-            pair = [("tent", "pegs"), ("kettle", "tea"), ("ball", "pump")][u % 3]
-            extra = [f"gift{(u * 7 + day) % 11}"]  # bought alone, on another day of the week
-            events.append(order("m1", f"u{u}", list(pair), day * DAY + u * 60.0, n))
-            events.append(order("m1", f"u{u}", extra, day * DAY + 0.5 * DAY + u * 60.0, n + 1000))
-            n += 1
+        pair = [("tent", "pegs"), ("kettle", "tea"), ("ball", "pump")][u % 3]
+        events.append(order("m1", f"u{u}", list(pair), u * 60.0, n))
+        for day in range(1, 4):
+            events.append(order("m1", f"u{u}", [f"gift{(u * 7 + day) % 11}"], day * DAY + u * 60.0, n + day))
+        n += 4
     rec = trained(sorted(events, key=lambda e: e.timestamp))
     page = rec.rank("m1", "new-user", 3, item_id="tent")
     assert page[0].item_id == "pegs" and page[0].source in ("co-occurrence", "transition")
