@@ -75,6 +75,7 @@ class Shop:
     totals_trans: dict[str, float] = field(default_factory=dict)
     users: OrderedDict = field(default_factory=OrderedDict)
     catalog: dict[str, str] = field(default_factory=dict)  # item -> category
+    unchosen: dict[str, None] = field(default_factory=dict)  # catalog items nobody chose yet (cold start)
     totals: ItemStats = field(default_factory=ItemStats)  # merchant-wide repeat statistics
     ranked: list[str] = field(default_factory=list)
     since_rank: int = 0
@@ -155,6 +156,8 @@ class CandidateState:
         if type(event) is CatalogItem:
             if event.item_id in shop.catalog or len(shop.catalog) < self.max_items:
                 shop.catalog[event.item_id] = event.category
+                if event.item_id not in shop.stats:
+                    shop.unchosen[event.item_id] = None
             return
         step = self.step_of(event)
         if step is not None:
@@ -167,6 +170,7 @@ class CandidateState:
         value = self._decayed(shop, when)
         same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
         for item in items:
+            shop.unchosen.pop(item, None)
             shop.popularity[item] = shop.popularity.get(item, 0.0) + value
             self._repeat_stats(shop, user, item, when)
             for other in dict.fromkeys((*user.recent, *items)):  # earlier items, and the same basket
@@ -295,9 +299,9 @@ class CandidateState:
                 out[item] = out.get(item, 0) | bit
         for item in self.popular(shop, per_source):
             out[item] = out.get(item, 0) | POPULAR
-        if len(out) < limit and shop.catalog:
-            for item in shop.catalog:
-                if item not in shop.stats and item not in out:
+        if len(out) < limit:
+            for item in shop.unchosen:
+                if item not in out:
                     out[item] = CATALOG
                     if len(out) >= limit:
                         break

@@ -1,8 +1,9 @@
 """The two-stage recommender: bounded candidate sources, then a small online pairwise ranker.
 
 :class:`ShopRecommender` keeps a :class:`~online.candidates.CandidateState` and a :class:`PairwiseRanker`.
-For every step a user takes (a clicked item, an order's items) it is **test-then-train**: the ranker
-first learns that the chosen items beat ``negatives`` sampled from the candidates proposed *before* the
+For every step a user takes (a clicked item, an order's items; after a merchant's first
+``warm_up_steps`` steps, every ``train_every``-th: the ranker has 22 weights, and this keeps the learner
+worker's cost per event low) it is **test-then-train**: the ranker first learns that the chosen items beat ``negatives`` sampled from the candidates proposed *before* the
 step (implicit feedback: no impressions needed, so orders-only shops learn too), then the candidate
 statistics fold the step in. Serving proposes candidates, computes their features (:data:`FEATURES`) and
 ranks by the learned score; each recommendation names the source that proposed it.
@@ -121,9 +122,14 @@ class ShopRecommender:
 
     def __init__(self, candidates: CandidateState | None = None, ranker: PairwiseRanker | None = None,
                  negatives: int = 8, train_candidates: int = 60, candidate_limit: int = 150,
-                 seed: int = 0) -> None:
+                 warm_up_steps: int = 200, train_every: int = 8, seed: int = 0) -> None:
+        if min(negatives, train_candidates, candidate_limit, train_every) < 1 or warm_up_steps < 0:
+            raise ValueError("negatives, train_candidates, candidate_limit, train_every must be >= 1, warm_up_steps >= 0")
         self.state = candidates or CandidateState()
         self.ranker = ranker or PairwiseRanker()
+        self.warm_up_steps = warm_up_steps
+        self.train_every = train_every
+        self.merchant_steps: dict[str, int] = {}
         self.negatives = negatives
         self.train_candidates = train_candidates
         self.candidate_limit = candidate_limit
@@ -136,7 +142,9 @@ class ShopRecommender:
         step = CandidateState.step_of(event)
         if step is not None:
             self.steps += 1
-            self._train(event.merchant_id, event.user_id, step[0], event.timestamp)
+            seen = self.merchant_steps[event.merchant_id] = self.merchant_steps.get(event.merchant_id, 0) + 1
+            if seen <= self.warm_up_steps or seen % self.train_every == 0:
+                self._train(event.merchant_id, event.user_id, step[0], event.timestamp)
             self.n_observed += 1
         self.state.observe(event)
 
