@@ -35,8 +35,8 @@ def shop_stream(seed: int = 3) -> list[Order]:
     return [order(m, u, items, t, n) for n, (m, u, items, t) in enumerate(events)]
 
 
-def trained(events) -> ShopRecommender:
-    rec = ShopRecommender(seed=1)
+def trained(events, **options) -> ShopRecommender:
+    rec = ShopRecommender(seed=1, **options)
     for event in events:
         rec.observe(event)
     return rec
@@ -72,7 +72,7 @@ def test_an_item_is_offered_again_when_it_is_due_by_its_learned_cycle():
             events.append(order("shop", f"u{u}", items, start + visit * 2 * DAY + rng.uniform(-0.1, 0.1) * DAY, n))
             n += 1
     events.sort(key=lambda e: e.timestamp)
-    rec = trained(events)
+    rec = trained(events, train_every=1)  # 375 steps: learn from each (the default samples after 200)
     last = max(e.timestamp for e in events if e.user_id == "u0")  # visit 14: coffee, no detergent (bought at 12)
     not_due = {r.item_id: r.score for r in rec.rank("shop", "u0", 30, timestamp=last + 2 * DAY)}
     due = {r.item_id: r.score for r in rec.rank("shop", "u0", 30, timestamp=last + 4 * DAY)}
