@@ -34,7 +34,7 @@ PRIOR = {"co": 1.0, "trans": 1.0, "popularity": 0.5, "co_max": 0.5, "trans_max":
 
 @dataclass
 class Recommended:
-    """One recommendation: item, ranking score and the source that proposed it."""
+    """One recommendation: item, ranking score in (0, 1) (σ of the ranker's score) and the source that proposed it."""
 
     item_id: str
     score: float
@@ -181,7 +181,8 @@ class ShopRecommender:
         when = shop.clock if timestamp is None else timestamp
         scores = self.ranker.scores(merchant_id, features(shop, shop.users.get(user_id), items, masks, co, trans, when))
         best = np.argsort(-scores, kind="stable")[:k]
-        return [Recommended(items[i], float(scores[i]), source_name(masks[i])) for i in best.tolist()]
+        shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))  # in (0, 1), same order
+        return [Recommended(items[i], float(p), source_name(masks[i])) for i, p in zip(best.tolist(), shown.tolist())]
 
     # the candidate-generator protocol of registry.bundle (older bundles rank these with the click model)
     def candidates(self, merchant_id: str, user_id: str, limit: int = 100) -> list[str]:
