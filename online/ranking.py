@@ -122,7 +122,7 @@ class ShopRecommender:
 
     def __init__(self, candidates: CandidateState | None = None, ranker: PairwiseRanker | None = None,
                  negatives: int = 8, train_candidates: int = 60, candidate_limit: int = 150,
-                 warm_up_steps: int = 200, train_every: int = 8, seed: int = 0) -> None:
+                 warm_up_steps: int = 100, train_every: int = 16, seed: int = 0) -> None:
         if min(negatives, train_candidates, candidate_limit, train_every) < 1 or warm_up_steps < 0:
             raise ValueError("negatives, train_candidates, candidate_limit, train_every must be >= 1, warm_up_steps >= 0")
         self.state = candidates or CandidateState()
