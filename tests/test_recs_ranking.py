@@ -90,7 +90,7 @@ def test_product_page_shows_items_bought_together():
         for day in range(1, 4):
             events.append(order("m1", f"u{u}", [f"gift{(u * 7 + day) % 11}"], day * DAY + u * 60.0, n + day))
         n += 4
-    rec = trained(sorted(events, key=lambda e: e.timestamp))
+    rec = trained(sorted(events, key=lambda e: e.timestamp), train_every=1)  # 160 steps: learn from each
     page = rec.rank("m1", "new-user", 3, item_id="tent")
     assert page[0].item_id == "pegs" and page[0].source in ("co-occurrence", "transition")
     assert "tent" not in [r.item_id for r in page]
