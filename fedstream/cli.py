@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("streams.commands:ingest", "Validate events from a JSONL/CSV file (or -) and produce them."),
     "replay": ("streams.commands:replay", "Replay a real data set shipped in a wheel as click/order events."),
     "learn": ("online.commands:learn", "Run an online learner worker as a Kafka consumer group member."),
+    "evaluate": ("online.commands:evaluate", "Evaluate recommendations on an event file against baselines."),
     "federated": ("federated.commands:federated", "Federated averaging rounds across merchants (TFF)."),
     "models": ("registry.commands:models", "List, promote or roll back registered model versions."),
     "mlflow-ui": ("registry.commands:mlflow_ui", "Serve the MLflow UI on the platform's tracking store."),

@@ -222,9 +222,22 @@ class Demo:
         self.summary["recommendations"] = answers
         self.summary["other_merchant_status"] = denied
         for user, answer in answers.items():
-            items = ", ".join(f"{r['item_id']} ({r['score']:.3f})" for r in answer["items"])
+            items = ", ".join(f"{r['item_id']} ({r['score']:.2f}, {r['source']})" for r in answer["items"])
             console.print(f"{merchant}/{user}: {items}")
         console.print(f"a {merchant} key asking for m01 gets HTTP {denied}")
+
+    def compare_recommenders(self, events: Path) -> None:
+        """``fedstream evaluate recs`` on the traffic's order history: next order, fedstream vs baselines."""
+        orders = self.workdir / "orders.jsonl"
+        with events.open("rb") as source, orders.open("wb") as target:
+            for line in source:
+                if b'"type":"click"' not in line:
+                    target.write(line)
+        output = self.fedstream("evaluate", "recs", str(orders), "--split", "last-order")
+        console.print(output.rsplit("\n", 2)[0])
+        report = self.last_json(output)
+        self.summary["recommendation_eval"] = {name: {m: round(row[m], 4) for m in ("hit_rate_at_10", "ndcg_at_10")}
+                                               for name, row in report["methods"].items()}
 
     def drift_report(self, events: Path) -> None:
         self.step(8, f"drift report for {self.plan.drift_merchant}")
@@ -248,6 +261,8 @@ class Demo:
         for version in self.summary.get("versions", []):
             table.add_row(f"version {version.get('version')}", json.dumps(
                 {k: version.get(k) for k in ("aliases", "kind", "logloss", "events_seen") if version.get(k) is not None}))
+        for name, row in self.summary.get("recommendation_eval", {}).items():
+            table.add_row(f"next order, {name}", f"HitRate@10 {row['hit_rate_at_10']:.3f}  NDCG@10 {row['ndcg_at_10']:.3f}")
         table.add_row("MLflow UI", f"FEDSTREAM_DATA_DIR={self.settings.data_path} fedstream mlflow-ui")
         table.add_row("drift report", self.summary.get("report", "-"))
         table.add_row("API (stopped now)", f"{self.summary.get('api')}/docs")
@@ -310,6 +325,7 @@ def run_demo(settings: Settings, plan: DemoPlan) -> dict:
         demo.run_federated()
         demo.promote_champion()
         demo.serve_and_query()
+        demo.compare_recommenders(events)
         demo.drift_report(events)
         demo.summary["seconds"] = round(time.monotonic() - started, 1)
         demo.print_summary()

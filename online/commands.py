@@ -109,3 +109,43 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         summary["drift_events"] = [{"merchant_id": e.merchant_id, "detector": e.detector, "event_index": e.event_index}
                                    for e in monitor.events]
     click.echo(json.dumps(summary, default=str))
+
+
+@click.group()
+def evaluate() -> None:
+    """Offline evaluation on any event file."""
+
+
+@evaluate.command("recs")
+@click.argument("file", type=click.File("rb"))
+@click.option("--k", "k", type=click.IntRange(min=1, max=100), default=10, show_default=True, help="List length.")
+@click.option("--split", type=click.Choice(["last-order", "last-session", "time"]), default="last-order",
+              show_default=True, help="Which events are the targets (each with a validation twin before it).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "csv"]), default="auto", show_default=True,
+              help="Input format (auto: by extension, .csv is CSV, anything else JSONL).")
+@click.option("--river/--no-river", default=True, show_default=True, help="Include River's BiasedMF baseline.")
+def evaluate_recs(file, k: int, split: str, fmt: str, river: bool) -> None:
+    """Replay FILE through fedstream's served recommender and the baselines; print a table, then one JSON line.
+
+    Every method learns the events in time order and is asked for its top-K right before each target event
+    (no method sees the future). Invalid lines are skipped and counted.
+    """
+    from online.evaluate import all_methods, evaluate as run, format_table
+    from streams.commands import iter_payloads, open_input
+    from streams.schemas import InvalidEvent, decode_event
+
+    if fmt == "auto":
+        fmt = "csv" if str(getattr(file, "name", "")).endswith(".csv") else "jsonl"
+    events, invalid = [], 0
+    for payload, _, _ in iter_payloads(open_input(file), fmt):
+        try:
+            events.append(decode_event(payload))
+        except InvalidEvent:
+            invalid += 1
+    events.sort(key=lambda event: event.timestamp)  # stable: same-time events keep the file order
+    if not events:
+        raise click.ClickException(f"no valid events in {getattr(file, 'name', 'the input')} ({invalid} invalid)")
+    report = run(events, all_methods(river=river), split=split, k=k)
+    report["invalid_lines"] = invalid
+    click.echo(format_table(report))
+    click.echo(json.dumps(report))

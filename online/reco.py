@@ -1,5 +1,8 @@
 """Candidate generation per merchant, updated online: popular items and items co-clicked/co-bought.
 
+The first-generation recommender, kept so model versions registered with it load and serve as before; the
+learner worker now publishes :class:`online.ranking.ShopRecommender` (two stages, learned ranker).
+
 :class:`Recommender` proposes candidates; the click model ranks them (:func:`recommend`). Per merchant it
 keeps, all bounded:
 

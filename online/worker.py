@@ -8,7 +8,8 @@ hands it partitions, i.e. merchants, so adding workers scales out. For every eve
 2. the model predicts, then learns (``learn_many`` returns the pre-update probabilities), and the
    :class:`~online.prequential.PrequentialEvaluator` scores the prediction; every ``rank_every``-th click
    or order also scores the recommender's ranked list against the item the user actually chose;
-3. the context and the :class:`~online.reco.Recommender` observe the event.
+3. the context and the :class:`~online.ranking.ShopRecommender` observe the event (its ranker learns
+   test-then-train from every clicked item and every order, so orders-only streams learn and publish too).
 
 **Deterministic mini-batches.** Records of a partition are learned in blocks cut at offsets that are
 multiples of ``block``. A partial block is learned early only when the worker has read its partition up
@@ -55,7 +56,8 @@ from fedstream.files import read_versioned, write_atomic
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.prequential import PrequentialEvaluator
-from online.reco import Recommender, recommend
+from online.ranking import ShopRecommender
+from online.reco import recommend
 from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer
 from streams.schemas import Click, Order
@@ -152,7 +154,7 @@ class LearnerState:
         self.bits = bits
         self.model_name = model_name
         self.context = FeatureContext()
-        self.recommender = Recommender()
+        self.recommender = ShopRecommender()
         self.evaluator = PrequentialEvaluator(window=metrics_window)
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to learn, per (topic, partition)
         self.events = 0  # records learned (all types)
@@ -331,6 +333,11 @@ class OnlineWorker:
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
+        rank = getattr(self.state.recommender, "rank", None)
+        if rank is not None:  # the two-stage recommender ranks its own candidates (what serving shows)
+            shown = [r.item_id for r in rank(event.merchant_id, event.user_id, self.config.rank_k, timestamp=event.timestamp)]
+            self.state.evaluator.observe_ranking(event.merchant_id, shown, actual, self.config.rank_k)
+            return
         ranked = recommend(self.state.model, self.featurizer, self.state.context, event.merchant_id, event.user_id,
                            self.config.rank_k, recommender=self.state.recommender, timestamp=event.timestamp,
                            candidate_limit=50)
@@ -392,8 +399,8 @@ class OnlineWorker:
         every = self.config.publish_every_s
         if not force and (not every or time.monotonic() - self._last_publish < every):
             return
-        if self.state.clicks == 0:
-            return
+        if self.state.clicks == 0 and not getattr(self.state.recommender, "n_observed", 0):
+            return  # nothing learned yet (an orders-only stream publishes once its recommender learned orders)
         in_flight = self._publisher is not None and self._publisher.is_alive()
         if in_flight and not force:
             return  # one publication at a time; the next loop iteration tries again

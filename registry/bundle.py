@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 import crc32c
 import numpy as np
 
+from online.ranking import Recommended
 from streams.features import FIELD_INDEX, FIELDS, FeatureContext, Featurizer, feature_slot, price_bucket
 from streams.schemas import Click
 
@@ -347,8 +348,10 @@ class ModelBundle:
         self._init_caches()
 
     def merchants(self) -> list[str]:
-        """Merchants this bundle can rank for (those with a catalog in its context)."""
-        return sorted(m for m, ctx in self.context.merchants.items() if ctx.catalog)
+        """Merchants this bundle can rank for (a catalog in its context, or known to its recommender)."""
+        known = {m for m, ctx in self.context.merchants.items() if ctx.catalog}
+        listed = getattr(self.recommender, "merchants", None)
+        return sorted(known | set(listed() if callable(listed) else ()))
 
     def invalidate(self) -> None:
         """Drop cached candidate features (after mutating the context's catalogs or the weights in place)."""
@@ -366,24 +369,41 @@ class ModelBundle:
         indices, values = self.featurizer.transform_many(clicks, self.context)
         return np.asarray(self.model.predict_proba_many(indices, values), dtype=np.float64)
 
-    def recommend(self, merchant_id: str, user_id: str, k: int = 10, *,
-                  timestamp: float | None = None) -> list[tuple[str, float]]:
-        """Top-``k`` ``(item_id, p_click)`` for the user: recommender's candidates (or the whole catalog),
-        minus what the user just bought, ranked by the model."""
+    def recommend(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
+                  item_id: str | None = None) -> list[tuple[str, float]]:
+        """Top-``k`` ``(item_id, score)`` for the user (see :meth:`recommend_items`)."""
+        return [(r.item_id, r.score) for r in self.recommend_items(merchant_id, user_id, k, timestamp=timestamp,
+                                                                    item_id=item_id)]
+
+    def recommend_items(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
+                        item_id: str | None = None) -> list[Recommended]:
+        """Top-``k`` items with their score and the source that proposed each.
+
+        A recommender with ``rank()`` (:class:`online.ranking.ShopRecommender`) ranks its own candidates
+        with its learned ranker (``item_id``: a product page, "bought together"); otherwise the model ranks
+        the recommender's candidates (or the whole catalog) by click probability, minus what the user just
+        bought, and ``item_id`` is left out of the result.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        rank = getattr(self.recommender, "rank", None)
+        if rank is not None:
+            return rank(merchant_id, user_id, k, timestamp=timestamp, item_id=item_id)
         when = time.time() if timestamp is None else timestamp
         item_ids, scores, are_logits = self._candidate_scores(merchant_id, user_id, when)
         if not item_ids:
             return []
         excluded = self.recommender.exclude(merchant_id, user_id) if self.recommender is not None else set()
+        if item_id is not None:
+            excluded = excluded | {item_id}
         if excluded:
             keep = np.fromiter((item not in excluded for item in item_ids), dtype=bool, count=len(item_ids))
             scores = np.where(keep, scores, -np.inf)
         best = _top_k(scores, k)
         best = best[np.isfinite(scores[best])]
         chosen = _sigmoid(scores[best]) if are_logits else scores[best]
-        return [(item_ids[i], float(p)) for i, p in zip(best.tolist(), chosen.tolist())]
+        source = "click-model" if self.recommender is None else "candidates"
+        return [Recommended(item_ids[i], float(p), source) for i, p in zip(best.tolist(), chosen.tolist())]
 
     def candidate_features(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray]:
         """Candidate item ids and their slot indices ``int32[n, F]`` (values are all ones)."""

@@ -26,7 +26,10 @@ class Health(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(description="Predicted click probability of showing the item to the user.")
+    score: float = Field(description="Ranking score in (0, 1), higher first: σ of the learned ranker's score, or "
+                                     "the click probability for versions without a two-stage recommender.")
+    source: str = Field(description="What proposed the item: history, co-occurrence, transition, popular, catalog "
+                                    "(or candidates / click-model for versions without a two-stage recommender).")
 
 
 class Recommendations(BaseModel):

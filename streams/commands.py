@@ -256,11 +256,14 @@ def ingest(settings: Settings, file, fmt: str, source: str | None, from_line: in
 @click.option("--days", type=float, default=14.0, show_default=True, help="Time span of the traffic.")
 @click.option("--drift", "drifts", multiple=True, metavar="MERCHANT:AT_EVENT:KIND[:MAGNITUDE]",
               help="Concept drift, e.g. m03:500000:preferences or m01:200000:prices:0.5 (repeatable).")
+@click.option("--consumables", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
+              help="Share of each merchant's categories that are consumables re-bought on per-user cycles "
+                   "(streams/consumables.py; 0: off). Re-buy orders come on top of --events.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write JSONL here instead of producing to Kafka (ground truth goes to <out stem>.truth.json).")
 @pass_settings
 def generate(settings: Settings, merchants: int, events: int, seed: int, days: float, drifts: tuple[str, ...],
-             out: str | None) -> None:
+             consumables: float, out: str | None) -> None:
     """Generate seeded synthetic merchant traffic (see streams/generator.py) to Kafka or a JSONL file.
 
     Prints one JSON line with the accounting, where the ground truth of the drifts was written, and the
@@ -275,12 +278,17 @@ def generate(settings: Settings, merchants: int, events: int, seed: int, days: f
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     truth = generator.ground_truth(config)
+    stream, repeat_truth = generator.generate(config), []
+    if consumables > 0:
+        from streams.consumables import ConsumableSpec, with_consumables
+
+        stream, repeat_truth = with_consumables(stream, ConsumableSpec(share=consumables), seed=seed)
     if out is not None:
         path = Path(out)
         truth_path = path.with_name(path.name.split(".")[0] + ".truth.json")
         counts = {"written": 0}
         with path.open("wb") as handle, _progress(events, "ev", "generate") as progress:
-            for event in generator.generate(config):
+            for event in stream:
                 handle.write(encode_event(event) + b"\n")
                 counts["written"] += 1
                 progress.update(not isinstance(event, CatalogItem))
@@ -288,19 +296,20 @@ def generate(settings: Settings, merchants: int, events: int, seed: int, days: f
     else:
         producer = _open_producer(settings, f"generate:seed={seed}")
         with _progress(events, "ev", "generate") as progress:
-            for event in generator.generate(config):
+            for event in stream:
                 producer.send_event(event)
                 progress.update(not isinstance(event, CatalogItem))
         summary = _finish(producer)
         truth_path = settings.data_path / "generated" / f"truth-seed{seed}-m{merchants}-e{events}.json"
         truth_path.parent.mkdir(parents=True, exist_ok=True)
     truth_path.write_text(json.dumps({"config": {"merchants": merchants, "events": events, "seed": seed, "days": days,
-                                                 "drifts": list(drifts)}, "drifts": truth}, indent=2))
+                                                 "drifts": list(drifts), "consumables": consumables},
+                                      "drifts": truth, "consumables": repeat_truth}, indent=2))
     click.echo(json.dumps({**summary, "ground_truth_file": str(truth_path), "ground_truth": truth}))
 
 
 @click.command()
-@click.argument("dataset", type=click.Choice(["cdnow", "ecom"]))
+@click.argument("dataset", type=click.Choice(["cdnow", "ecom", "movielens"]))
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N events.")
 @click.option("--merchant-id", default=None, help="Merchant id to replay as (default: the data set's name).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -310,7 +319,9 @@ def replay(settings: Settings, dataset: str, limit: int | None, merchant_id: str
     """Replay a real data set shipped in an installed wheel as our events (mapping: streams/datasets.py).
 
     cdnow: 69,659 real CDNOW orders (lifetimes wheel) as orders of one merchant; ecom: retentioneering's
-    31k-event clickstream (synthetic, per its own docs) as page clicks. Prints one JSON line of accounting.
+    31k-event clickstream (synthetic, per its own docs) as page clicks; movielens: MovieLens-100K's 100,000
+    real ratings (recbole wheel, data only) as one-line orders of one merchant, after its 1,682-movie
+    catalog. Prints one JSON line of accounting.
     """
     from streams import datasets
     from streams.schemas import encode_event

@@ -29,6 +29,17 @@ clickstream, not real traffic. It has no item ids and no prices. Mapping:
 * one :class:`~streams.schemas.CatalogItem` per page kind comes first (category = the funnel stage of
   :data:`ECOM_STAGES`, price 0.0 because the data has no prices);
 * no orders are emitted: ``purchase`` is a page event without basket or amount.
+
+``movielens`` — ``recbole==1.2.1`` (installed data-only, never imported):
+``recbole/dataset_example/ml-100k/ml-100k.inter`` and ``ml-100k.item``, the GroupLens MovieLens-100K
+data set: 100,000 **real** ratings (1-5) of 1,682 movies by 943 users, Sep 1997 - Apr 1998. Mapping
+(implicit feedback: a rating says the user chose to watch the movie, whatever the grade):
+
+* one :class:`~streams.schemas.CatalogItem` per movie first (category = its first genre, title from the
+  file, price 0.0: the data has none);
+* every rating -> one :class:`~streams.schemas.Order` of merchant ``movielens`` with one line item
+  (``movie:<id>``, quantity 1, price 0.0), user ``u<id>``; ratings are replayed in (time, file) order and
+  ratings with the same timestamp keep their file order.
 """
 
 from __future__ import annotations
@@ -58,7 +69,10 @@ ECOM_STAGES: dict[str, str] = {
     "account_page": "service", "support_chat": "service", "error_page": "service",
 }
 ECOM_DEVICES = {"desktop": "desktop", "mobile": "mobile", "tablet": "tablet", "app": "app"}
-DATASETS = ("cdnow", "ecom")
+DATASETS = ("cdnow", "ecom", "movielens")
+PATHS = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt"), "ecom": ("retentioneering", "datasets/ecom.csv.gz"),
+         "movielens": ("recbole", "dataset_example/ml-100k/ml-100k.inter"),
+         "movielens-items": ("recbole", "dataset_example/ml-100k/ml-100k.item")}
 
 
 class DatasetMissing(FileNotFoundError):
@@ -67,8 +81,7 @@ class DatasetMissing(FileNotFoundError):
 
 def dataset_path(name: str) -> Path:
     """Path of a shipped data file, without importing its package."""
-    package, relative = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt"),
-                         "ecom": ("retentioneering", "datasets/ecom.csv.gz")}[name]
+    package, relative = PATHS[name]
     try:
         return package_file(package, relative)
     except MissingPackageFile as exc:
@@ -79,7 +92,7 @@ def load(name: str, *, limit: int | None = None, merchant_id: str | None = None)
     """Events of a data set by name (``cdnow`` or ``ecom``), optionally only the first ``limit``."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    events = cdnow_events(merchant_id or "cdnow") if name == "cdnow" else ecom_events(merchant_id or "ecom")
+    events = {"cdnow": cdnow_events, "ecom": ecom_events, "movielens": movielens_events}[name](merchant_id or name)
     for n, event in enumerate(events):
         if limit is not None and n >= limit:
             return
@@ -150,3 +163,25 @@ def _ecom_rows() -> list[tuple[str, str, str, int, str]]:
             rows.append((parts[col["user_id"]], parts[col["session_id"]], parts[col["event"]], epoch,
                          parts[col["platform"]]))
     return rows
+
+
+def movielens_events(merchant_id: str = "movielens") -> Iterator[Event]:
+    """MovieLens-100K: the movie catalog, then every rating as a one-line order (see the module docstring)."""
+    rows = []
+    with open(dataset_path("movielens"), encoding="utf-8") as handle:
+        next(handle)
+        for line in handle:
+            user, item, _, stamp = line.rstrip("\n").split("\t")
+            rows.append((float(stamp), len(rows), user, item))
+    rows.sort()
+    first = rows[0][0] if rows else 0.0
+    with open(dataset_path("movielens-items"), encoding="latin-1") as handle:
+        next(handle)
+        for line in handle:
+            item, title, _, genres = (line.rstrip("\n").split("\t") + ["", "", ""])[:4]
+            yield CatalogItem(event_id=f"ml-movie-{item}", merchant_id=merchant_id, item_id=f"movie:{item}",
+                              category=(genres.split() or ["unknown"])[0], price=0.0, title=title[:1000],
+                              timestamp=first - 1.0)
+    for stamp, row, user, item in rows:
+        yield Order(event_id=f"ml-{row}", order_id=f"ml-{row}", merchant_id=merchant_id, user_id=f"u{user}",
+                    timestamp=stamp, currency="USD", items=[LineItem(item_id=f"movie:{item}", quantity=1, unit_price=0.0)])

@@ -123,9 +123,13 @@ def _drift_facts(settings: Settings, snapshot: bytes) -> dict:
 
 
 def _recommender_facts(recommender) -> dict:
-    return {m: (s.landmark, s.clock, s.popularity, s.neighbors, sorted(s.catalog), s.ranked,
-                {u: (list(user.recent), list(user.bought)) for u, user in s.users.items()})
-            for m, s in recommender.merchants.items()}
+    """Everything the two-stage recommender holds: candidate sources (dataclasses compare field by field;
+    users in LRU order), ranker weights and AdaGrad sums, and the negative sampler's state."""
+    ranker = recommender.ranker
+    return {"shops": recommender.state.shops, "users": {m: list(s.users) for m, s in recommender.state.shops.items()},
+            "weights": ranker.weights.tolist(), "squares": ranker.squares.tolist(), "updates": ranker.updates,
+            "merchants": {m: (w.tolist(), sq.tolist()) for m, (w, sq) in ranker.merchants.items()},
+            "rng": recommender.rng.getstate(), "steps": recommender.steps}
 
 
 def test_worker_learns_publishes_and_resumes_without_relearning(produced, tmp_path):

@@ -191,4 +191,5 @@ def test_datasets_are_found_without_importing_their_packages():
     assert sum(1 for _ in load("cdnow", limit=10)) == 10
     with pytest.raises(ValueError, match="unknown data set"):
         list(load("netflix"))
-    assert DATASETS == ("cdnow", "ecom")
+    assert DATASETS == ("cdnow", "ecom", "movielens")
+    assert dataset_path("movielens").name == "ml-100k.inter" and "recbole" not in sys.modules

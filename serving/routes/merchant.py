@@ -27,13 +27,16 @@ async def recommendations(
     model: Annotated[ServedModel, Depends(served)],
     user_id: Annotated[str, Query(min_length=1, max_length=128, description="User to recommend for.")],
     k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
+    item_id: Annotated[str | None, Query(min_length=1, max_length=128,
+                                         description="Product page: items bought together with this one.")] = None,
 ) -> Response:
-    """Top-k items for a user, ranked by the served model's click probability (just-bought excluded)."""
+    """Top-k items for a user (on a product page with ``item_id``), each with the source that proposed it."""
     if merchant_id not in model.bundle.context.merchants and model.bundle.recommender is None:
         raise HTTPException(404, f"merchant {merchant_id!r} has no catalog in model version {model.version}")
-    items = await run_in_threadpool(model.bundle.recommend, merchant_id, user_id, k)  # CPU: off the event loop
+    items = await run_in_threadpool(model.bundle.recommend_items, merchant_id, user_id, k,  # CPU: off the loop
+                                    item_id=item_id)
     payload = {"merchant_id": merchant_id, "user_id": user_id, "model_version": model.version,
-               "items": [{"item_id": item, "score": score} for item, score in items]}
+               "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]}
     return Response(msgspec.json.encode(payload), media_type="application/json")
 
 

@@ -1,0 +1,320 @@
+"""Bounded, online candidate sources per merchant, and the raw statistics the ranker's features read.
+
+Per merchant, updated by every chosen item (a clicked impression, an order line), all capped:
+
+* **history** ("buy again") — each user's items with how often and when they were last chosen
+  (``max_user_items`` per user, ``max_users`` users, least recently seen dropped first);
+* **co-occurrence** — items chosen by the same user within their last ``history`` items
+  (``max_neighbors`` per item);
+* **transitions** — what is chosen right after what within a session (same ``session_id``, or within
+  ``session_gap_s`` of event time), ``max_neighbors`` per item;
+* **recent popularity** — exponentially decayed counts (forward decay, ``half_life_s``) and all-time counts;
+* **catalog** — catalog items never chosen yet, for cold start;
+* **repeat statistics** — per item and per merchant: how often a choice is a repeat of the same user's
+  earlier choice, and the log of the time between the two (so "after how long" is learned, not fixed).
+
+:meth:`CandidateState.propose` returns candidates with a bit mask of the sources that proposed each.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from streams.schemas import CatalogItem, Click, Event, Order
+
+HISTORY, COOCCUR, TRANSITION, POPULAR, CATALOG = 1, 2, 4, 8, 16
+SOURCE_NAMES = {HISTORY: "history", COOCCUR: "co-occurrence", TRANSITION: "transition", POPULAR: "popular",
+                CATALOG: "catalog"}
+
+
+def source_name(mask: int) -> str:
+    """The first source (in the order history, co-occurrence, transition, popular, catalog) of a mask."""
+    for bit, name in SOURCE_NAMES.items():
+        if mask & bit:
+            return name
+    return "none"
+
+
+@dataclass
+class Shopper:
+    """One user of one merchant: chosen items ``{item: [count, orders, last_time]}`` and recent steps."""
+
+    items: dict[str, list] = field(default_factory=dict)  # in recency order, newest last
+    recent: deque = field(default_factory=deque)  # item ids, newest last (maxlen set by the state)
+    last_step: tuple[str, ...] = ()
+    last_time: float = -math.inf
+    last_session: str | None = None
+    categories: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+
+
+@dataclass
+class ItemStats:
+    """Choices of an item, how many were repeats by the same user, and the log-gaps of those repeats."""
+
+    count: float = 0.0
+    repeats: float = 0.0
+    gap_sum: float = 0.0
+    gap_sq: float = 0.0
+
+
+@dataclass
+class Shop:
+    """A merchant's candidate statistics (see the module docstring)."""
+
+    clock: float = -math.inf
+    landmark: float | None = None
+    popularity: dict[str, float] = field(default_factory=dict)  # forward-decayed
+    stats: dict[str, ItemStats] = field(default_factory=dict)
+    co: dict[str, dict[str, float]] = field(default_factory=dict)
+    trans: dict[str, dict[str, float]] = field(default_factory=dict)
+    totals_co: dict[str, float] = field(default_factory=dict)  # row sums of co
+    totals_trans: dict[str, float] = field(default_factory=dict)
+    users: OrderedDict = field(default_factory=OrderedDict)
+    catalog: dict[str, str] = field(default_factory=dict)  # item -> category
+    unchosen: dict[str, None] = field(default_factory=dict)  # catalog items nobody chose yet (cold start)
+    totals: ItemStats = field(default_factory=ItemStats)  # merchant-wide repeat statistics
+    ranked: list[str] = field(default_factory=list)
+    since_rank: int = 0
+
+    def repeat_rate(self, item: str, prior: float = 5.0) -> float:
+        """Share of an item's choices that were repeats, shrunk towards the merchant's share."""
+        base = (self.totals.repeats + 0.1) / (self.totals.count + 1.0)
+        stats = self.stats.get(item)
+        if stats is None:
+            return base
+        return (stats.repeats + prior * base) / (stats.count + prior)
+
+    def gap_model(self, item: str, prior: float = 3.0) -> tuple[float, float]:
+        """Mean and standard deviation of log seconds between an item's repeats (shrunk to the merchant's)."""
+        t = self.totals
+        mean0 = t.gap_sum / t.repeats if t.repeats else math.log(7 * 86_400.0)
+        var0 = max(t.gap_sq / t.repeats - mean0 * mean0, 0.25) if t.repeats else 4.0
+        stats = self.stats.get(item)
+        n = stats.repeats if stats is not None else 0.0
+        if not n:
+            return mean0, math.sqrt(var0)
+        mean = (stats.gap_sum + prior * mean0) / (n + prior)
+        var = (stats.gap_sq + prior * (var0 + mean0 * mean0)) / (n + prior) - mean * mean
+        return mean, math.sqrt(max(var, 0.25))
+
+
+class CandidateState:
+    """Candidate sources of every merchant (see the module docstring). Picklable; memory is bounded."""
+
+    def __init__(self, half_life_s: float = 7 * 86_400.0, history: int = 10, max_items: int = 20_000,
+                 max_neighbors: int = 50, max_users: int = 50_000, max_user_items: int = 100,
+                 session_gap_s: float = 3600.0, rerank_every: int = 200) -> None:
+        if half_life_s <= 0 or min(history, max_items, max_neighbors, max_users, max_user_items) < 1:
+            raise ValueError("half_life_s must be > 0 and history, max_items, max_neighbors, max_users, "
+                             "max_user_items >= 1")
+        self.half_life_s = half_life_s
+        self.history = history
+        self.max_items = max_items
+        self.max_neighbors = max_neighbors
+        self.max_users = max_users
+        self.max_user_items = max_user_items
+        self.session_gap_s = session_gap_s
+        self.rerank_every = rerank_every
+        self.shops: dict[str, Shop] = {}
+
+    # -- updating -----------------------------------------------------------------------------------------
+
+    def shop(self, merchant_id: str) -> Shop:
+        found = self.shops.get(merchant_id)
+        if found is None:
+            found = self.shops[merchant_id] = Shop()
+        return found
+
+    def user(self, shop: Shop, user_id: str, create: bool = False) -> Shopper | None:
+        found = shop.users.get(user_id)
+        if found is not None:
+            shop.users.move_to_end(user_id)
+        elif create:
+            found = shop.users[user_id] = Shopper(recent=deque(maxlen=self.history))
+            if len(shop.users) > self.max_users:
+                shop.users.popitem(last=False)
+        return found
+
+    @staticmethod
+    def step_of(event: Event) -> tuple[tuple[str, ...], bool] | None:
+        """The items an event chose and whether it is an order (None when it chose nothing)."""
+        if type(event) is Click:
+            return ((event.item_id,), False) if event.clicked else None
+        if type(event) is Order:
+            return tuple(dict.fromkeys(line.item_id for line in event.items)), True
+        return None
+
+    def observe(self, event: Event) -> None:
+        """Fold one event in (catalog items, clicked impressions and orders; unclicked impressions are ignored)."""
+        shop = self.shop(event.merchant_id)
+        if event.timestamp > shop.clock:
+            shop.clock = event.timestamp
+        if type(event) is CatalogItem:
+            if event.item_id in shop.catalog or len(shop.catalog) < self.max_items:
+                shop.catalog[event.item_id] = event.category
+                if event.item_id not in shop.stats:
+                    shop.unchosen[event.item_id] = None
+            return
+        step = self.step_of(event)
+        if step is not None:
+            self.choose(shop, event.user_id, step[0], event.timestamp, step[1], getattr(event, "session_id", None))
+
+    def choose(self, shop: Shop, user_id: str, items: tuple[str, ...], when: float, is_order: bool,
+               session: str | None) -> None:
+        """One step of a user: ``items`` chosen together at ``when``."""
+        user = self.user(shop, user_id, create=True)
+        value = self._decayed(shop, when)
+        same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
+        for item in items:
+            shop.unchosen.pop(item, None)
+            shop.popularity[item] = shop.popularity.get(item, 0.0) + value
+            self._repeat_stats(shop, user, item, when)
+            for other in dict.fromkeys((*user.recent, *items)):  # earlier items, and the same basket
+                if other != item and (other not in items or other < item):
+                    self._link(shop.co, shop.totals_co, other, item, 1.0)
+                    self._link(shop.co, shop.totals_co, item, other, 1.0)
+            if same_session:
+                for previous in user.last_step:
+                    if previous != item:
+                        self._link(shop.trans, shop.totals_trans, previous, item, 1.0)
+        for item in items:
+            entry = user.items.pop(item, None)  # re-inserted: the dict stays in recency order, newest last
+            if entry is None:
+                entry = [0, 0, when]
+            user.items[item] = entry
+            entry[0] += 1
+            entry[1] += is_order
+            entry[2] = when
+            category = shop.catalog.get(item)
+            if category is not None:
+                user.categories[category] = user.categories.get(category, 0) + 1
+            user.total += 1
+            if not user.recent or user.recent[-1] != item:
+                user.recent.append(item)
+        if len(user.items) > 2 * self.max_user_items:
+            user.items = dict(list(user.items.items())[-self.max_user_items:])
+        user.last_step, user.last_time, user.last_session = items, when, session
+        shop.since_rank += len(items)
+        if len(shop.stats) > 2 * self.max_items:
+            self._prune_items(shop)
+
+    def _repeat_stats(self, shop: Shop, user: Shopper, item: str, when: float) -> None:
+        stats = shop.stats.get(item)
+        if stats is None:
+            stats = shop.stats[item] = ItemStats()
+        stats.count += 1
+        shop.totals.count += 1
+        entry = user.items.get(item)
+        if entry is not None:
+            gap = math.log(max(when - entry[2], 1.0))
+            for target in (stats, shop.totals):
+                target.repeats += 1
+                target.gap_sum += gap
+                target.gap_sq += gap * gap
+
+    def _decayed(self, shop: Shop, when: float) -> float:
+        if shop.landmark is None:
+            shop.landmark = when
+        exponent = (when - shop.landmark) * math.log(2) / self.half_life_s
+        if exponent > 200:  # rescale to a newer landmark before exp() overflows
+            shift = math.exp(-exponent)
+            shop.popularity = {i: c * shift for i, c in shop.popularity.items()}
+            shop.landmark, exponent = when, 0.0
+        return math.exp(exponent)
+
+    def _link(self, table: dict[str, dict[str, float]], totals: dict[str, float], a: str, b: str, value: float) -> None:
+        row = table.get(a)
+        if row is None:
+            row = table[a] = {}
+        row[b] = row.get(b, 0.0) + value
+        totals[a] = totals.get(a, 0.0) + value
+        if len(row) > 2 * self.max_neighbors:
+            kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
+            totals[a] = sum(kept.values())
+
+    def _prune_items(self, shop: Shop) -> None:
+        keep = dict(heapq.nlargest(self.max_items, shop.popularity.items(), key=lambda kv: kv[1]))
+        shop.popularity = keep
+        shop.stats = {i: s for i, s in shop.stats.items() if i in keep}
+        shop.co = {i: row for i, row in shop.co.items() if i in keep}
+        shop.trans = {i: row for i, row in shop.trans.items() if i in keep}
+        shop.totals_co = {i: sum(row.values()) for i, row in shop.co.items()}
+        shop.totals_trans = {i: sum(row.values()) for i, row in shop.trans.items()}
+        shop.ranked = []
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def popular(self, shop: Shop, limit: int) -> list[str]:
+        """Most popular items by decayed count (re-ranked every ``rerank_every`` choices)."""
+        if shop.since_rank >= self.rerank_every or len(shop.ranked) < min(limit, len(shop.popularity)):
+            shop.ranked = [i for i, _ in heapq.nlargest(max(limit, 200), shop.popularity.items(), key=lambda kv: kv[1])]
+            shop.since_rank = 0
+        return shop.ranked[:limit]
+
+    def related(self, shop: Shop, table: dict[str, dict[str, float]], sources: list[tuple[str, float]],
+                limit: int) -> dict[str, float]:
+        """Items linked from weighted source items: Σ weight · link / (the source row's total)."""
+        totals = shop.totals_co if table is shop.co else shop.totals_trans
+        scores: dict[str, float] = {}
+        get = scores.get
+        for item, weight in sources:
+            row = table.get(item)
+            if not row:
+                continue
+            scale = weight / totals[item]
+            for other, value in row.items():
+                scores[other] = get(other, 0.0) + scale * value
+        if len(scores) > limit:
+            scores = {i: scores[i] for i in sorted(scores, key=get, reverse=True)[:limit]}
+        return scores
+
+    def propose(self, merchant_id: str, user_id: str, limit: int = 150, item_id: str | None = None,
+                ) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
+        """Candidates ``{item: source mask}`` plus their co-occurrence and transition scores.
+
+        ``item_id`` (a product page) adds that item as the most recent context item.
+        """
+        shop = self.shops.get(merchant_id)
+        if shop is None:
+            return {}, {}, {}
+        user = shop.users.get(user_id)
+        context = [(item, 0.8**age) for age, item in enumerate(reversed(user.recent))] if user is not None else []
+        last = [(item, 1.0) for item in user.last_step] if user is not None else []
+        if item_id is not None:
+            context = [(item_id, 2.0)] + context
+            last = [(item_id, 1.0)]
+        per_source = max(limit // 3, 10)
+        co = self.related(shop, shop.co, context[:self.history], per_source)
+        trans = self.related(shop, shop.trans, last, per_source)
+        out: dict[str, int] = {}
+        if user is not None:
+            for item in list(user.items)[-per_source:]:
+                out[item] = HISTORY
+        for table, bit in ((co, COOCCUR), (trans, TRANSITION)):
+            for item in table:
+                out[item] = out.get(item, 0) | bit
+        for item in self.popular(shop, per_source):
+            out[item] = out.get(item, 0) | POPULAR
+        if len(out) < limit:
+            for item in shop.unchosen:
+                if item not in out:
+                    out[item] = CATALOG
+                    if len(out) >= limit:
+                        break
+        return out, co, trans
+
+    def size(self) -> dict[str, int]:
+        """Entry counts (what bounds the memory): items, links, users, user items."""
+        shops = self.shops.values()
+        return {"items": sum(len(s.stats) for s in shops),
+                "links": sum(len(r) for s in shops for r in (*s.co.values(), *s.trans.values())),
+                "users": sum(len(s.users) for s in shops),
+                "user_items": sum(len(u.items) for s in shops for u in s.users.values())}
+
+
+__all__ = ["CandidateState", "Shop", "Shopper", "ItemStats", "source_name", "HISTORY", "COOCCUR", "TRANSITION",
+           "POPULAR", "CATALOG"]

@@ -1,0 +1,201 @@
+"""The two-stage recommender: bounded candidate sources, then a small online pairwise ranker.
+
+:class:`ShopRecommender` keeps a :class:`~online.candidates.CandidateState` and a :class:`PairwiseRanker`.
+For every step a user takes (a clicked item, an order's items; after a merchant's first
+``warm_up_steps`` steps, every ``train_every``-th: the ranker has 22 weights, and this keeps the learner
+worker's cost per event low) it is **test-then-train**: the ranker first learns that the chosen items beat ``negatives`` sampled from the candidates proposed *before* the
+step (implicit feedback: no impressions needed, so orders-only shops learn too), then the candidate
+statistics fold the step in. Serving proposes candidates, computes their features (:data:`FEATURES`) and
+ranks by the learned score; each recommendation names the source that proposed it.
+
+The ranker is a linear model over the features with weights ``global + per-merchant`` (AdaGrad on the
+pairwise logistic loss of ``score(chosen) − score(not chosen)``): a new merchant starts from what all
+merchants learned, and a merchant where people re-buy learns a large weight on its own history features
+(a merchant where they never do learns a negative one), so there is no fixed exclusion window.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from online.candidates import CATALOG, COOCCUR, HISTORY, POPULAR, TRANSITION, CandidateState, Shop, Shopper, source_name
+from streams.schemas import Event
+
+FEATURES = ("bias", "user_count", "user_has", "user_orders", "hours_since", "recent_day", "cycle_match",
+            "repeat_rate", "has×repeat_rate", "has×merchant_repeat", "co", "co_max", "trans", "trans_max",
+            "popularity", "count", "category_affinity", "src_history", "src_co", "src_trans", "src_popular",
+            "src_catalog")
+PRIOR = {"co": 1.0, "trans": 1.0, "popularity": 0.5, "co_max": 0.5, "trans_max": 0.5}
+
+
+@dataclass
+class Recommended:
+    """One recommendation: item, ranking score in (0, 1) (σ of the ranker's score) and the source that proposed it."""
+
+    item_id: str
+    score: float
+    source: str
+
+
+def features(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
+             trans: dict[str, float], when: float) -> np.ndarray:
+    """Feature matrix ``float64[len(items), len(FEATURES)]`` (see :data:`FEATURES`)."""
+    n = len(items)
+    out = np.zeros((n, len(FEATURES)))
+    if not n:
+        return out
+    co_max = max(co.values(), default=0.0) or 1.0
+    trans_max = max(trans.values(), default=0.0) or 1.0
+    pop_max = max((shop.popularity.get(shop.ranked[0], 0.0) if shop.ranked else 0.0), 1e-300)
+    merchant_repeat = (shop.totals.repeats + 0.1) / (shop.totals.count + 1.0)
+    user_items = user.items if user is not None else {}
+    user_total = user.total if user is not None else 0
+    for row, (item, mask) in enumerate(zip(items, masks)):
+        x = out[row]
+        x[0] = 1.0
+        repeat = shop.repeat_rate(item)
+        x[7] = repeat
+        entry = user_items.get(item)
+        if entry is not None:
+            gap = max(when - entry[2], 1.0)
+            mean, sd = shop.gap_model(item)
+            z = (math.log(gap) - mean) / sd
+            x[1:7] = (math.log1p(entry[0]), 1.0, math.log1p(entry[1]), math.log1p(gap / 3600.0) / 5.0,
+                      math.exp(-gap / 86_400.0), math.exp(-0.5 * z * z))
+            x[8], x[9] = repeat, merchant_repeat
+        c, t = co.get(item, 0.0), trans.get(item, 0.0)
+        x[10:14] = (math.log1p(10.0 * c), c / co_max, math.log1p(10.0 * t), t / trans_max)
+        pop = shop.popularity.get(item, 0.0) / pop_max
+        stats = shop.stats.get(item)
+        x[14] = math.log(pop + 1e-4) / 9.2 + 1.0
+        x[15] = math.log1p(stats.count) / 10.0 if stats is not None else 0.0
+        category = shop.catalog.get(item)
+        if category is not None and user_total:
+            x[16] = user.categories.get(category, 0) / user_total
+        x[17:22] = (mask & HISTORY and 1, mask & COOCCUR and 1, mask & TRANSITION and 1, mask & POPULAR and 1,
+                    mask & CATALOG and 1)
+    return out
+
+
+class PairwiseRanker:
+    """Linear scores ``(w_global + w_merchant) · x`` learned online by AdaGrad on pairwise logistic loss."""
+
+    def __init__(self, learning_rate: float = 0.1, merchant_rate: float = 0.2, l2: float = 1e-5) -> None:
+        self.learning_rate = learning_rate
+        self.merchant_rate = merchant_rate
+        self.l2 = l2
+        self.weights = np.array([PRIOR.get(name, 0.0) for name in FEATURES])
+        self.squares = np.full(len(FEATURES), 1e-6)
+        self.merchants: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.updates = 0
+
+    def merchant_weights(self, merchant_id: str) -> np.ndarray:
+        found = self.merchants.get(merchant_id)
+        return self.weights + found[0] if found is not None else self.weights
+
+    def scores(self, merchant_id: str, x: np.ndarray) -> np.ndarray:
+        return x @ self.merchant_weights(merchant_id)
+
+    def learn(self, merchant_id: str, positives: np.ndarray, negatives: np.ndarray) -> None:
+        """One step per (positive, negative) pair: push ``score(positive)`` above ``score(negative)``."""
+        if not len(positives) or not len(negatives):
+            return
+        own = self.merchants.get(merchant_id)
+        if own is None:
+            own = self.merchants[merchant_id] = (np.zeros(len(FEATURES)), np.full(len(FEATURES), 1e-6))
+        diff = (positives[:, None, :] - negatives[None, :, :]).reshape(-1, len(FEATURES))
+        margin = diff @ (self.weights + own[0])
+        gradient = -(diff * (1.0 / (1.0 + np.exp(np.clip(margin, -35.0, 35.0))))[:, None]).mean(axis=0)
+        for weights, squares, rate in ((self.weights, self.squares, self.learning_rate), (own[0], own[1], self.merchant_rate)):
+            g = gradient + self.l2 * weights
+            squares += g * g
+            weights -= rate * g / np.sqrt(squares)
+        self.updates += 1
+
+
+class ShopRecommender:
+    """Two-stage online recommender for every merchant (see the module docstring). Picklable, bounded."""
+
+    def __init__(self, candidates: CandidateState | None = None, ranker: PairwiseRanker | None = None,
+                 negatives: int = 8, train_candidates: int = 60, candidate_limit: int = 150,
+                 warm_up_steps: int = 100, train_every: int = 16, seed: int = 0) -> None:
+        if min(negatives, train_candidates, candidate_limit, train_every) < 1 or warm_up_steps < 0:
+            raise ValueError("negatives, train_candidates, candidate_limit, train_every must be >= 1, warm_up_steps >= 0")
+        self.state = candidates or CandidateState()
+        self.ranker = ranker or PairwiseRanker()
+        self.warm_up_steps = warm_up_steps
+        self.train_every = train_every
+        self.merchant_steps: dict[str, int] = {}
+        self.negatives = negatives
+        self.train_candidates = train_candidates
+        self.candidate_limit = candidate_limit
+        self.rng = random.Random(seed)
+        self.n_observed = 0
+        self.steps = 0
+
+    def observe(self, event: Event) -> None:
+        """Test-then-train on one event: learn to rank what the user chose, then fold it into the sources."""
+        step = CandidateState.step_of(event)
+        if step is not None:
+            self.steps += 1
+            seen = self.merchant_steps[event.merchant_id] = self.merchant_steps.get(event.merchant_id, 0) + 1
+            if seen <= self.warm_up_steps or seen % self.train_every == 0:
+                self._train(event.merchant_id, event.user_id, step[0], event.timestamp)
+            self.n_observed += 1
+        self.state.observe(event)
+
+    def _train(self, merchant_id: str, user_id: str, chosen: tuple[str, ...], when: float) -> None:
+        shop = self.state.shops.get(merchant_id)
+        if shop is None or not shop.popularity:
+            return
+        proposed, co, trans = self.state.propose(merchant_id, user_id, self.train_candidates)
+        positives = [item for item in chosen if item in proposed]
+        others = [item for item in proposed if item not in chosen]
+        if not positives or not others:
+            return
+        sampled = self.rng.sample(others, min(self.negatives, len(others)))
+        items = positives + sampled
+        user = shop.users.get(user_id)
+        x = features(shop, user, items, [proposed[i] for i in items], co, trans, when)
+        self.ranker.learn(merchant_id, x[: len(positives)], x[len(positives):])
+
+    def rank(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
+             item_id: str | None = None) -> list[Recommended]:
+        """Top-``k`` candidates by the learned score, each with the source that proposed it."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        shop = self.state.shops.get(merchant_id)
+        if shop is None:
+            return []
+        proposed, co, trans = self.state.propose(merchant_id, user_id, max(self.candidate_limit, k), item_id=item_id)
+        if item_id is not None:
+            proposed.pop(item_id, None)
+        if not proposed:
+            return []
+        items = list(proposed)
+        masks = [proposed[i] for i in items]
+        when = shop.clock if timestamp is None else timestamp
+        scores = self.ranker.scores(merchant_id, features(shop, shop.users.get(user_id), items, masks, co, trans, when))
+        best = np.argsort(-scores, kind="stable")[:k]
+        shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))  # in (0, 1), same order
+        return [Recommended(items[i], float(p), source_name(masks[i])) for i, p in zip(best.tolist(), shown.tolist())]
+
+    # the candidate-generator protocol of registry.bundle (older bundles rank these with the click model)
+    def candidates(self, merchant_id: str, user_id: str, limit: int = 100) -> list[str]:
+        return [r.item_id for r in self.rank(merchant_id, user_id, limit)]
+
+    def exclude(self, merchant_id: str, user_id: str) -> set[str]:
+        return set()
+
+    def merchants(self) -> list[str]:
+        return sorted(self.state.shops)
+
+    def size(self) -> dict[str, int]:
+        return {**self.state.size(), "ranker_merchants": len(self.ranker.merchants)}
+
+
+__all__ = ["ShopRecommender", "PairwiseRanker", "Recommended", "features", "FEATURES"]
