@@ -135,3 +135,20 @@ def test_warm_start_errors_are_one_line(settings):
     other_bits = runner.invoke(main, ["learn", "--warm-start", f"models:/{FEDERATED}@challenger"],
                                env={**env, "FEDSTREAM_FEATURE_BITS": "18"})
     assert other_bits.exit_code != 0 and "feature bits" in other_bits.output
+
+
+def test_worker_starts_a_features_model_and_publishes_it_as_one_linear_scorer(settings, tmp_path):
+    from online.worker import OnlineWorker, WorkerConfig
+
+    source_version = register_federated(settings)
+    config = WorkerConfig(model="ftrl", warm_start=f"models:/{FEDERATED}@challenger", transfer="features",
+                          checkpoint_path=tmp_path / "features.ckpt", publish_every_s=None)
+    worker = OnlineWorker(settings, config)
+    assert isinstance(worker.state.model, ResidualModel) and worker.state.model.scale == 1.0
+    snapshot = worker._snapshot()
+    assert snapshot["lineage"]["transfer"] == "features" and snapshot["lineage"]["source_version"] == source_version
+    exported = snapshot["bundle"].model
+    assert type(exported).__name__ == "LinearScorer"  # a·G + w over the slots, as serving ranks it
+    indices, values, _ = _batch(5)
+    assert np.allclose(exported.predict_proba_many(indices, values),
+                       federated_scorer().predict_proba_many(indices, values), atol=1e-5)
