@@ -120,12 +120,16 @@ def prequential(model, indices: np.ndarray, values: np.ndarray, y: np.ndarray) -
                            for s in range(0, len(y), BLOCK)])
 
 
+def fresh() -> FTRLProximalClassifier:
+    """A learner from nothing, with the one FTRL setting every arm uses."""
+    return FTRLProximalClassifier(bits=BITS, **FTRL)
+
+
 def arm_predictions(rows: list, scorer: LinearScorer, vectors: dict[int, np.ndarray], seed: int) -> dict:
     """Prequential predictions of each arm over one new merchant's first rows."""
     indices, values = featurize(rows)
     y = labels(rows)
     text_indices, text_values = featurize(rows, text_features(rows, vectors, seed))
-    fresh = lambda: FTRLProximalClassifier(bits=BITS, **FTRL)  # noqa: E731
     return {"local": prequential(fresh(), indices, values, y),
             "global": scorer.predict_proba_many(indices, values).astype(np.float64),
             "finetune": prequential(finetune(fresh(), scorer, BITS), indices, values, y),
@@ -197,7 +201,8 @@ def run(vectors: dict[int, np.ndarray]) -> dict:
             "readme": {"row": f"transfer: cold-start merchant AUC, {best} vs local at {list(POINTS)} events",
                        "value": [round(table[f"{best}@{p}"]["auc"], 3) for p in POINTS],
                        "spread": f"local {[round(table[f'local@{p}']['auc'], 3) for p in POINTS]}; "
-                                 f"{best} beats local in {[round(w, 2) for w in win_share.values()]} of {merchants} runs",
+                                 f"{best} beats local in {[round(w, 2) for w in win_share.values()]} "
+                                 f"of {merchants} runs",
                        "target": "a transfer arm above local-only at every point", "met": min(margins) > 0,
                        "mode": "quick" if QUICK else "full",
                        "seeds": {"calibration": CALIBRATION_SEEDS, "report": REPORT_SEEDS},

@@ -125,6 +125,7 @@ def test_learn_warm_started_from_a_federated_version_end_to_end(kafka_settings, 
 
 def test_warm_start_errors_are_one_line(settings):
     runner = CliRunner()
+    assert "--warm-start" in runner.invoke(main, ["learn", "--help"]).output
     env = {"FEDSTREAM_DATA_DIR": str(settings.data_path), "FEDSTREAM_FEATURE_BITS": str(BITS)}
     bad_uri = runner.invoke(main, ["learn", "--warm-start", "runs:/x", "--max-events", "1"], env=env)
     assert bad_uri.exit_code != 0 and "models:/NAME@ALIAS" in bad_uri.output and "Traceback" not in bad_uri.output
