@@ -193,11 +193,14 @@ def run(vectors: dict[int, np.ndarray]) -> dict:
     transfer_arms = ("global", "finetune", "features", "text")
     best = max(transfer_arms, key=lambda a: min(table[f"{a}@{p}"]["auc"] - table[f"local@{p}"]["auc"] for p in POINTS))
     margins = [table[f"{best}@{p}"]["auc"] - table[f"local@{p}"]["auc"] for p in POINTS]
-    win_share = {p: wins(results, best, p) for p in POINTS}
-    print(f"best transfer arm: {best}; AUC minus local at {list(POINTS)}: {[round(m, 3) for m in margins]}; "
-          f"share of merchant runs it beats local: {[round(w, 2) for w in win_share.values()]}")
+    shares = {arm: {p: wins(results, arm, p) for p in POINTS} for arm in transfer_arms}
+    win_share = shares[best]
+    for arm in transfer_arms:
+        print(f"{arm:10s} beats local (AUC) in {[round(w, 2) for w in shares[arm].values()]} of {merchants} "
+              f"merchant runs at {list(POINTS)}")
+    print(f"best transfer arm: {best}; AUC minus local at {list(POINTS)}: {[round(m, 3) for m in margins]}")
     return {"cold_start": table, "cold_start_best_arm": best, "cold_start_auc_margin": margins,
-            "cold_start_win_share": {str(p): w for p, w in win_share.items()},
+            "cold_start_win_share": {arm: {str(p): w for p, w in by.items()} for arm, by in shares.items()},
             "readme": {"row": f"transfer: cold-start merchant AUC, {best} vs local at {list(POINTS)} events",
                        "value": [round(table[f"{best}@{p}"]["auc"], 3) for p in POINTS],
                        "spread": f"local {[round(table[f'local@{p}']['auc'], 3) for p in POINTS]}; "
