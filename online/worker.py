@@ -59,6 +59,7 @@ from online.prequential import PrequentialEvaluator
 from online.ranking import ShopRecommender
 from online.reco import recommend
 from online.river_models import make_model
+from online.transfer import transfer_lineage, warm_start
 from streams.features import FeatureContext, Featurizer
 from streams.schemas import Click, Order
 
@@ -92,6 +93,8 @@ class WorkerConfig:
     poll_timeout_ms: int = 200
     fetch_max_wait_ms: int = 100
     flush_when_caught_up: bool = True
+    warm_start: str | None = None  # models:/NAME@ALIAS to start a fresh learner from (online.transfer)
+    transfer: str = "finetune"  # how: finetune | features
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:
@@ -208,7 +211,8 @@ class OnlineWorker:
             log.info("resumed from checkpoint", extra={"path": str(self.checkpoint_path), "events": self.state.events,
                                                         "offsets": {f"{t}:{p}": o for (t, p), o in self.state.offsets.items()}})
         else:
-            model = make_model(config.model, settings.feature_bits, **config.params)
+            model = warm_start(settings, make_model(config.model, settings.feature_bits, **config.params),
+                               config.warm_start, config.transfer)
             self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
         for name, factory in (monitors or {}).items():
             self.state.monitors[name] = factory(self.state.saved_monitors.get(name))
@@ -456,7 +460,8 @@ class OnlineWorker:
                              meta={"learner": self.config.model, "params": dict(self.config.params)})
         lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(self.state.offsets.items())},
                    "events_seen": self.state.events, "clicks_seen": self.state.clicks, "model": self.config.model,
-                   "group": self.config.group, "worker_id": self.config.worker_id}
+                   "group": self.config.group, "worker_id": self.config.worker_id,
+                   **transfer_lineage(self.state.model)}
         return {"bundle": pickle.loads(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL)),
                 "metrics": self.metrics(), "lineage": lineage, "step": self.state.events}
 

@@ -1,0 +1,182 @@
+"""Transfer learning for online learners: start a merchant's learner from a registered (federated) model.
+
+``fedstream learn --warm-start models:/NAME@ALIAS --transfer METHOD`` loads the version the alias points
+at (pinned by number, so a moving alias cannot change it mid-start) and builds the learner from it:
+
+* ``finetune``: the learner's weights start at the global weights (the global bias folded into the
+  featurizer's ``bias`` slot) and keep learning. For FTRL-Proximal ``n = 0`` and ``z`` is set so that
+  the closed form gives exactly the global weights; that makes the global weights a *prior* the learner
+  is pulled towards with precision ``β/α + λ₂`` (the term that pulls a cold learner towards 0), while the
+  adaptive rates let frequent slots leave it quickly. SGD and Adam start at ``w = global`` (their L2, if
+  any, still pulls towards 0).
+* ``features``: the global model is a frozen extractor. Its logit ``g(x)`` is one extra input (a
+  reserved hashed slot, :data:`GLOBAL_LOGIT_KEY`) of a local learner over the usual hashed features:
+  ``p = σ(a·g(x) + w·x)`` with ``a`` (starting at 1, so the model starts as the global one) and ``w``
+  (starting at 0) learned online. A wide (linear) extractor makes the whole model linear in the slots
+  again, so a registered snapshot is a plain ``LinearScorer`` of ``a·G + w``.
+
+Both record where they came from on the model (``transfer_source``), which the worker copies into every
+published version's lineage tags (``lineage.transfer``, ``lineage.source_model``, ``lineage.source_version``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from fedstream.errors import ExpectedFailure
+from online.learners import FTRLProximalClassifier, HashedLogisticRegression, hash_key, sigmoid
+
+TRANSFER_METHODS = ("finetune", "features")
+GLOBAL_LOGIT_KEY = "transfer:global_logit"
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+class TransferError(ExpectedFailure, ValueError):
+    """A warm start that cannot be made (unknown version, other feature space, unsupported learner)."""
+
+
+def bias_slot(bits: int) -> int:
+    """The featurizer's ``bias`` slot (every event carries it with value 1)."""
+    return crc32c.crc32c(b"bias") & ((1 << bits) - 1)
+
+
+def global_terms(scorer: Any, bits: int) -> tuple[np.ndarray, float]:
+    """``(weights float64[2**bits], bias)`` of a linear (wide) scorer; a deep one cannot seed weights."""
+    linear = getattr(scorer, "linear_terms", None)
+    if linear is None:
+        raise TransferError(f"{type(scorer).__name__} is not linear in the hashed slots: use --transfer features")
+    weights, bias = linear()
+    weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if weights.shape != (1 << bits,):
+        raise TransferError(f"source weights have {weights.shape[0]} slots, this learner {1 << bits}")
+    return weights, float(bias)
+
+
+def start_at(model: HashedLogisticRegression, weights: np.ndarray) -> HashedLogisticRegression:
+    """Set ``model`` (fresh) so that its weights are ``weights`` (see the module docstring for FTRL)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if isinstance(model, FTRLProximalClassifier):
+        model.n[:] = 0.0
+        model.z[:] = -weights * (model.beta / model.alpha + model.l2) - np.sign(weights) * model.l1
+        model.w[:] = model.closed_form(model.z, model.n)
+    else:
+        model.w[:] = weights
+    return model
+
+
+def finetune(model: Any, scorer: Any, bits: int) -> HashedLogisticRegression:
+    """``model`` started at ``scorer``'s weights (its bias folded into the ``bias`` slot)."""
+    if not isinstance(model, HashedLogisticRegression):
+        raise TransferError(f"--warm-start needs one of our learners (ftrl, adam, sgd), not {type(model).__name__}")
+    weights, bias = global_terms(scorer, bits)
+    weights = weights.copy()
+    weights[bias_slot(bits)] += bias
+    return start_at(model, weights)
+
+
+class ResidualModel:
+    """``p = σ(a·g(x) + w·x)``: a frozen extractor's logit ``g`` as one learned input of a local learner."""
+
+    def __init__(self, head: HashedLogisticRegression, extractor: Any) -> None:
+        if not isinstance(head, HashedLogisticRegression):
+            raise TransferError(f"--transfer features needs one of our learners as head, not {type(head).__name__}")
+        if not hasattr(extractor, "decision_many"):
+            raise TransferError(f"{type(extractor).__name__} gives no logits (decision_many) to use as a feature")
+        self.head = head
+        self.extractor = extractor
+        self.bits = head.bits
+        self.slot = hash_key(GLOBAL_LOGIT_KEY, head.n_features - 1)
+        start = np.zeros(head.n_features)
+        start[self.slot] = 1.0
+        start_at(head, start)
+
+    @property
+    def scale(self) -> float:
+        """``a``: how much the local model trusts the global logit (1 at the start)."""
+        return float(self.head.w[self.slot])
+
+    def _with_logit(self, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        indices, values = np.asarray(indices), np.asarray(values)
+        g = np.asarray(self.extractor.decision_many(indices, values.astype(np.float32)), dtype=np.float64)
+        column = np.full((indices.shape[0], 1), self.slot, dtype=indices.dtype)
+        return np.hstack([indices, column]), np.hstack([values.astype(np.float64), g[:, None]])
+
+    def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return self.head.decision_many(*self._with_logit(indices, values))
+
+    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return sigmoid(self.decision_many(indices, values))
+
+    def learn_many(self, indices: np.ndarray, values: np.ndarray, y: Any) -> np.ndarray:
+        """Learn a mini-batch (the head only); returns the probabilities predicted before the update."""
+        return self.head.learn_many(*self._with_logit(indices, values), y)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "linear_terms" and hasattr(self.__dict__.get("extractor"), "linear_terms"):
+            return self._linear_terms
+        raise AttributeError(name)
+
+    def _linear_terms(self) -> tuple[np.ndarray, float]:
+        """``(a·G + w, a·b)``: the same logit as one linear model over the slots (the reserved slot
+        carries no serving feature, so its ``a`` is taken out)."""
+        global_weights, global_bias = global_terms(self.extractor, self.bits)
+        a = self.scale
+        combined = self.head.w + a * global_weights
+        combined[self.slot] -= a
+        return combined, a * global_bias
+
+
+def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``(name, alias, version)`` of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    match = _URI.match(uri)
+    if match is None:
+        raise TransferError(f"--warm-start expects models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    return match["name"], match["alias"], match["version"]
+
+
+def load_source(settings: Any, uri: str) -> tuple[Any, dict[str, Any]]:
+    """The bundle behind ``uri`` (pinned to the version its alias points at now) and its lineage facts."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.models import RegistryError, load_bundle, resolve
+
+    name, alias, version = parse_uri(uri)
+    try:
+        version = version or resolve(settings, name, alias)
+        if version is None:
+            raise TransferError(f"model {name!r} has no alias {alias!r}")
+        bundle = load_bundle(settings, f"models:/{name}/{version}")
+    except (MlflowException, RegistryError, OSError) as exc:
+        raise TransferError(f"cannot load {uri}: {str(exc).splitlines()[0]}") from exc
+    if bundle.feature_bits != settings.feature_bits:
+        raise TransferError(f"{uri} uses {bundle.feature_bits} feature bits, this learner {settings.feature_bits}")
+    return bundle, {"warm_start": uri, "source_model": name, "source_version": str(version),
+                    "source_kind": bundle.kind}
+
+
+def warm_start(settings: Any, model: Any, uri: str | None, method: str) -> Any:
+    """``model`` unchanged without ``uri``; else started from that version by ``method`` (module docstring)."""
+    if uri is None:
+        return model
+    if method not in TRANSFER_METHODS:
+        raise TransferError(f"unknown transfer method {method!r}; choose one of {', '.join(TRANSFER_METHODS)}")
+    if not isinstance(model, HashedLogisticRegression):
+        raise TransferError(f"--warm-start needs one of our learners (ftrl, adam, sgd), not {type(model).__name__}")
+    bundle, source = load_source(settings, uri)
+    bits = settings.feature_bits
+    started = finetune(model, bundle.model, bits) if method == "finetune" else ResidualModel(model, bundle.model)
+    started.transfer_source = {"transfer": method, **source}
+    return started
+
+
+def transfer_lineage(model: Any) -> dict[str, Any]:
+    """What a published version records about its start (empty for a learner started from nothing)."""
+    return dict(getattr(model, "transfer_source", None) or {})
+
+
+__all__ = ["TRANSFER_METHODS", "GLOBAL_LOGIT_KEY", "TransferError", "ResidualModel", "warm_start", "finetune",
+           "start_at", "global_terms", "bias_slot", "transfer_lineage", "load_source", "parse_uri"]

@@ -1,0 +1,155 @@
+"""Transfer: learners warm-started from a registered federated version (finetune, features), end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from federated.model import ModelConfig, NumpyScorer
+from fedstream.cli import main
+from online.learners import LEARNERS, FTRLProximalClassifier
+from online.transfer import ResidualModel, bias_slot, finetune
+from registry.bundle import ModelBundle
+from streams.features import FeatureContext
+
+BITS = 16
+FEDERATED = "fedstream-federated"
+
+
+def federated_scorer(seed: int = 3) -> NumpyScorer:
+    """A wide federated model as the runner registers it (NumpyScorer of averaged weights)."""
+    rng = np.random.default_rng(seed)
+    weights = {"wide_embeddings": rng.normal(0, 0.4, (1 << BITS, 1)).astype(np.float32),
+               "wide_bias": np.array([-0.7], np.float32)}
+    return NumpyScorer(ModelConfig(bits=BITS), weights)
+
+
+def register_federated(settings) -> str:
+    from registry.models import register_version
+
+    bundle = ModelBundle(model=federated_scorer(), feature_bits=BITS, context=FeatureContext(), kind="federated",
+                         description="federated global model (test)")
+    version = register_version(settings, bundle, name=FEDERATED, metrics={"eval_auc": 0.7},
+                               lineage={"rounds": 3, "merchants": 4}, run_id=None)
+    return str(version.version)
+
+
+def _batch(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, 1 << BITS, (n, 6)).astype(np.int32)
+    indices[:, 0] = bias_slot(BITS)
+    return indices, np.ones(indices.shape, np.float32), rng.random(n) < 0.3
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_finetune_starts_at_the_global_predictions(name):
+    scorer = federated_scorer()
+    model = finetune(LEARNERS[name](bits=BITS, **({"l1": 0.5} if name == "ftrl" else {})), scorer, BITS)
+    indices, values, _ = _batch(1)
+    assert np.allclose(model.predict_proba_many(indices, values), scorer.predict_proba_many(indices, values), atol=1e-5)
+
+
+def test_finetuned_ftrl_is_pulled_towards_the_global_weights_not_towards_zero():
+    scorer = federated_scorer()
+    warm = finetune(FTRLProximalClassifier(bits=BITS, l2=1.0), scorer, BITS)
+    cold = FTRLProximalClassifier(bits=BITS, l2=1.0)
+    indices, values, y = _batch(2, 50)
+    warm.learn_many(indices, values, y)
+    cold.learn_many(indices, values, y)
+    touched = np.unique(indices[:, 1:])
+    global_w = scorer.weights["wide_embeddings"][touched, 0]
+    # after a little data the warm learner stays near the global weights, the cold one near 0
+    assert np.abs(warm.w[touched] - global_w).mean() < 0.5 * np.abs(global_w).mean()
+    assert np.corrcoef(warm.w[touched], global_w)[0, 1] > 0.9
+    untouched = np.setdiff1d(np.arange(1 << BITS), indices)[:100]
+    assert np.allclose(warm.w[untouched], scorer.weights["wide_embeddings"][untouched, 0], atol=1e-6)
+
+
+def test_features_model_starts_as_the_global_one_and_exports_an_equal_linear_model():
+    scorer = federated_scorer()
+    model = ResidualModel(FTRLProximalClassifier(bits=BITS), scorer)
+    indices, values, y = _batch(3)
+    before = model.learn_many(indices, values, y)
+    first = slice(0, model.head.max_delay)  # the first chunk is predicted before any update: a = 1, w = 0
+    assert np.allclose(before[first], scorer.predict_proba_many(indices, values)[first], atol=1e-6)
+    assert model.scale != 1.0  # a is learned
+    weights, bias = model.linear_terms()
+    test_indices, test_values, _ = _batch(4)
+    linear = 1 / (1 + np.exp(-(bias + weights[test_indices].sum(axis=1))))
+    assert np.allclose(linear, model.predict_proba_many(test_indices, test_values), atol=1e-6)
+
+
+def test_learn_warm_started_from_a_federated_version_end_to_end(kafka_settings, tmp_path):
+    from registry.models import load_bundle, version_lineage
+    from registry.tracking import client
+    from streams.generator import GeneratorConfig, generate
+    from streams.producer import EventProducer
+
+    settings = kafka_settings
+    source_version = register_federated(settings)
+    with EventProducer(settings, source="test-transfer") as producer:
+        for event in generate(GeneratorConfig(merchants=2, events=1500, seed=17)):
+            producer.send_event(event)
+    env = {"FEDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "FEDSTREAM_DATA_DIR": str(settings.data_path),
+           "FEDSTREAM_FEATURE_BITS": str(BITS)}
+    for kind in ("clicks", "orders", "catalog", "dead_letter", "drift"):
+        topic = getattr(settings.topics, kind)
+        env[f"FEDSTREAM_TOPICS__{kind.upper()}__NAME"] = topic.name
+        env[f"FEDSTREAM_TOPICS__{kind.upper()}__PARTITIONS"] = str(topic.partitions)
+    args = ["learn", "--model", "ftrl", "--group", "warm", "--checkpoint", str(tmp_path / "warm.ckpt"),
+            "--idle-timeout", "3", "--publish-every", "0", "--no-drift", "--rank-every", "0",
+            "--warm-start", f"models:/{FEDERATED}@challenger", "--transfer", "finetune"]
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["clicks"] > 500 and summary["published_versions"] == ["1"]
+
+    name = settings.serving.model_name
+    version = client(settings).get_model_version(name, "1")
+    assert version.tags["kind"] == "online"
+    lineage = version_lineage(version)
+    assert lineage["transfer"] == "finetune" and lineage["source_model"] == FEDERATED
+    assert str(lineage["source_version"]) == source_version and lineage["source_kind"] == "federated"
+    assert lineage["warm_start"] == f"models:/{FEDERATED}@challenger"
+
+    published = load_bundle(settings, f"models:/{name}/1").model.weights
+    start = federated_scorer().weights["wide_embeddings"][:, 0].copy()
+    start[bias_slot(BITS)] += -0.7
+    unchanged = np.isclose(published, start, atol=1e-6)
+    assert unchanged.mean() > 0.95  # every slot no click touched still holds the federated weight
+    assert not unchanged[bias_slot(BITS)]  # ...and the learner did learn from there
+
+
+def test_warm_start_errors_are_one_line(settings):
+    runner = CliRunner()
+    assert "--warm-start" in runner.invoke(main, ["learn", "--help"]).output
+    env = {"FEDSTREAM_DATA_DIR": str(settings.data_path), "FEDSTREAM_FEATURE_BITS": str(BITS)}
+    bad_uri = runner.invoke(main, ["learn", "--warm-start", "runs:/x", "--max-events", "1"], env=env)
+    assert bad_uri.exit_code != 0 and "models:/NAME@ALIAS" in bad_uri.output and "Traceback" not in bad_uri.output
+    register_federated(settings)
+    river = runner.invoke(main, ["learn", "--model", "river-ftrl", "--warm-start", f"models:/{FEDERATED}@challenger"],
+                          env=env)
+    assert river.exit_code != 0 and "ftrl, adam, sgd" in river.output
+    other_bits = runner.invoke(main, ["learn", "--warm-start", f"models:/{FEDERATED}@challenger"],
+                               env={**env, "FEDSTREAM_FEATURE_BITS": "18"})
+    assert other_bits.exit_code != 0 and "feature bits" in other_bits.output
+
+
+def test_worker_starts_a_features_model_and_publishes_it_as_one_linear_scorer(settings, tmp_path):
+    from online.worker import OnlineWorker, WorkerConfig
+
+    source_version = register_federated(settings)
+    config = WorkerConfig(model="ftrl", warm_start=f"models:/{FEDERATED}@challenger", transfer="features",
+                          checkpoint_path=tmp_path / "features.ckpt", publish_every_s=None)
+    worker = OnlineWorker(settings, config)
+    assert isinstance(worker.state.model, ResidualModel) and worker.state.model.scale == 1.0
+    snapshot = worker._snapshot()
+    assert snapshot["lineage"]["transfer"] == "features" and snapshot["lineage"]["source_version"] == source_version
+    exported = snapshot["bundle"].model
+    assert type(exported).__name__ == "LinearScorer"  # a·G + w over the slots, as serving ranks it
+    indices, values, _ = _batch(5)
+    assert np.allclose(exported.predict_proba_many(indices, values),
+                       federated_scorer().predict_proba_many(indices, values), atol=1e-5)
