@@ -119,9 +119,11 @@ class DriftSettings(BaseModel):
     ks_alpha: float = Field(default=1e-6, gt=0, lt=1)
     chi2_alpha: float = Field(default=1e-8, gt=0, lt=1)
     chi2_min_effect: float = Field(default=0.2, ge=0, description="Cramér's V needed on top of the p-value.")
+    chi2_min_effects: dict[str, float] = Field(default_factory=dict,
+                                               description="Per-field Cramér's V overriding chi2_min_effect.")
     cooldown_events: int = Field(default=5000, ge=0)
     numeric_fields: tuple[str, ...] = ("price", "hour")
-    categorical_fields: tuple[str, ...] = ("category",)
+    categorical_fields: tuple[str, ...] = ("category", "device")
     hour_period_seconds: float = Field(
         default=86_400.0, gt=0, description="Hour-of-day and label windows span whole days: daily cycles are not drift."
     )
@@ -144,6 +146,13 @@ class DriftSettings(BaseModel):
     price_index_threshold: float = Field(default=0.05, gt=0, description="|median log price ratio| that is drift.")
     price_index_window: int = Field(default=200, ge=2, description="Impressions in the median.")
     price_index_max_items: int = Field(default=200_000, ge=1, description="Reference prices kept per merchant.")
+    # events per day of a merchant, recent days vs the days before (drift.traffic.ArrivalRate)
+    traffic_rate: bool = Field(default=True, description="Run the traffic.rate detector (events per period).")
+    rate_threshold: float = Field(default=5.0, gt=0, description="|recent - reference mean events per period| in "
+                                  "reference spreads (drift.traffic.ArrivalRate).")
+    rate_window_periods: int = Field(default=3, ge=1, description="Recent whole periods (hour_period_seconds each).")
+    rate_reference_periods: int = Field(default=7, ge=1, description="Whole periods before them in the reference.")
+    rate_min_count: float = Field(default=20.0, ge=0, description="Reference events per period needed to test.")
 
 
 class Settings(BaseSettings):

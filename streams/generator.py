@@ -35,6 +35,16 @@ orders in time order, counted from 0; catalog events are not counted):
   per category: new :class:`~streams.schemas.CatalogItem` events re-issue the catalog right before event
   ``at_event``, order unit prices follow, and clicks react through the price term.
 
+Opt-in kinds the drift detectors were not designed around (benchmarks of their power):
+
+* ``"device_mix"`` — an app campaign: a share ``0.6 * min(magnitude, 1)`` of the merchant's sessions
+  moves to the ``app`` device (its click effect applies): the traffic mix and the click rate change.
+* ``"popular_item"`` — a new item (a new :class:`~streams.schemas.CatalogItem` right before ``at_event``,
+  in one of the merchant's categories, better than any of its items) takes a share ``0.3 * min(magnitude,
+  1)`` of the merchant's impressions, on every page.
+* ``"label_delay"`` — orders (the conversion labels) of the merchant's sessions come on average
+  ``magnitude`` × 30 min later than before (60 s + Exp(120 s) after the session's last page).
+
 Events before ``at_event`` are identical with and without the drift (same seed), so the drift is the only
 difference. :func:`ground_truth` says where each drift starts.
 
@@ -62,7 +72,8 @@ import numpy as np
 
 from streams.schemas import CatalogItem, Click, Event, LineItem, Order
 
-DriftKind = Literal["preferences", "prices"]
+DriftKind = Literal["preferences", "prices", "device_mix", "popular_item", "label_delay"]
+DRIFT_KINDS: tuple[str, ...] = ("preferences", "prices", "device_mix", "popular_item", "label_delay")
 
 CATEGORY_PRICES: dict[str, float] = {
     "books": 14.0, "music": 12.0, "games": 45.0, "toys": 25.0, "baby": 30.0, "beauty": 22.0,
@@ -97,8 +108,8 @@ class DriftSpec:
     magnitude: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("preferences", "prices"):
-            raise ValueError(f"drift kind must be 'preferences' or 'prices', got {self.kind!r}")
+        if self.kind not in DRIFT_KINDS:
+            raise ValueError(f"drift kind must be one of {', '.join(DRIFT_KINDS)}, got {self.kind!r}")
         if self.at_event < 0 or self.magnitude <= 0:
             raise ValueError("drift at_event must be >= 0 and magnitude > 0")
 
@@ -165,7 +176,7 @@ def generate(config: GeneratorConfig) -> Iterator[Event]:
     item_ids = [f"i{k}" for k in world.item_local.tolist()]
     user_ids = [f"u{k}" for k in world.user_local.tolist()]
     item_mcat = world.item_mcat.tolist()
-    for j, price in enumerate(world.item_price.tolist()):
+    for j, price in enumerate(world.item_price[:sim.initial_items].tolist()):  # drifts may add items later
         yield _catalog_event(config, world, j, price, config.start_time - config.catalog_start_offset_s, mids,
                              item_ids, cat_names, f"cat{seed}-{j}")
     reissues = {change.at_event: change for change in sim.price_changes}
@@ -319,6 +330,7 @@ class _Simulation:
     stream_time: np.ndarray
     price_changes: list[_PriceChange]
     truth: list[dict]
+    initial_items: int  # items in the catalog from the start (popular_item drifts append one each)
 
 
 def _rngs(seed: int, n: int) -> list[np.random.Generator]:
@@ -510,6 +522,7 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
     price_value = world.item_price[imp.item].copy()
     item_price_now = world.item_price.copy()
     clicked, ordered = _labels(config, world, imp, pref_value, price_value)
+    initial_items = len(world.item_price)
     changes: list[_PriceChange] = []
     truth: list[dict] = []
     mids = merchant_ids(config)
@@ -527,6 +540,16 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
             imp.local_cat[rows[follows_taste]] = local[follows_taste]  # users now look for other things
             imp.place(world, rows)
             pref_value[rows] = pref[imp.user[rows], imp.local_cat[rows]]
+        elif drift.kind == "device_mix":
+            _shift_devices(imp, rows, drift.magnitude, drift_rng)
+        elif drift.kind == "popular_item":
+            j, price = _add_popular_item(world, imp, rows, merchant, drift.magnitude, drift_rng)
+            item_price_now = np.append(item_price_now, price)
+            changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, np.array([j]), np.array([price])))
+            pref_value[rows] = pref[imp.user[rows], imp.local_cat[rows]]
+        elif drift.kind == "label_delay":
+            late = (sessions.merchant == merchant) & (sessions.order_time > key_time)
+            sessions.order_time[late] += drift.magnitude * drift_rng.exponential(1800.0, int(late.sum()))
         else:
             items = np.flatnonzero(world.item_merchant == merchant)
             factor = np.exp(drift.magnitude * drift_rng.normal(0.35, 0.25, world.merchant_ncat[merchant]))
@@ -547,7 +570,39 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         later = np.flatnonzero(stream_merchant[row["at_event"]:] == mids.index(row["merchant_id"]))
         row["first_merchant_event"] = int(later[0]) + row["at_event"] if len(later) else None
     return _Simulation(world, sessions, imp, clicked, order_offsets, line_item, line_qty, line_price,
-                       kind, ref, time, changes, truth)
+                       kind, ref, time, changes, truth, initial_items)
+
+
+def _shift_devices(imp, rows: np.ndarray, magnitude: float, rng: np.random.Generator) -> None:
+    """device_mix: a share of the sessions at ``rows`` moves to the app (context logits follow)."""
+    sessions = np.unique(imp.session[rows])
+    moved = sessions[rng.random(len(sessions)) < 0.6 * min(magnitude, 1.0)]
+    hit = rows[np.isin(imp.session[rows], moved)]
+    app = DEVICES.index("app")
+    imp.context_logit[hit] += DEVICE_EFFECT[app] - DEVICE_EFFECT[imp.device[hit]]
+    imp.device[hit] = app
+
+
+def _add_popular_item(world: _World, imp, rows: np.ndarray, merchant: int, magnitude: float,
+                      rng: np.random.Generator) -> tuple[int, float]:
+    """popular_item: append a new, better item to the world; it takes a share of the impressions at ``rows``."""
+    lo, hi = int(world.mcat_offset[merchant]), int(world.mcat_offset[merchant + 1])
+    mcat = int(rng.integers(lo, hi))
+    own = world.item_merchant == merchant
+    j = len(world.item_price)
+    price = round(float(world.mcat_level[mcat] * rng.lognormal(0.0, 0.45)), 2)
+    world.item_merchant = np.append(world.item_merchant, merchant)
+    world.item_mcat = np.append(world.item_mcat, mcat)
+    world.item_local = np.append(world.item_local, int(world.item_local[own].max()) + 1)
+    world.item_price = np.append(world.item_price, price)
+    world.item_quality = np.append(world.item_quality, float(world.item_quality[own].max()) + 0.5)
+    world.item_brand = np.append(world.item_brand, int(rng.integers(len(BRANDS))))
+    world.item_cum = np.append(world.item_cum, np.inf)  # never drawn by the categories' samplers
+    shown = rows[rng.random(len(rows)) < 0.3 * min(magnitude, 1.0)]
+    imp.item[shown] = j
+    imp.local_cat[shown] = mcat - lo
+    imp.mcat[shown] = mcat
+    return j, price
 
 
 def _drifted_pref(pref: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
@@ -577,7 +632,7 @@ def _order_lines(world, sessions, imp, ordered, changes):
         due = (world.item_merchant[line_item] == change.merchant) & (
             (line_time > key_time) | ((line_time == key_time) & (line_seq >= key_seq)))
         lookup = dict(zip(change.items.tolist(), change.prices.tolist()))
-        line_price[due] = [lookup[j] for j in line_item[due].tolist()]
+        line_price[due] = [lookup.get(j, old) for j, old in zip(line_item[due].tolist(), line_price[due].tolist())]
     counts = np.bincount(line_session, minlength=len(sessions.start))
     offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
     return offsets, line_item, np.minimum(quantity, 100_000), line_price
