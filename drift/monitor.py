@@ -246,7 +246,7 @@ class DriftMonitor:
             mine = errors if positions is None else errors[positions]
             indices = self._count_predictions(merchant_id, len(mine))
             values, when = mine.tolist(), stamps if positions is None else stamps[positions]
-            for rank, name in enumerate(ERROR_DETECTORS):
+            for rank, name in enumerate(n for n in ERROR_DETECTORS if n in detectors):
                 for position, event in detectors[name].update_many(values, when, indices):
                     fired.append((position if positions is None else int(positions[position]), rank, event))
         fired.sort(key=lambda found: found[:2])
@@ -262,8 +262,9 @@ class DriftMonitor:
 
     def _feed_error(self, detectors: dict[str, Detector], timestamp: float, error: float,
                     index: int) -> list[DriftEvent]:
-        return [e for name in ERROR_DETECTORS if (e := detectors[name].update(error, timestamp=timestamp,
-                                                                                index=index)) is not None]
+        fired = (detectors[name].update(error, timestamp=timestamp, index=index)
+                 for name in ERROR_DETECTORS if name in detectors)
+        return [e for e in fired if e is not None]
 
     def _values(self, event: Click | Order) -> list[tuple[str, object]]:
         """(detector name, value) pairs a raw event feeds: traffic, labels, price, hour, device, category.
