@@ -837,7 +837,7 @@ def build_detectors(config: DriftSettings, merchant_id: str, model_version: str 
 
     >>> from fedstream.settings import DriftSettings
     >>> sorted(build_detectors(DriftSettings(), "m1"))[:4]
-    ['error.adwin', 'error.page_hinkley', 'feature.category.chi2', 'feature.category.psi']
+    ['error.page_hinkley', 'feature.category.chi2', 'feature.category.psi', 'feature.device.chi2']
     """
     common = dict(model_version=model_version, cooldown=config.cooldown_events)
     error_common = {**common, "warmup": config.warmup_events, "chunk": config.error_chunk}

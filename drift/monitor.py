@@ -20,7 +20,7 @@ Example:
     >>> monitor = DriftMonitor(settings, sinks=[JsonlSink(drift_log_path(settings))])
     >>> for i in range(3000):
     ...     _ = monitor.observe_prediction("m1", 1.7e9 + i, y=i % 10 == 0, p=0.1)
-    >>> monitor.state("m1")["error.adwin"]["n_seen"]
+    >>> monitor.state("m1")["error.page_hinkley"]["n_seen"]
     3000
     >>> latest_drift(settings, source="file")
     []

@@ -251,6 +251,9 @@ def test_detectors_are_built_from_settings_including_env_overrides(monkeypatch):
     assert DriftSettings().cooldown_events > 0
     assert detectors["feature.user_category.cusum"].threshold == config.user_category_threshold
     assert detectors["feature.price.index"].threshold == config.price_index_threshold
+    assert "error.adwin" not in detectors and "traffic.rate" in detectors
+    monkeypatch.setenv("FEDSTREAM_DRIFT__ADWIN", "true")
+    assert build_detectors(load_settings().drift, "m7")["error.adwin"].chunk == config.error_chunk
     monkeypatch.setenv("FEDSTREAM_DRIFT__USER_CATEGORY", "false")
     assert "feature.user_category.cusum" not in build_detectors(load_settings().drift, "m7")
 
@@ -266,8 +269,8 @@ def test_drift_event_round_trips_and_rejects_garbage():
         decode_drift_event(b"not json")
 
 
-@pytest.mark.parametrize("module", ["drift.detectors", "drift.events", "drift.monitor", "drift.prequential",
-                                    "drift.report", "drift.synthetic"])
+@pytest.mark.parametrize("module", ["drift.calibration", "drift.detectors", "drift.events", "drift.monitor",
+                                    "drift.prequential", "drift.report", "drift.synthetic", "drift.traffic"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
