@@ -275,11 +275,11 @@ def report(quick: bool) -> dict:
     print_report(clean, cells, all_fa, cdnow)
     seeds = {"calibration": list(CALIBRATION_SEEDS[:sizes["calibration"][1]]), "report": clean["seeds"],
              "power": list(POWER_SEEDS[:p_count])}
-    runs = power_runs
+    runs, total_events = power_runs, max(sum(r.monitor.global_index for r in power_runs), 1)
     return {"benchmark": "drift", "mode": "report", "quick": quick, "seeds": seeds,
             "clean_events_per_seed": events, "false_alarms_clean": clean, "false_alarms_drift_streams": all_fa,
             "power": cells, "drifts": rows, "cdnow": cdnow,
-            "us_per_event": round(1e6 * sum(r.seconds for r in runs) / max(sum(r.monitor.global_index for r in runs), 1)),
+            "us_per_event": round(1e6 * sum(r.seconds for r in runs) / total_events),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "readme": readme_rows(quick, clean, cells, cdnow, seeds)}
 

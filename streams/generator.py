@@ -70,6 +70,7 @@ from typing import Literal
 
 import numpy as np
 
+from streams.drifts import add_popular_item, drifted_pref, shift_devices
 from streams.schemas import CatalogItem, Click, Event, LineItem, Order
 
 DriftKind = Literal["preferences", "prices", "device_mix", "popular_item", "label_delay"]
@@ -535,15 +536,15 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         rows = np.flatnonzero(after & (imp.merchant == merchant))
         if drift.kind == "preferences":
             lo, hi, ncat = world.user_offset[merchant], world.user_offset[merchant + 1], world.merchant_ncat[merchant]
-            pref[lo:hi, :ncat] = _drifted_pref(pref[lo:hi, :ncat], drift.magnitude, drift_rng)
+            pref[lo:hi, :ncat] = drifted_pref(pref[lo:hi, :ncat], drift.magnitude, drift_rng)
             local, follows_taste = _display_categories(drift_rng, world, imp, rows, pref)
             imp.local_cat[rows[follows_taste]] = local[follows_taste]  # users now look for other things
             imp.place(world, rows)
             pref_value[rows] = pref[imp.user[rows], imp.local_cat[rows]]
         elif drift.kind == "device_mix":
-            _shift_devices(imp, rows, drift.magnitude, drift_rng)
+            shift_devices(imp, rows, drift.magnitude, drift_rng, DEVICE_EFFECT, DEVICES.index("app"))
         elif drift.kind == "popular_item":
-            j, price = _add_popular_item(world, imp, rows, merchant, drift.magnitude, drift_rng)
+            j, price = add_popular_item(world, imp, rows, merchant, drift.magnitude, drift_rng, len(BRANDS))
             item_price_now = np.append(item_price_now, price)
             changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, np.array([j]), np.array([price])))
             pref_value[rows] = pref[imp.user[rows], imp.local_cat[rows]]
@@ -556,7 +557,8 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
             local = world.item_mcat[items] - world.mcat_offset[merchant]
             noise = np.exp(drift.magnitude * drift_rng.normal(0.0, 0.1, len(items)))
             item_price_now[items] = np.round(item_price_now[items] * factor[local] * noise, 2)
-            changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, items, item_price_now[items].copy()))
+            changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, items,
+                                        item_price_now[items].copy()))
         price_value[rows] = item_price_now[imp.item[rows]]
         new_clicked, new_ordered = _labels(config, world, imp, pref_value, price_value)
         clicked[rows], ordered[rows] = new_clicked[rows], new_ordered[rows]
@@ -571,49 +573,6 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         row["first_merchant_event"] = int(later[0]) + row["at_event"] if len(later) else None
     return _Simulation(world, sessions, imp, clicked, order_offsets, line_item, line_qty, line_price,
                        kind, ref, time, changes, truth, initial_items)
-
-
-def _shift_devices(imp, rows: np.ndarray, magnitude: float, rng: np.random.Generator) -> None:
-    """device_mix: a share of the sessions at ``rows`` moves to the app (context logits follow)."""
-    sessions = np.unique(imp.session[rows])
-    moved = sessions[rng.random(len(sessions)) < 0.6 * min(magnitude, 1.0)]
-    hit = rows[np.isin(imp.session[rows], moved)]
-    app = DEVICES.index("app")
-    imp.context_logit[hit] += DEVICE_EFFECT[app] - DEVICE_EFFECT[imp.device[hit]]
-    imp.device[hit] = app
-
-
-def _add_popular_item(world: _World, imp, rows: np.ndarray, merchant: int, magnitude: float,
-                      rng: np.random.Generator) -> tuple[int, float]:
-    """popular_item: append a new, better item to the world; it takes a share of the impressions at ``rows``."""
-    lo, hi = int(world.mcat_offset[merchant]), int(world.mcat_offset[merchant + 1])
-    mcat = int(rng.integers(lo, hi))
-    own = world.item_merchant == merchant
-    j = len(world.item_price)
-    price = round(float(world.mcat_level[mcat] * rng.lognormal(0.0, 0.45)), 2)
-    world.item_merchant = np.append(world.item_merchant, merchant)
-    world.item_mcat = np.append(world.item_mcat, mcat)
-    world.item_local = np.append(world.item_local, int(world.item_local[own].max()) + 1)
-    world.item_price = np.append(world.item_price, price)
-    world.item_quality = np.append(world.item_quality, float(world.item_quality[own].max()) + 0.5)
-    world.item_brand = np.append(world.item_brand, int(rng.integers(len(BRANDS))))
-    world.item_cum = np.append(world.item_cum, np.inf)  # never drawn by the categories' samplers
-    shown = rows[rng.random(len(rows)) < 0.3 * min(magnitude, 1.0)]
-    imp.item[shown] = j
-    imp.local_cat[shown] = mcat - lo
-    imp.mcat[shown] = mcat
-    return j, price
-
-
-def _drifted_pref(pref: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-    """Tastes after a preferences drift: categories permuted, mixed in with weight min(magnitude, 1)."""
-    ncat = pref.shape[1]
-    perm = np.empty(ncat, dtype=int)
-    order = rng.permutation(ncat)
-    perm[order] = np.roll(order, 1)  # a cycle through a random order: no category keeps its own taste
-    weight = min(magnitude, 1.0)
-    mixed = (1.0 - weight) * pref + weight * pref[:, perm]
-    return mixed / math.sqrt((1.0 - weight) ** 2 + weight**2)  # keep the tastes' spread
 
 
 def _order_lines(world, sessions, imp, ordered, changes):
