@@ -25,8 +25,8 @@ from fedstream.settings import DriftSettings
 
 FACTOR = 1.4
 _BIG = 1e12
-# settings under which no detector can fire (KS distance is at most 1, fired only at D >= threshold)
-NEVER_FIRE: dict[str, object] = {
+# settings under which every detector runs and none can fire (KS distance is at most 1, fired only at D >= 1)
+NEVER_FIRE: dict[str, object] = {"disabled": (),
     "ph_threshold": _BIG, "adwin_min_increase": _BIG, "label_z": _BIG, "psi_threshold": _BIG,
     "psi_thresholds": {}, "ks_threshold": 1.0, "chi2_min_effect": _BIG, "chi2_min_effects": {},
     "price_index_threshold": _BIG, "user_category_threshold": _BIG, "rate_threshold": _BIG,

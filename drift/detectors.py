@@ -842,13 +842,12 @@ def build_detectors(config: DriftSettings, merchant_id: str, model_version: str 
     common = dict(model_version=model_version, cooldown=config.cooldown_events)
     error_common = {**common, "warmup": config.warmup_events, "chunk": config.error_chunk}
     detectors: dict[str, Detector] = {
+        "error.adwin": ErrorADWIN(merchant_id, delta=config.adwin_delta, clock=config.adwin_clock,
+                                  min_increase=config.adwin_min_increase, **error_common),
         "error.page_hinkley": ErrorPageHinkley(merchant_id, threshold=config.ph_threshold, delta=config.ph_delta,
                                                alpha=config.ph_alpha, min_instances=config.ph_min_instances,
                                                **error_common),
     }
-    if config.adwin:
-        detectors["error.adwin"] = ErrorADWIN(merchant_id, delta=config.adwin_delta, clock=config.adwin_clock,
-                                              min_increase=config.adwin_min_increase, **error_common)
     # click rates follow the hour of day: label windows are whole days, compared day(s) against day(s)
     label_window = dict(reference=config.label_reference, window=config.label_window,
                         check_every=config.check_every, min_span_seconds=config.hour_period_seconds, **common)
@@ -894,4 +893,4 @@ def build_detectors(config: DriftSettings, merchant_id: str, model_version: str 
             merchant_id, RATE_DETECTOR, threshold=config.rate_threshold, period_seconds=config.hour_period_seconds,
             window=config.rate_window_periods, reference=config.rate_reference_periods,
             min_count=config.rate_min_count, **common)
-    return detectors
+    return {name: detector for name, detector in detectors.items() if name not in config.disabled}
