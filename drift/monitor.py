@@ -20,7 +20,7 @@ Example:
     >>> monitor = DriftMonitor(settings, sinks=[JsonlSink(drift_log_path(settings))])
     >>> for i in range(3000):
     ...     _ = monitor.observe_prediction("m1", 1.7e9 + i, y=i % 10 == 0, p=0.1)
-    >>> monitor.state("m1")["error.adwin"]["n_seen"]
+    >>> monitor.state("m1")["error.page_hinkley"]["n_seen"]
     3000
     >>> latest_drift(settings, source="file")
     []
@@ -38,8 +38,8 @@ from typing import Protocol
 
 import numpy as np
 
-from drift.detectors import (ERROR_DETECTORS, PRICE_INDEX_DETECTOR, TASTE_DETECTOR, Detector, build_detectors,
-                             prequential_error, prequential_errors)
+from drift.detectors import (ERROR_DETECTORS, PRICE_INDEX_DETECTOR, RATE_DETECTOR, TASTE_DETECTOR, Detector,
+                             build_detectors, prequential_error, prequential_errors)
 from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -246,7 +246,7 @@ class DriftMonitor:
             mine = errors if positions is None else errors[positions]
             indices = self._count_predictions(merchant_id, len(mine))
             values, when = mine.tolist(), stamps if positions is None else stamps[positions]
-            for rank, name in enumerate(ERROR_DETECTORS):
+            for rank, name in enumerate(n for n in ERROR_DETECTORS if n in detectors):
                 for position, event in detectors[name].update_many(values, when, indices):
                     fired.append((position if positions is None else int(positions[position]), rank, event))
         fired.sort(key=lambda found: found[:2])
@@ -262,20 +262,21 @@ class DriftMonitor:
 
     def _feed_error(self, detectors: dict[str, Detector], timestamp: float, error: float,
                     index: int) -> list[DriftEvent]:
-        return [e for name in ERROR_DETECTORS if (e := detectors[name].update(error, timestamp=timestamp,
-                                                                                index=index)) is not None]
+        fired = (detectors[name].update(error, timestamp=timestamp, index=index)
+                 for name in ERROR_DETECTORS if name in detectors)
+        return [e for e in fired if e is not None]
 
     def _values(self, event: Click | Order) -> list[tuple[str, object]]:
-        """(detector name, value) pairs a raw event feeds: labels, price, hour, category.
+        """(detector name, value) pairs a raw event feeds: traffic, labels, price, hour, device, category.
 
-        Values are per impression (price), per clicked or ordered item (category), per session (hour of
-        the session's first click: the events of a session are not independent draws of the hour), per
-        user's category choice (user_category: each category once per page view, on intent-driven pages
-        or clicked).
+        Values are per event (traffic rate), per impression (price), per clicked or ordered item (category),
+        per session (hour and device of the session's first click: the events of a session are not
+        independent draws of them), per user's category choice (user_category: each category once per page view, on
+        intent-driven pages or clicked).
         """
         hour = time.gmtime(event.timestamp).tm_hour
         fields = self.config
-        values: list[tuple[str, object]] = []
+        values: list[tuple[str, object]] = [(RATE_DETECTOR, None)] if fields.traffic_rate else []
 
         def feature(field: str, value: object) -> None:
             if field in fields.numeric_fields or field in fields.categorical_fields:
@@ -284,8 +285,9 @@ class DriftMonitor:
 
         if isinstance(event, Click):
             new_session, page_view = self._session(event.merchant_id, event.session_id)
-            if new_session:
-                feature("hour", hour)  # one value per session: a session's events share their hour
+            if new_session:  # one value per session: a session's events share their hour and device
+                feature("hour", hour)
+                feature("device", event.device)
             values.append(("label.ctr", event.clicked))
             info = self.context.item(event.merchant_id, event.item_id)
             if info is not None:

@@ -109,7 +109,8 @@ class MlflowStackSettings(BaseModel):
 
 
 class DriftSettings(BaseModel):
-    """Drift detector thresholds per merchant; defaults tuned by ``benchmarks/drift.py`` on seeded streams.
+    """Drift detector thresholds per merchant; defaults from ``benchmarks/drift.py --calibrate`` (rule:
+    1.4x the highest drift-free statistic on the calibration seeds only, see ``drift/README.md``).
 
     Each detector has a cool-down (``cooldown_events`` of the merchant's own events) after it fires, and
     window tests need full windows, so one change is reported once, not on every following event.
@@ -123,35 +124,42 @@ class DriftSettings(BaseModel):
     error_chunk: int = Field(
         default=16, ge=1, description="Error detectors test the sums of every N errors of a merchant (River's ADWIN costs "
         "~5 µs per value: 1/N of that; the tests see a new value every N predictions).")
+    disabled: tuple[str, ...] = Field(
+        default=("error.adwin", "label.ctr", "label.conversion", "feature.hour.psi", "feature.hour.ks"),
+        description="Detectors not run. Default: those that never fired on the drift benchmark, drifted streams or "
+        "not (drift/README.md); name one less to turn it back on.")
     adwin_delta: float = Field(default=1e-5, gt=0, lt=1)
     adwin_clock: int = Field(default=128, ge=1, description="ADWIN looks for a cut every N errors (a look costs ~80 µs).")
     adwin_min_increase: float = Field(default=0.01, ge=0, description="Absolute error rise ADWIN must show.")
-    ph_threshold: float = Field(default=250.0, gt=0)
+    ph_threshold: float = Field(default=246.0, gt=0)
     ph_delta: float = Field(default=0.01, ge=0)
     ph_alpha: float = Field(default=1 - 1e-4, gt=0, le=1)
     ph_min_instances: int = Field(default=500, ge=1)
     label_reference: int = Field(default=5000, ge=10, description="Labels in the reference window.")
     label_window: int = Field(default=2500, ge=10, description="Labels in the current window.")
-    label_z: float = Field(default=6.0, gt=0, description="Two-proportion z-test threshold (both directions).")
+    label_z: float = Field(default=7.34, gt=0, description="Two-proportion z-test threshold (both directions).")
     label_min_relative_change: float = Field(default=0.2, ge=0)
     feature_reference: int = Field(default=3000, ge=10, description="Values in a feature's reference window.")
     feature_window: int = Field(default=1500, ge=10, description="Values in a feature's current window.")
+    session_window: int = Field(
+        default=300, ge=10, description="Sessions in the current window of per-session fields (hour, device); "
+        "their windows are whole days, the reference the same number of days before.")
     check_every: int = Field(default=250, ge=1, description="Window tests run every N values.")
     psi_threshold: float = Field(default=0.25, gt=0)
     psi_thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"price": 0.2},
-        description="Per-field PSI thresholds overriding psi_threshold (price: drift-free streams reach ~0.14).",
+        default_factory=lambda: {"price": 0.183, "category": 0.189, "device": 0.145, "hour": 0.164},
+        description="Per-field PSI thresholds overriding psi_threshold (calibrated).",
     )
     psi_bins: int = Field(default=10, ge=2)
-    ks_threshold: float = Field(
-        default=0.18, gt=0, le=1, description="KS distance D that counts as drift (0.15: ~1 false alarm per 1M events)."
-    )
+    ks_threshold: float = Field(default=0.206, gt=0, le=1, description="KS distance D that counts as drift.")
     ks_alpha: float = Field(default=1e-6, gt=0, lt=1)
     chi2_alpha: float = Field(default=1e-8, gt=0, lt=1)
     chi2_min_effect: float = Field(default=0.2, ge=0, description="Cramér's V needed on top of the p-value.")
+    chi2_min_effects: dict[str, float] = Field(default_factory=lambda: {"category": 0.245, "device": 0.223},
+                                               description="Per-field Cramér's V overriding chi2_min_effect.")
     cooldown_events: int = Field(default=5000, ge=0)
     numeric_fields: tuple[str, ...] = ("price", "hour")
-    categorical_fields: tuple[str, ...] = ("category",)
+    categorical_fields: tuple[str, ...] = ("category", "device")
     hour_period_seconds: float = Field(
         default=86_400.0, gt=0, description="Hour-of-day and label windows span whole days: daily cycles are not drift."
     )
@@ -162,9 +170,7 @@ class DriftSettings(BaseModel):
         description="Pages whose items follow the user's intent; on other pages only clicked items count.",
     )
     user_category_slack: float = Field(default=0.3, ge=0, description="CUSUM slack, in reference SDs per score.")
-    user_category_threshold: float = Field(
-        default=30.0, gt=0, description="CUSUM level that counts as drift (drift-free streams reach ~21)."
-    )
+    user_category_threshold: float = Field(default=24.6, gt=0, description="CUSUM level that counts as drift.")
     user_category_reference: int = Field(default=3000, ge=2, description="Scores in the (lagging) reference.")
     user_category_min_reference: int = Field(default=100, ge=2, description="Scores before the CUSUM (re)arms.")
     user_category_lag: int = Field(default=200, ge=0, description="Newest scores kept out of the reference.")
@@ -174,6 +180,13 @@ class DriftSettings(BaseModel):
     price_index_threshold: float = Field(default=0.05, gt=0, description="|median log price ratio| that is drift.")
     price_index_window: int = Field(default=200, ge=2, description="Impressions in the median.")
     price_index_max_items: int = Field(default=200_000, ge=1, description="Reference prices kept per merchant.")
+    # events per day of a merchant, recent days vs the days before (drift.traffic.ArrivalRate)
+    traffic_rate: bool = Field(default=True, description="Run the traffic.rate detector (events per period).")
+    rate_threshold: float = Field(default=8.01, gt=0, description="|recent - reference mean events per period| in "
+                                  "reference spreads (drift.traffic.ArrivalRate).")
+    rate_window_periods: int = Field(default=3, ge=1, description="Recent whole periods (hour_period_seconds each).")
+    rate_reference_periods: int = Field(default=7, ge=1, description="Whole periods before them in the reference.")
+    rate_min_count: float = Field(default=20.0, ge=0, description="Reference events per period needed to test.")
 
 
 class FederatedSettings(BaseModel):

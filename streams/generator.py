@@ -35,6 +35,16 @@ orders in time order, counted from 0; catalog events are not counted):
   per category: new :class:`~streams.schemas.CatalogItem` events re-issue the catalog right before event
   ``at_event``, order unit prices follow, and clicks react through the price term.
 
+Opt-in kinds the drift detectors were not designed around (benchmarks of their power):
+
+* ``"device_mix"`` — an app campaign: a share ``0.6 * min(magnitude, 1)`` of the merchant's sessions
+  moves to the ``app`` device (its click effect applies): the traffic mix and the click rate change.
+* ``"popular_item"`` — a new item (a new :class:`~streams.schemas.CatalogItem` right before ``at_event``,
+  in one of the merchant's categories, better than any of its items) takes a share ``0.3 * min(magnitude,
+  1)`` of the merchant's impressions, on every page.
+* ``"label_delay"`` — orders (the conversion labels) of the merchant's sessions come on average
+  ``magnitude`` × 30 min later than before (60 s + Exp(120 s) after the session's last page).
+
 Events before ``at_event`` are identical with and without the drift (same seed), so the drift is the only
 difference. :func:`ground_truth` says where each drift starts.
 
@@ -60,9 +70,11 @@ from typing import Literal
 
 import numpy as np
 
+from streams.drifts import add_popular_item, drifted_pref, shift_devices
 from streams.schemas import CatalogItem, Click, Event, LineItem, Order
 
-DriftKind = Literal["preferences", "prices"]
+DriftKind = Literal["preferences", "prices", "device_mix", "popular_item", "label_delay"]
+DRIFT_KINDS: tuple[str, ...] = ("preferences", "prices", "device_mix", "popular_item", "label_delay")
 
 CATEGORY_PRICES: dict[str, float] = {
     "books": 14.0, "music": 12.0, "games": 45.0, "toys": 25.0, "baby": 30.0, "beauty": 22.0,
@@ -97,8 +109,8 @@ class DriftSpec:
     magnitude: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("preferences", "prices"):
-            raise ValueError(f"drift kind must be 'preferences' or 'prices', got {self.kind!r}")
+        if self.kind not in DRIFT_KINDS:
+            raise ValueError(f"drift kind must be one of {', '.join(DRIFT_KINDS)}, got {self.kind!r}")
         if self.at_event < 0 or self.magnitude <= 0:
             raise ValueError("drift at_event must be >= 0 and magnitude > 0")
 
@@ -165,7 +177,7 @@ def generate(config: GeneratorConfig) -> Iterator[Event]:
     item_ids = [f"i{k}" for k in world.item_local.tolist()]
     user_ids = [f"u{k}" for k in world.user_local.tolist()]
     item_mcat = world.item_mcat.tolist()
-    for j, price in enumerate(world.item_price.tolist()):
+    for j, price in enumerate(world.item_price[:sim.initial_items].tolist()):  # drifts may add items later
         yield _catalog_event(config, world, j, price, config.start_time - config.catalog_start_offset_s, mids,
                              item_ids, cat_names, f"cat{seed}-{j}")
     reissues = {change.at_event: change for change in sim.price_changes}
@@ -319,6 +331,7 @@ class _Simulation:
     stream_time: np.ndarray
     price_changes: list[_PriceChange]
     truth: list[dict]
+    initial_items: int  # items in the catalog from the start (popular_item drifts append one each)
 
 
 def _rngs(seed: int, n: int) -> list[np.random.Generator]:
@@ -510,6 +523,7 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
     price_value = world.item_price[imp.item].copy()
     item_price_now = world.item_price.copy()
     clicked, ordered = _labels(config, world, imp, pref_value, price_value)
+    initial_items = len(world.item_price)
     changes: list[_PriceChange] = []
     truth: list[dict] = []
     mids = merchant_ids(config)
@@ -522,18 +536,29 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         rows = np.flatnonzero(after & (imp.merchant == merchant))
         if drift.kind == "preferences":
             lo, hi, ncat = world.user_offset[merchant], world.user_offset[merchant + 1], world.merchant_ncat[merchant]
-            pref[lo:hi, :ncat] = _drifted_pref(pref[lo:hi, :ncat], drift.magnitude, drift_rng)
+            pref[lo:hi, :ncat] = drifted_pref(pref[lo:hi, :ncat], drift.magnitude, drift_rng)
             local, follows_taste = _display_categories(drift_rng, world, imp, rows, pref)
             imp.local_cat[rows[follows_taste]] = local[follows_taste]  # users now look for other things
             imp.place(world, rows)
             pref_value[rows] = pref[imp.user[rows], imp.local_cat[rows]]
+        elif drift.kind == "device_mix":
+            shift_devices(imp, rows, drift.magnitude, drift_rng, DEVICE_EFFECT, DEVICES.index("app"))
+        elif drift.kind == "popular_item":
+            j, price = add_popular_item(world, imp, rows, merchant, drift.magnitude, drift_rng, len(BRANDS))
+            item_price_now = np.append(item_price_now, price)
+            changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, np.array([j]), np.array([price])))
+            pref_value[rows] = pref[imp.user[rows], imp.local_cat[rows]]
+        elif drift.kind == "label_delay":
+            late = (sessions.merchant == merchant) & (sessions.order_time > key_time)
+            sessions.order_time[late] += drift.magnitude * drift_rng.exponential(1800.0, int(late.sum()))
         else:
             items = np.flatnonzero(world.item_merchant == merchant)
             factor = np.exp(drift.magnitude * drift_rng.normal(0.35, 0.25, world.merchant_ncat[merchant]))
             local = world.item_mcat[items] - world.mcat_offset[merchant]
             noise = np.exp(drift.magnitude * drift_rng.normal(0.0, 0.1, len(items)))
             item_price_now[items] = np.round(item_price_now[items] * factor[local] * noise, 2)
-            changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, items, item_price_now[items].copy()))
+            changes.append(_PriceChange(merchant, n, (key_time, key_seq), key_time, items,
+                                        item_price_now[items].copy()))
         price_value[rows] = item_price_now[imp.item[rows]]
         new_clicked, new_ordered = _labels(config, world, imp, pref_value, price_value)
         clicked[rows], ordered[rows] = new_clicked[rows], new_ordered[rows]
@@ -547,18 +572,7 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         later = np.flatnonzero(stream_merchant[row["at_event"]:] == mids.index(row["merchant_id"]))
         row["first_merchant_event"] = int(later[0]) + row["at_event"] if len(later) else None
     return _Simulation(world, sessions, imp, clicked, order_offsets, line_item, line_qty, line_price,
-                       kind, ref, time, changes, truth)
-
-
-def _drifted_pref(pref: np.ndarray, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-    """Tastes after a preferences drift: categories permuted, mixed in with weight min(magnitude, 1)."""
-    ncat = pref.shape[1]
-    perm = np.empty(ncat, dtype=int)
-    order = rng.permutation(ncat)
-    perm[order] = np.roll(order, 1)  # a cycle through a random order: no category keeps its own taste
-    weight = min(magnitude, 1.0)
-    mixed = (1.0 - weight) * pref + weight * pref[:, perm]
-    return mixed / math.sqrt((1.0 - weight) ** 2 + weight**2)  # keep the tastes' spread
+                       kind, ref, time, changes, truth, initial_items)
 
 
 def _order_lines(world, sessions, imp, ordered, changes):
@@ -577,7 +591,7 @@ def _order_lines(world, sessions, imp, ordered, changes):
         due = (world.item_merchant[line_item] == change.merchant) & (
             (line_time > key_time) | ((line_time == key_time) & (line_seq >= key_seq)))
         lookup = dict(zip(change.items.tolist(), change.prices.tolist()))
-        line_price[due] = [lookup[j] for j in line_item[due].tolist()]
+        line_price[due] = [lookup.get(j, old) for j, old in zip(line_item[due].tolist(), line_price[due].tolist())]
     counts = np.bincount(line_session, minlength=len(sessions.start))
     offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
     return offsets, line_item, np.minimum(quantity, 100_000), line_price

@@ -247,10 +247,14 @@ def test_detectors_are_built_from_settings_including_env_overrides(monkeypatch):
     assert detectors["error.page_hinkley"].ph.threshold == 123.5
     assert "feature.hour.ks" not in detectors and "feature.price.ks" in detectors
     assert {d.model_version for d in detectors.values()} == {"4"}
-    assert detectors["label.conversion"].merchant_id == "m7"
+    assert detectors["feature.price.ks"].merchant_id == "m7"
     assert DriftSettings().cooldown_events > 0
     assert detectors["feature.user_category.cusum"].threshold == config.user_category_threshold
     assert detectors["feature.price.index"].threshold == config.price_index_threshold
+    assert "error.adwin" not in detectors and "traffic.rate" in detectors
+    monkeypatch.setenv("FEDSTREAM_DRIFT__DISABLED", '["label.ctr"]')
+    again = build_detectors(load_settings().drift, "m7")
+    assert again["error.adwin"].chunk == config.error_chunk and "label.ctr" not in again
     monkeypatch.setenv("FEDSTREAM_DRIFT__USER_CATEGORY", "false")
     assert "feature.user_category.cusum" not in build_detectors(load_settings().drift, "m7")
 
@@ -266,8 +270,8 @@ def test_drift_event_round_trips_and_rejects_garbage():
         decode_drift_event(b"not json")
 
 
-@pytest.mark.parametrize("module", ["drift.detectors", "drift.events", "drift.monitor", "drift.prequential",
-                                    "drift.report", "drift.synthetic"])
+@pytest.mark.parametrize("module", ["drift.calibration", "drift.detectors", "drift.events", "drift.monitor",
+                                    "drift.prequential", "drift.report", "drift.synthetic", "drift.traffic"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

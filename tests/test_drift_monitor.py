@@ -106,7 +106,7 @@ def test_stationary_stream_raises_no_drift(settings):
     run_monitor(synthetic_events(n=20_000, seed=4), monitor, bits=settings.feature_bits, trace=False)
     assert monitor.events == []
     state = monitor.state("m1")
-    assert state["error.page_hinkley"]["n_seen"] > 10_000 and state["label.ctr"]["n_detections"] == 0
+    assert state["error.page_hinkley"]["n_seen"] > 10_000 and state["feature.price.ks"]["n_detections"] == 0
 
 
 def test_unknown_merchants_and_empty_streams_are_clear_errors(settings):
@@ -124,7 +124,8 @@ def test_unknown_merchants_and_empty_streams_are_clear_errors(settings):
 
 
 def test_observe_prediction_feeds_only_error_detectors(settings):
-    monitor = DriftMonitor(settings)
+    assert "error.adwin" not in DriftMonitor(settings)._detectors_of("m1")  # off by default
+    monitor = DriftMonitor(settings.model_copy(update={"drift": settings.drift.model_copy(update={"disabled": ()})}))
     for k in range(2000):
         monitor.observe_prediction("m1", 1.7e9 + k, y=k % 7 == 0, p=0.15)
     state = monitor.state("m1")

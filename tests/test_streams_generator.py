@@ -101,6 +101,64 @@ def test_price_drift_reissues_the_catalog_and_moves_order_prices():
     assert after and all(line.unit_price == new[line.item_id] for o in after for line in o.items)
 
 
+def _after(events, at, merchant):
+    return [e for e in events[at:] if e.merchant_id == merchant]
+
+
+def test_device_mix_drift_moves_sessions_to_the_app_and_raises_the_click_rate():
+    config = GeneratorConfig(merchants=6, events=20_000, seed=11, drifts=(DriftSpec("m00", 8_000, "device_mix"),))
+    base, drifted = stream(SMALL), stream(config)
+    assert base[:8_000] == drifted[:8_000]
+    before = [e for e in _after(base, 8_000, "m00") if isinstance(e, Click)]
+    after = [e for e in _after(drifted, 8_000, "m00") if isinstance(e, Click)]
+    assert [e.item_id for e in before] == [e.item_id for e in after]  # same pages and items, other devices
+    share = lambda clicks: sum(e.device == "app" for e in clicks) / len(clicks)  # noqa: E731
+    assert share(before) < 0.3 < 0.5 < share(after)
+    assert np.mean([e.clicked for e in after]) > 1.1 * np.mean([e.clicked for e in before])
+
+
+def test_popular_item_drift_adds_a_catalog_item_that_takes_impressions_and_orders():
+    config = GeneratorConfig(merchants=6, events=20_000, seed=11,
+                             drifts=(DriftSpec("m01", 8_000, "popular_item", magnitude=0.5),))
+    events = list(generate(config))
+    counted = [i for i, e in enumerate(events) if not isinstance(e, CatalogItem)]
+    initial = {e.item_id for e in events[: counted[0]] if e.merchant_id == "m01"}
+    (new,) = [e for e in events[counted[0]:] if isinstance(e, CatalogItem)]
+    assert new.merchant_id == "m01" and new.item_id not in initial and new.timestamp == events[counted[8_000]].timestamp
+    clicks = [e for e in _after(events, counted[8_000], "m01") if isinstance(e, Click)]
+    shown = sum(e.item_id == new.item_id for e in clicks) / len(clicks)
+    assert 0.1 < shown < 0.2  # 0.3 x magnitude 0.5 of the impressions
+    assert not any(e.item_id == new.item_id for e in events[: counted[8_000]] if isinstance(e, Click))
+    bought = [line for o in events if isinstance(o, Order) and o.merchant_id == "m01" for line in o.items
+              if line.item_id == new.item_id]
+    assert bought and all(line.unit_price == new.price for line in bought)
+
+
+def test_label_delay_drift_makes_orders_come_later_and_keeps_clicks():
+    config = GeneratorConfig(merchants=6, events=20_000, seed=11,
+                             drifts=(DriftSpec("m00", 8_000, "label_delay", magnitude=1.0),))
+    base, drifted = stream(SMALL), stream(config)
+    assert base[:8_000] == drifted[:8_000]
+
+    def delays(events):
+        last = {}
+        for e in events:
+            if isinstance(e, Click):
+                last[e.session_id] = e.timestamp
+        orders = [o for o in _after(events, 8_000, "m00") if isinstance(o, Order)]
+        # an order's session id is its own: match it to its user's latest click before it
+        by_user = {}
+        for e in events:
+            if isinstance(e, Click) and e.merchant_id == "m00":
+                by_user.setdefault(e.user_id, []).append(e.timestamp)
+        return [o.timestamp - max(t for t in by_user[o.user_id] if t <= o.timestamp) for o in orders]
+
+    assert np.median(delays(drifted)) > 5 * np.median(delays(base))
+    horizon = min(base[-1].timestamp, drifted[-1].timestamp) - 86_400
+    clicks = [[e for e in s if isinstance(e, Click) and e.timestamp < horizon] for s in (base, drifted)]
+    assert clicks[0] == clicks[1]
+
+
 def test_invalid_configs_are_rejected():
     with pytest.raises(ValueError, match="kind"):
         DriftSpec("m00", 10, "weather")  # type: ignore[arg-type]
