@@ -255,7 +255,8 @@ def ingest(settings: Settings, file, fmt: str, source: str | None, from_line: in
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--days", type=float, default=14.0, show_default=True, help="Time span of the traffic.")
 @click.option("--drift", "drifts", multiple=True, metavar="MERCHANT:AT_EVENT:KIND[:MAGNITUDE]",
-              help="Concept drift, e.g. m03:500000:preferences or m01:200000:prices:0.5 (repeatable).")
+              help="Concept drift, e.g. m03:500000:preferences or m01:200000:prices:0.5 (repeatable); kinds: "
+                   "preferences, prices, device_mix, popular_item, label_delay (streams.generator.DRIFT_KINDS).")
 @click.option("--consumables", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
               help="Share of each merchant's categories that are consumables re-bought on per-user cycles "
                    "(streams/consumables.py; 0: off). Re-buy orders come on top of --events.")
