@@ -147,10 +147,7 @@ EVENT_KINDS: tuple[EventKind, ...] = (
     EventKind(CatalogItem, "catalog"),
 )
 EVENT_TYPES: dict[str, type[_Event]] = {kind.tag: kind.struct for kind in EVENT_KINDS}
-if TYPE_CHECKING:
-    Event = Click | Order | CatalogItem
-else:
-    Event = Union[tuple(EVENT_TYPES.values())]  # noqa: UP007 (a tuple of the declared structs)
+Event = Union[tuple(EVENT_TYPES.values())]  # noqa: UP007 (the union of the declared structs)
 
 
 def event_topics(topics: Topics) -> dict[str, Topic]:

@@ -49,3 +49,51 @@ def test_serving_openapi_lists_every_declared_event_type(settings):
     body = spec["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     refs = [item["$ref"] for item in body["properties"]["events"]["items"]["oneOf"]]
     assert refs == [f"#/components/schemas/{struct.__name__}" for struct in EVENT_TYPES.values()]
+
+
+def test_every_registered_learner_is_a_cli_choice_and_builds():
+    import numpy as np
+    from click.testing import CliRunner
+
+    from online.commands import learn
+    from online.learners import LEARNERS
+    from online.river_models import MODELS, make_model
+
+    (model_option,) = [p for p in learn.params if p.name == "model"]
+    assert list(model_option.type.choices) == list(MODELS)
+    assert set(LEARNERS) <= set(MODELS) and len(MODELS) == 10
+    from streams.features import FIELDS
+
+    rows = np.random.default_rng(5).integers(0, 256, (4, len(FIELDS)), dtype=np.int32)  # featurizer-shaped
+    values = np.ones(rows.shape, dtype=np.float32)
+    for name in MODELS:
+        model = make_model(name, bits=8)
+        assert model.learn_many(rows, values, np.array([True, False, True, False])).shape == (4,), name
+        assert model.predict_proba_many(rows, values).shape == (4,), name
+    refused = CliRunner().invoke(learn, ["--model", "nope"])
+    assert refused.exit_code == 2 and all(name in refused.output for name in MODELS)
+
+
+def test_aggregation_registry_drives_config_validation_and_cli(monkeypatch):
+    import typing
+
+    from click.testing import CliRunner
+
+    from federated import aggregators
+    from federated.aggregators import AGGREGATIONS
+    from federated.commands import federated
+    from federated.training import Aggregation, FederatedConfig
+
+    assert list(AGGREGATIONS) == ["touched", "mean"]
+    assert typing.get_args(Aggregation) == tuple(AGGREGATIONS)
+    run = federated.commands["run"]
+    (option,) = [p for p in run.params if p.name == "aggregation"]
+    assert list(option.type.choices) == list(AGGREGATIONS)
+    for name in AGGREGATIONS:
+        assert FederatedConfig(aggregation=name).aggregation == name
+    with pytest.raises(ValueError, match="aggregation must be touched or mean, got 'median'"):
+        FederatedConfig(aggregation="median")
+    monkeypatch.setitem(aggregators.AGGREGATIONS, "median", aggregators.plain_mean_factory)  # one new entry...
+    assert FederatedConfig(aggregation="median").aggregation == "median"  # ...is valid with no other edit
+    refused = CliRunner().invoke(federated, ["run", "--aggregation", "nope"])
+    assert refused.exit_code == 2 and "'touched'" in refused.output
