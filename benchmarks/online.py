@@ -45,7 +45,7 @@ from online.prequential import mean_logloss, roc_auc
 from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.generator import GeneratorConfig, generate
-from streams.schemas import Click
+from streams.schemas import EVENT_KINDS, Click
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MODE = "quick" if QUICK else "full"
@@ -189,7 +189,7 @@ def _env(settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSTREAM_")}
     env.update(FEDSTREAM_BOOTSTRAP_SERVERS=settings.bootstrap_servers, FEDSTREAM_DATA_DIR=str(settings.data_path),
                FEDSTREAM_FEATURE_BITS=str(BITS))
-    for field in ("clicks", "orders", "catalog", "dead_letter"):
+    for field in (*(kind.topic for kind in EVENT_KINDS), "dead_letter"):
         topic = getattr(settings.topics, field)
         env[f"FEDSTREAM_TOPICS__{field.upper()}__NAME"] = topic.name
         env[f"FEDSTREAM_TOPICS__{field.upper()}__PARTITIONS"] = str(topic.partitions)

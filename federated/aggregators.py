@@ -22,6 +22,9 @@ Example (not run here: it takes TFF's ~11 s import):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 def touched_mean_factory():
     """A ``tff.aggregators.WeightedAggregationFactory`` computing the touched-coordinate weighted mean."""
@@ -62,3 +65,19 @@ def touched_mean_factory():
             return tff.templates.AggregationProcess(init_fn, next_fn)
 
     return TouchedMeanFactory()
+
+
+def plain_mean_factory():
+    """TFF's example-weighted mean over all clients of the round (plain FedAvg)."""
+    import tensorflow_federated as tff
+
+    return tff.aggregators.MeanFactory()
+
+
+# The one aggregation registry: name -> factory of the model-update mean. FederatedConfig.aggregation's
+# Literal, its validation and `fedstream federated run --aggregation` all read it; DP and secure
+# aggregation replace the mean (federated.training.build_aggregator), clipping wraps it.
+AGGREGATIONS: dict[str, Callable[[], Any]] = {
+    "touched": touched_mean_factory,
+    "mean": plain_mean_factory,
+}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from federated.aggregators import AGGREGATIONS
 from fedstream.cli import pass_settings
 from fedstream.logs import get_logger
 
@@ -94,7 +95,7 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="sgd with lr 1 is plain FedAvg; adam/yogi are FedAdam/FedYogi.")
 @click.option("--server-lr", type=float, default=None, help="Server learning rate [default: 1.0 for sgd, 0.02 else].")
 @click.option("--client-lr", type=float, default=0.5, show_default=True, help="Client SGD learning rate.")
-@click.option("--aggregation", type=click.Choice(["touched", "mean"]), default="touched", show_default=True,
+@click.option("--aggregation", type=click.Choice(list(AGGREGATIONS)), default="touched", show_default=True,
               help="touched: each hashed slot averaged over the merchants whose update moved it (reaches "
                    "centralized AUC); mean: plain weighted FedAvg mean. --dp uses TFF's DP aggregator; --secure-agg the plain mean over secure sums.")
 @click.option("--client-epochs", type=click.IntRange(min=1), default=1, show_default=True)

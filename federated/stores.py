@@ -264,10 +264,10 @@ def events_from_kafka(settings, merchant_ids: Iterable[str] | None = None, *, id
     from kafka import TopicPartition
 
     from streams.kafka import make_consumer
-    from streams.schemas import InvalidEvent, decode_event
+    from streams.schemas import InvalidEvent, decode_event, event_topics
 
     wanted = {m.encode() for m in merchant_ids} if merchant_ids is not None else None
-    topics = [settings.topics.catalog, settings.topics.clicks, settings.topics.orders]
+    topics = list(event_topics(settings.topics).values())
     partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
     consumer = make_consumer(settings, None)
     found: list[Event] = []

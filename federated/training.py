@@ -33,13 +33,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from federated.aggregators import AGGREGATIONS
 from federated.stores import MerchantStore, StoreError, dataset_from_folder, split_folder
 from fedstream.logs import get_logger
 
 log = get_logger("federated.training")
 
 ServerOptimizer = Literal["adam", "yogi", "sgd"]
-Aggregation = Literal["touched", "mean"]
+Aggregation = Literal[tuple(AGGREGATIONS)]  # type: ignore[valid-type]  # the names in AGGREGATIONS
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class FederatedConfig:
             raise ValueError("rounds, clients_per_round, client_epochs and batch_size must be >= 1")
         if self.server_optimizer not in ("adam", "yogi", "sgd"):
             raise ValueError(f"server_optimizer must be adam, yogi or sgd, got {self.server_optimizer!r}")
-        if self.aggregation not in ("touched", "mean"):
-            raise ValueError(f"aggregation must be touched or mean, got {self.aggregation!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be {' or '.join(AGGREGATIONS)}, got {self.aggregation!r}")
         if self.prox_mu < 0 or self.noise_multiplier < 0 or not 0 <= self.dropout_rate < 1:
             raise ValueError("prox_mu and noise_multiplier must be >= 0 and dropout_rate in [0, 1)")
         if self.clip is not None and self.clip <= 0:
@@ -184,8 +185,6 @@ def build_aggregator(config: FederatedConfig):
     optionally clipped; or DP (uniform weights)."""
     import tensorflow_federated as tff
 
-    from federated.aggregators import touched_mean_factory
-
     if config.dp:
         if config.clip is not None:
             return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
@@ -195,7 +194,7 @@ def build_aggregator(config: FederatedConfig):
     if config.secure_agg:
         mean = secure_mean_factory()
     else:
-        mean = touched_mean_factory() if config.aggregation == "touched" else tff.aggregators.MeanFactory()
+        mean = AGGREGATIONS[config.aggregation]()
     if config.clip is not None:
         return tff.aggregators.clipping_factory(config.clip, mean)
     return mean

@@ -9,9 +9,9 @@ import click
 
 from fedstream.cli import pass_settings
 from fedstream.settings import Settings
+from online.river_models import MODEL_NAMES
 
-MODEL_CHOICES = ("ftrl", "adam", "sgd", "river-ftrl", "river-adam", "river-sgd", "river-fm", "river-baseline",
-                 "river-biasedmf", "river-funkmf")
+MODEL_CHOICES = MODEL_NAMES  # the learner registry (online.river_models.MODELS): a registered learner is a choice
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict:

@@ -500,8 +500,7 @@ class OnlineWorker:
         from streams.consumer import EventConsumer, seek_to_saved
 
         config = self.config
-        topics = config.topics or [self.settings.topics.clicks.name, self.settings.topics.orders.name,
-                                   self.settings.topics.catalog.name]
+        topics = config.topics or None  # None: EventConsumer reads every declared event topic
         started, cpu_started = time.monotonic(), time.process_time()
         if config.publish_every_s or config.publish_at_end:
             self.prepare_publishing()

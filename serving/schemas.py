@@ -11,7 +11,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
 from serving.metrics import ServingMetrics
-from streams.schemas import CatalogItem, Click, InvalidEvent, Order, decode_event, event_type
+from streams.schemas import EVENT_TYPES, Click, InvalidEvent, decode_event, event_type
 
 MAX_BATCH = 1000
 
@@ -107,10 +107,18 @@ class ClickBatch(msgspec.Struct, forbid_unknown_fields=True):
     clicks: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
+EVENT_SCHEMA_REF = "#/components/schemas/{name}"
+
+
 def event_components() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components([Click, Order, CatalogItem],
-                                                   ref_template="#/components/schemas/{name}")
+    """The OpenAPI components of every declared event type (:data:`streams.schemas.EVENT_KINDS`)."""
+    _, components = msgspec.json.schema_components(list(EVENT_TYPES.values()), ref_template=EVENT_SCHEMA_REF)
     return components
+
+
+def event_schema_refs() -> list[str]:
+    """``$ref`` of each declared event type's schema, in declaration order."""
+    return [EVENT_SCHEMA_REF.format(name=struct.__name__) for struct in EVENT_TYPES.values()]
 
 
 def body_schema(field: str, refs: list[str], description: str) -> dict[str, Any]:

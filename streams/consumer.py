@@ -61,7 +61,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_limit, dead_letter_payload
-from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events
+from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events, event_topic_names
 
 log = get_logger("streams.consumer")
 
@@ -162,7 +162,7 @@ class EventConsumer:
         t = settings.topics
         self.settings = settings
         self.group_id = group_id
-        self.topics = topics or [t.clicks.name, t.orders.name, t.catalog.name]
+        self.topics = topics or event_topic_names(t)
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
         self.seek_on_assign = seek_on_assign

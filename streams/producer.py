@@ -4,8 +4,8 @@ Every payload that enters the platform goes through :class:`EventProducer`:
 
 * it is validated with :func:`streams.schemas.decode_event` (raw bytes) or re-encoded and validated
   (event objects, whose constructors do not check constraints);
-* a valid event is sent, in its canonical JSON, to ``topics.clicks`` / ``topics.orders`` /
-  ``topics.catalog`` by type, keyed by ``merchant_id`` (so one merchant's events stay in order in one
+* a valid event is sent, in its canonical JSON, to its type's topic (``streams.schemas.EVENT_KINDS``:
+  ``topics.clicks`` / ``topics.orders`` / ``topics.catalog``), keyed by ``merchant_id`` (so one merchant's events stay in order in one
   partition), with ``acks=all``;
 * an invalid payload is sent to ``topics.dead_letter`` with its **original bytes** and headers that say why
   (see :func:`dead_letter_headers`), and counted under its reason;
@@ -55,7 +55,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_producer
 from streams.records import RecordBatchEncoder, batch_errors, enqueue_batch, key_field, supports_bulk
-from streams.schemas import Event, InvalidEvent, decode_event, encode_event
+from streams.schemas import Event, InvalidEvent, decode_event, encode_event, event_topics
 
 log = get_logger("streams.producer")
 
@@ -114,7 +114,7 @@ class EventProducer:
         self.now = now
         self.max_pending = max_pending
         topics = settings.topics
-        self.routes = {"click": topics.clicks.name, "order": topics.orders.name, "catalog": topics.catalog.name}
+        self.routes = {tag: topic.name for tag, topic in event_topics(topics).items()}
         self._partition_counts: dict[str, int] = {}
         self._partitions: dict[tuple[str, bytes], int] = {}
         self._targets: dict[tuple[str, str], tuple[TopicPartition, bytes, bytes]] = {}

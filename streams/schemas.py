@@ -34,8 +34,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import attrgetter
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Union
+
+if TYPE_CHECKING:
+    from fedstream.settings import Topic, Topics
 
 import msgspec
 
@@ -121,8 +125,39 @@ class CatalogItem(_Event, tag="catalog"):
     schema_version: int = SCHEMA_VERSION
 
 
-Event = Click | Order | CatalogItem
-EVENT_TYPES = {"click": Click, "order": Order, "catalog": CatalogItem}
+@dataclass(frozen=True)
+class EventKind:
+    """One event type: its struct (whose ``tag`` is the ``type`` field) and the ``Settings.topics``
+    attribute naming the topic its events are produced to."""
+
+    struct: type[_Event]
+    topic: str
+
+    @property
+    def tag(self) -> str:
+        return self.struct.__struct_config__.tag
+
+
+# The one declaration of the platform's event types: decoding, producer routing, every "all event topics"
+# list and serving's OpenAPI schemas derive from it. A new type: its struct above, one line here, and its
+# topic in fedstream.settings.Topics.
+EVENT_KINDS: tuple[EventKind, ...] = (
+    EventKind(Click, "clicks"),
+    EventKind(Order, "orders"),
+    EventKind(CatalogItem, "catalog"),
+)
+EVENT_TYPES: dict[str, type[_Event]] = {kind.tag: kind.struct for kind in EVENT_KINDS}
+Event = Union[tuple(EVENT_TYPES.values())]  # noqa: UP007 (the union of the declared structs)
+
+
+def event_topics(topics: Topics) -> dict[str, Topic]:
+    """Event tag -> the topic its events go to, per :data:`EVENT_KINDS`."""
+    return {kind.tag: getattr(topics, kind.topic) for kind in EVENT_KINDS}
+
+
+def event_topic_names(topics: Topics) -> list[str]:
+    """The names of every event topic (clicks, orders, catalog, ... in declaration order)."""
+    return [topic.name for topic in event_topics(topics).values()]
 
 
 class InvalidEvent(ValueError):

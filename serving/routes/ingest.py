@@ -11,7 +11,9 @@ from fedstream.logs import get_logger
 from serving.context import ServingContext
 from serving.deps import body, context, principal
 from serving.keys import Principal
-from serving.schemas import MAX_BATCH, EventBatch, EventsAccepted, RejectedEvent, body_schema, decode_envelope, merchant_mismatch
+from serving.schemas import (
+    MAX_BATCH, EventBatch, EventsAccepted, RejectedEvent, body_schema, decode_envelope, event_schema_refs, merchant_mismatch,
+)
 from streams.schemas import CatalogItem, InvalidEvent, decode_event, event_type
 
 log = get_logger("serving.ingest")
@@ -19,7 +21,7 @@ router = APIRouter(tags=["ingest"])
 
 
 @router.post("/v1/events", status_code=202, response_model=EventsAccepted,
-             openapi_extra=body_schema("events", [f"#/components/schemas/{n}" for n in ("Click", "Order", "CatalogItem")],
+             openapi_extra=body_schema("events", event_schema_refs(),
                                        f"1..{MAX_BATCH} events; a merchant key may only send its own merchant's."))
 def ingest(
     request: Request,
