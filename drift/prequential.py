@@ -108,13 +108,14 @@ def read_events_file(path: str | Path) -> Iterator[Event]:
 
 
 def read_events_kafka(settings: Settings, poll_timeout_s: float = 1.0, max_wait_s: float = 300.0) -> list[Event]:
-    """All events on the catalog, clicks and orders topics (group-less consumer, earliest offset, stop when
-    a poll comes back empty), catalog first, then clicks and orders in time order."""
+    """All events on the event topics (:data:`streams.schemas.EVENT_KINDS`; group-less consumer, earliest
+    offset, stop when a poll comes back empty), catalog first, then the others in time order."""
     from kafka import TopicPartition
 
     from streams.kafka import make_consumer
+    from streams.schemas import event_topics
 
-    topics = [settings.topics.catalog, settings.topics.clicks, settings.topics.orders]
+    topics = list(event_topics(settings.topics).values())
     consumer = make_consumer(settings, None)
     events: list[Event] = []
     try:
