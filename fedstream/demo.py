@@ -283,10 +283,10 @@ def _figure(value: object, digits: int = 3) -> str:
 
 def _online_table(results: dict[str, dict]) -> Table:
     """One row per learner worker: what it learned and how well (test-then-train)."""
-    table = Table(title="online learners (prequential: each click predicted before it is learned)")
-    columns = {"events": "events", "logloss": "logloss", "rolling_auc": "AUC (last window)", "ece": "ECE",
-               "hit_rate_at_10": "HitRate@10", "ndcg_at_10": "NDCG@10", "events_per_s": "events/s"}
-    table.add_column("learner")
+    table = Table(title="online learners, test-then-train (AUC over the last window)")
+    columns = {"events": "events", "logloss": "logloss", "rolling_auc": "AUC", "hit_rate_at_10": "HR@10",
+               "ndcg_at_10": "NDCG@10", "events_per_s": "events/s"}
+    table.add_column("model")
     for title in (*columns.values(), "versions"):
         table.add_column(title, justify="right")
     for model, result in results.items():

@@ -69,7 +69,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSTREAM_")},
+    # as a user runs it: no FEDSTREAM_ settings, no TF_CPP_MIN_LOG_LEVEL (conftest sets one for the suite)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FEDSTREAM_", "TF_CPP_"))},
            "FEDSTREAM_DATA_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", REAPER, sys.executable, "-m", "fedstream", "demo", "--quick"], env=env,
                           capture_output=True, text=True, timeout=900)
