@@ -301,14 +301,16 @@ def _summary_rows(summary: dict) -> list[tuple[str, str]]:
     rows = [("events accepted / dead-lettered", f"{ingest.get('accepted', 0):,} / {ingest.get('dead_lettered', 0)}"),
             ("dead-letter reasons", _reasons(ingest.get("reasons", {})))]
     for model, result in summary.get("online", {}).items():
-        rows.append((f"online {model}", f"logloss {_figure(result.get('logloss'))}, AUC {_figure(result.get('rolling_auc'))}, "
+        rows.append((f"online {model}", f"logloss {_figure(result.get('logloss'))}, "
+                     f"AUC {_figure(result.get('rolling_auc'))}, "
                      f"HitRate@10 {_figure(result.get('hit_rate_at_10'))}, "
                      f"versions {', '.join(result.get('published_versions', [])) or '-'}"))
     federated = summary.get("federated", {})
     if federated:
         final = federated.get("final_eval", {})
         rows.append(("federated", f"AUC {_figure(final.get('auc'))}, "
-                     f"logloss {_figure(final.get('logloss'))}, versions {', '.join(map(str, federated.get('versions', []))) or '-'}"))
+                     f"logloss {_figure(final.get('logloss'))}, "
+                     f"versions {', '.join(map(str, federated.get('versions', []))) or '-'}"))
     for version in summary.get("versions", []):
         aliases = ", ".join(version.get("aliases") or []) or "-"
         metrics, lineage = version.get("metrics") or {}, version.get("lineage") or {}

@@ -66,7 +66,8 @@ UNACTIONABLE_WARNINGS = ((UserWarning, r".*Add type hints to the `predict` metho
 
 
 def _unactionable(message: object, category: type[Warning]) -> bool:
-    return any(issubclass(category, kind) and re.match(pattern, str(message)) for kind, pattern in UNACTIONABLE_WARNINGS)
+    return any(issubclass(category, kind) and re.match(pattern, str(message))
+               for kind, pattern in UNACTIONABLE_WARNINGS)
 
 
 def _showing_actionable(show):  # noqa: ANN001, ANN202 (warnings.showwarning's signature)

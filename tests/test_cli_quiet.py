@@ -18,8 +18,10 @@ from tests.test_registry_models import NAME, register
 
 # What library noise looks like on a console: MLflow's own log format, Python warnings, TensorFlow's C++
 # log lines, tqdm bars, and our JSON log lines at warning or above from a logger that is not ours.
-_PLAIN = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (WARNING|ERROR|CRITICAL) |\w+Warning: |^\S+ \S+: [EWF] \S+\.cc:\d+\]"
-                    r"|\d+%\|")
+_PLAIN = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (WARNING|ERROR|CRITICAL) "  # MLflow's format
+                    r"|\w+Warning: "  # Python warnings
+                    r"|^\S+ \S+: [EWF] \S+\.cc:\d+\]"  # TensorFlow C++
+                    r"|\d+%\|")  # tqdm
 
 
 def library_noise(console: str) -> list[str]:
