@@ -7,13 +7,12 @@ and are imported only when invoked, so ``fedstream --help`` stays fast and never
 from __future__ import annotations
 
 import importlib
-import os
 
 import click
 
 from fedstream import __version__
 from fedstream.errors import ExpectedFailure
-from fedstream.logs import configure_logging
+from fedstream.logs import configure_logging, quiet_libraries
 from fedstream.settings import Settings, load_settings
 
 # name -> (module:attribute, one-line help shown by `fedstream --help`)
@@ -42,6 +41,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in SUBCOMMANDS:
             return None
+        quiet_libraries()  # before the subcommand's module imports a library that reads its settings once
         module_name, attribute = SUBCOMMANDS[cmd_name][0].split(":")
         return getattr(importlib.import_module(module_name), attribute)
 
@@ -69,9 +69,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
     """fedstream: learn from e-commerce event streams per merchant and federated, without pooling data."""
-    # TensorFlow's C++ start-up noise (CUDA plugin registration on a CPU machine) is not actionable;
-    # FEDSTREAM users who want it set TF_CPP_MIN_LOG_LEVEL themselves. Children inherit the setting.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_libraries()
     configure_logging()
     ctx.obj = load_settings(config_file=config)
 

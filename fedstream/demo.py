@@ -99,7 +99,9 @@ class Demo:
             **os.environ,
             "FEDSTREAM_DATA_DIR": str(settings.data_path),
             "FEDSTREAM_LOG_LEVEL": os.environ.get("FEDSTREAM_LOG_LEVEL", "WARNING"),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
+            # TensorFlow's C++ start-up lines (CUDA plugin registration on a CPU machine) are logged at
+            # ERROR level 2; nothing a user can act on, so level 3 unless the user chose a level.
+            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
         }
 
     # -- helpers -------------------------------------------------------------------------------
@@ -156,7 +158,9 @@ class Demo:
             "reasons": {**accepted["reasons"], **rejected["reasons"]},
             "drift": drift,
         }
-        console.print(self.summary["ingest"])
+        ingest = self.summary["ingest"]
+        console.print(f"{ingest['accepted']:,} events accepted, {ingest['dead_lettered']} dead-lettered "
+                      f"({_reasons(ingest['reasons'])}); drift injected at {drift}")
         return events
 
     def run_learners(self) -> None:
@@ -174,7 +178,7 @@ class Demo:
                 raise click.ClickException(f"learner {model} exited with {code}:\n{output[-2000:]}")
             results[model] = self.last_json(output)
         self.summary["online"] = results
-        console.print(results)
+        console.print(_online_table(results))
 
     def run_federated(self) -> None:
         from streams.generator import GeneratorConfig, merchant_ids
@@ -248,28 +252,18 @@ class Demo:
 
     def print_summary(self) -> None:
         self.step(9, "summary")
+        summary_file = self.workdir / "summary.json"
+        summary_file.write_text(json.dumps(self.summary, indent=2, default=str))
         table = Table(title="fedstream demo", show_lines=False)
         table.add_column("what")
         table.add_column("result")
-        ingest = self.summary.get("ingest", {})
-        table.add_row("events accepted / dead-lettered", f"{ingest.get('accepted')} / {ingest.get('dead_lettered')}")
-        table.add_row("dead-letter reasons", json.dumps(ingest.get("reasons", {})))
-        for model, result in self.summary.get("online", {}).items():
-            table.add_row(f"online {model}", json.dumps(_metrics_view(result)))
-        federated = self.summary.get("federated", {})
-        table.add_row("federated", json.dumps(_metrics_view(federated)))
-        for version in self.summary.get("versions", []):
-            table.add_row(f"version {version.get('version')}", json.dumps(
-                {k: version.get(k) for k in ("aliases", "kind", "logloss", "events_seen") if version.get(k) is not None}))
-        for name, row in self.summary.get("recommendation_eval", {}).items():
-            table.add_row(f"next order, {name}", f"HitRate@10 {row['hit_rate_at_10']:.3f}  NDCG@10 {row['ndcg_at_10']:.3f}")
+        for what, result in _summary_rows(self.summary):
+            table.add_row(what, result)
         table.add_row("MLflow UI", f"FEDSTREAM_DATA_DIR={self.settings.data_path} fedstream mlflow-ui")
         table.add_row("drift report", self.summary.get("report", "-"))
         table.add_row("API (stopped now)", f"{self.summary.get('api')}/docs")
+        table.add_row("everything above, as JSON", str(summary_file))
         console.print(table)
-        (self.workdir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
-        click.echo(json.dumps({k: self.summary.get(k) for k in ("ingest", "online", "federated", "promotion", "report")},
-                              default=str))
 
     def stop(self) -> None:
         self.started.stop_all()
@@ -277,13 +271,56 @@ class Demo:
                        stdout=subprocess.DEVNULL, check=False)
 
 
-SUMMARY_METRICS = ("events", "logloss", "rolling_auc", "ece", "hit_rate_at_10", "ndcg_at_10", "published_versions",
-                   "versions", "all_global_auc", "small_local_auc", "small_finetuned_auc", "epsilon")
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())) or "none"
 
 
-def _metrics_view(result: dict) -> dict:
-    """The few figures worth a line in the summary table (the full JSON is in summary.json)."""
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k in SUMMARY_METRICS}
+def _figure(value: object, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "-" if value is None else str(value)
+
+
+def _online_table(results: dict[str, dict]) -> Table:
+    """One row per learner worker: what it learned and how well (test-then-train)."""
+    table = Table(title="online learners, test-then-train (AUC over the last window)")
+    columns = {"events": "events", "logloss": "logloss", "rolling_auc": "AUC", "hit_rate_at_10": "HR@10",
+               "ndcg_at_10": "NDCG@10", "events_per_s": "events/s"}
+    table.add_column("model")
+    for title in (*columns.values(), "versions"):
+        table.add_column(title, justify="right")
+    for model, result in results.items():
+        cells = [_figure(result.get(k), 0 if k == "events_per_s" else 3) for k in columns]
+        table.add_row(model, *cells, ", ".join(result.get("published_versions", [])) or "-")
+    return table
+
+
+def _summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """The summary table's rows: a few figures per step (the full record is summary.json)."""
+    ingest = summary.get("ingest", {})
+    rows = [("events accepted / dead-lettered", f"{ingest.get('accepted', 0):,} / {ingest.get('dead_lettered', 0)}"),
+            ("dead-letter reasons", _reasons(ingest.get("reasons", {})))]
+    for model, result in summary.get("online", {}).items():
+        rows.append((f"online {model}", f"logloss {_figure(result.get('logloss'))}, "
+                     f"AUC {_figure(result.get('rolling_auc'))}, "
+                     f"HitRate@10 {_figure(result.get('hit_rate_at_10'))}, "
+                     f"versions {', '.join(result.get('published_versions', [])) or '-'}"))
+    federated = summary.get("federated", {})
+    if federated:
+        final = federated.get("final_eval", {})
+        rows.append(("federated", f"AUC {_figure(final.get('auc'))}, "
+                     f"logloss {_figure(final.get('logloss'))}, "
+                     f"versions {', '.join(map(str, federated.get('versions', []))) or '-'}"))
+    for version in summary.get("versions", []):
+        aliases = ", ".join(version.get("aliases") or []) or "-"
+        metrics, lineage = version.get("metrics") or {}, version.get("lineage") or {}
+        logloss = metrics.get("prequential_logloss", metrics.get("logloss"))
+        rows.append((f"version {version.get('version')}", f"{version.get('kind') or '?'}, aliases {aliases}, "
+                     f"logloss {_figure(logloss)}, events seen {_figure(lineage.get('events_seen'))}"))
+    for name, row in summary.get("recommendation_eval", {}).items():
+        rows.append((f"next order, {name}", f"HitRate@10 {row['hit_rate_at_10']:.3f}  NDCG@10 {row['ndcg_at_10']:.3f}"))
+    rows.append(("demo time", f"{summary.get('seconds', '-')} s"))
+    return rows
 
 
 def _wait_ready(base: str, timeout_s: float = 90) -> None:

@@ -1,48 +1,13 @@
-"""The online learning worker: Kafka -> featurize -> test-then-train -> metrics, checkpoints, registry.
+"""The online learning worker (``fedstream learn``): Kafka -> featurize -> test-then-train -> metrics.
 
-One :class:`OnlineWorker` is a member of a consumer group (``streams.consumer.EventConsumer``): the group
-hands it partitions, i.e. merchants, so adding workers scales out. For every event it reads:
-
-1. clicks are featurized with the shared :class:`~streams.features.Featurizer` against the
-   :class:`~streams.features.FeatureContext` *before* the event is observed (no label leakage);
-2. the model predicts, then learns (``learn_many`` returns the pre-update probabilities), and the
-   :class:`~online.prequential.PrequentialEvaluator` scores the prediction; every ``rank_every``-th click
-   or order also scores the recommender's ranked list against the item the user actually chose;
-3. the context and the :class:`~online.ranking.ShopRecommender` observe the event (its ranker learns
-   test-then-train from every clicked item and every order, so orders-only streams learn and publish too).
-
-**Deterministic mini-batches.** Records of a partition are learned in blocks cut at offsets that are
-multiples of ``block``. A partial block is learned early only when the worker has read its partition up
-to the high watermark of the last fetch (it is caught up: waiting would only add latency), after
-``flush_after_s`` at the latest, or when the stream goes idle. On a backlog, block boundaries therefore
-depend on offsets only, never on how polls happened to split the stream, so a restarted worker computes
-exactly what an uninterrupted one does; on a live stream a caught-up worker learns each poll's records at
-once (small blocks when idle, full blocks again as soon as it falls behind).
-
-**Latency.** From produced to learned is one fetch plus one block: ``fetch_max_wait_ms`` is short
-(100 ms) because the embedded tansu broker holds a fetch for the whole wait even when records arrive
-(Apache Kafka answers as soon as ``fetch_min_bytes`` are there); the partial block of a caught-up
-partition is learned at once instead of waiting ``flush_after_s``.
-
-**Exactly-once state.** Model, feature context, recommender, metrics, the drift detectors watching the
-predictions (``monitors``) and the next offset of every partition are checkpointed *together* in one
-file (temp file, fsync, ``os.replace``, fsync of the directory) every ``checkpoint_every`` events or
-``checkpoint_seconds`` (serialized between blocks, written by a background thread while learning goes on).
-Records not yet learned are not in the checkpoint: after a crash (even ``kill -9``)
-the worker restores the file and seeks every partition to its checkpointed offset, so no event is lost and
-none is learned twice. Kafka offsets are committed after each checkpoint, for monitoring and for
-partitions that move to a worker without a checkpoint of them.
-(Drift events a monitor published after the last checkpoint are published again on replay: at least once.)
-
-**Registry.** Every ``publish_every_s`` seconds (and at the end) a snapshot is registered with
-``registry.models.register_version`` as a :class:`~registry.bundle.ModelBundle` (alias ``challenger``),
-with the prequential metrics and the offsets as lineage.
+A consumer-group member that learns in deterministic blocks and composes a
+:class:`~online.checkpoints.CheckpointWriter` (exactly-once state after a crash) and a
+:class:`~online.publishing.Publisher` (scheduled MLflow registration). How and why: ``online/README.md``, "Worker".
 """
 
 from __future__ import annotations
 
 import pickle
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,14 +17,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedstream.files import read_versioned, write_atomic
+from fedstream.files import read_versioned
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from online.checkpoints import CheckpointWriter
 from online.prequential import PrequentialEvaluator
+from online.publishing import Publisher
 from online.ranking import ShopRecommender
 from online.reco import recommend
 from online.river_models import make_model
-from online.transfer import transfer_lineage, warm_start
+from online.transfer import warm_start
 from streams.features import FeatureContext, Featurizer
 from streams.schemas import Click, Order
 
@@ -122,19 +89,6 @@ def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
     """A worker checkpoint (None when there is none yet)."""
     return read_versioned(path, CHECKPOINT_VERSION, "learner worker")
-
-
-def serving_model(model: Any, bits: int) -> Any:
-    """What a registered version needs to score: a linear model's weights as a float32
-    :class:`registry.bundle.LinearScorer` (4 MB at 20 bits instead of FTRL's 24 MB of w, z, n); other
-    models (River's) as they are."""
-    linear = getattr(model, "linear_terms", None)
-    if linear is None:
-        return model
-    from registry.bundle import LinearScorer
-
-    weights, intercept = linear()
-    return LinearScorer(bits, weights=np.asarray(weights, dtype=np.float32), bias=float(intercept))
 
 
 def peak_rss_mb() -> float | None:
@@ -223,16 +177,20 @@ class OnlineWorker:
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
         self.first_record_cpu = self.last_learned_cpu = 0.0  # process CPU seconds at those moments
-        self._last_checkpoint_events = self.state.events
-        self._last_checkpoint_time = time.monotonic()
-        self._writing: tuple[threading.Thread, dict, bool, list] | None = None  # a checkpoint being written
-        self._last_publish = time.monotonic()
-        self._consumer = None
+        self.checkpoints = CheckpointWriter(self.checkpoint_path, config.checkpoint_every, config.checkpoint_seconds,
+                                            self.state.events)
+        self.publisher = Publisher(settings, config)
         self._closing = False
-        self._run_id: str | None = None
-        self._publisher: threading.Thread | None = None
-        self.published: list[str] = []
-        self.publish_errors: list[str] = []
+
+    @property
+    def published(self) -> list[str]:
+        """Version numbers registered by this worker, in order."""
+        return self.publisher.published
+
+    @property
+    def publish_errors(self) -> list[str]:
+        """One line per failed publication (the registry being down never stops learning)."""
+        return self.publisher.errors
 
     # -- consumer hooks -----------------------------------------------------------------------------------
 
@@ -352,134 +310,27 @@ class OnlineWorker:
     def checkpoint(self, commit: bool = True, wait: bool = True) -> None:
         """Write the state atomically, then commit the same offsets to Kafka.
 
-        The state is serialized here, between blocks; writing and fsyncing the file (~0.2 s at 20 bits)
-        can happen in a background thread (``wait=False``) while learning goes on: the file is replaced
-        atomically, so a crash meanwhile leaves the previous checkpoint, still consistent with its own
-        offsets. Its offsets are committed (from this thread: the consumer is not thread-safe) once the
-        file is safe, at a later call of :meth:`_collect_checkpoint`.
+        The state is serialized here, between blocks; the file is written by the
+        :class:`~online.checkpoints.CheckpointWriter`, in a background thread with ``wait=False``, and its
+        offsets are committed once it is safe.
         """
-        payload, offsets = self.state.to_bytes(), dict(self.state.offsets)
-        self._collect_checkpoint(wait=True)  # one write at a time, in order
-        failure: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                write_atomic(self.checkpoint_path, payload)
-            except BaseException as exc:  # re-raised by _collect_checkpoint in the learning thread
-                failure.append(exc)
-
-        writer = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
-        writer.start()
-        self._writing = (writer, offsets, commit, failure)
-        self._last_checkpoint_events = self.state.events
-        self._last_checkpoint_time = time.monotonic()
-        if wait:
-            self._collect_checkpoint(wait=True)
-
-    def _collect_checkpoint(self, wait: bool = False) -> None:
-        """Finish a background checkpoint write: raise its error, or commit its offsets (``wait``: block)."""
-        if self._writing is None:
-            return
-        writer, offsets, commit, failure = self._writing
-        if not wait and writer.is_alive():
-            return
-        writer.join()
-        self._writing = None
-        if failure:
-            raise failure[0]
-        if commit and self._consumer is not None:
-            self._consumer.commit_saved(offsets)
+        self.checkpoints.write(self.state.to_bytes(), dict(self.state.offsets), self.state.events, commit, wait)
 
     def _maybe_checkpoint(self) -> None:
-        self._collect_checkpoint()
-        due_events = self.state.events - self._last_checkpoint_events >= self.config.checkpoint_every
-        due_time = time.monotonic() - self._last_checkpoint_time >= self.config.checkpoint_seconds
-        if due_events or (due_time and self.state.events != self._last_checkpoint_events):
+        self.checkpoints.collect()
+        if self.checkpoints.due(self.state.events):
             self.checkpoint(wait=False)
 
     def _maybe_publish(self, force: bool = False) -> None:
-        """Publish on schedule in a background thread (learning goes on meanwhile); ``force`` (the end of
-        the run) waits for a publication in flight, then publishes in this thread."""
-        every = self.config.publish_every_s
-        if not force and (not every or time.monotonic() - self._last_publish < every):
-            return
-        if self.state.clicks == 0 and not getattr(self.state.recommender, "n_observed", 0):
-            return  # nothing learned yet (an orders-only stream publishes once its recommender learned orders)
-        in_flight = self._publisher is not None and self._publisher.is_alive()
-        if in_flight and not force:
-            return  # one publication at a time; the next loop iteration tries again
-        if in_flight:
-            self._publisher.join()
-        self._last_publish = time.monotonic()
-        try:
-            snapshot = self._snapshot()
-        except Exception as exc:
-            self._publish_failed(exc)
-            return
-        if force:
-            self._register_snapshot(snapshot)
-        else:
-            self._publisher = threading.Thread(target=self._register_snapshot, args=(snapshot,),
-                                               name="online-publish", daemon=True)
-            self._publisher.start()
-
-    def _publish_failed(self, exc: Exception) -> None:
-        # the registry being down must not stop learning; the next schedule retries
-        self.publish_errors.append(f"{type(exc).__name__}: {exc}"[:500])
-        log.warning("publishing to the registry failed", extra={"error": self.publish_errors[-1]}, exc_info=True)
-
-    def _register_snapshot(self, snapshot: dict[str, Any]) -> None:
-        try:
-            self._register(snapshot)
-        except Exception as exc:
-            self._publish_failed(exc)
+        self.publisher.maybe_publish(self.state, self.metrics, force)
 
     def prepare_publishing(self) -> None:
-        """Import MLflow and open the tracking store before the first record: the first publication
-        otherwise spends seconds of CPU on imports and store set-up while records wait."""
-        try:
-            from registry.models import register_version  # noqa: F401
-            from registry.tracking import experiment_id
-
-            experiment_id(self.settings)
-        except Exception as exc:
-            self._publish_failed(exc)
+        """Import MLflow and open the tracking store before the first record."""
+        self.publisher.prepare()
 
     def publish(self) -> str:
         """Register the current state as a new ``challenger`` version; returns the version number."""
-        return self._register(self._snapshot())
-
-    def _snapshot(self) -> dict[str, Any]:
-        """What a publication needs, copied now (the live state keeps changing while it is registered)."""
-        from registry.bundle import ModelBundle
-
-        bundle = ModelBundle(model=serving_model(self.state.model, self.state.bits), feature_bits=self.state.bits,
-                             context=self.state.context,
-                             recommender=self.state.recommender, kind="online",
-                             description=f"online {self.config.model} learner, group {self.config.group}",
-                             meta={"learner": self.config.model, "params": dict(self.config.params)})
-        lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(self.state.offsets.items())},
-                   "events_seen": self.state.events, "clicks_seen": self.state.clicks, "model": self.config.model,
-                   "group": self.config.group, "worker_id": self.config.worker_id,
-                   **transfer_lineage(self.state.model)}
-        return {"bundle": pickle.loads(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL)),
-                "metrics": self.metrics(), "lineage": lineage, "step": self.state.events}
-
-    def _register(self, snapshot: dict[str, Any]) -> str:
-        from registry.models import register_version
-        from registry.tracking import client, experiment_id
-
-        mlflow_client = client(self.settings)
-        if self._run_id is None:
-            run = mlflow_client.create_run(experiment_id(self.settings), run_name=f"learn-{self.config.group}-{self.config.worker_id}",
-                                           tags={"room": "online", "model": self.config.model})
-            self._run_id = run.info.run_id
-        for key, value in snapshot["metrics"].items():
-            mlflow_client.log_metric(self._run_id, key, value, step=snapshot["step"])
-        version = register_version(self.settings, snapshot["bundle"], name=self.settings.serving.model_name,
-                                   metrics=snapshot["metrics"], lineage=snapshot["lineage"], run_id=self._run_id)
-        self.published.append(str(version.version))
-        return str(version.version)
+        return self.publisher.publish(self.state, self.metrics())
 
     def metrics(self) -> dict[str, float]:
         out = self.state.evaluator.summary()
@@ -507,7 +358,7 @@ class OnlineWorker:
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
                                  poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=seek_to_saved(self.state.offsets),
                                  on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
-        self._consumer = consumer
+        self.checkpoints.commit_offsets = consumer.commit_saved
         last_data = time.monotonic()
         idle = False
         try:
@@ -534,13 +385,10 @@ class OnlineWorker:
                 self._maybe_publish(force=True)
         finally:
             self._closing = True
-            if self._writing is not None:  # an error stopped the loop mid-write: let the file land, commit nothing
-                self._writing[0].join()
-                self._writing = None
+            self.checkpoints.abandon()  # an error stopped the loop mid-write: let the file land, commit nothing
             consumer.close()
-            self._consumer = None
-            if self._publisher is not None:
-                self._publisher.join(timeout=120)  # a scheduled publication still registering
+            self.checkpoints.commit_offsets = None
+            self.publisher.join(timeout=120)  # a scheduled publication still registering
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
         busy = (self.last_learned_at - self.first_record_at) if self.first_record_at and self.last_learned_at else 0.0
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,

@@ -13,6 +13,7 @@ import pytest
 
 from fedstream.demo import BAD_EVENTS, DemoPlan
 from streams.generator import GeneratorConfig, generate
+from tests.test_cli_quiet import library_noise
 
 
 def constant_rate_logloss(rate: float) -> float:
@@ -68,7 +69,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDSTREAM_")},
+    # as a user runs it: no FEDSTREAM_ settings, no TF_CPP_MIN_LOG_LEVEL (conftest sets one for the suite)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FEDSTREAM_", "TF_CPP_"))},
            "FEDSTREAM_DATA_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", REAPER, sys.executable, "-m", "fedstream", "demo", "--quick"], env=env,
                           capture_output=True, text=True, timeout=900)
@@ -76,6 +78,8 @@ def test_quick_demo_runs_the_whole_platform_and_stops_everything(tmp_path: Path)
     assert reaper["exit_code"] == 0, done.stderr[-3000:]
     # no child process left, at any depth (checked by PID, not by the broker record)
     assert reaper["leftover"] == [], reaper["leftover"]
+    # the console (every step's stderr is shown live) carries no library line at WARNING or above
+    assert library_noise(done.stderr + done.stdout) == [], library_noise(done.stderr + done.stdout)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     plan = DemoPlan.quick()
 

@@ -234,13 +234,13 @@ def test_scheduled_publication_registers_a_snapshot_while_learning_goes_on(setti
     worker.prepare_publishing()
     half = (len(records) + [type(e).__name__ for e in events].index("Click")) // 2  # half of the clicks and orders
     worker.accept(records[:half])
-    worker._last_publish -= 10  # the schedule is due
+    worker.publisher.last_publish -= 10  # the schedule is due
     worker._maybe_publish()
     published_at, weights_at = worker.state.events, worker.state.model.w.astype(np.float32)
-    assert worker._publisher is not None and worker._publisher.is_alive()
+    assert worker.publisher.thread is not None and worker.publisher.thread.is_alive()
     worker.accept(records[half:])  # learning goes on while the snapshot is registered
     worker.flush_stale(force=True)
-    worker._publisher.join(timeout=120)
+    worker.publisher.join(timeout=120)
     assert worker.published == ["1"], worker.publish_errors
     assert worker.state.events == len(events) > published_at
 
