@@ -139,6 +139,7 @@ def test_warm_start_errors_are_one_line(settings):
 
 
 def test_worker_starts_a_features_model_and_publishes_it_as_one_linear_scorer(settings, tmp_path):
+    from online import publishing
     from online.worker import OnlineWorker, WorkerConfig
 
     source_version = register_federated(settings)
@@ -146,7 +147,7 @@ def test_worker_starts_a_features_model_and_publishes_it_as_one_linear_scorer(se
                           checkpoint_path=tmp_path / "features.ckpt", publish_every_s=None)
     worker = OnlineWorker(settings, config)
     assert isinstance(worker.state.model, ResidualModel) and worker.state.model.scale == 1.0
-    snapshot = worker._snapshot()
+    snapshot = publishing.snapshot(worker.state, worker.config, worker.metrics())
     assert snapshot["lineage"]["transfer"] == "features" and snapshot["lineage"]["source_version"] == source_version
     exported = snapshot["bundle"].model
     assert type(exported).__name__ == "LinearScorer"  # a·G + w over the slots, as serving ranks it
