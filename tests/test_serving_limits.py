@@ -124,11 +124,11 @@ def test_ranking_runs_off_the_event_loop(settings, tokens):
     started, answered = threading.Event(), threading.Event()
 
     class SlowRanking(ModelBundle):
-        def recommend(self, *args, **kwargs):
+        def recommend_items(self, *args, **kwargs):  # what the recommendations route calls
             self.ranked_on = threading.get_ident()
             started.set()
             self.saw_answer = answered.wait(timeout=3.0)  # holds its thread, as a huge catalog's ranking would
-            return super().recommend(*args, **kwargs)
+            return super().recommend_items(*args, **kwargs)
 
     plain = make_bundle()
     bundle = SlowRanking(model=plain.model, feature_bits=plain.feature_bits, context=plain.context)
@@ -138,7 +138,9 @@ def test_ranking_runs_off_the_event_loop(settings, tokens):
     async def race() -> int:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             async def health_while_ranking():
+                deadline = time.monotonic() + 30
                 while not started.is_set():
+                    assert time.monotonic() < deadline, "the ranking never started"
                     await asyncio.sleep(0.005)
                 response = await client.get("/healthz")
                 answered.set()
