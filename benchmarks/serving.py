@@ -418,7 +418,28 @@ def main() -> None:
         "targets": {"p99_ms": TARGET_P99_MS, "rate_rps": TARGET_RATE, "met_latency": bool(meets_latency),
                     "zero_failures_across_swaps": swapping["failed"] == 0 and swaps["observed"] == SWAPS},
     }
+    result["readme"] = _readme_rows(result)
     print(json.dumps(result))
+
+
+def _readme_rows(result: dict) -> list[dict]:
+    """The README's rows: latency at the target rate and failures across hot swaps (nothing is tuned)."""
+    import datetime as dt
+
+    steady, swapping = result["open_loop"], result["hot_swap"]
+    common = {"mode": "quick" if QUICK else "full", "seeds": {"calibration": [], "report": []},
+              "date": dt.date.today().isoformat()}
+    return [
+        {"row": f"serving: top-10 over {ITEMS} items, open loop {TARGET_RATE:.0f} req/s, p99 ms", **common,
+         "value": round(steady["p99_ms"], 2), "spread": f"p50 {steady['p50_ms']:.2f}, p95 {steady['p95_ms']:.2f} ms; "
+         f"load {result['load_average_1m']:.1f}", "target": f"<= {TARGET_P99_MS:.0f} ms",
+         "met": result["targets"]["met_latency"]},
+        {"row": f"serving: failed requests across {SWAPS} hot swaps at {TARGET_RATE:.0f} req/s", **common,
+         "value": swapping["failed"], "spread": f"of {swapping['requests']}", "target": "0",
+         "met": result["targets"]["zero_failures_across_swaps"]},
+        {"row": "serving: in-process two-stage ranking, ms per top-10", **common,
+         "value": round(result["in_process"]["two_stage_ms"], 2), "spread": None, "target": None, "met": None},
+    ]
 
 
 if __name__ == "__main__":

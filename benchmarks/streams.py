@@ -220,6 +220,11 @@ def main() -> dict:
               "load_avg_1m": round(os.getloadavg()[0], 2),
               **{k: round(v, 2) for k, v in figures.items()},
               "targets_met": {k: figures[k] >= v for k, v in TARGETS.items()}}
+    result["readme"] = [{"row": f"streams: {name} events/s", "value": round(figures[name]),
+                         "spread": f"load {result['load_avg_1m']}", "target": f">= {target:,.0f}",
+                         "met": figures[name] >= target, "mode": "quick" if QUICK else "full",
+                         "seeds": {"calibration": [], "report": []}, "date": time.strftime("%Y-%m-%d")}
+                        for name, target in TARGETS.items()]
     print(json.dumps(result))
     return result
 
