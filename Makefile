@@ -19,7 +19,7 @@ compose-tools: ## Debian's docker-compose 1.29 validates deploy/ without an engi
 demo: setup ## embedded broker + MLflow, end to end
 	$(RUN) fedstream demo
 
-test: setup compose-tools ## the whole test suite
+test: setup compose-tools postgres-tools ## the whole test suite (installs the tools its tests need)
 	$(RUN) pytest
 
 bench: setup ## every benchmark (BENCH_QUICK=1 for a short run)
