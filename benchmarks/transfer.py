@@ -30,8 +30,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from fedstream.host import package_file
 from benchmarks import transfer_curve
+from streams.datasets import movielens_table
 from streams.text import TextEncoder, item_text
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -42,14 +42,12 @@ LIKED = 4.0
 
 def movielens() -> tuple[dict[int, tuple[str, str]], list[tuple[int, int, float]]]:
     """Titles (title with year, genres) per movie and (user, movie, rating) rows, from the recbole wheel."""
-    folder = package_file("recbole", "dataset_example/ml-100k/ml-100k.item").parent
     movies = {}
-    for line in (folder / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:]:
-        item, title, year, genres = (line.split("\t") + ["", "", ""])[:4]
+    for row in movielens_table("movielens-items"):
+        item, title, year, genres = (row + ["", "", ""])[:4]
         movies[int(item)] = (f"{title} ({year})" if year else title, genres)
     rows = []
-    for line in (folder / "ml-100k.inter").read_text().splitlines()[1:]:
-        user, item, rating, _ = line.split("\t")
+    for user, item, rating, _ in movielens_table("movielens"):
         rows.append((int(user), int(item), float(rating)))
     return movies, rows
 

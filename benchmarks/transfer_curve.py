@@ -27,11 +27,11 @@ from collections import defaultdict
 import numpy as np
 
 from federated.numpy_fedavg import NumpyWide, fedavg_round
-from fedstream.host import package_file
 from fedstream.metrics import logloss, roc_auc
 from online.learners import FTRLProximalClassifier, hash_key
 from online.transfer import ResidualModel, finetune
 from registry.bundle import LinearScorer
+from streams.datasets import movielens_table
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BITS = 18
@@ -49,18 +49,15 @@ ARMS = ("local", "global", "finetune", "features", "text")
 
 def ratings() -> list[tuple[int, int, float, float, str, int, str, list[str]]]:
     """(user, movie, rating, time, occupation, age, gender, genres) rows in time order."""
-    folder = package_file("recbole", "dataset_example/ml-100k/ml-100k.item").parent
     users = {}
-    for line in (folder / "ml-100k.user").read_text(encoding="latin-1").splitlines()[1:]:
-        user, age, gender, occupation, _ = line.split("\t")
+    for user, age, gender, occupation, _ in movielens_table("movielens-users"):
         users[int(user)] = (occupation, int(age), gender)
     genres = {}
-    for line in (folder / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:]:
-        fields = (line.split("\t") + ["", "", ""])[:4]
+    for row in movielens_table("movielens-items"):
+        fields = (row + ["", "", ""])[:4]
         genres[int(fields[0])] = fields[3].split()[:4]
     rows = []
-    for line in (folder / "ml-100k.inter").read_text().splitlines()[1:]:
-        user, item, rating, when = line.split("\t")
+    for user, item, rating, when in movielens_table("movielens"):
         rows.append((int(user), int(item), float(rating), float(when), *users[int(user)], genres[int(item)]))
     rows.sort(key=lambda r: r[3])
     return rows

@@ -72,7 +72,8 @@ ECOM_DEVICES = {"desktop": "desktop", "mobile": "mobile", "tablet": "tablet", "a
 DATASETS = ("cdnow", "ecom", "movielens")
 PATHS = {"cdnow": ("lifetimes", "datasets/CDNOW_master.txt"), "ecom": ("retentioneering", "datasets/ecom.csv.gz"),
          "movielens": ("recbole", "dataset_example/ml-100k/ml-100k.inter"),
-         "movielens-items": ("recbole", "dataset_example/ml-100k/ml-100k.item")}
+         "movielens-items": ("recbole", "dataset_example/ml-100k/ml-100k.item"),
+         "movielens-users": ("recbole", "dataset_example/ml-100k/ml-100k.user")}
 
 
 class DatasetMissing(FileNotFoundError):
@@ -163,6 +164,13 @@ def _ecom_rows() -> list[tuple[str, str, str, int, str]]:
             rows.append((parts[col["user_id"]], parts[col["session_id"]], parts[col["event"]], epoch,
                          parts[col["platform"]]))
     return rows
+
+
+def movielens_table(name: str) -> list[list[str]]:
+    """Rows of a MovieLens-100K file (``movielens`` ratings, ``movielens-items``, ``movielens-users``): the
+    tab-separated fields of every non-empty line after the header (latin-1: some titles are not UTF-8)."""
+    lines = dataset_path(name).read_text(encoding="latin-1").splitlines()
+    return [line.split("\t") for line in lines[1:] if line]
 
 
 def movielens_events(merchant_id: str = "movielens") -> Iterator[Event]:
