@@ -91,13 +91,9 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
 def stop_isolated_worker(proc: subprocess.Popen, socket_dir: Path, grace_s: float = 5.0,
                          keep_dir: bool = False) -> None:
     """SIGTERM the relay (it stops its worker by PID), SIGKILL after ``grace_s``; remove the socket dir."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace_s)
+    from federated.remote import stop_worker
+
+    stop_worker(proc, grace_s)
     if proc.stdout is not None:
         proc.stdout.close()
     if not keep_dir:
