@@ -21,31 +21,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from drift.detectors.registry import DETECTORS
 from fedstream.settings import DriftSettings
 
 FACTOR = 1.4
-_BIG = 1e12
-# settings under which every detector runs and none can fire (KS distance is at most 1, fired only at D >= 1)
-NEVER_FIRE: dict[str, object] = {"disabled": (),
-    "ph_threshold": _BIG, "adwin_min_increase": _BIG, "label_z": _BIG, "psi_threshold": _BIG,
-    "psi_thresholds": {}, "ks_threshold": 1.0, "chi2_min_effect": _BIG, "chi2_min_effects": {},
-    "price_index_threshold": _BIG, "user_category_threshold": _BIG, "rate_threshold": _BIG,
-}
-_FIXED = {"error.page_hinkley": "ph_threshold", "error.adwin": "adwin_min_increase", "label.ctr": "label_z",
-          "label.conversion": "label_z", "feature.price.index": "price_index_threshold",
-          "feature.user_category.cusum": "user_category_threshold", "traffic.rate": "rate_threshold"}
-_BY_STATISTIC = {"psi": "psi_thresholds", "chi2": "chi2_min_effects", "ks": "ks_threshold"}
 
 
 def setting_for(detector: str) -> tuple[str, str | None]:
-    """The ``DriftSettings`` field (and dict key, for per-field thresholds) that sets a detector's threshold."""
-    if detector in _FIXED:
-        return _FIXED[detector], None
-    family, *middle, statistic = detector.split(".")
-    if family == "feature" and len(middle) == 1 and statistic in _BY_STATISTIC:
-        field = _BY_STATISTIC[statistic]
-        return field, (None if field == "ks_threshold" else middle[0])
-    raise KeyError(f"no calibrated threshold for detector {detector!r}")
+    """The ``DriftSettings`` field (and dict key, for per-field thresholds) that sets a detector's threshold,
+    as the detector's registry entry declares it."""
+    if detector not in DETECTORS:
+        raise KeyError(f"no calibrated threshold for detector {detector!r}")
+    return DETECTORS[detector].threshold
+
+
+def _never_fire() -> dict[str, object]:
+    """Every registered detector on, each threshold at its declared out-of-reach value."""
+    update: dict[str, object] = {"disabled": ()}
+    for spec in DETECTORS.values():
+        field, key = spec.threshold
+        if key is None:
+            update[field] = spec.out_of_reach
+        else:
+            update[field] = {**update.get(field, {}), key: spec.out_of_reach}
+    return update
+
+
+# settings under which every detector runs and none can fire
+NEVER_FIRE: dict[str, object] = _never_fire()
 
 
 def never_fire(config: DriftSettings) -> DriftSettings:

@@ -159,3 +159,23 @@ def status(settings: Settings, merchant: str | None, limit: int, source: str | N
     from drift.monitor import latest_drift
 
     click.echo(json.dumps(latest_drift(settings, merchant, limit, source=source), indent=2))
+
+
+@drift.command("detectors")
+@pass_settings
+def detectors(settings: Settings) -> None:
+    """List every registered detector: the signal it watches, its threshold setting, whether it runs.
+
+    "disabled": named in drift.disabled; "off": its own switch in the drift settings is off.
+    """
+    from drift.detectors.registry import DETECTORS
+
+    config = settings.drift
+    rows = [("detector", "watches", "threshold setting", "runs")]
+    for name, spec in DETECTORS.items():
+        field, key = spec.threshold
+        runs = "disabled" if name in config.disabled else "on" if spec.enabled(config) else "off"
+        rows.append((name, spec.watches.value, field + (f"[{key}]" if key else ""), runs))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        click.echo(" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[3])

@@ -38,8 +38,8 @@ from typing import Protocol
 
 import numpy as np
 
-from drift.detectors import (ERROR_DETECTORS, PRICE_INDEX_DETECTOR, RATE_DETECTOR, TASTE_DETECTOR, Detector,
-                             build_detectors, prequential_error, prequential_errors)
+from drift.detectors import (DETECTORS, Detector, Signal, build_detectors, prequential_error, prequential_errors,
+                             watchers)
 from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
@@ -182,6 +182,7 @@ class DriftMonitor:
         self._predictions: dict[str, int] = {}
         self._sessions: dict[str, OrderedDict[str, set]] = {}  # session -> categories of its current page view
         self.max_sessions = 20_000
+        self._watched_by: dict[str, frozenset[Signal]] = {}  # merchant -> signals its detectors watch
 
     def _detectors_of(self, merchant_id: str) -> dict[str, Detector]:
         found = self.detectors.get(merchant_id)
@@ -203,10 +204,12 @@ class DriftMonitor:
         self.global_index += 1
         fired: list[DriftEvent] = []
         ts = event.timestamp
-        for name, value in self._values(event):
-            found = detectors[name].update(value, timestamp=ts, index=index) if name in detectors else None
-            if found is not None:
-                fired.append(found)
+        for signal, value in self._signals(event, self._watched(event.merchant_id, detectors)):
+            for name in watchers(signal):
+                detector = detectors.get(name)
+                found = detector.update(value, timestamp=ts, index=index) if detector is not None else None
+                if found is not None:
+                    fired.append(found)
         if p is not None and isinstance(event, Click):
             error = prequential_error(event.clicked, p, self.config.error_metric, self.config.error_clip)
             fired += self._feed_error(detectors, ts, error, index)
@@ -246,7 +249,7 @@ class DriftMonitor:
             mine = errors if positions is None else errors[positions]
             indices = self._count_predictions(merchant_id, len(mine))
             values, when = mine.tolist(), stamps if positions is None else stamps[positions]
-            for rank, name in enumerate(n for n in ERROR_DETECTORS if n in detectors):
+            for rank, name in enumerate(n for n in watchers(Signal.ERROR) if n in detectors):
                 for position, event in detectors[name].update_many(values, when, indices):
                     fired.append((position if positions is None else int(positions[position]), rank, event))
         fired.sort(key=lambda found: found[:2])
@@ -263,49 +266,52 @@ class DriftMonitor:
     def _feed_error(self, detectors: dict[str, Detector], timestamp: float, error: float,
                     index: int) -> list[DriftEvent]:
         fired = (detectors[name].update(error, timestamp=timestamp, index=index)
-                 for name in ERROR_DETECTORS if name in detectors)
+                 for name in watchers(Signal.ERROR) if name in detectors)
         return [e for e in fired if e is not None]
 
-    def _values(self, event: Click | Order) -> list[tuple[str, object]]:
-        """(detector name, value) pairs a raw event feeds: traffic, labels, price, hour, device, category.
+    def _watched(self, merchant_id: str, detectors: dict[str, Detector]) -> frozenset[Signal]:
+        """The signals some detector of the merchant watches (by the registry's declarations)."""
+        found = self._watched_by.get(merchant_id)
+        if found is None:
+            found = self._watched_by[merchant_id] = frozenset(DETECTORS[n].watches for n in detectors if n in DETECTORS)
+        return found
 
-        Values are per event (traffic rate), per impression (price), per clicked or ordered item (category),
+    def _signals(self, event: Click | Order, watched: frozenset[Signal]) -> list[tuple[Signal, object]]:
+        """(signal, value) pairs a raw event gives, of the ``watched`` signals (see :class:`Signal`).
+
+        Values are per event (traffic), per impression (click, price), per clicked or ordered item (category),
         per session (hour and device of the session's first click: the events of a session are not
-        independent draws of them), per user's category choice (user_category: each category once per page view, on
+        independent draws of them), per user's category choice (each category once per page view, on
         intent-driven pages or clicked).
         """
-        hour = time.gmtime(event.timestamp).tm_hour
-        fields = self.config
-        values: list[tuple[str, object]] = [(RATE_DETECTOR, None)] if fields.traffic_rate else []
+        values: list[tuple[Signal, object]] = [(Signal.EVENT, None)] if Signal.EVENT in watched else []
 
-        def feature(field: str, value: object) -> None:
-            if field in fields.numeric_fields or field in fields.categorical_fields:
-                statistics = ("psi", "ks") if field in fields.numeric_fields else ("psi", "chi2")
-                values.extend((f"feature.{field}.{s}", value) for s in statistics)
+        def add(signal: Signal, value: object) -> None:
+            if signal in watched:
+                values.append((signal, value))
 
         if isinstance(event, Click):
             new_session, page_view = self._session(event.merchant_id, event.session_id)
             if new_session:  # one value per session: a session's events share their hour and device
-                feature("hour", hour)
-                feature("device", event.device)
-            values.append(("label.ctr", event.clicked))
+                add(Signal.HOUR, time.gmtime(event.timestamp).tm_hour)
+                add(Signal.DEVICE, event.device)
+            add(Signal.CLICK, event.clicked)
             info = self.context.item(event.merchant_id, event.item_id)
             if info is not None:
-                feature("price", info.price)
-                if "price" in fields.numeric_fields and fields.price_index:
-                    values.append((PRICE_INDEX_DETECTOR, (event.item_id, info.price)))
+                add(Signal.PRICE, info.price)
+                add(Signal.ITEM_PRICE, (event.item_id, info.price))
                 if event.clicked:
-                    feature("category", info.category)
-                if fields.user_category:
+                    add(Signal.CATEGORY, info.category)
+                if Signal.CATEGORY_CHOICE in watched:
                     self._category_choice(event, info.category, page_view, values)
             if event.clicked:
-                values.append(("label.conversion", False))
+                add(Signal.CONVERSION, False)
         else:
-            values.append(("label.conversion", True))
+            add(Signal.CONVERSION, True)
             for line in event.items:
                 info = self.context.item(event.merchant_id, line.item_id)
                 if info is not None:
-                    feature("category", info.category)
+                    add(Signal.CATEGORY, info.category)
         return values
 
     def _category_choice(self, event: Click, category: str, page_view: set, values: list) -> None:
@@ -316,7 +322,7 @@ class DriftMonitor:
         if category in page_view or not (event.clicked or event.page in self.config.user_category_pages):
             return
         page_view.add(category)
-        values.append((TASTE_DETECTOR, (event.user_id, category, event.session_id)))
+        values.append((Signal.CATEGORY_CHOICE, (event.user_id, category, event.session_id)))
 
     def _session(self, merchant_id: str, session_id: str) -> tuple[bool, set]:
         """Whether the session is new, and the categories of its current page view (LRU-bounded)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from drift.detectors import Detector
+from drift.detectors.base import Detector
 
 
 class ArrivalRate(Detector):
