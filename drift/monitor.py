@@ -413,10 +413,9 @@ def latest_drift(settings: Settings, merchant_id: str | None = None, limit: int 
 
     Where it reads (``source``):
 
-    * ``"kafka"`` — the drift topic, from the earliest offset with a fresh consumer without a group (nothing
-      committed, nothing to clean up), stopping at the first poll that comes back empty after
-      ``poll_timeout_s`` (tansu's end offsets are wrong, so "caught up" means "nothing more arrived"),
-      never running longer than ``max_wait_s``. Sees events from every monitor process in the platform.
+    * ``"kafka"`` — the drift topic read to its end (:func:`streams.reading.read_to_end`: no group, nothing
+      committed; the end is the fetched high watermark, or ``poll_timeout_s`` without a record, or
+      ``max_wait_s``). Sees events from every monitor process in the platform.
     * ``"file"`` — the local JSONL log ``<data_dir>/drift/events.jsonl`` written by monitors on this host.
     * ``None`` (default) — Kafka when a broker is configured or recorded in the data dir, else the file.
     """
@@ -468,31 +467,10 @@ def _broker_known(settings: Settings) -> bool:
 
 
 def _read_topic(settings: Settings, poll_timeout_s: float, max_wait_s: float) -> list[bytes]:
-    from kafka import TopicPartition
+    from streams.reading import read_to_end
 
-    from streams.kafka import make_consumer
-
-    topic = settings.topics.drift.name
-    consumer = make_consumer(settings, None)
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.topics.drift.partitions)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        records: list[tuple[int, int, bytes]] = []
-        deadline = time.monotonic() + max_wait_s
-        first = True
-        while time.monotonic() < deadline:
-            # the first poll also fetches metadata, so it gets longer before "empty" means "caught up"
-            batch = consumer.poll(timeout_ms=int(1000 * (max(poll_timeout_s, 2.0) if first else poll_timeout_s)))
-            first = False
-            if not batch:
-                break
-            for part_records in batch.values():
-                records.extend((r.timestamp, r.offset, r.value) for r in part_records)
-        records.sort(key=lambda r: (r[0], r[1]))
-        return [value for _, _, value in records]
-    finally:
-        consumer.close()
+    records = read_to_end(settings, [settings.topics.drift], idle_timeout_s=poll_timeout_s, max_wait_s=max_wait_s)
+    return [record.value for record in records]
 
 
 def learner_monitor_factory(settings: Settings, publish_to_mlflow: bool):

@@ -107,45 +107,12 @@ def read_events_file(path: str | Path) -> Iterator[Event]:
                 raise ValueError(f"{path}:{number}: invalid event ({bad.reason}): {bad.detail}") from None
 
 
-def read_events_kafka(settings: Settings, poll_timeout_s: float = 1.0, max_wait_s: float = 300.0) -> list[Event]:
-    """All events on the event topics (:data:`streams.schemas.EVENT_KINDS`; group-less consumer, earliest
-    offset, stop when a poll comes back empty), catalog first, then the others in time order."""
-    from kafka import TopicPartition
+def read_events_kafka(settings: Settings, poll_timeout_s: float = 3.0, max_wait_s: float = 300.0) -> list[Event]:
+    """All events on the event topics, read to their end in event order (:func:`streams.reading.read_events`;
+    ``poll_timeout_s``: the longest wait for a record before the end counts as reached)."""
+    from streams.reading import read_events
 
-    from streams.kafka import make_consumer
-    from streams.schemas import event_topics
-
-    topics = list(event_topics(settings.topics).values())
-    consumer = make_consumer(settings, None)
-    events: list[Event] = []
-    try:
-        partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        deadline, first = time.monotonic() + max_wait_s, True
-        while time.monotonic() < deadline:
-            batch = consumer.poll(timeout_ms=int(1000 * (max(poll_timeout_s, 3.0) if first else poll_timeout_s)),
-                                  max_records=50_000)
-            first = False
-            if not batch:
-                break
-            for records in batch.values():
-                for record in records:
-                    try:
-                        events.append(decode_event(record.value, now=time.time() + 10 * 365 * 86400))
-                    except InvalidEvent:
-                        continue  # the streams room dead-letters these; the report skips them
-    finally:
-        consumer.close()
-    return sort_events(events)
-
-
-def sort_events(events: Iterable[Event]) -> list[Event]:
-    """Time order across partitions (stable); at equal timestamps catalog events come first (they define items).
-
-    Files are read in their own order; this is for merging topics, whose partitions interleave arbitrarily.
-    """
-    return sorted(events, key=lambda e: (e.timestamp, not isinstance(e, CatalogItem)))
+    return read_events(settings, idle_timeout_s=poll_timeout_s, max_wait_s=max_wait_s)
 
 
 @dataclass

@@ -50,7 +50,7 @@ import numpy as np
 from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
 from streams.features import FIELDS, FeatureContext, Featurizer
-from streams.schemas import CatalogItem, Click, Event, Order
+from streams.schemas import Click, Event, Order
 
 log = get_logger("federated.stores")
 
@@ -253,60 +253,16 @@ def write_store(root: str | Path, merchant_id: str, arrays: dict[str, np.ndarray
 
 def events_from_kafka(settings, merchant_ids: Iterable[str] | None = None, *, idle_timeout_s: float = 3.0,
                       max_wait_s: float = 120.0) -> list[Event]:
-    """Catalog, click and order events of the given merchants (all when None) read from the platform topics.
+    """Catalog, click and order events of the given merchants (all when None) read from the platform topics
+    to their end, in event order (:func:`streams.reading.read_events`)."""
+    from streams.reading import read_events
 
-    Reads every partition from the beginning up to the high watermark the broker reports with the fetch
-    (tansu's end offsets are wrong, so ``consumer.highwater`` is the stop condition), keeps the records whose
-    key is a wanted merchant id, and returns them catalog first, then clicks and orders in time order.
-    """
-    import time
-
-    from kafka import TopicPartition
-
-    from streams.kafka import make_consumer
-    from streams.schemas import InvalidEvent, decode_event, event_topics
-
-    wanted = {m.encode() for m in merchant_ids} if merchant_ids is not None else None
-    topics = list(event_topics(settings.topics).values())
-    partitions = [TopicPartition(t.name, p) for t in topics for p in range(t.partitions)]
-    consumer = make_consumer(settings, None)
-    found: list[Event] = []
-    try:
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        started = last_data = time.monotonic()
-        while time.monotonic() - started < max_wait_s:
-            batch = consumer.poll(timeout_ms=500)
-            for records in batch.values():
-                last_data = time.monotonic()
-                for record in records:
-                    if wanted is not None and record.key is not None and record.key not in wanted:
-                        continue
-                    try:
-                        event = decode_event(record.value)
-                    except InvalidEvent:
-                        continue
-                    if wanted is None or event.merchant_id.encode() in wanted:
-                        found.append(event)
-            if _caught_up(consumer, partitions) or time.monotonic() - last_data > idle_timeout_s:
-                break
-    finally:
-        consumer.close()
-    found.sort(key=lambda e: (not isinstance(e, CatalogItem), e.timestamp))
-    return found
+    return read_events(settings, merchant_ids, idle_timeout_s=idle_timeout_s, max_wait_s=max_wait_s)
 
 
 def merchant_events_from_kafka(settings, merchant_id: str, **kwargs) -> list[Event]:
     """One merchant's own events from Kafka (by record key): what a joining merchant reads."""
     return events_from_kafka(settings, [merchant_id], **kwargs)
-
-
-def _caught_up(consumer, partitions) -> bool:
-    for tp in partitions:
-        high = consumer.highwater(tp)
-        if high is None or consumer.position(tp) < high:
-            return False
-    return True
 
 
 def build_stores_from_kafka(settings, root: str | Path, merchant_ids: Iterable[str] | None = None, *, bits: int,
