@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -257,16 +257,18 @@ class Recommender:
 def recommend(model, featurizer, context, merchant_id: str, user_id: str, k: int = 10, *,
               recommender: Recommender, timestamp: float | None = None,
               candidate_limit: int = 200) -> list[tuple[str, float]]:
-    """Top-``k`` ``(item_id, p_click)``: the recommender's candidates ranked by the click model."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    items: Sequence[str] = recommender.candidates(merchant_id, user_id, max(candidate_limit, k))
-    if not items:
-        return []
-    indices, values = featurizer.candidates(merchant_id, user_id, items, context, timestamp=timestamp)
-    scores = np.asarray(model.predict_proba_many(indices, values), dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [(items[i], float(scores[i])) for i in order.tolist()]
+    """Top-``k`` ``(item_id, p_click)``: the recommender's candidates ranked by the click model, through the
+    path serving uses (:class:`online.click_ranking.ClickRanker`, uncached: the context keeps changing)."""
+    from online.click_ranking import ClickRanker
 
+    ranker = _RANKERS.get(featurizer.bits)
+    if ranker is None:
+        ranker = _RANKERS[featurizer.bits] = ClickRanker(featurizer.bits, cached=False)
+    when = time.time() if timestamp is None else timestamp
+    return [(r.item_id, r.score) for r in ranker.rank(model, context, recommender, merchant_id, user_id, k, when=when,
+                                                      candidate_limit=candidate_limit)]
+
+
+_RANKERS: dict = {}  # feature bits -> uncached ClickRanker (it holds only a featurizer)
 
 __all__ = ["Recommender", "recommend"]

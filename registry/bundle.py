@@ -4,14 +4,8 @@ A :class:`ModelBundle` pairs a model (anything with ``predict_proba_many(indices
 our numpy learners, River models wrapped by the online room, the federated model's numpy scorer) with the
 feature space it was trained on (``feature_bits``), the :class:`~streams.features.FeatureContext` it was
 trained against (catalogs, users' recent categories) and an optional recommender that proposes
-candidates. The bundle is the unit MLflow stores (see :mod:`registry.flavor`) and serving loads.
-
-Ranking a whole catalog must take milliseconds, so :meth:`ModelBundle.recommend` does not hash
-``18 × n_items`` feature names per request. Per merchant it caches the item-only slots once, and per
-request it hashes only what depends on the user and the hour: one name per *category*, plus the
-``user×item`` slot of every item, which it derives from a cached per-item CRC with the linearity of
-CRC-32C (``crc(P‖B) = crc(P₀‖B) ⊕ crc(P‖0ⁿ) ⊕ crc(P₀‖0ⁿ)``, ``n = len(B)``) in one vectorized XOR.
-The result is bit-identical to :meth:`streams.features.Featurizer.candidates`.
+candidates. The bundle is the unit MLflow stores (see :mod:`registry.flavor`) and serving loads; it
+ranks through the recommender's own ``rank()`` or :class:`online.click_ranking.ClickRanker`.
 
 Example:
     >>> import numpy as np
@@ -26,24 +20,17 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import crc32c
 import numpy as np
 
+from online.click_ranking import ClickRanker
 from online.ranking import Recommended
-from streams.features import FIELD_INDEX, FIELDS, FeatureContext, Featurizer, feature_slot, price_bucket
+from streams.features import FeatureContext
 from streams.schemas import Click
-
-DEVICE, PAGE, POSITION = "desktop", "recommendation", 0  # what Featurizer.candidates assumes
-# slots of a candidate that depend on neither the user nor the time: hashed once per merchant
-STATIC_FIELDS = ("bias", "merchant", "item", "category", "price_bucket", "device", "page", "position",
-                 "category×device", "page×position", "merchant×category")
 
 
 class Scorer(Protocol):
@@ -103,210 +90,6 @@ class LinearScorer:
 
 
 @dataclass
-class _MerchantCandidates:
-    """A merchant's catalog pre-hashed for ranking: item-only slots, category codes, user×item partial CRCs."""
-
-    item_ids: list[str]
-    rows: dict[str, int]
-    categories: list[str]
-    category_codes: np.ndarray  # int32[n]
-    static: np.ndarray  # int32[n, F]: every slot that does not depend on user or time
-    user_item_base: np.ndarray  # uint32[n]: crc("user×item={m}/" + "|" + item)
-    suffix_lengths: np.ndarray  # int32[n]: len(("|" + item).encode())
-    length_codes: np.ndarray  # int32[n]: index into suffix_length_values
-    suffix_length_values: list[int]
-    base_zero_crc: list[int]  # per suffix length n: crc("user×item={m}/" + "\0" * n)
-    catalog_key: tuple[int, int]
-    _static_logits: tuple[np.ndarray, np.ndarray] | None = None  # (weights it was computed with, float64[n])
-    _time_slots: dict[tuple[int, int, int], tuple[int, int, np.ndarray]] = field(default_factory=dict)
-    _time_logits: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-    def static_logits(self, weights: np.ndarray) -> np.ndarray:
-        """Σ w[slot] over the user- and time-independent slots of every item, for a linear model."""
-        found = self._static_logits
-        if found is None or found[0] is not weights:
-            columns = [FIELD_INDEX[name] for name in STATIC_FIELDS]
-            logits = weights[self.static[:, columns]].sum(axis=1, dtype=np.float64)
-            self._static_logits = found = (weights, logits)
-        return found[1]
-
-    def time_slots(self, hour: int, weekday: int, mask: int) -> tuple[int, int, np.ndarray]:
-        """``hour``, ``weekday`` slots and ``category×hour`` slot per category code (memoized: 168 keys)."""
-        key = (hour, weekday, mask)
-        found = self._time_slots.get(key)
-        if found is None:
-            by_category = np.fromiter((feature_slot("category×hour", c, hour, mask=mask) for c in self.categories),
-                                      dtype=np.int32, count=len(self.categories))
-            found = self._time_slots[key] = (feature_slot("hour", hour, mask=mask), feature_slot("weekday", weekday, mask=mask),
-                                             by_category)
-        return found
-
-    def time_logits(self, weights: np.ndarray, hour: int, weekday: int, mask: int) -> np.ndarray:
-        """static_logits + the hour, weekday and category×hour weights of every item (memoized per hour)."""
-        key = (hour, weekday, mask)
-        found = self._time_logits.get(key)
-        if found is None or found[0] is not weights:
-            hour_slot, weekday_slot, category_hour = self.time_slots(hour, weekday, mask)
-            logits = self.static_logits(weights) + weights[category_hour].astype(np.float64)[self.category_codes]
-            logits += float(weights[hour_slot]) + float(weights[weekday_slot])
-            if len(self._time_logits) >= 8:  # only the current hour matters; stay small
-                self._time_logits.clear()
-            found = self._time_logits[key] = (weights, logits)
-        return found[1]
-
-
-class _CandidateIndex:
-    """Per-merchant cache of :class:`_MerchantCandidates`; rebuilt when the catalog dict changes size."""
-
-    def __init__(self, featurizer: Featurizer) -> None:
-        self.featurizer = featurizer
-        self._merchants: dict[str, _MerchantCandidates] = {}
-        self._lock = threading.Lock()
-
-    def get(self, merchant_id: str, context: FeatureContext) -> _MerchantCandidates | None:
-        merchant = context.merchants.get(merchant_id)
-        if merchant is None or not merchant.catalog:
-            return None
-        key = (id(merchant.catalog), len(merchant.catalog))
-        found = self._merchants.get(merchant_id)
-        if found is not None and found.catalog_key == key:
-            return found
-        with self._lock:
-            found = self._merchants.get(merchant_id)
-            if found is None or found.catalog_key != key:
-                found = self._merchants[merchant_id] = self._build(merchant_id, merchant.catalog, key)
-        return found
-
-    def clear(self) -> None:
-        with self._lock:
-            self._merchants.clear()
-
-    def _build(self, merchant_id: str, catalog: dict, key: tuple[int, int]) -> _MerchantCandidates:
-        mask = self.featurizer.n_features - 1
-        item_ids = list(catalog)
-        categories = sorted({info.category for info in catalog.values()})
-        code_of = {category: code for code, category in enumerate(categories)}
-        n = len(item_ids)
-        static = np.zeros((n, len(FIELDS)), dtype=np.int32)
-        constant = {"bias": (), "merchant": (merchant_id,), "device": (DEVICE,), "page": (PAGE,),
-                    "position": (POSITION,), "page×position": (PAGE, POSITION)}
-        for name, values in constant.items():
-            static[:, FIELD_INDEX[name]] = feature_slot(name, *values, mask=mask)
-        codes = np.empty(n, dtype=np.int32)
-        base_prefix = f"user×item={merchant_id}/"
-        base_crc = np.empty(n, dtype=np.uint32)
-        lengths = np.empty(n, dtype=np.int32)
-        for row, item_id in enumerate(item_ids):
-            info = catalog[item_id]
-            codes[row] = code_of[info.category]
-            static[row, FIELD_INDEX["item"]] = feature_slot("item", merchant_id, item_id, mask=mask)
-            static[row, FIELD_INDEX["category"]] = feature_slot("category", info.category, mask=mask)
-            static[row, FIELD_INDEX["price_bucket"]] = feature_slot("price_bucket", price_bucket(info.price), mask=mask)
-            static[row, FIELD_INDEX["category×device"]] = feature_slot("category×device", info.category, DEVICE, mask=mask)
-            static[row, FIELD_INDEX["merchant×category"]] = feature_slot("merchant×category", merchant_id, info.category, mask=mask)
-            suffix = f"|{item_id}".encode()
-            base_crc[row] = crc32c.crc32c(base_prefix.encode() + suffix)
-            lengths[row] = len(suffix)
-        length_values, length_codes = np.unique(lengths, return_inverse=True)
-        zero_crc = [crc32c.crc32c(base_prefix.encode() + bytes(int(length))) for length in length_values]
-        return _MerchantCandidates(item_ids, {item: row for row, item in enumerate(item_ids)}, categories, codes,
-                                   static, base_crc, lengths, length_codes.astype(np.int32),
-                                   [int(v) for v in length_values], zero_crc, key)
-
-
-@dataclass
-class _UserSlots:
-    """The slots of one ranking request that depend on the user or the time (everything else is cached)."""
-
-    hour: int
-    weekday: int
-    user: int
-    user_category: np.ndarray  # int32[C], by category code
-    affinity: np.ndarray  # int32[C]
-    category_hour: np.ndarray  # int32[C]
-    codes: np.ndarray  # int32[n]: category code of each candidate row
-    user_item: np.ndarray  # int32[n]
-
-
-def _user_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, recent: Sequence[str], when: float,
-                rows: np.ndarray | None, mask: int) -> _UserSlots:
-    tm = time.gmtime(when)
-    hour_slot, weekday_slot, category_hour = cached.time_slots(tm.tm_hour, tm.tm_wday, mask)
-    user_cat = np.fromiter((feature_slot("user×category", merchant_id, user_id, c, mask=mask) for c in cached.categories),
-                           dtype=np.int32, count=len(cached.categories))
-    if recent:
-        recent_set = set(recent)
-        is_recent = np.fromiter((c in recent_set for c in cached.categories), dtype=bool, count=len(cached.categories))
-        affinity = np.where(is_recent, _affinity_slot("match", mask), _affinity_slot("other", mask)).astype(np.int32)
-    else:
-        affinity = np.full(len(cached.categories), _affinity_slot("new", mask), dtype=np.int32)
-    return _UserSlots(
-        hour=hour_slot, weekday=weekday_slot, user=feature_slot("user", merchant_id, user_id, mask=mask),
-        user_category=user_cat, affinity=affinity, category_hour=category_hour,
-        codes=cached.category_codes if rows is None else cached.category_codes[rows],
-        user_item=_user_item_slots(cached, merchant_id, user_id, rows) & mask,
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _affinity_slot(label: str, mask: int) -> int:
-    return feature_slot("user_affinity", label, mask=mask)
-
-
-def _user_item_slots(cached: _MerchantCandidates, merchant_id: str, user_id: str, rows: np.ndarray | None) -> np.ndarray:
-    """``crc("user×item={m}/{u}|{item}")`` for every item from cached CRCs, by CRC linearity (exact)."""
-    prefix = f"user×item={merchant_id}/{user_id}".encode()
-    shifts = np.fromiter((crc32c.crc32c(prefix + bytes(length)) ^ zero for length, zero
-                          in zip(cached.suffix_length_values, cached.base_zero_crc)), dtype=np.uint32)
-    base = cached.user_item_base if rows is None else cached.user_item_base[rows]
-    codes = cached.length_codes if rows is None else cached.length_codes[rows]
-    return (base ^ shifts[codes]).view(np.int32)
-
-
-def _assemble(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray | None) -> np.ndarray:
-    """Slot indices ``int32[n, F]``, identical to :meth:`Featurizer.candidates`."""
-    out = (cached.static if rows is None else cached.static[rows]).copy()
-    out[:, FIELD_INDEX["hour"]] = slots.hour
-    out[:, FIELD_INDEX["weekday"]] = slots.weekday
-    out[:, FIELD_INDEX["user"]] = slots.user
-    out[:, FIELD_INDEX["user×category"]] = slots.user_category[slots.codes]
-    out[:, FIELD_INDEX["user_affinity"]] = slots.affinity[slots.codes]
-    out[:, FIELD_INDEX["category×hour"]] = slots.category_hour[slots.codes]
-    out[:, FIELD_INDEX["user×item"]] = slots.user_item
-    return out
-
-
-def _linear_logits(cached: _MerchantCandidates, slots: _UserSlots, rows: np.ndarray | None,
-                   weights: np.ndarray, bias: float, when: float, mask: int) -> np.ndarray:
-    """``bias + Σ w[slot]`` per candidate without materializing the ``(n, F)`` index matrix: the item-
-    and time-only part is memoized per hour, so a request adds two per-category and one per-item term."""
-    tm = time.gmtime(when)
-    base = cached.time_logits(weights, tm.tm_hour, tm.tm_wday, mask)
-    per_category = weights[slots.user_category].astype(np.float64)
-    per_category += weights[slots.affinity]
-    logits = per_category[slots.codes]
-    logits += base if rows is None else base[rows]
-    logits += weights[slots.user_item]
-    logits += bias + float(weights[slots.user])
-    return logits
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` best scores, best first; ties go to the earlier position (deterministic)."""
-    if k >= len(scores):
-        return np.argsort(-scores, kind="stable")
-    part = np.argpartition(-scores, k - 1)[:k]
-    threshold = scores[part].min()
-    above = np.flatnonzero(scores > threshold)
-    chosen = np.concatenate([above, np.flatnonzero(scores == threshold)[: k - len(above)]])
-    return chosen[np.lexsort((chosen, -scores[chosen]))]
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -35.0, 35.0)))
-
-
-@dataclass
 class ModelBundle:
     """A model and what it needs to score clicks and rank items; what each registered version holds.
 
@@ -334,13 +117,13 @@ class ModelBundle:
         self._init_caches()
 
     def _init_caches(self) -> None:
-        self.featurizer = Featurizer(self.feature_bits)
-        self._index = _CandidateIndex(self.featurizer)
+        self._ranker = ClickRanker(self.feature_bits)
+        self.featurizer = self._ranker.featurizer
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.pop("featurizer", None)
-        state.pop("_index", None)
+        for cache in ("featurizer", "_index", "_ranker"):  # _index: versions pickled before online.click_ranking
+            state.pop(cache, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -355,7 +138,7 @@ class ModelBundle:
 
     def invalidate(self) -> None:
         """Drop cached candidate features (after mutating the context's catalogs or the weights in place)."""
-        self._index.clear()
+        self._ranker.clear()
 
     def warm_up(self) -> None:
         """Build every merchant's candidate cache now (serving does this before swapping a model in)."""
@@ -380,9 +163,8 @@ class ModelBundle:
         """Top-``k`` items with their score and the source that proposed each.
 
         A recommender with ``rank()`` (:class:`online.ranking.ShopRecommender`) ranks its own candidates
-        with its learned ranker (``item_id``: a product page, "bought together"); otherwise the model ranks
-        the recommender's candidates (or the whole catalog) by click probability, minus what the user just
-        bought, and ``item_id`` is left out of the result.
+        with its learned ranker (``item_id``: a product page, "bought together"); otherwise the click model
+        ranks the recommender's candidates (or the whole catalog): :class:`online.click_ranking.ClickRanker`.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -390,66 +172,12 @@ class ModelBundle:
         if rank is not None:
             return rank(merchant_id, user_id, k, timestamp=timestamp, item_id=item_id)
         when = time.time() if timestamp is None else timestamp
-        item_ids, scores, are_logits = self._candidate_scores(merchant_id, user_id, when)
-        if not item_ids:
-            return []
-        excluded = self.recommender.exclude(merchant_id, user_id) if self.recommender is not None else set()
-        if item_id is not None:
-            excluded = excluded | {item_id}
-        if excluded:
-            keep = np.fromiter((item not in excluded for item in item_ids), dtype=bool, count=len(item_ids))
-            scores = np.where(keep, scores, -np.inf)
-        best = _top_k(scores, k)
-        best = best[np.isfinite(scores[best])]
-        chosen = _sigmoid(scores[best]) if are_logits else scores[best]
-        source = "click-model" if self.recommender is None else "candidates"
-        return [Recommended(item_ids[i], float(p), source) for i, p in zip(best.tolist(), chosen.tolist())]
+        return self._ranker.rank(self.model, self.context, self.recommender, merchant_id, user_id, k, when=when,
+                                 item_id=item_id, candidate_limit=self.candidate_limit)
 
     def candidate_features(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray]:
         """Candidate item ids and their slot indices ``int32[n, F]`` (values are all ones)."""
-        item_ids, cached, rows, slots, unknown = self._candidates(merchant_id, user_id, when)
-        parts = [_assemble(cached, slots, rows)] if slots is not None else []
-        if unknown:
-            parts.append(self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)[0])
-        if not parts:
-            return [], np.empty((0, len(FIELDS)), dtype=np.int32)
-        return item_ids, np.concatenate(parts)
-
-    def _candidate_scores(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray, bool]:
-        """Candidate ids and their scores: logits on the linear fast path, else probabilities."""
-        linear = getattr(self.model, "linear_terms", None)
-        if linear is None:
-            item_ids, indices = self.candidate_features(merchant_id, user_id, when)
-            if not item_ids:
-                return [], np.empty(0), False
-            ones = np.ones(indices.shape, np.float32)
-            return item_ids, np.asarray(self.model.predict_proba_many(indices, ones), np.float64), False
-        weights, bias = linear()
-        item_ids, cached, rows, slots, unknown = self._candidates(merchant_id, user_id, when)
-        mask = self.featurizer.n_features - 1
-        parts = [_linear_logits(cached, slots, rows, weights, float(bias), when, mask)] if slots is not None else []
-        if unknown:
-            indices, _ = self.featurizer.candidates(merchant_id, user_id, unknown, self.context, timestamp=when)
-            parts.append(float(bias) + weights[indices].sum(axis=1, dtype=np.float64))
-        return item_ids, (np.concatenate(parts) if parts else np.empty(0)), True
-
-    def _candidates(self, merchant_id: str, user_id: str, when: float):
-        """(item ids, merchant cache, cached rows or None for all, user slots or None, uncached item ids)."""
-        cached = self._index.get(merchant_id, self.context)
-        merchant = self.context.merchants.get(merchant_id)
-        recent = merchant.recent_categories(user_id) if merchant is not None else ()
-        mask = self.featurizer.n_features - 1
-        if self.recommender is None:
-            if cached is None:
-                return [], None, None, None, []
-            return cached.item_ids, cached, None, _user_slots(cached, merchant_id, user_id, recent, when, None, mask), []
-        proposed = list(dict.fromkeys(self.recommender.candidates(merchant_id, user_id, self.candidate_limit)))
-        known = [item for item in proposed if cached is not None and item in cached.rows]
-        unknown = [item for item in proposed if cached is None or item not in cached.rows]  # never in the catalog
-        if not known:
-            return unknown, cached, None, None, unknown
-        rows = np.fromiter((cached.rows[item] for item in known), dtype=np.int64, count=len(known))
-        return known + unknown, cached, rows, _user_slots(cached, merchant_id, user_id, recent, when, rows, mask), unknown
-
+        return self._ranker.candidate_features(self.context, self.recommender, merchant_id, user_id, when,
+                                               self.candidate_limit)
 
 __all__ = ["ModelBundle", "LinearScorer", "Scorer", "Recommender"]

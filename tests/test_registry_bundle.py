@@ -211,3 +211,26 @@ def test_linear_fast_path_ranks_exactly_like_the_generic_path():
             b = generic.recommend("m1", user, k=20, timestamp=T0)
             assert [item for item, _ in a] == [item for item, _ in b]
             np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-5)
+
+
+def test_a_version_pickled_before_ranking_moved_to_online_still_loads_and_ranks_the_same():
+    """Pickled by the code before online.click_ranking existed (registry.bundle.ModelBundle, LinearScorer,
+    online.reco.Recommender); the rankings below are what that code returned for it."""
+    from pathlib import Path
+
+    blob = (Path(__file__).parent / "data" / "bundle_pickled_before_click_ranking.pkl").read_bytes()
+    bundle = pickle.loads(blob)
+    assert type(bundle) is ModelBundle and type(bundle.model) is LinearScorer
+    top = bundle.recommend("m1", "u3", k=5, timestamp=1.7e9 + 500)
+    assert [item for item, _ in top] == ["i25", "i13", "i1", "i3", "i21"]
+    np.testing.assert_allclose([s for _, s in top], [0.904985650, 0.876476508, 0.861292060, 0.851266611, 0.841645146],
+                               rtol=1e-7)
+    assert [item for item, _ in bundle.recommend("m1", "u3", k=3, timestamp=1.7e9 + 500, item_id="i25")] == [
+        "i13", "i1", "i3"]
+    # the learner worker's evaluation ranks the same way (online.reco.recommend: uncached, the same ClickRanker)
+    from online.reco import recommend
+
+    evaluated = recommend(bundle.model, Featurizer(10), bundle.context, "m1", "u3", 5, recommender=bundle.recommender,
+                          timestamp=1.7e9 + 500, candidate_limit=bundle.candidate_limit)
+    assert [item for item, _ in evaluated] == [item for item, _ in top]
+    np.testing.assert_allclose([s for _, s in evaluated], [s for _, s in top], rtol=1e-5)
