@@ -178,17 +178,24 @@ def _report(methods, scores, seconds, n_events, n_items, split, k, n_test) -> di
 
 
 def format_table(report: dict) -> str:
-    """The report as an aligned text table, best NDCG first."""
+    """The report as an aligned text table (best NDCG first, 3 decimals; the JSON line has full precision),
+    then the variant each method answered with; fits 80 columns."""
     k = report["k"]
-    head = f"{'method':<20}{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}{'Recall@' + str(k):>11}{'MRR@' + str(k):>9}" \
-           f"{'coverage':>10}{'events/s':>11}  variant"
-    lines = [f"split {report['split']}: {report['events']} events, {report['test_targets']} test targets, "
-             f"{report['catalog_items']} items", head]
     rows = sorted(report["methods"].items(), key=lambda kv: -kv[1][f"ndcg_at_{k}"])
+    metrics = [(f"HR@{k}", f"hit_rate_at_{k}"), (f"NDCG@{k}", f"ndcg_at_{k}"), (f"Recall@{k}", f"recall_at_{k}"),
+               (f"MRR@{k}", f"mrr_at_{k}")]
+    table = [["method", *(label for label, _ in metrics), "cover", "ev/s"]]
     for name, row in rows:
-        rate = row["events_per_s"]
-        lines.append(f"{name:<20}{row[f'hit_rate_at_{k}']:>9.4f}{row[f'ndcg_at_{k}']:>9.4f}{row[f'recall_at_{k}']:>11.4f}"
-                     f"{row[f'mrr_at_{k}']:>9.4f}{row['coverage']:>10.3f}{(rate or 0):>11.0f}  {row['variant']}")
+        table.append([name, *(f"{row[key]:.3f}" for _, key in metrics), f"{row['coverage']:.3f}",
+                      f"{row['events_per_s'] or 0:.0f}"])
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    lines = [f"split {report['split']}: {report['events']} events, {report['test_targets']} test targets, "
+             f"{report['catalog_items']} items"]
+    lines += [" ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
+                       for column, (cell, width) in enumerate(zip(line, widths))) for line in table]
+    lines.append("cover: share of the items recommended; ev/s: events per second")
+    lines.append("variant of each method (the best on validation NDCG):")
+    lines += [f"  {name:<{widths[0]}} {row['variant']}" for name, row in rows]
     return "\n".join(lines)
 
 

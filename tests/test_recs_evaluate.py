@@ -128,3 +128,18 @@ def test_consumables_are_opt_in_and_their_rebuys_follow_each_users_cycle():
     for row in truth:  # one cycle per user and category
         per_user.setdefault((row["merchant_id"], row["user_id"], row["category"]), set()).add(row["cycle_s"])
     assert all(len(c) == 1 for c in per_user.values())
+
+
+def test_the_evaluate_table_fits_80_columns_even_at_k_100():
+    from online.evaluate import format_table
+
+    row = {"hit_rate_at_100": 1.0, "ndcg_at_100": 0.77561, "recall_at_100": 1.0, "mrr_at_100": 0.7386,
+           "coverage": 0.044, "events_per_s": 1_308_270.4}
+    report = {"k": 100, "split": "last-order", "events": 8701, "test_targets": 42, "catalog_items": 4701,
+              "methods": {"fedstream": {**row, "variant": "two-stage"},
+                          "recent-popularity": {**row, "ndcg_at_100": 0.2, "variant": "half-life 1 d, unseen"}}}
+    lines = format_table(report).splitlines()
+    assert max(map(len, lines)) <= 80
+    assert lines[1].split() == ["method", "HR@100", "NDCG@100", "Recall@100", "MRR@100", "cover", "ev/s"]
+    assert lines[2].split() == ["fedstream", "1.000", "0.776", "1.000", "0.739", "0.044", "1308270"]
+    assert lines[-1].split() == ["recent-popularity", "half-life", "1", "d,", "unseen"]
