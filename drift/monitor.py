@@ -1,17 +1,6 @@
 """Per-merchant drift monitoring: feed events and predictions in, get :class:`DriftEvent` s out, publish them.
 
-A :class:`DriftMonitor` holds one set of detectors per merchant (built from ``settings.drift``). The
-online learner's prequential loop calls :meth:`DriftMonitor.observe` with each event and, for clicks,
-the probability it predicted *before* learning from the click; a learner that only has numbers calls
-:meth:`DriftMonitor.observe_prediction`. Every drift event goes to each sink:
-
-* :class:`JsonlSink` — ``<data_dir>/drift/events.jsonl``, one JSON event per line (always on);
-* :class:`KafkaSink` — ``settings.topics.drift``, keyed by merchant, built with ``streams.kafka``;
-* :class:`MlflowSink` — metrics ``drift/<merchant>/<detector>`` (value at step = merchant event index)
-  and tags ``drift.<merchant>.last`` / ``drift.<merchant>.count`` / ``drift.last`` on the serving model's run.
-
-:func:`latest_drift` is what the serving API calls to show drift status; see its docstring for where it reads.
-:meth:`DriftMonitor.snapshot` / :meth:`DriftMonitor.restore` carry the detectors' state across a restart.
+Design notes: `drift/README.md`, `drift/monitor.py`.
 
 Example:
     >>> from fedstream.settings import load_settings

@@ -1,16 +1,6 @@
 """Traffic detectors: how many events a merchant gets per period, not what they contain.
 
-:class:`ArrivalRate` (``traffic.rate``) counts a merchant's events (clicks and orders) per whole period of
-event time (a day by default, so the daily cycle is not drift) and compares the mean count of the last
-``window`` closed periods with the mean of the ``reference`` periods before them, in units of the
-reference's own day-to-day spread (events come in sessions, so counts vary far more than Poisson)::
-
-    z = |current - reference| / sqrt(max(var_reference, reference) * (1/window + 1/reference))
-
-``z > threshold`` is drift (a collapse or a surge of traffic, which no feature or error detector sees: the
-events that do arrive may look exactly as before). Periods without events count as 0; the first period
-(seen only in part) is skipped. It speaks at the first event of a new period, so its delay is at least
-the rest of the period in which the change became visible.
+Design notes: `drift/README.md`, `drift/traffic.py`.
 
 Example (a shop whose 300 orders a day fall to 100 on day 20):
     >>> import numpy as np

@@ -1,28 +1,6 @@
 """Per-merchant private example stores: each merchant's training data lives in its own directory.
 
-A merchant's examples are built from *its own* events only, with the platform's shared featurization
-(:class:`streams.features.Featurizer` over a :class:`~streams.features.FeatureContext` that holds only that
-merchant's catalog and users), prequentially: every click is featurized against the context as it was
-*before* the click, then the context observes it. The first ``1 - holdout_fraction`` of a merchant's clicks
-in time order are its training split, the rest its held-out split.
-
-Layout (one directory per merchant, one sub-directory per split, one ``.npy`` per column)::
-
-    <data_dir>/merchants/<merchant_id>/examples-train/{indices,values,labels,timestamps}.npy
-    <data_dir>/merchants/<merchant_id>/examples-heldout/...
-    <data_dir>/merchants/<merchant_id>/meta.json          # counts and time span, no raw events
-    <data_dir>/merchants/<merchant_id>/catalog.json       # the merchant's published catalog (see below)
-
-Plain ``.npy`` (not a zip) so TensorFlow can read a column with ``tf.io.read_file`` *inside* the dataset
-pipeline: :func:`dataset_from_folder` builds the batches from a split directory's *path* (a ``tf.string``),
-so TFF's per-client dataset computation turns the path the coordinator hands it into the merchant's
-examples inside the client's work. The coordinator sees only what TFF computations return (model
-updates, aggregate metrics).
-
-``catalog.json`` is what a merchant publishes anyway on its storefront: item id -> (category, price), from its
-catalog events (and items first seen in its orders, with their unit price). No user, click or order record
-is in it. The coordinator reads it (:meth:`MerchantStore.catalog`) so the registered global model can rank a
-merchant's catalog in serving; users' recent categories stay in the merchant's store.
+Design notes: `federated/README.md`, `federated/stores.py`.
 
 Example:
     >>> import tempfile

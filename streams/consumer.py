@@ -1,44 +1,6 @@
 """The consumer every worker builds on: a group member reading validated events, at least once.
 
-:class:`EventConsumer` wraps a kafka-python consumer made by :func:`streams.kafka.make_consumer`:
-
-* **Batches of decoded events.** :meth:`EventConsumer.poll` returns a :class:`Batch` of
-  :class:`Record` (event + topic/partition/offset). Bytes on an input topic that fail
-  :func:`~streams.schemas.decode_event` are forwarded to the dead-letter topic (original bytes, headers
-  ``reason``/``detail``/``source``/``topic``/``partition``/``offset``) and never reach the worker.
-  Records are decoded in chunks by C-level passes (:func:`~streams.schemas.decode_valid_events`); a chunk
-  holding an invalid event is decoded one event at a time, so each bad one gets its own reason.
-* **At least once.** Nothing is committed automatically: call :meth:`EventConsumer.commit` with the batch
-  after processing it. Dead-lettered records are acknowledged by the broker before their offsets are
-  committed; one the broker does not take after the client's retries is counted (``dead_letter_failed``)
-  and logged, not raised, as raising would stop the worker on that record at every restart. A crash between processing and commit means the batch is seen again, never lost.
-* **Lag** per partition is the fetched high watermark (``consumer.highwater``) minus the position: tansu
-  reports wrong end offsets, so ``end_offsets``/``seek_to_end`` are never used.
-* **Graceful stop.** SIGTERM/SIGINT (main thread only) or :meth:`EventConsumer.stop` end :meth:`run`
-  after the current batch is processed and committed.
-* **Broker down.** Creating the client is retried with exponential backoff (``retry``); kafka-python
-  reconnects by itself once connected, so polls just come back empty until the broker returns; commits
-  are retried with backoff as well.
-* **Own checkpoints.** ``seek_on_assign(partitions) -> {TopicPartition: offset}`` is called when the group
-  gives this member partitions, and the consumer seeks there (a learner restores the offsets saved with
-  its model, so model and position agree). ``on_revoked(partitions)`` is called before partitions are
-  taken away, so the worker can checkpoint.
-
-Example (needs a broker)::
-
-    def learn(batch: Batch) -> None:
-        for record in batch:
-            model.learn(record.event)
-
-    consumer = EventConsumer(settings, "learner", seek_on_assign=lambda parts: saved_offsets,
-                             on_revoked=lambda parts: save_checkpoint())
-    consumer.run(learn)                # until SIGTERM; commits after each processed batch
-    # or by hand:
-    with EventConsumer(settings, "reader") as consumer:
-        batch = consumer.poll()
-        process(batch.events)
-        consumer.commit(batch)
-        consumer.lag()                 # {TopicPartition: records behind}
+Design notes: `streams/README.md`, `streams/consumer.py`.
 """
 
 from __future__ import annotations

@@ -1,45 +1,6 @@
 """Replay data sets shipped inside installed wheels as our click/order/catalog events.
 
-The files are located with ``fedstream.host.package_file`` (the import system's ``find_spec``); the packages
-themselves are never imported (their library code pulls in heavy stacks we do not install).
-
-``cdnow`` — ``lifetimes==0.11.3``: ``lifetimes/datasets/CDNOW_master.txt`` (Apache-2.0), 69,659 **real**
-orders of 23,570 customers of the CDNOW online music store, Jan 1997 - Jun 1998. Columns: customer id,
-date (YYYYMMDD), number of CDs, dollar value. Mapping:
-
-* every row -> one :class:`~streams.schemas.Order` of merchant ``cdnow`` (currency USD), user
-  ``c<customer_id>``, one line item ``cd`` (the data set does not itemize CDs) with
-  ``quantity = number_of_cds`` and ``unit_price = dollar_value / number_of_cds``;
-* the timestamp is the date at 00:00 UTC plus one second per earlier order of that day (the file has
-  no time of day; this keeps a stable, time-ordered replay);
-* rows are replayed in date order. All 69,659 rows validate; a row with 0 CDs would become an order
-  with ``quantity=0`` and be dead-lettered (``out_of_range``) by the producer, never silently fixed.
-
-``ecom`` — ``retentioneering==5.2.4``: ``retentioneering/datasets/ecom.csv.gz`` (Apache-2.0), 31,106 page
-events of 600 users in 3,605 sessions of a consumer-electronics shop, Jan - Jun 2024. **Its own docstring
-says it is synthetic** (a teaching data set with embedded stories: a viral-article traffic spike, a
-mobile checkout bug from Apr 9, a payment-gateway incident from May 19), so it is a realistic-shaped
-clickstream, not real traffic. It has no item ids and no prices. Mapping:
-
-* every page event -> one :class:`~streams.schemas.Click` of merchant ``ecom``: the "item" is the page
-  the user opened (``item_id = "page:<event>"``), ``page`` is its page type (see :data:`ECOM_PAGES`),
-  ``position`` is the step number inside the session (capped at 50), ``device`` is the platform;
-* ``clicked`` is True when the user went on to another page in the same session and False on the
-  session's last page (the exit): the label is "continues vs leaves", which the data does contain;
-* one :class:`~streams.schemas.CatalogItem` per page kind comes first (category = the funnel stage of
-  :data:`ECOM_STAGES`, price 0.0 because the data has no prices);
-* no orders are emitted: ``purchase`` is a page event without basket or amount.
-
-``movielens`` — ``recbole==1.2.1`` (installed data-only, never imported):
-``recbole/dataset_example/ml-100k/ml-100k.inter`` and ``ml-100k.item``, the GroupLens MovieLens-100K
-data set: 100,000 **real** ratings (1-5) of 1,682 movies by 943 users, Sep 1997 - Apr 1998. Mapping
-(implicit feedback: a rating says the user chose to watch the movie, whatever the grade):
-
-* one :class:`~streams.schemas.CatalogItem` per movie first (category = its first genre, title from the
-  file, price 0.0: the data has none);
-* every rating -> one :class:`~streams.schemas.Order` of merchant ``movielens`` with one line item
-  (``movie:<id>``, quantity 1, price 0.0), user ``u<id>``; ratings are replayed in (time, file) order and
-  ratings with the same timestamp keep their file order.
+Design notes: `streams/README.md`, `streams/datasets.py`.
 """
 
 from __future__ import annotations

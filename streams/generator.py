@@ -1,52 +1,6 @@
 """Seeded synthetic merchant traffic: catalogs, users with tastes, sessions, impressions, clicks, orders, drift.
 
-The world
----------
-* ``merchants`` shops with Zipf-distributed shares of the traffic (``m00`` is the largest; at 100k events
-  the smallest get well under 1k clicks), each with its own catalog: 5-12 categories from a shared pool,
-  lognormal prices around a per-category level, Zipf item popularity inside each category.
-* Users belong to one merchant, have latent preferences over that merchant's categories (standard
-  normal), an activity level (lognormal) and a main device.
-* Sessions start with a daily seasonality (evening peak) over ``days`` days; a session is 1-12 pages
-  (home, search, category, product, recommendation, cart, other), each page shows 3-8 items in slots
-  0..k-1. Search/category/product/cart pages show one category, chosen by the user's tastes; home and
-  other pages show random categories; recommendation slots follow the user's tastes item by item.
-* Every displayed item is one :class:`~streams.schemas.Click` event (impression level) whose ``clicked``
-  label is drawn from a logistic model::
-
-      logit = merchant_base + item_quality + category_level + preference[user, category]
-              - 0.45 log(1 + position) + device + page + 0.25 cos(2π (hour - 21) / 24)
-              - 0.8 log(price / category_price_level)
-
-  Every term is visible to :class:`streams.features.Featurizer` (item, category, user×category,
-  position, device, page, hour, price bucket), so a logistic model on our features can learn it.
-* Some clicked items are bought: each session ends with at most one :class:`~streams.schemas.Order`
-  (a line per bought item, quantity ≥ 1, unit price = the catalog price at order time).
-
-Drift
------
-A :class:`DriftSpec` changes one merchant from global event ``at_event`` on (events are clicks and
-orders in time order, counted from 0; catalog events are not counted):
-
-* ``"preferences"`` — the merchant's users' tastes move to a permutation of the categories (mixed with
-  weight ``min(magnitude, 1)``): a concept drift, the displayed traffic looks the same but what gets
-  clicked changes, so a model trained before it loses accuracy.
-* ``"prices"`` — every item's price of the merchant is multiplied by ``exp(magnitude * N(0.35, 0.25))``
-  per category: new :class:`~streams.schemas.CatalogItem` events re-issue the catalog right before event
-  ``at_event``, order unit prices follow, and clicks react through the price term.
-
-Opt-in kinds the drift detectors were not designed around (benchmarks of their power):
-
-* ``"device_mix"`` — an app campaign: a share ``0.6 * min(magnitude, 1)`` of the merchant's sessions
-  moves to the ``app`` device (its click effect applies): the traffic mix and the click rate change.
-* ``"popular_item"`` — a new item (a new :class:`~streams.schemas.CatalogItem` right before ``at_event``,
-  in one of the merchant's categories, better than any of its items) takes a share ``0.3 * min(magnitude,
-  1)`` of the merchant's impressions, on every page.
-* ``"label_delay"`` — orders (the conversion labels) of the merchant's sessions come on average
-  ``magnitude`` × 30 min later than before (60 s + Exp(120 s) after the session's last page).
-
-Events before ``at_event`` are identical with and without the drift (same seed), so the drift is the only
-difference. :func:`ground_truth` says where each drift starts.
+Design notes: `streams/README.md`, `streams/generator.py`.
 
 Example:
     >>> config = GeneratorConfig(merchants=3, events=2000, seed=1,

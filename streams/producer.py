@@ -1,40 +1,6 @@
 """Validated event production: good events to their topic keyed by merchant, bad bytes to the dead-letter topic.
 
-Every payload that enters the platform goes through :class:`EventProducer`:
-
-* it is validated with :func:`streams.schemas.decode_event` (raw bytes) or re-encoded and validated
-  (event objects, whose constructors do not check constraints);
-* a valid event is sent, in its canonical JSON, to its type's topic (``streams.schemas.EVENT_KINDS``:
-  ``topics.clicks`` / ``topics.orders`` / ``topics.catalog``), keyed by ``merchant_id`` (so one merchant's events stay in order in one
-  partition), with ``acks=all``;
-* an invalid payload is sent to ``topics.dead_letter`` with its **original bytes** and headers that say why
-  (see :func:`dead_letter_headers`), and counted under its reason;
-* :meth:`EventProducer.flush` waits for every send and raises :class:`DeliveryFailed` if a valid event did
-  not reach the broker, so nothing is lost silently. ``accepted`` and ``dead_lettered`` count records the
-  broker **acknowledged**; ``failed`` and ``dead_letter_failed`` those it did not. A dead letter that fails
-  (after the client's retries) is counted and logged, never fatal. Memory is bounded: after
-  ``max_pending`` sends the producer flushes and checks before accepting more.
-* a dead letter is at most ``settings.kafka.max_payload_bytes`` (truncated beyond, with ``original_size``
-  and ``sha256`` headers) and its header values at most 1000 characters each, so it fits a broker's default
-  record limit (Apache Kafka's ``message.max.bytes``, 1,048,588).
-* records sent with a ``line`` (``fedstream ingest``) are tracked: after a failure, :meth:`resume_point`
-  says from which line to resume and which later lines were acknowledged all the same (to skip).
-
-Hot path: valid events are not sent one by one through ``KafkaProducer.send`` (~25 µs of pure Python per
-record: checks, partitioner, record builder, one future each). The producer computes each merchant's
-partition once (murmur2, as the Java client), encodes records straight into one v2 record batch per
-partition (:class:`streams.records.RecordBatchEncoder`) and hands each batch to kafka-python's
-accumulator when it reaches ``batch_size`` bytes or ``linger_ms`` has passed (a background thread hands
-off idle tails; :meth:`flush` hands off everything). kafka-python still sends, retries and acknowledges
-those batches (acks=all, idempotent); a batch's outcome counts for every record in it. Dead letters keep
-the ordinary per-record path.
-
-Example (needs a broker, see ``fedstream broker start``)::
-
-    with EventProducer(settings, source="shop-api") as producer:
-        producer.send_raw(b'{"type": "click", ...}')
-        producer.send_event(order)
-    producer.summary()  # {"accepted": 1, "dead_lettered": 1, "reasons": {"missing_field": 1}}
+Design notes: `streams/README.md`, `streams/producer.py`.
 """
 
 from __future__ import annotations

@@ -1,27 +1,6 @@
 """Kafka record batches (message format v2) decoded and encoded in bulk: the two hot loops of our clients.
 
-kafka-python parses and builds every record in pure Python through several objects per record
-(``DefaultRecord``, varint calls, property lookups, a future per sent record), which costs ~15 µs per
-record when consuming and ~25 µs when producing, far more than validating the event itself (~2 µs).
-This module does the same wire work in one tight loop per batch, and plugs into kafka-python at two
-narrow points so everything else (networking, group membership, retries, idempotence, offsets) stays
-kafka-python's:
-
-* :class:`FastPartitionRecords` replaces the fetcher's per-partition record parser of one consumer
-  (:func:`install_fast_fetch`); it yields the very same ``ConsumerRecord`` tuples as kafka-python, a
-  decoded batch at a time. :class:`RawPartitionRecords` yields :class:`RawRecord` instead (the fields an
-  event consumer reads, not tracked by the garbage collector): what ``EventConsumer`` uses.
-* :class:`RecordBatchEncoder` builds a record batch from ``(key, value)`` pairs; the producer hands the
-  whole batch to kafka-python's accumulator (:func:`enqueue_batch`, see :mod:`streams.producer`).
-
-Both are checked byte for byte / field for field against kafka-python's own implementation in
-``tests/test_streams_records.py``. They rely on kafka-python internals pinned in ``uv.lock``
-(``DefaultRecordBatch._buffer/_pos/_header_data``, ``Fetcher.PartitionRecords`` and its ``take``, the
-accumulator); :data:`SUPPORTED` and :data:`SUPPORTED_PRODUCE` are False when those are missing, and the
-clients then fall back to kafka-python's own code paths. Names alone are not enough: before the first use,
-:func:`fast_paths_agree` also runs both paths on a sample batch and compares records and bytes; when they
-disagree (an upgrade changed what a private means), it logs an ERROR naming the kafka-python version and
-the clients fall back.
+Design notes: `streams/README.md`, `streams/records.py`.
 """
 
 from __future__ import annotations
