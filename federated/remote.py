@@ -1,24 +1,6 @@
 """Rounds across separate TFF worker processes over gRPC: what ``fedstream federated join`` sets up.
 
-TFF 0.87 has no ``set_remote_python_execution_context`` and no ``tff.simulation.run_server`` any more
-(the Python executor stack and its remote service were removed). What it does ship:
-
-* ``tensorflow_federated/data/worker_binary``: the C++ executor *service*; ``--port=N`` serves TFF's
-  executor gRPC API (``--grpc_max_message_length_megabytes``, ``--max_concurrent_computation_calls``);
-* ``tff.framework.RemoteExecutor`` / ``RemoteExecutorGrpcStub``: a Python client of that service;
-* ``tff.backends.native.create_mergeable_comp_execution_context(async_contexts)``: compiles a
-  computation to *mergeable form* (work up to the aggregation, merge of partial aggregates, work after
-  the merge) and splits the CLIENTS-placed arguments across several contexts.
-
-The worker serves plain gRPC on all interfaces and runs whatever computation it is sent, so ``join``
-isolates it and puts a mutual-TLS gateway in front (:mod:`federated.isolation`); the coordinator dials
-that gateway with its client certificate (:func:`channel_credentials`).
-
-So a merchant joins by running its own ``worker_binary`` (:func:`start_worker`); the coordinator builds one
-remote async context per worker and a mergeable context over them (:func:`mergeable_context`); each round's
-client work for a merchant runs in that merchant's worker (its dataset is read there), and only partial
-aggregates travel back to be merged. :class:`OnWorkers` runs a learning/eval process's ``next`` in that
-context and everything else (initialize, weight accessors) locally.
+Design notes: `federated/README.md`, `federated/remote.py`.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Federated averaging rounds across merchants with TFF: functional builders and explicit state.
 
-TFF style: :func:`build_process` turns a ``model_fn`` and a :class:`FederatedConfig` into a
-``tff.learning.templates.LearningProcess`` (FedAvg weighted by example count, FedAdam/FedYogi server
-optimizers, FedProx, norm clipping, DP-FedAvg, secure aggregation); :func:`run_rounds` runs rounds on a
-:class:`FederatedData` and returns the new state plus one :class:`RoundResult` per round. State lives
-with the caller between rounds; nothing is hidden in globals.
-
-The coordinator never opens merchant data: :class:`FederatedData` maps a merchant id to a *callable*
-that names that merchant's split directory (a path string). The processes built here are composed with
-a per-client *dataset computation* (:func:`train_dataset_computation`) that turns ``(path, seed)`` into
-the merchant's batches inside TFF's client work, so a round's CLIENTS-placed argument is one short
-string and one integer per merchant, and what comes back from TFF is the new server state and
-aggregate metrics. (Building one ``tf.data`` graph per client in Python and shipping it to the executor
-cost ~0.07 s of coordinator CPU plus ~0.03 s of executor work per client per round; the composed form
-traces the dataset pipeline once.)
+Design notes: `federated/README.md`, `federated/training.py`.
 
 Example (not run here: it takes TFF's ~11 s import):
     >>> import tensorflow_federated as tff                                    # doctest: +SKIP

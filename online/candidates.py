@@ -1,19 +1,6 @@
 """Bounded, online candidate sources per merchant, and the raw statistics the ranker's features read.
 
-Per merchant, updated by every chosen item (a clicked impression, an order line), all capped:
-
-* **history** ("buy again") — each user's items with how often and when they were last chosen
-  (``max_user_items`` per user, ``max_users`` users, least recently seen dropped first);
-* **co-occurrence** — items chosen by the same user within their last ``history`` items
-  (``max_neighbors`` per item);
-* **transitions** — what is chosen right after what within a session (same ``session_id``, or within
-  ``session_gap_s`` of event time), ``max_neighbors`` per item;
-* **recent popularity** — exponentially decayed counts (forward decay, ``half_life_s``) and all-time counts;
-* **catalog** — catalog items never chosen yet, for cold start;
-* **repeat statistics** — per item and per merchant: how often a choice is a repeat of the same user's
-  earlier choice, and the log of the time between the two (so "after how long" is learned, not fixed).
-
-:meth:`CandidateState.propose` returns candidates with a bit mask of the sources that proposed each.
+Design notes: `online/README.md`, `online/candidates.py`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """Offline evaluation of recommendations: fedstream's served recommender against baselines, one pass.
 
-Every method sees the same events in the same (time) order and is asked for its top-K right *before*
-each target event, then learns the event (prequential: nothing from the future, for anyone). The split
-says which events are targets, each with a **validation** twin one step earlier:
-
-* ``last-order`` — each user's last order (their last chosen step when the stream has no orders); the
-  target is its items. Validation: the order before it.
-* ``last-session`` — each user's last session (same ``session_id``, or steps within 30 minutes), asked
-  at its first step; the target is every item chosen in it. Validation: the session before.
-* ``time`` — everything after the 80 % quantile of event time; each user is asked at their first step
-  after the cut and the target is every item they choose after it. Validation: the 60 %-80 % slice.
-
-Only users with at least one earlier step are asked. Baselines answer in a few variants
-(:mod:`online.baselines`); each baseline's variant with the best validation NDCG is the one reported on the
-test targets. Metrics: HitRate@K, NDCG@K (binary relevance), Recall@K, MRR@K, catalog coverage (distinct
-recommended items / items in the stream) and events/s (events learned and targets answered per second).
+Design notes: `online/README.md`, `online/evaluate.py`.
 """
 
 from __future__ import annotations

@@ -1,34 +1,6 @@
 """Logistic regression over the shared hashed features, with SGD, Adam and FTRL-Proximal updates.
 
-The weights (and every optimizer statistic) live in numpy arrays of ``2**bits`` slots, so memory is set
-by the hash space, never by how long the stream runs. Each learner speaks two protocols:
-
-* River's: ``learn_one(x, y)`` / ``predict_proba_one(x) -> {False: p0, True: p1}`` on ``{feature: value}``
-  dicts. The classes subclass :class:`river.base.Classifier`, so River pipelines, metrics and
-  ``evaluate.progressive_val_score`` accept them. Integer keys are slots (``streams.features.as_dict``);
-  any other key is hashed with CRC32C into the same space.
-* A vectorized one for mini-batches: ``learn_many(indices int32[n, F], values float32[n, F], y)`` and
-  ``predict_proba_many(indices, values) -> float[n]``, the dense ``(n, F)`` arrays of
-  :meth:`streams.features.Featurizer.transform_many`. ``learn_many`` returns the probabilities it
-  predicted *before* updating (test-then-train for free).
-
-Mini-batch semantics. By default (``max_delay=1``) ``learn_many`` is exact: rows are learned one after
-the other, each predicted at the weights the previous rows left, exactly as a ``learn_one`` loop, by the
-numba kernels of :mod:`online.kernels` (``native=True``; ``native=False`` runs the numpy reference the
-kernels are tested against, row by row and slowly). ``dtype="float32"`` halves the per-slot state.
-
-``max_delay=k > 1`` (or ``None``: whole batches) keeps the older numpy delayed-update path: the gradients
-of a chunk of ``k`` rows are all taken at the weights the chunk started from, and a slot hit by several
-rows gets their gradients summed (duplicate slots are the norm: ``bias`` is in every row):
-
-* FTRL: Algorithm 1 with the rows' updates delayed to the end of the chunk: per slot, the rows'
-  gradients are summed into ``z`` and their *squares* summed into ``n`` (as if they had come one by one),
-  ``σ`` is the change of ``√n / α`` and ``w`` is re-derived (64-row chunks: log loss +0.6% over exact);
-* SGD: in a chunk each slot takes one step on ``Σg / √k``, the summed gradient of the ``k`` rows
-  carrying it scaled by ``1/√k`` (between the plain sum, which blows up on ``bias``, and the mean, which
-  learns frequent slots ``k`` times too slowly);
-* Adam: one step per chunk on the chunk-mean gradient (the usual mini-batch Adam), lazy: only the
-  touched slots' moments move, bias correction uses the global step count (as River and TF LazyAdam).
+Design notes: `online/README.md`, `online/learners.py`.
 
 Example:
     >>> import numpy as np

@@ -1,17 +1,6 @@
 """The two-stage recommender: bounded candidate sources, then a small online pairwise ranker.
 
-:class:`ShopRecommender` keeps a :class:`~online.candidates.CandidateState` and a :class:`PairwiseRanker`.
-For every step a user takes (a clicked item, an order's items; after a merchant's first
-``warm_up_steps`` steps, every ``train_every``-th: the ranker has 22 weights, and this keeps the learner
-worker's cost per event low) it is **test-then-train**: the ranker first learns that the chosen items beat ``negatives`` sampled from the candidates proposed *before* the
-step (implicit feedback: no impressions needed, so orders-only shops learn too), then the candidate
-statistics fold the step in. Serving proposes candidates, computes their features (:data:`FEATURES`) and
-ranks by the learned score; each recommendation names the source that proposed it.
-
-The ranker is a linear model over the features with weights ``global + per-merchant`` (AdaGrad on the
-pairwise logistic loss of ``score(chosen) − score(not chosen)``): a new merchant starts from what all
-merchants learned, and a merchant where people re-buy learns a large weight on its own history features
-(a merchant where they never do learns a negative one), so there is no fixed exclusion window.
+Design notes: `online/README.md`, `online/ranking.py`.
 """
 
 from __future__ import annotations

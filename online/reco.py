@@ -1,21 +1,6 @@
 """Candidate generation per merchant, updated online: popular items and items co-clicked/co-bought.
 
-The first-generation recommender, kept so model versions registered with it load and serve as before; the
-learner worker now publishes :class:`online.ranking.ShopRecommender` (two stages, learned ranker).
-
-:class:`Recommender` proposes candidates; the click model ranks them (:func:`recommend`). Per merchant it
-keeps, all bounded:
-
-* **popularity** — exponentially decayed counts (half-life in event time) with the forward-decay trick:
-  each hit adds ``exp((t − t₀)/τ)``, so ranking by the stored value is ranking by the decayed count at any
-  later time, with no per-item timestamp. Clicks weigh 1, purchases ``order_weight``.
-* **co-occurrence** — when a user clicks or buys item ``j``, each item ``i`` among the user's last
-  ``history`` items gets ``co[i][j] += w`` and ``co[j][i] += w``. Each item keeps its ``max_neighbors``
-  strongest neighbours; the item table keeps the ``max_items`` most popular items.
-* **users** — each user's recent items and recent purchases (LRU over ``max_users`` users).
-
-``exclude`` leaves out what the user just bought (within ``exclude_seconds`` of event time): one does not
-recommend the laptop bought a minute ago; after that window the item may be relevant again (refills).
+Design notes: `online/README.md`, `online/reco.py`.
 
 Example:
     >>> from streams.schemas import Click, LineItem, Order

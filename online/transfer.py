@@ -1,22 +1,6 @@
 """Transfer learning for online learners: start a merchant's learner from a registered (federated) model.
 
-``fedstream learn --warm-start models:/NAME@ALIAS --transfer METHOD`` loads the version the alias points
-at (pinned by number, so a moving alias cannot change it mid-start) and builds the learner from it:
-
-* ``finetune``: the learner's weights start at the global weights (the global bias folded into the
-  featurizer's ``bias`` slot) and keep learning. For FTRL-Proximal ``n = 0`` and ``z`` is set so that
-  the closed form gives exactly the global weights; that makes the global weights a *prior* the learner
-  is pulled towards with precision ``β/α + λ₂`` (the term that pulls a cold learner towards 0), while the
-  adaptive rates let frequent slots leave it quickly. SGD and Adam start at ``w = global`` (their L2, if
-  any, still pulls towards 0).
-* ``features``: the global model is a frozen extractor. Its logit ``g(x)`` is one extra input (a
-  reserved hashed slot, :data:`GLOBAL_LOGIT_KEY`) of a local learner over the usual hashed features:
-  ``p = σ(a·g(x) + w·x)`` with ``a`` (starting at 1, so the model starts as the global one) and ``w``
-  (starting at 0) learned online. A wide (linear) extractor makes the whole model linear in the slots
-  again, so a registered snapshot is a plain ``LinearScorer`` of ``a·G + w``.
-
-Both record where they came from on the model (``transfer_source``), which the worker copies into every
-published version's lineage tags (``lineage.transfer``, ``lineage.source_model``, ``lineage.source_version``).
+Design notes: `online/README.md`, `online/transfer.py`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The ``fedstream`` pyfunc flavor: any :class:`~registry.bundle.ModelBundle` as a standard MLflow model.
 
-The bundle is pickled (cloudpickle) into one artifact, ``bundle.pkl``, signed (HMAC-SHA256, see
-:mod:`registry.signing`: it is verified before anything is unpickled); a thin
-:class:`BundlePythonModel` loads it back, so every model of the platform (our numpy learners, River
-models, the federated scorer) loads with the stock loader and predicts from a DataFrame of clicks::
-
-    with registry.tracking.activate(settings):     # store URI and signing key of these settings
-        model = mlflow.pyfunc.load_model("models:/fedstream-ctr@champion")
-    model.predict(clicks_df)                          # p(click) per row
-    bundle = model.unwrap_python_model().bundle       # the ModelBundle, e.g. for .recommend(...)
-
-Click rows are validated with the platform's event schema (:func:`streams.schemas.decode_event`), so a
-DataFrame row is accepted exactly when the same click would be accepted on the Kafka topic.
+Design notes: `registry/README.md`, `registry/flavor.py`.
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """The HTTP API: recommendations, click predictions, event ingestion, model versions, drift, health, metrics.
 
-Build it with :func:`create_app` (``fedstream serve`` runs it under uvicorn). It serves the registry's
-``models:/NAME@champion`` (NAME = ``settings.serving.model_name``) and hot-swaps it when the alias
-moves (:mod:`serving.holder`). Event payloads are validated with the platform's own msgspec schemas
-(:mod:`streams.schemas`), whose JSON Schema is also what the OpenAPI document shows, so the docs, the
-API and the Kafka consumers agree on what a valid click is.
-
-Routers by audience (:mod:`serving.routes`): ops (health, readiness, metrics: anyone), merchant
-(recommendations, predictions, served model, drift of one merchant), ingest (events), admin (models,
-promote/rollback, drift of all). Every ``/v1`` route needs an ``X-API-Key`` header (:mod:`serving.keys`),
-checked before any body is read, then rate-limited per key; bodies are bounded while they stream in
-(:mod:`serving.limits`). Errors are JSON ``{"detail": ...}`` with 4xx codes; per-event problems list the
-event index and the machine-readable reason from :data:`streams.schemas.REASONS`. Ingestion is never
-all-or-nothing on content: invalid events go to the dead-letter topic with their original bytes and
-reason (as with ``fedstream ingest``) while the valid ones are produced, and the answer accounts for each.
+Design notes: `serving/README.md`, `serving/app.py`.
 """
 
 from __future__ import annotations
