@@ -244,8 +244,10 @@ class ClickRanker:
     ``(n, F)`` slot matrix.
     """
 
-    def __init__(self, feature_bits: int, *, cached: bool = True) -> None:
-        self.featurizer = Featurizer(feature_bits)
+    def __init__(self, feature_bits: int, *, cached: bool = True, featurizer: Featurizer | None = None) -> None:
+        if featurizer is not None and featurizer.bits != feature_bits:
+            raise ValueError(f"featurizer has {featurizer.bits} bits, the ranker {feature_bits}")
+        self.featurizer = featurizer or Featurizer(feature_bits)
         self.cached = cached
         self._index = _CandidateIndex(self.featurizer)
 

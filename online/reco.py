@@ -246,14 +246,10 @@ def recommend(model, featurizer, context, merchant_id: str, user_id: str, k: int
     path serving uses (:class:`online.click_ranking.ClickRanker`, uncached: the context keeps changing)."""
     from online.click_ranking import ClickRanker
 
-    ranker = _RANKERS.get(featurizer.bits)
-    if ranker is None:
-        ranker = _RANKERS[featurizer.bits] = ClickRanker(featurizer.bits, cached=False)
+    ranker = ClickRanker(featurizer.bits, cached=False, featurizer=featurizer)  # holds nothing but the featurizer
     when = time.time() if timestamp is None else timestamp
     return [(r.item_id, r.score) for r in ranker.rank(model, context, recommender, merchant_id, user_id, k, when=when,
                                                       candidate_limit=candidate_limit)]
 
-
-_RANKERS: dict = {}  # feature bits -> uncached ClickRanker (it holds only a featurizer)
 
 __all__ = ["Recommender", "recommend"]
