@@ -1,14 +1,6 @@
 """Feature and label drift detectors as a long-running consumer-group member (``fedstream drift monitor --follow``).
 
-The learner worker feeds its *predictions* to the error detectors (ADWIN, Page-Hinkley) block by block;
-the detectors that need only the events themselves (click-through and conversion rates, price and hour
-PSI/KS, category shares, the price index and the users' category choices) run here, in their own
-consumer group, so they scale by partition (merchant) like the learners and never slow learning down.
-
-State is exactly-once like the learner's: the monitor's snapshot and the next offset of every partition
-are written together atomically (``fedstream.files.write_atomic``); a restarted follower restores both and
-seeks every partition to its saved offset, so no event is missed or counted twice by a detector. Drift
-events published after the last checkpoint are published again on replay (at least once).
+Design notes: `drift/README.md`, `drift/follow.py`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """Per-merchant comparison on held-out data: local-only, global federated, and global fine-tuned locally.
 
-Everything here runs at the merchant: it opens the merchant's own store, trains Keras on it, and scores
-its held-out split. The coordinator only ever sends the global weights in (as a merchant downloading the
-published model would) and gets a row of metrics back.
-
-* ``local``     — the same model trained from scratch on the merchant's own train split only;
-* ``global``    — the federated model as is;
-* ``finetuned`` — the federated model fine-tuned on the merchant's train split (personalization; for a
-  new merchant with little data this is the cold-start warm start).
+Design notes: `federated/README.md`, `federated/personalize.py`.
 
 Example (not run here: it needs TensorFlow):
     >>> rows = compare_merchants(stores, ModelConfig(bits=14), global_weights)   # doctest: +SKIP

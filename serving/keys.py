@@ -1,14 +1,6 @@
 """API keys: one per merchant (reads only that merchant's data) plus admin keys for operations.
 
-Keys are high-entropy random tokens (``fsk_<key id>.<256-bit secret>``) shown once when issued; only a
-salted SHA-256 of the secret is stored, in ``<data_dir>/api-keys.json`` (mode 0600, replaced atomically
-under an exclusive ``flock``, so concurrent ``keys issue`` commands never lose a key). A slow KDF
-(scrypt/PBKDF2) protects *low*-entropy passwords from brute force; a 256-bit random secret cannot be
-brute-forced, so one fast hash keeps verification at ~1 µs per request. The key id makes lookup O(1)
-and lets an operator revoke one key without touching the others.
-
-Issue keys with ``fedstream serve keys issue --merchant m1`` (or ``--admin``), list them with
-``fedstream serve keys list``, revoke with ``fedstream serve keys revoke KEY_ID``.
+Design notes: `serving/README.md`, `serving/keys.py`.
 
 Example:
     >>> import tempfile, pathlib

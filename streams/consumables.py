@@ -1,15 +1,6 @@
 """Consumable categories for the synthetic generator: items people buy again, each user on their own cycle.
 
-Opt-in (``fedstream generate --consumables SHARE``); without it the generated stream is unchanged. Per
-merchant, a ``share`` of its categories (at least one, drawn with the seed) is consumable. The first time
-a user buys an item of such a category, the user starts a **repeat cycle** for it: a period drawn
-log-uniformly in ``cycle_days`` (one per user and category), after which the user orders the same item
-again (quantity 1, the price of the first order), each gap jittered by ``jitter`` (relative standard
-deviation); after every re-buy the user keeps the habit with probability ``loyalty``. Re-buy orders are
-merged into the stream in time order and stop at its last event; they come on top of ``events``.
-
-:func:`with_consumables` returns the events and the ground truth: one row per started cycle
-(merchant, user, item, category, cycle seconds, number of re-buys emitted).
+Design notes: `streams/README.md`, `streams/consumables.py`.
 
 Example:
     >>> from streams.generator import GeneratorConfig, generate

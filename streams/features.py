@@ -1,14 +1,6 @@
 """Featurization shared by the online and federated models: event + context -> hashed sparse vector.
 
-The hashing trick maps each field-aware feature name (``category=shoes``, ``user×category=u7|shoes``)
-to one of ``2**bits`` slots with CRC32C (stable across processes and machines, unlike ``hash``).
-Every event yields exactly one feature per field in :data:`FIELDS`, so a mini-batch is a dense
-``(n, F)`` array of slot indices plus an ``(n, F)`` array of values: numpy learners index weights
-with it, River gets ``{slot: value}`` dicts, and Keras uses it as an embedding bag. Memory is
-bounded by the hash space, never by the number of users or items.
-
-Context (the merchant's catalog and each user's recent categories) is read *before* the event is
-observed, so no feature ever sees its own label.
+Design notes: `streams/README.md`, `streams/features.py`.
 
 Example:
     >>> from streams.schemas import Click

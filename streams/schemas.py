@@ -1,21 +1,6 @@
 """Versioned event schemas: the one place that says what a click, an order and a catalog item are.
 
-Events are JSON objects with a ``type`` tag (``click``, ``order``, ``catalog``) and a
-``schema_version``. Validation uses msgspec (typed decode straight from bytes, ~1 µs per event).
-Every way an event can be bad maps to one machine-readable reason in :data:`REASONS`, which the
-dead-letter topic and the counters use.
-
-Schema version 1
-----------------
-click    — one displayed item and whether the user clicked it (impression-level, as ad/reco logs are):
-           event_id, merchant_id, user_id, item_id, session_id, timestamp (epoch seconds, UTC),
-           position (0-based slot), page (home|search|category|product|cart|recommendation|other),
-           device (desktop|mobile|tablet|app), clicked (bool, default true), query (optional),
-           referrer (optional).
-order    — event_id, order_id, merchant_id, user_id, session_id (optional), timestamp, currency
-           (ISO 4217, 3 letters), items: [{item_id, quantity > 0, unit_price >= 0}] (1..500 lines).
-catalog  — event_id, merchant_id, item_id, category, price >= 0, title, brand (optional),
-           timestamp; the latest catalog event per item wins.
+Design notes: `streams/README.md`, `streams/schemas.py`.
 
 Example:
     >>> raw = encode_event(Click(event_id="e1", merchant_id="m1", user_id="u1", item_id="i1",

