@@ -141,3 +141,23 @@ def test_each_merchant_builds_its_store_from_kafka(kafka_settings, generated, tm
         np.testing.assert_array_equal(direct["labels"], read["labels"])
         np.testing.assert_array_equal(stores["m01"].load(split)["indices"], everyone["m01"].load(split)["indices"])
     assert len(merchant_events_from_kafka(kafka_settings, "m02")) == sum(e.merchant_id == "m02" for e in events)
+
+
+def test_a_store_from_kafka_prices_clicks_as_they_were_when_the_catalog_changes_midstream(kafka_settings, tmp_path):
+    """Prices re-issued mid-stream: Kafka's events come back in event time order, so a click before the
+    change is featurized with the old price, exactly as from the stream itself (catalog-first order used to
+    give every click the new prices)."""
+    from streams.generator import DriftSpec
+    from streams.producer import EventProducer
+
+    config = GeneratorConfig(merchants=2, events=3000, seed=8, drifts=(DriftSpec("m00", at_event=1500, kind="prices"),))
+    events = list(generate(config))
+    direct = build_stores(events, tmp_path / "direct", bits=BITS)
+    producer = EventProducer(kafka_settings, now=2e9)
+    try:
+        assert producer.send_many(events)["accepted"] == len(events)
+    finally:
+        producer.close()
+    read = build_stores_from_kafka(kafka_settings, tmp_path / "kafka", ["m00"], bits=BITS)
+    for split in ("train", "heldout"):
+        np.testing.assert_array_equal(read["m00"].load(split)["indices"], direct["m00"].load(split)["indices"])
