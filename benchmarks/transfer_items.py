@@ -35,7 +35,7 @@ CALIBRATION_SEEDS = [1]
 REPORT_SEEDS = [11, 12] if QUICK else [11, 12, 13, 14, 15]
 NEW_SHARE = 0.2
 PREFIX = 0.7
-STREAM = {"merchants": 8, "events": 60_000 if QUICK else 150_000,
+STREAM = {"merchants": 8, "events": 150_000 if QUICK else 300_000,
           "items_per_merchant": (40, 250) if QUICK else (60, 600)}
 ARMS = ("text (title + brand + category)", "category name only", "random vectors (chance)")
 
