@@ -27,11 +27,14 @@ import itertools
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streams.schemas import CatalogItem, Click, Event, Order
-from streams.text import ItemTextEmbeddings, item_text
+
+if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
+    from streams.text import ItemTextEmbeddings
 
 HISTORY, COOCCUR, TRANSITION, POPULAR, CATALOG = 1, 2, 4, 8, 16
 SOURCE_NAMES = {HISTORY: "history", COOCCUR: "co-occurrence", TRANSITION: "transition", POPULAR: "popular",
@@ -181,6 +184,8 @@ class CandidateState:
                 if event.item_id not in shop.stats:
                     shop.unchosen[event.item_id] = None
                 if self.text:
+                    from streams.text import item_text
+
                     shop.pending[event.item_id] = item_text(event.title, event.category, event.brand or "")
                     if len(shop.pending) >= self.text_batch:
                         self.embed_pending(shop)
@@ -238,9 +243,9 @@ class CandidateState:
         for one in [shop] if shop is not None else list(self.shops.values()):
             if not one.pending:
                 continue
-            if self.encoder is None:
-                from streams.text import TextEncoder
+            from streams.text import ItemTextEmbeddings, TextEncoder
 
+            if self.encoder is None:
                 self.encoder = TextEncoder.load()
             one.text = one.text or ItemTextEmbeddings()
             one.text.encoder = self.encoder
