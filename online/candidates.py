@@ -91,7 +91,7 @@ class Shop:
     ranked: list[str] = field(default_factory=list)
     since_rank: int = 0
     text: ItemTextEmbeddings | None = None  # catalog items' text embeddings (``CandidateState(text=True)``)
-    text_open: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per text row: unchosen
+    text_open: bytearray = field(default_factory=bytearray)  # per text row: 1 while the item is unchosen
     text_items: list[str] = field(default_factory=list)  # item of each text row
     pending: dict[str, str] = field(default_factory=dict)  # catalog texts not embedded yet
 
@@ -204,7 +204,7 @@ class CandidateState:
             if item in shop.unchosen:
                 del shop.unchosen[item]
                 if shop.text is not None and item in shop.text.index:
-                    shop.text_open[shop.text.index[item]] = False
+                    shop.text_open[shop.text.index[item]] = 0
             shop.popularity[item] = shop.popularity.get(item, 0.0) + value
             self._repeat_stats(shop, user, item, when)
             for other in dict.fromkeys((*user.recent, *items)):  # earlier items, and the same basket
@@ -252,8 +252,7 @@ class CandidateState:
             done += one.text.update(one.pending, batch_size=64)
             rows = len(one.text.index)
             one.text_items.extend(itertools.islice(one.text.index, len(one.text_items), None))  # rows in insertion order
-            if len(one.text_open) < rows:
-                one.text_open = np.concatenate([one.text_open, np.zeros(rows - len(one.text_open), dtype=bool)])
+            one.text_open.extend(bytes(rows - len(one.text_open)))
             for item in one.pending:
                 one.text_open[one.text.index[item]] = item in one.unchosen
             one.pending.clear()
@@ -367,17 +366,17 @@ class CandidateState:
     def cold_start(self, shop: Shop, user: Shopper | None, limit: int) -> list[str]:
         """Up to ``limit`` unchosen catalog items: by text similarity to the user's recent items when their
         texts are embedded (closest first, then the rest in catalog order), else in catalog order."""
-        text = shop.text
-        recent = [text.index[i] for i in (user.recent if user is not None else ()) if text is not None and i in text.index]
-        if not recent or not shop.text_open.any():
+        text = shop.text  # None also for shops pickled before text candidates existed
+        recent = [text.index[i] for i in user.recent if i in text.index] if text is not None and user else []
+        is_open = np.frombuffer(shop.text_open, dtype=bool) if recent else None  # a view, no copy
+        if is_open is None or not is_open.any():
             return list(itertools.islice(shop.unchosen, limit))
-        rows = len(shop.text_open)
-        matrix = text.matrix[:rows]
+        matrix = text.matrix[:len(is_open)]
         taste = matrix[recent].mean(axis=0)
         # einsum, not BLAS: a matrix-vector product this size gains nothing from BLAS threads, which on
         # a busy host spin (10-20 ms instead of 2 ms per request, measured at load 10 on 2 cores)
-        scores = np.where(shop.text_open, np.einsum("ij,j->i", matrix, taste), -np.inf)
-        k = min(limit, int(shop.text_open.sum()))
+        scores = np.where(is_open, np.einsum("ij,j->i", matrix, taste), -np.inf)
+        k = min(limit, int(is_open.sum()))
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
         chosen = [shop.text_items[r] for r in best.tolist()]
