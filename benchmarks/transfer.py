@@ -1,6 +1,7 @@
 """Transfer benchmark: cold-start items from catalog text, and cold-start merchants from the global model.
 
-Two parts, one run. **New items** (below). **New merchants**: learning curves of local-only, global,
+Three parts, one run. **New items** on MovieLens (below) and on the generated stream
+(:mod:`benchmarks.transfer_items`, the same ranking function). **New merchants**: learning curves of local-only, global,
 finetune, features and text starts for held-out MovieLens occupations, see :mod:`benchmarks.transfer_curve`
 (it reuses the title embeddings computed here for its text arm).
 
@@ -30,7 +31,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks import transfer_curve
+from benchmarks import transfer_curve, transfer_items
+from benchmarks.transfer_items import rank_new_items
 from streams.datasets import movielens_table
 from streams.text import TextEncoder, item_text
 
@@ -52,37 +54,18 @@ def movielens() -> tuple[dict[int, tuple[str, str]], list[tuple[int, int, float]
     return movies, rows
 
 
-def _unit(m: np.ndarray) -> np.ndarray:
-    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
-
-
 def cold_start_scores(vectors: dict[int, np.ndarray], rows: list[tuple[int, int, float]], seed: int) -> dict:
-    """AUC and HitRate@10 of new (unseen) movies ranked by cosine to each user's liked seen movies."""
+    """AUC and HitRate@10 of new (unseen) movies ranked by cosine to each user's liked seen movies
+    (:func:`benchmarks.transfer_items.rank_new_items`, the function the generated stream's row uses)."""
     rng = np.random.default_rng(seed)
     items = np.array(sorted(vectors))
     new = set(rng.choice(items, size=int(NEW_SHARE * len(items)), replace=False).tolist())
-    pool = np.array(sorted(new))
-    pool_vectors = _unit(np.stack([vectors[i] for i in pool]))
     liked_seen: dict[int, list[int]] = defaultdict(list)
     chosen_new: dict[int, set[int]] = defaultdict(set)
     for user, item, rating in rows:
         if rating >= LIKED:
             (chosen_new[user].add(item) if item in new else liked_seen[user].append(item))
-    aucs, hits, total = [], 0, 0
-    for user, chosen in chosen_new.items():
-        if not liked_seen[user]:
-            continue
-        taste = np.mean([vectors[i] for i in liked_seen[user]], axis=0)
-        scores = pool_vectors @ taste
-        is_chosen = np.isin(pool, list(chosen))
-        ranks = scores.argsort().argsort()
-        n_pos, n_neg = is_chosen.sum(), (~is_chosen).sum()
-        aucs.append((ranks[is_chosen].sum() - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg))
-        top = set(pool[np.argsort(-scores)[:10]].tolist())
-        hits += len(chosen & top)
-        total += len(chosen)
-    return {"auc": float(np.mean(aucs)), "hit_rate_at_10": hits / total, "users": len(aucs),
-            "pool": len(pool), "chance_hit_rate_at_10": 10 / len(pool)}
+    return rank_new_items(vectors, liked_seen, chosen_new, {"all": sorted(new)}, seed=seed)
 
 
 def arms(encoder: TextEncoder, movies: dict[int, tuple[str, str]]) -> dict[str, dict[int, np.ndarray]]:
@@ -128,6 +111,9 @@ def main() -> dict:
                     "met": min(r["auc"] for r in text) > 0.5, "mode": "quick" if QUICK else "full",
                     "seeds": {"calibration": [], "report": SEEDS}, "date": dt.date.today().isoformat()}],
     }
+    generated = transfer_items.run(encoder)
+    figures["readme"].append(generated.pop("readme"))
+    figures.update(generated)
     cold = transfer_curve.run(vectors["text (title + genres)"])
     figures["readme"].append(cold.pop("readme"))
     figures.update(cold)

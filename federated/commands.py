@@ -113,6 +113,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 @click.option("--generate-merchants", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--register-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also register every Nth round's global model (the final one always is).")
+@click.option("--register", "model_name", default=None, metavar="NAME",
+              help="Register the global model under NAME [default: settings.federated.model_name]; a learner starts "
+                   "from it with `fedstream learn --warm-start models:/NAME@ALIAS --transfer features|finetune`.")
 @click.option("--no-personalize", is_flag=True, help="Skip the per-merchant local/global/fine-tuned table.")
 @click.option("--seed", type=int, default=None, help="Seed (default: settings.seed).")
 @click.option("--workers", is_flag=True,
@@ -120,13 +123,17 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 @pass_settings
 def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, clip, dp_delta, secure_agg,
         server_optimizer, server_lr, client_lr, aggregation, client_epochs, prox_mu, dropout_rate, deep, bits, source, events,
-        generate_merchants, register_every, no_personalize, seed, workers) -> None:
+        generate_merchants, register_every, model_name, no_personalize, seed, workers) -> None:
     """Run federated rounds over per-merchant stores, log every round to MLflow and register the model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from federated.model import ModelConfig
     from federated.training import FederatedConfig
 
     seed = settings.seed if seed is None else seed
+    model_name = model_name if model_name is not None else settings.federated.model_name
+    if not model_name.strip() or any(c in model_name for c in "/@"):
+        raise click.BadParameter(f"a registered model name has no '/' or '@' and is not empty, got {model_name!r}",
+                                 param_hint="--register")
     server_lr = server_lr if server_lr is not None else (1.0 if server_optimizer == "sgd" else 0.02)
     bits = bits or min(settings.feature_bits, 20)
     try:
@@ -161,8 +168,9 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
         raise click.ClickException("no merchant has enough examples to train on")
     click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)
     _warn_meaningless_dp(settings, config, len(stores))
-    outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize, joined)
-    _report(outcome)
+    outcome = _run_with_progress(settings, stores, config, model_config, register_every, not no_personalize, joined,
+                                 model_name)
+    _report(outcome, model_name)
 
 
 def _warn_meaningless_dp(settings, config, n_merchants: int) -> None:
@@ -285,7 +293,8 @@ def certs(settings, out, worker_hosts, days, name) -> None:
     click.echo(json.dumps({k: str(v) for k, v in written.items()}))
 
 
-def _run_with_progress(settings, stores, config, model_config, register_every, personalize, workers=None):
+def _run_with_progress(settings, stores, config, model_config, register_every, personalize, workers=None,
+                       model_name=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from federated.runner import run_federated
@@ -304,17 +313,17 @@ def _run_with_progress(settings, stores, config, model_config, register_every, p
                 progress.update(task, advance=1, status=status)
 
             return run_federated(settings, stores, config, model_config, register_every=register_every,
-                                 personalize=personalize, on_round=on_round, workers=workers)
+                                 personalize=personalize, on_round=on_round, workers=workers, model_name=model_name)
     finally:
         stop_tff_workers()
 
 
-def _report(outcome) -> None:
+def _report(outcome, model_name: str) -> None:
     from federated.personalize import format_table
 
     if outcome.personalization:
         click.echo(format_table(outcome.personalization))
-    summary = {"run_id": outcome.run_id, "versions": outcome.versions, "execution_context": outcome.context,
+    summary = {"run_id": outcome.run_id, "model": model_name, "versions": outcome.versions, "execution_context": outcome.context,
                "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.privacy_notes,
                **outcome.summary}
     if outcome.privacy_notes.get("dp_guarantee", "").startswith("none"):

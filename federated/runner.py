@@ -3,7 +3,7 @@
 :func:`run_federated` is what ``fedstream federated run`` and the benchmark call. Every round logs its
 aggregate metrics (train and federated-eval AUC/logloss, participants, dropouts, seconds) to one MLflow
 run; every ``register_every`` rounds and at the end the global model is registered as a version of
-``fedstream-federated`` (a TF-free :class:`~federated.model.NumpyScorer` inside a
+``settings.federated.model_name`` (default ``fedstream-federated``; a TF-free :class:`~federated.model.NumpyScorer` inside a
 :class:`~registry.bundle.ModelBundle`) with lineage tags, and the Keras model is logged with
 ``mlflow.tensorflow`` as an artifact of the run. The caller stops TFF's ``worker_binary`` afterwards
 (:func:`fedstream.processes.stop_tff_workers`).
@@ -23,11 +23,11 @@ from federated.training import (
     run_rounds, use_execution_context,
 )
 from fedstream.logs import get_logger
-from fedstream.settings import Settings
+from fedstream.settings import FederatedSettings, Settings
 
 log = get_logger("federated.runner")
 
-MODEL_NAME = "fedstream-federated"
+MODEL_NAME = FederatedSettings.model_fields["model_name"].default  # the name unless settings or --register say
 
 
 @dataclass
@@ -115,10 +115,20 @@ def scorer_from_state(process, state, model_config: ModelConfig) -> tuple[NumpyS
     return NumpyScorer.from_keras(model_config, model), model
 
 
+def extractor_lineage(model_config: ModelConfig) -> dict[str, str]:
+    """How a learner can start from the version (``fedstream learn --warm-start ... --transfer METHOD``):
+    the methods that work for this model, and what the frozen extractor hands the learner."""
+    return {"transfer_methods": "features" if model_config.deep else "finetune,features",
+            "extractor": "global logit of the wide & deep model (embedding bag + MLP)" if model_config.deep
+            else "global logit of the wide model (a weight per hashed slot)"}
+
+
 def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, round_num: int,
                     config: FederatedConfig, model_config: ModelConfig, metrics: Mapping[str, float],
-                    lineage: Mapping[str, Any], run_id: str | None, context=None) -> str:
-    """Register the global model as a version (numpy scorer bundle) and log the Keras model in the run.
+                    lineage: Mapping[str, Any], run_id: str | None, context=None, name: str | None = None) -> str:
+    """Register the global model as a version (numpy scorer bundle) of ``name`` (default
+    ``settings.federated.model_name``) and log the Keras model in the run. Its lineage tags say how a
+    learner can use it as a start (:func:`extractor_lineage`).
 
     ``context``: the merchants' published catalogs (:func:`published_catalogs`), so serving can recommend.
     """
@@ -134,8 +144,9 @@ def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, rou
                          description=f"federated global model after round {round_num}",
                          meta={"round": round_num, "model": asdict(model_config)})
     # run_id=None: a nested registration run per version, so its metrics (step 0) stay out of the round curves
-    version = register_version(settings, bundle, name=MODEL_NAME, metrics=metrics,
-                               lineage={**lineage, "rounds": round_num, "training_run_id": run_id}, run_id=None)
+    version = register_version(settings, bundle, name=name or settings.federated.model_name, metrics=metrics,
+                               lineage={**lineage, **extractor_lineage(model_config), "rounds": round_num,
+                                        "training_run_id": run_id}, run_id=None)
     import tensorflow as tf
 
     mlflow.tensorflow.log_model(keras_model, name=f"keras-round-{round_num:04d}",
@@ -166,11 +177,12 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
                   model_config: ModelConfig, *, register_every: int = 0, personalize: bool = True,
                   personalization: PersonalizationConfig = PersonalizationConfig(),
                   on_round: Callable[[int, RoundResult], None] | None = None, track: bool = True,
-                  workers: list | None = None) -> RunOutcome:
+                  workers: list | None = None, model_name: str | None = None) -> RunOutcome:
     """Train ``config.rounds`` rounds over ``stores``; log, register and compare per merchant.
 
     With ``workers`` (:class:`federated.remote.WorkerRecord` of joined merchants), every round's client
     work runs in the joined merchants' own TFF workers (one merchant per worker, all of them every round).
+    ``model_name``: the registered model the versions go to (default ``settings.federated.model_name``).
     """
     import contextlib
 
@@ -213,7 +225,7 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
                     outcome.versions.append(register_global(
                         settings, scorer, keras_model, round_num=round_num, config=config, model_config=model_config,
                         metrics={**result.metrics(), **privacy}, lineage={**lineage, **privacy}, run_id=outcome.run_id,
-                        context=catalogs))
+                        context=catalogs, name=model_name))
             if on_round is not None:
                 on_round(round_num, result)
 
@@ -232,5 +244,6 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
                 mlflow.log_dict({"rows": outcome.personalization}, "personalization/merchants.json")
             outcome.versions.append(register_global(
                 settings, outcome.scorer, keras_model, round_num=config.rounds, config=config, model_config=model_config,
-                metrics=final_metrics, lineage={**lineage, **outcome.privacy}, run_id=outcome.run_id, context=catalogs))
+                metrics=final_metrics, lineage={**lineage, **outcome.privacy}, run_id=outcome.run_id, context=catalogs,
+                name=model_name))
     return outcome

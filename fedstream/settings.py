@@ -203,6 +203,9 @@ class FederatedSettings(BaseModel):
     coordinator_key_file: Path | None = Field(default=None, description="Its private key.")
     meaningful_epsilon: float = Field(
         default=10.0, gt=0, description="A DP run whose ε exceeds this is reported as giving no meaningful guarantee.")
+    model_name: str = Field(
+        default="fedstream-federated", min_length=1, pattern=r"^[^/@]+$",
+        description="Registered model name of the federated global model (`federated run --register`).")
 
 
 class Settings(BaseSettings):

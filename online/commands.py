@@ -79,13 +79,16 @@ def prediction_monitor(name: str):
 @click.option("--transfer", type=click.Choice(("finetune", "features")), default="finetune", show_default=True,
               help="With --warm-start: finetune (start at its weights) or features (its logit is a frozen input "
                    "of a local learner).")
+@click.option("--text-candidates", is_flag=True,
+              help="Propose cold-start items (nobody chose them yet) by the similarity of their catalog text to the "
+                   "user's recent items (all-MiniLM-L6-v2, each item embedded once in the worker).")
 @pass_settings
 def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
           worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
           flush_caught_up: bool, fetch_wait_ms: int,
           checkpoint_path: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
           no_publish: bool, rank_every: int, watch_drift: bool, warm_start: str | None,
-          transfer: str) -> None:
+          transfer: str, text_candidates: bool) -> None:
     """Consume clicks and orders as a consumer group member, learn test-then-train, checkpoint and publish.
 
     Resumes from its checkpoint (model, features, recommender, metrics and offsets saved together), so a
@@ -100,7 +103,7 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
-        warm_start=warm_start, transfer=transfer,
+        warm_start=warm_start, transfer=transfer, text_candidates=text_candidates,
     )
     monitors = {"drift": prediction_monitor("drift")(settings, publish_to_mlflow=not no_publish)} if watch_drift else {}
     try:

@@ -34,8 +34,13 @@ def serving_model(model: Any, bits: int) -> Any:
 
 
 def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float]) -> dict[str, Any]:
-    """What a publication needs, copied now (the live state keeps changing while it is registered)."""
+    """What a publication needs, copied now (the live state keeps changing while it is registered). Catalog
+    texts still waiting for their embedding are embedded first (here, between blocks: never in serving)."""
     from registry.bundle import ModelBundle
+
+    candidates = getattr(state.recommender, "state", None)
+    if candidates is not None and hasattr(candidates, "embed_pending"):
+        candidates.embed_pending()
 
     bundle = ModelBundle(model=serving_model(state.model, state.bits), feature_bits=state.bits,
                          context=state.context, recommender=state.recommender, kind="online",

@@ -23,6 +23,7 @@ from fedstream.settings import Settings
 from online.checkpoints import CheckpointWriter
 from online.prequential import PrequentialEvaluator
 from online.publishing import Publisher
+from online.candidates import CandidateState
 from online.ranking import ShopRecommender
 from online.reco import recommend
 from online.river_models import make_model
@@ -62,6 +63,7 @@ class WorkerConfig:
     flush_when_caught_up: bool = True
     warm_start: str | None = None  # models:/NAME@ALIAS to start a fresh learner from (online.transfer)
     transfer: str = "finetune"  # how: finetune | features
+    text_candidates: bool = False  # cold-start items by catalog-text similarity (online.candidates)
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:
@@ -106,12 +108,13 @@ def peak_rss_mb() -> float | None:
 class LearnerState:
     """Everything that is checkpointed together: model, context, recommender, metrics, offsets."""
 
-    def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000) -> None:
+    def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000,
+                 text_candidates: bool = False) -> None:
         self.model = model
         self.bits = bits
         self.model_name = model_name
         self.context = FeatureContext()
-        self.recommender = ShopRecommender()
+        self.recommender = ShopRecommender(candidates=CandidateState(text=text_candidates))
         self.evaluator = PrequentialEvaluator(window=metrics_window)
         self.offsets: dict[tuple[str, int], int] = {}  # next offset to learn, per (topic, partition)
         self.events = 0  # records learned (all types)
@@ -162,12 +165,14 @@ class OnlineWorker:
                 raise ValueError(f"checkpoint {self.checkpoint_path} holds {saved['model_name']} with "
                                  f"{saved['bits']} bits, not {config.model} with {settings.feature_bits}")
             self.state = LearnerState.from_checkpoint(saved)
+            self.state.recommender.state.text = config.text_candidates  # catalog texts from now on
             log.info("resumed from checkpoint", extra={"path": str(self.checkpoint_path), "events": self.state.events,
                                                         "offsets": {f"{t}:{p}": o for (t, p), o in self.state.offsets.items()}})
         else:
             model = warm_start(settings, make_model(config.model, settings.feature_bits, **config.params),
                                config.warm_start, config.transfer)
-            self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
+            self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window,
+                                      config.text_candidates)
         for name, factory in (monitors or {}).items():
             self.state.monitors[name] = factory(self.state.saved_monitors.get(name))
         self.pending: dict[tuple[str, int], list] = {}

@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from streams.catalog_text import catalog_titles
 from streams.drifts import add_popular_item, drifted_pref, shift_devices
 from streams.schemas import CatalogItem, Click, Event, LineItem, Order
 
@@ -131,9 +132,11 @@ def generate(config: GeneratorConfig) -> Iterator[Event]:
     item_ids = [f"i{k}" for k in world.item_local.tolist()]
     user_ids = [f"u{k}" for k in world.user_local.tolist()]
     item_mcat = world.item_mcat.tolist()
+    titles = catalog_titles(seed, [cat_names[g] for g in world.item_mcat.tolist()], world.item_mcat, world.item_quality,
+                            [BRANDS[b] for b in world.item_brand.tolist()], world.item_local, sim.initial_items)
     for j, price in enumerate(world.item_price[:sim.initial_items].tolist()):  # drifts may add items later
-        yield _catalog_event(config, world, j, price, config.start_time - config.catalog_start_offset_s, mids,
-                             item_ids, cat_names, f"cat{seed}-{j}")
+        yield _catalog_event(world, j, price, config.start_time - config.catalog_start_offset_s, mids,
+                             item_ids, titles, f"cat{seed}-{j}")
     reissues = {change.at_event: change for change in sim.price_changes}
     currency = [CURRENCIES[k] for k in world.merchant_currency.tolist()]
     order_start, order_lines_item = sim.order_offsets, sim.order_line_item.tolist()
@@ -156,7 +159,7 @@ def generate(config: GeneratorConfig) -> Iterator[Event]:
             change = reissues.get(n)
             if change is not None:
                 for j, price in zip(change.items.tolist(), change.prices.tolist()):
-                    yield _catalog_event(config, world, j, price, change.timestamp, mids, item_ids, cat_names,
+                    yield _catalog_event(world, j, price, change.timestamp, mids, item_ids, titles,
                                          f"cat{seed}-{j}-d{n}")
             if kind == 0:
                 yield Click(
@@ -180,12 +183,10 @@ def generate(config: GeneratorConfig) -> Iterator[Event]:
 _CHUNK = 65_536
 
 
-def _catalog_event(config, world, j, price, when, mids, item_ids, cat_names, event_id) -> CatalogItem:
-    category = cat_names[world.item_mcat[j]]
-    brand = BRANDS[world.item_brand[j]]
+def _catalog_event(world, j, price, when, mids, item_ids, titles, event_id) -> CatalogItem:
     return CatalogItem(event_id=event_id, merchant_id=mids[world.item_merchant[j]], item_id=item_ids[j],
-                       category=category, price=price, title=f"{brand} {category} #{world.item_local[j]}",
-                       brand=brand, timestamp=when)
+                       category=world.category_name[world.item_mcat[j]], price=price, title=titles[j],
+                       brand=BRANDS[world.item_brand[j]], timestamp=when)
 
 
 # ----------------------------------------------------------------------------------------------------------

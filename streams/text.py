@@ -160,10 +160,11 @@ class ItemTextEmbeddings:
     order asked (zeros for items never seen). Picklable, so it travels with a model version.
     """
 
-    encoder: TextEncoder | None = field(default=None, repr=False)
+    encoder: TextEncoder | None = field(default=None, repr=False, compare=False)
     index: dict[str, int] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
-    matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, DIM), dtype=np.float32))
+    matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, DIM), dtype=np.float32),
+                               compare=False)  # equal texts (digests) give equal vectors
 
     def __getstate__(self) -> dict:
         return {"index": self.index, "digests": self.digests, "matrix": self.matrix}

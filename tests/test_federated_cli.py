@@ -55,3 +55,11 @@ def test_an_unusable_merchant_id_is_skipped_with_its_reason(tmp_path):
     result = _invoke(["run", "--source", "stores", "--merchants", "../x,m07"], tmp_path)
     assert "skipped: merchant id '../x' cannot name a directory" in result.output
     assert result.exit_code == 1 and "m07" in result.output and "Traceback" not in result.output
+
+
+def test_register_takes_a_name_a_models_uri_can_carry(tmp_path):
+    for bad in ("a/b", "x@y", " "):
+        result = _invoke(["run", "--source", "generate", "--register", bad], tmp_path)
+        assert result.exit_code == 2 and "--register" in result.output and "Traceback" not in result.output, bad
+    assert not (tmp_path / "federated" / "merchants").exists()  # refused before any store is built
+    assert "models:/NAME@ALIAS" in " ".join(_invoke(["run", "--help"], tmp_path).output.split())

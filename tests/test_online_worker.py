@@ -390,3 +390,30 @@ def test_kill_9_at_random_points_over_several_partitions_then_resume_equals_unin
     mine.pop("written_at"), theirs.pop("written_at")
     assert len(mine["offsets"]) == PARTITIONS and mine["events"] == total
     _same(mine, theirs)
+
+
+def test_text_candidates_embed_the_catalog_in_the_worker_and_publish_it(settings, tmp_path):
+    """`learn --text-candidates`: every catalog item embedded once in the worker; the published recommender
+    proposes the new items whose text is closest to a user's recent items (their categories, on the
+    generated stream's titles), without embedding anything itself."""
+    from online import publishing
+    from streams.consumer import Record
+    from streams.schemas import CatalogItem
+
+    events = list(generate(GeneratorConfig(merchants=2, events=1500, seed=9, items_per_merchant=(20, 40))))
+    records = [Record(e, "events", 0, offset, int(time.time() * 1000), None) for offset, e in enumerate(events)]
+    worker = OnlineWorker(settings, WorkerConfig(model="ftrl", checkpoint_path=tmp_path / "t.ckpt", block=64,
+                                                 publish_every_s=None, text_candidates=True))
+    worker.accept(records)
+    worker.flush_stale(force=True)
+    state = publishing.snapshot(worker.state, worker.config, worker.metrics())["bundle"].recommender.state
+    category = {(e.merchant_id, e.item_id): e.category for e in events if isinstance(e, CatalogItem)}
+    agree, base = [], []
+    for merchant, shop in state.shops.items():
+        assert not shop.pending and set(shop.text_items) == {i for m, i in category if m == merchant}
+        for user in shop.users.values():
+            liked = {category[(merchant, i)] for i in user.recent}
+            agree += [category[(merchant, i)] in liked for i in state.cold_start(shop, user, 3)]
+            base += [category[(merchant, i)] in liked for i in shop.unchosen]
+    assert state.encoder is None and len(agree) > 50
+    assert np.mean(agree) > 1.5 * np.mean(base), (np.mean(agree), np.mean(base))

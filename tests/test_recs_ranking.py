@@ -132,3 +132,32 @@ def test_the_bundle_serves_the_two_stage_ranking_with_sources():
     assert [(r.item_id, r.source) for r in items] == [(r.item_id, r.source) for r in rec.rank("pantry", "p1", 5)]
     assert loaded.recommend("pantry", "p1", 5) == [(r.item_id, r.score) for r in items]
     assert loaded.merchants() == ["cinema", "pantry"]
+
+
+def test_cold_start_items_come_by_text_similarity_embedded_once_off_the_request_path():
+    """New catalog items nobody chose: the ones whose text is closest to the user's recent items come first."""
+    state = CandidateState(text=True, text_batch=4)
+    catalog = [("old-dog", "Grain-free dog food for puppies", "pet"), ("old-tv", "4K television 55 inch", "electronics"),
+               ("new-cable", "HDMI cable 2 m", "electronics"), ("new-leash", "Retractable dog leash", "pet"),
+               ("new-kibble", "Puppy kibble, chicken", "pet"), ("new-phone", "Android smartphone 128 GB", "phones")]
+    for k, (item, title, category) in enumerate(catalog):
+        state.observe(CatalogItem(event_id=f"c{k}", merchant_id="m1", item_id=item, category=category, price=5.0,
+                                  title=title, timestamp=0.0))
+    shop = state.shops["m1"]
+    assert len(shop.text_items) == 4 and len(shop.pending) == 2  # one batch of 4 embedded, 2 waiting
+    state.observe(order("m1", "dog-owner", ["old-dog"], 10.0, 1))
+    state.observe(order("m1", "viewer", ["old-tv"], 10.0, 2))
+    before = state.cold_start(shop, shop.users["dog-owner"], 4)
+    assert before[:2] == ["new-leash", "new-cable"]  # embedded first (pet before cable), the waiting two after
+    assert sorted(before[2:]) == ["new-kibble", "new-phone"] and len(shop.pending) == 2  # proposing embeds nothing
+    assert state.embed_pending() == 2 and state.embed_pending() == 0  # each item once
+    dog = state.cold_start(shop, shop.users["dog-owner"], 4)
+    viewer = state.cold_start(shop, shop.users["viewer"], 4)
+    assert set(dog[:2]) == {"new-kibble", "new-leash"} and set(viewer[:2]) == {"new-cable", "new-phone"}
+    proposed, _, _ = state.propose("m1", "dog-owner", limit=6)
+    assert set(dog) == {i for i, mask in proposed.items() if mask == 16}  # the catalog source, in that order
+    state.observe(order("m1", "someone", ["new-kibble"], 20.0, 3))  # chosen: no longer a cold-start item
+    assert "new-kibble" not in state.cold_start(shop, shop.users["dog-owner"], 4)
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.encoder is None and clone.cold_start(clone.shops["m1"], clone.shops["m1"].users["dog-owner"], 3) == \
+        state.cold_start(shop, shop.users["dog-owner"], 3)

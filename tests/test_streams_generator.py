@@ -224,3 +224,29 @@ def test_click_label_is_learnable_and_preference_drift_hurts_a_stale_model():
     before, after = mean_logloss(y[stable], predict(w, x[stable])), mean_logloss(yd[moved], predict(w, xd[moved]))
     assert after > before * 1.05, (before, after)
     assert roc_auc(yd[moved], predict(w, xd[moved])) < roc_auc(y[stable], predict(w, x[stable])) - 0.02
+
+
+def test_catalog_titles_carry_the_category_and_quality_words_and_nothing_else_changes():
+    from streams.catalog_text import TIERS, VOCABULARY
+
+    drift = DriftSpec("m01", 8_000, "popular_item", magnitude=0.5)
+    events = list(generate(GeneratorConfig(merchants=6, events=20_000, seed=11, drifts=(drift,))))
+    catalog = [e for e in events if isinstance(e, CatalogItem)]
+    tier_of = {}
+    for item in catalog:
+        brand, tier, rest = item.title.split(" ", 2)
+        words = [w for w in VOCABULARY[item.category] if w in rest]
+        assert brand == item.brand and tier in TIERS and len(words) >= 2, item.title
+        assert rest.endswith(f"#{item.item_id[1:]}")
+        tier_of[(item.merchant_id, item.item_id)] = tier
+    # the tier word carries the item's latent quality: better tiers are clicked more often when shown
+    shown, clicked = Counter(), Counter()
+    for e in events:
+        if isinstance(e, Click):
+            shown[tier_of[(e.merchant_id, e.item_id)]] += 1
+            clicked[tier_of[(e.merchant_id, e.item_id)]] += e.clicked
+    rate = [clicked[t] / shown[t] for t in TIERS]
+    assert rate[0] < rate[1] < rate[2], rate
+    # the drift's new item gets a title too, and the start catalog is the same as without the drift
+    plain = [e for e in generate(SMALL) if isinstance(e, CatalogItem)]
+    assert catalog[:len(plain)] == plain and len(catalog) == len(plain) + 1

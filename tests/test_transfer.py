@@ -44,6 +44,34 @@ def _batch(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return indices, np.ones(indices.shape, np.float32), rng.random(n) < 0.3
 
 
+def _env(settings) -> dict[str, str]:
+    """The CLI's environment for ``settings`` (its data dir, broker, topics and feature bits)."""
+    env = {"FEDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "FEDSTREAM_DATA_DIR": str(settings.data_path),
+           "FEDSTREAM_FEATURE_BITS": str(BITS)}
+    for kind in ("clicks", "orders", "catalog", "dead_letter", "drift"):
+        topic = getattr(settings.topics, kind)
+        env[f"FEDSTREAM_TOPICS__{kind.upper()}__NAME"] = topic.name
+        env[f"FEDSTREAM_TOPICS__{kind.upper()}__PARTITIONS"] = str(topic.partitions)
+    return env
+
+
+def _learn(settings, tmp_path, uri: str, method: str) -> dict:
+    """Generated events into the test's topics, then ``fedstream learn --warm-start uri --transfer method``
+    until the stream is idle; the command's summary line."""
+    from streams.generator import GeneratorConfig, generate
+    from streams.producer import EventProducer
+
+    with EventProducer(settings, source="test-transfer") as producer:
+        for event in generate(GeneratorConfig(merchants=2, events=1500, seed=17)):
+            producer.send_event(event)
+    args = ["learn", "--model", "ftrl", "--group", "warm", "--checkpoint", str(tmp_path / "warm.ckpt"),
+            "--idle-timeout", "3", "--publish-every", "0", "--no-drift", "--rank-every", "0",
+            "--warm-start", uri, "--transfer", method]
+    result = CliRunner().invoke(main, args, env=_env(settings))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_finetune_starts_at_the_global_predictions(name):
     scorer = federated_scorer()
@@ -85,26 +113,10 @@ def test_features_model_starts_as_the_global_one_and_exports_an_equal_linear_mod
 def test_learn_warm_started_from_a_federated_version_end_to_end(kafka_settings, tmp_path):
     from registry.models import load_bundle, version_lineage
     from registry.tracking import client
-    from streams.generator import GeneratorConfig, generate
-    from streams.producer import EventProducer
 
     settings = kafka_settings
     source_version = register_federated(settings)
-    with EventProducer(settings, source="test-transfer") as producer:
-        for event in generate(GeneratorConfig(merchants=2, events=1500, seed=17)):
-            producer.send_event(event)
-    env = {"FEDSTREAM_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "FEDSTREAM_DATA_DIR": str(settings.data_path),
-           "FEDSTREAM_FEATURE_BITS": str(BITS)}
-    for kind in ("clicks", "orders", "catalog", "dead_letter", "drift"):
-        topic = getattr(settings.topics, kind)
-        env[f"FEDSTREAM_TOPICS__{kind.upper()}__NAME"] = topic.name
-        env[f"FEDSTREAM_TOPICS__{kind.upper()}__PARTITIONS"] = str(topic.partitions)
-    args = ["learn", "--model", "ftrl", "--group", "warm", "--checkpoint", str(tmp_path / "warm.ckpt"),
-            "--idle-timeout", "3", "--publish-every", "0", "--no-drift", "--rank-every", "0",
-            "--warm-start", f"models:/{FEDERATED}@challenger", "--transfer", "finetune"]
-    result = CliRunner().invoke(main, args, env=env)
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    summary = _learn(settings, tmp_path, f"models:/{FEDERATED}@challenger", "finetune")
     assert summary["clicks"] > 500 and summary["published_versions"] == ["1"]
 
     name = settings.serving.model_name
@@ -154,3 +166,42 @@ def test_worker_starts_a_features_model_and_publishes_it_as_one_linear_scorer(se
     indices, values, _ = _batch(5)
     assert np.allclose(exported.predict_proba_many(indices, values),
                        federated_scorer().predict_proba_many(indices, values), atol=1e-5)
+
+
+def test_a_federated_run_registers_an_extractor_a_learner_starts_from(kafka_settings, tmp_path):
+    """CLI end to end: `federated run --register` -> `models promote` -> `learn --warm-start --transfer features`."""
+    import os
+    import subprocess
+    import sys
+
+    from registry.models import load_bundle, version_lineage
+    from registry.tracking import client
+
+    settings, name = kafka_settings, "shared-extractor"
+    env = {**os.environ, **_env(settings), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "fedstream", "federated", "run", "--source", "generate", "--rounds", "1",
+               "--clients-per-round", "3", "--events", "2000", "--generate-merchants", "3", "--no-personalize",
+               "--register", name]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    assert run["model"] == name and run["versions"] == ["1"]
+    federated = version_lineage(client(settings).get_model_version(name, "1"))
+    assert federated["transfer_methods"] == "finetune,features" and "wide model" in federated["extractor"]
+    assert federated["training_run_id"] == run["run_id"] and federated["rounds"] == 1 and federated["merchants"] == 3
+    promoted = CliRunner().invoke(main, ["models", "promote", "--name", name, "--force", "--json"], env=_env(settings))
+    assert promoted.exit_code == 0, promoted.output
+
+    summary = _learn(settings, tmp_path, f"models:/{name}@champion", "features")
+    assert summary["published_versions"] == ["1"]
+    published = client(settings).get_model_version(settings.serving.model_name, "1")
+    lineage = version_lineage(published)
+    assert lineage["transfer"] == "features" and lineage["source_model"] == name
+    assert str(lineage["source_version"]) == "1" and lineage["source_kind"] == "federated"
+    assert lineage["warm_start"] == f"models:/{name}@champion"
+    # the frozen extractor is inside the published model: where no local feature fired, weight = a * global
+    weights = load_bundle(settings, f"models:/{settings.serving.model_name}/1").model.weights
+    global_weights, _ = load_bundle(settings, f"models:/{name}/1").model.linear_terms()
+    fired = np.abs(global_weights) > 1e-3
+    ratio = weights[fired] / global_weights[fired]
+    assert np.mean(np.isclose(ratio, np.median(ratio), rtol=1e-4)) > 0.5 and np.median(ratio) > 0.1
