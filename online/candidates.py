@@ -150,6 +150,10 @@ class CandidateState:
 
     def observe(self, event: Event) -> None:
         """Fold one event in (catalog items, clicked impressions and orders; unclicked impressions are ignored)."""
+        self.fold(event, self.step_of(event))
+
+    def fold(self, event: Event, step: tuple[tuple[str, ...], bool] | None) -> None:
+        """:meth:`observe` with the event's :meth:`step_of` already known (the recommender computes it first)."""
         shop = self.shop(event.merchant_id)
         if event.timestamp > shop.clock:
             shop.clock = event.timestamp
@@ -159,7 +163,6 @@ class CandidateState:
                 if event.item_id not in shop.stats:
                     shop.unchosen[event.item_id] = None
             return
-        step = self.step_of(event)
         if step is not None:
             self.choose(shop, event.user_id, step[0], event.timestamp, step[1], getattr(event, "session_id", None))
 

@@ -143,7 +143,7 @@ class ShopRecommender:
             if seen <= self.warm_up_steps or seen % self.train_every == 0:
                 self._train(event.merchant_id, event.user_id, step[0], event.timestamp)
             self.n_observed += 1
-        self.state.observe(event)
+        self.state.fold(event, step)
 
     def _train(self, merchant_id: str, user_id: str, chosen: tuple[str, ...], when: float) -> None:
         shop = self.state.shops.get(merchant_id)
