@@ -176,11 +176,12 @@ class CandidateState:
             shop.unchosen.pop(item, None)
             shop.popularity[item] = shop.popularity.get(item, 0.0) + value
             self._repeat_stats(shop, user, item, when)
-            self._link(shop.co, shop.totals_co, [pair for other in dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
-                                                 if other != item and (other not in items or other < item)
-                                                 for pair in ((other, item), (item, other))])
+            others = [other for other in dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
+                      if other != item and (other not in items or other < item)]
+            self._link(shop.co, shop.totals_co, [pair for other in others for pair in ((other, item), (item, other))])
             if same_session:
-                self._link(shop.trans, shop.totals_trans, [(previous, item) for previous in user.last_step if previous != item])
+                self._link(shop.trans, shop.totals_trans,
+                           [(previous, item) for previous in user.last_step if previous != item])
         for item in items:
             entry = user.items.pop(item, None)  # re-inserted: the dict stays in recency order, newest last
             if entry is None:
