@@ -121,3 +121,62 @@ def test_worker_blocks_learn_what_the_event_by_event_reference_learns(tmp_path):
     assert got.context.state() == want.context.state()
     assert got.evaluator.report() == want.evaluator.report()
     assert got.evaluator.report()["rankings@10"] > 50
+
+
+def reference_features(shop, user, items, masks, co, trans, when) -> np.ndarray:
+    """The ranker's features as first written: one numpy row filled cell by cell."""
+    import math
+
+    from online.candidates import CATALOG, COOCCUR, HISTORY, POPULAR, TRANSITION
+    from online.ranking import FEATURES
+
+    out = np.zeros((len(items), len(FEATURES)))
+    co_max, trans_max = max(co.values(), default=0.0) or 1.0, max(trans.values(), default=0.0) or 1.0
+    pop_max = max((shop.popularity.get(shop.ranked[0], 0.0) if shop.ranked else 0.0), 1e-300)
+    merchant_repeat = (shop.totals.repeats + 0.1) / (shop.totals.count + 1.0)
+    user_items, user_total = (user.items, user.total) if user is not None else ({}, 0)
+    for row, (item, mask) in enumerate(zip(items, masks)):
+        x = out[row]
+        x[0] = 1.0
+        x[7] = repeat = shop.repeat_rate(item)
+        entry = user_items.get(item)
+        if entry is not None:
+            gap = max(when - entry[2], 1.0)
+            mean, sd = shop.gap_model(item)
+            z = (math.log(gap) - mean) / sd
+            x[1:7] = (math.log1p(entry[0]), 1.0, math.log1p(entry[1]), math.log1p(gap / 3600.0) / 5.0,
+                      math.exp(-gap / 86_400.0), math.exp(-0.5 * z * z))
+            x[8], x[9] = repeat, merchant_repeat
+        c, t = co.get(item, 0.0), trans.get(item, 0.0)
+        x[10:14] = (math.log1p(10.0 * c), c / co_max, math.log1p(10.0 * t), t / trans_max)
+        x[14] = math.log(shop.popularity.get(item, 0.0) / pop_max + 1e-4) / 9.2 + 1.0
+        stats = shop.stats.get(item)
+        x[15] = math.log1p(stats.count) / 10.0 if stats is not None else 0.0
+        category = shop.catalog.get(item)
+        if category is not None and user_total:
+            x[16] = user.categories.get(category, 0) / user_total
+        x[17:22] = (mask & HISTORY and 1, mask & COOCCUR and 1, mask & TRANSITION and 1, mask & POPULAR and 1,
+                    mask & CATALOG and 1)
+    return out
+
+
+def test_ranker_features_equal_the_cell_by_cell_reference():
+    from online.ranking import ShopRecommender, features
+
+    recommender = ShopRecommender()
+    events = list(generate(GeneratorConfig(merchants=2, events=3000, seed=4)))
+    for event in events:
+        recommender.observe(event)
+    checked = 0
+    for event in events[::40]:
+        if type(event) is not Click:
+            continue
+        shop = recommender.state.shops[event.merchant_id]
+        proposed, co, trans = recommender.state.propose(event.merchant_id, event.user_id, 150)
+        items = list(proposed)
+        args = (shop, shop.users.get(event.user_id), items, [proposed[i] for i in items], co, trans,
+                event.timestamp + 3600.0)
+        got, want = features(*args), reference_features(*args)
+        assert got.shape == want.shape and np.array_equal(got, want)
+        checked += len(items) * (shop.users.get(event.user_id) is not None)
+    assert checked > 500  # users with a history were among the rows compared
