@@ -1,7 +1,8 @@
 """The worker's batch path learns exactly what the event-by-event reference learns.
 
 The reference is the code the batch path replaced: ``Featurizer.slots_for`` then ``FeatureContext.observe``
-per event, the recommender fed event by event with its ranking samples, and the model learning the block.
+per event, the recommender fed event by event with its ranking samples, and the model learning the block;
+and the ranker's features as first written (a numpy row filled cell by cell).
 """
 
 from __future__ import annotations
