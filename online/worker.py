@@ -257,7 +257,7 @@ class OnlineWorker:
         if hasattr(state.recommender, "rank"):
             indices, at = self.featurizer.featurize_block(events, state.context)
             self._observe_recommender(events)
-        else:  # the first-generation recommender ranks with the click model's features: context and events interleaved
+        else:  # the first-generation recommender ranks with the click model's features: all interleaved
             indices, at = self._featurize_interleaved(events)
         if at:
             clicks = [events[i] for i in at]
