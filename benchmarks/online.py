@@ -12,7 +12,8 @@ Kafka worker end to end.
   demographic features: ours, River and VW, log loss and AUC;
 * memory (target 5): optimizer state bytes per slot, float32 state's log loss cost;
 * the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog, and
-  produced->learned latency while events are produced at a steady rate; peak memory.
+  produced->learned latency while events are produced at a steady rate; peak memory; where its CPU goes
+  (``benchmarks._worker_stages``: the hot path's stages in-process, and polling + decoding alone).
 
 Calibration: the learning rates (FTRL alpha) are picked on the calibration seed from a small grid by
 our exact learners' log loss; every figure is then measured on the report seeds with those settings,
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import _online_peers as peers
+from benchmarks._worker_stages import consumer_cost, stage_costs
 from online.learners import LEARNERS
 from online.prequential import mean_logloss, roc_auc
 from online.river_models import make_model
@@ -238,6 +240,7 @@ def worker_figures(events: list) -> dict:
                     runs = [_summary(_worker(settings, f"bench-{k}", idle=3.0)) for k in range(REPEATS)]
                     runs.sort(key=lambda run: run["events_per_s"] or 0)
                     out["backlog"] = dict(runs[len(runs) // 2], runs_events_per_s=[r["events_per_s"] for r in runs])
+                    out["consumer"] = consumer_cost(settings, len(events))  # poll + decode alone, same backlog
                 else:
                     worker = _worker(settings, "bench", idle=4.0)
                     time.sleep(3.0)  # the worker joins its group
@@ -343,7 +346,9 @@ def main() -> None:
     seeds = [seed_figures(seed, params) for seed in REPORT_SEEDS]
     river_sets, ml = river_set_figures(params), movielens_figures(params)
     learners_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker = worker_figures(stream(CALIBRATION_SEEDS[0])[0])
+    backlog_events = stream(CALIBRATION_SEEDS[0])[0]
+    worker = worker_figures(backlog_events)
+    stages = stage_costs(backlog_events)
     print(f"online learners, bits={BITS}, {EVENTS} generated events per seed; calibrated settings: {json.dumps(params)}")
     print_table(seeds, river_sets, ml)
     backlog, paced = worker["backlog"], worker["paced"]
@@ -351,6 +356,10 @@ def main() -> None:
           f"of {REPEATS} runs ({', '.join(f'{r or 0:,.0f}' for r in backlog['runs_events_per_s'])}); paced at "
           f"{paced['rate']:.0f} events/s: latency p50 {paced.get('latency_p50_s', float('nan')):.3f} s, p95 "
           f"{paced.get('latency_p95_s', float('nan')):.3f} s")
+    print(f"worker CPU per event: hot path {stages['cpu_us_per_event']:.1f} µs in-process ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in stages["stages_us_per_event"].items())
+          + f"), poll + decode {worker['consumer']['cpu_us_per_event'] or float('nan'):.1f} µs; the worker process "
+          f"{backlog['busy_cpu_us_per_event'] or float('nan'):.1f} µs")
     rows = [*seed_rows(seeds), *dataset_rows(river_sets, ml),
             readme_row("worker events/s on a backlog (embedded broker, calibration seed)", backlog["events_per_s"],
                        spread(backlog["runs_events_per_s"], "runs", 3), None, None)]
@@ -372,6 +381,10 @@ def main() -> None:
         "worker_events_per_s": backlog["events_per_s"], "worker_runs_events_per_s": backlog["runs_events_per_s"],
         "latency_p95_s": paced.get("latency_p95_s"), "peak_rss_mb": learners_rss,
         "worker_peak_rss_mb": worker["worker_peak_rss_mb"],
+        "worker_busy_cpu_us_per_event": backlog["busy_cpu_us_per_event"],
+        "worker_hot_path_cpu_us_per_event": stages["cpu_us_per_event"],
+        "worker_stages_us_per_event": stages["stages_us_per_event"],
+        "consumer_cpu_us_per_event": worker["consumer"]["cpu_us_per_event"],
         "readme": rows, "elapsed_s": time.perf_counter() - started,
     }
     print(json.dumps(figures))

@@ -158,6 +158,10 @@ class CandidateState:
 
     def observe(self, event: Event) -> None:
         """Fold one event in (catalog items, clicked impressions and orders; unclicked impressions are ignored)."""
+        self.fold(event, self.step_of(event))
+
+    def fold(self, event: Event, step: tuple[tuple[str, ...], bool] | None) -> None:
+        """:meth:`observe` with the event's :meth:`step_of` already known (the recommender computes it first)."""
         shop = self.shop(event.merchant_id)
         if event.timestamp > shop.clock:
             shop.clock = event.timestamp
@@ -173,7 +177,6 @@ class CandidateState:
                     if len(shop.pending) >= self.text_batch:
                         self.embed_pending(shop)
             return
-        step = self.step_of(event)
         if step is not None:
             self.choose(shop, event.user_id, step[0], event.timestamp, step[1], getattr(event, "session_id", None))
 
@@ -190,14 +193,12 @@ class CandidateState:
                     shop.text_open[shop.text.index[item]] = 0
             shop.popularity[item] = shop.popularity.get(item, 0.0) + value
             self._repeat_stats(shop, user, item, when)
-            for other in dict.fromkeys((*user.recent, *items)):  # earlier items, and the same basket
-                if other != item and (other not in items or other < item):
-                    self._link(shop.co, shop.totals_co, other, item, 1.0)
-                    self._link(shop.co, shop.totals_co, item, other, 1.0)
+            others = [other for other in dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
+                      if other != item and (other not in items or other < item)]
+            self._link(shop.co, shop.totals_co, [pair for other in others for pair in ((other, item), (item, other))])
             if same_session:
-                for previous in user.last_step:
-                    if previous != item:
-                        self._link(shop.trans, shop.totals_trans, previous, item, 1.0)
+                self._link(shop.trans, shop.totals_trans,
+                           [(previous, item) for previous in user.last_step if previous != item])
         for item in items:
             entry = user.items.pop(item, None)  # re-inserted: the dict stays in recency order, newest last
             if entry is None:
@@ -265,15 +266,19 @@ class CandidateState:
             shop.landmark, exponent = when, 0.0
         return math.exp(exponent)
 
-    def _link(self, table: dict[str, dict[str, float]], totals: dict[str, float], a: str, b: str, value: float) -> None:
-        row = table.get(a)
-        if row is None:
-            row = table[a] = {}
-        row[b] = row.get(b, 0.0) + value
-        totals[a] = totals.get(a, 0.0) + value
-        if len(row) > 2 * self.max_neighbors:
-            kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
-            totals[a] = sum(kept.values())
+    def _link(self, table: dict[str, dict[str, float]], totals: dict[str, float], pairs: list[tuple[str, str]]) -> None:
+        """Count one link ``a -> b`` per pair, in order (a row past ``2 * max_neighbors`` keeps its strongest
+        ``max_neighbors``). One call per step, not per pair: the recommender's most frequent update."""
+        cap = 2 * self.max_neighbors
+        for a, b in pairs:
+            row = table.get(a)
+            if row is None:
+                row = table[a] = {}
+            row[b] = row.get(b, 0.0) + 1.0
+            totals[a] = totals.get(a, 0.0) + 1.0
+            if len(row) > cap:
+                kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
+                totals[a] = sum(kept.values())
 
     def _prune_items(self, shop: Shop) -> None:
         keep = dict(heapq.nlargest(self.max_items, shop.popularity.items(), key=lambda kv: kv[1]))
@@ -308,7 +313,7 @@ class CandidateState:
             for other, value in row.items():
                 scores[other] = get(other, 0.0) + scale * value
         if len(scores) > limit:
-            scores = {i: scores[i] for i in sorted(scores, key=get, reverse=True)[:limit]}
+            scores = {i: scores[i] for i in heapq.nlargest(limit, scores, key=get)}  # = sorted(...)[:limit], ties too
         return scores
 
     def propose(self, merchant_id: str, user_id: str, limit: int = 150, item_id: str | None = None,

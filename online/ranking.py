@@ -33,41 +33,37 @@ class Recommended:
 def features(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
              trans: dict[str, float], when: float) -> np.ndarray:
     """Feature matrix ``float64[len(items), len(FEATURES)]`` (see :data:`FEATURES`)."""
-    n = len(items)
-    out = np.zeros((n, len(FEATURES)))
-    if not n:
-        return out
+    if not items:
+        return np.zeros((0, len(FEATURES)))
     co_max = max(co.values(), default=0.0) or 1.0
     trans_max = max(trans.values(), default=0.0) or 1.0
     pop_max = max((shop.popularity.get(shop.ranked[0], 0.0) if shop.ranked else 0.0), 1e-300)
     merchant_repeat = (shop.totals.repeats + 0.1) / (shop.totals.count + 1.0)
     user_items = user.items if user is not None else {}
     user_total = user.total if user is not None else 0
-    for row, (item, mask) in enumerate(zip(items, masks)):
-        x = out[row]
-        x[0] = 1.0
+    log, log1p, exp = math.log, math.log1p, math.exp
+    rows = []
+    for item, mask in zip(items, masks):  # rows as Python floats, one array at the end: the same float64 values
         repeat = shop.repeat_rate(item)
-        x[7] = repeat
         entry = user_items.get(item)
         if entry is not None:
             gap = max(when - entry[2], 1.0)
             mean, sd = shop.gap_model(item)
-            z = (math.log(gap) - mean) / sd
-            x[1:7] = (math.log1p(entry[0]), 1.0, math.log1p(entry[1]), math.log1p(gap / 3600.0) / 5.0,
-                      math.exp(-gap / 86_400.0), math.exp(-0.5 * z * z))
-            x[8], x[9] = repeat, merchant_repeat
+            z = (log(gap) - mean) / sd
+            history = (log1p(entry[0]), 1.0, log1p(entry[1]), log1p(gap / 3600.0) / 5.0, exp(-gap / 86_400.0),
+                       exp(-0.5 * z * z), repeat, repeat, merchant_repeat)
+        else:
+            history = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, repeat, 0.0, 0.0)
         c, t = co.get(item, 0.0), trans.get(item, 0.0)
-        x[10:14] = (math.log1p(10.0 * c), c / co_max, math.log1p(10.0 * t), t / trans_max)
-        pop = shop.popularity.get(item, 0.0) / pop_max
         stats = shop.stats.get(item)
-        x[14] = math.log(pop + 1e-4) / 9.2 + 1.0
-        x[15] = math.log1p(stats.count) / 10.0 if stats is not None else 0.0
         category = shop.catalog.get(item)
-        if category is not None and user_total:
-            x[16] = user.categories.get(category, 0) / user_total
-        x[17:22] = (mask & HISTORY and 1, mask & COOCCUR and 1, mask & TRANSITION and 1, mask & POPULAR and 1,
-                    mask & CATALOG and 1)
-    return out
+        rows.append((1.0, *history, log1p(10.0 * c), c / co_max, log1p(10.0 * t), t / trans_max,
+                     log(shop.popularity.get(item, 0.0) / pop_max + 1e-4) / 9.2 + 1.0,
+                     log1p(stats.count) / 10.0 if stats is not None else 0.0,
+                     user.categories.get(category, 0) / user_total if category is not None and user_total else 0.0,
+                     mask & HISTORY and 1, mask & COOCCUR and 1, mask & TRANSITION and 1, mask & POPULAR and 1,
+                     mask & CATALOG and 1))
+    return np.array(rows, dtype=np.float64)
 
 
 class PairwiseRanker:
@@ -98,7 +94,8 @@ class PairwiseRanker:
             own = self.merchants[merchant_id] = (np.zeros(len(FEATURES)), np.full(len(FEATURES), 1e-6))
         diff = (positives[:, None, :] - negatives[None, :, :]).reshape(-1, len(FEATURES))
         margin = diff @ (self.weights + own[0])
-        gradient = -(diff * (1.0 / (1.0 + np.exp(np.clip(margin, -35.0, 35.0))))[:, None]).mean(axis=0)
+        gradient = -(np.add.reduce(diff * (1.0 / (1.0 + np.exp(np.clip(margin, -35.0, 35.0))))[:, None], axis=0)
+                     / len(diff))  # .mean(axis=0), bit for bit, without its Python wrapper
         for weights, squares, rate in ((self.weights, self.squares, self.learning_rate), (own[0], own[1], self.merchant_rate)):
             g = gradient + self.l2 * weights
             squares += g * g
@@ -135,7 +132,7 @@ class ShopRecommender:
             if seen <= self.warm_up_steps or seen % self.train_every == 0:
                 self._train(event.merchant_id, event.user_id, step[0], event.timestamp)
             self.n_observed += 1
-        self.state.observe(event)
+        self.state.fold(event, step)
 
     def _train(self, merchant_id: str, user_id: str, chosen: tuple[str, ...], when: float) -> None:
         shop = self.state.shops.get(merchant_id)

@@ -250,46 +250,63 @@ class OnlineWorker:
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
 
-        The hot path of the worker: one pass over the records featurizes each click (against the context
-        as it stands *before* the click, so earlier events of the block are already observed) and folds
-        every event into the context and the recommender; then the model predicts and learns the whole
-        block's clicks at once and the evaluator scores those predictions.
+        The hot path of the worker. The featurizer reads each click against the context as it stands
+        *before* the click (earlier events of the block already observed) and folds every event into the
+        context (:meth:`~streams.features.Featurizer.featurize_block`, one loop for the block); the
+        recommender, which reads none of that context, then takes the block's events in order, each
+        ranking sample scored before its event is folded in; then the model predicts and learns the
+        block's clicks at once and the evaluator and monitors score those predictions.
         """
-        state, config = self.state, self.config
-        slots_for, context = self.featurizer.slots_for, state.context
-        observe_context, observe_reco = context.observe, state.recommender.observe
-        rank_every = config.rank_every
-        rows, labels, merchants, stamps, produced = [], [], [], [], []
-        for record in records:
-            event = record.event
-            if type(event) is Click:
-                rows.append(slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
-                                      event.device, event.page, event.position, context))
-                labels.append(event.clicked)
-                merchants.append(event.merchant_id)
-                stamps.append(event.timestamp)
-                produced.append(record.timestamp_ms)
-                ranked = rank_every and event.clicked
-            else:
-                ranked = rank_every and type(event) is Order
-            if ranked:
-                state.ranked += 1
-                if state.ranked % rank_every == 0:
-                    self._score_ranking(event)
-            observe_context(event)
-            observe_reco(event)
-        if rows:
-            indices = np.array(rows, dtype=np.int32)
-            y = np.array(labels, dtype=bool)
+        state = self.state
+        events = [record.event for record in records]
+        if hasattr(state.recommender, "rank"):
+            indices, at = self.featurizer.featurize_block(events, state.context)
+            self._observe_recommender(events)
+        else:  # the first-generation recommender ranks with the click model's features: all interleaved
+            indices, at = self._featurize_interleaved(events)
+        if at:
+            clicks = [events[i] for i in at]
+            y = np.fromiter([click.clicked for click in clicks], dtype=bool, count=len(clicks))
+            merchants = [click.merchant_id for click in clicks]
+            stamps = [click.timestamp for click in clicks]
             p = state.model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), y)
             state.evaluator.update_many(merchants, stamps, y, p)
             for monitor in state.monitors.values():
                 monitor.observe_predictions(merchants, stamps, y, p)
-            state.clicks += len(rows)
-            self._record_latencies(produced)
+            state.clicks += len(clicks)
+            self._record_latencies([records[i].timestamp_ms for i in at])
         state.events += len(records)
         self.learned_this_run += len(records)
         self.last_learned_at, self.last_learned_cpu = time.monotonic(), time.process_time()
+
+    def _observe_recommender(self, events: list) -> None:
+        """Fold a block's events into the recommender in order, scoring every ``rank_every``-th step first."""
+        rank_every, observe = self.config.rank_every, self.state.recommender.observe
+        for event in events:
+            if rank_every and (event.clicked if type(event) is Click else type(event) is Order):
+                self._count_ranked(event)
+            observe(event)
+
+    def _count_ranked(self, event: Click | Order) -> None:
+        self.state.ranked += 1
+        if self.state.ranked % self.config.rank_every == 0:
+            self._score_ranking(event)
+
+    def _featurize_interleaved(self, events: list) -> tuple[np.ndarray, list[int]]:
+        """Slots of the block's clicks (the reference :meth:`~streams.features.Featurizer.slots_for`) with
+        the context, ranking samples and recommender updated event by event."""
+        slots_for, context, recommender = self.featurizer.slots_for, self.state.context, self.state.recommender
+        rows, at = [], []
+        for position, event in enumerate(events):
+            if type(event) is Click:
+                rows.append(slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
+                                      event.device, event.page, event.position, context))
+                at.append(position)
+            if self.config.rank_every and (event.clicked if type(event) is Click else type(event) is Order):
+                self._count_ranked(event)
+            context.observe(event)
+            recommender.observe(event)
+        return np.array(rows, dtype=np.int32).reshape(len(rows), self.featurizer.n_fields), at
 
     def _record_latencies(self, produced_ms: list) -> None:
         """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned."""

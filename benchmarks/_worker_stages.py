@@ -1,0 +1,144 @@
+"""Where the learner worker's CPU goes, stage by stage (issue #16 target 3: ~10 µs per event in all).
+
+Two measurements on the online benchmark's backlog:
+
+* :func:`stage_costs`: the worker's hot path in-process (``OnlineWorker.accept`` in polls of 2,000 records,
+  blocks per partition as from Kafka, drift detectors on): the process CPU per event, split by the
+  exclusive wall time of each stage (nested calls are charged to the inner stage; what no stage covers is
+  ``worker glue``: queueing records, building the block's arrays).
+* :func:`consumer_cost`: ``EventConsumer.poll`` alone over the backlog on the embedded broker (fetch, record
+  batch parsing, event decoding and validation): process CPU per event, network thread included.
+
+Run: ``BENCH_QUICK=1 .venv/bin/python -m benchmarks._worker_stages`` (prints a table and one JSON line).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+from streams.schemas import CatalogItem
+
+# stage -> (attribute path from the worker, method name); a missing one (older code) is skipped
+STAGES = {
+    "featurize (slots + context)": [("featurizer", "featurize_block"), ("featurizer", "slots_for"),
+                                    ("state.context", "observe")],
+    "recommender update": [("state.recommender", "observe")],
+    "ranking evaluation (every rank_every-th step)": [("", "_score_ranking")],
+    "learner (FTRL learn_many)": [("state.model", "learn_many")],
+    "prequential evaluator": [("state.evaluator", "update_many")],
+    "drift monitor": [("state.monitors.drift", "observe_predictions")],
+}
+
+
+class _Clock:
+    """Exclusive wall time per stage: a call's time minus that of the stages it calls."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self.stack: list[float] = []  # time spent in nested stages, per open call
+
+    def wrap(self, stage: str, function):
+        def timed(*args, **kwargs):
+            self.stack.append(0.0)
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                nested = self.stack.pop()
+                self.spent[stage] = self.spent.get(stage, 0.0) + elapsed - nested
+                if self.stack:
+                    self.stack[-1] += elapsed
+        return timed
+
+
+def _resolve(worker, path: str):
+    target = worker
+    for part in filter(None, path.split(".")):
+        target = target.get(part) if isinstance(target, dict) else getattr(target, part, None)
+    return target
+
+
+def records_of(events: list) -> list:
+    """Consumer records as the benchmark's topics hold them: clicks and orders on 4 partitions by merchant."""
+    from streams.consumer import Record
+
+    offsets: dict[tuple[str, int], int] = {}
+    out = []
+    for event in events:
+        topic = type(event).__name__.lower()
+        partition = 0 if isinstance(event, CatalogItem) else zlib.crc32(event.merchant_id.encode()) % 4
+        offset = offsets[topic, partition] = offsets.get((topic, partition), -1) + 1
+        out.append(Record(event, topic, partition, offset, int(event.timestamp * 1000), None))
+    return out
+
+
+def stage_costs(events: list, bits: int = 20) -> dict:
+    """CPU µs per event of each stage of the in-process hot path, and in all (see the module docstring)."""
+    import river.drift  # noqa: F401  (imported by the worker's drift factory before the first record)
+
+    from drift.monitor import DriftMonitor
+    from fedstream.settings import load_settings
+    from online.worker import OnlineWorker, WorkerConfig
+
+    records = records_of(events)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(data_dir=Path(tmp), feature_bits=bits)
+        config = WorkerConfig(model="ftrl", checkpoint_path=Path(tmp) / "stages.ckpt", publish_every_s=None,
+                              publish_at_end=False)
+        worker = OnlineWorker(settings, config, monitors={"drift": lambda _: DriftMonitor(settings, sinks=[])})
+        clock = _Clock()
+        for stage, places in STAGES.items():
+            for path, name in places:
+                owner = _resolve(worker, path)
+                if owner is not None and hasattr(owner, name):
+                    setattr(owner, name, clock.wrap(stage, getattr(owner, name)))
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, len(records), 2000):
+            worker.accept(records[start:start + 2000])
+        worker.flush_stale(force=True)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    scale = 1e6 * cpu / wall / len(records)  # wall shares of the CPU time, per event
+    stages = {stage: clock.spent.get(stage, 0.0) * scale for stage in STAGES}
+    stages["worker glue"] = max(wall - sum(clock.spent.values()), 0.0) * scale
+    return {"events": len(records), "cpu_us_per_event": 1e6 * cpu / len(records), "stages_us_per_event": stages}
+
+
+def consumer_cost(settings, events: int) -> dict:
+    """Process CPU µs per event of polling (fetch + parse + decode) the whole backlog with a fresh group."""
+    from streams.consumer import EventConsumer
+
+    consumer = EventConsumer(settings, f"stages-{uuid.uuid4().hex[:6]}", max_records=2000, poll_timeout_ms=200,
+                             fetch_max_wait_ms=100, handle_signals=False)
+    try:
+        seen, empty, cpu = 0, 0, None
+        while seen < events and empty < 50:
+            before = time.process_time()
+            batch = consumer.poll()
+            if cpu is None and batch.records:
+                cpu = before  # from the poll that brought the first records: joining the group is not counted
+            seen += len(batch.records)
+            empty = 0 if batch.records else empty + 1
+        spent = time.process_time() - cpu if cpu is not None else 0.0
+    finally:
+        consumer.close()
+    return {"events": seen, "cpu_us_per_event": 1e6 * spent / seen if seen else None}
+
+
+def main() -> None:
+    from benchmarks.online import CALIBRATION_SEEDS, stream
+
+    figures = stage_costs(stream(CALIBRATION_SEEDS[0])[0])
+    print(f"worker hot path, {figures['events']:,} events: {figures['cpu_us_per_event']:.1f} µs CPU per event")
+    for stage, us in sorted(figures["stages_us_per_event"].items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:48s} {us:6.1f} µs/event")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
