@@ -21,7 +21,10 @@ The world
   Every term is visible to :class:`streams.features.Featurizer` (item, category, user×category,
   position, device, page, hour, price bucket), so a logistic model on our features can learn it.
 * Some clicked items are bought: each session ends with at most one :class:`~streams.schemas.Order`
-  (a line per bought item, quantity ≥ 1, unit price = the catalog price at order time).
+  (a line per bought item, quantity ≥ 1, unit price = the catalog price at order time), 60 s + Exp(120 s)
+  after the session's last page. ``conversion_delay_s > 0`` (off by default: it changes order times)
+  adds a late-conversion delay per order, lognormal with that median and log-spread 1.2 (about 2 % of
+  orders come later than 7x the median), drawn from its own seeded stream so nothing else changes.
 
 Drift
 -----
@@ -139,11 +142,12 @@ class GeneratorConfig:
     sessions_per_user: float = 4.0
     order_rate: float = 1.0
     catalog_start_offset_s: float = 3600.0
+    conversion_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drifts", tuple(self.drifts))
-        if self.merchants < 1 or self.events < 0 or self.days <= 0:
-            raise ValueError("merchants must be >= 1, events >= 0 and days > 0")
+        if self.merchants < 1 or self.events < 0 or self.days <= 0 or self.conversion_delay_s < 0:
+            raise ValueError("merchants must be >= 1, events >= 0, days > 0 and conversion_delay_s >= 0")
         known = set(merchant_ids(self))
         for drift in self.drifts:
             if drift.merchant_id not in known:
@@ -518,6 +522,9 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         if len(imp.time) >= config.events:
             break
         n_sessions = int(n_sessions * 1.5) + 10
+    if config.conversion_delay_s > 0:  # its own stream: every other draw stays as without it
+        delay_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 20240917, 1]))
+        sessions.order_time += config.conversion_delay_s * delay_rng.lognormal(0.0, 1.2, len(sessions.order_time))
     pref = world.user_pref.copy()  # current tastes, changed by preference drifts
     pref_value = pref[imp.user, imp.local_cat]
     price_value = world.item_price[imp.item].copy()
