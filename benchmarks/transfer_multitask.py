@@ -26,10 +26,10 @@ import numpy as np
 
 from fedstream.metrics import expected_calibration_error, mean_logloss, roc_auc
 from online.attribution import AttributionJoiner, attributed_labels
-from online.multitask import MultiTaskClassifier
+from online.multitask import MultiTaskClassifier, MultiTaskState
 from streams.features import FeatureContext, Featurizer
 from streams.generator import GeneratorConfig, generate
-from streams.schemas import CatalogItem, Click, Order
+from streams.schemas import Click, Order
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MERCHANTS = 5
@@ -59,34 +59,23 @@ def stream(seed: int, events: int = EVENTS) -> list:
     return list(generate(GeneratorConfig(merchants=MERCHANTS, events=events, seed=seed, conversion_delay_s=DELAY_S)))
 
 
-def replay(events: list, model: MultiTaskClassifier, joiner: AttributionJoiner, learn: bool = True,
-           context: FeatureContext | None = None) -> Replay:
+def replay(events: list, state: MultiTaskState, context: FeatureContext | None = None) -> Replay:
     """Test-then-train over ``events`` in order (see the module docstring)."""
-    featurizer, context, out = Featurizer(model.bits), context or FeatureContext(), Replay()
+    featurizer, context, out = Featurizer(state.model.bits), context or FeatureContext(), Replay()
     for event in events:
         if type(event) is Click:
             row = np.array(featurizer.slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
                                                 event.device, event.page, event.position, context), dtype=np.int64)
-            ones = np.ones(len(row))
-            p_click, p_conversion = model.predict_many(row, ones)
+            p_click, p_conversion = state.click(event, row)
             out.merchant.append(event.merchant_id)
-            out.p_click.append(float(p_click[0]))
-            out.p_conversion.append(float(p_conversion[0]))
+            out.p_click.append(p_click)
+            out.p_conversion.append(p_conversion)
             out.clicked.append(bool(event.clicked))
             out.keys.append((event.merchant_id, event.user_id, event.item_id, event.timestamp))
-            if learn:
-                model.learn_row("click", row, ones, event.clicked)
-            resolved = (joiner.click(event.merchant_id, event.user_id, event.item_id, event.timestamp, row)
-                        if event.clicked else joiner.advance(event.timestamp))
         elif type(event) is Order:
-            items = [line.item_id for line in event.items]
-            out.orders.append((event.merchant_id, event.user_id, items, event.timestamp))
-            resolved = joiner.order(event.merchant_id, event.user_id, items, event.timestamp)
-        else:
-            resolved = []
-        if learn:
-            for done in resolved:
-                model.learn_row("conversion", done.payload, np.ones(len(done.payload)), done.converted)
+            out.orders.append((event.merchant_id, event.user_id, [line.item_id for line in event.items],
+                               event.timestamp))
+            state.order(event)
         context.observe(event)
     return out
 
@@ -109,9 +98,8 @@ def calibration(result: Replay) -> dict:
 
 
 def run_calibration(seed: int, **params: float) -> dict:
-    model = MultiTaskClassifier(bits=BITS, **params)
-    joiner = AttributionJoiner(window_s=WINDOW_S)
-    return calibration(replay(stream(seed), model, joiner)) | {"seed": seed}
+    state = MultiTaskState(MultiTaskClassifier(bits=BITS, **params), AttributionJoiner(window_s=WINDOW_S))
+    return calibration(replay(stream(seed), state)) | {"seed": seed}
 
 
 if __name__ == "__main__":

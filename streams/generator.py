@@ -22,9 +22,8 @@ The world
   position, device, page, hour, price bucket), so a logistic model on our features can learn it.
 * Some clicked items are bought: each session ends with at most one :class:`~streams.schemas.Order`
   (a line per bought item, quantity ≥ 1, unit price = the catalog price at order time), 60 s + Exp(120 s)
-  after the session's last page. ``conversion_delay_s > 0`` (off by default: it changes order times)
-  adds a late-conversion delay per order, lognormal with that median and log-spread 1.2 (about 2 % of
-  orders come later than 7x the median), drawn from its own seeded stream so nothing else changes.
+  after the session's last page, plus, if ``conversion_delay_s > 0`` (off by default), a late-conversion
+  delay: lognormal, median ``conversion_delay_s``, log-spread 1.2, from its own seeded stream.
 
 Drift
 -----
@@ -169,14 +168,10 @@ def ground_truth(config: GeneratorConfig) -> list[dict]:
 
 
 def generate(config: GeneratorConfig) -> Iterator[Event]:
-    """All catalog events first, then exactly ``config.events`` clicks and orders in time order.
-
-    Catalog re-issues of ``prices`` drifts come right before the drift's event.
-    """
+    """All catalog events first, then exactly ``config.events`` clicks and orders in time order (catalog
+    re-issues of ``prices`` drifts come right before the drift's event)."""
     sim = _simulate(config)
-    world, imp = sim.world, sim.impressions
-    seed = config.seed
-    mids = merchant_ids(config)
+    world, imp, seed, mids = sim.world, sim.impressions, config.seed, merchant_ids(config)
     cat_names = world.category_name
     item_ids = [f"i{k}" for k in world.item_local.tolist()]
     user_ids = [f"u{k}" for k in world.user_local.tolist()]
@@ -523,8 +518,8 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
             break
         n_sessions = int(n_sessions * 1.5) + 10
     if config.conversion_delay_s > 0:  # its own stream: every other draw stays as without it
-        delay_rng = np.random.default_rng(np.random.SeedSequence([config.seed, 20240917, 1]))
-        sessions.order_time += config.conversion_delay_s * delay_rng.lognormal(0.0, 1.2, len(sessions.order_time))
+        late = np.random.default_rng([config.seed, 20240917, 1]).lognormal(0.0, 1.2, len(sessions.order_time))
+        sessions.order_time += config.conversion_delay_s * late
     pref = world.user_pref.copy()  # current tastes, changed by preference drifts
     pref_value = pref[imp.user, imp.local_cat]
     price_value = world.item_price[imp.item].copy()

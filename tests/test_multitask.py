@@ -1,0 +1,146 @@
+"""Click + purchase learning with late conversions: the attribution joiner, the multi-task learner, the worker
+hook and its checkpoint, and the federated model's purchase head."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+from fedstream.metrics import expected_calibration_error
+from online.attribution import AttributionJoiner, attributed_labels
+from online.multitask import MultiTaskClassifier, MultiTaskState
+from streams.features import FeatureContext, Featurizer
+from streams.generator import GeneratorConfig, generate
+from streams.schemas import Click, Order
+
+
+def _replay(joiner: AttributionJoiner, events: list[tuple]) -> list[tuple[float, str, bool]]:
+    """Feed ("click", t, user, item, name) / ("order", t, user, [items]) / ("tick", t); returns
+    (time emitted, name, converted) for every resolved click."""
+    out = []
+    for kind, when, *rest in events:
+        if kind == "click":
+            resolved = joiner.click("m1", rest[0], rest[1], when, rest[2])
+        elif kind == "order":
+            resolved = joiner.order("m1", rest[0], rest[1], when)
+        else:
+            resolved = joiner.advance(when)
+        out += [(when, r.payload, r.converted) for r in resolved]
+    return out
+
+
+@pytest.mark.parametrize("release", ["order", "window"])
+def test_no_negative_before_the_window_closes_and_a_late_order_inside_it_is_a_positive(release):
+    hour = 3600.0
+    joiner = AttributionJoiner(window_s=24 * hour, lateness_s=0.0, release=release)
+    events = [("click", 0.0, "u1", "i1", "late-buyer"), ("click", 10.0, "u2", "i2", "never"),
+              ("click", 20.0, "u3", "i3", "too-late")]
+    events += [("tick", k * hour) for k in range(1, 24)]  # a day of other traffic: no window has closed
+    events += [("order", 23.5 * hour, "u1", ["i1"])]  # 23.5 h after its click: inside the window
+    events += [("tick", 24 * hour + 15.0), ("tick", 24 * hour + 30.0), ("order", 25 * hour, "u3", ["i3"])]
+    emitted = _replay(joiner, events)
+    negatives = {name: when for when, name, converted in emitted if not converted}
+    assert negatives == {"never": 24 * hour + 15.0, "too-late": 24 * hour + 30.0}  # exactly when each window closed
+    positive_at = 23.5 * hour if release == "order" else 24 * hour + 15.0  # "window": held until its window closed
+    assert (positive_at, "late-buyer", True) in emitted and len(emitted) == 3
+    assert joiner.pending == 0 and joiner.positives == 1 and joiner.negatives == 2
+
+
+def test_joiner_labels_equal_the_fully_attributed_labels_and_memory_is_bounded():
+    events = [e for e in generate(GeneratorConfig(merchants=2, events=6000, seed=3, conversion_delay_s=1800.0))
+              if isinstance(e, (Click, Order))]
+    joiner = AttributionJoiner(window_s=3 * 3600.0, lateness_s=0.0)
+    got, clicks, orders = {}, [], []
+    for event in events:
+        if isinstance(event, Click):
+            if event.clicked:
+                clicks.append((event.merchant_id, event.user_id, event.item_id, event.timestamp))
+                resolved = joiner.click(*clicks[-1], len(clicks) - 1)
+            else:
+                resolved = joiner.advance(event.timestamp)
+        else:
+            orders.append((event.merchant_id, event.user_id, [line.item_id for line in event.items], event.timestamp))
+            resolved = joiner.order(*orders[-1])
+        got.update({r.payload: r.converted for r in resolved})
+    truth = attributed_labels(clicks, orders, window_s=3 * 3600.0)
+    assert sum(truth) > 20 and len(got) + joiner.pending == len(clicks)
+    assert all(got[k] == truth[k] for k in got)  # every label emitted is the final one
+    small = AttributionJoiner(window_s=3 * 3600.0, max_pending=5)
+    for k, (merchant, user, item, when) in enumerate(clicks[:50]):
+        small.click(merchant, user, item, when, k)
+        assert small.pending <= 5
+    assert small.evicted > 0
+
+
+def test_joiner_checkpoint_round_trip_resumes_identically():
+    rng = np.random.default_rng(0)
+    stream = []
+    for k in range(400):
+        when = k * 60.0
+        if rng.random() < 0.7:
+            stream.append(("click", when, f"u{rng.integers(20)}", f"i{rng.integers(10)}", k))
+        else:
+            stream.append(("order", when, f"u{rng.integers(20)}", [f"i{rng.integers(10)}"]))
+    whole = AttributionJoiner(window_s=3600.0, merchant_windows_s={"m1": 5400.0})
+    expected = _replay(whole, stream)
+    first = AttributionJoiner(window_s=3600.0, merchant_windows_s={"m1": 5400.0})
+    head = _replay(first, stream[:200])
+    restored = pickle.loads(pickle.dumps(first))
+    assert restored.stats() == first.stats()
+    assert head + _replay(restored, stream[200:]) == expected
+    assert 0 < restored.positives < restored.negatives
+
+
+def test_multitask_predictions_on_a_seeded_stream_are_calibrated():
+    config = GeneratorConfig(merchants=2, events=20_000, seed=4, conversion_delay_s=1800.0)
+    state = MultiTaskState(MultiTaskClassifier(bits=16), AttributionJoiner(window_s=6 * 3600.0))
+    featurizer, context = Featurizer(16), FeatureContext()
+    keys, p_click, p_conversion, clicked, orders = [], [], [], [], []
+    for event in generate(config):
+        if isinstance(event, Click):
+            row = np.array(featurizer.slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
+                                                event.device, event.page, event.position, context))
+            click, conversion = state.click(event, row)
+            p_click.append(click)
+            p_conversion.append(conversion)
+            clicked.append(event.clicked)
+            keys.append((event.merchant_id, event.user_id, event.item_id, event.timestamp))
+        elif isinstance(event, Order):
+            state.order(event)
+            orders.append((event.merchant_id, event.user_id, [line.item_id for line in event.items], event.timestamp))
+        context.observe(event)
+    clicked = np.array(clicked)
+    ordered = clicked & np.array(attributed_labels(keys, orders, window_s=6 * 3600.0))
+    p_click, p_conversion = np.array(p_click), np.array(p_conversion)
+    assert state.model.updates["conversion"] > 1000
+    assert expected_calibration_error(ordered[clicked], p_conversion[clicked]) < 0.05
+    assert expected_calibration_error(ordered, p_click * p_conversion) < 0.02
+    assert expected_calibration_error(clicked, p_click) < 0.03
+
+
+def test_worker_hook_learns_both_tasks_and_its_state_is_checkpointed(settings, tmp_path):
+    from online.worker import OnlineWorker, WorkerConfig, read_checkpoint
+    from streams.consumer import Record
+
+    events = [e for e in generate(GeneratorConfig(merchants=2, events=3000, seed=5, conversion_delay_s=60.0))]
+    records = [Record(e, "events", 0, offset, int(time.time() * 1000), None) for offset, e in enumerate(events)]
+    config = WorkerConfig(model="ftrl", checkpoint_path=tmp_path / "mt.ckpt", block=256, publish_every_s=None)
+    plain = OnlineWorker(settings, config.__class__(**{**config.__dict__, "checkpoint_path": tmp_path / "p.ckpt"}))
+    assert plain.state.multitask is None  # default path: no multi-task state
+    enabled = settings.model_copy(update={"multitask": settings.multitask.model_copy(
+        update={"enabled": True, "attribution_window_s": 600.0})})
+    worker = OnlineWorker(enabled, config)
+    worker.accept(records)
+    worker.flush_stale(force=True)
+    state = worker.state.multitask
+    assert state.model.updates["click"] == sum(isinstance(e, Click) for e in events)
+    assert state.joiner.positives > 0 and state.resolved > 100
+    assert worker.metrics()["multitask_positives"] == state.joiner.positives
+    worker.checkpoint(commit=False)
+    resumed = OnlineWorker(enabled, config).state.multitask
+    assert read_checkpoint(tmp_path / "mt.ckpt") is not None
+    assert resumed.joiner.stats() == state.joiner.stats()
+    assert np.array_equal(resumed.model.w["shared"], state.model.w["shared"])
