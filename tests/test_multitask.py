@@ -144,3 +144,46 @@ def test_worker_hook_learns_both_tasks_and_its_state_is_checkpointed(settings, t
     assert read_checkpoint(tmp_path / "mt.ckpt") is not None
     assert resumed.joiner.stats() == state.joiner.stats()
     assert np.array_equal(resumed.model.w["shared"], state.model.w["shared"])
+
+
+@pytest.mark.slow  # TFF: its execution context takes tens of seconds to start on a loaded machine
+def test_federated_multitask_model_trains_one_round_and_both_heads_are_probabilities(tmp_path):
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_federated as tff
+
+    from federated.model import ModelConfig, NumpyScorer, build_keras_model, tff_model_fn
+    from federated.stores import build_stores
+    from federated.training import (
+        FederatedConfig, FederatedData, build_evaluation, build_process, run_rounds,
+    )
+    from fedstream.processes import stop_tff_workers
+
+    events = generate(GeneratorConfig(merchants=3, events=6000, seed=3, conversion_delay_s=600.0))
+    stores = build_stores(events, tmp_path, bits=10, attribution_window_s=3600.0)
+    labels = stores["m00"].load("train")["labels"]
+    assert labels.shape[1] == 2 and labels[:, 1].sum() > 0 and np.all(labels[:, 1] <= labels[:, 0])
+    model = ModelConfig(bits=10, multitask=True)
+    tff.backends.native.set_sync_local_cpp_execution_context()
+    try:
+        config = FederatedConfig(rounds=1, clients_per_round=3, batch_size=32)
+        process = build_process(tff_model_fn(model), config, model.label_width)
+        state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config,
+                                    evaluation=build_evaluation(tff_model_fn(model), model.label_width))
+    finally:
+        stop_tff_workers()
+    metrics = history[-1].metrics()
+    assert {"eval_auc", "eval_purchase_auc", "train_logloss", "train_purchase_logloss"} <= set(metrics)
+    assert 0.0 < metrics["eval_purchase_auc"] <= 1.0 and 0.0 < metrics["eval_auc"] <= 1.0
+    keras_model = build_keras_model(model)
+    trained = process.get_model_weights(state)
+    for variable, value in zip(keras_model.trainable_weights, trained.trainable):
+        variable.assign(value)
+    heldout = stores["m00"].load("heldout")
+    both = keras_model.predict({"indices": heldout["indices"], "values": heldout["values"]}, verbose=0)
+    assert both.shape == (len(heldout["indices"]), 2) and np.all((both >= 0) & (both <= 1))
+    assert np.all(both[:, 1] <= both[:, 0])  # P(order | impression) = P(click) P(order | click)
+    scorer = NumpyScorer.from_keras(model, keras_model)
+    np.testing.assert_allclose(scorer.predict_purchase_many(heldout["indices"], heldout["values"]), both[:, 1],
+                               rtol=1e-4, atol=1e-6)
