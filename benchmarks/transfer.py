@@ -2,7 +2,9 @@
 
 Two parts, one run. **New items** (below). **New merchants**: learning curves of local-only, global,
 finetune, features and text starts for held-out MovieLens occupations, see :mod:`benchmarks.transfer_curve`
-(it reuses the title embeddings computed here for its text arm).
+(it reuses the title embeddings computed here for its text arm). **Multi-task** (arm f, on the generated
+stream, which has clicks and late orders): calibration of P(order | click) and cold-start curves, see
+:mod:`benchmarks.transfer_multitask`.
 
 MovieLens-100K (the recbole wheel's ``ml-100k``): a seeded fifth of the movies is held out as *new items*:
 none of their ratings is seen. Each user's taste is the mean text embedding of the seen movies they rated
@@ -30,7 +32,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks import transfer_curve
+from benchmarks import transfer_curve, transfer_multitask
 from streams.datasets import movielens_table
 from streams.text import TextEncoder, item_text
 
@@ -131,6 +133,9 @@ def main() -> dict:
     cold = transfer_curve.run(vectors["text (title + genres)"])
     figures["readme"].append(cold.pop("readme"))
     figures.update(cold)
+    multitask = transfer_multitask.main()  # arm (f) and the calibration table, on the generated stream
+    figures["readme"] += multitask.pop("readme")
+    figures.update(multitask)
     print(json.dumps(figures))
     return figures
 

@@ -20,6 +20,8 @@ P(click) and each click's P(order | click) are predicted before any of its label
 from __future__ import annotations
 
 import os
+import copy
+import datetime as dt
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +31,7 @@ from online.attribution import AttributionJoiner, attributed_labels
 from online.multitask import MultiTaskClassifier, MultiTaskState
 from streams.features import FeatureContext, Featurizer
 from streams.generator import GeneratorConfig, generate
-from streams.schemas import Click, Order
+from streams.schemas import CatalogItem, Click, Order
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MERCHANTS = 5
@@ -38,6 +40,10 @@ DELAY_S = 3600.0
 WINDOW_S = 86_400.0
 BITS = 18
 BINS = 10
+PARAMS = {"learning_rate": 0.05, "shared_rate": 0.05}  # chosen on calibration seed 1 (online/README.md)
+NEW_MERCHANT = "m01"
+POINTS = (0, 100, 1000)
+EVAL_IMPRESSIONS = 1000
 CALIBRATION_SEEDS = [1]
 REPORT_SEEDS = [2, 3] if QUICK else [2, 3, 4, 5]
 
@@ -80,32 +86,127 @@ def replay(events: list, state: MultiTaskState, context: FeatureContext | None =
     return out
 
 
-def calibration(result: Replay) -> dict:
-    """ECE and AUC of P(order | click) and P(order | impression) against the fully attributed labels."""
+def calibration(result: Replay, events: list) -> dict:
+    """ECE and AUC of P(order | click) and P(order | impression) against the fully attributed labels (also
+    after the first window: before it closes the conversion head has no label yet)."""
     converted = np.array(attributed_labels(result.keys, result.orders, WINDOW_S))
     clicked = np.array(result.clicked)
     p_click, p_conversion = np.array(result.p_click), np.array(result.p_conversion)
     ordered = clicked & converted
-    return {
-        "clicks": int(clicked.sum()), "impressions": len(clicked), "conversion_rate": float(ordered.sum() / clicked.sum()),
-        "ece_order_given_click": expected_calibration_error(ordered[clicked], p_conversion[clicked], BINS),
-        "ece_order_given_impression": expected_calibration_error(ordered, p_click * p_conversion, BINS),
-        "ece_click": expected_calibration_error(clicked, p_click, BINS),
-        "auc_order_given_click": roc_auc(ordered[clicked], p_conversion[clicked]),
-        "auc_order_given_impression": roc_auc(ordered, p_click * p_conversion),
-        "auc_click": roc_auc(clicked, p_click),
-    }
+    steady = np.array([key[3] for key in result.keys]) > _first_time(events) + WINDOW_S
+    out = {"clicks": int(clicked.sum()), "impressions": len(clicked),
+           "conversion_rate": float(ordered.sum() / clicked.sum())}
+    for suffix, rows in (("", np.ones(len(clicked), bool)), ("_after_first_window", steady)):
+        c, o = clicked[rows], ordered[rows]
+        out[f"ece_order_given_click{suffix}"] = expected_calibration_error(o[c], p_conversion[rows][c], BINS)
+        out[f"ece_order_given_impression{suffix}"] = expected_calibration_error(o, (p_click * p_conversion)[rows], BINS)
+    out.update({"ece_click": expected_calibration_error(clicked, p_click, BINS),
+                "auc_order_given_click": roc_auc(ordered[clicked], p_conversion[clicked]),
+                "auc_order_given_impression": roc_auc(ordered, p_click * p_conversion),
+                "auc_click": roc_auc(clicked, p_click)})
+    return out
 
 
-def run_calibration(seed: int, **params: float) -> dict:
-    state = MultiTaskState(MultiTaskClassifier(bits=BITS, **params), AttributionJoiner(window_s=WINDOW_S))
-    return calibration(replay(stream(seed), state)) | {"seed": seed}
+def _first_time(events: list) -> float:
+    return next(e.timestamp for e in events if type(e) in (Click, Order))
+
+
+def _state(**params: float) -> MultiTaskState:
+    return MultiTaskState(MultiTaskClassifier(bits=BITS, **(PARAMS | params)), AttributionJoiner(window_s=WINDOW_S))
+
+
+def cold_start(events: list, new_merchant: str) -> dict[str, dict[int, dict[str, float]]]:
+    """Arm (f): per arm and point k, click AUC / logloss and purchase AUC of the new merchant's impressions
+    k .. k + EVAL_IMPRESSIONS (predicted test-then-train)."""
+    others = [e for e in events if e.merchant_id != new_merchant or type(e) is CatalogItem]
+    mine = [e for e in events if e.merchant_id == new_merchant]
+    shared = _state()
+    replay(others, shared)
+    starts = {"local click-only": (_state(), False), "f: multi-task, local": (_state(), True),
+              "f: multi-task from the other merchants": (copy.deepcopy(shared), True)}
+    out = {}
+    for arm, (state, multitask) in starts.items():
+        if not multitask:  # the same learner without its conversion task: a click-only model
+            state._learn = lambda resolved, state=state: None
+        result = replay(mine, state)
+        ordered = np.array(result.clicked) & np.array(attributed_labels(result.keys, result.orders, WINDOW_S))
+        out[arm] = {k: _point(result, ordered, k, multitask) for k in POINTS}
+    return out
+
+
+def _point(result: Replay, ordered: np.ndarray, k: int, multitask: bool) -> dict[str, float]:
+    rows = slice(k, k + EVAL_IMPRESSIONS)
+    clicked = np.array(result.clicked[rows])
+    p_click, p_conversion = np.array(result.p_click[rows]), np.array(result.p_conversion[rows])
+    return {"click_auc": roc_auc(clicked, p_click), "click_logloss": mean_logloss(clicked, p_click),
+            "purchase_auc": roc_auc(ordered[rows], p_click * p_conversion) if multitask else float("nan")}
+
+
+def run(seeds: list[int]) -> dict:
+    """Calibration and cold-start figures per seed."""
+    per_seed = []
+    for seed in seeds:
+        events = stream(seed)
+        row = calibration(replay(events, _state()), events) | {"seed": seed}
+        row["cold_start"] = cold_start(events, NEW_MERCHANT)
+        per_seed.append(row)
+    return {"seeds": per_seed}
+
+
+def _mean(rows: list[dict], key: str) -> tuple[float, float, float]:
+    values = [row[key] for row in rows]
+    return float(np.mean(values)), float(min(values)), float(max(values))
+
+
+def _print_tables(result: dict, rows: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
+    print(f"\nMulti-task on the generated stream ({MERCHANTS} merchants, {EVENTS} events, late conversions: "
+          f"lognormal median {DELAY_S / 3600:.0f} h; window {WINDOW_S / 3600:.0f} h; ECE over {BINS} equal-mass bins)")
+    print(f"{'seed':>10s} {'clicks':>7s} {'conv.':>6s} {'ECE o|c':>8s} {'ECE o|imp':>9s} {'ECE click':>9s} "
+          f"{'AUC o|c':>8s} {'AUC o|imp':>9s} {'AUC click':>9s}")
+    for row in result["seeds"]:
+        kind = "cal" if row["seed"] in CALIBRATION_SEEDS else "report"
+        print(f"{row['seed']:>3d} {kind:>6s} {row['clicks']:>7d} {row['conversion_rate']:6.3f} "
+              f"{row['ece_order_given_click']:8.4f} {row['ece_order_given_impression']:9.4f} {row['ece_click']:9.4f} "
+              f"{row['auc_order_given_click']:8.3f} {row['auc_order_given_impression']:9.3f} {row['auc_click']:9.3f}")
+    print(f"\nCold start, arm (f): new merchant {NEW_MERCHANT} after k of its impressions (scores of the next "
+          f"{EVAL_IMPRESSIONS}; mean over report seeds {REPORT_SEEDS})")
+    print(f"{'arm':40s} {'k':>5s} {'click AUC':>9s} {'logloss':>8s} {'purchase AUC':>12s}")
+    arms: dict[str, dict[int, dict[str, float]]] = {}
+    for arm in rows[0]["cold_start"]:
+        arms[arm] = {}
+        for k in POINTS:
+            points = [row["cold_start"][arm][k] for row in rows]
+            arms[arm][k] = {m: float(np.mean([p[m] for p in points])) for m in points[0]}
+            print(f"{arm:40s} {k:5d} {arms[arm][k]['click_auc']:9.3f} {arms[arm][k]['click_logloss']:8.4f} "
+                  f"{arms[arm][k]['purchase_auc']:12.3f}")
+    return arms
+
+
+def report(result: dict) -> dict:
+    """Print the calibration and arm (f) tables; return the figures of the report seeds (and readme rows)."""
+    rows = [row for row in result["seeds"] if row["seed"] in REPORT_SEEDS]
+    arms = _print_tables(result, rows)
+    today, mode = dt.date.today().isoformat(), "quick" if QUICK else "full"
+    figures: dict = {"multitask_cold_start": {arm: {str(k): v for k, v in points.items()} for arm, points in arms.items()},
+                     "readme": []}
+    for key, label in (("ece_order_given_click", "P(order | click)"), ("ece_order_given_impression", "P(order | impression)")):
+        value, low, high = _mean(rows, key)
+        figures[f"multitask_{key}"] = value
+        figures[f"multitask_{key}_calibration_seeds"] = _mean([r for r in result["seeds"] if r not in rows], key)[0]
+        figures["readme"].append({
+            "row": f"online: multi-task {label} ECE vs fully attributed labels ({BINS} equal-mass bins, "
+                   f"{DELAY_S / 3600:.0f} h median order delay)", "value": round(value, 4),
+            "spread": f"{low:.4f}-{high:.4f} (min-max, {len(rows)} seeds)", "target": "<= 0.02", "met": high <= 0.02,
+            "mode": mode, "seeds": {"calibration": CALIBRATION_SEEDS, "report": REPORT_SEEDS}, "date": today})
+    figures["multitask_auc_order_given_click"] = _mean(rows, "auc_order_given_click")[0]
+    return figures
+
+
+def main() -> dict:
+    return report(run(CALIBRATION_SEEDS + REPORT_SEEDS))
 
 
 if __name__ == "__main__":
-    import sys
-    import time
+    import json
 
-    started = time.perf_counter()
-    print(sys.argv[1:], run_calibration(int(sys.argv[1]), learning_rate=float(sys.argv[2]), shared_rate=float(sys.argv[3])),
-          f"{time.perf_counter() - started:.0f} s")
+    print(json.dumps(main()))

@@ -167,10 +167,11 @@ class MultiTaskState:
     click the joiner resolves, and :attr:`resolved` counts them.
     """
 
-    def __init__(self, model: MultiTaskClassifier, joiner: AttributionJoiner) -> None:
+    def __init__(self, model: MultiTaskClassifier, joiner: AttributionJoiner, calibrate: bool = True) -> None:
         self.model = model
         self.joiner = joiner
         self.resolved = 0
+        self.calibrator = DelayCalibrator() if calibrate else None
 
     @classmethod
     def from_settings(cls, settings: MultiTaskSettings, bits: int) -> MultiTaskState:
@@ -182,10 +183,13 @@ class MultiTaskState:
         """Test-then-train on one impression; returns P(click) and P(order | click) predicted before it."""
         ones = np.ones(len(row))
         p_click, p_conversion = self.model.predict_row(row, ones)
+        logit = math.log(max(p_conversion, 1e-12) / max(1.0 - p_conversion, 1e-12))
+        if self.calibrator is not None:
+            p_conversion = self.calibrator.predict(logit)
         self.model.learn_row("click", row, ones, event.clicked)
         if event.clicked:
             self._learn(self.joiner.click(event.merchant_id, event.user_id, event.item_id, event.timestamp,
-                                          np.asarray(row, dtype=np.int32)))
+                                          (np.asarray(row, dtype=np.int32), logit)))
         else:
             self._learn(self.joiner.advance(event.timestamp))
         return p_click, p_conversion
@@ -205,5 +209,31 @@ class MultiTaskState:
 
     def _learn(self, resolved: list[Resolved]) -> None:
         for done in resolved:
-            self.model.learn_row("conversion", done.payload, np.ones(len(done.payload)), done.converted)
+            row, logit = done.payload
+            self.model.learn_row("conversion", row, np.ones(len(row)), done.converted)
+            if self.calibrator is not None:
+                self.calibrator.learn(logit, done.converted)
         self.resolved += len(resolved)
+
+
+class DelayCalibrator:
+    """``P = sigmoid(a · logit + b)`` over the conversion head's logit *as predicted at click time*, learned
+    (AdaGrad) when the click's label is final: it maps what the head said a window before it learned the
+    label to how often such clicks converted, i.e. it corrects what the delay itself does to the head."""
+
+    def __init__(self, learning_rate: float = 0.02) -> None:
+        self.learning_rate = learning_rate
+        self.a, self.b = 1.0, 0.0
+        self.n_a = self.n_b = 1.0
+
+    def predict(self, logit: float) -> float:
+        z = min(max(self.a * logit + self.b, -CLIP), CLIP)
+        return 1.0 / (1.0 + math.exp(-z))
+
+    def learn(self, logit: float, y: bool) -> None:
+        g = self.predict(logit) - float(y)
+        g_a, g_b = g * logit, g
+        self.n_a += g_a * g_a
+        self.n_b += g_b * g_b
+        self.a -= self.learning_rate * g_a / math.sqrt(self.n_a)
+        self.b -= self.learning_rate * g_b / math.sqrt(self.n_b)
