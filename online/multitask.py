@@ -42,6 +42,7 @@ from fedstream.settings import MultiTaskSettings
 from online.attribution import AttributionJoiner, Resolved
 from online.learners import CLIP, dict_to_arrays, sigmoid  # noqa: I001 (sets numba's cache dir first)
 from numba import njit
+from streams.features import FeatureContext, Featurizer
 from streams.schemas import Click, Order
 
 TASKS = ("click", "conversion")
@@ -237,3 +238,21 @@ class DelayCalibrator:
         self.n_b += g_b * g_b
         self.a -= self.learning_rate * g_a / math.sqrt(self.n_a)
         self.b -= self.learning_rate * g_b / math.sqrt(self.n_b)
+
+
+def rerank_by_purchase(state: MultiTaskState, featurizer: Featurizer, context: FeatureContext, merchant_id: str,
+                       user_id: str, ranked: Sequence[str], when: float, device: str = "desktop",
+                       weight: float = 1.0) -> list[str]:
+    """``ranked`` (the two-stage recommender's order, best first) re-ordered by ``weight · log P(order |
+    impression) - log(1 + rank)``: each item's expected purchase if shown in slot 0 of a recommendation page
+    now, weighed against the recommender's own rank (so its history and co-occurrence signal stays)."""
+    if not ranked:
+        return []
+    rows = np.array([featurizer.slots_for(merchant_id, user_id, item, when, device, "recommendation", 0, context)
+                     for item in ranked], dtype=np.int64)
+    p_click, p_conversion = state.model.predict_many(rows, np.ones(rows.shape))
+    if state.calibrator is not None:
+        logits = np.log(np.maximum(p_conversion, 1e-12) / np.maximum(1.0 - p_conversion, 1e-12))
+        p_conversion = np.array([state.calibrator.predict(float(z)) for z in logits])
+    score = weight * np.log(np.maximum(p_click * p_conversion, 1e-12)) - np.log1p(np.arange(len(ranked)))
+    return [ranked[i] for i in np.argsort(-score, kind="stable")]
