@@ -374,8 +374,9 @@ def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffl
                                                for name in ("indices", "values", "labels")))
 
     def read(indices_path, values_path, labels_path):
-        return (_npy_column(indices_path, tf.int32, width), _npy_column(values_path, tf.float32, width),
-                _npy_column(labels_path, tf.float32, label_width if label_width > 1 else None))
+        indices = _npy_column(indices_path, tf.int32, width)
+        labels = tf.reshape(_npy_column(labels_path, tf.float32, None), [tf.shape(indices)[0], -1])
+        return indices, _npy_column(values_path, tf.float32, width), labels[:, :label_width]  # clicks: column 0
 
     def to_batch(indices, values, labels):  # per batch, not per row: ~batch_size x fewer map calls
         return {"indices": indices, "values": values}, tf.reshape(labels, [-1, label_width])
