@@ -189,8 +189,8 @@ class PurchaseRanked(Fedstream):
 def ranking(seed: int) -> dict[str, float]:
     """HitRate@10 / NDCG@10 for each user's last order (online.evaluate, split last-order): the recommender
     with and without the expected-purchase re-ranking, same events (clicks, orders, catalog), same run."""
-    report = evaluate(stream(seed, RANK_EVENTS), {"fedstream": Fedstream(), "fedstream + expected purchase": PurchaseRanked()},
-                      split="last-order", k=10)
+    methods = {"fedstream": Fedstream(), "fedstream + expected purchase": PurchaseRanked()}
+    report = evaluate(stream(seed, RANK_EVENTS), methods, split="last-order", k=10)
     return {name: {"hit_rate_at_10": row["hit_rate_at_10"], "ndcg_at_10": row["ndcg_at_10"], "variant": row["variant"]}
             for name, row in report["methods"].items()} | {"test_targets": report["test_targets"]}
 
@@ -229,9 +229,10 @@ def report(result: dict) -> dict:
     rows = [row for row in result["seeds"] if row["seed"] in REPORT_SEEDS]
     arms = _print_tables(result, rows)
     today, mode = dt.date.today().isoformat(), "quick" if QUICK else "full"
-    figures: dict = {"multitask_cold_start": {arm: {str(k): v for k, v in points.items()} for arm, points in arms.items()},
-                     "readme": []}
-    for key, label in (("ece_order_given_click", "P(order | click)"), ("ece_order_given_impression", "P(order | impression)")):
+    figures: dict = {"readme": [], "multitask_cold_start": {arm: {str(k): v for k, v in points.items()}
+                                                            for arm, points in arms.items()}}
+    for key, label in (("ece_order_given_click", "P(order | click)"),
+                       ("ece_order_given_impression", "P(order | impression)")):
         value, low, high = _mean(rows, key)
         figures[f"multitask_{key}"] = value
         figures[f"multitask_{key}_calibration_seeds"] = _mean([r for r in result["seeds"] if r not in rows], key)[0]
@@ -247,12 +248,13 @@ def report(result: dict) -> dict:
         print(f"seed {row['seed']}: HR@10 {plain['hit_rate_at_10']:.4f} -> {mixed['hit_rate_at_10']:.4f}, NDCG@10 "
               f"{plain['ndcg_at_10']:.4f} -> {mixed['ndcg_at_10']:.4f} ({mixed['variant']}, "
               f"{row['ranking']['test_targets']} targets)")
-    deltas = [row["ranking"]["fedstream + expected purchase"]["hit_rate_at_10"] - row["ranking"]["fedstream"]["hit_rate_at_10"]
-              for row in rows]
+    deltas = [row["ranking"]["fedstream + expected purchase"]["hit_rate_at_10"]
+              - row["ranking"]["fedstream"]["hit_rate_at_10"] for row in rows]
     figures["multitask_ranking"] = {str(row["seed"]): row["ranking"] for row in rows}
     figures["readme"].append({
         "row": "online: HitRate@10 change from re-ranking by expected purchase (generated, last order)",
-        "value": round(float(np.mean(deltas)), 4), "spread": f"{min(deltas):+.4f}..{max(deltas):+.4f} ({len(rows)} seeds)",
+        "value": round(float(np.mean(deltas)), 4),
+        "spread": f"{min(deltas):+.4f}..{max(deltas):+.4f} ({len(rows)} seeds)",
         "target": ">= 0 (not lower)", "met": min(deltas) >= 0, "mode": mode,
         "seeds": {"calibration": CALIBRATION_SEEDS, "report": REPORT_SEEDS}, "date": today})
     return figures

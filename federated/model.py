@@ -147,7 +147,8 @@ def keras_metrics(multitask: bool = False):
                 tf.keras.metrics.BinaryCrossentropy(name="logloss")]
     return [functools.partial(_column_metric, base, column, f"{prefix}{name}", **kwargs)
             for column, prefix in ((0, ""), (1, "purchase_")) for base, name, kwargs in
-            ((tf.keras.metrics.AUC, "auc", {"num_thresholds": 200}), (tf.keras.metrics.BinaryCrossentropy, "logloss", {}))]
+            ((tf.keras.metrics.AUC, "auc", {"num_thresholds": 200}),
+             (tf.keras.metrics.BinaryCrossentropy, "logloss", {}))]
 
 
 def _column_metric(base, column: int, name: str, **kwargs):

@@ -6,8 +6,9 @@ arrives within ``window`` seconds of event time after it (a **positive**) or the
 the window closes). ``release="order"`` emits a positive as soon as its order arrives; ``release="window"``
 (the default) holds it, too, until its window closes, so every label reaches the learner the same time
 after its click whatever it is: emitting positives early and negatives a window later trains on too many
-positives for the users and items active right now (measured: ECE 0.15 instead of 0.024, online/README.md). One order converts every held click of its user and item (all
-clicks inside the window are credited; the fully attributed labels of the benchmarks use the same rule).
+positives for the users and items active right now (measured: ECE 0.15 instead of 0.024, online/README.md).
+One order converts every held click of its user and item (all clicks inside the window are credited; the
+fully attributed labels of the benchmarks use the same rule).
 
 The watermark is the latest event time seen in the stream minus ``lateness`` (orders of a merchant come
 through another topic than its clicks, so a little disorder is tolerated). Memory is bounded: at most
@@ -166,7 +167,8 @@ class AttributionJoiner:
                 "watermark": self.watermark}
 
 
-def attributed_labels(clicks: Iterable[tuple[str, str, str, float]], orders: Iterable[tuple[str, str, list[str], float]],
+def attributed_labels(clicks: Iterable[tuple[str, str, str, float]],
+                      orders: Iterable[tuple[str, str, list[str], float]],
                       window_s: float = 86_400.0, merchant_windows_s: Mapping[str, float] | None = None) -> list[bool]:
     """Fully attributed labels, computed after the whole stream: click k is converted when an order of the same
     merchant, user and item comes at or after it and at most the merchant's window later (same rule as the joiner).
