@@ -181,18 +181,26 @@ class MultiTaskState:
         return cls(MultiTaskClassifier(bits=bits), joiner)
 
     def click(self, event: Click, row: np.ndarray) -> tuple[float, float]:
-        """Test-then-train on one impression; returns P(click) and P(order | click) predicted before it."""
-        ones = np.ones(len(row))
-        p_click, p_conversion = self.model.predict_row(row, ones)
+        """Test-then-train on one impression (feature values 1, as the worker's rows); returns P(click) and
+        P(order | click) predicted before it."""
+        model = self.model
+        slots = np.asarray(row, dtype=np.int64) & model._mask
+        ones = np.ones(len(slots))
+        w = model.w
+        p_click, p_conversion = _predict_row(w["shared"], w["click"], w["conversion"], slots, ones)
         logit = math.log(max(p_conversion, 1e-12) / max(1.0 - p_conversion, 1e-12))
         if self.calibrator is not None:
             p_conversion = self.calibrator.predict(logit)
-        self.model.learn_row("click", row, ones, event.clicked)
+        _learn_row(w["shared"], model.n["shared"], w["click"], model.n["click"], slots, ones, float(event.clicked),
+                   model.shared_rate, model.learning_rate, model.l2, model.eps)
+        model.updates["click"] += 1
         if event.clicked:
             self._learn(self.joiner.click(event.merchant_id, event.user_id, event.item_id, event.timestamp,
-                                          (np.asarray(row, dtype=np.int32), logit)))
-        else:
+                                          (slots.astype(np.int32), logit)))
+        elif self.joiner.pending:
             self._learn(self.joiner.advance(event.timestamp))
+        else:
+            self.joiner.latest = max(self.joiner.latest, event.timestamp)
         return p_click, p_conversion
 
     def order(self, event: Order) -> None:

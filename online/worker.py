@@ -173,7 +173,9 @@ class OnlineWorker:
             self.state = LearnerState(model, settings.feature_bits, config.model, config.metrics_window)
         for name, factory in (monitors or {}).items():
             self.state.monitors[name] = factory(self.state.saved_monitors.get(name))
-        if settings.multitask.enabled and self.state.multitask is None:
+        if not settings.multitask.enabled:  # the setting decides, also for a checkpoint written with it on
+            self.state.multitask = None
+        elif self.state.multitask is None:
             self.state.multitask = MultiTaskState.from_settings(settings.multitask, settings.feature_bits)
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
