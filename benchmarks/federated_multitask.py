@@ -8,10 +8,11 @@ single-task one reads the click column). Prints one JSON line. ``python -m bench
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
+
+from benchmarks import emit
 
 
 def main() -> dict:
@@ -42,7 +43,7 @@ def main() -> dict:
                 "seconds": round(time.perf_counter() - started)}
     finally:
         stop_tff_workers()
-    print(json.dumps({"benchmark": "federated_multitask", **out}))
+    emit("federated_multitask", {"benchmark": "federated_multitask", **out})
     return out
 
 

@@ -262,9 +262,3 @@ def report(result: dict) -> dict:
 
 def main() -> dict:
     return report(run(CALIBRATION_SEEDS + REPORT_SEEDS))
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(main()))
