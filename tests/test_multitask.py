@@ -3,6 +3,7 @@ hook and its checkpoint, and the federated model's purchase head."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import time
 
@@ -133,10 +134,10 @@ def test_worker_hook_learns_both_tasks_and_its_state_is_checkpointed(settings, t
     from online.worker import OnlineWorker, WorkerConfig, read_checkpoint
     from streams.consumer import Record
 
-    events = [e for e in generate(GeneratorConfig(merchants=2, events=3000, seed=5, conversion_delay_s=60.0))]
+    events = list(generate(GeneratorConfig(merchants=2, events=3000, seed=5, conversion_delay_s=60.0)))
     records = [Record(e, "events", 0, offset, int(time.time() * 1000), None) for offset, e in enumerate(events)]
     config = WorkerConfig(model="ftrl", checkpoint_path=tmp_path / "mt.ckpt", block=256, publish_every_s=None)
-    plain = OnlineWorker(settings, config.__class__(**{**config.__dict__, "checkpoint_path": tmp_path / "p.ckpt"}))
+    plain = OnlineWorker(settings, dataclasses.replace(config, checkpoint_path=tmp_path / "p.ckpt"))
     assert plain.state.multitask is None  # default path: no multi-task state
     enabled = settings.model_copy(update={"multitask": settings.multitask.model_copy(
         update={"enabled": True, "attribution_window_s": 600.0})})
@@ -152,6 +153,7 @@ def test_worker_hook_learns_both_tasks_and_its_state_is_checkpointed(settings, t
     assert read_checkpoint(tmp_path / "mt.ckpt") is not None
     assert resumed.joiner.stats() == state.joiner.stats()
     assert np.array_equal(resumed.model.w["shared"], state.model.w["shared"])
+    assert OnlineWorker(settings, config).state.multitask is None  # the setting decides, not the checkpoint
 
 
 @pytest.mark.slow  # TFF: its execution context takes tens of seconds to start on a loaded machine
