@@ -17,7 +17,8 @@ movies 4+, the benchmark reports how the movies they chose rank among all new mo
 against the same ranking with text replaced by a random vector per movie (a chance arm computed in the
 same run) and by genre words alone (what the catalog's category field gives without titles). Nothing is
 tuned: every seed is a report seed. ``BENCH_QUICK=1`` uses 2 splits instead of 5 (and 2 seeds, 4 FedAvg
-rounds for the merchant curves: a few minutes).
+rounds for the merchant curves: a few minutes; the multi-task section 3 seeds of 120k generated events:
+about 5 minutes more on the shared machine, 10 in all).
 
     .venv/bin/python -m benchmarks.transfer
 """
