@@ -3,7 +3,9 @@
 Three parts, one run. **New items** on MovieLens (below) and on the generated stream
 (:mod:`benchmarks.transfer_items`, the same ranking function). **New merchants**: learning curves of local-only, global,
 finetune, features and text starts for held-out MovieLens occupations, see :mod:`benchmarks.transfer_curve`
-(it reuses the title embeddings computed here for its text arm).
+(it reuses the title embeddings computed here for its text arm). **Multi-task** (arm f, on the generated
+stream, which has clicks and late orders): calibration of P(order | click) and cold-start curves, see
+:mod:`benchmarks.transfer_multitask`.
 
 MovieLens-100K (the recbole wheel's ``ml-100k``): a seeded fifth of the movies is held out as *new items*:
 none of their ratings is seen. Each user's taste is the mean text embedding of the seen movies they rated
@@ -16,7 +18,8 @@ movies 4+, the benchmark reports how the movies they chose rank among all new mo
 against the same ranking with text replaced by a random vector per movie (a chance arm computed in the
 same run) and by genre words alone (what the catalog's category field gives without titles). Nothing is
 tuned: every seed is a report seed. ``BENCH_QUICK=1`` uses 2 splits instead of 5 (and 2 seeds, 4 FedAvg
-rounds for the merchant curves: a few minutes).
+rounds for the merchant curves: a few minutes; the multi-task section 3 seeds of 120k generated events:
+about 5 minutes more on the shared machine, 10 in all).
 
     .venv/bin/python -m benchmarks.transfer
 """
@@ -31,7 +34,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks import transfer_curve, transfer_items
+from benchmarks import transfer_curve, transfer_items, transfer_multitask
 from benchmarks.transfer_items import rank_new_items
 from streams.datasets import movielens_table
 from streams.text import TextEncoder, item_text
@@ -117,6 +120,9 @@ def main() -> dict:
     cold = transfer_curve.run(vectors["text (title + genres)"])
     figures["readme"].append(cold.pop("readme"))
     figures.update(cold)
+    multitask = transfer_multitask.main()  # arm (f) and the calibration table, on the generated stream
+    figures["readme"] += multitask.pop("readme")
+    figures.update(multitask)
     print(json.dumps(figures))
     return figures
 

@@ -5,6 +5,13 @@ Optional deep part: an 8-dim embedding bag of the same slots, then a small ReLU 
 added to the wide logit. :class:`NumpyScorer` is the same function over the Keras weights in plain
 numpy: what registered versions carry, so serving never imports TensorFlow.
 
+Multi-task (``ModelConfig(multitask=True)``, off by default): a purchase head shares the whole body (wide
+and deep logit) and adds its own wide bag, ``P(order | click) = sigmoid(body + conversion bag)``; the model
+outputs ``[P(click), P(order | impression) = P(click) P(order | click)]`` per row, trained against the
+store's two label columns ``[clicked, ordered]`` (orders attributed to clicks by user, item and window:
+``federated.stores.build_stores(attribution_window_s=...)``). One loss (the mean binary cross-entropy of the
+two columns), so any aggregator averages it as it averages the single-task model.
+
 Example:
     >>> config = ModelConfig(bits=10, deep=True)
     >>> scorer = NumpyScorer.initial(config)
@@ -15,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +41,12 @@ class ModelConfig:
     embedding_dim: int = 8
     hidden: int = 16
     seed: int = 7
+    multitask: bool = False
+
+    @property
+    def label_width(self) -> int:
+        """Label columns per example: [clicked] or [clicked, ordered]."""
+        return 2 if self.multitask else 1
 
     def __post_init__(self) -> None:
         if not 4 <= self.bits <= 24:
@@ -106,23 +120,46 @@ def build_keras_model(config: ModelConfig):
             1, name="deep_out", kernel_initializer=tf.keras.initializers.GlorotUniform(seed=config.seed + 1))(hidden)
         logit = tf.keras.layers.Add(name="logit")([logit, deep_logit])
     prob = tf.keras.layers.Activation("sigmoid", name="p_click")(logit)
+    if config.multitask:
+        head = bag(config.n_slots, 1, use_bias=True, name="conversion")([indices, values])
+        conversion = tf.keras.layers.Activation("sigmoid", name="p_conversion")(
+            tf.keras.layers.Add(name="conversion_logit")([logit, head]))
+        purchase = tf.keras.layers.Multiply(name="p_purchase")([prob, conversion])
+        prob = tf.keras.layers.Concatenate(name="p_click_purchase")([prob, purchase])
     return tf.keras.Model(inputs={"indices": indices, "values": values}, outputs=prob, name="fedstream_ctr")
 
 
-def input_spec():
+def input_spec(label_width: int = 1):
     """The element spec of a client dataset (see :func:`federated.stores.dataset_from_folder`)."""
     import tensorflow as tf
 
     features = {"indices": tf.TensorSpec([None, N_FIELDS], tf.int32),
                 "values": tf.TensorSpec([None, N_FIELDS], tf.float32)}
-    return features, tf.TensorSpec([None, 1], tf.float32)
+    return features, tf.TensorSpec([None, label_width], tf.float32)
 
 
-def keras_metrics():
+def keras_metrics(multitask: bool = False):
+    """AUC and log loss of the click column; with ``multitask`` also of the purchase column."""
     import tensorflow as tf
 
-    return [tf.keras.metrics.AUC(name="auc", num_thresholds=200),
-            tf.keras.metrics.BinaryCrossentropy(name="logloss")]
+    if not multitask:
+        return [tf.keras.metrics.AUC(name="auc", num_thresholds=200),
+                tf.keras.metrics.BinaryCrossentropy(name="logloss")]
+    return [functools.partial(_column_metric, base, column, f"{prefix}{name}", **kwargs)
+            for column, prefix in ((0, ""), (1, "purchase_")) for base, name, kwargs in
+            ((tf.keras.metrics.AUC, "auc", {"num_thresholds": 200}),
+             (tf.keras.metrics.BinaryCrossentropy, "logloss", {}))]
+
+
+def _column_metric(base, column: int, name: str, **kwargs):
+    """A Keras metric of one output/label column (TFF passes metrics the whole [n, 2] tensors; it gets
+    constructors, as these metrics' configs do not rebuild them)."""
+
+    class ColumnMetric(base):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            super().update_state(y_true[:, column:column + 1], y_pred[:, column:column + 1], sample_weight)
+
+    return ColumnMetric(name=name, **kwargs)
 
 
 def tff_model_fn(config: ModelConfig):
@@ -133,8 +170,8 @@ def tff_model_fn(config: ModelConfig):
         import tensorflow_federated as tff
 
         return tff.learning.models.from_keras_model(
-            build_keras_model(config), input_spec=input_spec(), loss=tf.keras.losses.BinaryCrossentropy(),
-            metrics=keras_metrics())
+            build_keras_model(config), input_spec=input_spec(config.label_width),
+            loss=tf.keras.losses.BinaryCrossentropy(), metrics=keras_metrics(config.multitask))
 
     return model_fn
 
@@ -178,6 +215,16 @@ class NumpyScorer:
     def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         z = np.clip(self.decision_many(np.asarray(indices), np.asarray(values, np.float32)), -35.0, 35.0)
         return 1.0 / (1.0 + np.exp(-z))
+
+    def predict_purchase_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """P(order | impression) = P(click) P(order | click) of a multi-task model."""
+        if not self.config.multitask:
+            raise ValueError("predict_purchase_many needs a multi-task model (ModelConfig(multitask=True))")
+        indices, values = np.asarray(indices), np.asarray(values, np.float32)
+        w = self.weights
+        head = (w["conversion_embeddings"][indices, 0] * values).sum(axis=1) + w["conversion_bias"][0]
+        z = np.clip(self.decision_many(indices, values) + head, -35.0, 35.0)
+        return self.predict_proba_many(indices, values) / (1.0 + np.exp(-z))
 
 
 def named_weights(model) -> dict[str, np.ndarray]:

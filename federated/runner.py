@@ -194,8 +194,8 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
         raise ValueError("no merchant stores to train on")
     context_name = use_execution_context(config)
     model_fn = tff_model_fn(model_config)
-    process = build_process(model_fn, config)
-    evaluation = build_evaluation(model_fn)
+    process = build_process(model_fn, config, model_config.label_width)
+    evaluation = build_evaluation(model_fn, model_config.label_width)
     if workers:
         stores, config, process, evaluation, context_name = _on_workers(settings, stores, config, process, evaluation, workers)
     data = FederatedData.from_stores(stores)

@@ -27,6 +27,7 @@ import numpy as np
 
 from fedstream.errors import ExpectedFailure
 from fedstream.logs import get_logger
+from online.attribution import attributed_labels
 from streams.features import FIELDS, FeatureContext, Featurizer
 from streams.schemas import Click, Event, Order
 
@@ -123,13 +124,22 @@ def _checked_id(merchant_id: str) -> str:
 class _MerchantBuilder:
     """Featurizes one merchant's clicks prequentially against a context of its own events only."""
 
-    def __init__(self, featurizer: Featurizer) -> None:
+    def __init__(self, featurizer: Featurizer, attribution_window_s: float | None = None) -> None:
         self.featurizer = featurizer
         self.context = FeatureContext()
         self.pending: list[Click] = []
         self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.window_s = attribution_window_s
+        self.keys: list[tuple[str, str, str, float]] = []  # (merchant, user, item, time) per example, multi-task
+        self.orders: list[tuple[str, str, list[str], float]] = []
 
     def add(self, event: Event) -> None:
+        if self.window_s is not None:
+            if isinstance(event, Click):
+                self.keys.append((event.merchant_id, event.user_id, event.item_id, event.timestamp))
+            elif isinstance(event, Order):
+                self.orders.append((event.merchant_id, event.user_id, [line.item_id for line in event.items],
+                                    event.timestamp))
         # Unclicked impressions leave the context unchanged, so consecutive ones share one
         # transform_many call; anything that changes the context flushes first (prequential order).
         if isinstance(event, Click):
@@ -162,13 +172,20 @@ class _MerchantBuilder:
             return {"indices": np.empty((0, n_fields), np.int32), "values": np.empty((0, n_fields), np.float32),
                     "labels": np.empty(0, np.float32), "timestamps": np.empty(0, np.float64)}
         columns = [np.concatenate(parts) for parts in zip(*self.blocks)]
+        if self.window_s is not None:  # labels [clicked, ordered]: orders attributed over the whole stream
+            ordered = np.array(attributed_labels(self.keys, self.orders, self.window_s), dtype=np.float32)
+            columns[2] = np.stack([columns[2], columns[2] * ordered], axis=1)
         order = np.argsort(columns[3], kind="stable")  # by time (events arrive ~ordered already)
         return {name: column[order] for name, column in zip(COLUMNS, columns)}
 
 
 def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdout_fraction: float = 0.2,
-                 merchants: Iterable[str] | None = None, min_examples: int = 10) -> dict[str, MerchantStore]:
+                 merchants: Iterable[str] | None = None, min_examples: int = 10,
+                 attribution_window_s: float | None = None) -> dict[str, MerchantStore]:
     """Split ``events`` by merchant and write each merchant's featurized train/held-out examples.
+
+    With ``attribution_window_s`` (multi-task), labels are ``[clicked, ordered]`` per impression: ordered when
+    an order of the same user and item follows the click within the window (:mod:`online.attribution`).
 
     Each merchant gets its own featurization context, so nothing of one merchant's traffic can leak into
     another's examples. Merchants with fewer than ``min_examples`` clicks get no store; a merchant whose id
@@ -190,7 +207,7 @@ def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdou
                 refused.add(merchant_id)
                 log.warning("merchant skipped", extra={"merchant": merchant_id, "reason": reason})
                 continue
-            builder = builders[merchant_id] = _MerchantBuilder(featurizer)
+            builder = builders[merchant_id] = _MerchantBuilder(featurizer, attribution_window_s)
         builder.add(event)
     stores = {}
     for merchant_id in sorted(builders):
@@ -216,11 +233,13 @@ def write_store(root: str | Path, merchant_id: str, arrays: dict[str, np.ndarray
     cut = max(1, min(n - 1, int(round(n * (1.0 - holdout_fraction)))))
     store.write("train", {k: v[:cut] for k, v in arrays.items()})
     store.write("heldout", {k: v[cut:] for k, v in arrays.items()})
-    stamps = arrays["timestamps"]
+    stamps, labels = arrays["timestamps"], arrays["labels"]
+    clicked = labels[:, 0] if labels.ndim == 2 else labels
     meta = {
         "merchant_id": merchant_id, "bits": bits, "fields": list(FIELDS),
         "counts": {"train": cut, "heldout": n - cut},
-        "positives": {"train": float(arrays["labels"][:cut].sum()), "heldout": float(arrays["labels"][cut:].sum())},
+        "positives": {"train": float(clicked[:cut].sum()), "heldout": float(clicked[cut:].sum())},
+        "labels": ["clicked", "ordered"][:labels.shape[1]] if labels.ndim == 2 else ["clicked"],
         "period": {"start": float(stamps[0]), "split": float(stamps[cut]), "end": float(stamps[-1])},
     }
     if catalog is not None:
@@ -273,8 +292,9 @@ def _npy_column(path, dtype, width: int | None):
     return tf.reshape(column, [-1, width]) if width else column
 
 
-def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffle_seed=None):
-    """The ``({"indices", "values"}, label[·,1])`` batches of one split directory, as TF ops over its path.
+def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffle_seed=None, label_width: int = 1):
+    """The ``({"indices", "values"}, label[·,label_width])`` batches of one split directory, as TF ops over its path
+    (``label_width`` 2: a multi-task store's [clicked, ordered]).
 
     ``folder`` may be a Python string or a ``tf.string`` tensor (the parameter of TFF's per-client dataset
     computation); ``shuffle_seed`` likewise (None: file order). Only the path is in the graph: the columns
@@ -288,11 +308,12 @@ def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffl
                                                for name in ("indices", "values", "labels")))
 
     def read(indices_path, values_path, labels_path):
-        return (_npy_column(indices_path, tf.int32, width), _npy_column(values_path, tf.float32, width),
-                _npy_column(labels_path, tf.float32, None))
+        indices = _npy_column(indices_path, tf.int32, width)
+        labels = tf.reshape(_npy_column(labels_path, tf.float32, None), [tf.shape(indices)[0], -1])
+        return indices, _npy_column(values_path, tf.float32, width), labels[:, :label_width]  # clicks: column 0
 
     def to_batch(indices, values, labels):  # per batch, not per row: ~batch_size x fewer map calls
-        return {"indices": indices, "values": values}, tf.reshape(labels, [-1, 1])
+        return {"indices": indices, "values": values}, tf.reshape(labels, [-1, label_width])
 
     rows = paths.map(read).flat_map(lambda i, v, y: tf.data.Dataset.from_tensor_slices((i, v, y)))
     if shuffle_seed is not None:

@@ -220,7 +220,7 @@ def _server_optimizer(config: FederatedConfig):
 EVAL_BATCH = 256
 
 
-def train_dataset_computation(batch_size: int, epochs: int):
+def train_dataset_computation(batch_size: int, epochs: int, label_width: int = 1):
     """TFF computation ``<folder=string, seed=int64> -> batches*``: a client's shuffled training data.
 
     Runs where the client's work runs (the local executor, or the merchant's own joined worker), so the
@@ -230,18 +230,19 @@ def train_dataset_computation(batch_size: int, epochs: int):
 
     @tff.tensorflow.computation(tff.types.StructType([("folder", np.str_), ("seed", np.int64)]))
     def client_train_data(folder, seed):
-        return dataset_from_folder(folder, batch_size=batch_size, epochs=epochs, shuffle_seed=seed)
+        return dataset_from_folder(folder, batch_size=batch_size, epochs=epochs, shuffle_seed=seed,
+                                   label_width=label_width)
 
     return client_train_data
 
 
-def eval_dataset_computation(batch_size: int = EVAL_BATCH):
+def eval_dataset_computation(batch_size: int = EVAL_BATCH, label_width: int = 1):
     """TFF computation ``folder -> batches*``: a client's held-out data, in time order."""
     import tensorflow_federated as tff
 
     @tff.tensorflow.computation(np.str_)
     def client_eval_data(folder):
-        return dataset_from_folder(folder, batch_size=batch_size)
+        return dataset_from_folder(folder, batch_size=batch_size, label_width=label_width)
 
     return client_eval_data
 
@@ -251,7 +252,7 @@ def client_seed(seed: int, round_num: int, merchant_id: str) -> int:
     return int(np.random.default_rng([seed, round_num, *merchant_id.encode()]).integers(2**31))
 
 
-def build_process(model_fn: Callable[[], Any], config: FederatedConfig):
+def build_process(model_fn: Callable[[], Any], config: FederatedConfig, label_width: int = 1):
     """FedAvg (or FedProx when ``prox_mu > 0``) learning process for ``config``.
 
     Its ``next`` takes ``(state, [(folder, seed), ...])``: one split directory and shuffle seed per client,
@@ -261,7 +262,7 @@ def build_process(model_fn: Callable[[], Any], config: FederatedConfig):
 
     process = _fedavg_process(model_fn, config)
     return tff.simulation.compose_dataset_computation_with_learning_process(
-        train_dataset_computation(config.batch_size, config.client_epochs), process)
+        train_dataset_computation(config.batch_size, config.client_epochs, label_width), process)
 
 
 def _fedavg_process(model_fn: Callable[[], Any], config: FederatedConfig):
@@ -283,7 +284,7 @@ def _fedavg_process(model_fn: Callable[[], Any], config: FederatedConfig):
     return algorithms.build_weighted_fed_avg(model_fn, **common)
 
 
-def build_evaluation(model_fn: Callable[[], Any]):
+def build_evaluation(model_fn: Callable[[], Any], label_width: int = 1):
     """Federated evaluation process: aggregate held-out metrics of the given model weights.
 
     Its ``next`` takes ``(state, [folder, ...])``: each client's held-out split directory.
@@ -291,7 +292,7 @@ def build_evaluation(model_fn: Callable[[], Any]):
     import tensorflow_federated as tff
 
     return tff.simulation.compose_dataset_computation_with_learning_process(
-        eval_dataset_computation(), tff.learning.algorithms.build_fed_eval(model_fn))
+        eval_dataset_computation(label_width=label_width), tff.learning.algorithms.build_fed_eval(model_fn))
 
 
 def sample_clients(client_ids: list[str], k: int, round_num: int, seed: int) -> list[str]:

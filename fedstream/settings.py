@@ -208,6 +208,19 @@ class FederatedSettings(BaseModel):
         description="Registered model name of the federated global model (`federated run --register`).")
 
 
+class MultiTaskSettings(BaseModel):
+    """Click + purchase learning (``online.multitask``, ``online.attribution``): off unless ``enabled``."""
+
+    enabled: bool = Field(default=False, description="The learner worker also learns P(order | click).")
+    attribution_window_s: float = Field(default=86_400.0, gt=0, description="An order converts a click of the "
+                                        "same user and item at most this long (event time) after it.")
+    merchant_windows_s: dict[str, float] = Field(default_factory=dict,
+                                                 description="Per-merchant windows overriding the default.")
+    lateness_s: float = Field(default=60.0, ge=0, description="Watermark = latest event time minus this.")
+    max_pending: int = Field(default=200_000, ge=1, description="Clicks held for attribution; beyond it the "
+                             "oldest is resolved early as a negative.")
+
+
 class Settings(BaseSettings):
     """Every setting of the platform. Instantiate through :func:`load_settings`."""
 
@@ -228,6 +241,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     mlflow_stack: MlflowStackSettings = MlflowStackSettings()
     federated: FederatedSettings = FederatedSettings()
+    multitask: MultiTaskSettings = MultiTaskSettings()
     feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
     seed: int = 7
     config_file: Path | None = Field(default=None, exclude=True)

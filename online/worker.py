@@ -21,6 +21,7 @@ from fedstream.files import read_versioned
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.checkpoints import CheckpointWriter
+from online.multitask import MultiTaskState
 from online.prequential import PrequentialEvaluator
 from online.publishing import Publisher
 from online.candidates import CandidateState
@@ -124,13 +125,14 @@ class LearnerState:
         # with the model: live objects by name, and the snapshots a checkpoint held for them
         self.monitors: dict[str, PredictionMonitor] = {}
         self.saved_monitors: dict[str, bytes] = {}
+        self.multitask: MultiTaskState | None = None  # click + purchase learner (settings.multitask.enabled)
 
     def to_bytes(self) -> bytes:
         state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
                  "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
-                 "written_at": time.time()}
+                 "multitask": self.multitask, "written_at": time.time()}
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
@@ -142,6 +144,7 @@ class LearnerState:
         learner.offsets = dict(state["offsets"])
         learner.events, learner.clicks, learner.ranked = state["events"], state["clicks"], state["ranked"]
         learner.saved_monitors = dict(state.get("monitors", {}))  # absent in checkpoints written before monitors
+        learner.multitask = state.get("multitask")
         return learner
 
 
@@ -175,6 +178,10 @@ class OnlineWorker:
                                       config.text_candidates)
         for name, factory in (monitors or {}).items():
             self.state.monitors[name] = factory(self.state.saved_monitors.get(name))
+        if not settings.multitask.enabled:  # the setting decides, also for a checkpoint written with it on
+            self.state.multitask = None
+        elif self.state.multitask is None:
+            self.state.multitask = MultiTaskState.from_settings(settings.multitask, settings.feature_bits)
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
         self.latencies: deque[float] = deque(maxlen=200_000)
@@ -275,6 +282,8 @@ class OnlineWorker:
                 monitor.observe_predictions(merchants, stamps, y, p)
             state.clicks += len(clicks)
             self._record_latencies([records[i].timestamp_ms for i in at])
+        if state.multitask is not None:
+            state.multitask.observe_block(events, indices)
         state.events += len(records)
         self.learned_this_run += len(records)
         self.last_learned_at, self.last_learned_cpu = time.monotonic(), time.process_time()
@@ -363,6 +372,8 @@ class OnlineWorker:
             for q in (50, 95, 99):
                 out[f"latency_p{q}_s"] = float(np.percentile(latencies, q))
             out["latency_max_s"] = float(latencies.max())
+        if self.state.multitask is not None:
+            out.update({f"multitask_{k}": float(v) for k, v in self.state.multitask.joiner.stats().items()})
         return out
 
     # -- main loop ----------------------------------------------------------------------------------------

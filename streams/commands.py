@@ -260,11 +260,13 @@ def ingest(settings: Settings, file, fmt: str, source: str | None, from_line: in
 @click.option("--consumables", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
               help="Share of each merchant's categories that are consumables re-bought on per-user cycles "
                    "(streams/consumables.py; 0: off). Re-buy orders come on top of --events.")
+@click.option("--conversion-delay-s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Late conversions: median extra delay of orders after their session (lognormal; 0: off).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write JSONL here instead of producing to Kafka (ground truth goes to <out stem>.truth.json).")
 @pass_settings
 def generate(settings: Settings, merchants: int, events: int, seed: int, days: float, drifts: tuple[str, ...],
-             consumables: float, out: str | None) -> None:
+             consumables: float, conversion_delay_s: float, out: str | None) -> None:
     """Generate seeded synthetic merchant traffic (see streams/generator.py) to Kafka or a JSONL file.
 
     Prints one JSON line with the accounting, where the ground truth of the drifts was written, and the
@@ -275,7 +277,8 @@ def generate(settings: Settings, merchants: int, events: int, seed: int, days: f
 
     try:
         config = generator.GeneratorConfig(merchants=merchants, events=events, seed=seed, days=days,
-                                           drifts=tuple(generator.DriftSpec.parse(d) for d in drifts))
+                                           drifts=tuple(generator.DriftSpec.parse(d) for d in drifts),
+                                           conversion_delay_s=conversion_delay_s)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     truth = generator.ground_truth(config)

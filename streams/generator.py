@@ -94,11 +94,12 @@ class GeneratorConfig:
     sessions_per_user: float = 4.0
     order_rate: float = 1.0
     catalog_start_offset_s: float = 3600.0
+    conversion_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drifts", tuple(self.drifts))
-        if self.merchants < 1 or self.events < 0 or self.days <= 0:
-            raise ValueError("merchants must be >= 1, events >= 0 and days > 0")
+        if self.merchants < 1 or self.events < 0 or self.days <= 0 or self.conversion_delay_s < 0:
+            raise ValueError("merchants must be >= 1, events >= 0, days > 0 and conversion_delay_s >= 0")
         known = set(merchant_ids(self))
         for drift in self.drifts:
             if drift.merchant_id not in known:
@@ -120,14 +121,10 @@ def ground_truth(config: GeneratorConfig) -> list[dict]:
 
 
 def generate(config: GeneratorConfig) -> Iterator[Event]:
-    """All catalog events first, then exactly ``config.events`` clicks and orders in time order.
-
-    Catalog re-issues of ``prices`` drifts come right before the drift's event.
-    """
+    """All catalog events first, then exactly ``config.events`` clicks and orders in time order (catalog
+    re-issues of ``prices`` drifts come right before the drift's event)."""
     sim = _simulate(config)
-    world, imp = sim.world, sim.impressions
-    seed = config.seed
-    mids = merchant_ids(config)
+    world, imp, seed, mids = sim.world, sim.impressions, config.seed, merchant_ids(config)
     cat_names = world.category_name
     item_ids = [f"i{k}" for k in world.item_local.tolist()]
     user_ids = [f"u{k}" for k in world.user_local.tolist()]
@@ -473,6 +470,9 @@ def _simulate(config: GeneratorConfig) -> _Simulation:
         if len(imp.time) >= config.events:
             break
         n_sessions = int(n_sessions * 1.5) + 10
+    if config.conversion_delay_s > 0:  # its own stream: every other draw stays as without it
+        late = np.random.default_rng([config.seed, 20240917, 1]).lognormal(0.0, 1.2, len(sessions.order_time))
+        sessions.order_time += config.conversion_delay_s * late
     pref = world.user_pref.copy()  # current tastes, changed by preference drifts
     pref_value = pref[imp.user, imp.local_cat]
     price_value = world.item_price[imp.item].copy()
