@@ -60,7 +60,10 @@ def prediction_monitor(name: str):
 @click.option("--fetch-wait-ms", type=click.IntRange(min=0), default=100, show_default=True,
               help="Longest a fetch waits for records (the embedded broker always waits this long).")
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint file (default: <data>/artifacts/online/<group>-<worker>.ckpt).")
+              help="Checkpoint file of a worker on its own (no peers; default: <store>/<worker>.ckpt).")
+@click.option("--store", type=click.Path(file_okay=False), default=None,
+              help="Directory the group's workers share: one checkpoint each, partitions adopted from it when they "
+                   "move, publications assembled from all of it (default: <data>/artifacts/online/<group>).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Checkpoint every N events...")
 @click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -83,7 +86,7 @@ def prediction_monitor(name: str):
 def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
           worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
           flush_caught_up: bool, fetch_wait_ms: int,
-          checkpoint_path: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
+          checkpoint_path: str | None, store: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
           no_publish: bool, rank_every: int, watch_drift: bool, warm_start: str | None,
           transfer: str) -> None:
     """Consume clicks and orders as a consumer group member, learn test-then-train, checkpoint and publish.
@@ -98,6 +101,7 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         block=block, flush_after_s=flush_after, flush_when_caught_up=flush_caught_up,
         fetch_max_wait_ms=fetch_wait_ms, checkpoint_every=checkpoint_every,
         checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
+        store=Path(store) if store else None,
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
         warm_start=warm_start, transfer=transfer,

@@ -7,6 +7,7 @@ A consumer-group member that learns in deterministic blocks and composes a
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from collections import deque
@@ -26,6 +27,8 @@ from online.publishing import Publisher
 from online.ranking import ShopRecommender
 from online.reco import recommend
 from online.river_models import make_model
+from online.catalog import CatalogReader, plan_topics
+from online.slices import adopt, newest, read_store, slot_of
 from online.transfer import warm_start
 from streams.features import FeatureContext, Featurizer
 from streams.schemas import Click, Order
@@ -49,6 +52,7 @@ class WorkerConfig:
     checkpoint_every: int = 100_000  # ~90 ms each at 20 bits (pickle + fsync of 25 MB): every 5 s at 20k events/s
     checkpoint_seconds: float = 30.0
     checkpoint_path: Path | None = None
+    store: Path | None = None  # the group's shared checkpoint directory (default: <artifacts>/online/<group>)
     publish_every_s: float | None = 300.0
     publish_at_end: bool = True
     max_events: int | None = None
@@ -81,9 +85,23 @@ class PredictionMonitor(Protocol):
 
 
 def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
+    """``<store>/<worker_id>.ckpt``; a checkpoint at the pre-store default path is moved there once."""
     from registry.tracking import artifacts_dir
 
-    return artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
+    path = store_dir(settings, config) / f"{config.worker_id}.ckpt"
+    legacy = artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
+    if legacy.exists() and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, path)
+        log.info("checkpoint moved into the group's store", extra={"from": str(legacy), "to": str(path)})
+    return path
+
+
+def store_dir(settings: Settings, config: WorkerConfig) -> Path:
+    """Where the group's workers keep their checkpoints (one file each), read by every peer."""
+    from registry.tracking import artifacts_dir
+
+    return config.store or artifacts_dir(settings) / "online" / str(config.group)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -106,10 +124,13 @@ def peak_rss_mb() -> float | None:
 class LearnerState:
     """Everything that is checkpointed together: model, context, recommender, metrics, offsets."""
 
-    def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000) -> None:
+    def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000, partitions: int = 1) -> None:
         self.model = model
         self.bits = bits
         self.model_name = model_name
+        self.partitions = partitions  # of the group's topics: a merchant's slot is its partition (online.slices)
+        self.slots: dict[int, int] = {}  # events learned into each slot, by every owner it had: its generation
+        self.merchant_events: dict[str, int] = {}  # events learned per merchant (clicks, orders: slotted topics)
         self.context = FeatureContext()
         self.recommender = ShopRecommender()
         self.evaluator = PrequentialEvaluator(window=metrics_window)
@@ -126,6 +147,7 @@ class LearnerState:
         state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
+                 "partitions": self.partitions, "slots": dict(self.slots), "merchant_events": dict(self.merchant_events),
                  "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
                  "written_at": time.time()}
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -139,6 +161,8 @@ class LearnerState:
         learner.offsets = dict(state["offsets"])
         learner.events, learner.clicks, learner.ranked = state["events"], state["clicks"], state["ranked"]
         learner.saved_monitors = dict(state.get("monitors", {}))  # absent in checkpoints written before monitors
+        learner.partitions = state.get("partitions", 1)  # absent before slots: a checkpoint of one worker alone
+        learner.slots, learner.merchant_events = dict(state.get("slots", {})), dict(state.get("merchant_events", {}))
         return learner
 
 
@@ -155,7 +179,11 @@ class OnlineWorker:
         self.settings = settings
         self.config = config
         self.featurizer = Featurizer(settings.feature_bits)
-        self.checkpoint_path = config.checkpoint_path or default_checkpoint_path(settings, config)
+        # with a store (the default, or --store) the group's workers share state through their checkpoints;
+        # an explicit checkpoint file alone is a worker on its own
+        self.store = store_dir(settings, config) if config.store or not config.checkpoint_path else None
+        self.checkpoint_path = config.checkpoint_path or (
+            self.store / f"{config.worker_id}.ckpt" if config.store else default_checkpoint_path(settings, config))
         saved = read_checkpoint(self.checkpoint_path)
         if saved is not None:
             if saved["model_name"] != config.model or saved["bits"] != settings.feature_bits:
@@ -180,6 +208,9 @@ class OnlineWorker:
         self.checkpoints = CheckpointWriter(self.checkpoint_path, config.checkpoint_every, config.checkpoint_seconds,
                                             self.state.events)
         self.publisher = Publisher(settings, config)
+        self.catalog: CatalogReader | None = None
+        if self.store is not None:  # a publication assembles every worker's newest slots (online.assembly)
+            self.publisher.assemble_from(self.store, before=lambda: self.checkpoint(wait=True))
         self._closing = False
 
     @property
@@ -200,7 +231,65 @@ class OnlineWorker:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._flush(key)
-        self.checkpoint(commit=True)
+        # kafka-python runs rebalance callbacks on its IO thread, where a blocking commit raises: the file
+        # (which the next owner adopts) is written here, the group's offsets are committed by a later checkpoint
+        commit, self.checkpoints.commit_offsets = self.checkpoints.commit_offsets, None
+        try:
+            self.checkpoint(commit=False)
+        finally:
+            self.checkpoints.commit_offsets = commit
+
+    def _assigned(self, partitions: set) -> dict:
+        """``seek_on_assign``: adopt the newest copy of each assigned slot from the store, then resume every
+        assigned partition at its saved offset."""
+        from streams.consumer import seek_to_saved
+
+        adopted = self.adopt_newest({tp.partition for tp in partitions}) if self.store is not None else []
+        log.info("partitions assigned", extra={"worker_id": self.config.worker_id, "adopted_slots": adopted,
+                                               "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)})
+        return seek_to_saved(self.state.offsets)(partitions)
+
+    def adopt_newest(self, slots: set[int]) -> list[int]:
+        """Load the parts of ``slots`` that a peer's checkpoint holds newer than ours (a partition that moved
+        here: its last owner died or gave it up); returns the slots adopted."""
+        paths = [path for path in sorted(self.store.glob("*.ckpt")) if path != self.checkpoint_path]
+        if not paths or not slots:
+            return []
+        peers = read_store(paths, CHECKPOINT_VERSION)
+        adopted = []
+        for slot, path in sorted(newest(peers).items()):
+            saved = peers[path]
+            if slot not in slots or saved["slots"][slot] <= self.state.slots.get(slot, -1):
+                continue
+            if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
+                raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
+                                 f"{self.state.model_name} with {self.state.bits}: one store per model")
+            for key in [key for key in self.pending if key[1] == slot]:
+                self.pending.pop(key), self.pending_since.pop(key, None)
+            adopt(self.state, saved, [slot])
+            self._apply_catalog([item for (merchant, _), item in self.catalog.items.items()
+                                 if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
+            adopted.append(slot)
+            log.info("adopted a partition slot", extra={"slot": slot, "from": path.name, "events": saved["slots"][slot]})
+        return adopted
+
+    def _apply_catalog(self, items: list) -> None:
+        """Fold catalog items read outside the group into every merchant's context and candidates."""
+        observe_context, observe_reco = self.state.context.observe, self.state.recommender.observe
+        for item in items:
+            observe_context(item)
+            observe_reco(item)
+
+    def _plan(self) -> list[str]:
+        """The group's topics; opens the catalog reader and reads the catalog up to now when it is outside."""
+        topics, self.catalog, partitions = plan_topics(self.settings, self.config.topics)
+        if self.state.slots and partitions != self.state.partitions:
+            raise ValueError(f"checkpoint {self.checkpoint_path} slots merchants over {self.state.partitions} "
+                             f"partitions, the topics have {partitions}")
+        self.state.partitions = partitions
+        if self.catalog is not None:
+            self._apply_catalog(self.catalog.read_until_caught_up(deadline_s=30.0))
+        return topics
 
     # -- learning -----------------------------------------------------------------------------------------
 
@@ -241,6 +330,16 @@ class OnlineWorker:
         if records:
             self.learn_block(records)
             self.state.offsets[key] = records[-1].offset + 1
+            self._count(key[1], records)
+
+    def _count(self, slot: int, records: list) -> None:
+        """Events learned into ``slot`` (its generation) and per merchant: saved with the offsets."""
+        state = self.state
+        state.slots[slot] = state.slots.get(slot, 0) + len(records)
+        counts = state.merchant_events
+        for record in records:
+            merchant = record.event.merchant_id
+            counts[merchant] = counts.get(merchant, 0) + 1
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -348,15 +447,15 @@ class OnlineWorker:
     def run(self) -> dict[str, Any]:
         """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
         records; checkpoint and publish at the end. Returns a summary."""
-        from streams.consumer import EventConsumer, seek_to_saved
+        from streams.consumer import EventConsumer
 
         config = self.config
-        topics = config.topics or None  # None: EventConsumer reads every declared event topic
         started, cpu_started = time.monotonic(), time.process_time()
         if config.publish_every_s or config.publish_at_end:
             self.prepare_publishing()
+        topics = self._plan()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
-                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=seek_to_saved(self.state.offsets),
+                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._assigned,
                                  on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
         self.checkpoints.commit_offsets = consumer.commit_saved
         last_data = time.monotonic()
@@ -364,6 +463,8 @@ class OnlineWorker:
         try:
             while not consumer.stopping:
                 batch = consumer.poll()
+                if self.catalog is not None:
+                    self._apply_catalog(self.catalog.poll())
                 if batch.records:
                     self.accept(batch.records)
                     if config.flush_when_caught_up:
@@ -387,6 +488,8 @@ class OnlineWorker:
             self._closing = True
             self.checkpoints.abandon()  # an error stopped the loop mid-write: let the file land, commit nothing
             consumer.close()
+            if self.catalog is not None:
+                self.catalog.close()
             self.checkpoints.commit_offsets = None
             self.publisher.join(timeout=120)  # a scheduled publication still registering
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
