@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from online.slices import _saved_tables, newest, slot_of
+from online.slices import newest, replace_slot, saved_tables, tables
 
 
 def activity(model: Any) -> np.ndarray | None:
@@ -90,17 +90,14 @@ def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     base = store[base_path]
     partitions = base.get("partitions", 1)
     owners = newest(store)
-    tables = _saved_tables(base)
     context = FeatureContext.from_state(base["context"])
-    tables["context"] = context.merchants
-    for slot, path in owners.items():
-        theirs = _saved_tables(store[path]) if path != base_path else None
-        for name, table in tables.items():
-            if theirs is None:
-                continue
-            for merchant in [m for m in table if slot_of(m, partitions) == slot]:
-                del table[merchant]
-            table.update({m: v for m, v in theirs.get(name, {}).items() if slot_of(m, partitions) == slot})
+    merged = tables(context, base["recommender"], base["evaluator"], base.setdefault("merchant_events", {}))
+    loaded: dict[Path, dict[str, dict]] = {}
+    for slot, path in sorted(owners.items()):
+        if path != base_path:
+            if path not in loaded:
+                loaded[path] = saved_tables(store[path])
+            replace_slot(merged, loaded[path], slot, partitions)
     recommender = base["recommender"]
     models = [saved["model"] for saved in store.values()]
     if len(store) == 1:
@@ -119,7 +116,7 @@ def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
             "metrics": _metrics(store, events), "offsets": offsets, "events": events,
             "clicks": sum(saved["clicks"] for saved in store.values()), "merge": merge,
             "sources": {path.name: saved["events"] for path, saved in sorted(store.items())},
-            "merchant_events": dict(tables["events"])}
+            "merchant_events": dict(merged["events"])}
 
 
 __all__ = ["activity", "assemble", "merge_linear"]

@@ -16,7 +16,7 @@ from kafka import TopicPartition
 
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
-from streams.kafka import make_consumer
+from streams.kafka import BrokerUnavailable, make_consumer
 from streams.schemas import CatalogItem, InvalidEvent, decode_event, event_topic_names
 
 log = get_logger("online.catalog")
@@ -35,11 +35,11 @@ class CatalogReader:
         self.items: dict[tuple[str, str], CatalogItem] = {}
         self.invalid = 0
 
-    def poll(self, timeout_ms: int = 0) -> list[CatalogItem]:
-        """Catalog items fetched since the last poll (invalid records are counted and skipped: the
-        dead-letter topic is the group consumer's job)."""
+    def poll(self, timeout_ms: int = 0) -> list[tuple[int, int, CatalogItem]]:
+        """``(partition, offset, item)`` of the catalog items fetched since the last poll (invalid records
+        are counted and skipped: the dead-letter topic is the group consumer's job)."""
         out = []
-        for messages in self.consumer.poll(timeout_ms=timeout_ms, max_records=5000).values():
+        for tp, messages in self.consumer.poll(timeout_ms=timeout_ms, max_records=5000).items():
             for message in messages:
                 try:
                     event = decode_event(message.value or b"")
@@ -48,7 +48,7 @@ class CatalogReader:
                     continue
                 if type(event) is CatalogItem:
                     self.items[(event.merchant_id, event.item_id)] = event
-                    out.append(event)
+                    out.append((tp.partition, message.offset, event))
         return out
 
     def caught_up(self) -> bool:
@@ -59,7 +59,7 @@ class CatalogReader:
                 return False
         return True
 
-    def read_until_caught_up(self, deadline_s: float) -> list[CatalogItem]:
+    def read_until_caught_up(self, deadline_s: float) -> list[tuple[int, int, CatalogItem]]:
         """Poll until caught up (or ``deadline_s``): the catalog as it stands before any click is learned."""
         out, deadline = [], time.monotonic() + deadline_s
         while time.monotonic() < deadline:
@@ -72,11 +72,24 @@ class CatalogReader:
         self.consumer.close(autocommit=False)
 
 
+def _connect(settings: Settings) -> Any:
+    """A group-less consumer, retried with backoff while the broker is away (as the group consumer is)."""
+    from streams.consumer import RetryPolicy
+
+    for attempt, delay in enumerate(RetryPolicy().delays(), start=1):
+        try:
+            return make_consumer(settings, None)
+        except BrokerUnavailable as exc:
+            log.warning("broker unreachable, retrying", extra={"attempt": attempt, "delay_s": delay, "error": str(exc)})
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def plan_topics(settings: Settings, topics: list[str] | None) -> tuple[list[str], CatalogReader | None, int]:
     """``(group topics, catalog reader or None, their partition count)``. The group's topics must share one
     partition count (a merchant's slot); the catalog topic, when its count differs, is read outside."""
     topics = list(dict.fromkeys(topics or event_topic_names(settings.topics)))
-    probe = make_consumer(settings, None)
+    probe = _connect(settings)
     counts = {topic: len(probe.partitions_for_topic(topic)) for topic in topics}
     catalog = settings.topics.catalog.name
     reader = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import click
@@ -46,7 +47,9 @@ def prediction_monitor(name: str):
               help="Learner hyper-parameter, e.g. --param alpha=0.1 --param l1=1.0 (JSON values).")
 @click.option("--group", default=None, help="Consumer group (default: fedstream-learn-<model>).")
 @click.option("--topic", "topics", multiple=True, help="Topic to read (repeatable; default: clicks, orders, catalog).")
-@click.option("--worker-id", default="0", show_default=True, help="Names this worker's checkpoint within the group.")
+@click.option("--worker-id", default="0", show_default=True,
+              help="Names this worker's checkpoint in the group's store (unique per worker; 'auto': the host name, "
+                   "e.g. a container's).")
 @click.option("--max-events", type=click.IntRange(min=1), default=None, help="Stop after learning N events.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="Stop after S seconds without records (default: run until SIGTERM).")
@@ -96,6 +99,8 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
     """
     from online.worker import OnlineWorker, WorkerConfig
 
+    if worker_id == "auto":
+        worker_id = socket.gethostname()
     config = WorkerConfig(
         model=model, params=_parse_params(params), group=group, topics=list(topics) or None, worker_id=worker_id,
         block=block, flush_after_s=flush_after, flush_when_caught_up=flush_caught_up,

@@ -12,7 +12,6 @@ resumes from its offsets, and a publication assembles one version from the newes
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,45 +28,39 @@ def slot_of(merchant_id: str, partitions: int) -> int:
     return (murmur2(merchant_id.encode()) & 0x7FFFFFFF) % partitions
 
 
-def _tables(state: Any) -> dict[str, dict]:
-    """The dicts keyed by merchant id that make up the per-merchant state of a live ``LearnerState``."""
-    recommender = state.recommender
-    tables = {"context": state.context.merchants, "metrics": state.evaluator.merchants,
-              "events": state.merchant_events}
+def tables(context: Any, recommender: Any, evaluator: Any, merchant_events: dict[str, int]) -> dict[str, dict]:
+    """The dicts keyed by merchant id that make up a learner's per-merchant state (live objects: changing
+    them changes the state)."""
+    out = {"context": context.merchants, "metrics": evaluator.merchants, "events": merchant_events}
     if hasattr(recommender, "ranker") and hasattr(recommender, "state"):  # the two-stage ShopRecommender
-        tables.update(shops=recommender.state.shops, ranker=recommender.ranker.merchants,
-                      steps=recommender.merchant_steps)
-    return tables
+        out.update(shops=recommender.state.shops, ranker=recommender.ranker.merchants, steps=recommender.merchant_steps)
+    return out
 
 
-def _saved_tables(saved: dict[str, Any]) -> dict[str, dict]:
-    """The same dicts in a checkpoint read from disk (its context is plain data: rebuilt here)."""
+def saved_tables(saved: dict[str, Any]) -> dict[str, dict]:
+    """:func:`tables` of a checkpoint read from disk (its context is plain data: rebuilt here)."""
     from streams.features import FeatureContext
 
-    context = FeatureContext.from_state(saved["context"])
-    holder = type("Saved", (), {})()
-    holder.context, holder.recommender, holder.evaluator = context, saved["recommender"], saved["evaluator"]
-    holder.merchant_events = saved.get("merchant_events", {})
-    return _tables(holder)
+    return tables(FeatureContext.from_state(saved["context"]), saved["recommender"], saved["evaluator"],
+                  saved.setdefault("merchant_events", {}))
 
 
-def merchants_of(tables: dict[str, dict], slot: int, partitions: int) -> set[str]:
-    """Every merchant of ``slot`` found in any of the tables."""
-    return {m for table in tables.values() for m in table if slot_of(m, partitions) == slot}
+def replace_slot(mine: dict[str, dict], theirs: dict[str, dict], slot: int, partitions: int) -> None:
+    """Make ``mine``'s merchants of ``slot`` exactly ``theirs``' (dropping those ``theirs`` lacks)."""
+    for name, table in mine.items():
+        for merchant in [m for m in table if slot_of(m, partitions) == slot]:
+            del table[merchant]
+        table.update({m: value for m, value in theirs.get(name, {}).items() if slot_of(m, partitions) == slot})
 
 
 def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
     """Replace ``state``'s parts of ``slots`` by those of the checkpoint ``saved`` (their newest copy):
     per-merchant tables, the slot's offsets and event count. Merchants of the slot that ``saved`` does not
     know are dropped (their events were not learned in the newest copy)."""
-    partitions = state.partitions
-    mine, theirs = _tables(state), _saved_tables(saved)
+    mine = tables(state.context, state.recommender, state.evaluator, state.merchant_events)
+    theirs = saved_tables(saved)
     for slot in slots:
-        for name, table in mine.items():
-            for merchant in [m for m in table if slot_of(m, partitions) == slot]:
-                del table[merchant]
-            source = theirs.get(name, {})
-            table.update({m: value for m, value in source.items() if slot_of(m, partitions) == slot})
+        replace_slot(mine, theirs, slot, state.partitions)
         for key in [key for key in state.offsets if key[1] == slot]:
             del state.offsets[key]
         state.offsets.update({key: offset for key, offset in saved["offsets"].items() if key[1] == slot})
@@ -99,8 +92,4 @@ def newest(store: dict[Path, dict[str, Any]]) -> dict[int, Path]:
     return {slot: path for slot, (_, path) in best.items()}
 
 
-def copy(value: Any) -> Any:
-    return pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-__all__ = ["adopt", "merchants_of", "newest", "read_store", "slot_of"]
+__all__ = ["adopt", "newest", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]

@@ -131,6 +131,7 @@ class LearnerState:
         self.partitions = partitions  # of the group's topics: a merchant's slot is its partition (online.slices)
         self.slots: dict[int, int] = {}  # events learned into each slot, by every owner it had: its generation
         self.merchant_events: dict[str, int] = {}  # events learned per merchant (clicks, orders: slotted topics)
+        self.catalog_offsets: dict[int, int] = {}  # catalog read outside the group: next offset not yet counted
         self.context = FeatureContext()
         self.recommender = ShopRecommender()
         self.evaluator = PrequentialEvaluator(window=metrics_window)
@@ -148,6 +149,7 @@ class LearnerState:
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
                  "partitions": self.partitions, "slots": dict(self.slots), "merchant_events": dict(self.merchant_events),
+                 "catalog_offsets": dict(self.catalog_offsets),
                  "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
                  "written_at": time.time()}
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -163,6 +165,7 @@ class LearnerState:
         learner.saved_monitors = dict(state.get("monitors", {}))  # absent in checkpoints written before monitors
         learner.partitions = state.get("partitions", 1)  # absent before slots: a checkpoint of one worker alone
         learner.slots, learner.merchant_events = dict(state.get("slots", {})), dict(state.get("merchant_events", {}))
+        learner.catalog_offsets = dict(state.get("catalog_offsets", {}))
         return learner
 
 
@@ -209,6 +212,7 @@ class OnlineWorker:
                                             self.state.events)
         self.publisher = Publisher(settings, config)
         self.catalog: CatalogReader | None = None
+        self._resuming: set[int] = set()  # slots adopted from a peer, until their first block is learned here
         if self.store is not None:  # a publication assembles every worker's newest slots (online.assembly)
             self.publisher.assemble_from(self.store, before=lambda: self.checkpoint(wait=True))
         self._closing = False
@@ -267,18 +271,26 @@ class OnlineWorker:
             for key in [key for key in self.pending if key[1] == slot]:
                 self.pending.pop(key), self.pending_since.pop(key, None)
             adopt(self.state, saved, [slot])
-            self._apply_catalog([item for (merchant, _), item in self.catalog.items.items()
+            self._resuming.add(slot)
+            self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
                                  if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
             adopted.append(slot)
             log.info("adopted a partition slot", extra={"slot": slot, "from": path.name, "events": saved["slots"][slot]})
         return adopted
 
-    def _apply_catalog(self, items: list) -> None:
-        """Fold catalog items read outside the group into every merchant's context and candidates."""
-        observe_context, observe_reco = self.state.context.observe, self.state.recommender.observe
-        for item in items:
+    def _apply_catalog(self, records: list) -> None:
+        """Fold catalog items read outside the group (``(partition, offset, item)``) into every merchant's
+        context and candidates; each record counts as an event once, the first time this state sees its
+        offset (the catalog is read again from its start at every run)."""
+        state = self.state
+        observe_context, observe_reco, seen = state.context.observe, state.recommender.observe, state.catalog_offsets
+        for partition, offset, item in records:
             observe_context(item)
             observe_reco(item)
+            if offset >= seen.get(partition, 0):
+                seen[partition] = offset + 1
+                state.events += 1
+                self.learned_this_run += 1
 
     def _plan(self) -> list[str]:
         """The group's topics; opens the catalog reader and reads the catalog up to now when it is outside."""
@@ -336,6 +348,10 @@ class OnlineWorker:
         """Events learned into ``slot`` (its generation) and per merchant: saved with the offsets."""
         state = self.state
         state.slots[slot] = state.slots.get(slot, 0) + len(records)
+        if slot in self._resuming:
+            self._resuming.discard(slot)
+            log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
+                                                    "offset": records[0].offset, "events": state.slots[slot]})
         counts = state.merchant_events
         for record in records:
             merchant = record.event.merchant_id
@@ -501,6 +517,8 @@ class OnlineWorker:
                    "busy_cpu_us_per_event": (1e6 * (self.last_learned_cpu - self.first_record_cpu) / self.learned_this_run
                                              if self.learned_this_run else None),
                    "peak_rss_mb": peak_rss_mb(),
+                   # CLOCK_MONOTONIC is one clock for every process of a host: a group's span is max - min
+                   "learning_window_monotonic": [self.first_record_at, self.last_learned_at],
                    "stopped": "idle" if idle else ("max_events" if config.max_events is not None
                                                    and self.learned_this_run >= config.max_events else "signal"),
                    **{k: v for k, v in self.metrics().items()}}

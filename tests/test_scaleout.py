@@ -175,3 +175,19 @@ def test_three_learners_one_killed_serve_one_model_equal_to_a_single_worker(stre
     auc_merged, auc_single = roc_auc(labels, served.predict(held_out)), roc_auc(labels, alone.predict(held_out))
     print(json.dumps({"auc_merged": auc_merged, "auc_single": auc_single, "moved_slots": moved}))
     assert auc_merged >= auc_single - 0.02, (auc_merged, auc_single)
+
+
+def test_shared_weights_merge_per_slot_weighted_by_what_each_learner_learned_there():
+    from online.assembly import merge_linear
+    from online.river_models import make_model
+
+    rng = np.random.default_rng(3)
+    first, second = make_model("ftrl", 4), make_model("ftrl", 4)
+    for model, own, n in ((first, 1, 300), (second, 2, 100)):  # slot 0 is shared (a bias), 1 and 2 are each one's
+        indices = np.tile(np.array([[0, own]], dtype=np.int32), (n, 1))
+        model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), rng.random(n) < (0.8 if own == 1 else 0.3))
+    merged = merge_linear([first, second], 4).weights
+    assert merged[1] == np.float32(first.w[1]) and merged[2] == np.float32(second.w[2])  # one learner's: kept
+    shared = (first.n[0] * first.w[0] + second.n[0] * second.w[0]) / (first.n[0] + second.n[0])
+    assert merged[0] == pytest.approx(shared, rel=1e-6) and min(first.w[0], second.w[0]) < merged[0] < max(first.w[0], second.w[0])
+    assert not merged[3:].any()  # never learned by anyone
