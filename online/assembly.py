@@ -111,7 +111,9 @@ def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     offsets = {key: o for slot, path in owners.items() for key, o in store[path]["offsets"].items() if key[1] == slot}
     if not owners:  # checkpoints written before slots: one worker's own offsets
         offsets = dict(base["offsets"])
-    events = sum(store[path]["slots"][slot] for slot, path in owners.items()) if owners else base["events"]
+    # events: every slot's newest count, plus the catalog records (read whole by every worker, counted once each)
+    catalog = max(sum(saved.get("catalog_offsets", {}).values()) for saved in store.values())
+    events = sum(store[path]["slots"][slot] for slot, path in owners.items()) + catalog if owners else base["events"]
     return {"model": model, "context": context, "recommender": recommender, "bits": base["bits"],
             "metrics": _metrics(store, events), "offsets": offsets, "events": events,
             "clicks": sum(saved["clicks"] for saved in store.values()), "merge": merge,

@@ -2,7 +2,10 @@
 
 A consumer-group member that learns in deterministic blocks and composes a
 :class:`~online.checkpoints.CheckpointWriter` (exactly-once state after a crash) and a
-:class:`~online.publishing.Publisher` (scheduled MLflow registration). How and why: ``online/README.md``, "Worker".
+:class:`~online.publishing.Publisher` (scheduled MLflow registration). Per-merchant state is owned per
+partition slot and moves with it between the workers of a group (:mod:`online.slices`); publications
+assemble every worker's newest slots (:mod:`online.assembly`). How and why: ``online/README.md``, "Worker"
+and "Scale-out".
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import numpy as np
 from fedstream.files import read_versioned
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from online.catalog import CatalogReader, plan_topics
 from online.checkpoints import CheckpointWriter
 from online.prequential import PrequentialEvaluator
 from online.publishing import Publisher
 from online.ranking import ShopRecommender
 from online.reco import recommend
 from online.river_models import make_model
-from online.catalog import CatalogReader, plan_topics
 from online.slices import adopt, newest, read_store, slot_of
 from online.transfer import warm_start
 from streams.features import FeatureContext, Featurizer
@@ -212,6 +215,7 @@ class OnlineWorker:
                                             self.state.events)
         self.publisher = Publisher(settings, config)
         self.catalog: CatalogReader | None = None
+        self.catalog_this_run = 0  # catalog items first seen in this run (in state.events, not learned_this_run)
         self._resuming: set[int] = set()  # slots adopted from a peer, until their first block is learned here
         if self.store is not None:  # a publication assembles every worker's newest slots (online.assembly)
             self.publisher.assemble_from(self.store, before=lambda: self.checkpoint(wait=True))
@@ -290,7 +294,7 @@ class OnlineWorker:
             if offset >= seen.get(partition, 0):
                 seen[partition] = offset + 1
                 state.events += 1
-                self.learned_this_run += 1
+                self.catalog_this_run += 1
 
     def _plan(self) -> list[str]:
         """The group's topics; opens the catalog reader and reads the catalog up to now when it is outside."""
@@ -511,6 +515,7 @@ class OnlineWorker:
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
         busy = (self.last_learned_at - self.first_record_at) if self.first_record_at and self.last_learned_at else 0.0
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
+                   "catalog_items_this_run": self.catalog_this_run,
                    "elapsed_s": elapsed, "cpu_s": cpu, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
                    "publish_errors": self.publish_errors,
                    "events_per_s": self.learned_this_run / busy if busy > 0 else None,
