@@ -25,7 +25,7 @@ from fedstream.metrics import roc_auc
 from fedstream.settings import Settings, Topic, Topics, load_settings
 from online.assembly import assemble
 from online.publishing import assembled_snapshot, snapshot
-from online.slices import newest, read_store
+from online.slices import newest, read_store, slot_of
 from online.worker import CHECKPOINT_VERSION, OnlineWorker, WorkerConfig, read_checkpoint
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import ensure_topics
@@ -192,3 +192,50 @@ def test_shared_weights_merge_per_slot_weighted_by_what_each_learner_learned_the
     shared = (first.n[0] * first.w[0] + second.n[0] * second.w[0]) / (first.n[0] + second.n[0])
     assert merged[0] == pytest.approx(shared, rel=1e-6) and min(first.w[0], second.w[0]) < merged[0] < max(first.w[0], second.w[0])
     assert not merged[3:].any()  # never learned by anyone
+
+
+def _records(partitions: int, seed: int) -> list:
+    """Generated events as consumer records, each on its merchant's partition (offsets per partition)."""
+    from online.slices import slot_of
+    from streams.consumer import Record
+
+    offsets: Counter = Counter()
+    out = []
+    for event in generate(GeneratorConfig(merchants=6, events=3000, seed=seed, items_per_merchant=(20, 60))):
+        p = slot_of(event.merchant_id, partitions)
+        out.append(Record(event, "events", p, offsets[p], 0, event.merchant_id.encode()))
+        offsets[p] += 1
+    return out
+
+
+def _in_process(settings: Settings, store: Path, worker_id: str) -> OnlineWorker:
+    config = WorkerConfig(model="ftrl", group="g", store=store, worker_id=worker_id, block=64, flush_after_s=3600,
+                          publish_every_s=None, publish_at_end=False, rank_every=0)
+    worker = OnlineWorker(settings, config)
+    worker.state.partitions = 4
+    return worker
+
+
+def test_a_slot_is_adopted_from_the_newest_checkpoint_and_one_worker_assembles_to_its_own_state(settings, tmp_path):
+    store, records = tmp_path / "store", _records(4, seed=8)
+    first = _in_process(settings, store, "a")
+    first.accept(records)
+    first.flush_stale(force=True)
+    first.checkpoint(commit=False)
+
+    # one worker: the assembled version is its own state (the bundle it published before stores existed)
+    alone, assembled = snapshot(first.state, first.config, {})["bundle"], assembled_snapshot(store, first.config, {})
+    np.testing.assert_array_equal(assembled["bundle"].model.weights, alone.model.weights)
+    assert assembled["bundle"].context.state() == alone.context.state()
+    assert assembled["lineage"]["shared_weights"] == "single" and assembled["step"] == first.state.events
+
+    # a second worker given slot 1 takes exactly that slot's merchants, offsets and count from the first
+    second = _in_process(settings, store, "b")
+    assert second.adopt_newest({1}) == [1] and second.adopt_newest({1}) == []  # already the newest copy
+    theirs = {m: n for m, n in first.state.merchant_events.items() if slot_of(m, 4) == 1}
+    assert theirs and set(theirs) < set(first.state.merchant_events) and second.state.merchant_events == theirs
+    assert second.state.offsets == {key: o for key, o in first.state.offsets.items() if key[1] == 1}
+    assert second.state.slots == {1: first.state.slots[1]}
+    assert set(second.state.context.merchants) == set(theirs)
+    assert {m: s for m, s in second.state.recommender.state.shops.items()} == {
+        m: s for m, s in first.state.recommender.state.shops.items() if m in theirs}
