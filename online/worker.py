@@ -467,6 +467,8 @@ class OnlineWorker:
     def run(self) -> dict[str, Any]:
         """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
         records; checkpoint and publish at the end. Returns a summary."""
+        from kafka.coordinator.assignors.range import RangePartitionAssignor
+
         from streams.consumer import EventConsumer
 
         config = self.config
@@ -476,7 +478,9 @@ class OnlineWorker:
         topics = self._plan()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
                                  poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._assigned,
-                                 on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
+                                 on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms,
+                                 # range: partition p of every group topic goes to one member (a slot, whole)
+                                 partition_assignment_strategy=(RangePartitionAssignor,))
         self.checkpoints.commit_offsets = consumer.commit_saved
         last_data = time.monotonic()
         idle = False
