@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import click
@@ -46,7 +47,9 @@ def prediction_monitor(name: str):
               help="Learner hyper-parameter, e.g. --param alpha=0.1 --param l1=1.0 (JSON values).")
 @click.option("--group", default=None, help="Consumer group (default: fedstream-learn-<model>).")
 @click.option("--topic", "topics", multiple=True, help="Topic to read (repeatable; default: clicks, orders, catalog).")
-@click.option("--worker-id", default="0", show_default=True, help="Names this worker's checkpoint within the group.")
+@click.option("--worker-id", default="0", show_default=True,
+              help="Names this worker's checkpoint in the group's store (unique per worker; 'auto': the host name, "
+                   "e.g. a container's).")
 @click.option("--max-events", type=click.IntRange(min=1), default=None, help="Stop after learning N events.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="Stop after S seconds without records (default: run until SIGTERM).")
@@ -60,7 +63,10 @@ def prediction_monitor(name: str):
 @click.option("--fetch-wait-ms", type=click.IntRange(min=0), default=100, show_default=True,
               help="Longest a fetch waits for records (the embedded broker always waits this long).")
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint file (default: <data>/artifacts/online/<group>-<worker>.ckpt).")
+              help="Checkpoint file of a worker on its own (no peers; default: <store>/<worker>.ckpt).")
+@click.option("--store", type=click.Path(file_okay=False), default=None,
+              help="Directory the group's workers share: one checkpoint each, partitions adopted from it when they "
+                   "move, publications assembled from all of it (default: <data>/artifacts/online/<group>).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Checkpoint every N events...")
 @click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -86,7 +92,7 @@ def prediction_monitor(name: str):
 def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | None, topics: tuple[str, ...],
           worker_id: str, max_events: int | None, idle_timeout: float | None, block: int, flush_after: float,
           flush_caught_up: bool, fetch_wait_ms: int,
-          checkpoint_path: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
+          checkpoint_path: str | None, store: str | None, checkpoint_every: int, checkpoint_seconds: float, publish_every: float,
           no_publish: bool, rank_every: int, watch_drift: bool, warm_start: str | None,
           transfer: str, text_candidates: bool) -> None:
     """Consume clicks and orders as a consumer group member, learn test-then-train, checkpoint and publish.
@@ -96,11 +102,14 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
     """
     from online.worker import OnlineWorker, WorkerConfig
 
+    if worker_id == "auto":
+        worker_id = socket.gethostname()
     config = WorkerConfig(
         model=model, params=_parse_params(params), group=group, topics=list(topics) or None, worker_id=worker_id,
         block=block, flush_after_s=flush_after, flush_when_caught_up=flush_caught_up,
         fetch_max_wait_ms=fetch_wait_ms, checkpoint_every=checkpoint_every,
         checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
+        store=Path(store) if store else None,
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
         warm_start=warm_start, transfer=transfer, text_candidates=text_candidates,

@@ -6,6 +6,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +54,27 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
             "metrics": metrics, "lineage": lineage, "step": state.events}
 
 
+def assembled_snapshot(store: Path, config: WorkerConfig, live: dict[str, float]) -> dict[str, Any]:
+    """One version from every worker checkpoint in ``store`` (:func:`online.assembly.assemble`); ``live``:
+    the publishing worker's metrics (its latency figures are kept)."""
+    from online.assembly import assemble
+    from online.slices import read_store
+    from online.worker import CHECKPOINT_VERSION
+    from registry.bundle import ModelBundle
+
+    parts = assemble(read_store(sorted(store.glob("*.ckpt")), CHECKPOINT_VERSION))
+    bundle = ModelBundle(model=parts["model"], feature_bits=parts["bits"], context=parts["context"],
+                         recommender=parts["recommender"], kind="online",
+                         description=f"online {config.model} learners, group {config.group}",
+                         meta={"learner": config.model, "params": dict(config.params)})
+    metrics = {**parts["metrics"], **{k: v for k, v in live.items() if k.startswith("latency_")}}
+    lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(parts["offsets"].items())},
+               "events_seen": parts["events"], "clicks_seen": parts["clicks"], "model": config.model,
+               "group": config.group, "worker_id": config.worker_id, "assembled_from": parts["sources"],
+               "shared_weights": parts["merge"]}
+    return {"bundle": bundle, "metrics": metrics, "lineage": lineage, "step": parts["events"]}
+
+
 class Publisher:
     """Registers snapshots of a worker's state as ``challenger`` versions, one MLflow run per worker.
 
@@ -69,6 +91,22 @@ class Publisher:
         self.run_id: str | None = None
         self.published: list[str] = []
         self.errors: list[str] = []
+        self.store: Path | None = None
+        self.before: Callable[[], None] | None = None
+
+    def assemble_from(self, store: Path, before: Callable[[], None]) -> None:
+        """Publish versions assembled from every checkpoint in ``store`` (``before``: write ours first)."""
+        self.store, self.before = store, before
+
+    def _take(self, state: LearnerState, metrics: dict[str, float]) -> Callable[[], dict[str, Any]]:
+        """What to register: a snapshot of the live state now, or (with a store) an assembly of the
+        checkpoints, ours just written, built when called (in the background thread)."""
+        if self.store is None:
+            taken = snapshot(state, self.config, metrics)
+            return lambda: taken
+        self.before()
+        store, config = self.store, self.config
+        return lambda: assembled_snapshot(store, config, metrics)
 
     def prepare(self) -> None:
         """Import MLflow and open the tracking store before the first record: the first publication
@@ -96,20 +134,20 @@ class Publisher:
             self.thread.join()
         self.last_publish = time.monotonic()
         try:
-            taken = snapshot(state, self.config, metrics())
+            take = self._take(state, metrics())
         except Exception as exc:
             self._failed(exc)
             return
         if force:
-            self._register_logged(taken)
+            self._register_logged(take)
         else:
-            self.thread = threading.Thread(target=self._register_logged, args=(taken,), name="online-publish",
+            self.thread = threading.Thread(target=self._register_logged, args=(take,), name="online-publish",
                                            daemon=True)
             self.thread.start()
 
     def publish(self, state: LearnerState, metrics: dict[str, float]) -> str:
         """Register ``state`` now as a new ``challenger`` version; returns the version number."""
-        return self.register(snapshot(state, self.config, metrics))
+        return self.register(self._take(state, metrics)())
 
     def register(self, taken: dict[str, Any]) -> str:
         from registry.models import register_version
@@ -133,9 +171,9 @@ class Publisher:
         if self.thread is not None:
             self.thread.join(timeout=timeout)
 
-    def _register_logged(self, taken: dict[str, Any]) -> None:
+    def _register_logged(self, take: Callable[[], dict[str, Any]]) -> None:
         try:
-            self.register(taken)
+            self.register(take())
         except Exception as exc:
             self._failed(exc)
 
@@ -145,4 +183,4 @@ class Publisher:
         log.warning("publishing to the registry failed", extra={"error": self.errors[-1]}, exc_info=True)
 
 
-__all__ = ["Publisher", "serving_model", "snapshot"]
+__all__ = ["Publisher", "assembled_snapshot", "serving_model", "snapshot"]

@@ -2,11 +2,15 @@
 
 A consumer-group member that learns in deterministic blocks and composes a
 :class:`~online.checkpoints.CheckpointWriter` (exactly-once state after a crash) and a
-:class:`~online.publishing.Publisher` (scheduled MLflow registration). How and why: ``online/README.md``, "Worker".
+:class:`~online.publishing.Publisher` (scheduled MLflow registration). Per-merchant state is owned per
+partition slot and moves with it between the workers of a group (:mod:`online.slices`); publications
+assemble every worker's newest slots (:mod:`online.assembly`). How and why: ``online/README.md``, "Worker"
+and "Scale-out".
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from collections import deque
@@ -20,6 +24,7 @@ import numpy as np
 from fedstream.files import read_versioned
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from online.catalog import CatalogReader, plan_topics
 from online.checkpoints import CheckpointWriter
 from online.multitask import MultiTaskState
 from online.prequential import PrequentialEvaluator
@@ -28,6 +33,7 @@ from online.candidates import CandidateState
 from online.ranking import ShopRecommender
 from online.reco import recommend
 from online.river_models import make_model
+from online.slices import adopt, newest, read_store, slot_of
 from online.transfer import warm_start
 from streams.features import FeatureContext, Featurizer
 from streams.schemas import Click, Order
@@ -51,6 +57,7 @@ class WorkerConfig:
     checkpoint_every: int = 100_000  # ~90 ms each at 20 bits (pickle + fsync of 25 MB): every 5 s at 20k events/s
     checkpoint_seconds: float = 30.0
     checkpoint_path: Path | None = None
+    store: Path | None = None  # the group's shared checkpoint directory (default: <artifacts>/online/<group>)
     publish_every_s: float | None = 300.0
     publish_at_end: bool = True
     max_events: int | None = None
@@ -84,9 +91,23 @@ class PredictionMonitor(Protocol):
 
 
 def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
+    """``<store>/<worker_id>.ckpt``; a checkpoint at the pre-store default path is moved there once."""
     from registry.tracking import artifacts_dir
 
-    return artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
+    path = store_dir(settings, config) / f"{config.worker_id}.ckpt"
+    legacy = artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
+    if legacy.exists() and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, path)
+        log.info("checkpoint moved into the group's store", extra={"from": str(legacy), "to": str(path)})
+    return path
+
+
+def store_dir(settings: Settings, config: WorkerConfig) -> Path:
+    """Where the group's workers keep their checkpoints (one file each), read by every peer."""
+    from registry.tracking import artifacts_dir
+
+    return config.store or artifacts_dir(settings) / "online" / str(config.group)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -110,10 +131,14 @@ class LearnerState:
     """Everything that is checkpointed together: model, context, recommender, metrics, offsets."""
 
     def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000,
-                 text_candidates: bool = False) -> None:
+                 text_candidates: bool = False, partitions: int = 1) -> None:
         self.model = model
         self.bits = bits
         self.model_name = model_name
+        self.partitions = partitions  # of the group's topics: a merchant's slot is its partition (online.slices)
+        self.slots: dict[int, int] = {}  # events learned into each slot, by every owner it had: its generation
+        self.merchant_events: dict[str, int] = {}  # events learned per merchant (clicks, orders: slotted topics)
+        self.catalog_offsets: dict[int, int] = {}  # catalog read outside the group: next offset not yet counted
         self.context = FeatureContext()
         self.recommender = ShopRecommender(candidates=CandidateState(text=text_candidates))
         self.evaluator = PrequentialEvaluator(window=metrics_window)
@@ -131,6 +156,8 @@ class LearnerState:
         state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
+                 "partitions": self.partitions, "slots": dict(self.slots), "merchant_events": dict(self.merchant_events),
+                 "catalog_offsets": dict(self.catalog_offsets),
                  "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
                  "multitask": self.multitask, "written_at": time.time()}
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -145,6 +172,9 @@ class LearnerState:
         learner.events, learner.clicks, learner.ranked = state["events"], state["clicks"], state["ranked"]
         learner.saved_monitors = dict(state.get("monitors", {}))  # absent in checkpoints written before monitors
         learner.multitask = state.get("multitask")
+        learner.partitions = state.get("partitions", 1)  # absent before slots: a checkpoint of one worker alone
+        learner.slots, learner.merchant_events = dict(state.get("slots", {})), dict(state.get("merchant_events", {}))
+        learner.catalog_offsets = dict(state.get("catalog_offsets", {}))
         return learner
 
 
@@ -161,7 +191,11 @@ class OnlineWorker:
         self.settings = settings
         self.config = config
         self.featurizer = Featurizer(settings.feature_bits)
-        self.checkpoint_path = config.checkpoint_path or default_checkpoint_path(settings, config)
+        # with a store (the default, or --store) the group's workers share state through their checkpoints;
+        # an explicit checkpoint file alone is a worker on its own
+        self.store = store_dir(settings, config) if config.store or not config.checkpoint_path else None
+        self.checkpoint_path = config.checkpoint_path or (
+            self.store / f"{config.worker_id}.ckpt" if config.store else default_checkpoint_path(settings, config))
         saved = read_checkpoint(self.checkpoint_path)
         if saved is not None:
             if saved["model_name"] != config.model or saved["bits"] != settings.feature_bits:
@@ -192,6 +226,11 @@ class OnlineWorker:
         self.checkpoints = CheckpointWriter(self.checkpoint_path, config.checkpoint_every, config.checkpoint_seconds,
                                             self.state.events)
         self.publisher = Publisher(settings, config)
+        self.catalog: CatalogReader | None = None
+        self.catalog_this_run = 0  # catalog items first seen in this run (in state.events, not learned_this_run)
+        self._resuming: set[int] = set()  # slots adopted from a peer, until their first block is learned here
+        if self.store is not None:  # a publication assembles every worker's newest slots (online.assembly)
+            self.publisher.assemble_from(self.store, before=lambda: self.checkpoint(wait=True))
         self._closing = False
 
     @property
@@ -212,7 +251,73 @@ class OnlineWorker:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._flush(key)
-        self.checkpoint(commit=True)
+        # kafka-python runs rebalance callbacks on its IO thread, where a blocking commit raises: the file
+        # (which the next owner adopts) is written here, the group's offsets are committed by a later checkpoint
+        commit, self.checkpoints.commit_offsets = self.checkpoints.commit_offsets, None
+        try:
+            self.checkpoint(commit=False)
+        finally:
+            self.checkpoints.commit_offsets = commit
+
+    def _assigned(self, partitions: set) -> dict:
+        """``seek_on_assign``: adopt the newest copy of each assigned slot from the store, then resume every
+        assigned partition at its saved offset."""
+        from streams.consumer import seek_to_saved
+
+        adopted = self.adopt_newest({tp.partition for tp in partitions}) if self.store is not None else []
+        log.info("partitions assigned", extra={"worker_id": self.config.worker_id, "adopted_slots": adopted,
+                                               "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)})
+        return seek_to_saved(self.state.offsets)(partitions)
+
+    def adopt_newest(self, slots: set[int]) -> list[int]:
+        """Load the parts of ``slots`` that a peer's checkpoint holds newer than ours (a partition that moved
+        here: its last owner died or gave it up); returns the slots adopted."""
+        paths = [path for path in sorted(self.store.glob("*.ckpt")) if path != self.checkpoint_path]
+        if not paths or not slots:
+            return []
+        peers = read_store(paths, CHECKPOINT_VERSION)
+        adopted = []
+        for slot, path in sorted(newest(peers).items()):
+            saved = peers[path]
+            if slot not in slots or saved["slots"][slot] <= self.state.slots.get(slot, -1):
+                continue
+            if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
+                raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
+                                 f"{self.state.model_name} with {self.state.bits}: one store per model")
+            for key in [key for key in self.pending if key[1] == slot]:
+                self.pending.pop(key), self.pending_since.pop(key, None)
+            adopt(self.state, saved, [slot])
+            self._resuming.add(slot)
+            self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
+                                 if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
+            adopted.append(slot)
+            log.info("adopted a partition slot", extra={"slot": slot, "from": path.name, "events": saved["slots"][slot]})
+        return adopted
+
+    def _apply_catalog(self, records: list) -> None:
+        """Fold catalog items read outside the group (``(partition, offset, item)``) into every merchant's
+        context and candidates; each record counts as an event once, the first time this state sees its
+        offset (the catalog is read again from its start at every run)."""
+        state = self.state
+        observe_context, observe_reco, seen = state.context.observe, state.recommender.observe, state.catalog_offsets
+        for partition, offset, item in records:
+            observe_context(item)
+            observe_reco(item)
+            if offset >= seen.get(partition, 0):
+                seen[partition] = offset + 1
+                state.events += 1
+                self.catalog_this_run += 1
+
+    def _plan(self) -> list[str]:
+        """The group's topics; opens the catalog reader and reads the catalog up to now when it is outside."""
+        topics, self.catalog, partitions = plan_topics(self.settings, self.config.topics)
+        if self.state.slots and partitions != self.state.partitions:
+            raise ValueError(f"checkpoint {self.checkpoint_path} slots merchants over {self.state.partitions} "
+                             f"partitions, the topics have {partitions}")
+        self.state.partitions = partitions
+        if self.catalog is not None:
+            self._apply_catalog(self.catalog.read_until_caught_up(deadline_s=30.0))
+        return topics
 
     # -- learning -----------------------------------------------------------------------------------------
 
@@ -253,6 +358,20 @@ class OnlineWorker:
         if records:
             self.learn_block(records)
             self.state.offsets[key] = records[-1].offset + 1
+            self._count(key[1], records)
+
+    def _count(self, slot: int, records: list) -> None:
+        """Events learned into ``slot`` (its generation) and per merchant: saved with the offsets."""
+        state = self.state
+        state.slots[slot] = state.slots.get(slot, 0) + len(records)
+        if slot in self._resuming:
+            self._resuming.discard(slot)
+            log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
+                                                    "offset": records[0].offset, "events": state.slots[slot]})
+        counts = state.merchant_events
+        for record in records:
+            merchant = record.event.merchant_id
+            counts[merchant] = counts.get(merchant, 0) + 1
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -381,22 +500,28 @@ class OnlineWorker:
     def run(self) -> dict[str, Any]:
         """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
         records; checkpoint and publish at the end. Returns a summary."""
-        from streams.consumer import EventConsumer, seek_to_saved
+        from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+        from streams.consumer import EventConsumer
 
         config = self.config
-        topics = config.topics or None  # None: EventConsumer reads every declared event topic
         started, cpu_started = time.monotonic(), time.process_time()
         if config.publish_every_s or config.publish_at_end:
             self.prepare_publishing()
+        topics = self._plan()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
-                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=seek_to_saved(self.state.offsets),
-                                 on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms)
+                                 poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._assigned,
+                                 on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms,
+                                 # range: partition p of every group topic goes to one member (a slot, whole)
+                                 partition_assignment_strategy=(RangePartitionAssignor,))
         self.checkpoints.commit_offsets = consumer.commit_saved
         last_data = time.monotonic()
         idle = False
         try:
             while not consumer.stopping:
                 batch = consumer.poll()
+                if self.catalog is not None:
+                    self._apply_catalog(self.catalog.poll())
                 if batch.records:
                     self.accept(batch.records)
                     if config.flush_when_caught_up:
@@ -420,17 +545,22 @@ class OnlineWorker:
             self._closing = True
             self.checkpoints.abandon()  # an error stopped the loop mid-write: let the file land, commit nothing
             consumer.close()
+            if self.catalog is not None:
+                self.catalog.close()
             self.checkpoints.commit_offsets = None
             self.publisher.join(timeout=120)  # a scheduled publication still registering
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
         busy = (self.last_learned_at - self.first_record_at) if self.first_record_at and self.last_learned_at else 0.0
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
+                   "catalog_items_this_run": self.catalog_this_run,
                    "elapsed_s": elapsed, "cpu_s": cpu, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
                    "publish_errors": self.publish_errors,
                    "events_per_s": self.learned_this_run / busy if busy > 0 else None,
                    "busy_cpu_us_per_event": (1e6 * (self.last_learned_cpu - self.first_record_cpu) / self.learned_this_run
                                              if self.learned_this_run else None),
                    "peak_rss_mb": peak_rss_mb(),
+                   # CLOCK_MONOTONIC is one clock for every process of a host: a group's span is max - min
+                   "learning_window_monotonic": [self.first_record_at, self.last_learned_at],
                    "stopped": "idle" if idle else ("max_events" if config.max_events is not None
                                                    and self.learned_this_run >= config.max_events else "signal"),
                    **{k: v for k, v in self.metrics().items()}}

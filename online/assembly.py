@@ -1,0 +1,124 @@
+"""One served version from N learners: the newest copy of every partition slot plus merged shared weights.
+
+Per-merchant parts (feature context, candidate sources, per-merchant ranker weights, metrics) come from
+the checkpoint holding the newest copy of the merchant's slot (:mod:`online.slices`). The shared parts,
+learned by each worker on its own partitions, are merged:
+
+* linear model weights, per hashed slot: ``w[s] = Σ_k a_k[s]·w_k[s] / Σ_k a_k[s]`` where ``a_k[s]`` is how
+  much worker ``k``'s model learned at slot ``s`` (FTRL's ``n``, Adam's ``v``: their sums of squared
+  gradients; for SGD, ``n_updates`` where ``w_k[s] != 0``). A slot only one worker touched (a merchant's
+  own crosses) keeps that worker's weight; a slot all touch (bias, device, position) gets a weighted
+  average, FedAvg's idea with per-slot example weights instead of one weight per client;
+* the ranker's global weights: average weighted by each ranker's update count;
+* a model without linear terms (River's) cannot be averaged: the largest worker's is served, and the
+  lineage says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from online.slices import newest, replace_slot, saved_tables, tables
+
+
+def activity(model: Any) -> np.ndarray | None:
+    """How much ``model`` learned per hashed slot (None: no per-slot weights)."""
+    for name in ("n", "v"):
+        found = getattr(model, name, None)
+        if isinstance(found, np.ndarray):
+            return found.astype(np.float64)
+    weights = getattr(model, "w", None)
+    if isinstance(weights, np.ndarray):
+        return (weights != 0).astype(np.float64) * max(getattr(model, "n_updates", 1), 1)
+    return None
+
+
+def merge_linear(models: list[Any], bits: int) -> Any | None:
+    """A float32 ``LinearScorer`` of the slot-activity-weighted average of ``models`` (None: not all linear)."""
+    from registry.bundle import LinearScorer
+
+    total = np.zeros(1 << bits)
+    weight = np.zeros(1 << bits)
+    for model in models:
+        linear, a = getattr(model, "linear_terms", None), activity(model)
+        if linear is None or a is None:
+            return None
+        w, _ = linear()
+        total += a * np.asarray(w, dtype=np.float64)
+        weight += a
+    merged = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+    return LinearScorer(bits, weights=merged.astype(np.float32), bias=0.0)
+
+
+def _merge_ranker(recommenders: list[Any], base: Any) -> None:
+    rankers = [r.ranker for r in recommenders if hasattr(r, "ranker")]
+    updates = np.array([max(r.updates, 0) for r in rankers], dtype=np.float64)
+    if not rankers or updates.sum() == 0:
+        return
+    share = updates / updates.sum()
+    base.ranker.weights = sum(s * r.weights for s, r in zip(share, rankers))
+    base.ranker.squares = sum(s * r.squares for s, r in zip(share, rankers))
+    base.ranker.updates = int(updates.sum())
+
+
+def _metrics(store: dict[Path, dict[str, Any]], events: int) -> dict[str, float]:
+    """Each worker's prequential metrics, averaged weighted by the clicks it evaluated."""
+    summaries = [saved["evaluator"].summary() for saved in store.values()]
+    weights = [s.get("events", 0.0) for s in summaries]
+    total = sum(weights) or 1.0
+    keys = set().union(*summaries)
+    out = {k: sum(w * s.get(k, 0.0) for w, s in zip(weights, summaries) if k in s) / total for k in keys}
+    out["clicks_evaluated"] = float(sum(weights))
+    out.pop("events", None)
+    out["events_seen"] = float(events)
+    out["workers_merged"] = float(len(store))
+    return out
+
+
+def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
+    """The parts of one version from every worker checkpoint in ``store``: ``model`` (served form),
+    ``context``, ``recommender``, ``metrics``, ``offsets``, ``events``, ``clicks``, ``merge``, ``sources``."""
+    from online.publishing import serving_model
+    from streams.features import FeatureContext
+
+    if not store:
+        raise ValueError("no learner checkpoint to assemble a version from")
+    base_path = max(store, key=lambda p: (store[p]["events"], str(p)))
+    base = store[base_path]
+    partitions = base.get("partitions", 1)
+    owners = newest(store)
+    context = FeatureContext.from_state(base["context"])
+    merged = tables(context, base["recommender"], base["evaluator"], base.setdefault("merchant_events", {}))
+    loaded: dict[Path, dict[str, dict]] = {}
+    for slot, path in sorted(owners.items()):
+        if path != base_path:
+            if path not in loaded:
+                loaded[path] = saved_tables(store[path])
+            replace_slot(merged, loaded[path], slot, partitions)
+    recommender = base["recommender"]
+    models = [saved["model"] for saved in store.values()]
+    if len(store) == 1:
+        model, merge = serving_model(base["model"], base["bits"]), "single"
+    else:
+        _merge_ranker([saved["recommender"] for saved in store.values()], recommender)
+        model = merge_linear(models, base["bits"])
+        merge = "slot-activity-weighted"
+        if model is None:
+            model, merge = serving_model(base["model"], base["bits"]), f"largest worker ({base_path.name})"
+    offsets = {key: o for slot, path in owners.items() for key, o in store[path]["offsets"].items() if key[1] == slot}
+    if not owners:  # checkpoints written before slots: one worker's own offsets
+        offsets = dict(base["offsets"])
+    # events: every slot's newest count, plus the catalog records (read whole by every worker, counted once each)
+    catalog = max(sum(saved.get("catalog_offsets", {}).values()) for saved in store.values())
+    events = sum(store[path]["slots"][slot] for slot, path in owners.items()) + catalog if owners else base["events"]
+    return {"model": model, "context": context, "recommender": recommender, "bits": base["bits"],
+            "metrics": _metrics(store, events), "offsets": offsets, "events": events,
+            "clicks": sum(saved["clicks"] for saved in store.values()), "merge": merge,
+            "sources": {path.name: saved["events"] for path, saved in sorted(store.items())},
+            "merchant_events": dict(merged["events"])}
+
+
+__all__ = ["activity", "assemble", "merge_linear"]

@@ -1,0 +1,95 @@
+"""Partition slices: the per-merchant state a learner owns through the partition its merchant's events are on.
+
+A merchant's clicks and orders are keyed by merchant, so they sit on the same partition number ``p`` of the
+two (equally partitioned) topics: that number is the merchant's *slot*. A worker's checkpoint holds, next
+to its own shared model, the per-merchant parts of every slot it learned (feature context, candidate
+sources, per-merchant ranker weights and steps, per-merchant metrics, events learned) and per slot the
+offsets and the number of events learned into it, all in one atomic file. The newest copy of slot ``p`` is
+the file (in the group's store directory) whose count for ``p`` is highest: a new owner adopts it and
+resumes from its offsets, and a publication assembles one version from the newest copy of every slot
+(``online/README.md``, "Scale-out").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kafka.partitioner.default import murmur2
+
+from fedstream.files import read_versioned
+from fedstream.logs import get_logger
+
+log = get_logger("online.slices")
+
+def slot_of(merchant_id: str, partitions: int) -> int:
+    """The partition of ``merchant_id``'s events on a topic of ``partitions`` (the producer's murmur2)."""
+    return (murmur2(merchant_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def tables(context: Any, recommender: Any, evaluator: Any, merchant_events: dict[str, int]) -> dict[str, dict]:
+    """The dicts keyed by merchant id that make up a learner's per-merchant state (live objects: changing
+    them changes the state)."""
+    out = {"context": context.merchants, "metrics": evaluator.merchants, "events": merchant_events}
+    if hasattr(recommender, "ranker") and hasattr(recommender, "state"):  # the two-stage ShopRecommender
+        out.update(shops=recommender.state.shops, ranker=recommender.ranker.merchants, steps=recommender.merchant_steps)
+    return out
+
+
+def saved_tables(saved: dict[str, Any]) -> dict[str, dict]:
+    """:func:`tables` of a checkpoint read from disk (its context is plain data: rebuilt here)."""
+    from streams.features import FeatureContext
+
+    return tables(FeatureContext.from_state(saved["context"]), saved["recommender"], saved["evaluator"],
+                  saved.setdefault("merchant_events", {}))
+
+
+def replace_slot(mine: dict[str, dict], theirs: dict[str, dict], slot: int, partitions: int) -> None:
+    """Make ``mine``'s merchants of ``slot`` exactly ``theirs``' (dropping those ``theirs`` lacks)."""
+    for name, table in mine.items():
+        for merchant in [m for m in table if slot_of(m, partitions) == slot]:
+            del table[merchant]
+        table.update({m: value for m, value in theirs.get(name, {}).items() if slot_of(m, partitions) == slot})
+
+
+def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
+    """Replace ``state``'s parts of ``slots`` by those of the checkpoint ``saved`` (their newest copy):
+    per-merchant tables, the slot's offsets and event count. Merchants of the slot that ``saved`` does not
+    know are dropped (their events were not learned in the newest copy)."""
+    mine = tables(state.context, state.recommender, state.evaluator, state.merchant_events)
+    theirs = saved_tables(saved)
+    for slot in slots:
+        replace_slot(mine, theirs, slot, state.partitions)
+        for key in [key for key in state.offsets if key[1] == slot]:
+            del state.offsets[key]
+        state.offsets.update({key: offset for key, offset in saved["offsets"].items() if key[1] == slot})
+        state.slots[slot] = saved["slots"][slot]
+
+
+def read_store(paths: Iterable[Path], version: int) -> dict[Path, dict[str, Any]]:
+    """Every readable worker checkpoint among ``paths`` (an unreadable one is logged and skipped: a peer
+    may be mid-write on a file system without atomic rename, or hold another format)."""
+    found = {}
+    for path in paths:
+        try:
+            saved = read_versioned(path, version, "learner worker")
+        except ValueError as exc:
+            log.warning("peer checkpoint skipped", extra={"path": str(path), "error": str(exc)})
+            continue
+        if saved is not None:
+            found[path] = saved
+    return found
+
+
+def newest(store: dict[Path, dict[str, Any]]) -> dict[int, Path]:
+    """For every slot, the file holding its newest copy (most events learned into it)."""
+    best: dict[int, tuple[int, Path]] = {}
+    for path, saved in sorted(store.items()):
+        for slot, events in saved.get("slots", {}).items():
+            if slot not in best or events > best[slot][0]:
+                best[slot] = (events, path)
+    return {slot: path for slot, (_, path) in best.items()}
+
+
+__all__ = ["adopt", "newest", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]
