@@ -46,7 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from federated.model import ModelConfig, tff_model_fn  # noqa: E402
 from online.prequential import mean_logloss, roc_auc  # noqa: E402
 from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
-from federated.stores import build_stores, open_stores, write_store  # noqa: E402
+from federated.stores import build_stores, open_stores, split_folder, write_store  # noqa: E402
 from federated.training import (  # noqa: E402
     FederatedConfig, FederatedData, build_process, client_seed, sample_clients, use_execution_context,
 )
@@ -54,6 +54,7 @@ from fedstream.processes import stop_tff_workers  # noqa: E402
 from fedstream.settings import load_settings  # noqa: E402
 from streams.generator import GeneratorConfig, generate  # noqa: E402
 from benchmarks import emit  # noqa: E402
+from benchmarks._flower import flower_round  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BITS = 16
@@ -63,6 +64,8 @@ TIMED_ROUNDS = 2 if QUICK else 3
 DEFAULTS = FederatedConfig()  # `fedstream federated run`'s defaults; the quality runs calibrate lr and rounds
 CLIENT_LR, BATCH = DEFAULTS.client_learning_rate, DEFAULTS.batch_size
 TARGET_ROUND_S, TARGET_AUC_GAP, SMALL = 10.0, 0.01, 1000
+LARGE_ROUND = int(os.environ.get("BENCH_LARGE_ROUND", "0" if QUICK else "1000"))  # clients of the one large round
+TARGET_LARGE_ROUND_S = 30.0
 CAL_SEEDS = (101, 102)  # marketplaces the settings are chosen on (validation split)
 REPORT_SEEDS = (7, 8, 9) if QUICK else (7, 8, 9, 10, 11)  # marketplaces the figures come from (test split)
 EVENTS = 60_000 if QUICK else 150_000
@@ -106,6 +109,20 @@ def _time_tff(process, stores: dict, n: int) -> float:
     return statistics.median(times)
 
 
+def _time_tff_clients(process, stores: dict, n: int, rounds: int = 1) -> float:
+    """Median seconds of a TFF round of ``n`` clients when there are fewer stores than ``n``: client ``k``
+    trains on store ``k mod len(stores)`` with its own shuffle seed (the 1,000-merchant round: same
+    per-client work as 1,000 merchants of 1,000 examples, without generating 2M events)."""
+    folders = [split_folder(store, "train") for store in stores.values()]
+    state, times = process.initialize(), []
+    for round_num in range(1, rounds + 1):
+        started = time.perf_counter()
+        clients = [(folders[k % len(folders)], client_seed(7, round_num, f"c{k}")) for k in range(n)]
+        state = process.next(state, clients).state
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def _time_numpy(stores: dict, n: int) -> float:
     clients = []
     for store in list(stores.values())[:n]:
@@ -120,6 +137,13 @@ def _time_numpy(stores: dict, n: int) -> float:
     return statistics.median(times)
 
 
+def _time_flower(stores: dict, n: int) -> dict:
+    """Flower's simulation of the same round (:mod:`benchmarks._flower`): ``{"round_s": ...}`` or
+    ``{"unavailable": reason}``."""
+    folders = [split_folder(store, "train") for store in list(stores.values())[:n]]
+    return flower_round(folders, bits=BITS, lr=CLIENT_LR, batch=BATCH, rounds=TIMED_ROUNDS)
+
+
 def scaling(root: Path) -> list[dict]:
     config = dataclasses.replace(DEFAULTS, rounds=1, clients_per_round=100)
     process = build_process(tff_model_fn(ModelConfig(bits=BITS)), config)
@@ -132,10 +156,21 @@ def scaling(root: Path) -> list[dict]:
             if len(stores) < n:
                 continue
             tff_s, numpy_s = _time_tff(process, stores, n), _time_numpy(stores, n)
+            flower = _time_flower(stores, n)
+            flower_s = flower.get("round_s")
             rows.append({"merchants": n, "examples": examples, "tff_round_s": tff_s, "numpy_round_s": numpy_s,
-                         "overhead": tff_s / numpy_s})
+                         "overhead": tff_s / numpy_s, "flower_round_s": flower_s,
+                         "tff_vs_flower": tff_s / flower_s if flower_s else None,
+                         "flower": flower.get("unavailable") or f"flwr {flower['flwr']}, {flower['actors']} Ray actors"})
+            peer = f"Flower {flower_s:6.2f} s/round" if flower_s else "Flower: peer unavailable"
             print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   numpy {numpy_s:6.2f} s/round"
-                  f"   overhead x{tff_s / numpy_s:5.1f}", flush=True)
+                  f"   overhead x{tff_s / numpy_s:5.1f}   {peer}", flush=True)
+        if examples == 1000 and LARGE_ROUND:
+            large_s = _time_tff_clients(process, stores, LARGE_ROUND)
+            rows.append({"merchants": LARGE_ROUND, "examples": examples, "tff_round_s": large_s,
+                         "clients_share_stores": len(stores), "target_s": TARGET_LARGE_ROUND_S})
+            print(f"  {LARGE_ROUND:>4} clients x {examples:>5} examples ({len(stores)} stores): TFF {large_s:7.2f} s/round"
+                  f"   (target <= {TARGET_LARGE_ROUND_S:g} s)", flush=True)
     return rows
 
 
