@@ -4,7 +4,11 @@ different seeds.
 
 1. Scaling: seconds per TFF round (all sampled merchants train one local epoch, batch 32) for 10, 50 and
    100 merchants, on merchants generated with equal traffic shares; the same round in plain numpy
-   (:mod:`federated.numpy_fedavg`) gives TFF's overhead factor.
+   (:mod:`federated.numpy_fedavg`) gives TFF's overhead factor, and Flower's simulation of it
+   (:mod:`benchmarks._flower`: flwr 1.42 in a cached venv of its own, Ray with 2 client actors, the same
+   numpy wide model, data, batch and learning rate per client, FedAvg) gives ``flower_round_s`` ("peer
+   unavailable" when its venv cannot be built). Full runs add one round of 1,000 clients (the 100 stores'
+   data, each read by 10 clients with their own shuffle seeds; ``BENCH_LARGE_ROUND`` sets the count).
 2. Calibration on its own seeds (Zipf marketplaces ``CAL_SEEDS``, 20 merchants each; their later 20% per
    merchant is the *validation* split): the federated client learning rate and round count (the numpy
    FedAvg peer, same arithmetic and cohorts as TFF's process, every ``EVAL_EVERY`` rounds), the centralized learning rate and epochs (SGD on the pooled train data,
