@@ -7,8 +7,9 @@ counts once, with the repeated values summed (as ``learn_one`` on a dict with co
 The per-slot arrays may be float64 or float32 (all of one learner's arrays share the dtype), or ``w`` may
 be int16 q2.13 fixed point (value = code / 8192) over float32 statistics: :func:`_load` decodes it and
 :func:`_store` writes it with randomized rounding (McMahan et al. 2013, section 4.4) drawn from numba's
-generator, which the learner seeds (:func:`seed`) before each batch; arithmetic is float64 either way. The numpy code in :mod:`online.learners` is the reference these kernels are
-tested against, value for value.
+generator, which the learner seeds (:func:`seed`) before each batch; arithmetic is float64 either way.
+The numpy code in :mod:`online.learners` is the reference these kernels are tested against, value for
+value (q2.13: within tolerance, as the two draw different random numbers).
 
 Compilation: the kernels are compiled for the few signatures the learners use when this module is
 imported, and cached on disk (``cache=True``): the first import on a machine compiles (seconds), later
