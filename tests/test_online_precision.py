@@ -33,7 +33,8 @@ def test_q213_is_reproducible_from_its_seed(native):
     indices, values, labels = random_stream(1)
     runs = []
     for seed in (5, 5, 6):
-        model = FTRLProximalClassifier(bits=6, dtype="q2.13", native=native, seed=seed, **PARAMS[FTRLProximalClassifier])
+        model = FTRLProximalClassifier(bits=6, dtype="q2.13", native=native, seed=seed,
+                                       **PARAMS[FTRLProximalClassifier])
         learn_in_batches(model, indices, values, labels, 50)
         runs.append(model.w.copy())
     assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
@@ -56,6 +57,7 @@ def test_q213_state_round_trips():
     for restored in (AdamClassifier.from_state(model.state()), pickle.loads(pickle.dumps(model))):
         assert restored.w.dtype == np.int16 and restored.m.dtype == np.float32
         assert np.array_equal(restored.w, model.w)
-        np.testing.assert_array_equal(restored.predict_proba_many(indices, values), model.predict_proba_many(indices, values))
+        np.testing.assert_array_equal(restored.predict_proba_many(indices, values),
+                                      model.predict_proba_many(indices, values))
     assert model.predict_proba_one({0: 1.0, 5: 2.0})[True] == pytest.approx(
         float(model.predict_proba_many(np.array([[0, 5]]), np.array([[1.0, 2.0]]))[0]), rel=1e-12)
