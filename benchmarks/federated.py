@@ -167,14 +167,14 @@ def scaling(root: Path) -> list[dict]:
                          "tff_vs_flower": tff_s / flower_s if flower_s else None,
                          "flower": flower.get("unavailable") or f"flwr {flower['flwr']}, {flower['actors']} Ray actors"})
             peer = f"Flower {flower_s:6.2f} s/round" if flower_s else "Flower: peer unavailable"
-            print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   numpy {numpy_s:6.2f} s/round"
-                  f"   overhead x{tff_s / numpy_s:5.1f}   {peer}", flush=True)
+            print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   "
+                  f"numpy {numpy_s:6.2f} s/round   overhead x{tff_s / numpy_s:5.1f}   {peer}", flush=True)
         if examples == 1000 and LARGE_ROUND:
             large_s = _time_tff_clients(process, stores, LARGE_ROUND)
             rows.append({"merchants": LARGE_ROUND, "examples": examples, "tff_round_s": large_s,
                          "clients_share_stores": len(stores), "target_s": TARGET_LARGE_ROUND_S})
-            print(f"  {LARGE_ROUND:>4} clients x {examples:>5} examples ({len(stores)} stores): TFF {large_s:7.2f} s/round"
-                  f"   (target <= {TARGET_LARGE_ROUND_S:g} s)", flush=True)
+            print(f"  {LARGE_ROUND:>4} clients x {examples:>5} examples ({len(stores)} stores): "
+                  f"TFF {large_s:7.2f} s/round   (target <= {TARGET_LARGE_ROUND_S:g} s)", flush=True)
     return rows
 
 
@@ -400,6 +400,23 @@ def readme_rows(synthetic: dict, movielens: dict, round_s: float | None, mode: s
     return [{**r, "mode": mode, "date": date} for r in rows]
 
 
+def scaling_rows(rows: list[dict], mode: str, date: str) -> list[dict]:
+    """README rows of the round-time comparison with Flower (issue #16 target 4) and the 1,000-client round."""
+    out = []
+    for r in rows:
+        if "flower_round_s" in r and r["examples"] == 1000:
+            ratio = r["tff_vs_flower"]
+            out.append({"row": f"TFF round / Flower 1.42 simulation round, {r['merchants']} merchants x 1k examples",
+                        "value": f"{ratio:.2f}x ({r['tff_round_s']:.2f} s vs {r['flower_round_s']:.2f} s)" if ratio
+                        else "peer unavailable", "spread": f"median of {TIMED_ROUNDS} rounds, same run",
+                        "target": "<= 1x", "met": bool(ratio and ratio <= 1), "seeds": None})
+        elif "clients_share_stores" in r:
+            out.append({"row": f"TFF round, {r['merchants']} clients x 1k examples",
+                        "value": f"{r['tff_round_s']:.1f} s", "spread": "one round", "target": f"<= {TARGET_LARGE_ROUND_S:g} s",
+                        "met": r["tff_round_s"] <= TARGET_LARGE_ROUND_S, "seeds": None})
+    return [{**r, "mode": mode, "date": date} for r in out]
+
+
 def _print_summary(name: str, summary: dict) -> None:
     print(f"\n{name}: mean over report seeds (sd)")
     for key in REPORT_KEYS:
@@ -430,7 +447,7 @@ def main() -> int:
     _print_summary("Zipf marketplaces", synthetic["summary"])
     _print_summary("MovieLens-100K", movielens["summary"])
     mode, date = ("quick" if QUICK else "full"), dt.date.today().isoformat()
-    readme = readme_rows(synthetic, movielens, round_s, mode, date)
+    readme = readme_rows(synthetic, movielens, round_s, mode, date) + scaling_rows(rows, mode, date)
     s = synthetic["summary"]
     figures = {
         "benchmark": "federated", "quick": QUICK, "mode": mode, "date": date,
