@@ -61,3 +61,16 @@ def test_q213_state_round_trips():
                                       model.predict_proba_many(indices, values))
     assert model.predict_proba_one({0: 1.0, 5: 2.0})[True] == pytest.approx(
         float(model.predict_proba_many(np.array([[0, 5]]), np.array([[1.0, 2.0]]))[0]), rel=1e-12)
+
+
+def test_state_dtype_setting_reaches_our_learners_and_a_param_wins(monkeypatch):
+    from fedstream.settings import OnlineSettings, load_settings
+    from online.commands import learner_params
+    from online.learners import DTYPES
+
+    assert OnlineSettings.model_fields["state_dtype"].annotation.__args__ == DTYPES
+    monkeypatch.setenv("FEDSTREAM_ONLINE__STATE_DTYPE", "q2.13")
+    settings = load_settings()
+    assert learner_params(settings, "ftrl", {"alpha": 0.1}) == {"alpha": 0.1, "dtype": "q2.13"}
+    assert learner_params(settings, "sgd", {"dtype": "float32"}) == {"dtype": "float32"}
+    assert learner_params(settings, "river-ftrl", {}) == {}
