@@ -4,7 +4,11 @@ different seeds.
 
 1. Scaling: seconds per TFF round (all sampled merchants train one local epoch, batch 32) for 10, 50 and
    100 merchants, on merchants generated with equal traffic shares; the same round in plain numpy
-   (:mod:`federated.numpy_fedavg`) gives TFF's overhead factor.
+   (:mod:`federated.numpy_fedavg`) gives TFF's overhead factor, and Flower's simulation of it
+   (:mod:`benchmarks._flower`: flwr 1.42 in a cached venv of its own, Ray with 2 client actors, the same
+   numpy wide model, data, batch and learning rate per client, FedAvg) gives ``flower_round_s`` ("peer
+   unavailable" when its venv cannot be built). Full runs add one round of 1,000 clients (the 100 stores'
+   data, each read by 10 clients with their own shuffle seeds; ``BENCH_LARGE_ROUND`` sets the count).
 2. Calibration on its own seeds (Zipf marketplaces ``CAL_SEEDS``, 20 merchants each; their later 20% per
    merchant is the *validation* split): the federated client learning rate and round count (the numpy
    FedAvg peer, same arithmetic and cohorts as TFF's process, every ``EVAL_EVERY`` rounds), the centralized learning rate and epochs (SGD on the pooled train data,
@@ -46,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from federated.model import ModelConfig, tff_model_fn  # noqa: E402
 from online.prequential import mean_logloss, roc_auc  # noqa: E402
 from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
-from federated.stores import build_stores, open_stores, write_store  # noqa: E402
+from federated.stores import build_stores, open_stores, split_folder, write_store  # noqa: E402
 from federated.training import (  # noqa: E402
     FederatedConfig, FederatedData, build_process, client_seed, sample_clients, use_execution_context,
 )
@@ -54,6 +58,7 @@ from fedstream.processes import stop_tff_workers  # noqa: E402
 from fedstream.settings import load_settings  # noqa: E402
 from streams.generator import GeneratorConfig, generate  # noqa: E402
 from benchmarks import emit  # noqa: E402
+from benchmarks._flower import flower_round  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BITS = 16
@@ -63,6 +68,8 @@ TIMED_ROUNDS = 2 if QUICK else 3
 DEFAULTS = FederatedConfig()  # `fedstream federated run`'s defaults; the quality runs calibrate lr and rounds
 CLIENT_LR, BATCH = DEFAULTS.client_learning_rate, DEFAULTS.batch_size
 TARGET_ROUND_S, TARGET_AUC_GAP, SMALL = 10.0, 0.01, 1000
+LARGE_ROUND = int(os.environ.get("BENCH_LARGE_ROUND", "0" if QUICK else "1000"))  # clients of the one large round
+TARGET_LARGE_ROUND_S = 30.0
 CAL_SEEDS = (101, 102)  # marketplaces the settings are chosen on (validation split)
 REPORT_SEEDS = (7, 8, 9) if QUICK else (7, 8, 9, 10, 11)  # marketplaces the figures come from (test split)
 EVENTS = 60_000 if QUICK else 150_000
@@ -106,6 +113,20 @@ def _time_tff(process, stores: dict, n: int) -> float:
     return statistics.median(times)
 
 
+def _time_tff_clients(process, stores: dict, n: int, rounds: int = 1) -> float:
+    """Median seconds of a TFF round of ``n`` clients when there are fewer stores than ``n``: client ``k``
+    trains on store ``k mod len(stores)`` with its own shuffle seed (the 1,000-merchant round: same
+    per-client work as 1,000 merchants of 1,000 examples, without generating 2M events)."""
+    folders = [split_folder(store, "train") for store in stores.values()]
+    state, times = process.initialize(), []
+    for round_num in range(1, rounds + 1):
+        started = time.perf_counter()
+        clients = [(folders[k % len(folders)], client_seed(7, round_num, f"c{k}")) for k in range(n)]
+        state = process.next(state, clients).state
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def _time_numpy(stores: dict, n: int) -> float:
     clients = []
     for store in list(stores.values())[:n]:
@@ -120,6 +141,13 @@ def _time_numpy(stores: dict, n: int) -> float:
     return statistics.median(times)
 
 
+def _time_flower(stores: dict, n: int) -> dict:
+    """Flower's simulation of the same round (:mod:`benchmarks._flower`): ``{"round_s": ...}`` or
+    ``{"unavailable": reason}``."""
+    folders = [split_folder(store, "train") for store in list(stores.values())[:n]]
+    return flower_round(folders, bits=BITS, lr=CLIENT_LR, batch=BATCH, rounds=TIMED_ROUNDS)
+
+
 def scaling(root: Path) -> list[dict]:
     config = dataclasses.replace(DEFAULTS, rounds=1, clients_per_round=100)
     process = build_process(tff_model_fn(ModelConfig(bits=BITS)), config)
@@ -132,10 +160,21 @@ def scaling(root: Path) -> list[dict]:
             if len(stores) < n:
                 continue
             tff_s, numpy_s = _time_tff(process, stores, n), _time_numpy(stores, n)
+            flower = _time_flower(stores, n)
+            flower_s = flower.get("round_s")
             rows.append({"merchants": n, "examples": examples, "tff_round_s": tff_s, "numpy_round_s": numpy_s,
-                         "overhead": tff_s / numpy_s})
-            print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   numpy {numpy_s:6.2f} s/round"
-                  f"   overhead x{tff_s / numpy_s:5.1f}", flush=True)
+                         "overhead": tff_s / numpy_s, "flower_round_s": flower_s,
+                         "tff_vs_flower": tff_s / flower_s if flower_s else None,
+                         "flower": flower.get("unavailable") or f"flwr {flower['flwr']}, {flower['actors']} Ray actors"})
+            peer = f"Flower {flower_s:6.2f} s/round" if flower_s else "Flower: peer unavailable"
+            print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   "
+                  f"numpy {numpy_s:6.2f} s/round   overhead x{tff_s / numpy_s:5.1f}   {peer}", flush=True)
+        if examples == 1000 and LARGE_ROUND:
+            large_s = _time_tff_clients(process, stores, LARGE_ROUND)
+            rows.append({"merchants": LARGE_ROUND, "examples": examples, "tff_round_s": large_s,
+                         "clients_share_stores": len(stores), "target_s": TARGET_LARGE_ROUND_S})
+            print(f"  {LARGE_ROUND:>4} clients x {examples:>5} examples ({len(stores)} stores): "
+                  f"TFF {large_s:7.2f} s/round   (target <= {TARGET_LARGE_ROUND_S:g} s)", flush=True)
     return rows
 
 
@@ -361,6 +400,23 @@ def readme_rows(synthetic: dict, movielens: dict, round_s: float | None, mode: s
     return [{**r, "mode": mode, "date": date} for r in rows]
 
 
+def scaling_rows(rows: list[dict], mode: str, date: str) -> list[dict]:
+    """README rows of the round-time comparison with Flower (issue #16 target 4) and the 1,000-client round."""
+    out = []
+    for r in rows:
+        if "flower_round_s" in r and r["examples"] == 1000:
+            ratio = r["tff_vs_flower"]
+            out.append({"row": f"TFF round / Flower 1.42 simulation round, {r['merchants']} merchants x 1k examples",
+                        "value": f"{ratio:.2f}x ({r['tff_round_s']:.2f} s vs {r['flower_round_s']:.2f} s)" if ratio
+                        else "peer unavailable", "spread": f"median of {TIMED_ROUNDS} rounds, same run",
+                        "target": "<= 1x", "met": bool(ratio and ratio <= 1), "seeds": None})
+        elif "clients_share_stores" in r:
+            out.append({"row": f"TFF round, {r['merchants']} clients x 1k examples",
+                        "value": f"{r['tff_round_s']:.1f} s", "spread": "one round", "target": f"<= {TARGET_LARGE_ROUND_S:g} s",
+                        "met": r["tff_round_s"] <= TARGET_LARGE_ROUND_S, "seeds": None})
+    return [{**r, "mode": mode, "date": date} for r in out]
+
+
 def _print_summary(name: str, summary: dict) -> None:
     print(f"\n{name}: mean over report seeds (sd)")
     for key in REPORT_KEYS:
@@ -391,7 +447,7 @@ def main() -> int:
     _print_summary("Zipf marketplaces", synthetic["summary"])
     _print_summary("MovieLens-100K", movielens["summary"])
     mode, date = ("quick" if QUICK else "full"), dt.date.today().isoformat()
-    readme = readme_rows(synthetic, movielens, round_s, mode, date)
+    readme = readme_rows(synthetic, movielens, round_s, mode, date) + scaling_rows(rows, mode, date)
     s = synthetic["summary"]
     figures = {
         "benchmark": "federated", "quick": QUICK, "mode": mode, "date": date,

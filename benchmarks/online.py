@@ -10,7 +10,7 @@ Kafka worker end to end.
   River's own data sets (Phishing, Bananas: dense) and on MovieLens-100K (sparse, real);
 * MovieLens-100K (real data): rating >= 4 predicted prequentially from hashed user / item / genre /
   demographic features: ours, River and VW, log loss and AUC;
-* memory (target 5): optimizer state bytes per slot, float32 state's log loss cost;
+* memory (target 5): optimizer state bytes per slot, the log loss cost of float32 state and of 16-bit q2.13 weights;
 * the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog, and
   produced->learned latency while events are produced at a steady rate; peak memory; where its CPU goes
   (``benchmarks._worker_stages``: the hot path's stages in-process, and polling + decoding alone).
@@ -146,6 +146,7 @@ def seed_figures(seed: int, params: dict[str, dict]) -> dict:
     warm_up(params, indices, values, labels)
     variants = {**{f"ours {name}": (name, params[name]) for name in LEARNERS},
                 "ours ftrl float32": ("ftrl", {**params["ftrl"], "dtype": "float32"}),
+                "ours ftrl q2.13": ("ftrl", {**params["ftrl"], "dtype": "q2.13", "seed": seed}),
                 "ours ftrl delayed 64": ("ftrl", {**params["ftrl"], "max_delay": 64})}
     out.update(timed_runs(params, variants, indices, values, labels))
     dicts = [as_dict(i, v) for i, v in zip(indices[:RIVER_EVENTS], values[:RIVER_EVENTS])]
@@ -300,6 +301,9 @@ def seed_rows(seeds: list[dict]) -> list[dict]:
     cost = per_seed(lambda s: s["ours ftrl float32"]["logloss"] / s["ours ftrl"]["logloss"] - 1)
     rows.append(readme_row("FTRL float32 state (12 bytes/slot vs 24) log loss cost", float(np.median(cost)),
                            spread(cost, digits=3), None, None))
+    cost16 = per_seed(lambda s: s["ours ftrl q2.13"]["logloss"] / s["ours ftrl"]["logloss"] - 1)
+    rows.append(readme_row("FTRL 16-bit q2.13 weights, randomized rounding (10 bytes/slot vs 24) log loss cost",
+                           float(np.median(cost16)), spread(cost16, digits=3), None, None))
     return rows
 
 
@@ -378,6 +382,9 @@ def main() -> None:
         "ftrl_one_events_per_s": median("ftrl learn_one", "events_per_s"),
         "river_ftrl_events_per_s": median("river-ftrl learn_one", "events_per_s"),
         "ftrl_state_bytes_per_slot": 24, "ftrl32_state_bytes_per_slot": 12,
+        **{f"ftrl{tag}_bytes_per_slot": make_model("ftrl", 4, dtype=dtype).state_bytes_per_slot
+           for tag, dtype in (("", "float64"), ("_f32", "float32"), ("_f16", "q2.13"))},
+        "ftrl_f32_logloss": median("ours ftrl float32", "logloss"), "ftrl_f16_logloss": median("ours ftrl q2.13", "logloss"),
         "worker_events_per_s": backlog["events_per_s"], "worker_runs_events_per_s": backlog["runs_events_per_s"],
         "latency_p95_s": paced.get("latency_p95_s"), "peak_rss_mb": learners_rss,
         "worker_peak_rss_mb": worker["worker_peak_rss_mb"],

@@ -189,6 +189,14 @@ class DriftSettings(BaseModel):
     rate_min_count: float = Field(default=20.0, ge=0, description="Reference events per period needed to test.")
 
 
+class OnlineSettings(BaseModel):
+    """Online learners (``fedstream learn``)."""
+
+    state_dtype: Literal["float64", "float32", "q2.13"] = Field(
+        default="float64", description="Per-slot state of a fresh ftrl/adam/sgd learner: float64, float32 (half), or "
+        "q2.13 (16-bit randomized-rounding weights over float32 statistics; online/README.md). --param dtype= wins.")
+
+
 class FederatedSettings(BaseModel):
     """Trust settings of federated training: worker/coordinator TLS material and the DP verdict.
 
@@ -242,6 +250,7 @@ class Settings(BaseSettings):
     mlflow_stack: MlflowStackSettings = MlflowStackSettings()
     federated: FederatedSettings = FederatedSettings()
     multitask: MultiTaskSettings = MultiTaskSettings()
+    online: OnlineSettings = OnlineSettings()
     feature_bits: int = Field(default=20, ge=8, le=28, description="Hashed feature space is 2**feature_bits.")
     seed: int = 7
     config_file: Path | None = Field(default=None, exclude=True)

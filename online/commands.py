@@ -10,9 +10,17 @@ import click
 
 from fedstream.cli import pass_settings
 from fedstream.settings import Settings
+from online.learners import LEARNERS as OWN_LEARNERS
 from online.river_models import MODEL_NAMES
 
 MODEL_CHOICES = MODEL_NAMES  # the learner registry (online.river_models.MODELS): a registered learner is a choice
+
+
+def learner_params(settings: Settings, model: str, params: dict) -> dict:
+    """``params`` plus the settings' state dtype for our own learners (an explicit ``dtype`` param wins)."""
+    if model in OWN_LEARNERS and "dtype" not in params:
+        return {**params, "dtype": settings.online.state_dtype}
+    return params
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict:
@@ -105,7 +113,8 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
     if worker_id == "auto":
         worker_id = socket.gethostname()
     config = WorkerConfig(
-        model=model, params=_parse_params(params), group=group, topics=list(topics) or None, worker_id=worker_id,
+        model=model, params=learner_params(settings, model, _parse_params(params)), group=group,
+        topics=list(topics) or None, worker_id=worker_id,
         block=block, flush_after_s=flush_after, flush_when_caught_up=flush_caught_up,
         fetch_max_wait_ms=fetch_wait_ms, checkpoint_every=checkpoint_every,
         checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,

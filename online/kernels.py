@@ -4,9 +4,12 @@ Each ``*_learn`` kernel walks a batch of ``(n, F)`` slot indices and values row 
 ``learn_one`` would: predict the row at the current weights (written to ``out``, test-then-train), then
 update every distinct slot of the row before the next row is predicted. A slot repeated inside a row
 counts once, with the repeated values summed (as ``learn_one`` on a dict with colliding features).
-The per-slot arrays may be float64 or float32 (all of one learner's arrays share the dtype); arithmetic
-is float64 either way. The numpy code in :mod:`online.learners` is the reference these kernels are
-tested against, value for value.
+The per-slot arrays may be float64 or float32 (all of one learner's arrays share the dtype), or ``w`` may
+be int16 q2.13 fixed point (value = code / 8192) over float32 statistics: :func:`_load` decodes it and
+:func:`_store` writes it with randomized rounding (McMahan et al. 2013, section 4.4) drawn from numba's
+generator, which the learner seeds (:func:`seed`) before each batch; arithmetic is float64 either way.
+The numpy code in :mod:`online.learners` is the reference these kernels are tested against, value for
+value (q2.13: within tolerance, as the two draw different random numbers).
 
 Compilation: the kernels are compiled for the few signatures the learners use when this module is
 imported, and cached on disk (``cache=True``): the first import on a machine compiles (seconds), later
@@ -24,26 +27,64 @@ from pathlib import Path
 if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
     os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "fedstream-numba")
 
-from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
+import numpy as np  # noqa: E402
+from numba import njit, types  # noqa: E402  (the cache dir must be set before numba reads its configuration)
+from numba.extending import overload  # noqa: E402
 
 CLIP = 35.0  # same |logit| cap as online.learners
+Q_SCALE = 8192.0  # q2.13: 13 fractional bits
+Q_MIN, Q_MAX = -32768, 32767
 _ROWS = "int32[:, ::1], float64[:, ::1], float64[::1], float64[::1]"  # indices, values, labels, out
 
 
 def _signatures(arrays: int, scalars: int) -> list[str]:
-    """One signature per state dtype: ``arrays`` per-slot arrays, the rows, then float64 scalars."""
+    """One signature per state layout: ``arrays`` per-slot arrays (all float64, all float32, or an int16
+    q2.13 ``w`` and float32 statistics), the rows, then float64 scalars."""
     out = []
-    for dtype in ("float64", "float32"):
-        states = ", ".join([f"{dtype}[::1]"] * arrays)
+    for w, rest in (("float64", "float64"), ("float32", "float32"), ("int16", "float32")):
+        states = ", ".join([f"{w}[::1]"] + [f"{rest}[::1]"] * (arrays - 1))
         out.append(f"void({states}, {_ROWS}{', float64' * scalars})")
     return out
+
+
+def _load(w, slot):
+    """``w[slot]`` as a float (q2.13 codes decoded)."""
+
+
+def _store(w, slot, value):
+    """``w[slot] = value`` (q2.13: randomized rounding to a code, clipped to the int16 range)."""
+
+
+@overload(_load, inline="always")
+def _load_impl(w, slot):
+    if isinstance(w.dtype, types.Integer):
+        return lambda w, slot: w[slot] / Q_SCALE
+    return lambda w, slot: w[slot]
+
+
+@overload(_store, inline="always")
+def _store_impl(w, slot, value):
+    if isinstance(w.dtype, types.Integer):
+        def store_code(w, slot, value):
+            w[slot] = min(max(math.floor(value * Q_SCALE + np.random.random()), Q_MIN), Q_MAX)
+        return store_code
+
+    def store(w, slot, value):
+        w[slot] = value
+    return store
+
+
+@njit("void(int64)", cache=True)
+def seed(value):
+    """Seed the generator of the q2.13 randomized rounding (numba's own, per thread)."""
+    np.random.seed(value)
 
 
 @njit(cache=True, inline="always")
 def _predict_row(w, indices, values, row) -> float:
     dot = 0.0
     for col in range(indices.shape[1]):
-        dot += w[indices[row, col]] * values[row, col]
+        dot += _load(w, indices[row, col]) * values[row, col]
     dot = min(max(dot, -CLIP), CLIP)
     return 1.0 / (1.0 + math.exp(-dot))
 
@@ -86,8 +127,8 @@ def sgd_learn(w, indices, values, labels, out, learning_rate, l2):
             if value != value:
                 continue
             slot = indices[row, col]
-            weight = float(w[slot])
-            w[slot] = weight - learning_rate * (error * value + l2 * weight)
+            weight = float(_load(w, slot))
+            _store(w, slot, weight - learning_rate * (error * value + l2 * weight))
 
 
 @njit(_signatures(3, 5), cache=True, nogil=True)
@@ -108,7 +149,7 @@ def adam_learn(w, m, v, indices, values, labels, out, learning_rate, beta_1, bet
             g = error * value
             m_new = beta_1 * m[slot] + (1 - beta_1) * g
             v_new = beta_2 * v[slot] + (1 - beta_2) * g * g
-            w[slot] = w[slot] - lr * m_new / (math.sqrt(v_new) + eps)
+            _store(w, slot, _load(w, slot) - lr * m_new / (math.sqrt(v_new) + eps))
             m[slot] = m_new
             v[slot] = v_new
 
@@ -130,21 +171,21 @@ def ftrl_learn(w, z, n, indices, values, labels, out, alpha, beta, l1, l2):
             n_old = float(n[slot])
             n_new = n_old + g * g
             sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
-            z_new = z[slot] + g - sigma * w[slot]
+            z_new = z[slot] + g - sigma * _load(w, slot)
             z[slot] = z_new
             n[slot] = n_new
             if abs(z_new) <= l1:
-                w[slot] = 0.0
+                _store(w, slot, 0.0)
             else:
-                w[slot] = -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2)
+                _store(w, slot, -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2))
 
 
-@njit(["void(float64[::1], int32[:, ::1], float64[:, ::1], float64[::1])",
-       "void(float32[::1], int32[:, ::1], float64[:, ::1], float64[::1])"], cache=True, nogil=True)
+@njit([f"void({w}[::1], int32[:, ::1], float64[:, ::1], float64[::1])" for w in ("float64", "float32", "int16")],
+      cache=True, nogil=True)
 def predict(w, indices, values, out):
     """P(y=True) of each row at the current weights (no update)."""
     for row in range(indices.shape[0]):
         out[row] = _predict_row(w, indices, values, row)
 
 
-__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict"]
+__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict", "seed", "Q_SCALE"]

@@ -33,7 +33,8 @@ from river import base
 from online import kernels
 
 CLIP = kernels.CLIP  # |logit| cap: exp() stays finite, p stays in (1e-15, 1 - 1e-15)
-DTYPES = ("float64", "float32")  # per-slot state: float32 halves memory (its log loss cost: online/README.md)
+DTYPES = ("float64", "float32", "q2.13")  # per-slot state; the log loss cost of each: online/README.md
+Q_SCALE = kernels.Q_SCALE  # q2.13: a weight is an int16 code / 8192
 _LABELS = (np.zeros(1), np.ones(1))  # learn_one's label as a kernel argument (read, never written)
 KEY_CACHE = 1 << 16  # string feature keys whose slots learn_one / predict_proba_one memoize
 
@@ -100,7 +101,7 @@ class HashedLogisticRegression(base.Classifier):
     _arrays: tuple[str, ...] = ("w",)
 
     def __init__(self, bits: int = 20, max_delay: int | None = 1, native: bool = True,
-                 dtype: str = "float64") -> None:
+                 dtype: str = "float64", seed: int = 0) -> None:
         if not 1 <= bits <= 30:
             raise ValueError(f"bits must be in [1, 30], got {bits}")
         if max_delay is not None and max_delay < 1:
@@ -111,24 +112,57 @@ class HashedLogisticRegression(base.Classifier):
         self.max_delay = max_delay
         self.native = native
         self.dtype = dtype
+        self.seed = seed
         self.n_features = 1 << bits
         self._mask = self.n_features - 1
         for name in self._arrays:
-            setattr(self, name, np.zeros(self.n_features, dtype=dtype))
+            setattr(self, name, np.zeros(self.n_features, dtype=self.array_dtype(name)))
         self.n_updates = 0  # examples learned
         self.n_batches = 0  # optimizer steps: one per row when exact, one per chunk of max_delay rows otherwise
 
     # -- inspection ---------------------------------------------------------------------------------------
 
     @property
+    def quantized(self) -> bool:
+        """True when the weights are stored as q2.13 codes (``dtype="q2.13"``)."""
+        return self.dtype == "q2.13"
+
+    def array_dtype(self, name: str) -> np.dtype:
+        """The numpy dtype of per-slot array ``name`` (q2.13: int16 codes for ``w``, float32 statistics)."""
+        if self.quantized:
+            return np.dtype(np.int16 if name == "w" else np.float32)
+        return np.dtype(self.dtype)
+
+    @property
     def weights(self) -> np.ndarray:
-        """The current weight vector ``float64[2**bits]`` (slot ``i`` is the weight of hashed slot ``i``)."""
-        return self.w
+        """The current weight vector ``float[2**bits]`` (slot ``i`` is the weight of hashed slot ``i``)."""
+        return self.w / Q_SCALE if self.quantized else self.w
+
+    def _w_at(self, slots: np.ndarray) -> np.ndarray:
+        """The weights of ``slots`` as float64."""
+        w = self.w[slots].astype(np.float64)
+        return w / Q_SCALE if self.quantized else w
+
+    def _set_w(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """``w[slots] = values``; q2.13 codes by randomized rounding (seeded by ``seed`` and the stream position)."""
+        if self.quantized:
+            noise = np.random.default_rng([self.seed, self.n_updates, self.n_batches]).random(np.shape(values))
+            values = np.clip(np.floor(np.asarray(values) * Q_SCALE + noise), kernels.Q_MIN, kernels.Q_MAX)
+        self.w[slots] = values
+
+    def set_weights(self, values: np.ndarray) -> None:
+        """Overwrite every weight (a warm start)."""
+        self._set_w(slice(None), np.asarray(values, dtype=np.float64))
+
+    def _seed_kernel(self) -> None:
+        """Seed the kernels' randomized rounding from ``seed`` and the stream position (q2.13 only)."""
+        if self.quantized:
+            kernels.seed(int(np.random.default_rng([self.seed, self.n_updates]).integers(2**62)))
 
     def linear_terms(self) -> tuple[np.ndarray, float]:
         """``(weights, intercept)`` for :class:`registry.bundle.ModelBundle`'s fast ranking path. The
         intercept is 0: the featurizer's ``bias`` field is an ordinary slot."""
-        return self.w, 0.0
+        return self.weights, 0.0
 
     @property
     def exact(self) -> bool:
@@ -138,7 +172,7 @@ class HashedLogisticRegression(base.Classifier):
     @property
     def state_bytes_per_slot(self) -> int:
         """Bytes of optimizer state per hashed slot (weights included)."""
-        return len(self._arrays) * np.dtype(self.dtype).itemsize
+        return sum(self.array_dtype(name).itemsize for name in self._arrays)
 
     @property
     def nonzero(self) -> int:
@@ -161,7 +195,7 @@ class HashedLogisticRegression(base.Classifier):
     def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Logits ``float[n]``."""
         indices, values = self._check(indices, values)
-        return (self.w[indices] * values).sum(axis=1)
+        return (self._w_at(indices) * values).sum(axis=1)
 
     def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         """P(y=True) ``float[n]`` for a batch of ``(n, F)`` slot indices and values."""
@@ -183,6 +217,7 @@ class HashedLogisticRegression(base.Classifier):
         if self.native and self.exact:
             indices, values = _native_rows(indices, values)
             out = np.empty(indices.shape[0])
+            self._seed_kernel()
             self._learn_native(indices, values, np.ascontiguousarray(labels), out)
             self.n_updates += indices.shape[0]
             self.n_batches += indices.shape[0]
@@ -196,7 +231,7 @@ class HashedLogisticRegression(base.Classifier):
                                for s in range(0, indices.shape[0], chunk)])
 
     def _learn_rows(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        p = sigmoid((self.w[indices] * values).sum(axis=1))
+        p = sigmoid((self._w_at(indices) * values).sum(axis=1))
         gradient = ((p - labels)[:, None] * values).ravel()
         self._apply(indices.ravel(), gradient, values.ravel(), indices.shape[0])
         self.n_updates += indices.shape[0]
@@ -221,10 +256,12 @@ class HashedLogisticRegression(base.Classifier):
                 if slot is None:
                     slot = key & mask if type(key) is int else self._slot(key)
                 dot += weight(slot) * value
+            if self.quantized:
+                dot /= Q_SCALE
             p = float(1.0 / (1.0 + math.exp(-min(max(dot, -CLIP), CLIP))))
         else:
             indices, values = dict_to_arrays(x, self._mask)
-            p = float(sigmoid((self.w[indices] * values).sum(axis=1))[0])
+            p = float(sigmoid((self._w_at(indices) * values).sum(axis=1))[0])
         return {False: 1.0 - p, True: p}
 
     def learn_one(self, x: dict, y: bool) -> None:
@@ -234,6 +271,7 @@ class HashedLogisticRegression(base.Classifier):
             out = self.__dict__.get("_scratch_out")
             if out is None:
                 out = self.__dict__["_scratch_out"] = np.empty(1)
+            self._seed_kernel()
             self._learn_native(indices, values, label, out)
             self.n_updates += 1
             self.n_batches += 1
@@ -287,7 +325,7 @@ class HashedLogisticRegression(base.Classifier):
             raise ValueError(f"state of {state.get('class')!r} cannot restore a {cls.__name__}")
         model = cls(**state["params"])
         for name in cls._arrays:
-            array = np.asarray(state["arrays"][name], dtype=model.dtype)
+            array = np.asarray(state["arrays"][name], dtype=model.array_dtype(name))
             if array.shape != (model.n_features,):
                 raise ValueError(f"array {name!r} has shape {array.shape}, expected ({model.n_features},)")
             setattr(model, name, array.copy())
@@ -302,6 +340,7 @@ class HashedLogisticRegression(base.Classifier):
         state.setdefault("max_delay", None)  # pickled before SGD and Adam had chunks: whole batches, as then
         state.setdefault("native", True)  # pickled before the kernels: exact rows (max_delay 1) never existed
         state.setdefault("dtype", "float64")
+        state.setdefault("seed", 0)
         self.__dict__.update(state)
 
     def _scratch_buffers(self, count: int) -> list[np.ndarray]:
@@ -332,10 +371,10 @@ class SGDClassifier(HashedLogisticRegression):
     _arrays = ("w",)
 
     def __init__(self, bits: int = 20, learning_rate: float = 0.01, l2: float = 0.0,
-                 max_delay: int | None = 1, native: bool = True, dtype: str = "float64") -> None:
+                 max_delay: int | None = 1, native: bool = True, dtype: str = "float64", seed: int = 0) -> None:
         if learning_rate <= 0 or l2 < 0:
             raise ValueError("learning_rate must be > 0 and l2 >= 0")
-        super().__init__(bits, max_delay, native, dtype)
+        super().__init__(bits, max_delay, native, dtype, seed)
         self.learning_rate = learning_rate
         self.l2 = l2
 
@@ -349,8 +388,8 @@ class SGDClassifier(HashedLogisticRegression):
         g = total[slots] / np.sqrt(np.maximum(count[slots], 1.0))  # Σg/√k over the k rows carrying the slot
         total[slots] = 0.0
         count[slots] = 0.0
-        w = self.w[slots].astype(np.float64)
-        self.w[slots] = w - self.learning_rate * (g + self.l2 * w)
+        w = self._w_at(slots)
+        self._set_w(slots, w - self.learning_rate * (g + self.l2 * w))
 
 
 class AdamClassifier(HashedLogisticRegression):
@@ -371,10 +410,11 @@ class AdamClassifier(HashedLogisticRegression):
     _arrays = ("w", "m", "v")
 
     def __init__(self, bits: int = 20, learning_rate: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
-                 eps: float = 1e-8, max_delay: int | None = 1, native: bool = True, dtype: str = "float64") -> None:
+                 eps: float = 1e-8, max_delay: int | None = 1, native: bool = True, dtype: str = "float64",
+                 seed: int = 0) -> None:
         if learning_rate <= 0 or not (0 <= beta_1 < 1 and 0 <= beta_2 < 1) or eps <= 0:
             raise ValueError("need learning_rate > 0, 0 <= beta_1, beta_2 < 1 and eps > 0")
-        super().__init__(bits, max_delay, native, dtype)
+        super().__init__(bits, max_delay, native, dtype, seed)
         self.learning_rate = learning_rate
         self.beta_1 = beta_1
         self.beta_2 = beta_2
@@ -398,7 +438,7 @@ class AdamClassifier(HashedLogisticRegression):
         lr = self.learning_rate * math.sqrt(1 - self.beta_2**step) / (1 - self.beta_1**step)
         m = self.beta_1 * self.m[slots].astype(np.float64) + (1 - self.beta_1) * g
         v = self.beta_2 * self.v[slots].astype(np.float64) + (1 - self.beta_2) * g * g
-        self.w[slots] = self.w[slots] - lr * m / (np.sqrt(v) + self.eps)
+        self._set_w(slots, self._w_at(slots) - lr * m / (np.sqrt(v) + self.eps))
         self.m[slots] = m
         self.v[slots] = v
 
@@ -427,10 +467,11 @@ class FTRLProximalClassifier(HashedLogisticRegression):
     _arrays = ("w", "z", "n")
 
     def __init__(self, bits: int = 20, alpha: float = 0.05, beta: float = 1.0, l1: float = 0.0,
-                 l2: float = 1.0, max_delay: int | None = 1, native: bool = True, dtype: str = "float64") -> None:
+                 l2: float = 1.0, max_delay: int | None = 1, native: bool = True, dtype: str = "float64",
+                 seed: int = 0) -> None:
         if alpha <= 0 or beta < 0 or l1 < 0 or l2 < 0:
             raise ValueError("need alpha > 0 and beta, l1, l2 >= 0")
-        super().__init__(bits, max_delay, native, dtype)
+        super().__init__(bits, max_delay, native, dtype, seed)
         self.alpha = alpha
         self.beta = beta
         self.l1 = l1
@@ -449,10 +490,10 @@ class FTRLProximalClassifier(HashedLogisticRegression):
         n_old = self.n[touched].astype(np.float64)
         n_new = n_old + g2
         sigma = (np.sqrt(n_new) - np.sqrt(n_old)) / self.alpha
-        z = self.z[touched].astype(np.float64) + g - sigma * self.w[touched]
+        z = self.z[touched].astype(np.float64) + g - sigma * self._w_at(touched)
         self.z[touched] = z
         self.n[touched] = n_new
-        self.w[touched] = self.closed_form(z, n_new)
+        self._set_w(touched, self.closed_form(z, n_new))
 
     def closed_form(self, z: np.ndarray, n: np.ndarray) -> np.ndarray:
         """The weights FTRL-Proximal derives from ``z`` and ``n`` (the paper's per-coordinate arg-min)."""

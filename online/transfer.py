@@ -46,9 +46,9 @@ def start_at(model: HashedLogisticRegression, weights: np.ndarray) -> HashedLogi
     if isinstance(model, FTRLProximalClassifier):
         model.n[:] = 0.0
         model.z[:] = -weights * (model.beta / model.alpha + model.l2) - np.sign(weights) * model.l1
-        model.w[:] = model.closed_form(model.z, model.n)
+        model.set_weights(model.closed_form(model.z, model.n))
     else:
-        model.w[:] = weights
+        model.set_weights(weights)
     return model
 
 
@@ -81,7 +81,7 @@ class ResidualModel:
     @property
     def scale(self) -> float:
         """``a``: how much the local model trusts the global logit (1 at the start)."""
-        return float(self.head.w[self.slot])
+        return float(self.head.weights[self.slot])
 
     def _with_logit(self, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         indices, values = np.asarray(indices), np.asarray(values)
@@ -109,7 +109,7 @@ class ResidualModel:
         carries no serving feature, so its ``a`` is taken out)."""
         global_weights, global_bias = global_terms(self.extractor, self.bits)
         a = self.scale
-        combined = self.head.w + a * global_weights
+        combined = self.head.weights + a * global_weights
         combined[self.slot] -= a
         return combined, a * global_bias
 
