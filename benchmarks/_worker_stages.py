@@ -9,7 +9,7 @@ Two measurements on the online benchmark's backlog:
 * :func:`consumer_cost`: ``EventConsumer.poll`` alone over the backlog on the embedded broker (fetch, record
   batch parsing, event decoding and validation): process CPU per event, network thread included.
 
-Run: ``BENCH_QUICK=1 .venv/bin/python -m benchmarks._worker_stages`` (prints a table and one JSON line).
+Run alone: ``BENCH_QUICK=1 .venv/bin/python -m benchmarks.online stages`` (a table and one JSON line).
 """
 
 from __future__ import annotations
@@ -130,15 +130,9 @@ def consumer_cost(settings, events: int) -> dict:
     return {"events": seen, "cpu_us_per_event": 1e6 * spent / seen if seen else None}
 
 
-def main() -> None:
-    from benchmarks.online import CALIBRATION_SEEDS, stream
-
-    figures = stage_costs(stream(CALIBRATION_SEEDS[0])[0])
+def print_stages(figures: dict) -> None:
+    """The stage table of :func:`stage_costs`'s figures, then its JSON line."""
     print(f"worker hot path, {figures['events']:,} events: {figures['cpu_us_per_event']:.1f} µs CPU per event")
     for stage, us in sorted(figures["stages_us_per_event"].items(), key=lambda kv: -kv[1]):
         print(f"  {stage:48s} {us:6.1f} µs/event")
     print(json.dumps(figures))
-
-
-if __name__ == "__main__":
-    main()

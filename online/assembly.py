@@ -78,10 +78,22 @@ def _metrics(store: dict[Path, dict[str, Any]], events: int) -> dict[str, float]
     return out
 
 
+def serving_model(model: Any, bits: int) -> Any:
+    """What a registered version needs to score: a linear model's weights as a float32
+    :class:`registry.bundle.LinearScorer` (4 MB at 20 bits instead of FTRL's 24 MB of w, z, n); other
+    models (River's) as they are."""
+    linear = getattr(model, "linear_terms", None)
+    if linear is None:
+        return model
+    from registry.bundle import LinearScorer
+
+    weights, intercept = linear()
+    return LinearScorer(bits, weights=np.asarray(weights, dtype=np.float32), bias=float(intercept))
+
+
 def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     """The parts of one version from every worker checkpoint in ``store``: ``model`` (served form),
     ``context``, ``recommender``, ``metrics``, ``offsets``, ``events``, ``clicks``, ``merge``, ``sources``."""
-    from online.publishing import serving_model
     from streams.features import FeatureContext
 
     if not store:

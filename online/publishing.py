@@ -7,31 +7,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from online.assembly import assemble, serving_model
+from online.state import CHECKPOINT_VERSION, LearnerState, WorkerConfig
 from online.transfer import transfer_lineage
 
-if TYPE_CHECKING:
-    from online.worker import LearnerState, WorkerConfig
 
 log = get_logger("online.worker")
-
-
-def serving_model(model: Any, bits: int) -> Any:
-    """What a registered version needs to score: a linear model's weights as a float32
-    :class:`registry.bundle.LinearScorer` (4 MB at 20 bits instead of FTRL's 24 MB of w, z, n); other
-    models (River's) as they are."""
-    linear = getattr(model, "linear_terms", None)
-    if linear is None:
-        return model
-    from registry.bundle import LinearScorer
-
-    weights, intercept = linear()
-    return LinearScorer(bits, weights=np.asarray(weights, dtype=np.float32), bias=float(intercept))
 
 
 def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float]) -> dict[str, Any]:
@@ -57,9 +43,7 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
 def assembled_snapshot(store: Path, config: WorkerConfig, live: dict[str, float]) -> dict[str, Any]:
     """One version from every worker checkpoint in ``store`` (:func:`online.assembly.assemble`); ``live``:
     the publishing worker's metrics (its latency figures are kept)."""
-    from online.assembly import assemble
     from online.slices import read_store
-    from online.worker import CHECKPOINT_VERSION
     from registry.bundle import ModelBundle
 
     parts = assemble(read_store(sorted(store.glob("*.ckpt")), CHECKPOINT_VERSION))

@@ -10,110 +10,29 @@ and "Scale-out".
 
 from __future__ import annotations
 
-import os
-import pickle
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-from fedstream.files import read_versioned
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.catalog import CatalogReader, plan_topics
 from online.checkpoints import CheckpointWriter
 from online.multitask import MultiTaskState
-from online.prequential import PrequentialEvaluator
 from online.publishing import Publisher
-from online.candidates import CandidateState
-from online.ranking import ShopRecommender
+from online.state import (CHECKPOINT_VERSION, LearnerState, PredictionMonitor, WorkerConfig,
+                          default_checkpoint_path, read_checkpoint, store_dir)
 from online.reco import recommend
 from online.river_models import make_model
 from online.slices import adopt, newest, read_store, slot_of
 from online.transfer import warm_start
-from streams.features import FeatureContext, Featurizer
+from streams.features import Featurizer
 from streams.schemas import Click, Order
 
 log = get_logger("online.worker")
-
-CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class WorkerConfig:
-    """How a worker learns, checkpoints and publishes (the ``fedstream learn`` options)."""
-
-    model: str = "ftrl"
-    params: dict[str, Any] = field(default_factory=dict)
-    group: str | None = None  # default: fedstream-learn-<model>
-    topics: list[str] | None = None  # default: clicks, orders, catalog
-    worker_id: str = "0"
-    block: int = 256
-    flush_after_s: float = 1.0
-    checkpoint_every: int = 100_000  # ~90 ms each at 20 bits (pickle + fsync of 25 MB): every 5 s at 20k events/s
-    checkpoint_seconds: float = 30.0
-    checkpoint_path: Path | None = None
-    store: Path | None = None  # the group's shared checkpoint directory (default: <artifacts>/online/<group>)
-    publish_every_s: float | None = 300.0
-    publish_at_end: bool = True
-    max_events: int | None = None
-    idle_timeout_s: float | None = None
-    rank_every: int = 50
-    rank_k: int = 10
-    metrics_window: int = 5000
-    max_records: int = 2000
-    poll_timeout_ms: int = 200
-    fetch_max_wait_ms: int = 100
-    flush_when_caught_up: bool = True
-    warm_start: str | None = None  # models:/NAME@ALIAS to start a fresh learner from (online.transfer)
-    transfer: str = "finetune"  # how: finetune | features
-    text_candidates: bool = False  # cold-start items by catalog-text similarity (online.candidates)
-
-    def __post_init__(self) -> None:
-        if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:
-            raise ValueError("block, checkpoint_every and rank_k must be >= 1, rank_every >= 0")
-        self.group = self.group or f"fedstream-learn-{self.model}"
-
-
-class PredictionMonitor(Protocol):
-    """What watches a worker's predictions block by block, with state saved in the worker's checkpoint."""
-
-    def observe_predictions(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: np.ndarray,
-                            p: np.ndarray) -> Any: ...
-
-    def snapshot(self) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
-    """``<store>/<worker_id>.ckpt``; a checkpoint at the pre-store default path is moved there once."""
-    from registry.tracking import artifacts_dir
-
-    path = store_dir(settings, config) / f"{config.worker_id}.ckpt"
-    legacy = artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
-    if legacy.exists() and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(legacy, path)
-        log.info("checkpoint moved into the group's store", extra={"from": str(legacy), "to": str(path)})
-    return path
-
-
-def store_dir(settings: Settings, config: WorkerConfig) -> Path:
-    """Where the group's workers keep their checkpoints (one file each), read by every peer."""
-    from registry.tracking import artifacts_dir
-
-    return config.store or artifacts_dir(settings) / "online" / str(config.group)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """A worker checkpoint (None when there is none yet)."""
-    return read_versioned(path, CHECKPOINT_VERSION, "learner worker")
-
 
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM: its own address space, unlike ru_maxrss after fork)."""
@@ -125,57 +44,6 @@ def peak_rss_mb() -> float | None:
     except OSError:
         return None
     return None
-
-
-class LearnerState:
-    """Everything that is checkpointed together: model, context, recommender, metrics, offsets."""
-
-    def __init__(self, model: Any, bits: int, model_name: str, metrics_window: int = 5000,
-                 text_candidates: bool = False, partitions: int = 1) -> None:
-        self.model = model
-        self.bits = bits
-        self.model_name = model_name
-        self.partitions = partitions  # of the group's topics: a merchant's slot is its partition (online.slices)
-        self.slots: dict[int, int] = {}  # events learned into each slot, by every owner it had: its generation
-        self.merchant_events: dict[str, int] = {}  # events learned per merchant (clicks, orders: slotted topics)
-        self.catalog_offsets: dict[int, int] = {}  # catalog read outside the group: next offset not yet counted
-        self.context = FeatureContext()
-        self.recommender = ShopRecommender(candidates=CandidateState(text=text_candidates))
-        self.evaluator = PrequentialEvaluator(window=metrics_window)
-        self.offsets: dict[tuple[str, int], int] = {}  # next offset to learn, per (topic, partition)
-        self.events = 0  # records learned (all types)
-        self.clicks = 0
-        self.ranked = 0  # clicks/orders seen, for rank_every sampling
-        # prediction monitors (drift detectors) learn from the same blocks, so their state is checkpointed
-        # with the model: live objects by name, and the snapshots a checkpoint held for them
-        self.monitors: dict[str, PredictionMonitor] = {}
-        self.saved_monitors: dict[str, bytes] = {}
-        self.multitask: MultiTaskState | None = None  # click + purchase learner (settings.multitask.enabled)
-
-    def to_bytes(self) -> bytes:
-        state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
-                 "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
-                 "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
-                 "partitions": self.partitions, "slots": dict(self.slots), "merchant_events": dict(self.merchant_events),
-                 "catalog_offsets": dict(self.catalog_offsets),
-                 "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
-                 "multitask": self.multitask, "written_at": time.time()}
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> LearnerState:
-        learner = cls(state["model"], state["bits"], state["model_name"])
-        learner.context = FeatureContext.from_state(state["context"])
-        learner.recommender = state["recommender"]
-        learner.evaluator = state["evaluator"]
-        learner.offsets = dict(state["offsets"])
-        learner.events, learner.clicks, learner.ranked = state["events"], state["clicks"], state["ranked"]
-        learner.saved_monitors = dict(state.get("monitors", {}))  # absent in checkpoints written before monitors
-        learner.multitask = state.get("multitask")
-        learner.partitions = state.get("partitions", 1)  # absent before slots: a checkpoint of one worker alone
-        learner.slots, learner.merchant_events = dict(state.get("slots", {})), dict(state.get("merchant_events", {}))
-        learner.catalog_offsets = dict(state.get("catalog_offsets", {}))
-        return learner
 
 
 class OnlineWorker:
@@ -568,4 +436,5 @@ class OnlineWorker:
         return summary
 
 
-__all__ = ["OnlineWorker", "WorkerConfig", "LearnerState", "read_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "LearnerState", "OnlineWorker", "PredictionMonitor", "WorkerConfig", "default_checkpoint_path",
+           "read_checkpoint", "store_dir"]
