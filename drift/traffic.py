@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from drift.detectors.base import Detector
+from drift.detectors.base import CALIBRATED, Detector
 
 
 class ArrivalRate(Detector):
@@ -30,7 +30,7 @@ class ArrivalRate(Detector):
     family = "traffic"
     statistic = "rate_z"
 
-    def __init__(self, merchant_id: str, name: str = "traffic.rate", *, threshold: float = 5.0,
+    def __init__(self, merchant_id: str, name: str = "traffic.rate", *, threshold: float = CALIBRATED.rate_threshold,
                  period_seconds: float = 86_400.0, window: int = 3, reference: int = 7, min_count: float = 20.0,
                  model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
         super().__init__(merchant_id, name, model_version=model_version, cooldown=cooldown, warmup=warmup)

@@ -73,12 +73,12 @@ def streams(kind: str, shifted: bool, seed: int):
 DETECTORS = {
     "error.adwin": (lambda: ErrorADWIN("m1", warmup=0), "error"),
     "error.page_hinkley": (lambda: ErrorPageHinkley("m1", threshold=80, delta=0.05, warmup=0), "error"),
-    "label.ctr": (lambda: RateShift("m1", "label.ctr"), "rate"),
+    "label.ctr": (lambda: RateShift("m1", "label.ctr", z_threshold=5.0), "rate"),
     "feature.price.psi": (lambda: NumericShift("m1", "price", statistic="psi"), "numeric"),
-    "feature.price.ks": (lambda: NumericShift("m1", "price", statistic="ks"), "numeric"),
+    "feature.price.ks": (lambda: NumericShift("m1", "price", statistic="ks", ks_threshold=0.15), "numeric"),
     "feature.category.psi": (lambda: CategoryShift("m1", "category", statistic="psi"), "category"),
     "feature.category.chi2": (lambda: CategoryShift("m1", "category", statistic="chi2"), "category"),
-    "feature.user_category.cusum": (lambda: TasteShift("m1"), "taste"),
+    "feature.user_category.cusum": (lambda: TasteShift("m1", threshold=30.0), "taste"),
     "feature.price.index": (lambda: PriceIndex("m1"), "catalog"),
 }
 
@@ -141,7 +141,7 @@ def test_taste_shift_ignores_users_growing_more_predictable_and_keeps_bounded_st
     users = rng.integers(0, 800, N)
     share = np.where(np.arange(N) < SHIFT, 0.3, 0.7)  # choices follow the favourite more often: not a drift
     categories = np.where(rng.random(N) < share, favourite[users], rng.integers(0, 6, N))
-    detector = TasteShift("m1", max_users=300, history_cap=8)
+    detector = TasteShift("m1", threshold=30.0, max_users=300, history_cap=8)
     assert run(detector, [(f"u{u}", f"c{c}") for u, c in zip(users.tolist(), categories.tolist())]) == []
     state = detector.state()
     assert state["users"] == 300 and state["armed"] and state["reference_size"] == 3000
@@ -152,7 +152,7 @@ def test_taste_shift_ignores_users_growing_more_predictable_and_keeps_bounded_st
 
 def test_taste_shift_scores_against_earlier_sessions_only():
     """Choices of the open session are not history yet: a session agrees with itself whatever the tastes."""
-    detector = TasteShift("m1")
+    detector = TasteShift("m1", threshold=30.0)
     detector.update(("u1", "shoes", "s1"), timestamp=0.0)
     detector.update(("u1", "shoes", "s1"), timestamp=1.0)
     assert detector.score("u1", "shoes") is None  # only the open session so far
@@ -164,7 +164,7 @@ def test_taste_shift_scores_against_earlier_sessions_only():
 
 
 def test_taste_shift_event_dates_the_change_and_rearms_after_firing():
-    detector = TasteShift("m1")
+    detector = TasteShift("m1", threshold=30.0)
     fired = run(detector, streams("taste", shifted=True, seed=12))
     assert len(fired) == 1
     event = fired[0]
@@ -193,8 +193,9 @@ def test_hour_of_day_cycle_is_not_drift_when_windows_span_whole_days():
     hours = ((times // 3600) % 24).astype(int)
     keep = rng.random(len(hours)) < 0.5 + 0.4 * np.sin(hours / 24 * 2 * np.pi)
     times, hours = times[keep], hours[keep]
-    by_count = NumericShift("m1", "hour", statistic="ks", reference=1000, window=500)
-    by_day = NumericShift("m1", "hour", statistic="ks", reference=1000, window=500, min_span_seconds=86_400)
+    by_count = NumericShift("m1", "hour", statistic="ks", ks_threshold=0.15, reference=1000, window=500)
+    by_day = NumericShift("m1", "hour", statistic="ks", ks_threshold=0.15, reference=1000, window=500,
+                          min_span_seconds=86_400)
     assert run(by_count, hours, times) != []
     assert run(by_day, hours, times) == []
     state = by_day.state()
@@ -202,7 +203,7 @@ def test_hour_of_day_cycle_is_not_drift_when_windows_span_whole_days():
 
 
 def test_cooldown_and_state_are_inspectable():
-    detector = RateShift("m1", "label.ctr", cooldown=10_000)
+    detector = RateShift("m1", "label.ctr", z_threshold=5.0, cooldown=10_000)
     fired = run(detector, streams("rate", shifted=True, seed=11))
     state = detector.state()
     assert state["n_detections"] == len(fired) == 1

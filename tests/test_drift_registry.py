@@ -60,3 +60,17 @@ def test_the_cli_lists_the_registry_within_80_columns(tmp_path) -> None:
     assert len(lines) == len(DETECTORS) + 1 and max(map(len, lines)) <= 80
     runs = {line.split()[0]: line.split()[-1] for line in lines[1:]}
     assert runs["error.adwin"] == "disabled" and runs["error.page_hinkley"] == "on"
+
+
+def test_a_detector_built_without_settings_uses_the_calibrated_thresholds():
+    """The constructors' defaults and the settings were two sources that disagreed (KS 0.15 vs 0.206)."""
+    from drift.detectors import ErrorPageHinkley, NumericShift, RateShift, TasteShift
+    from drift.traffic import ArrivalRate
+    from fedstream.settings import DriftSettings
+
+    calibrated = DriftSettings()
+    assert NumericShift("m1", "price", statistic="ks").ks_threshold == calibrated.ks_threshold
+    assert RateShift("m1", "label.ctr").z_threshold == calibrated.label_z
+    assert TasteShift("m1").threshold == calibrated.user_category_threshold
+    assert ArrivalRate("m1").threshold == calibrated.rate_threshold
+    assert ErrorPageHinkley("m1").params["threshold"] == calibrated.ph_threshold

@@ -11,6 +11,10 @@ from collections import deque
 import numpy as np
 
 from drift.events import DriftEvent
+from fedstream.settings import DriftSettings
+
+#: The calibrated thresholds (``benchmarks/drift.py --calibrate``) are the detectors' defaults too: one source.
+CALIBRATED = DriftSettings()
 
 
 def prequential_error(y: bool | int, p: float, metric: str = "excess_logloss", clip: float = 1e-3) -> float:

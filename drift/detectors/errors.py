@@ -8,7 +8,7 @@ from abc import abstractmethod
 import numpy as np
 
 from drift.events import DriftEvent
-from drift.detectors.base import Detector, _Trail
+from drift.detectors.base import CALIBRATED, Detector, _Trail
 
 
 class _ChunkedError(Detector):
@@ -153,7 +153,7 @@ class ErrorPageHinkley(_ChunkedError):
 
     statistic = "page_hinkley"
 
-    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = 250.0,
+    def __init__(self, merchant_id: str, name: str = "error.page_hinkley", *, threshold: float = CALIBRATED.ph_threshold,
                  delta: float = 0.01, alpha: float = 1 - 1e-4, min_instances: int = 500, chunk: int = 16,
                  model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
         super().__init__(merchant_id, name, chunk=chunk, model_version=model_version, cooldown=cooldown,

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from drift.detectors.base import Detector
+from drift.detectors.base import CALIBRATED, Detector
 
 
 class TasteShift(Detector):
@@ -37,7 +37,7 @@ class TasteShift(Detector):
         >>> import numpy as np
         >>> rng = np.random.default_rng(6)
         >>> favourite = rng.integers(0, 6, 600)
-        >>> det = TasteShift("m1")
+        >>> det = TasteShift("m1", threshold=30.0)
         >>> fired = []
         >>> for i in range(30_000):
         ...     user = int(rng.integers(600))
@@ -53,7 +53,7 @@ class TasteShift(Detector):
     statistic = "cusum"
 
     def __init__(self, merchant_id: str, name: str = "feature.user_category.cusum", *, slack: float = 0.3,
-                 threshold: float = 30.0, min_reference: int = 100, reference: int = 3000, lag: int = 200,
+                 threshold: float = CALIBRATED.user_category_threshold, min_reference: int = 100, reference: int = 3000, lag: int = 200,
                  clip: float = 3.0, prior: float = 1.0, max_users: int = 20_000, history_cap: int = 64,
                  model_version: str | None = None, cooldown: int = 0, warmup: int = 0) -> None:
         super().__init__(merchant_id, name, model_version=model_version, cooldown=cooldown, warmup=warmup)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from drift.detectors.base import Detector
+from drift.detectors.base import CALIBRATED, Detector
 
 
 class _TwoWindow(Detector):
@@ -107,7 +107,7 @@ class RateShift(_TwoWindow):
     family = "label"
     statistic = "z"
 
-    def __init__(self, merchant_id: str, name: str, *, z_threshold: float = 5.0, min_relative_change: float = 0.2,
+    def __init__(self, merchant_id: str, name: str, *, z_threshold: float = CALIBRATED.label_z, min_relative_change: float = 0.2,
                  reference: int = 5000, window: int = 2500, **options) -> None:
         super().__init__(merchant_id, name, reference=reference, window=window, **options)
         self.z_threshold, self.min_relative_change = z_threshold, min_relative_change
@@ -157,7 +157,7 @@ class NumericShift(_TwoWindow):
     """
 
     def __init__(self, merchant_id: str, field: str, *, statistic: Literal["psi", "ks"] = "psi",
-                 psi_threshold: float = 0.25, bins: int = 10, ks_threshold: float = 0.15, ks_alpha: float = 1e-6,
+                 psi_threshold: float = 0.25, bins: int = 10, ks_threshold: float = CALIBRATED.ks_threshold, ks_alpha: float = 1e-6,
                  name: str | None = None, **window) -> None:
         if statistic not in ("psi", "ks"):
             raise ValueError(f"numeric statistic must be 'psi' or 'ks', got {statistic!r}")
