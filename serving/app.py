@@ -8,7 +8,8 @@ API and the Kafka consumers agree on what a valid click is.
 
 Routers by audience (:mod:`serving.routes`): ops (health, readiness, metrics: anyone), merchant
 (recommendations, predictions, served model, drift of one merchant), ingest (events), admin (models,
-promote/rollback, drift of all). Every ``/v1`` route needs an ``X-API-Key`` header (:mod:`serving.keys`),
+promote/rollback, drift of all); valid recommendation requests take a fast path past FastAPI's per-request
+machinery with the same checks and answer (:mod:`serving.fastpath`). Every ``/v1`` route needs an ``X-API-Key`` header (:mod:`serving.keys`),
 checked before any body is read, then rate-limited per key; bodies are bounded while they stream in
 (:mod:`serving.limits`). Errors are JSON ``{"detail": ...}`` with 4xx codes; per-event problems list the
 event index and the machine-readable reason from :data:`streams.schemas.REASONS`. Ingestion is never
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse
 
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from serving import fastpath
 from serving.context import Producer, ServingContext, TtlCache
 from serving.holder import ModelHolder
 from serving.keys import KeyStore
@@ -72,10 +74,12 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
                   lifespan=lifespan)
     app.state.ctx = ctx
     app.state.settings, app.state.holder, app.state.keys, app.state.metrics = settings, ctx.holder, ctx.keys, metrics
-    app.add_middleware(BodyLimitMiddleware, limit=settings.serving.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     for router in (ops.router, merchant.router, ingest.router, admin.router):
         app.include_router(router)
+    recommendations = next(r for r in merchant.router.routes if r.path == fastpath.TEMPLATE)
+    app.add_middleware(fastpath.RecommendationsFastPath, ctx=ctx, route=recommendations)  # innermost
+    app.add_middleware(BodyLimitMiddleware, limit=settings.serving.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
     _document_event_schemas(app)
