@@ -1,8 +1,9 @@
 """The model being served, swapped atomically when the registry's ``champion`` alias moves.
 
-A background thread polls the alias (one cheap registry read every ``swap_poll_seconds``). When it
-points at a new version, the thread loads that *fixed* version (``models:/NAME/7``, not the alias,
-which could move again meanwhile), warms its ranking caches, and only then replaces the reference.
+A background thread polls the alias every ``swap_poll_seconds`` (one registry read, skipped while an
+embedded sqlite store's files are unchanged). When it points at a new version, the thread loads that
+*fixed* version (``models:/NAME/7``, not the alias, which could move again meanwhile), warms its ranking
+caches, and only then replaces the reference.
 Request handlers read :attr:`ModelHolder.current` once and use that object to the end, so a request
 in flight finishes on the model it started with and no request ever sees a half-loaded model. If
 loading fails, the old model keeps serving and the failure is counted.
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -86,6 +88,26 @@ class ServedModel:
                 "feature_bits": self.bundle.feature_bits, "merchants": len(self.bundle.merchants())}
 
 
+def store_stamp(settings: Settings) -> tuple | None:
+    """``(mtime_ns, size)`` of an embedded sqlite registry's database and write-ahead log, or None for any other
+    store. Every alias move writes one of them, so an unchanged stamp means an unchanged alias: the poller
+    skips the registry read (~10 ms of CPU in MLflow/SQLAlchemy, taken from the event loop's GIL share)."""
+    from registry.tracking import tracking_uri
+
+    uri = tracking_uri(settings)
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return None
+    database = Path(uri[len("sqlite:///"):])
+    stamp = []
+    for path in (database, database.with_name(database.name + "-wal")):
+        try:
+            stat = path.stat()
+            stamp.append((stat.st_mtime_ns, stat.st_size))
+        except FileNotFoundError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
 class ModelHolder:
     """Holds the served model of ``name@alias`` and keeps it current."""
 
@@ -100,6 +122,7 @@ class ModelHolder:
         self.swaps = 0
         self.last_error: str | None = None
         self._refresh_lock = threading.Lock()
+        self._unchanged: tuple | None = None  # the store's stamp when the alias was last read (and acted on)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -108,6 +131,9 @@ class ModelHolder:
         from registry.models import RegistryError, load_bundle, resolve
 
         with self._refresh_lock:
+            stamp = store_stamp(self.settings)
+            if stamp is not None and stamp == self._unchanged:
+                return False  # the store has not been written since the alias was last read: skip the read
             try:
                 version = resolve(self.settings, self.name, self.alias)
             except RegistryError:
@@ -116,6 +142,7 @@ class ModelHolder:
                 self._failed(f"resolving {self.name}@{self.alias}: {exc}")
                 return False
             if version is None or (self.current is not None and self.current.version == version):
+                self._unchanged = stamp
                 return False
             try:
                 bundle = load_bundle(self.settings, f"models:/{self.name}/{version}")
@@ -128,7 +155,7 @@ class ModelHolder:
             self.current = ServedModel(self.name, version, bundle, time.time(), placement)  # the atomic swap
             gc.freeze()  # long-lived model objects leave the cyclic GC's scans (no multi-ms pauses per request)
             self.swaps += 1
-            self.last_error = None
+            self.last_error, self._unchanged = None, stamp
             self.metrics.swaps.labels(self.name).inc()
             self.metrics.model_version.labels(self.name).set(float(version))
             self.metrics.model_loaded_at.labels(self.name).set(self.current.loaded_at)
