@@ -9,10 +9,11 @@ API and the Kafka consumers agree on what a valid click is.
 Routers by audience (:mod:`serving.routes`): ops (health, readiness, metrics: anyone), merchant
 (recommendations, predictions, served model, drift of one merchant), ingest (events), admin (models,
 promote/rollback, drift of all); valid recommendation requests take a fast path past FastAPI's per-request
-machinery with the same checks and answer (:mod:`serving.fastpath`). Every ``/v1`` route needs an ``X-API-Key`` header (:mod:`serving.keys`),
-checked before any body is read, then rate-limited per key; bodies are bounded while they stream in
-(:mod:`serving.limits`). Errors are JSON ``{"detail": ...}`` with 4xx codes; per-event problems list the
-event index and the machine-readable reason from :data:`streams.schemas.REASONS`. Ingestion is never
+machinery with the same checks and answer (:mod:`serving.fastpath`). Every ``/v1`` route needs an
+``X-API-Key`` header (:mod:`serving.keys`), checked before any body is read, then rate-limited per key;
+bodies are bounded while they stream in (:mod:`serving.limits`). Errors are JSON ``{"detail": ...}`` with
+4xx codes; per-event problems list the event index and the machine-readable reason from
+:data:`streams.schemas.REASONS`. Ingestion is never
 all-or-nothing on content: invalid events go to the dead-letter topic with their original bytes and
 reason (as with ``fedstream ingest``) while the valid ones are produced, and the answer accounts for each.
 """
