@@ -68,6 +68,9 @@ class ServingSettings(BaseModel):
     rate_limit_burst: int = Field(default=2000, ge=1, description="Requests per API key allowed in one burst.")
     max_catalog_items: int = Field(default=200_000, ge=1, description="Catalog items per merchant the API accepts.")
     max_categories: int = Field(default=2_000, ge=1, description="Distinct categories per merchant the API accepts.")
+    inline_ranking_ms: float = Field(default=2.0, ge=0, description=(
+        "A served version's rankings run on the event loop once 20 in a row took less CPU than this, and go back "
+        "to the threadpool after one over it (0: always in the threadpool)."))
 
 
 class RegistrySettings(BaseModel):

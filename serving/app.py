@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from serving import fastpath
 from serving.context import Producer, ServingContext, TtlCache
 from serving.holder import ModelHolder
 from serving.keys import KeyStore
@@ -59,10 +60,12 @@ def create_app(settings: Settings, *, model_name: str | None = None, poll: bool 
                   lifespan=lifespan)
     app.state.ctx = ctx
     app.state.settings, app.state.holder, app.state.keys, app.state.metrics = settings, ctx.holder, ctx.keys, metrics
-    app.add_middleware(BodyLimitMiddleware, limit=settings.serving.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     for router in (ops.router, merchant.router, ingest.router, admin.router):
         app.include_router(router)
+    recommendations = next(r for r in merchant.router.routes if r.path == fastpath.TEMPLATE)
+    app.add_middleware(fastpath.RecommendationsFastPath, ctx=ctx, route=recommendations)  # innermost
+    app.add_middleware(BodyLimitMiddleware, limit=settings.serving.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
     _document_event_schemas(app)

@@ -65,7 +65,8 @@ def declared_length(scope) -> int | None:
 
 
 class RateLimiter:
-    """Token buckets by key id; :meth:`check` takes one token or raises 429 with ``Retry-After``."""
+    """Token buckets by key id; :meth:`check` takes one token or raises 429 with ``Retry-After``
+    (:meth:`take` is the same without raising)."""
 
     def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
         self.rate, self.burst, self.clock = rate, burst, clock
@@ -73,13 +74,19 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def check(self, key_id: str) -> None:
+        wait = self.take(key_id)
+        if wait is not None:
+            raise HTTPException(429, f"rate limit of {self.rate:g} requests/s (burst {self.burst}) for this key; "
+                                     f"retry in {wait} s", headers={"Retry-After": str(wait)})
+
+    def take(self, key_id: str) -> int | None:
+        """Take one token: None when taken, else the whole seconds until one is back (nothing taken)."""
         now = self.clock()
         with self._lock:
             tokens, at = self._buckets.get(key_id, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate)
             if tokens < 1.0:
                 self._buckets[key_id] = (tokens, now)
-                wait = max(1, math.ceil((1.0 - tokens) / self.rate))
-                raise HTTPException(429, f"rate limit of {self.rate:g} requests/s (burst {self.burst}) for this key; "
-                                         f"retry in {wait} s", headers={"Retry-After": str(wait)})
+                return max(1, math.ceil((1.0 - tokens) / self.rate))
             self._buckets[key_id] = (tokens - 1.0, now)
+            return None

@@ -39,6 +39,15 @@ class Recommendations(BaseModel):
     items: list[ScoredItem]
 
 
+def recommendations_json(merchant_id: str, user_id: str, model_version: str, items: list) -> bytes:
+    """A :class:`Recommendations` answer encoded straight from the ranked items (no model objects per request)."""
+    return _encode({"merchant_id": merchant_id, "user_id": user_id, "model_version": model_version,
+                    "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]})
+
+
+_encode = msgspec.json.Encoder().encode
+
+
 class Predictions(BaseModel):
     model_version: str
     probabilities: list[float]

@@ -3,17 +3,15 @@
 # No `from __future__ import annotations` here: FastAPI must see the Depends(...) objects, not strings.
 from typing import Annotated
 
-import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from serving.deps import MerchantId, body, context, merchant_reader, served
 from serving.holder import ServedModel
 from serving.keys import Principal
 from serving.schemas import (
     MAX_BATCH, ClickBatch, DriftStatus, Predictions, Recommendations, ServedModelInfo, body_schema, decode_clicks,
-    decode_envelope,
+    decode_envelope, recommendations_json,
 )
 
 router = APIRouter(prefix="/v1/merchants/{merchant_id}", tags=["merchant"])
@@ -31,13 +29,12 @@ async def recommendations(
                                          description="Product page: items bought together with this one.")] = None,
 ) -> Response:
     """Top-k items for a user (on a product page with ``item_id``), each with the source that proposed it."""
+    # Valid, authorized requests within their rate limit are answered before FastAPI solves any of the above,
+    # by serving.fastpath.RecommendationsFastPath (same answer); this route documents them and answers the rest.
     if merchant_id not in model.bundle.context.merchants and model.bundle.recommender is None:
         raise HTTPException(404, f"merchant {merchant_id!r} has no catalog in model version {model.version}")
-    items = await run_in_threadpool(model.bundle.recommend_items, merchant_id, user_id, k,  # CPU: off the loop
-                                    item_id=item_id)
-    payload = {"merchant_id": merchant_id, "user_id": user_id, "model_version": model.version,
-               "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]}
-    return Response(msgspec.json.encode(payload), media_type="application/json")
+    items = await model.recommend_items(merchant_id, user_id, k, item_id)  # off the loop unless measured cheap
+    return Response(recommendations_json(merchant_id, user_id, model.version, items), media_type="application/json")
 
 
 @router.post("/predictions", response_model=Predictions,
