@@ -4,8 +4,8 @@ A merchant's clicks and orders are keyed by merchant, so they sit on the same pa
 two (equally partitioned) topics: that number is the merchant's *slot*. A worker's checkpoint holds, next
 to its own shared model, the per-merchant parts of every slot it learned (feature context, candidate
 sources, per-merchant ranker weights and steps, per-merchant metrics, events learned) and per slot the
-offsets and the number of events learned into it, all in one atomic file. The newest copy of slot ``p`` is
-the file (in the group's store directory) whose count for ``p`` is highest: a new owner adopts it and
+offsets and the number of events learned into it, all in one checkpoint written whole. The newest copy of slot ``p`` is
+the checkpoint (in the group's store, :mod:`online.store`) whose count for ``p`` is highest: a new owner adopts it and
 resumes from its offsets, and a publication assembles one version from the newest copy of every slot
 (``online/README.md``, "Scale-out").
 """
@@ -13,13 +13,13 @@ resumes from its offsets, and a publication assembles one version from the newes
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from kafka.partitioner.default import murmur2
 
-from fedstream.files import read_versioned
+from fedstream.files import loads_versioned
 from fedstream.logs import get_logger
+from online.store import CheckpointStore
 
 log = get_logger("online.slices")
 
@@ -67,24 +67,24 @@ def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
         state.slots[slot] = saved["slots"][slot]
 
 
-def read_store(paths: Iterable[Path], version: int) -> dict[Path, dict[str, Any]]:
-    """Every readable worker checkpoint among ``paths`` (an unreadable one is logged and skipped: a peer
-    may be mid-write on a file system without atomic rename, or hold another format)."""
+def read_store(store: CheckpointStore, version: int, skip: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every readable worker checkpoint in ``store`` by name, but ``skip`` (an unreadable one is logged and
+    skipped: a peer may be mid-write on a file system without atomic rename, or hold another format)."""
     found = {}
-    for path in paths:
-        try:
-            saved = read_versioned(path, version, "learner worker")
-        except ValueError as exc:
-            log.warning("peer checkpoint skipped", extra={"path": str(path), "error": str(exc)})
+    for name in store.names():
+        payload = None if name == skip else store.read(name)
+        if payload is None:
             continue
-        if saved is not None:
-            found[path] = saved
+        try:
+            found[name] = loads_versioned(payload, store.where(name), version, "learner worker")
+        except ValueError as exc:
+            log.warning("peer checkpoint skipped", extra={"checkpoint": store.where(name), "error": str(exc)})
     return found
 
 
-def newest(store: dict[Path, dict[str, Any]]) -> dict[int, Path]:
-    """For every slot, the file holding its newest copy (most events learned into it)."""
-    best: dict[int, tuple[int, Path]] = {}
+def newest(store: dict[str, dict[str, Any]]) -> dict[int, str]:
+    """For every slot, the checkpoint holding its newest copy (most events learned into it)."""
+    best: dict[int, tuple[int, str]] = {}
     for path, saved in sorted(store.items()):
         for slot, events in saved.get("slots", {}).items():
             if slot not in best or events > best[slot][0]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,8 @@ from online.checkpoints import CheckpointWriter
 from online.multitask import MultiTaskState
 from online.publishing import Publisher
 from online.state import (CHECKPOINT_VERSION, LearnerState, PredictionMonitor, WorkerConfig,
-                          default_checkpoint_path, read_checkpoint, store_dir)
+                          default_checkpoint_path, group_store, load_checkpoint, read_checkpoint)
+from online.store import DirectoryStore
 from online.reco import recommend
 from online.river_models import make_model
 from online.slices import adopt, newest, read_store, slot_of
@@ -61,10 +64,12 @@ class OnlineWorker:
         self.featurizer = Featurizer(settings.feature_bits)
         # with a store (the default, or --store) the group's workers share state through their checkpoints;
         # an explicit checkpoint file alone is a worker on its own
-        self.store = store_dir(settings, config) if config.store or not config.checkpoint_path else None
-        self.checkpoint_path = config.checkpoint_path or (
-            self.store / f"{config.worker_id}.ckpt" if config.store else default_checkpoint_path(settings, config))
-        saved = read_checkpoint(self.checkpoint_path)
+        self.store = group_store(settings, config) if config.store or not config.checkpoint_path else None
+        own = DirectoryStore(config.checkpoint_path.parent) if config.checkpoint_path else self.store
+        self.checkpoint_name = config.checkpoint_path.name if config.checkpoint_path else f"{config.worker_id}.ckpt"
+        self.checkpoint_path: Path | str = (own.root / self.checkpoint_name if isinstance(own, DirectoryStore)
+                                            else own.where(self.checkpoint_name))
+        saved = load_checkpoint(own, self.checkpoint_name)
         if saved is not None:
             if saved["model_name"] != config.model or saved["bits"] != settings.feature_bits:
                 raise ValueError(f"checkpoint {self.checkpoint_path} holds {saved['model_name']} with "
@@ -91,7 +96,7 @@ class OnlineWorker:
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
         self.first_record_cpu = self.last_learned_cpu = 0.0  # process CPU seconds at those moments
-        self.checkpoints = CheckpointWriter(self.checkpoint_path, config.checkpoint_every, config.checkpoint_seconds,
+        self.checkpoints = CheckpointWriter(partial(own.write, self.checkpoint_name), config.checkpoint_every, config.checkpoint_seconds,
                                             self.state.events)
         self.publisher = Publisher(settings, config)
         self.catalog: CatalogReader | None = None
@@ -140,10 +145,10 @@ class OnlineWorker:
     def adopt_newest(self, slots: set[int]) -> list[int]:
         """Load the parts of ``slots`` that a peer's checkpoint holds newer than ours (a partition that moved
         here: its last owner died or gave it up); returns the slots adopted."""
-        paths = [path for path in sorted(self.store.glob("*.ckpt")) if path != self.checkpoint_path]
-        if not paths or not slots:
+        if not slots:
             return []
-        peers = read_store(paths, CHECKPOINT_VERSION)
+        own = self.checkpoint_name if self.config.checkpoint_path is None else None
+        peers = read_store(self.store, CHECKPOINT_VERSION, skip=own)
         adopted = []
         for slot, path in sorted(newest(peers).items()):
             saved = peers[path]
@@ -159,7 +164,7 @@ class OnlineWorker:
             self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
                                  if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
             adopted.append(slot)
-            log.info("adopted a partition slot", extra={"slot": slot, "from": path.name, "events": saved["slots"][slot]})
+            log.info("adopted a partition slot", extra={"slot": slot, "from": path, "events": saved["slots"][slot]})
         return adopted
 
     def _apply_catalog(self, records: list) -> None:
@@ -437,4 +442,4 @@ class OnlineWorker:
 
 
 __all__ = ["CHECKPOINT_VERSION", "LearnerState", "OnlineWorker", "PredictionMonitor", "WorkerConfig", "default_checkpoint_path",
-           "read_checkpoint", "store_dir"]
+           "group_store", "read_checkpoint"]
