@@ -118,6 +118,7 @@ class LearnerState:
         self.model_name = model_name
         self.partitions = partitions  # of the group's topics: a merchant's slot is its partition (online.slices)
         self.slots: dict[int, int] = {}  # events learned into each slot, by every owner it had: its generation
+        self.epochs: dict[int, int] = {}  # fencing epoch per slot: taken at assignment, above any copy's (online.slices)
         self.merchant_events: dict[str, int] = {}  # events learned per merchant (clicks, orders: slotted topics)
         self.catalog_offsets: dict[int, int] = {}  # catalog read outside the group: next offset not yet counted
         self.context = FeatureContext()
@@ -137,7 +138,7 @@ class LearnerState:
         state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
-                 "partitions": self.partitions, "slots": dict(self.slots), "merchant_events": dict(self.merchant_events),
+                 "partitions": self.partitions, "slots": dict(self.slots), "epochs": dict(self.epochs), "merchant_events": dict(self.merchant_events),
                  "catalog_offsets": dict(self.catalog_offsets),
                  "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
                  "multitask": self.multitask, "written_at": time.time()}
@@ -156,4 +157,5 @@ class LearnerState:
         learner.partitions = state.get("partitions", 1)  # absent before slots: a checkpoint of one worker alone
         learner.slots, learner.merchant_events = dict(state.get("slots", {})), dict(state.get("merchant_events", {}))
         learner.catalog_offsets = dict(state.get("catalog_offsets", {}))
+        learner.epochs = dict(state.get("epochs", {}))  # absent before fencing: epoch 0 everywhere
         return learner

@@ -30,7 +30,7 @@ from online.state import (CHECKPOINT_VERSION, LearnerState, PredictionMonitor, W
 from online.store import DirectoryStore
 from online.reco import recommend
 from online.river_models import make_model
-from online.slices import adopt, newest, read_store, slot_of
+from online.slices import adopt, newest, newest_epoch, rank, read_store, slot_of
 from online.transfer import warm_start
 from streams.features import Featurizer
 from streams.schemas import Click, Order
@@ -124,8 +124,11 @@ class OnlineWorker:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._flush(key)
-        # kafka-python runs rebalance callbacks on its IO thread, where a blocking commit raises: the file
-        # (which the next owner adopts) is written here, the group's offsets are committed by a later checkpoint
+        self._checkpoint_in_rebalance()
+
+    def _checkpoint_in_rebalance(self) -> None:
+        """Write the checkpoint without committing offsets: kafka-python runs rebalance callbacks on its IO
+        thread, where a blocking commit raises; the group's offsets are committed by a later checkpoint."""
         commit, self.checkpoints.commit_offsets = self.checkpoints.commit_offsets, None
         try:
             self.checkpoint(commit=False)
@@ -133,39 +136,52 @@ class OnlineWorker:
             self.checkpoints.commit_offsets = commit
 
     def _assigned(self, partitions: set) -> dict:
-        """``seek_on_assign``: adopt the newest copy of each assigned slot from the store, then resume every
-        assigned partition at its saved offset."""
+        """``seek_on_assign``: adopt the newest copy of each assigned slot from the store and write the new
+        fencing epochs at once (a stale owner's later copies lose), then resume every assigned partition at
+        its saved offset."""
         from streams.consumer import seek_to_saved
 
-        adopted = self.adopt_newest({tp.partition for tp in partitions}) if self.store is not None else []
+        adopted, slots = [], {tp.partition for tp in partitions}
+        if self.store is not None and slots:
+            adopted = self.adopt_newest(slots)
+            self._checkpoint_in_rebalance()
         log.info("partitions assigned", extra={"worker_id": self.config.worker_id, "adopted_slots": adopted,
+                                               "epochs": {p: self.state.epochs.get(p) for p in sorted(slots)},
                                                "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)})
         return seek_to_saved(self.state.offsets)(partitions)
 
     def adopt_newest(self, slots: set[int]) -> list[int]:
         """Load the parts of ``slots`` that a peer's checkpoint holds newer than ours (a partition that moved
-        here: its last owner died or gave it up); returns the slots adopted."""
+        here: its last owner died or gave it up) and take a new fencing epoch for each of ``slots``, one above
+        any copy's; returns the slots adopted."""
         if not slots:
             return []
         own = self.checkpoint_name if self.config.checkpoint_path is None else None
         peers = read_store(self.store, CHECKPOINT_VERSION, skip=own)
+        owners, state = newest(peers), self.state
         adopted = []
-        for slot, path in sorted(newest(peers).items()):
-            saved = peers[path]
-            if slot not in slots or saved["slots"][slot] <= self.state.slots.get(slot, -1):
-                continue
-            if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
-                raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
-                                 f"{self.state.model_name} with {self.state.bits}: one store per model")
-            for key in [key for key in self.pending if key[1] == slot]:
-                self.pending.pop(key), self.pending_since.pop(key, None)
-            adopt(self.state, saved, [slot])
-            self._resuming.add(slot)
-            self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
-                                 if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
-            adopted.append(slot)
-            log.info("adopted a partition slot", extra={"slot": slot, "from": path, "events": saved["slots"][slot]})
+        for slot in sorted(slots):
+            path = owners.get(slot)
+            mine = (state.epochs.get(slot, 0), state.slots.get(slot, -1))
+            if path is not None and rank(peers[path], slot) > mine:
+                self._adopt(slot, path, peers[path])
+                adopted.append(slot)
+            state.epochs[slot] = 1 + max(state.epochs.get(slot, 0), newest_epoch(peers, slot))
+            state.slots.setdefault(slot, 0)  # our copy exists from now on, even before we learn into it
         return adopted
+
+    def _adopt(self, slot: int, path: str, saved: dict[str, Any]) -> None:
+        if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
+            raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
+                             f"{self.state.model_name} with {self.state.bits}: one store per model")
+        for key in [key for key in self.pending if key[1] == slot]:
+            self.pending.pop(key), self.pending_since.pop(key, None)
+        adopt(self.state, saved, [slot])
+        self._resuming.add(slot)
+        self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
+                             if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
+        log.info("adopted a partition slot", extra={"slot": slot, "from": path, "events": saved["slots"][slot],
+                                                    "epoch": saved.get("epochs", {}).get(slot, 0)})
 
     def _apply_catalog(self, records: list) -> None:
         """Fold catalog items read outside the group (``(partition, offset, item)``) into every merchant's

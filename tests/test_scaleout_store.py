@@ -141,3 +141,42 @@ def test_checkpoints_on_s3_adopt_and_assemble_as_from_a_directory(s3_settings, t
     # a worker restarted on the S3 store resumes from its own checkpoint there
     again = _worker(s3_settings, s3, "a")
     assert again.state.slots == read_store(on_s3, CHECKPOINT_VERSION)["a.ckpt"]["slots"] and again.state.events > 0
+
+
+@pytest.mark.parametrize("kind", ["directory", "s3"])
+def test_a_stale_owner_writing_after_its_slot_moved_is_fenced_off(kind, s3_settings, tmp_path):
+    from kafka.structs import TopicPartition
+
+    from online.assembly import assemble
+
+    store = tmp_path / "store" if kind == "directory" else f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/learners"
+    records = _records(4, seed=33)
+    slot1 = [r for r in records if r.partition == 1]
+    half = len(slot1) // 2
+    zombie, successor = _worker(s3_settings, store, "a"), _worker(s3_settings, store, "b")
+    zombie._assigned({TopicPartition("events", p) for p in range(4)})
+    _learn(zombie, [r for r in records if r.partition != 1] + slot1[:half])
+
+    # slot 1 moves to b while a is stalled past the session timeout: b adopts a's copy and learns a little
+    assert successor._assigned({TopicPartition("events", 1)}) == {TopicPartition("events", 1): slot1[half - 1].offset + 1}
+    claimed = read_store(open_store(store, s3_settings), CHECKPOINT_VERSION)["b.ckpt"]  # written at assignment
+    assert claimed["epochs"] == {1: 2} and claimed["slots"] == {1: half}
+    _learn(successor, slot1[half:half + 64])
+    # a wakes up, still believing it owns slot 1: it learns the rest of it and writes its checkpoint last
+    _learn(zombie, slot1[half:])
+    peers = read_store(open_store(store, s3_settings), CHECKPOINT_VERSION)
+    assert peers["a.ckpt"]["slots"][1] == len(slot1) > peers["b.ckpt"]["slots"][1] == half + 64
+
+    # its copy of slot 1, with more events, is ignored: slot 1 is b's, the other slots a's
+    assert newest(peers) == {0: "a.ckpt", 1: "b.ckpt", 2: "a.ckpt", 3: "a.ckpt"}
+    parts = assemble(peers)
+    slot1_merchants = {m: n for m, n in successor.state.merchant_events.items() if slot_of(m, 4) == 1}
+    assert {m: n for m, n in parts["merchant_events"].items() if slot_of(m, 4) == 1} == slot1_merchants
+    assert {key: o for key, o in parts["offsets"].items() if key[1] == 1} == {("events", 1): slot1[half + 63].offset + 1}
+
+    # the next owner of slot 1 adopts b's copy, not the zombie's; so does the zombie once it rejoins
+    third = _worker(s3_settings, store, "c")
+    assert third.adopt_newest({1}) == [1] and third.state.slots == {1: half + 64}
+    zombie._revoked(set())
+    zombie._assigned({TopicPartition("events", p) for p in range(4)})
+    assert zombie.state.slots[1] == half + 64 and zombie.state.offsets[("events", 1)] == slot1[half + 63].offset + 1
