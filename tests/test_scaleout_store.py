@@ -180,3 +180,34 @@ def test_a_stale_owner_writing_after_its_slot_moved_is_fenced_off(kind, s3_setti
     zombie._revoked(set())
     zombie._assigned({TopicPartition("events", p) for p in range(4)})
     assert zombie.state.slots[1] == half + 64 and zombie.state.offsets[("events", 1)] == slot1[half + 63].offset + 1
+
+
+def test_compose_learners_use_an_s3_store_in_the_bucket_minio_init_creates(settings, monkeypatch):
+    """deploy/docker-compose.yml: the learners' --store is an S3 prefix in a bucket minio-init creates, on
+    the endpoint and with the credentials every fedstream service gets (the MLflow artifact store's)."""
+    import re
+
+    import yaml
+
+    def default(text: str) -> str:  # ${VAR:-default} -> default: the value compose uses without a .env
+        return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(text))
+
+    compose = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "docker-compose.yml").read_text())
+    learner, init, minio = (compose["services"][name] for name in ("learner", "minio-init", "minio"))
+    command = [default(arg) for arg in learner["command"]]
+    spec = command[command.index("--store") + 1]
+    bucket = default(init["environment"]["LEARNER_BUCKET"])
+    assert spec == f"s3://{bucket}/learners" and any("$$LEARNER_BUCKET" in line for line in init["command"][0].splitlines()
+                                                   if line.strip().startswith("mc mb"))
+    assert not any(str(volume).startswith("learner-store") for volume in learner.get("volumes", []))
+    env = {key: default(value) for key, value in compose["x-fedstream"]["environment"].items()}
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]] == [
+        default(minio["environment"]["MINIO_ROOT_USER"]), default(minio["environment"]["MINIO_ROOT_PASSWORD"])]
+
+    for name, value in env.items():  # what the learner container sees
+        if name.startswith(("MLFLOW_S3", "AWS_")):
+            monkeypatch.setenv(name, value)
+    store = open_store(spec, settings)
+    assert isinstance(store, S3Store) and (store.bucket, store.prefix) == (bucket, "learners")
+    assert store.client.meta.endpoint_url == "http://minio:9000"
