@@ -85,7 +85,7 @@ def read_store(store: CheckpointStore, version: int, skip: str | None = None) ->
     return found
 
 
-def rank(saved: dict[str, Any], slot: int) -> tuple[int, int]:
+def copy_rank(saved: dict[str, Any], slot: int) -> tuple[int, int]:
     """How new a checkpoint's copy of ``slot`` is: its fencing epoch first (a later owner's copy wins even
     with fewer events: the earlier owner's later writes are a stale owner's), then the events learned."""
     return saved.get("epochs", {}).get(slot, 0), saved["slots"][slot]
@@ -97,13 +97,13 @@ def newest_epoch(store: dict[str, dict[str, Any]], slot: int) -> int:
 
 
 def newest(store: dict[str, dict[str, Any]]) -> dict[int, str]:
-    """For every slot, the checkpoint holding its newest copy (:func:`rank`)."""
+    """For every slot, the checkpoint holding its newest copy (:func:`copy_rank`)."""
     best: dict[int, tuple[tuple[int, int], str]] = {}
     for name, saved in sorted(store.items()):
         for slot in saved.get("slots", {}):
-            if slot not in best or rank(saved, slot) > best[slot][0]:
-                best[slot] = (rank(saved, slot), name)
+            if slot not in best or copy_rank(saved, slot) > best[slot][0]:
+                best[slot] = (copy_rank(saved, slot), name)
     return {slot: name for slot, (_, name) in best.items()}
 
 
-__all__ = ["adopt", "newest", "newest_epoch", "rank", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]
+__all__ = ["adopt", "copy_rank", "newest", "newest_epoch", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]

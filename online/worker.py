@@ -30,7 +30,7 @@ from online.state import (CHECKPOINT_VERSION, LearnerState, PredictionMonitor, W
 from online.store import DirectoryStore
 from online.reco import recommend
 from online.river_models import make_model
-from online.slices import adopt, newest, newest_epoch, rank, read_store, slot_of
+from online.slices import adopt, copy_rank, newest, newest_epoch, read_store, slot_of
 from online.transfer import warm_start
 from streams.features import Featurizer
 from streams.schemas import Click, Order
@@ -163,7 +163,7 @@ class OnlineWorker:
         for slot in sorted(slots):
             path = owners.get(slot)
             mine = (state.epochs.get(slot, 0), state.slots.get(slot, -1))
-            if path is not None and rank(peers[path], slot) > mine:
+            if path is not None and copy_rank(peers[path], slot) > mine:
                 self._adopt(slot, path, peers[path])
                 adopted.append(slot)
             state.epochs[slot] = 1 + max(state.epochs.get(slot, 0), newest_epoch(peers, slot))
