@@ -60,12 +60,17 @@ def read_versioned(path: Path, version: int, kind: str) -> dict[str, Any] | None
     """
     if not path.exists():
         return None
+    return loads_versioned(path.read_bytes(), str(path), version, kind)
+
+
+def loads_versioned(payload: bytes, origin: str, version: int, kind: str) -> dict[str, Any]:
+    """:func:`read_versioned` of bytes read from ``origin`` (a path or URI, named in the errors)."""
     try:
-        state = pickle.loads(path.read_bytes())
+        state = pickle.loads(payload)
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
-        raise ValueError(f"{path} is not a readable {kind} checkpoint (truncated or corrupt: "
+        raise ValueError(f"{origin} is not a readable {kind} checkpoint (truncated or corrupt: "
                          f"{type(exc).__name__}: {exc})") from None
     found = state.get("version") if isinstance(state, dict) else type(state).__name__
     if found != version:
-        raise ValueError(f"{path} is not a {kind} checkpoint of version {version} (it holds version {found!r})")
+        raise ValueError(f"{origin} is not a {kind} checkpoint of version {version} (it holds version {found!r})")
     return state

@@ -198,6 +198,9 @@ class OnlineSettings(BaseModel):
     state_dtype: Literal["float64", "float32", "q2.13"] = Field(
         default="float64", description="Per-slot state of a fresh ftrl/adam/sgd learner: float64, float32 (half), or "
         "q2.13 (16-bit randomized-rounding weights over float32 statistics; online/README.md). --param dtype= wins.")
+    store_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint of an s3:// learner store (--store); unset: MLFLOW_S3_ENDPOINT_URL, then "
+        "boto3's own (AWS_ENDPOINT_URL_S3, AWS). Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
 
 
 class FederatedSettings(BaseModel):

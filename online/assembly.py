@@ -16,7 +16,6 @@ learned by each worker on its own partitions, are merged:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +63,7 @@ def _merge_ranker(recommenders: list[Any], base: Any) -> None:
     base.ranker.updates = int(updates.sum())
 
 
-def _metrics(store: dict[Path, dict[str, Any]], events: int) -> dict[str, float]:
+def _metrics(store: dict[str, dict[str, Any]], events: int) -> dict[str, float]:
     """Each worker's prequential metrics, averaged weighted by the clicks it evaluated."""
     summaries = [saved["evaluator"].summary() for saved in store.values()]
     weights = [s.get("events", 0.0) for s in summaries]
@@ -91,25 +90,25 @@ def serving_model(model: Any, bits: int) -> Any:
     return LinearScorer(bits, weights=np.asarray(weights, dtype=np.float32), bias=float(intercept))
 
 
-def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
+def assemble(store: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The parts of one version from every worker checkpoint in ``store``: ``model`` (served form),
     ``context``, ``recommender``, ``metrics``, ``offsets``, ``events``, ``clicks``, ``merge``, ``sources``."""
     from streams.features import FeatureContext
 
     if not store:
         raise ValueError("no learner checkpoint to assemble a version from")
-    base_path = max(store, key=lambda p: (store[p]["events"], str(p)))
-    base = store[base_path]
+    base_name = max(store, key=lambda p: (store[p]["events"], p))
+    base = store[base_name]
     partitions = base.get("partitions", 1)
     owners = newest(store)
     context = FeatureContext.from_state(base["context"])
     merged = tables(context, base["recommender"], base["evaluator"], base.setdefault("merchant_events", {}))
-    loaded: dict[Path, dict[str, dict]] = {}
-    for slot, path in sorted(owners.items()):
-        if path != base_path:
-            if path not in loaded:
-                loaded[path] = saved_tables(store[path])
-            replace_slot(merged, loaded[path], slot, partitions)
+    loaded: dict[str, dict[str, dict]] = {}
+    for slot, name in sorted(owners.items()):
+        if name != base_name:
+            if name not in loaded:
+                loaded[name] = saved_tables(store[name])
+            replace_slot(merged, loaded[name], slot, partitions)
     recommender = base["recommender"]
     models = [saved["model"] for saved in store.values()]
     if len(store) == 1:
@@ -119,17 +118,17 @@ def assemble(store: dict[Path, dict[str, Any]]) -> dict[str, Any]:
         model = merge_linear(models, base["bits"])
         merge = "slot-activity-weighted"
         if model is None:
-            model, merge = serving_model(base["model"], base["bits"]), f"largest worker ({base_path.name})"
-    offsets = {key: o for slot, path in owners.items() for key, o in store[path]["offsets"].items() if key[1] == slot}
+            model, merge = serving_model(base["model"], base["bits"]), f"largest worker ({base_name})"
+    offsets = {key: o for slot, name in owners.items() for key, o in store[name]["offsets"].items() if key[1] == slot}
     if not owners:  # checkpoints written before slots: one worker's own offsets
         offsets = dict(base["offsets"])
     # events: every slot's newest count, plus the catalog records (read whole by every worker, counted once each)
     catalog = max(sum(saved.get("catalog_offsets", {}).values()) for saved in store.values())
-    events = sum(store[path]["slots"][slot] for slot, path in owners.items()) + catalog if owners else base["events"]
+    events = sum(store[name]["slots"][slot] for slot, name in owners.items()) + catalog if owners else base["events"]
     return {"model": model, "context": context, "recommender": recommender, "bits": base["bits"],
             "metrics": _metrics(store, events), "offsets": offsets, "events": events,
             "clicks": sum(saved["clicks"] for saved in store.values()), "merge": merge,
-            "sources": {path.name: saved["events"] for path, saved in sorted(store.items())},
+            "sources": {name: saved["events"] for name, saved in sorted(store.items())},
             "merchant_events": dict(merged["events"])}
 
 

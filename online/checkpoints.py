@@ -1,28 +1,26 @@
-"""The learner worker's checkpoint writer: one atomic file at a time, written in a background thread."""
+"""The learner worker's checkpoint writer: one whole checkpoint at a time (a file or an S3 object, see
+:mod:`online.store`), written in a background thread."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-from fedstream.files import write_atomic
 
 Offsets = dict[tuple[str, int], int]
 
 
 class CheckpointWriter:
-    """Writes serialized learner state to ``path`` and commits its offsets once the file is safe.
+    """Writes serialized learner state with ``sink`` and commits its offsets once it is safe.
 
-    The caller serializes between blocks and hands over the bytes; the file is written (temp file, fsync,
-    ``os.replace``) in a background thread while learning goes on. The offsets are committed by
+    The caller serializes between blocks and hands over the bytes; ``sink`` writes them whole (a file:
+    temp file, fsync, ``os.replace``; S3: one PUT) in a background thread while learning goes on. The offsets are committed by
     ``commit_offsets`` (the consumer's ``commit_saved``; ``None``: nothing to commit to) from the caller's
     thread, at a later :meth:`collect`, because the consumer is not thread-safe.
     """
 
-    def __init__(self, path: Path, every_events: int, every_seconds: float, events: int) -> None:
-        self.path = path
+    def __init__(self, sink: Callable[[bytes], None], every_events: int, every_seconds: float, events: int) -> None:
+        self.sink = sink
         self.every_events = every_events
         self.every_seconds = every_seconds
         self.commit_offsets: Callable[[Offsets], None] | None = None
@@ -43,7 +41,7 @@ class CheckpointWriter:
 
         def write() -> None:
             try:
-                write_atomic(self.path, payload)
+                self.sink(payload)
             except BaseException as exc:  # re-raised by collect() in the learning thread
                 failure.append(exc)
 

@@ -72,9 +72,11 @@ def prediction_monitor(name: str):
               help="Longest a fetch waits for records (the embedded broker always waits this long).")
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file of a worker on its own (no peers; default: <store>/<worker>.ckpt).")
-@click.option("--store", type=click.Path(file_okay=False), default=None,
-              help="Directory the group's workers share: one checkpoint each, partitions adopted from it when they "
-                   "move, publications assembled from all of it (default: <data>/artifacts/online/<group>).")
+@click.option("--store", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+              help="Store the group's workers share (a directory, or an S3 prefix: endpoint from "
+                   "FEDSTREAM_ONLINE__STORE_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL, credentials AWS_*): one checkpoint "
+                   "each, partitions adopted from it when they move, publications assembled from all of it "
+                   "(default: <data>/artifacts/online/<group>).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Checkpoint every N events...")
 @click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -118,7 +120,7 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         block=block, flush_after_s=flush_after, flush_when_caught_up=flush_caught_up,
         fetch_max_wait_ms=fetch_wait_ms, checkpoint_every=checkpoint_every,
         checkpoint_seconds=checkpoint_seconds, checkpoint_path=Path(checkpoint_path) if checkpoint_path else None,
-        store=Path(store) if store else None,
+        store=store or None,
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
         warm_start=warm_start, transfer=transfer, text_candidates=text_candidates,
@@ -126,7 +128,7 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
     monitors = {"drift": prediction_monitor("drift")(settings, publish_to_mlflow=not no_publish)} if watch_drift else {}
     try:
         worker = OnlineWorker(settings, config, monitors=monitors)
-    except ValueError as exc:  # a checkpoint of another model or feature space
+    except (ValueError, OSError) as exc:  # a checkpoint of another model or feature space, a store unreachable
         raise click.ClickException(str(exc)) from exc
     try:
         summary = worker.run()

@@ -14,6 +14,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.assembly import assemble, serving_model
 from online.state import CHECKPOINT_VERSION, LearnerState, WorkerConfig
+from online.store import CheckpointStore, DirectoryStore
 from online.transfer import transfer_lineage
 
 
@@ -40,13 +41,14 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
             "metrics": metrics, "lineage": lineage, "step": state.events}
 
 
-def assembled_snapshot(store: Path, config: WorkerConfig, live: dict[str, float]) -> dict[str, Any]:
-    """One version from every worker checkpoint in ``store`` (:func:`online.assembly.assemble`); ``live``:
-    the publishing worker's metrics (its latency figures are kept)."""
+def assembled_snapshot(store: CheckpointStore | Path, config: WorkerConfig, live: dict[str, float]) -> dict[str, Any]:
+    """One version from every worker checkpoint in ``store`` (:func:`online.assembly.assemble`; a path: a
+    directory store); ``live``: the publishing worker's metrics (its latency figures are kept)."""
     from online.slices import read_store
     from registry.bundle import ModelBundle
 
-    parts = assemble(read_store(sorted(store.glob("*.ckpt")), CHECKPOINT_VERSION))
+    store = DirectoryStore(store) if isinstance(store, Path) else store
+    parts = assemble(read_store(store, CHECKPOINT_VERSION))
     bundle = ModelBundle(model=parts["model"], feature_bits=parts["bits"], context=parts["context"],
                          recommender=parts["recommender"], kind="online",
                          description=f"online {config.model} learners, group {config.group}",
@@ -75,10 +77,10 @@ class Publisher:
         self.run_id: str | None = None
         self.published: list[str] = []
         self.errors: list[str] = []
-        self.store: Path | None = None
+        self.store: CheckpointStore | None = None
         self.before: Callable[[], None] | None = None
 
-    def assemble_from(self, store: Path, before: Callable[[], None]) -> None:
+    def assemble_from(self, store: CheckpointStore, before: Callable[[], None]) -> None:
         """Publish versions assembled from every checkpoint in ``store`` (``before``: write ours first)."""
         self.store, self.before = store, before
 

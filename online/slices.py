@@ -4,22 +4,24 @@ A merchant's clicks and orders are keyed by merchant, so they sit on the same pa
 two (equally partitioned) topics: that number is the merchant's *slot*. A worker's checkpoint holds, next
 to its own shared model, the per-merchant parts of every slot it learned (feature context, candidate
 sources, per-merchant ranker weights and steps, per-merchant metrics, events learned) and per slot the
-offsets and the number of events learned into it, all in one atomic file. The newest copy of slot ``p`` is
-the file (in the group's store directory) whose count for ``p`` is highest: a new owner adopts it and
-resumes from its offsets, and a publication assembles one version from the newest copy of every slot
-(``online/README.md``, "Scale-out").
+offsets, the number of events learned into it and its fencing epoch, all in one checkpoint written whole.
+Each owner takes a new epoch for slot ``p`` when it is assigned ``p`` (one above any copy in the store) and
+writes it at once; the newest copy of ``p`` is the one with the highest epoch, then the most events, so a
+stale owner (stalled past the session timeout) that writes after ``p`` moved is ignored. A new owner
+adopts the newest copy (in the group's store, :mod:`online.store`) and resumes from its offsets, and a
+publication assembles one version from the newest copy of every slot (``online/README.md``, "Scale-out").
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from kafka.partitioner.default import murmur2
 
-from fedstream.files import read_versioned
+from fedstream.files import loads_versioned
 from fedstream.logs import get_logger
+from online.store import CheckpointStore
 
 log = get_logger("online.slices")
 
@@ -65,31 +67,43 @@ def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
             del state.offsets[key]
         state.offsets.update({key: offset for key, offset in saved["offsets"].items() if key[1] == slot})
         state.slots[slot] = saved["slots"][slot]
+        state.epochs[slot] = saved.get("epochs", {}).get(slot, 0)
 
 
-def read_store(paths: Iterable[Path], version: int) -> dict[Path, dict[str, Any]]:
-    """Every readable worker checkpoint among ``paths`` (an unreadable one is logged and skipped: a peer
-    may be mid-write on a file system without atomic rename, or hold another format)."""
+def read_store(store: CheckpointStore, version: int, skip: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every readable worker checkpoint in ``store`` by name, but ``skip`` (an unreadable one is logged and
+    skipped: a peer may be mid-write on a file system without atomic rename, or hold another format)."""
     found = {}
-    for path in paths:
-        try:
-            saved = read_versioned(path, version, "learner worker")
-        except ValueError as exc:
-            log.warning("peer checkpoint skipped", extra={"path": str(path), "error": str(exc)})
+    for name in store.names():
+        payload = None if name == skip else store.read(name)
+        if payload is None:
             continue
-        if saved is not None:
-            found[path] = saved
+        try:
+            found[name] = loads_versioned(payload, store.where(name), version, "learner worker")
+        except ValueError as exc:
+            log.warning("peer checkpoint skipped", extra={"checkpoint": store.where(name), "error": str(exc)})
     return found
 
 
-def newest(store: dict[Path, dict[str, Any]]) -> dict[int, Path]:
-    """For every slot, the file holding its newest copy (most events learned into it)."""
-    best: dict[int, tuple[int, Path]] = {}
-    for path, saved in sorted(store.items()):
-        for slot, events in saved.get("slots", {}).items():
-            if slot not in best or events > best[slot][0]:
-                best[slot] = (events, path)
-    return {slot: path for slot, (_, path) in best.items()}
+def copy_rank(saved: dict[str, Any], slot: int) -> tuple[int, int]:
+    """How new a checkpoint's copy of ``slot`` is: its fencing epoch first (a later owner's copy wins even
+    with fewer events: the earlier owner's later writes are a stale owner's), then the events learned."""
+    return saved.get("epochs", {}).get(slot, 0), saved["slots"][slot]
 
 
-__all__ = ["adopt", "newest", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]
+def newest_epoch(store: dict[str, dict[str, Any]], slot: int) -> int:
+    """The highest fencing epoch any checkpoint in ``store`` took for ``slot`` (0: none)."""
+    return max((saved.get("epochs", {}).get(slot, 0) for saved in store.values()), default=0)
+
+
+def newest(store: dict[str, dict[str, Any]]) -> dict[int, str]:
+    """For every slot, the checkpoint holding its newest copy (:func:`copy_rank`)."""
+    best: dict[int, tuple[tuple[int, int], str]] = {}
+    for name, saved in sorted(store.items()):
+        for slot in saved.get("slots", {}):
+            if slot not in best or copy_rank(saved, slot) > best[slot][0]:
+                best[slot] = (copy_rank(saved, slot), name)
+    return {slot: name for slot, (_, name) in best.items()}
+
+
+__all__ = ["adopt", "copy_rank", "newest", "newest_epoch", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]

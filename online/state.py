@@ -13,13 +13,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedstream.files import read_versioned
+from fedstream.files import loads_versioned, read_versioned
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.candidates import CandidateState
 from online.multitask import MultiTaskState
 from online.prequential import PrequentialEvaluator
 from online.ranking import ShopRecommender
+from online.store import CheckpointStore, DirectoryStore, open_store
 from streams.features import FeatureContext
 
 log = get_logger("online.worker")
@@ -41,7 +42,8 @@ class WorkerConfig:
     checkpoint_every: int = 100_000  # ~90 ms each at 20 bits (pickle + fsync of 25 MB): every 5 s at 20k events/s
     checkpoint_seconds: float = 30.0
     checkpoint_path: Path | None = None
-    store: Path | None = None  # the group's shared checkpoint directory (default: <artifacts>/online/<group>)
+    store: Path | str | None = None  # the group's shared store: a directory or s3://bucket/prefix (default:
+    # <artifacts>/online/<group>)
     publish_every_s: float | None = 300.0
     publish_at_end: bool = True
     max_events: int | None = None
@@ -75,10 +77,10 @@ class PredictionMonitor(Protocol):
 
 
 def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
-    """``<store>/<worker_id>.ckpt``; a checkpoint at the pre-store default path is moved there once."""
+    """``<default store>/<worker_id>.ckpt``; a checkpoint at the pre-store default path is moved there once."""
     from registry.tracking import artifacts_dir
 
-    path = store_dir(settings, config) / f"{config.worker_id}.ckpt"
+    path = artifacts_dir(settings) / "online" / str(config.group) / f"{config.worker_id}.ckpt"
     legacy = artifacts_dir(settings) / "online" / f"{config.group}-{config.worker_id}.ckpt"
     if legacy.exists() and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,16 +89,23 @@ def default_checkpoint_path(settings: Settings, config: WorkerConfig) -> Path:
     return path
 
 
-def store_dir(settings: Settings, config: WorkerConfig) -> Path:
-    """Where the group's workers keep their checkpoints (one file each), read by every peer."""
-    from registry.tracking import artifacts_dir
-
-    return config.store or artifacts_dir(settings) / "online" / str(config.group)
+def group_store(settings: Settings, config: WorkerConfig) -> CheckpointStore:
+    """Where the group's workers keep their checkpoints (one each), read by every peer: ``--store`` (a
+    directory or ``s3://bucket/prefix``), by default ``<artifacts>/online/<group>/``."""
+    if config.store:
+        return open_store(config.store, settings)
+    return DirectoryStore(default_checkpoint_path(settings, config).parent)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """A worker checkpoint (None when there is none yet)."""
+    """A worker checkpoint file (None when there is none yet)."""
     return read_versioned(path, CHECKPOINT_VERSION, "learner worker")
+
+
+def load_checkpoint(store: CheckpointStore, name: str) -> dict[str, Any] | None:
+    """The worker checkpoint ``name`` in ``store`` (None when there is none yet)."""
+    payload = store.read(name)
+    return None if payload is None else loads_versioned(payload, store.where(name), CHECKPOINT_VERSION, "learner worker")
 
 
 class LearnerState:
@@ -109,6 +118,7 @@ class LearnerState:
         self.model_name = model_name
         self.partitions = partitions  # of the group's topics: a merchant's slot is its partition (online.slices)
         self.slots: dict[int, int] = {}  # events learned into each slot, by every owner it had: its generation
+        self.epochs: dict[int, int] = {}  # fencing epoch per slot: taken at assignment, above any copy's (online.slices)
         self.merchant_events: dict[str, int] = {}  # events learned per merchant (clicks, orders: slotted topics)
         self.catalog_offsets: dict[int, int] = {}  # catalog read outside the group: next offset not yet counted
         self.context = FeatureContext()
@@ -128,7 +138,7 @@ class LearnerState:
         state = {"version": CHECKPOINT_VERSION, "model": self.model, "bits": self.bits, "model_name": self.model_name,
                  "context": self.context.state(), "recommender": self.recommender, "evaluator": self.evaluator,
                  "offsets": dict(self.offsets), "events": self.events, "clicks": self.clicks, "ranked": self.ranked,
-                 "partitions": self.partitions, "slots": dict(self.slots), "merchant_events": dict(self.merchant_events),
+                 "partitions": self.partitions, "slots": dict(self.slots), "epochs": dict(self.epochs), "merchant_events": dict(self.merchant_events),
                  "catalog_offsets": dict(self.catalog_offsets),
                  "monitors": {name: monitor.snapshot() for name, monitor in self.monitors.items()},
                  "multitask": self.multitask, "written_at": time.time()}
@@ -147,4 +157,5 @@ class LearnerState:
         learner.partitions = state.get("partitions", 1)  # absent before slots: a checkpoint of one worker alone
         learner.slots, learner.merchant_events = dict(state.get("slots", {})), dict(state.get("merchant_events", {}))
         learner.catalog_offsets = dict(state.get("catalog_offsets", {}))
+        learner.epochs = dict(state.get("epochs", {}))  # absent before fencing: epoch 0 everywhere
         return learner

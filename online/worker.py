@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,10 +26,11 @@ from online.checkpoints import CheckpointWriter
 from online.multitask import MultiTaskState
 from online.publishing import Publisher
 from online.state import (CHECKPOINT_VERSION, LearnerState, PredictionMonitor, WorkerConfig,
-                          default_checkpoint_path, read_checkpoint, store_dir)
+                          default_checkpoint_path, group_store, load_checkpoint, read_checkpoint)
+from online.store import DirectoryStore
 from online.reco import recommend
 from online.river_models import make_model
-from online.slices import adopt, newest, read_store, slot_of
+from online.slices import adopt, copy_rank, newest, newest_epoch, read_store, slot_of
 from online.transfer import warm_start
 from streams.features import Featurizer
 from streams.schemas import Click, Order
@@ -61,10 +64,12 @@ class OnlineWorker:
         self.featurizer = Featurizer(settings.feature_bits)
         # with a store (the default, or --store) the group's workers share state through their checkpoints;
         # an explicit checkpoint file alone is a worker on its own
-        self.store = store_dir(settings, config) if config.store or not config.checkpoint_path else None
-        self.checkpoint_path = config.checkpoint_path or (
-            self.store / f"{config.worker_id}.ckpt" if config.store else default_checkpoint_path(settings, config))
-        saved = read_checkpoint(self.checkpoint_path)
+        self.store = group_store(settings, config) if config.store or not config.checkpoint_path else None
+        own = DirectoryStore(config.checkpoint_path.parent) if config.checkpoint_path else self.store
+        self.checkpoint_name = config.checkpoint_path.name if config.checkpoint_path else f"{config.worker_id}.ckpt"
+        self.checkpoint_path: Path | str = (own.root / self.checkpoint_name if isinstance(own, DirectoryStore)
+                                            else own.where(self.checkpoint_name))
+        saved = load_checkpoint(own, self.checkpoint_name)
         if saved is not None:
             if saved["model_name"] != config.model or saved["bits"] != settings.feature_bits:
                 raise ValueError(f"checkpoint {self.checkpoint_path} holds {saved['model_name']} with "
@@ -91,7 +96,7 @@ class OnlineWorker:
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
         self.first_record_cpu = self.last_learned_cpu = 0.0  # process CPU seconds at those moments
-        self.checkpoints = CheckpointWriter(self.checkpoint_path, config.checkpoint_every, config.checkpoint_seconds,
+        self.checkpoints = CheckpointWriter(partial(own.write, self.checkpoint_name), config.checkpoint_every, config.checkpoint_seconds,
                                             self.state.events)
         self.publisher = Publisher(settings, config)
         self.catalog: CatalogReader | None = None
@@ -119,8 +124,11 @@ class OnlineWorker:
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._flush(key)
-        # kafka-python runs rebalance callbacks on its IO thread, where a blocking commit raises: the file
-        # (which the next owner adopts) is written here, the group's offsets are committed by a later checkpoint
+        self._checkpoint_in_rebalance()
+
+    def _checkpoint_in_rebalance(self) -> None:
+        """Write the checkpoint without committing offsets: kafka-python runs rebalance callbacks on its IO
+        thread, where a blocking commit raises; the group's offsets are committed by a later checkpoint."""
         commit, self.checkpoints.commit_offsets = self.checkpoints.commit_offsets, None
         try:
             self.checkpoint(commit=False)
@@ -128,39 +136,52 @@ class OnlineWorker:
             self.checkpoints.commit_offsets = commit
 
     def _assigned(self, partitions: set) -> dict:
-        """``seek_on_assign``: adopt the newest copy of each assigned slot from the store, then resume every
-        assigned partition at its saved offset."""
+        """``seek_on_assign``: adopt the newest copy of each assigned slot from the store and write the new
+        fencing epochs at once (a stale owner's later copies lose), then resume every assigned partition at
+        its saved offset."""
         from streams.consumer import seek_to_saved
 
-        adopted = self.adopt_newest({tp.partition for tp in partitions}) if self.store is not None else []
+        adopted, slots = [], {tp.partition for tp in partitions}
+        if self.store is not None and slots:
+            adopted = self.adopt_newest(slots)
+            self._checkpoint_in_rebalance()
         log.info("partitions assigned", extra={"worker_id": self.config.worker_id, "adopted_slots": adopted,
+                                               "epochs": {p: self.state.epochs.get(p) for p in sorted(slots)},
                                                "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)})
         return seek_to_saved(self.state.offsets)(partitions)
 
     def adopt_newest(self, slots: set[int]) -> list[int]:
         """Load the parts of ``slots`` that a peer's checkpoint holds newer than ours (a partition that moved
-        here: its last owner died or gave it up); returns the slots adopted."""
-        paths = [path for path in sorted(self.store.glob("*.ckpt")) if path != self.checkpoint_path]
-        if not paths or not slots:
+        here: its last owner died or gave it up) and take a new fencing epoch for each of ``slots``, one above
+        any copy's; returns the slots adopted."""
+        if not slots:
             return []
-        peers = read_store(paths, CHECKPOINT_VERSION)
+        own = self.checkpoint_name if self.config.checkpoint_path is None else None
+        peers = read_store(self.store, CHECKPOINT_VERSION, skip=own)
+        owners, state = newest(peers), self.state
         adopted = []
-        for slot, path in sorted(newest(peers).items()):
-            saved = peers[path]
-            if slot not in slots or saved["slots"][slot] <= self.state.slots.get(slot, -1):
-                continue
-            if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
-                raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
-                                 f"{self.state.model_name} with {self.state.bits}: one store per model")
-            for key in [key for key in self.pending if key[1] == slot]:
-                self.pending.pop(key), self.pending_since.pop(key, None)
-            adopt(self.state, saved, [slot])
-            self._resuming.add(slot)
-            self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
-                                 if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
-            adopted.append(slot)
-            log.info("adopted a partition slot", extra={"slot": slot, "from": path.name, "events": saved["slots"][slot]})
+        for slot in sorted(slots):
+            path = owners.get(slot)
+            mine = (state.epochs.get(slot, 0), state.slots.get(slot, -1))
+            if path is not None and copy_rank(peers[path], slot) > mine:
+                self._adopt(slot, path, peers[path])
+                adopted.append(slot)
+            state.epochs[slot] = 1 + max(state.epochs.get(slot, 0), newest_epoch(peers, slot))
+            state.slots.setdefault(slot, 0)  # our copy exists from now on, even before we learn into it
         return adopted
+
+    def _adopt(self, slot: int, path: str, saved: dict[str, Any]) -> None:
+        if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
+            raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
+                             f"{self.state.model_name} with {self.state.bits}: one store per model")
+        for key in [key for key in self.pending if key[1] == slot]:
+            self.pending.pop(key), self.pending_since.pop(key, None)
+        adopt(self.state, saved, [slot])
+        self._resuming.add(slot)
+        self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
+                             if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
+        log.info("adopted a partition slot", extra={"slot": slot, "from": path, "events": saved["slots"][slot],
+                                                    "epoch": saved.get("epochs", {}).get(slot, 0)})
 
     def _apply_catalog(self, records: list) -> None:
         """Fold catalog items read outside the group (``(partition, offset, item)``) into every merchant's
@@ -437,4 +458,4 @@ class OnlineWorker:
 
 
 __all__ = ["CHECKPOINT_VERSION", "LearnerState", "OnlineWorker", "PredictionMonitor", "WorkerConfig", "default_checkpoint_path",
-           "read_checkpoint", "store_dir"]
+           "group_store", "read_checkpoint"]

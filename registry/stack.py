@@ -180,21 +180,12 @@ class ProductionStack:
         return True
 
     def _spawn_s3(self) -> None:
-        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.ports["s3"])]
-        self._spawn("s3", command, cwd=self.workdir, env={**os.environ, "TMPDIR": str(self._scratch())})
+        self._spawn("s3", s3_server_command(self.ports["s3"]), cwd=self.workdir,
+                    env={**os.environ, "TMPDIR": str(self._scratch())})
 
     def _create_bucket(self) -> bool:
-        import boto3
-        import botocore.exceptions
-
-        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
-                          aws_access_key_id=self.config.s3_access_key,
-                          aws_secret_access_key=self.config.s3_secret_key)
-        try:
-            s3.create_bucket(Bucket=self.config.bucket)
-        except botocore.exceptions.EndpointConnectionError:
-            return False
-        return True
+        c = self.config
+        return create_bucket(self.s3_endpoint, c.bucket, c.s3_access_key, c.s3_secret_key)
 
     def mlflow_server_args(self) -> list[str]:
         """``mlflow server`` arguments: the compose file's ``mlflow`` command on this stack's port and bucket."""
@@ -247,6 +238,25 @@ class ProductionStack:
             time.sleep(0.25)
         log.info("service ready", extra={"service": name, "pid": service.process.pid,
                                          "waited_s": round(time.monotonic() - started, 2)})
+
+
+def s3_server_command(port: int) -> list[str]:
+    """moto's S3 server on ``127.0.0.1:port`` (objects in memory): the stack's stand-in for MinIO."""
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+def create_bucket(endpoint: str, bucket: str, access_key: str, secret_key: str) -> bool:
+    """Create ``bucket`` on the S3 server at ``endpoint``; False while the server does not answer yet."""
+    import boto3
+    import botocore.exceptions
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=access_key,
+                      aws_secret_access_key=secret_key)
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except botocore.exceptions.EndpointConnectionError:
+        return False
+    return True
 
 
 def _postgres_user(pgdir: Path) -> str | None:

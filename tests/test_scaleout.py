@@ -26,6 +26,7 @@ from fedstream.settings import Settings, Topic, Topics, load_settings
 from online.assembly import assemble
 from online.publishing import assembled_snapshot, snapshot
 from online.slices import newest, read_store, slot_of
+from online.store import DirectoryStore
 from online.worker import CHECKPOINT_VERSION, OnlineWorker, WorkerConfig, read_checkpoint
 from streams.generator import GeneratorConfig, generate
 from streams.kafka import ensure_topics
@@ -90,7 +91,7 @@ def _wait(condition, timeout: float, what: str, every: float = 0.1) -> None:
 
 def _learned(store: Path) -> int:
     """Events learned in the newest copy of every slot, as the store's checkpoints say now."""
-    peers = read_store(sorted(store.glob("*.ckpt")), CHECKPOINT_VERSION)
+    peers = read_store(DirectoryStore(store), CHECKPOINT_VERSION)
     return sum(peers[path]["slots"][slot] for slot, path in newest(peers).items())
 
 
@@ -141,9 +142,9 @@ def test_three_learners_one_killed_serve_one_model_equal_to_a_single_worker(stre
     summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out in outputs]
 
     # the dead worker's partitions moved: their newest copies are a survivor's, learned past the kill
-    dead, peers = read_checkpoint(store / "2.ckpt"), read_store(sorted(store.glob("*.ckpt")), CHECKPOINT_VERSION)
+    dead, peers = read_checkpoint(store / "2.ckpt"), read_store(DirectoryStore(store), CHECKPOINT_VERSION)
     owners = newest(peers)
-    moved = [s for s, n in dead["slots"].items() if owners[s] != store / "2.ckpt" and peers[owners[s]]["slots"][s] > n]
+    moved = [s for s, n in dead["slots"].items() if owners[s] != "2.ckpt" and peers[owners[s]]["slots"][s] > n]
     assert moved, f"no partition of the killed worker was resumed by a survivor: {dead['slots']}"
     assert any("adopted_slots" in line and '"adopted_slots": []' not in line
                for path in logs[:2] for line in path.read_text().splitlines()), "no survivor adopted a slot"
