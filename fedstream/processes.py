@@ -65,9 +65,17 @@ def tff_workers(root_pid: int | None = None, children_only: bool = False) -> lis
     return [pid for pid in candidates if b"worker_binary" in _cmdline(pid)]
 
 
+def _wait_until_gone(pids: list[int], timeout_s: float) -> None:
+    """SIGKILL is delivered asynchronously: wait until each process has died (a zombie has no command line)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_cmdline(pid) for pid in pids):
+        time.sleep(0.02)
+
+
 def stop_tff_workers(root_pid: int | None = None, grace_s: float = 3.0, reap: bool = True,
-                     children_only: bool = False) -> list[int]:
-    """Stop every ``worker_binary`` descended from ``root_pid`` (default: this process). Returns their PIDs.
+                     children_only: bool = False, kill_wait_s: float = 10.0) -> list[int]:
+    """Stop every ``worker_binary`` descended from ``root_pid`` (default: this process). Returns their PIDs
+    once they have died (at most ``kill_wait_s`` after the SIGKILL).
 
     ``children_only`` spares the workers of child processes (e.g. merchants' ``federated join`` workers
     started by a test); ``reap=False`` leaves the dead workers to be reaped by whoever started them (TFF's
@@ -89,6 +97,7 @@ def stop_tff_workers(root_pid: int | None = None, grace_s: float = 3.0, reap: bo
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    _wait_until_gone(targets, kill_wait_s)
     for pid in targets if reap else ():
         try:
             os.waitpid(pid, os.WNOHANG)
