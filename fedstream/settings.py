@@ -68,6 +68,12 @@ class ServingSettings(BaseModel):
     rate_limit_burst: int = Field(default=2000, ge=1, description="Requests per API key allowed in one burst.")
     max_catalog_items: int = Field(default=200_000, ge=1, description="Catalog items per merchant the API accepts.")
     max_categories: int = Field(default=2_000, ge=1, description="Distinct categories per merchant the API accepts.")
+    rank_by: Literal["ranker", "expected_purchase"] = Field(
+        default="ranker", description="Recommendations ranked by the version's ranker, or by expected purchase "
+                                      "P(click)·P(order | click) when the version carries a multi-task model.")
+    purchase_weight: float = Field(default=0.3, gt=0, description="w in w·log P(order | impression) - log(1 + rank).")
+    purchase_depth: int = Field(default=30, ge=1, le=500, description="How many of the ranker's top items "
+                                "expected purchase re-orders.")
 
 
 class RegistrySettings(BaseModel):

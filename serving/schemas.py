@@ -26,8 +26,9 @@ class Health(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(description="Ranking score in (0, 1), higher first: σ of the learned ranker's score, or "
-                                     "the click probability for versions without a two-stage recommender.")
+    score: float = Field(description="Score in (0, 1): σ of the learned ranker's score, the click probability "
+                                     "for versions without a two-stage recommender, or P(order | impression) when "
+                                     "ranked_by is expected_purchase.")
     source: str = Field(description="What proposed the item: history, co-occurrence, transition, popular, catalog "
                                     "(or candidates / click-model for versions without a two-stage recommender).")
 
@@ -36,6 +37,9 @@ class Recommendations(BaseModel):
     merchant_id: str
     user_id: str
     model_version: str
+    ranked_by: str = Field(description="The score that ordered the items: ranker (the two-stage recommender's), "
+                                       "click (the click model's) or expected_purchase (P(click)·P(order | click), "
+                                       "settings.serving.rank_by, versions with a multi-task model).")
     items: list[ScoredItem]
 
 

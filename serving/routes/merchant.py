@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1/merchants/{merchant_id}", tags=["merchant"])
 @router.get("/recommendations", response_model=None,
             responses={200: {"model": Recommendations}, 404: {"description": "merchant unknown to the model"}})
 async def recommendations(
+    request: Request,
     merchant_id: MerchantId,
     who: Annotated[Principal, Depends(merchant_reader)],
     model: Annotated[ServedModel, Depends(served)],
@@ -33,9 +34,12 @@ async def recommendations(
     """Top-k items for a user (on a product page with ``item_id``), each with the source that proposed it."""
     if merchant_id not in model.bundle.context.merchants and model.bundle.recommender is None:
         raise HTTPException(404, f"merchant {merchant_id!r} has no catalog in model version {model.version}")
+    ranking = context(request).settings.serving
     items = await run_in_threadpool(model.bundle.recommend_items, merchant_id, user_id, k,  # CPU: off the loop
-                                    item_id=item_id)
+                                    item_id=item_id, by=ranking.rank_by, purchase_weight=ranking.purchase_weight,
+                                    depth=ranking.purchase_depth)
     payload = {"merchant_id": merchant_id, "user_id": user_id, "model_version": model.version,
+               "ranked_by": model.bundle.ranked_by(ranking.rank_by),
                "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]}
     return Response(msgspec.json.encode(payload), media_type="application/json")
 
