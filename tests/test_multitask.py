@@ -262,3 +262,19 @@ def test_a_published_version_carries_the_multitask_model_and_serving_ranks_by_ex
         body = client.get(url, params=params, headers={"X-API-Key": key}).json()
     assert body["ranked_by"] == "expected_purchase" and [i["item_id"] for i in body["items"]] == expected[:10]
     assert [i["score"] for i in body["items"]] == [r.score for r in by_purchase]  # P(order | impression)
+
+
+def test_personalization_on_a_multitask_store_trains_both_columns_and_scores_clicks_on_column_0(tmp_path):
+    from federated.model import ModelConfig, NumpyScorer
+    from federated.personalize import PersonalizationConfig, compare_merchant, summarize
+    from federated.stores import build_stores
+
+    events = generate(GeneratorConfig(merchants=1, events=2500, seed=3, conversion_delay_s=600.0))
+    store = build_stores(events, tmp_path, bits=10, attribution_window_s=3600.0)["m00"]
+    config = ModelConfig(bits=10, multitask=True)
+    budget = PersonalizationConfig(local_epochs=1, finetune_epochs=1)
+    row = compare_merchant(store, config, NumpyScorer.initial(config), budget)
+    assert row["global_auc"] == 0.5  # the untrained model ties every impression
+    assert 0.55 < row["local_auc"] <= 1.0 and 0.5 < row["local_purchase_auc"] <= 1.0
+    assert 0.0 < row["finetuned_logloss"] < 0.7  # column 0 against P(click): a click-task log loss
+    assert summarize([row])["all_local_purchase_auc"] == row["local_purchase_auc"]
