@@ -58,10 +58,14 @@ def _store_root(settings):
 
 
 def _build_stores(settings, source: str, merchants: list[str] | None, events: int, n_merchants: int, seed: int,
-                  bits: int):
+                  bits: int, multitask: bool = False):
+    """Merchant stores; with ``multitask`` their labels are [clicked, ordered], orders attributed within
+    ``settings.multitask``'s window (per merchant where ``merchant_windows_s`` says)."""
     from federated.stores import StoreError, build_stores, build_stores_from_kafka, open_stores
 
     root = _store_root(settings)
+    windows = {"attribution_window_s": settings.multitask.attribution_window_s,
+               "merchant_windows_s": settings.multitask.merchant_windows_s} if multitask else {}
     if source == "stores":
         try:
             stores = open_stores(root, merchants)
@@ -69,13 +73,17 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
             raise click.ClickException(str(exc)) from None
         if not stores:
             raise click.ClickException(f"no merchant stores under {root}; build them with --source generate|kafka")
+        single = [m for m, store in stores.items() if "ordered" not in store.meta().get("labels", [])]
+        if multitask and single:
+            raise click.ClickException(f"--multitask needs stores with purchase labels; {', '.join(single[:5])} "
+                                       "have clicks only (rebuild them with --multitask --source generate|kafka)")
         return stores
     if source == "kafka":
-        return build_stores_from_kafka(settings, root, merchants, bits=bits)
+        return build_stores_from_kafka(settings, root, merchants, bits=bits, **windows)
     from streams.generator import GeneratorConfig, generate
 
     return build_stores(generate(GeneratorConfig(merchants=n_merchants, events=events, seed=seed)), root, bits=bits,
-                        merchants=merchants)
+                        merchants=merchants, **windows)
 
 
 @federated.command("run")
@@ -104,6 +112,9 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 @click.option("--dropout-rate", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Simulated mid-round client failures.")
 @click.option("--deep", is_flag=True, help="Add the deep part (8-dim embedding bag + MLP) to the wide model.")
+@click.option("--multitask", is_flag=True,
+              help="Click + purchase model (shared body, purchase head): orders attributed to clicks within "
+                   "settings.multitask's window; reports purchase AUC. Serving and transfer use its click output.")
 @click.option("--bits", type=click.IntRange(8, 24), default=None, help="Hash bits (default: settings.feature_bits).")
 @click.option("--source", type=click.Choice(["kafka", "stores", "generate"]), default="kafka", show_default=True,
               help="Where merchant examples come from: the platform's Kafka topics (each listed merchant's own "
@@ -122,8 +133,8 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
               help="Run client work on the merchants that joined with `fedstream federated join` (one worker each).")
 @pass_settings
 def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, clip, dp_delta, secure_agg,
-        server_optimizer, server_lr, client_lr, aggregation, client_epochs, prox_mu, dropout_rate, deep, bits, source, events,
-        generate_merchants, register_every, model_name, no_personalize, seed, workers) -> None:
+        server_optimizer, server_lr, client_lr, aggregation, client_epochs, prox_mu, dropout_rate, deep, multitask, bits,
+        source, events, generate_merchants, register_every, model_name, no_personalize, seed, workers) -> None:
     """Run federated rounds over per-merchant stores, log every round to MLflow and register the model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from federated.model import ModelConfig
@@ -143,7 +154,7 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
             aggregation=aggregation,
             prox_mu=prox_mu, clip=clip, dp=dp, noise_multiplier=noise_multiplier, dp_delta=dp_delta,
             secure_agg=secure_agg, dropout_rate=dropout_rate, seed=seed)
-        model_config = ModelConfig(bits=bits, deep=deep, seed=seed)
+        model_config = ModelConfig(bits=bits, deep=deep, seed=seed, multitask=multitask)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     joined = None
@@ -163,7 +174,7 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
         source = "stores"
         merchants = ",".join(w.merchant_id for w in joined)
     stores = _build_stores(settings, source, _merchant_list(merchants, source), events, generate_merchants, seed,
-                           bits)
+                           bits, multitask)
     if not stores:
         raise click.ClickException("no merchant has enough examples to train on")
     click.echo(f"{len(stores)} merchant stores under {_store_root(settings)}", err=True)
@@ -326,6 +337,8 @@ def _report(outcome, model_name: str) -> None:
     summary = {"run_id": outcome.run_id, "model": model_name, "versions": outcome.versions, "execution_context": outcome.context,
                "final_eval": outcome.history[-1].evaluation, **outcome.privacy, **outcome.privacy_notes,
                **outcome.summary}
+    if "eval_purchase_auc" in outcome.history[-1].metrics():
+        summary["purchase_auc"] = outcome.history[-1].metrics()["eval_purchase_auc"]
     if outcome.privacy_notes.get("dp_guarantee", "").startswith("none"):
         click.echo(f"WARNING: DP guarantee {outcome.privacy_notes['dp_guarantee']}", err=True)
     click.echo(json.dumps(summary, default=float))

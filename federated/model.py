@@ -207,10 +207,22 @@ class NumpyScorer:
         w = self.weights
         logit = (w["wide_embeddings"][indices, 0] * values).sum(axis=1) + w["wide_bias"][0]
         if self.config.deep:
-            bag = (w["deep_bag_embeddings"][indices] * values[..., None]).sum(axis=1)
-            hidden = np.maximum(bag @ w["deep_hidden_kernel"] + w["deep_hidden_bias"], 0.0)
+            hidden = self.hidden_many(indices, values)
             logit = logit + (hidden @ w["deep_out_kernel"] + w["deep_out_bias"])[:, 0]
         return logit
+
+    @property
+    def hidden_units(self) -> int:
+        """Width of the hidden layer (``deep_hidden``) a frozen extractor can hand a learner; 0: wide model."""
+        return int(self.weights["deep_hidden_kernel"].shape[1]) if self.config.deep else 0
+
+    def hidden_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The deep part's hidden-layer activations ``float32[n, hidden]`` (ReLU of ``deep_hidden``)."""
+        if not self.config.deep:
+            raise ValueError("a wide model has no hidden layer: its logit is the whole extractor")
+        w, values = self.weights, np.asarray(values, np.float32)
+        bag = (w["deep_bag_embeddings"][np.asarray(indices)] * values[..., None]).sum(axis=1)
+        return np.maximum(bag @ w["deep_hidden_kernel"] + w["deep_hidden_bias"], 0.0)
 
     def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         z = np.clip(self.decision_many(np.asarray(indices), np.asarray(values, np.float32)), -35.0, 35.0)

@@ -45,9 +45,20 @@ def fit_local(model_config: ModelConfig, arrays: Mapping[str, np.ndarray], *, ep
     if initial is not None:
         set_named_weights(model, initial)
     model.compile(optimizer=tf.keras.optimizers.SGD(learning_rate), loss=tf.keras.losses.BinaryCrossentropy())
-    model.fit(_inputs(arrays), arrays["labels"][:, None], epochs=epochs, batch_size=batch_size, shuffle=True,
-              verbose=0)
+    model.fit(_inputs(arrays), _targets(arrays["labels"], model_config.label_width), epochs=epochs,
+              batch_size=batch_size, shuffle=True, verbose=0)
     return NumpyScorer.from_keras(model_config, model)
+
+
+def _targets(labels: np.ndarray, width: int) -> np.ndarray:
+    """``[n, width]`` training targets: a multi-task store's ``[clicked, ordered]`` (column 0 alone for a
+    single-task model), a click-only store's ``[clicked]``."""
+    return labels[:, :width] if labels.ndim == 2 else labels[:, None]
+
+
+def clicked(labels: np.ndarray) -> np.ndarray:
+    """The click labels (column 0 of a multi-task store's ``[clicked, ordered]``)."""
+    return labels[:, 0] if labels.ndim == 2 else labels
 
 
 def set_named_weights(model, weights: Mapping[str, np.ndarray]) -> None:
@@ -60,8 +71,14 @@ def set_named_weights(model, weights: Mapping[str, np.ndarray]) -> None:
 
 
 def score(scorer: NumpyScorer, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Click AUC and log loss (the model's click output against column 0); a multi-task model on a
+    multi-task store also gets ``purchase_auc`` (P(order | impression) against ``clicked and ordered``)."""
+    labels = arrays["labels"]
     p = scorer.predict_proba_many(arrays["indices"], arrays["values"])
-    return {"auc": roc_auc(arrays["labels"], p), "logloss": mean_logloss(arrays["labels"], p, clip=1e-7)}
+    out = {"auc": roc_auc(clicked(labels), p), "logloss": mean_logloss(clicked(labels), p, clip=1e-7)}
+    if scorer.config.multitask and labels.ndim == 2:
+        out["purchase_auc"] = roc_auc(labels[:, 1], scorer.predict_purchase_many(arrays["indices"], arrays["values"]))
+    return out
 
 
 def compare_merchant(store: MerchantStore, model_config: ModelConfig, global_scorer: NumpyScorer,
@@ -73,7 +90,7 @@ def compare_merchant(store: MerchantStore, model_config: ModelConfig, global_sco
     tuned = fit_local(model_config, train, epochs=config.finetune_epochs,
                       learning_rate=config.finetune_learning_rate, batch_size=config.batch_size, seed=config.seed,
                       initial=global_scorer.weights)
-    row = {"merchant_id": store.merchant_id, "n_train": int(len(train["labels"])),
+    row = {"merchant_id": store.merchant_id, "n_train": int(len(train["labels"])),  # rows: impressions
            "n_heldout": int(len(heldout["labels"]))}
     for name, scorer in (("local", local), ("global", global_scorer), ("finetuned", tuned)):
         row.update({f"{name}_{k}": v for k, v in score(scorer, heldout).items()})
@@ -99,8 +116,9 @@ def summarize(rows: list[dict], small: int = 1000) -> dict[str, float]:
     out["small_merchants"] = float(len(groups["small"]))
     for group, members in groups.items():
         for model in ("local", "global", "finetuned"):
-            for metric in ("auc", "logloss"):
-                values = [r[f"{model}_{metric}"] for r in members if np.isfinite(r[f"{model}_{metric}"])]
+            for metric in ("auc", "logloss", "purchase_auc"):  # purchase_auc: multi-task rows only
+                key = f"{model}_{metric}"
+                values = [r[key] for r in members if key in r and np.isfinite(r[key])]
                 if values:
                     out[f"{group}_{model}_{metric}"] = float(np.mean(values))
     return out

@@ -119,8 +119,9 @@ def extractor_lineage(model_config: ModelConfig) -> dict[str, str]:
     """How a learner can start from the version (``fedstream learn --warm-start ... --transfer METHOD``):
     the methods that work for this model, and what the frozen extractor hands the learner."""
     return {"transfer_methods": "features" if model_config.deep else "finetune,features",
-            "extractor": "global logit of the wide & deep model (embedding bag + MLP)" if model_config.deep
-            else "global logit of the wide model (a weight per hashed slot)"}
+            "extractor": f"global logit and the {model_config.hidden}-unit hidden layer (deep_hidden) of the wide & "
+                         "deep model" if model_config.deep
+            else "global logit of the wide model (a weight per hashed slot: the logit is the whole extractor)"}
 
 
 def register_global(settings: Settings, scorer: NumpyScorer, keras_model, *, round_num: int,

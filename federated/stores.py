@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,11 +181,13 @@ class _MerchantBuilder:
 
 def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdout_fraction: float = 0.2,
                  merchants: Iterable[str] | None = None, min_examples: int = 10,
-                 attribution_window_s: float | None = None) -> dict[str, MerchantStore]:
+                 attribution_window_s: float | None = None,
+                 merchant_windows_s: Mapping[str, float] | None = None) -> dict[str, MerchantStore]:
     """Split ``events`` by merchant and write each merchant's featurized train/held-out examples.
 
     With ``attribution_window_s`` (multi-task), labels are ``[clicked, ordered]`` per impression: ordered when
-    an order of the same user and item follows the click within the window (:mod:`online.attribution`).
+    an order of the same user and item follows the click within the window (:mod:`online.attribution`;
+    ``merchant_windows_s`` overrides it per merchant).
 
     Each merchant gets its own featurization context, so nothing of one merchant's traffic can leak into
     another's examples. Merchants with fewer than ``min_examples`` clicks get no store; a merchant whose id
@@ -207,7 +209,8 @@ def build_stores(events: Iterable[Event], root: str | Path, *, bits: int, holdou
                 refused.add(merchant_id)
                 log.warning("merchant skipped", extra={"merchant": merchant_id, "reason": reason})
                 continue
-            builder = builders[merchant_id] = _MerchantBuilder(featurizer, attribution_window_s)
+            window = (merchant_windows_s or {}).get(merchant_id, attribution_window_s)
+            builder = builders[merchant_id] = _MerchantBuilder(featurizer, window if attribution_window_s else None)
         builder.add(event)
     stores = {}
     for merchant_id in sorted(builders):
@@ -263,7 +266,8 @@ def merchant_events_from_kafka(settings, merchant_id: str, **kwargs) -> list[Eve
 
 
 def build_stores_from_kafka(settings, root: str | Path, merchant_ids: Iterable[str] | None = None, *, bits: int,
-                            holdout_fraction: float = 0.2) -> dict[str, MerchantStore]:
+                            holdout_fraction: float = 0.2, attribution_window_s: float | None = None,
+                            merchant_windows_s: Mapping[str, float] | None = None) -> dict[str, MerchantStore]:
     """Stores of the given merchants (all merchants on the topics when None) from one pass over Kafka.
 
     Events are routed by merchant into separate builders, each with its own featurization context, so a
@@ -271,7 +275,8 @@ def build_stores_from_kafka(settings, root: str | Path, merchant_ids: Iterable[s
     """
     wanted = list(merchant_ids) if merchant_ids is not None else None
     events = events_from_kafka(settings, wanted)
-    return build_stores(events, root, bits=bits, holdout_fraction=holdout_fraction, merchants=wanted)
+    return build_stores(events, root, bits=bits, holdout_fraction=holdout_fraction, merchants=wanted,
+                        attribution_window_s=attribution_window_s, merchant_windows_s=merchant_windows_s)
 
 
 def iter_rows(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

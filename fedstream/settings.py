@@ -71,6 +71,12 @@ class ServingSettings(BaseModel):
     inline_ranking_ms: float = Field(default=2.0, ge=0, description=(
         "A served version's rankings run on the event loop once 20 in a row took less CPU than this, and go back "
         "to the threadpool after one over it (0: always in the threadpool)."))
+    rank_by: Literal["ranker", "expected_purchase"] = Field(
+        default="ranker", description="Recommendations ranked by the version's ranker, or by expected purchase "
+                                      "P(click)·P(order | click) when the version carries a multi-task model.")
+    purchase_weight: float = Field(default=0.3, gt=0, description="w in w·log P(order | impression) - log(1 + rank).")
+    purchase_depth: int = Field(default=30, ge=1, le=500, description="How many of the ranker's top items "
+                                "expected purchase re-orders.")
 
 
 class RegistrySettings(BaseModel):

@@ -11,7 +11,11 @@ learned by each worker on its own partitions, are merged:
   average, FedAvg's idea with per-slot example weights instead of one weight per client;
 * the ranker's global weights: average weighted by each ranker's update count;
 * a model without linear terms (River's) cannot be averaged: the largest worker's is served, and the
-  lineage says so.
+  lineage says so;
+* the multi-task model (``settings.multitask.enabled``) is the largest worker's (most events learned) among
+  those holding one, served as :class:`online.multitask.MultiTaskScorer`; its conversion head and
+  calibrator learn from attributed clicks that stay in the worker that held them, so they are not averaged
+  (lineage ``multitask``: which worker's).
 """
 
 from __future__ import annotations
@@ -90,9 +94,27 @@ def serving_model(model: Any, bits: int) -> Any:
     return LinearScorer(bits, weights=np.asarray(weights, dtype=np.float32), bias=float(intercept))
 
 
+def serving_multitask(state: Any) -> Any | None:
+    """A :class:`online.multitask.MultiTaskState`'s served form (None without one)."""
+    if state is None:
+        return None
+    from online.multitask import MultiTaskScorer
+
+    return MultiTaskScorer.from_state(state)
+
+
+def _largest_multitask(store: dict[str, dict[str, Any]]) -> tuple[Any | None, str | None]:
+    holding = [p for p in store if store[p].get("multitask") is not None]
+    if not holding:
+        return None, None
+    path = max(holding, key=lambda p: (store[p]["events"], str(p)))
+    return serving_multitask(store[path]["multitask"]), "single" if len(store) == 1 else f"largest worker ({path})"
+
+
 def assemble(store: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The parts of one version from every worker checkpoint in ``store``: ``model`` (served form),
-    ``context``, ``recommender``, ``metrics``, ``offsets``, ``events``, ``clicks``, ``merge``, ``sources``."""
+    ``context``, ``recommender``, ``metrics``, ``offsets``, ``events``, ``clicks``, ``merge``, ``sources``,
+    ``multitask`` (served form or None) and ``multitask_from``."""
     from streams.features import FeatureContext
 
     if not store:
@@ -125,11 +147,13 @@ def assemble(store: dict[str, dict[str, Any]]) -> dict[str, Any]:
     # events: every slot's newest count, plus the catalog records (read whole by every worker, counted once each)
     catalog = max(sum(saved.get("catalog_offsets", {}).values()) for saved in store.values())
     events = sum(store[name]["slots"][slot] for slot, name in owners.items()) + catalog if owners else base["events"]
-    return {"model": model, "context": context, "recommender": recommender, "bits": base["bits"],
+    multitask, multitask_from = _largest_multitask(store)
+    return {"model": model, "context": context, "multitask": multitask, "multitask_from": multitask_from,
+            "recommender": recommender, "bits": base["bits"],
             "metrics": _metrics(store, events), "offsets": offsets, "events": events,
             "clicks": sum(saved["clicks"] for saved in store.values()), "merge": merge,
             "sources": {name: saved["events"] for name, saved in sorted(store.items())},
             "merchant_events": dict(merged["events"])}
 
 
-__all__ = ["activity", "assemble", "merge_linear"]
+__all__ = ["activity", "assemble", "merge_linear", "serving_model", "serving_multitask"]

@@ -248,19 +248,71 @@ class DelayCalibrator:
         self.b -= self.learning_rate * g_b / math.sqrt(self.n_b)
 
 
+class MultiTaskScorer:
+    """The served form of a :class:`MultiTaskState`: float32 click weights ``shared + click``, conversion
+    weights ``shared + conversion`` and the calibrator's ``(a, b)`` (8 MB at 20 bits instead of the learner's
+    six float64 vectors and its held clicks). Predicts exactly what the state predicts, to float32 rounding."""
+
+    def __init__(self, bits: int, click: np.ndarray, conversion: np.ndarray,
+                 calibration: tuple[float, float] | None = None) -> None:
+        self.bits = bits
+        self.click = np.asarray(click, dtype=np.float32)
+        self.conversion = np.asarray(conversion, dtype=np.float32)
+        if self.click.shape != (1 << bits,) or self.conversion.shape != (1 << bits,):
+            raise ValueError(f"click and conversion weights must have shape ({1 << bits},)")
+        self.calibration = calibration
+
+    @classmethod
+    def from_state(cls, state: MultiTaskState) -> MultiTaskScorer:
+        w, calibrator = state.model.w, state.calibrator
+        return cls(state.model.bits, w["shared"] + w["click"], w["shared"] + w["conversion"],
+                   None if calibrator is None else (calibrator.a, calibrator.b))
+
+    def predict_many(self, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(click | impression) and calibrated P(order | click) of ``(n, F)`` rows."""
+        indices, values = np.atleast_2d(indices) & ((1 << self.bits) - 1), np.atleast_2d(values)
+        click = np.clip((self.click[indices] * values).sum(axis=1, dtype=np.float64), -CLIP, CLIP)
+        conversion = np.clip((self.conversion[indices] * values).sum(axis=1, dtype=np.float64), -CLIP, CLIP)
+        if self.calibration is not None:
+            a, b = self.calibration
+            conversion = np.clip(a * conversion + b, -CLIP, CLIP)
+        return sigmoid(click), sigmoid(conversion)
+
+    def predict_proba_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """P(click | impression) (the bundle's scorer protocol)."""
+        return self.predict_many(indices, values)[0]
+
+
+def purchase_order(predict: Any, featurizer: Featurizer, context: FeatureContext, merchant_id: str, user_id: str,
+                   ranked: Sequence[str], when: float, device: str = "desktop",
+                   weight: float = 1.0) -> tuple[list[int], np.ndarray]:
+    """Positions of ``ranked`` (best first) re-ordered by ``weight · log P(order | impression) - log(1 + rank)``,
+    and every item's P(order | impression) if shown in slot 0 of a recommendation page now; ``predict(rows,
+    values) -> (P(click), calibrated P(order | click))``."""
+    if not ranked:
+        return [], np.zeros(0)
+    rows = np.array([featurizer.slots_for(merchant_id, user_id, item, when, device, "recommendation", 0, context)
+                     for item in ranked], dtype=np.int64)
+    p_click, p_conversion = predict(rows, np.ones(rows.shape))
+    purchase = p_click * p_conversion
+    score = weight * np.log(np.maximum(purchase, 1e-12)) - np.log1p(np.arange(len(ranked)))
+    return np.argsort(-score, kind="stable").tolist(), purchase
+
+
 def rerank_by_purchase(state: MultiTaskState, featurizer: Featurizer, context: FeatureContext, merchant_id: str,
                        user_id: str, ranked: Sequence[str], when: float, device: str = "desktop",
                        weight: float = 1.0) -> list[str]:
     """``ranked`` (the two-stage recommender's order, best first) re-ordered by ``weight · log P(order |
-    impression) - log(1 + rank)``: each item's expected purchase if shown in slot 0 of a recommendation page
-    now, weighed against the recommender's own rank (so its history and co-occurrence signal stays)."""
-    if not ranked:
-        return []
-    rows = np.array([featurizer.slots_for(merchant_id, user_id, item, when, device, "recommendation", 0, context)
-                     for item in ranked], dtype=np.int64)
-    p_click, p_conversion = state.model.predict_many(rows, np.ones(rows.shape))
-    if state.calibrator is not None:
-        logits = np.log(np.maximum(p_conversion, 1e-12) / np.maximum(1.0 - p_conversion, 1e-12))
-        p_conversion = np.array([state.calibrator.predict(float(z)) for z in logits])
-    score = weight * np.log(np.maximum(p_click * p_conversion, 1e-12)) - np.log1p(np.arange(len(ranked)))
-    return [ranked[i] for i in np.argsort(-score, kind="stable")]
+    impression) - log(1 + rank)`` (:func:`purchase_order`): each item's expected purchase if shown in slot 0
+    of a recommendation page now, weighed against the recommender's own rank (so its history and
+    co-occurrence signal stays)."""
+
+    def predict(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p_click, p_conversion = state.model.predict_many(rows, values)
+        if state.calibrator is not None:
+            logits = np.log(np.maximum(p_conversion, 1e-12) / np.maximum(1.0 - p_conversion, 1e-12))
+            p_conversion = np.array([state.calibrator.predict(float(z)) for z in logits])
+        return p_click, p_conversion
+
+    order, _ = purchase_order(predict, featurizer, context, merchant_id, user_id, ranked, when, device, weight)
+    return [ranked[i] for i in order]

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
-from online.assembly import assemble, serving_model
+from online.assembly import assemble, serving_model, serving_multitask
 from online.state import CHECKPOINT_VERSION, LearnerState, WorkerConfig
 from online.store import CheckpointStore, DirectoryStore
 from online.transfer import transfer_lineage
@@ -33,10 +33,13 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
     bundle = ModelBundle(model=serving_model(state.model, state.bits), feature_bits=state.bits,
                          context=state.context, recommender=state.recommender, kind="online",
                          description=f"online {config.model} learner, group {config.group}",
-                         meta={"learner": config.model, "params": dict(config.params)})
+                         meta={"learner": config.model, "params": dict(config.params)},
+                         multitask=serving_multitask(state.multitask))
     lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(state.offsets.items())},
                "events_seen": state.events, "clicks_seen": state.clicks, "model": config.model,
                "group": config.group, "worker_id": config.worker_id, **transfer_lineage(state.model)}
+    if state.multitask is not None:
+        lineage["multitask"] = "single"
     return {"bundle": pickle.loads(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL)),
             "metrics": metrics, "lineage": lineage, "step": state.events}
 
@@ -52,12 +55,14 @@ def assembled_snapshot(store: CheckpointStore | Path, config: WorkerConfig, live
     bundle = ModelBundle(model=parts["model"], feature_bits=parts["bits"], context=parts["context"],
                          recommender=parts["recommender"], kind="online",
                          description=f"online {config.model} learners, group {config.group}",
-                         meta={"learner": config.model, "params": dict(config.params)})
+                         meta={"learner": config.model, "params": dict(config.params)}, multitask=parts["multitask"])
     metrics = {**parts["metrics"], **{k: v for k, v in live.items() if k.startswith("latency_")}}
     lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(parts["offsets"].items())},
                "events_seen": parts["events"], "clicks_seen": parts["clicks"], "model": config.model,
                "group": config.group, "worker_id": config.worker_id, "assembled_from": parts["sources"],
                "shared_weights": parts["merge"]}
+    if parts["multitask_from"] is not None:
+        lineage["multitask"] = parts["multitask_from"]
     return {"bundle": bundle, "metrics": metrics, "lineage": lineage, "step": parts["events"]}
 
 

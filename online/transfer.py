@@ -16,6 +16,7 @@ from online.learners import FTRLProximalClassifier, HashedLogisticRegression, ha
 
 TRANSFER_METHODS = ("finetune", "features")
 GLOBAL_LOGIT_KEY = "transfer:global_logit"
+HIDDEN_KEY = "transfer:hidden:"  # + unit number: one reserved slot per hidden unit of a deep extractor
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -63,9 +64,11 @@ def finetune(model: Any, scorer: Any, bits: int) -> HashedLogisticRegression:
 
 
 class ResidualModel:
-    """``p = σ(a·g(x) + w·x)``: a frozen extractor's logit ``g`` as one learned input of a local learner."""
+    """``p = σ(a·g(x) + u·h(x) + w·x)``: a frozen extractor's logit ``g`` and, for a deep extractor, its
+    hidden-layer activations ``h`` (``hidden_many``) as learned dense inputs of a local learner; ``hidden``
+    False keeps the logit alone. A wide extractor has no hidden layer: its logit is the whole extractor."""
 
-    def __init__(self, head: HashedLogisticRegression, extractor: Any) -> None:
+    def __init__(self, head: HashedLogisticRegression, extractor: Any, hidden: bool = True) -> None:
         if not isinstance(head, HashedLogisticRegression):
             raise TransferError(f"--transfer features needs one of our learners as head, not {type(head).__name__}")
         if not hasattr(extractor, "decision_many"):
@@ -74,9 +77,20 @@ class ResidualModel:
         self.extractor = extractor
         self.bits = head.bits
         self.slot = hash_key(GLOBAL_LOGIT_KEY, head.n_features - 1)
+        units = int(getattr(extractor, "hidden_units", 0)) if hidden else 0
+        self.hidden_slots = np.array([hash_key(f"{HIDDEN_KEY}{k}", head.n_features - 1) for k in range(units)],
+                                     dtype=np.int64)
+        if self.slot in self.hidden_slots:
+            raise TransferError(f"{head.bits} feature bits put a hidden unit on the global logit's slot; use more bits")
         start = np.zeros(head.n_features)
         start[self.slot] = 1.0
         start_at(head, start)
+
+    @property
+    def extractor_layer(self) -> str:
+        """What the extractor hands the head (the ``extractor_layer`` lineage tag)."""
+        units = len(getattr(self, "hidden_slots", ()))
+        return f"logit+deep_hidden[{units}]" if units else "logit"
 
     @property
     def scale(self) -> float:
@@ -84,10 +98,16 @@ class ResidualModel:
         return float(self.head.weights[self.slot])
 
     def _with_logit(self, indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows plus the extractor's outputs on their reserved slots: the logit, then the hidden units."""
         indices, values = np.asarray(indices), np.asarray(values)
-        g = np.asarray(self.extractor.decision_many(indices, values.astype(np.float32)), dtype=np.float64)
-        column = np.full((indices.shape[0], 1), self.slot, dtype=indices.dtype)
-        return np.hstack([indices, column]), np.hstack([values.astype(np.float64), g[:, None]])
+        extracted = [np.asarray(self.extractor.decision_many(indices, values.astype(np.float32)), np.float64)[:, None]]
+        slots = [self.slot]
+        hidden_slots = getattr(self, "hidden_slots", ())  # absent in learners checkpointed before hidden inputs
+        if len(hidden_slots):
+            extracted.append(np.asarray(self.extractor.hidden_many(indices, values.astype(np.float32)), np.float64))
+            slots.extend(hidden_slots.tolist())
+        columns = np.broadcast_to(np.array(slots, dtype=indices.dtype), (indices.shape[0], len(slots)))
+        return np.hstack([indices, columns]), np.hstack([values.astype(np.float64), *extracted])
 
     def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         return self.head.decision_many(*self._with_logit(indices, values))
@@ -154,6 +174,8 @@ def warm_start(settings: Any, model: Any, uri: str | None, method: str) -> Any:
     bits = settings.feature_bits
     started = finetune(model, bundle.model, bits) if method == "finetune" else ResidualModel(model, bundle.model)
     started.transfer_source = {"transfer": method, **source}
+    if method == "features":
+        started.transfer_source["extractor_layer"] = started.extractor_layer
     return started
 
 
@@ -162,5 +184,5 @@ def transfer_lineage(model: Any) -> dict[str, Any]:
     return dict(getattr(model, "transfer_source", None) or {})
 
 
-__all__ = ["TRANSFER_METHODS", "GLOBAL_LOGIT_KEY", "TransferError", "ResidualModel", "warm_start", "finetune",
+__all__ = ["TRANSFER_METHODS", "GLOBAL_LOGIT_KEY", "HIDDEN_KEY", "TransferError", "ResidualModel", "warm_start", "finetune",
            "start_at", "global_terms", "bias_slot", "transfer_lineage", "load_source", "parse_uri"]

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,7 +95,8 @@ class ModelBundle:
     """A model and what it needs to score clicks and rank items; what each registered version holds.
 
     ``kind`` says which room trained it (``online`` or ``federated``); ``meta`` carries free-form facts
-    (learner name, hyper-parameters) that travel with the pickled bundle. A model that also has
+    (learner name, hyper-parameters) that travel with the pickled bundle; ``multitask`` (versions published
+    with ``settings.multitask.enabled``) lets :meth:`recommend_items` rank by expected purchase. A model that also has
     ``linear_terms() -> (weights, bias)`` (a logistic model over the hashed slots) is ranked without
     building the ``(n, F)`` index matrix. Bundles are snapshots: after changing the context's catalogs
     or the model's weights in place, call :meth:`invalidate`.
@@ -108,6 +110,7 @@ class ModelBundle:
     description: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     candidate_limit: int = 500
+    multitask: Any | None = None  # online.multitask.MultiTaskScorer: P(click), P(order | click) (multi-task on)
 
     def __post_init__(self) -> None:
         if not hasattr(self.model, "predict_proba_many"):
@@ -159,21 +162,46 @@ class ModelBundle:
                                                                     item_id=item_id)]
 
     def recommend_items(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
-                        item_id: str | None = None) -> list[Recommended]:
+                        item_id: str | None = None, by: str = "ranker", purchase_weight: float = 0.3,
+                        depth: int = 30) -> list[Recommended]:
         """Top-``k`` items with their score and the source that proposed each.
 
         A recommender with ``rank()`` (:class:`online.ranking.ShopRecommender`) ranks its own candidates
         with its learned ranker (``item_id``: a product page, "bought together"); otherwise the click model
         ranks the recommender's candidates (or the whole catalog): :class:`online.click_ranking.ClickRanker`.
+        With ``by="expected_purchase"`` and a multi-task model, that order's top ``depth`` is re-ordered by
+        ``purchase_weight · log P(order | impression) - log(1 + rank)`` and each score is P(order |
+        impression) (:func:`online.multitask.purchase_order`); :meth:`ranked_by` says which applies.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if by == "expected_purchase" and self.multitask is not None:
+            return self._by_purchase(merchant_id, user_id, k, timestamp, item_id, purchase_weight, depth)
         rank = getattr(self.recommender, "rank", None)
         if rank is not None:
             return rank(merchant_id, user_id, k, timestamp=timestamp, item_id=item_id)
         when = time.time() if timestamp is None else timestamp
         return self._ranker.rank(self.model, self.context, self.recommender, merchant_id, user_id, k, when=when,
                                  item_id=item_id, candidate_limit=self.candidate_limit)
+
+    def ranked_by(self, by: str = "ranker") -> str:
+        """Which score orders :meth:`recommend_items` given ``by``: ``expected_purchase`` (asked for and the
+        version has a multi-task model), ``ranker`` (a two-stage recommender) or ``click``."""
+        if by == "expected_purchase" and self.multitask is not None:
+            return "expected_purchase"
+        return "ranker" if hasattr(self.recommender, "rank") else "click"
+
+    def _by_purchase(self, merchant_id: str, user_id: str, k: int, timestamp: float | None, item_id: str | None,
+                     weight: float, depth: int) -> list[Recommended]:
+        from online.multitask import purchase_order
+
+        ranked = self.recommend_items(merchant_id, user_id, max(k, depth), timestamp=timestamp, item_id=item_id)
+        shop = getattr(getattr(self.recommender, "state", None), "shops", {}).get(merchant_id)
+        clock = getattr(shop, "clock", -math.inf)
+        when = timestamp if timestamp is not None else clock if math.isfinite(clock) else time.time()
+        order, purchase = purchase_order(self.multitask.predict_many, self.featurizer, self.context, merchant_id,
+                                         user_id, [r.item_id for r in ranked], when, weight=weight)
+        return [Recommended(ranked[i].item_id, float(purchase[i]), ranked[i].source) for i in order[:k]]
 
     def candidate_features(self, merchant_id: str, user_id: str, when: float) -> tuple[list[str], np.ndarray]:
         """Candidate item ids and their slot indices ``int32[n, F]`` (values are all ones)."""

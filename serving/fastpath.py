@@ -63,8 +63,9 @@ class RecommendationsFastPath:
             return None
         if ctx.limiter.take(who.key_id) is not None:
             return None
-        items = await model.recommend_items(merchant_id, user_id, k, item_id)
-        return recommendations_json(merchant_id, user_id, model.version, items)
+        ranking = ctx.settings.serving
+        items = await model.recommend_items(merchant_id, user_id, k, item_id, ranking)
+        return recommendations_json(merchant_id, user_id, model.version, items, model.bundle.ranked_by(ranking.rank_by))
 
 
 def request_query(raw: bytes) -> tuple[str, int, str | None] | None:

@@ -75,12 +75,17 @@ class ServedModel:
     loaded_at: float
     placement: RankingPlacement = field(default_factory=RankingPlacement)
 
-    async def recommend_items(self, merchant_id: str, user_id: str, k: int, item_id: str | None) -> list:
-        """The bundle's ranking, on the loop or in the threadpool as :attr:`placement` says."""
+    async def recommend_items(self, merchant_id: str, user_id: str, k: int, item_id: str | None,
+                              ranking: Any = None) -> list:
+        """The bundle's ranking, on the loop or in the threadpool as :attr:`placement` says; ``ranking``: the
+        serving settings that choose the score (``rank_by``, ``purchase_weight``, ``purchase_depth``)."""
         placement, rank = self.placement, self.bundle.recommend_items
+        options = {"item_id": item_id}
+        if ranking is not None:
+            options.update(by=ranking.rank_by, purchase_weight=ranking.purchase_weight, depth=ranking.purchase_depth)
         if placement.inline:
-            return placement.timed(rank, merchant_id, user_id, k, item_id=item_id)
-        return await run_in_threadpool(placement.timed, rank, merchant_id, user_id, k, item_id=item_id)
+            return placement.timed(rank, merchant_id, user_id, k, **options)
+        return await run_in_threadpool(placement.timed, rank, merchant_id, user_id, k, **options)
 
     def info(self) -> dict:
         return {"name": self.name, "version": self.version, "kind": self.bundle.kind,

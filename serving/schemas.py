@@ -26,8 +26,9 @@ class Health(BaseModel):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(description="Ranking score in (0, 1), higher first: σ of the learned ranker's score, or "
-                                     "the click probability for versions without a two-stage recommender.")
+    score: float = Field(description="Score in (0, 1): σ of the learned ranker's score, the click probability "
+                                     "for versions without a two-stage recommender, or P(order | impression) when "
+                                     "ranked_by is expected_purchase.")
     source: str = Field(description="What proposed the item: history, co-occurrence, transition, popular, catalog "
                                     "(or candidates / click-model for versions without a two-stage recommender).")
 
@@ -36,13 +37,16 @@ class Recommendations(BaseModel):
     merchant_id: str
     user_id: str
     model_version: str
+    ranked_by: str = Field(description="The score that ordered the items: ranker (the two-stage recommender's), "
+                                       "click (the click model's) or expected_purchase (P(click)·P(order | click), "
+                                       "settings.serving.rank_by, versions with a multi-task model).")
     items: list[ScoredItem]
 
 
-def recommendations_json(merchant_id: str, user_id: str, model_version: str, items: list) -> bytes:
+def recommendations_json(merchant_id: str, user_id: str, model_version: str, items: list, ranked_by: str) -> bytes:
     """A :class:`Recommendations` answer encoded straight from the ranked items (no model objects per request)."""
     return _encode({"merchant_id": merchant_id, "user_id": user_id, "model_version": model_version,
-                    "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]})
+                    "ranked_by": ranked_by, "items": [{"item_id": r.item_id, "score": r.score, "source": r.source} for r in items]})
 
 
 _encode = msgspec.json.Encoder().encode

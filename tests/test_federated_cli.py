@@ -63,3 +63,21 @@ def test_register_takes_a_name_a_models_uri_can_carry(tmp_path):
         assert result.exit_code == 2 and "--register" in result.output and "Traceback" not in result.output, bad
     assert not (tmp_path / "federated" / "merchants").exists()  # refused before any store is built
     assert "models:/NAME@ALIAS" in " ".join(_invoke(["run", "--help"], tmp_path).output.split())
+
+
+def test_multitask_run_needs_stores_with_purchase_labels_and_windows_come_from_settings(tmp_path):
+    from federated.stores import build_stores
+    from streams.generator import GeneratorConfig, generate
+
+    events = list(generate(GeneratorConfig(merchants=2, events=3000, seed=3, conversion_delay_s=600.0)))
+    build_stores(events, tmp_path / "federated", bits=10)  # click-only stores where the command looks
+    result = _invoke(["run", "--multitask", "--source", "stores"], tmp_path)
+    assert result.exit_code == 1 and "--multitask needs stores with purchase labels" in result.output
+    assert "Traceback" not in result.output and "--multitask" in _invoke(["run", "--help"], tmp_path).output
+
+    # settings.multitask's per-merchant window overrides the default one for that merchant only
+    wide = build_stores(events, tmp_path / "a", bits=10, attribution_window_s=3600.0)
+    narrow = build_stores(events, tmp_path / "b", bits=10, attribution_window_s=3600.0, merchant_windows_s={"m00": 1.0})
+    ordered = {name: {m: s.load("train")["labels"][:, 1].sum() for m, s in stores.items()}
+               for name, stores in (("wide", wide), ("narrow", narrow))}
+    assert ordered["narrow"]["m00"] < ordered["wide"]["m00"] and ordered["narrow"]["m01"] == ordered["wide"]["m01"]

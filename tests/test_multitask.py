@@ -197,3 +197,84 @@ def test_federated_multitask_model_trains_one_round_and_both_heads_are_probabili
     scorer = NumpyScorer.from_keras(model, keras_model)
     np.testing.assert_allclose(scorer.predict_purchase_many(heldout["indices"], heldout["values"]), both[:, 1],
                                rtol=1e-4, atol=1e-6)
+
+
+def _enabled(settings):
+    return settings.model_copy(update={"multitask": settings.multitask.model_copy(
+        update={"enabled": True, "attribution_window_s": 600.0})})
+
+
+def test_a_published_version_carries_the_multitask_model_and_serving_ranks_by_expected_purchase(settings, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from online.multitask import rerank_by_purchase
+    from online.publishing import assembled_snapshot, snapshot
+    from online.worker import OnlineWorker, WorkerConfig
+    from registry.models import promote, register_version
+    from serving.app import create_app
+    from serving.keys import KeyStore
+    from streams.consumer import Record
+
+    events = list(generate(GeneratorConfig(merchants=2, events=3000, seed=5, conversion_delay_s=60.0)))
+    records = [Record(e, "events", 0, offset, int(time.time() * 1000), None) for offset, e in enumerate(events)]
+    workers = {}
+    for name, part in (("a", records), ("b", records[:1000])):  # two checkpoints in one store; "a" learned more
+        config = WorkerConfig(model="ftrl", store=tmp_path / "store", worker_id=name, block=256, publish_every_s=None)
+        workers[name] = OnlineWorker(_enabled(settings), config)
+        workers[name].accept(part)
+        workers[name].flush_stale(force=True)
+        workers[name].checkpoint(commit=False)
+    state, worker = workers["a"].state.multitask, workers["a"]
+    taken = snapshot(worker.state, worker.config, {})
+    bundle = taken["bundle"]
+    assert taken["lineage"]["multitask"] == "single"
+    rows = np.array([bundle.featurizer.slots_for("m00", "u1", f"i{k}", 1e9, "mobile", "recommendation", 0,
+                                                 bundle.context) for k in range(20)])
+    served_click, served_conversion = bundle.multitask.predict_many(rows, np.ones(rows.shape))
+    for row, click, conversion in zip(rows, served_click, served_conversion):  # the learner's calibrated view
+        p_click, p_conversion = state.model.predict_row(row, np.ones(len(row)))
+        z = np.log(p_conversion / (1 - p_conversion))
+        assert abs(click - p_click) < 1e-5 and abs(conversion - state.calibrator.predict(z)) < 1e-5
+    assert bundle.multitask.click.nbytes + bundle.multitask.conversion.nbytes == 2 * 4 << settings.feature_bits
+
+    # ranked by expected purchase: the ranker's top 30 re-ordered as rerank_by_purchase orders them
+    merchant, user = "m00", next(e.user_id for e in events if isinstance(e, Order) and e.merchant_id == "m00")
+    top = [r.item_id for r in bundle.recommend_items(merchant, user, 30)]
+    shop = bundle.recommender.state.shops[merchant]
+    expected = rerank_by_purchase(state, bundle.featurizer, bundle.context, merchant, user, top, shop.clock, weight=3.0)
+    by_purchase = bundle.recommend_items(merchant, user, 10, by="expected_purchase", purchase_weight=3.0)
+    assert expected[:10] != top[:10]  # the re-order changes the page
+    assert [r.item_id for r in by_purchase] == expected[:10] and bundle.ranked_by("expected_purchase") == "expected_purchase"
+    assert bundle.ranked_by() == "ranker" and [r.item_id for r in bundle.recommend_items(merchant, user, 10)] == top[:10]
+
+    # assembled from both checkpoints: the multi-task model is the largest worker's
+    assembled = assembled_snapshot(tmp_path / "store", worker.config, {})
+    assert assembled["lineage"]["multitask"] == "largest worker (a.ckpt)"
+    np.testing.assert_array_equal(assembled["bundle"].multitask.conversion, bundle.multitask.conversion)
+
+    register_version(settings, bundle, name=settings.serving.model_name, metrics={}, lineage={})
+    promote(settings, settings.serving.model_name, version="1", force=True)
+    key = KeyStore.for_settings(settings).issue(merchant)
+    url, params = f"/v1/merchants/{merchant}/recommendations", {"user_id": user, "k": 10}
+    purchase_first = settings.model_copy(update={"serving": settings.serving.model_copy(
+        update={"rank_by": "expected_purchase", "purchase_weight": 3.0})})
+    with TestClient(create_app(purchase_first, poll=False)) as client:
+        body = client.get(url, params=params, headers={"X-API-Key": key}).json()
+    assert body["ranked_by"] == "expected_purchase" and [i["item_id"] for i in body["items"]] == expected[:10]
+    assert [i["score"] for i in body["items"]] == [r.score for r in by_purchase]  # P(order | impression)
+
+
+def test_personalization_on_a_multitask_store_trains_both_columns_and_scores_clicks_on_column_0(tmp_path):
+    from federated.model import ModelConfig, NumpyScorer
+    from federated.personalize import PersonalizationConfig, compare_merchant, summarize
+    from federated.stores import build_stores
+
+    events = generate(GeneratorConfig(merchants=1, events=2500, seed=3, conversion_delay_s=600.0))
+    store = build_stores(events, tmp_path, bits=10, attribution_window_s=3600.0)["m00"]
+    config = ModelConfig(bits=10, multitask=True)
+    budget = PersonalizationConfig(local_epochs=1, finetune_epochs=1)
+    row = compare_merchant(store, config, NumpyScorer.initial(config), budget)
+    assert row["global_auc"] == 0.5  # the untrained model ties every impression
+    assert 0.55 < row["local_auc"] <= 1.0 and 0.5 < row["local_purchase_auc"] <= 1.0
+    assert 0.0 < row["finetuned_logloss"] < 0.7  # column 0 against P(click): a click-task log loss
+    assert summarize([row])["all_local_purchase_auc"] == row["local_purchase_auc"]

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from federated.model import ModelConfig, NumpyScorer
+from fedstream.metrics import roc_auc
 from fedstream.cli import main
 from online.learners import LEARNERS, FTRLProximalClassifier
 from online.transfer import ResidualModel, bias_slot, finetune
@@ -168,6 +169,45 @@ def test_worker_starts_a_features_model_and_publishes_it_as_one_linear_scorer(se
                        federated_scorer().predict_proba_many(indices, values), atol=1e-5)
 
 
+def deep_scorer(seed: int = 5, hidden: int = 16) -> NumpyScorer:
+    """A wide & deep federated model as the runner registers it (NumpyScorer of its Keras weights)."""
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(bits=BITS, deep=True, hidden=hidden)
+    weights = {"wide_embeddings": rng.normal(0, 0.2, (1 << BITS, 1)), "wide_bias": np.array([-0.7]),
+               "deep_bag_embeddings": rng.normal(0, 0.3, (1 << BITS, config.embedding_dim)),
+               "deep_hidden_kernel": rng.normal(0, 0.6, (config.embedding_dim, hidden)),
+               "deep_hidden_bias": np.zeros(hidden), "deep_out_kernel": rng.normal(0, 0.5, (hidden, 1)),
+               "deep_out_bias": np.zeros(1)}
+    return NumpyScorer(config, weights)
+
+
+def test_a_deep_extractor_hands_the_learner_its_hidden_layer_and_the_learner_uses_it(settings):
+    scorer = deep_scorer()
+    indices, values, _ = _batch(6, 3000)
+    hidden = scorer.hidden_many(indices, values)
+    assert hidden.shape == (3000, 16) and (hidden > 0).any(axis=0).sum() >= 8  # live ReLU units
+    # labels from one hidden unit that the global logit barely carries: only the hidden inputs can learn it
+    unit = int(np.argmin(np.abs(scorer.weights["deep_out_kernel"][:, 0]) / (hidden.std(axis=0) + 1e-9) +
+                         100.0 * (hidden.std(axis=0) < 1e-3)))
+    z = 3.0 * (hidden[:, unit] - hidden[:, unit].mean()) / hidden[:, unit].std()
+    y = np.random.default_rng(7).random(3000) < 1 / (1 + np.exp(-z))
+    models = {layer: ResidualModel(FTRLProximalClassifier(bits=BITS), scorer, hidden=layer == "hidden")
+              for layer in ("hidden", "logit")}
+    assert models["hidden"].extractor_layer == "logit+deep_hidden[16]" and models["logit"].extractor_layer == "logit"
+    first = slice(0, models["hidden"].head.max_delay)  # before any update both start as the global model
+    predicted = {layer: np.concatenate([m.learn_many(indices[s:s + 100], values[s:s + 100], y[s:s + 100])
+                                        for s in range(0, 3000, 100)]) for layer, m in models.items()}
+    global_p = scorer.predict_proba_many(indices, values)
+    assert np.allclose(predicted["hidden"][first], global_p[first], atol=1e-6)
+    late = slice(1500, 3000)
+    auc = {layer: roc_auc(y[late], p[late]) for layer, p in predicted.items()}
+    assert auc["hidden"] > auc["logit"] + 0.1, auc
+    assert abs(models["hidden"].head.weights[models["hidden"].hidden_slots[unit]]) > 0.1
+    with pytest.raises(ValueError, match="whole extractor"):
+        federated_scorer().hidden_many(indices, values)
+    assert len(ResidualModel(FTRLProximalClassifier(bits=BITS), federated_scorer()).hidden_slots) == 0
+
+
 def test_a_federated_run_registers_an_extractor_a_learner_starts_from(kafka_settings, tmp_path):
     """CLI end to end: `federated run --register` -> `models promote` -> `learn --warm-start --transfer features`."""
     import os
@@ -199,6 +239,7 @@ def test_a_federated_run_registers_an_extractor_a_learner_starts_from(kafka_sett
     assert lineage["transfer"] == "features" and lineage["source_model"] == name
     assert str(lineage["source_version"]) == "1" and lineage["source_kind"] == "federated"
     assert lineage["warm_start"] == f"models:/{name}@champion"
+    assert lineage["extractor_layer"] == "logit"  # a wide source: its logit is the whole extractor
     # the frozen extractor is inside the published model: where no local feature fired, weight = a * global
     weights = load_bundle(settings, f"models:/{settings.serving.model_name}/1").model.weights
     global_weights, _ = load_bundle(settings, f"models:/{name}/1").model.linear_terms()

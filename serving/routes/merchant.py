@@ -20,6 +20,7 @@ router = APIRouter(prefix="/v1/merchants/{merchant_id}", tags=["merchant"])
 @router.get("/recommendations", response_model=None,
             responses={200: {"model": Recommendations}, 404: {"description": "merchant unknown to the model"}})
 async def recommendations(
+    request: Request,
     merchant_id: MerchantId,
     who: Annotated[Principal, Depends(merchant_reader)],
     model: Annotated[ServedModel, Depends(served)],
@@ -33,8 +34,10 @@ async def recommendations(
     # by serving.fastpath.RecommendationsFastPath (same answer); this route documents them and answers the rest.
     if merchant_id not in model.bundle.context.merchants and model.bundle.recommender is None:
         raise HTTPException(404, f"merchant {merchant_id!r} has no catalog in model version {model.version}")
-    items = await model.recommend_items(merchant_id, user_id, k, item_id)  # off the loop unless measured cheap
-    return Response(recommendations_json(merchant_id, user_id, model.version, items), media_type="application/json")
+    ranking = context(request).settings.serving
+    items = await model.recommend_items(merchant_id, user_id, k, item_id, ranking)  # off the loop unless measured cheap
+    return Response(recommendations_json(merchant_id, user_id, model.version, items,
+                                         model.bundle.ranked_by(ranking.rank_by)), media_type="application/json")
 
 
 @router.post("/predictions", response_model=Predictions,
