@@ -55,7 +55,7 @@ def test_valid_requests_are_answered_without_the_routes_dependencies_and_as_the_
             k = int(params.get("k", 10))
             expected = bundle.recommend_items("m1", params["user_id"], k, item_id=params.get("item_id"))
             assert answer.json() == {"merchant_id": "m1", "user_id": params["user_id"], "model_version": "7",
-                                     "items": [{"item_id": r.item_id, "score": r.score, "source": r.source}
+                                     "ranked_by": bundle.ranked_by(), "items": [{"item_id": r.item_id, "score": r.score, "source": r.source}
                                                for r in expected]}
         app.dependency_overrides.clear()
         metrics = client.get("/metrics").text
