@@ -20,7 +20,7 @@ demo: setup ## embedded broker + MLflow, end to end
 	$(RUN) fedstream demo
 
 test: setup compose-tools postgres-tools ## the whole test suite (installs the tools its tests need)
-	$(RUN) pytest
+	$(RUN) pytest -n 2 --dist loadfile
 
 bench: setup ## every benchmark (BENCH_QUICK=1 for a short run)
 	$(RUN) python -m benchmarks
