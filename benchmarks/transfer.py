@@ -1,11 +1,11 @@
 """Transfer benchmark: cold-start items from catalog text, and cold-start merchants from the global model.
 
 Three parts, one run. **New items** on MovieLens (below) and on the generated stream
-(:mod:`benchmarks.transfer_items`, the same ranking function). **New merchants**: learning curves of local-only, global,
-finetune, features and text starts for held-out MovieLens occupations, see :mod:`benchmarks.transfer_curve`
+(:mod:`benchmarks._transfer_items`, the same ranking function). **New merchants**: learning curves of local-only, global,
+finetune, features and text starts for held-out MovieLens occupations, see :mod:`benchmarks._transfer_curve`
 (it reuses the title embeddings computed here for its text arm). **Multi-task** (arm f, on the generated
 stream, which has clicks and late orders): calibration of P(order | click) and cold-start curves, see
-:mod:`benchmarks.transfer_multitask`.
+:mod:`benchmarks._transfer_multitask`.
 
 MovieLens-100K (the recbole wheel's ``ml-100k``): a seeded fifth of the movies is held out as *new items*:
 none of their ratings is seen. Each user's taste is the mean text embedding of the seen movies they rated
@@ -34,8 +34,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks import transfer_curve, transfer_items, transfer_multitask
-from benchmarks.transfer_items import rank_new_items
+from benchmarks import _transfer_curve, _transfer_items, _transfer_multitask
+from benchmarks._transfer_items import rank_new_items
 from streams.datasets import movielens_table
 from streams.text import TextEncoder, item_text
 
@@ -59,7 +59,7 @@ def movielens() -> tuple[dict[int, tuple[str, str]], list[tuple[int, int, float]
 
 def cold_start_scores(vectors: dict[int, np.ndarray], rows: list[tuple[int, int, float]], seed: int) -> dict:
     """AUC and HitRate@10 of new (unseen) movies ranked by cosine to each user's liked seen movies
-    (:func:`benchmarks.transfer_items.rank_new_items`, the function the generated stream's row uses)."""
+    (:func:`benchmarks._transfer_items.rank_new_items`, the function the generated stream's row uses)."""
     rng = np.random.default_rng(seed)
     items = np.array(sorted(vectors))
     new = set(rng.choice(items, size=int(NEW_SHARE * len(items)), replace=False).tolist())
@@ -114,13 +114,13 @@ def main() -> dict:
                     "met": min(r["auc"] for r in text) > 0.5, "mode": "quick" if QUICK else "full",
                     "seeds": {"calibration": [], "report": SEEDS}, "date": dt.date.today().isoformat()}],
     }
-    generated = transfer_items.run(encoder)
+    generated = _transfer_items.run(encoder)
     figures["readme"].append(generated.pop("readme"))
     figures.update(generated)
-    cold = transfer_curve.run(vectors["text (title + genres)"])
+    cold = _transfer_curve.run(vectors["text (title + genres)"])
     figures["readme"].append(cold.pop("readme"))
     figures.update(cold)
-    multitask = transfer_multitask.main()  # arm (f) and the calibration table, on the generated stream
+    multitask = _transfer_multitask.main()  # arm (f) and the calibration table, on the generated stream
     figures["readme"] += multitask.pop("readme")
     figures.update(multitask)
     print(json.dumps(figures))

@@ -1,6 +1,6 @@
 """Feature extraction from a wide & deep global model: its logit alone vs its logit and hidden layer.
 
-The cold-start setting of :mod:`benchmarks.transfer_curve` (MovieLens-100K, occupations as merchants,
+The cold-start setting of :mod:`benchmarks._transfer_curve` (MovieLens-100K, occupations as merchants,
 held-out groups replayed prequentially, same features, points and FTRL setting), with a *wide & deep*
 global model (``federated.model``, ``ModelConfig(deep=True)``: 8-dim embedding bag, 16 ReLU units)
 trained by FedAvg (Keras, one client per training group, one local epoch of SGD per round, example-weighted
@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks.transfer_curve import HELD_OUT, POINTS, QUICK, WINDOW, BITS, featurize, fresh, labels, prequential, ratings
+from benchmarks._transfer_curve import HELD_OUT, POINTS, QUICK, WINDOW, BITS, featurize, fresh, labels, prequential, ratings
 from fedstream.metrics import logloss, roc_auc
 from online.transfer import ResidualModel
 
