@@ -35,7 +35,6 @@ grids, ~15 min on 2 busy cores). Prints tables, then one JSON line (saved to
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from federated.model import ModelConfig, tff_model_fn  # noqa: E402
-from online.prequential import mean_logloss, roc_auc  # noqa: E402
+from online.prequential import roc_auc  # noqa: E402
 from federated.numpy_fedavg import NumpyWide, fedavg_round  # noqa: E402
 from federated.stores import build_stores, open_stores, split_folder, write_store  # noqa: E402
 from federated.training import (  # noqa: E402
