@@ -34,11 +34,20 @@ log = get_logger("federated.isolation")
 CHUNK = 1 << 16
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGKILL when the process that started it dies (no orphan workers)."""
+def _libc_prctl():
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+# Resolved once, before any fork: a preexec_fn runs in the forked child of a process that may have threads,
+# where loading a library (dlopen) can find its locks held by a thread that does not exist in the child.
+_PRCTL = _libc_prctl()
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL when the process that started it dies (no orphan workers)."""
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def isolation_command() -> list[str] | None:
@@ -66,9 +75,15 @@ def start_isolated_worker(prefix: list[str], timeout_s: float = 60.0) -> tuple[s
     """
     socket_dir = Path(tempfile.mkdtemp(prefix="fedstream-worker-"))
     command = [*prefix, sys.executable, "-m", "federated.isolation", str(socket_dir / "worker.sock")]
+    # Dies with its parent. setpriv sets that before exec, so no Python runs in the forked child (a preexec_fn
+    # does, with the fork handlers of every library loaded here: under pytest-xdist that child crashed).
+    setpriv = shutil.which("setpriv")
+    options = {"preexec_fn": die_with_parent} if setpriv is None else {}
+    if setpriv is not None:
+        command = [setpriv, "--pdeathsig", "KILL", *command]
     with (socket_dir / "relay.log").open("w") as errors:  # a file, so a chatty relay can never block on a pipe
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL,
-                                text=True, preexec_fn=die_with_parent)
+                                text=True, **options)
     line = _read_line(proc, timeout_s)
     if not line:
         stop_isolated_worker(proc, socket_dir, keep_dir=True)
