@@ -143,13 +143,20 @@ def curve(seed: int, groups: dict[str, list], vectors: dict[int, np.ndarray]) ->
     results = []
     for group in held:
         predictions, y = arm_predictions(groups[group][:needed], scorer, vectors, seed)
-        for arm, p in predictions.items():
-            for point in POINTS:
-                window = slice(point, point + WINDOW)
-                results.append({"seed": seed, "merchant": group, "arm": arm, "events": point,
-                                "auc": roc_auc(y[window], p[window]),
-                                "logloss": float(np.mean(logloss(y[window], p[window])))})
+        results.extend(curve_points(seed, group, predictions, y))
     return results
+
+
+def curve_points(seed: int, merchant: str, predictions: dict[str, np.ndarray], y: np.ndarray) -> list[dict]:
+    """One row per arm and point of the curve: AUC and logloss over the WINDOW events from that point."""
+    rows = []
+    for arm, p in predictions.items():
+        for point in POINTS:
+            window = slice(point, point + WINDOW)
+            rows.append({"seed": seed, "merchant": merchant, "arm": arm, "events": point,
+                         "auc": roc_auc(y[window], p[window]),
+                         "logloss": float(np.mean(logloss(y[window], p[window])))})
+    return rows
 
 
 def summary(results: list[dict]) -> dict:

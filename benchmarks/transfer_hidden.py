@@ -23,8 +23,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks._transfer_curve import HELD_OUT, POINTS, QUICK, WINDOW, BITS, featurize, fresh, labels, prequential, ratings
-from fedstream.metrics import logloss, roc_auc
+from benchmarks._transfer_curve import (BITS, HELD_OUT, POINTS, QUICK, WINDOW, curve_points, featurize, fresh, labels,
+                                        prequential, ratings)
 from online.transfer import ResidualModel
 
 ROUNDS = 3 if QUICK else 6
@@ -80,12 +80,7 @@ def curve(seed: int, groups: dict[str, list]) -> list[dict]:
                        "global": scorer.predict_proba_many(indices, values).astype(np.float64),
                        "logit": prequential(ResidualModel(fresh(), scorer, hidden=False), indices, values, y),
                        "hidden": prequential(ResidualModel(fresh(), scorer), indices, values, y)}
-        for arm, p in predictions.items():
-            for point in POINTS:
-                window = slice(point, point + WINDOW)
-                results.append({"seed": seed, "merchant": group, "arm": arm, "events": point,
-                                "auc": roc_auc(y[window], p[window]),
-                                "logloss": float(np.mean(logloss(y[window], p[window])))})
+        results.extend(curve_points(seed, group, predictions, y))
     return results
 
 
