@@ -207,14 +207,14 @@ def test_shared_weights_merge_per_slot_weighted_by_what_each_learner_learned_the
     assert not merged[3:].any()  # never learned by anyone
 
 
-def _records(partitions: int, seed: int) -> list:
+def partition_records(partitions: int, seed: int, events: int = 3000) -> list:
     """Generated events as consumer records, each on its merchant's partition (offsets per partition)."""
     from online.slices import slot_of
     from streams.consumer import Record
 
     offsets: Counter = Counter()
     out = []
-    for event in generate(GeneratorConfig(merchants=6, events=3000, seed=seed, items_per_merchant=(20, 60))):
+    for event in generate(GeneratorConfig(merchants=6, events=events, seed=seed, items_per_merchant=(20, 60))):
         p = slot_of(event.merchant_id, partitions)
         out.append(Record(event, "events", p, offsets[p], 0, event.merchant_id.encode()))
         offsets[p] += 1
@@ -230,7 +230,7 @@ def _in_process(settings: Settings, store: Path, worker_id: str) -> OnlineWorker
 
 
 def test_a_slot_is_adopted_from_the_newest_checkpoint_and_one_worker_assembles_to_its_own_state(settings, tmp_path):
-    store, records = tmp_path / "store", _records(4, seed=8)
+    store, records = tmp_path / "store", partition_records(4, seed=8)
     first = _in_process(settings, store, "a")
     first.accept(records)
     first.flush_stale(force=True)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from online.state import CHECKPOINT_VERSION, WorkerConfig
 from online.store import DirectoryStore, S3Store, open_store
 from online.worker import OnlineWorker
 from registry.stack import create_bucket, s3_server_command
-from streams.consumer import Record
-from streams.generator import GeneratorConfig, generate
+from tests.test_scaleout import partition_records
 
 BUCKET, KEY, SECRET = "learners", "fedstream", "fedstream-minio-secret"
 
@@ -61,17 +59,6 @@ def s3_settings(settings: Settings, s3_endpoint: str, monkeypatch: pytest.Monkey
     return settings.model_copy(update={"online": online})
 
 
-def _records(partitions: int, seed: int) -> list:
-    """Generated events as consumer records, each on its merchant's partition (offsets per partition)."""
-    offsets: Counter = Counter()
-    out = []
-    for event in generate(GeneratorConfig(merchants=6, events=2000, seed=seed, items_per_merchant=(20, 60))):
-        p = slot_of(event.merchant_id, partitions)
-        out.append(Record(event, "events", p, offsets[p], 0, event.merchant_id.encode()))
-        offsets[p] += 1
-    return out
-
-
 def _worker(settings: Settings, store: str | Path, worker_id: str) -> OnlineWorker:
     config = WorkerConfig(model="ftrl", group="g", store=store, worker_id=worker_id, block=64, flush_after_s=3600,
                           publish_every_s=None, publish_at_end=False, rank_every=0)
@@ -88,7 +75,7 @@ def _learn(worker: OnlineWorker, records: list) -> None:
 
 def _two_workers(settings: Settings, store: str | Path) -> None:
     """Worker a learns slots 0-1, worker b slots 2-3 of one stream; both checkpoint into ``store``."""
-    records = _records(4, seed=21)
+    records = partition_records(4, seed=21, events=2000)
     _learn(_worker(settings, store, "a"), [r for r in records if r.partition < 2])
     _learn(_worker(settings, store, "b"), [r for r in records if r.partition >= 2])
 
@@ -150,7 +137,7 @@ def test_a_stale_owner_writing_after_its_slot_moved_is_fenced_off(kind, s3_setti
     from online.assembly import assemble
 
     store = tmp_path / "store" if kind == "directory" else f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/learners"
-    records = _records(4, seed=33)
+    records = partition_records(4, seed=33, events=2000)
     slot1 = [r for r in records if r.partition == 1]
     half = len(slot1) // 2
     zombie, successor = _worker(s3_settings, store, "a"), _worker(s3_settings, store, "b")
