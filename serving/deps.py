@@ -14,8 +14,9 @@ from serving.context import ServingContext
 from serving.holder import ServedModel
 from serving.keys import Principal
 from serving.limits import BodyTooLarge, declared_length
+from serving.schemas import MAX_ID
 
-MerchantId = Annotated[str, Path(min_length=1, max_length=128, description="Merchant id.")]
+MerchantId = Annotated[str, Path(min_length=1, max_length=MAX_ID, description="Merchant id.")]
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Merchant or admin API key.")
 
 

@@ -17,12 +17,10 @@ import re
 from urllib.parse import parse_qsl
 
 from serving.context import ServingContext
-from serving.schemas import recommendations_json
+from serving.schemas import DEFAULT_K, MAX_ID, MAX_K, recommendations_json
 
 TEMPLATE = "/v1/merchants/{merchant_id}/recommendations"
 PATH = re.compile(r"/v1/merchants/([^/]+)/recommendations")
-MAX_ID = 128  # the route's limit on merchant, user and item ids
-MAX_K, DEFAULT_K = 100, 10
 HEADERS = [(b"content-type", b"application/json")]
 
 

@@ -13,6 +13,11 @@ from pydantic import BaseModel, Field
 from serving.metrics import ServingMetrics
 from streams.schemas import EVENT_TYPES, Click, InvalidEvent, decode_event, event_type
 
+# Limits of the request parameters, read by the routes and by serving.fastpath (one source for both).
+MAX_ID = 128  # characters of a merchant, user or item id
+MAX_K, DEFAULT_K = 100, 10  # items per recommendations answer
+
+
 MAX_BATCH = 1000
 
 

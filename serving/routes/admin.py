@@ -9,7 +9,9 @@ from fedstream.logs import get_logger
 from serving.context import ServingContext
 from serving.deps import admin, body, context
 from serving.keys import Principal
-from serving.schemas import AliasMoveOut, DriftStatus, ModelVersions, ServedModelInfo, parse_promote, promote_body_schema
+from serving.schemas import (
+    MAX_ID, AliasMoveOut, DriftStatus, ModelVersions, ServedModelInfo, parse_promote, promote_body_schema,
+)
 
 log = get_logger("serving.admin")
 router = APIRouter(tags=["admin"])
@@ -76,7 +78,7 @@ def after_move(ctx: ServingContext, move) -> AliasMoveOut:
 def drift_status(
     request: Request,
     who: Annotated[Principal, Depends(admin)],
-    merchant_id: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+    merchant_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> DriftStatus:
     """The latest drift events of all merchants (or one), oldest first."""

@@ -10,8 +10,8 @@ from serving.deps import MerchantId, body, context, merchant_reader, served
 from serving.holder import ServedModel
 from serving.keys import Principal
 from serving.schemas import (
-    MAX_BATCH, ClickBatch, DriftStatus, Predictions, Recommendations, ServedModelInfo, body_schema, decode_clicks,
-    decode_envelope, recommendations_json,
+    DEFAULT_K, MAX_BATCH, MAX_ID, MAX_K, ClickBatch, DriftStatus, Predictions, Recommendations, ServedModelInfo,
+    body_schema, decode_clicks, decode_envelope, recommendations_json,
 )
 
 router = APIRouter(prefix="/v1/merchants/{merchant_id}", tags=["merchant"])
@@ -24,9 +24,9 @@ async def recommendations(
     merchant_id: MerchantId,
     who: Annotated[Principal, Depends(merchant_reader)],
     model: Annotated[ServedModel, Depends(served)],
-    user_id: Annotated[str, Query(min_length=1, max_length=128, description="User to recommend for.")],
-    k: Annotated[int, Query(ge=1, le=100, description="How many items.")] = 10,
-    item_id: Annotated[str | None, Query(min_length=1, max_length=128,
+    user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID, description="User to recommend for.")],
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="How many items.")] = DEFAULT_K,
+    item_id: Annotated[str | None, Query(min_length=1, max_length=MAX_ID,
                                          description="Product page: items bought together with this one.")] = None,
 ) -> Response:
     """Top-k items for a user (on a product page with ``item_id``), each with the source that proposed it."""
