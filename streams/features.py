@@ -226,7 +226,7 @@ class Featurizer:
     def _new_memos(self) -> None:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
-        self._items: dict[str, tuple] = {}  # featurize_block's per-item codes (see _item_codes)
+        self._items: dict[int, tuple] = {}  # featurize_block's codes per catalog entry (see _item_codes)
         self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
 
     def __getstate__(self) -> dict:
@@ -334,8 +334,8 @@ class Featurizer:
         The worker's batch path: the same rows as :meth:`slots_for` followed by ``context.observe(event)`` per
         event (the reference, tested equal on seeded streams). One Python loop reads the context and folds
         the events into it in order, and turns each click into a row of integer codes (its string ids
-        interned, one dict lookup each; the item's category and price bucket memoized per catalog entry,
-        valid while the catalog keeps the same :class:`ItemInfo` object); the numba kernel of
+        interned, one dict lookup each; the item's category and price bucket memoized per :class:`ItemInfo`
+        object, so a re-issued catalog entry, a new object, is read afresh); the numba kernel of
         :mod:`streams.slot_kernels` then spells and hashes the block's names, bit-identical to the memos'.
         """
         from streams import slot_kernels  # numba: imported by the first block, not by every user of features
@@ -366,7 +366,7 @@ class Featurizer:
         stamps: list[float] = []
         at: list[int] = []
         extend, stamp, mark = rows.extend, stamps.append, at.append
-        merchants, click_type = context.merchants, Click
+        merchants, click_type, identity = context.merchants, Click, id
         new, match, other = strings["new"], strings["match"], strings["other"]
         for position, event in enumerate(events):
             if type(event) is not click_type:
@@ -377,9 +377,9 @@ class Featurizer:
             info = recent = None
             if merchant is not None:
                 info, recent = merchant.catalog.get(item_id), merchant.recent.get(user_id)
-            found = items.get(item_id)
-            if found is None or found[0] is not info:
-                found = self._item_codes(item_id, info, strings, items)
+            found = items.get(identity(info))
+            if found is None:
+                found = self._item_codes(info, strings, items)
             category = found[1]
             extend((strings[merchant_id], strings[user_id], strings[item_id], found[2], found[3],
                     strings[event.device], strings[event.page], event.position,
@@ -390,13 +390,13 @@ class Featurizer:
                 (merchant or context.merchant(merchant_id)).remember(user_id, category)
         return rows, stamps, at
 
-    def _item_codes(self, item_id: str, info: ItemInfo | None, strings: dict[str, int], items: dict) -> tuple:
-        """``(info, category, category code, price bucket)`` of a catalog entry, memoized by ``item_id`` (the
-        entry's identity tells two merchants' items of one id apart; cleared when it holds ``memo_size``)."""
+    def _item_codes(self, info: ItemInfo | None, strings: dict[str, int], items: dict) -> tuple:
+        """``(info, category, category code, price bucket)`` of a catalog entry, memoized by the entry's identity
+        (the memo holds the entry, so its ``id`` is not reused while memoized; cleared when it holds ``memo_size``)."""
         category, bucket = (UNKNOWN, -1) if info is None else (info.category, self._buckets[info.price])
         if len(items) >= self.memo_size:
             items.clear()
-        found = items[item_id] = (info, category, strings[category], bucket)
+        found = items[id(info)] = (info, category, strings[category], bucket)
         return found
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
