@@ -40,8 +40,8 @@ def hostile_stream(seed: int, n: int = 6000, users: int = 400, items: int = 60) 
         elif draw < 0.09:
             lines = [LineItem(item_id=f"i{rng.randrange(items + 20)}", quantity=1, unit_price=rng.uniform(0, 300))
                      for _ in range(rng.randrange(1, 4))]
-            out.append(Order(event_id=f"o{k}", order_id=f"o{k}", merchant_id=merchant, user_id=f"u{rng.randrange(users)}",
-                             timestamp=stamp, currency="EUR", items=lines))
+            out.append(Order(event_id=f"o{k}", order_id=f"o{k}", merchant_id=merchant, timestamp=stamp,
+                             user_id=f"u{rng.randrange(users)}", currency="EUR", items=lines))
         else:
             out.append(Click(event_id=f"c{k}", merchant_id=merchant, user_id=f"ü{rng.randrange(users)}",
                              item_id=f"i{rng.randrange(items + 20)}", session_id="s", timestamp=max(stamp, 0.0),
@@ -113,3 +113,11 @@ def test_featurizer_pickles_without_its_string_table_and_resumes_equal():
     got, _ = restored.featurize_block(events[1000:], checkpoint)
     want, _ = reference_rows(Featurizer(BITS), events[1000:], FeatureContext.from_state(context.state()))
     assert np.array_equal(got, want)
+
+
+def test_every_field_has_a_spelling_program():
+    from streams.features import FIELDS
+    from streams.slot_kernels import FIELD_ARGS, PROGRAMS
+
+    assert list(FIELD_ARGS) == list(FIELDS)
+    assert PROGRAMS.counts[0] == 0 and all(PROGRAMS.counts[1:] >= 1)  # "bias" is its literal alone
