@@ -226,11 +226,12 @@ class Featurizer:
     def _new_memos(self) -> None:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
-        self._items: dict[tuple[str, str], tuple] = {}  # featurize_block's per-item fields (see _item_fields)
+        self._items: dict[int, tuple] = {}  # featurize_block's codes per catalog entry (see _item_codes)
+        self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
-        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_items")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_items", "_strings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -331,54 +332,72 @@ class Featurizer:
         before the click, folding every event into ``context`` in order; and the clicks' positions in ``events``.
 
         The worker's batch path: the same rows as :meth:`slots_for` followed by ``context.observe(event)`` per
-        event (the reference, tested equal on seeded streams), in one loop with the context update of a
-        click inlined and the item's fields (item, category, price bucket, merchant x category slots) read
-        from one memo entry per item, valid while the catalog keeps the same :class:`ItemInfo` object.
+        event (the reference, tested equal on seeded streams). One Python loop reads the context and folds
+        the events into it in order, and turns each click into a row of integer codes (its string ids
+        interned, one dict lookup each; the item's category and price bucket memoized per :class:`ItemInfo`
+        object, so a re-issued catalog entry, a new object, is read afresh); the numba kernel of
+        :mod:`streams.slot_kernels` then spells and hashes the block's names, bit-identical to the memos'.
         """
-        rows: list[list[int]] = []
+        from streams import slot_kernels  # numba: imported by the first block, not by every user of features
+
+        strings, items = self._strings, self._items
+        if strings is None:
+            strings = self._strings = slot_kernels.StringTable()
+        elif len(strings) >= self.memo_size:  # codes must stay valid inside a block: reset only between blocks
+            strings.reset()
+            items.clear()
+        rows, stamps, at = self._encode_block(events, context, strings, items)
+        n = len(at)
+        if not n:
+            return np.empty((0, self.n_fields), dtype=np.int32), at
+        codes = np.empty((n, len(slot_kernels.COLUMNS)), dtype=np.int64)
+        codes[:, :9] = np.array(rows, dtype=np.int64).reshape(n, 9)
+        np.minimum(codes[:, 7], 20, out=codes[:, 7])  # the position field caps at 20
+        hours = np.floor_divide(np.array(stamps, dtype=np.float64), 3600.0)  # Python's float // (same algorithm)
+        codes[:, 9] = np.mod(hours, 24.0)  # gmtime's hour and weekday, as slots_for
+        codes[:, 10] = np.mod(np.floor_divide(hours, 24.0) + 3.0, 7.0)
+        return slot_kernels.hash_rows(codes, strings, self._mask), at
+
+    def _encode_block(self, events: Sequence[Event], context: FeatureContext, strings: dict[str, int],
+                      items: dict) -> tuple[list[int], list[float], list[int]]:
+        """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
+        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event."""
+        rows: list[int] = []
+        stamps: list[float] = []
         at: list[int] = []
-        merchants, items = context.merchants, self._items
-        m = self._memos
-        bias = self._bias_slot
+        extend, stamp, mark = rows.extend, stamps.append, at.append
+        merchants, click_type, identity = context.merchants, Click, id
+        new, match, other = strings["new"], strings["match"], strings["other"]
         for position, event in enumerate(events):
-            if type(event) is not Click:
+            if type(event) is not click_type:
                 context.observe(event)
                 continue
-            merchant_id, user_id = event.merchant_id, event.user_id
+            merchant_id, user_id, item_id = event.merchant_id, event.user_id, event.item_id
             merchant = merchants.get(merchant_id)
             info = recent = None
             if merchant is not None:
-                info, recent = merchant.catalog.get(event.item_id), merchant.recent.get(user_id)
-            found = items.get((merchant_id, event.item_id))
-            if found is None or found[0] is not info:
-                found = self._item_fields(merchant_id, event.item_id, info)
+                info, recent = merchant.catalog.get(item_id), merchant.recent.get(user_id)
+            found = items.get(identity(info))
+            if found is None:
+                found = self._item_codes(info, strings, items)
             category = found[1]
-            hours = int(event.timestamp // 3600)
-            hour = hours % 24
-            slot = event.position if event.position < 20 else 20
-            device, page = event.device, event.page
-            rows.append([bias, m[1][merchant_id], found[2], found[3], found[4], m[5][hour], m[6][(hours // 24 + 3) % 7],
-                         m[7][device], m[8][page], m[9][slot], m[10][merchant_id, user_id],
-                         m[11][merchant_id, user_id, category], m[12][merchant_id, user_id, event.item_id],
-                         m[13][category, device], m[14][page, slot], found[5],
-                         m[16]["new" if not recent else ("match" if category in recent else "other")],
-                         m[17][category, hour]])
-            at.append(position)
+            extend((strings[merchant_id], strings[user_id], strings[item_id], found[2], found[3],
+                    strings[event.device], strings[event.page], event.position,
+                    new if not recent else (match if category in recent else other)))
+            stamp(event.timestamp)
+            mark(position)
             if event.clicked:
                 (merchant or context.merchant(merchant_id)).remember(user_id, category)
-        indices = np.array(rows, dtype=np.int32) if rows else np.empty((0, self.n_fields), dtype=np.int32)
-        return indices, at
+        return rows, stamps, at
 
-    def _item_fields(self, merchant_id: str, item_id: str, info: ItemInfo | None) -> tuple:
-        """``(info, category, item slot, category slot, price bucket slot, merchant x category slot)`` of an item,
-        memoized by ``(merchant_id, item_id)`` (cleared when it holds ``memo_size`` items)."""
+    def _item_codes(self, info: ItemInfo | None, strings: dict[str, int], items: dict) -> tuple:
+        """``(info, category, category code, price bucket)`` of a catalog entry, memoized by the entry's identity
+        (the memo holds the entry, so its ``id`` is not reused while memoized; cleared when it holds ``memo_size``)."""
         category, bucket = (UNKNOWN, -1) if info is None else (info.category, self._buckets[info.price])
-        m = self._memos
-        fields = (info, category, m[2][merchant_id, item_id], m[3][category], m[4][bucket], m[15][merchant_id, category])
-        if len(self._items) >= self.memo_size:
-            self._items.clear()
-        self._items[merchant_id, item_id] = fields
-        return fields
+        if len(items) >= self.memo_size:
+            items.clear()
+        found = items[id(info)] = (info, category, strings[category], bucket)
+        return found
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""
