@@ -19,6 +19,8 @@ FEATURES = ("bias", "user_count", "user_has", "user_orders", "hours_since", "rec
             "repeat_rate", "has×repeat_rate", "has×merchant_repeat", "co", "co_max", "trans", "trans_max",
             "popularity", "count", "category_affinity", "src_history", "src_co", "src_trans", "src_popular",
             "src_catalog")
+SOURCE_FLAGS = [tuple(float(bool(mask & bit)) for bit in (HISTORY, COOCCUR, TRANSITION, POPULAR, CATALOG))
+                for mask in range(32)]  # the src_* features of each source mask
 PRIOR = {"co": 1.0, "trans": 1.0, "popularity": 0.5, "co_max": 0.5, "trans_max": 0.5}
 
 
@@ -65,8 +67,7 @@ def features(shop: Shop, user: Shopper | None, items: list[str], masks: list[int
                      log(popularity.get(item, 0.0) / pop_max + 1e-4) / 9.2 + 1.0,
                      log1p(stats.count) / 10.0 if stats is not None else 0.0,
                      categories.get(category, 0) / user_total if category is not None and user_total else 0.0,
-                     mask & HISTORY and 1, mask & COOCCUR and 1, mask & TRANSITION and 1, mask & POPULAR and 1,
-                     mask & CATALOG and 1))
+                     *SOURCE_FLAGS[mask]))
     return np.array(rows, dtype=np.float64)
 
 

@@ -7,14 +7,37 @@ reference and a fast recommender hold the same kinds of state and compare field 
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 
 import numpy as np
 
 from online.candidates import CATALOG, COOCCUR, HISTORY, POPULAR, TRANSITION, CandidateState, ItemStats, Shop, Shopper
-from online.ranking import FEATURES, PairwiseRanker, ShopRecommender
+from online.candidates import source_name
+from online.ranking import FEATURES, PairwiseRanker, Recommended, ShopRecommender
 from streams.schemas import CatalogItem, Event
+
+
+def repeat_rate(shop: Shop, item: str, prior: float = 5.0) -> float:
+    base = (shop.totals.repeats + 0.1) / (shop.totals.count + 1.0)
+    stats = shop.stats.get(item)
+    if stats is None:
+        return base
+    return (stats.repeats + prior * base) / (stats.count + prior)
+
+
+def gap_model(shop: Shop, item: str, prior: float = 3.0) -> tuple[float, float]:
+    t = shop.totals
+    mean0 = t.gap_sum / t.repeats if t.repeats else math.log(7 * 86_400.0)
+    var0 = max(t.gap_sq / t.repeats - mean0 * mean0, 0.25) if t.repeats else 4.0
+    stats = shop.stats.get(item)
+    n = stats.repeats if stats is not None else 0.0
+    if not n:
+        return mean0, math.sqrt(var0)
+    mean = (stats.gap_sum + prior * mean0) / (n + prior)
+    var = (stats.gap_sq + prior * (var0 + mean0 * mean0)) / (n + prior) - mean * mean
+    return mean, math.sqrt(max(var, 0.25))
 
 
 def reference_features(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
@@ -30,11 +53,11 @@ def reference_features(shop: Shop, user: Shopper | None, items: list[str], masks
     log, log1p, exp = math.log, math.log1p, math.exp
     rows = []
     for item, mask in zip(items, masks):
-        repeat = shop.repeat_rate(item)
+        repeat = repeat_rate(shop, item)
         entry = user_items.get(item)
         if entry is not None:
             gap = max(when - entry[2], 1.0)
-            mean, sd = shop.gap_model(item)
+            mean, sd = gap_model(shop, item)
             z = (log(gap) - mean) / sd
             history = (log1p(entry[0]), 1.0, log1p(entry[1]), log1p(gap / 3600.0) / 5.0, exp(-gap / 86_400.0),
                        exp(-0.5 * z * z), repeat, repeat, merchant_repeat)
@@ -153,6 +176,22 @@ class ReferenceState(CandidateState):
                 kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
                 totals[a] = sum(kept.values())
 
+    def related(self, shop: Shop, table: dict[str, dict[str, float]], sources: list[tuple[str, float]],
+                limit: int) -> dict[str, float]:
+        totals = shop.totals_co if table is shop.co else shop.totals_trans
+        scores: dict[str, float] = {}
+        get = scores.get
+        for item, weight in sources:
+            row = table.get(item)
+            if not row:
+                continue
+            scale = weight / totals[item]
+            for other, value in row.items():
+                scores[other] = get(other, 0.0) + scale * value
+        if len(scores) > limit:
+            scores = {i: scores[i] for i in heapq.nlargest(limit, scores, key=get)}
+        return scores
+
     def propose(self, merchant_id: str, user_id: str, limit: int = 150, item_id: str | None = None,
                 ) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
         shop = self.shops.get(merchant_id)
@@ -236,3 +275,24 @@ class ReferenceRecommender(ShopRecommender):
         user = shop.users.get(user_id)
         x = reference_features(shop, user, items, [proposed[i] for i in items], co, trans, when)
         self.ranker.learn(merchant_id, x[: len(positives)], x[len(positives):])
+
+    def rank(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
+             item_id: str | None = None) -> list[Recommended]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        shop = self.state.shops.get(merchant_id)
+        if shop is None:
+            return []
+        proposed, co, trans = self.state.propose(merchant_id, user_id, max(self.candidate_limit, k), item_id=item_id)
+        if item_id is not None:
+            proposed.pop(item_id, None)
+        if not proposed:
+            return []
+        items = list(proposed)
+        masks = [proposed[i] for i in items]
+        when = shop.clock if timestamp is None else timestamp
+        x = reference_features(shop, shop.users.get(user_id), items, masks, co, trans, when)
+        scores = self.ranker.scores(merchant_id, x)
+        best = np.argsort(-scores, kind="stable")[:k]
+        shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))  # in (0, 1), same order
+        return [Recommended(items[i], float(p), source_name(masks[i])) for i, p in zip(best.tolist(), shown.tolist())]

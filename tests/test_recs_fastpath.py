@@ -3,8 +3,10 @@ step, training skipped when no chosen item can be a candidate) equals the former
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from online.candidates import CandidateState
 from online.ranking import ShopRecommender
 from streams.generator import GeneratorConfig, generate
 from streams.schemas import Click, Order
-from tests.recs_reference import ReferenceRecommender, ReferenceState
+from tests.recs_reference import ReferenceRanker, ReferenceRecommender, ReferenceState
 from tests.test_recs_ranking import shop_stream
 
 DAY = 86_400.0
@@ -110,3 +112,28 @@ def test_event_by_event_equals_blocks_and_pickles_resume_alike():
     by_block.observe_block(events[1_500:])
     assert_same_candidates(by_block.state, by_event.state)
     assert_same_ranker(by_block, by_event)
+
+
+def test_a_recommender_pickled_by_the_former_code_serves_the_same_and_learns_on_alike():
+    """``tests/data/recommender_before_fastpath.pkl``: pickled by the code before the fast path (commit and stream
+    in the JSON next to it, with the rankings that code returned for it)."""
+    data = Path(__file__).parent / "data"
+    blob = (data / "recommender_before_fastpath.pkl").read_bytes()
+    expected = json.loads((data / "recommender_before_fastpath.json").read_text())
+    served = pickle.loads(blob)
+    assert type(served) is ShopRecommender and served.ranker.updates == 125
+    for ask in expected["rankings"]:
+        top = served.rank(ask["merchant"], ask["user"], 5, item_id=ask["item_id"])
+        assert [[r.item_id, r.source] for r in top] == [[item, source] for item, _, source in ask["top"]]
+        np.testing.assert_allclose([r.score for r in top], [score for _, score, _ in ask["top"]], rtol=1e-12)
+    fast, reference = pickle.loads(blob), pickle.loads(blob)  # ranking re-ranks the popular items: fresh copies
+    reference.__class__, reference.state.__class__, reference.ranker.__class__ = (ReferenceRecommender,
+                                                                                  ReferenceState, ReferenceRanker)
+    rest = list(generate(GeneratorConfig(merchants=2, events=2500, seed=21, days=2.0,
+                                         items_per_merchant=(30, 80))))[1800:]
+    for event in rest:
+        reference.observe(event)
+    fast.observe_block(rest)
+    assert_same_candidates(fast.state, reference.state)
+    assert_same_ranker(fast, reference)
+    assert fast.ranker.updates > 125
