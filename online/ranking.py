@@ -11,16 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from online.candidates import (CATALOG, COOCCUR, HISTORY, POPULAR, TRANSITION, CandidateState, Shop, Shopper,
-                               item_gap_model, item_repeat_rate, merchant_priors, source_name)
+from online.candidates import (SOURCE_NAMES, CandidateState, Shop, Shopper, item_gap_model, item_repeat_rate,
+                               merchant_priors, source_name)
 from streams.schemas import Click, Event
 
 FEATURES = ("bias", "user_count", "user_has", "user_orders", "hours_since", "recent_day", "cycle_match",
             "repeat_rate", "has×repeat_rate", "has×merchant_repeat", "co", "co_max", "trans", "trans_max",
             "popularity", "count", "category_affinity", "src_history", "src_co", "src_trans", "src_popular",
             "src_catalog")
-SOURCE_FLAGS = [tuple(float(bool(mask & bit)) for bit in (HISTORY, COOCCUR, TRANSITION, POPULAR, CATALOG))
-                for mask in range(32)]  # the src_* features of each source mask
+SOURCE_FLAGS = [tuple(float(bool(mask & bit)) for bit in SOURCE_NAMES)  # the src_* features of each source mask
+                for mask in range(2 ** len(SOURCE_NAMES))]
 PRIOR = {"co": 1.0, "trans": 1.0, "popularity": 0.5, "co_max": 0.5, "trans_max": 0.5}
 
 

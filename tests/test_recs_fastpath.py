@@ -18,7 +18,6 @@ from streams.schemas import Click, Order
 from tests.recs_reference import ReferenceRanker, ReferenceRecommender, ReferenceState
 from tests.test_recs_ranking import shop_stream
 
-DAY = 86_400.0
 BOUNDS = {"history": 6, "max_items": 40, "max_neighbors": 4, "max_users": 25, "max_user_items": 3}
 
 
