@@ -27,7 +27,7 @@ from streams.schemas import CatalogItem
 STAGES = {
     "featurize (slots + context)": [("featurizer", "featurize_block"), ("featurizer", "slots_for"),
                                     ("state.context", "observe")],
-    "recommender update": [("state.recommender", "observe")],
+    "recommender update": [("state.recommender", "observe_block"), ("state.recommender", "observe")],
     "ranking evaluation (every rank_every-th step)": [("", "_score_ranking")],
     "learner (FTRL learn_many)": [("state.model", "learn_many")],
     "prequential evaluator": [("state.evaluator", "update_many")],

@@ -80,24 +80,36 @@ class Shop:
 
     def repeat_rate(self, item: str, prior: float = 5.0) -> float:
         """Share of an item's choices that were repeats, shrunk towards the merchant's share."""
-        base = (self.totals.repeats + 0.1) / (self.totals.count + 1.0)
-        stats = self.stats.get(item)
-        if stats is None:
-            return base
-        return (stats.repeats + prior * base) / (stats.count + prior)
+        return item_repeat_rate(self.stats.get(item), merchant_priors(self.totals)[0], prior)
 
     def gap_model(self, item: str, prior: float = 3.0) -> tuple[float, float]:
         """Mean and standard deviation of log seconds between an item's repeats (shrunk to the merchant's)."""
-        t = self.totals
-        mean0 = t.gap_sum / t.repeats if t.repeats else math.log(7 * 86_400.0)
-        var0 = max(t.gap_sq / t.repeats - mean0 * mean0, 0.25) if t.repeats else 4.0
-        stats = self.stats.get(item)
-        n = stats.repeats if stats is not None else 0.0
-        if not n:
-            return mean0, math.sqrt(var0)
-        mean = (stats.gap_sum + prior * mean0) / (n + prior)
-        var = (stats.gap_sq + prior * (var0 + mean0 * mean0)) / (n + prior) - mean * mean
-        return mean, math.sqrt(max(var, 0.25))
+        _, mean0, var0 = merchant_priors(self.totals)
+        return item_gap_model(self.stats.get(item), mean0, var0, prior)
+
+
+def merchant_priors(totals: ItemStats) -> tuple[float, float, float]:
+    """A merchant's repeat share, and mean and variance of log seconds between repeats (the items' priors)."""
+    base = (totals.repeats + 0.1) / (totals.count + 1.0)
+    if not totals.repeats:
+        return base, math.log(7 * 86_400.0), 4.0
+    mean0 = totals.gap_sum / totals.repeats
+    return base, mean0, max(totals.gap_sq / totals.repeats - mean0 * mean0, 0.25)
+
+
+def item_repeat_rate(stats: ItemStats | None, base: float, prior: float = 5.0) -> float:
+    """:meth:`Shop.repeat_rate` from the item's statistics and the merchant's share ``base``."""
+    return base if stats is None else (stats.repeats + prior * base) / (stats.count + prior)
+
+
+def item_gap_model(stats: ItemStats | None, mean0: float, var0: float, prior: float = 3.0) -> tuple[float, float]:
+    """:meth:`Shop.gap_model` from the item's statistics and the merchant's priors."""
+    n = stats.repeats if stats is not None else 0.0
+    if not n:
+        return mean0, math.sqrt(var0)
+    mean = (stats.gap_sum + prior * mean0) / (n + prior)
+    var = (stats.gap_sq + prior * (var0 + mean0 * mean0)) / (n + prior) - mean * mean
+    return mean, math.sqrt(max(var, 0.25))
 
 
 class CandidateState:
@@ -186,39 +198,45 @@ class CandidateState:
         user = self.user(shop, user_id, create=True)
         value = self._decayed(shop, when)
         same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
+        popularity, unchosen, chosen_before = shop.popularity, shop.unchosen, user.items
+        pool = dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
         for item in items:
-            if item in shop.unchosen:
-                del shop.unchosen[item]
+            if item in unchosen:
+                del unchosen[item]
                 if shop.text is not None and item in shop.text.index:
                     shop.text_open[shop.text.index[item]] = 0
-            shop.popularity[item] = shop.popularity.get(item, 0.0) + value
-            self._repeat_stats(shop, user, item, when)
-            others = [other for other in dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
-                      if other != item and (other not in items or other < item)]
-            self._link(shop.co, shop.totals_co, [pair for other in others for pair in ((other, item), (item, other))])
+            popularity[item] = popularity.get(item, 0.0) + value
+            self._repeat_stats(shop, chosen_before.get(item), item, when)
+            self._link_both(shop.co, shop.totals_co, item,
+                            [other for other in pool if other != item and (other not in items or other < item)])
             if same_session:
                 self._link(shop.trans, shop.totals_trans,
                            [(previous, item) for previous in user.last_step if previous != item])
-        for item in items:
-            entry = user.items.pop(item, None)  # re-inserted: the dict stays in recency order, newest last
-            if entry is None:
-                entry = [0, 0, when]
-            user.items[item] = entry
-            entry[0] += 1
-            entry[1] += is_order
-            entry[2] = when
-            category = shop.catalog.get(item)
-            if category is not None:
-                user.categories[category] = user.categories.get(category, 0) + 1
-            user.total += 1
-            if not user.recent or user.recent[-1] != item:
-                user.recent.append(item)
-        if len(user.items) > 2 * self.max_user_items:
-            user.items = dict(list(user.items.items())[-self.max_user_items:])
+        self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
         if len(shop.stats) > 2 * self.max_items:
             self._prune_items(shop)
+
+    def _remember(self, shop: Shop, user: Shopper, items: tuple[str, ...], when: float, is_order: bool) -> None:
+        """The user's side of a step: per-item count, orders and last time (recency order), categories, recent."""
+        chosen, catalog, categories, recent = user.items, shop.catalog, user.categories, user.recent
+        for item in items:
+            entry = chosen.pop(item, None)  # re-inserted: the dict stays in recency order, newest last
+            if entry is None:
+                entry = [0, 0, when]
+            chosen[item] = entry
+            entry[0] += 1
+            entry[1] += is_order
+            entry[2] = when
+            category = catalog.get(item)
+            if category is not None:
+                categories[category] = categories.get(category, 0) + 1
+            if not recent or recent[-1] != item:
+                recent.append(item)
+        user.total += len(items)
+        if len(chosen) > 2 * self.max_user_items:
+            user.items = dict(list(chosen.items())[-self.max_user_items:])
 
     def embed_pending(self, shop: Shop | None = None) -> int:
         """Embed the catalog texts that arrived since the last call (one shop, or all), in batches; returns
@@ -242,16 +260,18 @@ class CandidateState:
             one.pending.clear()
         return done
 
-    def _repeat_stats(self, shop: Shop, user: Shopper, item: str, when: float) -> None:
+    @staticmethod
+    def _repeat_stats(shop: Shop, entry: list | None, item: str, when: float) -> None:
+        """Count a choice of ``item``; ``entry`` is the user's earlier ``[count, orders, last_time]`` of it, if any."""
         stats = shop.stats.get(item)
         if stats is None:
             stats = shop.stats[item] = ItemStats()
         stats.count += 1
-        shop.totals.count += 1
-        entry = user.items.get(item)
+        totals = shop.totals
+        totals.count += 1
         if entry is not None:
             gap = math.log(max(when - entry[2], 1.0))
-            for target in (stats, shop.totals):
+            for target in (stats, totals):
                 target.repeats += 1
                 target.gap_sum += gap
                 target.gap_sq += gap * gap
@@ -277,8 +297,43 @@ class CandidateState:
             row[b] = row.get(b, 0.0) + 1.0
             totals[a] = totals.get(a, 0.0) + 1.0
             if len(row) > cap:
-                kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
-                totals[a] = sum(kept.values())
+                self._cap(table, totals, a, row)
+
+    def _link_both(self, table: dict[str, dict[str, float]], totals: dict[str, float], item: str,
+                   others: list[str]) -> None:
+        """:meth:`_link` of the pairs ``(other, item), (item, other)`` for each of ``others`` (distinct, none
+        ``item``), in that order: the co-occurrence update of a choice, without building the pairs. ``item``'s
+        total takes its links at once (or from its last cap on): whole numbers, so the same float."""
+        if not others:
+            return
+        cap, get = 2 * self.max_neighbors, table.get
+        own, added = None, 0
+        for other in others:
+            row = get(other)
+            if row is None:
+                row = table[other] = {}
+            row[item] = row.get(item, 0.0) + 1.0
+            totals[other] = totals.get(other, 0.0) + 1.0
+            if len(row) > cap:
+                self._cap(table, totals, other, row)
+            if own is None:
+                own = get(item)
+                if own is None:
+                    own = table[item] = {}
+                if item not in totals:
+                    totals[item] = 0.0  # its place in the dict, as the pairwise update gives it
+            own[other] = own.get(other, 0.0) + 1.0
+            added += 1
+            if len(own) > cap:
+                own, added = self._cap(table, totals, item, own), 0
+        totals[item] += added
+
+    def _cap(self, table: dict[str, dict[str, float]], totals: dict[str, float], a: str,
+             row: dict[str, float]) -> dict[str, float]:
+        """Keep a row's strongest ``max_neighbors`` links (ties in row order); returns the new row."""
+        kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
+        totals[a] = sum(kept.values())
+        return kept
 
     def _prune_items(self, shop: Shop) -> None:
         keep = dict(heapq.nlargest(self.max_items, shop.popularity.items(), key=lambda kv: kv[1]))
@@ -310,10 +365,14 @@ class CandidateState:
             if not row:
                 continue
             scale = weight / totals[item]
+            if not scores:  # the first row as it is (0.0 + x is x): one comprehension, no lookups
+                scores = {other: scale * value for other, value in row.items()}
+                get = scores.get
+                continue
             for other, value in row.items():
                 scores[other] = get(other, 0.0) + scale * value
-        if len(scores) > limit:
-            scores = {i: scores[i] for i in heapq.nlargest(limit, scores, key=get)}  # = sorted(...)[:limit], ties too
+        if len(scores) > limit:  # sorted is stable, so ties keep first-seen order (as heapq.nlargest, in C)
+            scores = {i: scores[i] for i in sorted(scores, key=get, reverse=True)[:limit]}
         return scores
 
     def propose(self, merchant_id: str, user_id: str, limit: int = 150, item_id: str | None = None,
@@ -335,8 +394,8 @@ class CandidateState:
         co = self.related(shop, shop.co, context[:self.history], per_source)
         trans = self.related(shop, shop.trans, last, per_source)
         out: dict[str, int] = {}
-        if user is not None:
-            for item in list(user.items)[-per_source:]:
+        if user is not None:  # the newest per_source, oldest first
+            for item in reversed(list(itertools.islice(reversed(user.items), per_source))):
                 out[item] = HISTORY
         for table, bit in ((co, COOCCUR), (trans, TRANSITION)):
             for item in table:
@@ -350,6 +409,26 @@ class CandidateState:
                     if len(out) >= limit:
                         break
         return out, co, trans
+
+    def may_propose(self, shop: Shop, user: Shopper | None, items: tuple[str, ...], limit: int) -> bool:
+        """False when :meth:`propose` (no product page) provably proposes none of ``items``: none is in the user's
+        history, in a co-occurrence row of their recent items or a transition row of their last step, among the
+        popular, or unchosen in the catalog. Re-ranks the popular items as :meth:`propose` would."""
+        top = self.popular(shop, max(limit // 3, 10))
+        text = shop.text
+        for item in items:
+            if item in shop.unchosen or item in top or (text is not None and item in text.index):
+                return True
+            if user is None:
+                continue
+            if item in user.items:
+                return True
+            for table, sources in ((shop.co, user.recent), (shop.trans, user.last_step)):
+                for source in sources:
+                    row = table.get(source)
+                    if row is not None and item in row:
+                        return True
+        return False
 
     def cold_start(self, shop: Shop, user: Shopper | None, limit: int) -> list[str]:
         """Up to ``limit`` unchosen catalog items: by text similarity to the user's recent items when their
@@ -382,5 +461,6 @@ class CandidateState:
                 "user_items": sum(len(u.items) for s in shops for u in s.users.values())}
 
 
-__all__ = ["CandidateState", "Shop", "Shopper", "ItemStats", "source_name", "HISTORY", "COOCCUR", "TRANSITION",
+__all__ = ["CandidateState", "Shop", "Shopper", "ItemStats", "source_name", "merchant_priors", "item_repeat_rate",
+           "item_gap_model", "HISTORY", "COOCCUR", "TRANSITION",
            "POPULAR", "CATALOG"]

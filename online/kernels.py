@@ -1,4 +1,5 @@
-"""Native (numba) kernels: exact sequential SGD, Adam and FTRL-Proximal over hashed index arrays.
+"""Native (numba) kernels: exact sequential SGD, Adam and FTRL-Proximal over hashed index arrays, and the
+recommender's pairwise AdaGrad step (:func:`pairwise_adagrad`).
 
 Each ``*_learn`` kernel walks a batch of ``(n, F)`` slot indices and values row by row, exactly as
 ``learn_one`` would: predict the row at the current weights (written to ``out``, test-then-train), then
@@ -189,3 +190,32 @@ def predict(w, indices, values, out):
 
 
 __all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict", "seed", "Q_SCALE"]
+
+
+@njit("void(float64[:, ::1], float64[:, ::1], float64[::1], float64[::1], float64[::1], float64[::1], float64, "
+      "float64, float64)", cache=True, nogil=True)
+def pairwise_adagrad(positives, negatives, weights, squares, own, own_squares, rate, own_rate, l2):
+    """One AdaGrad step of ``online.ranking.PairwiseRanker`` on the pairwise logistic loss: the mean gradient over
+    every (positive, negative) pair at the weights ``weights + own``, then a step on the global and the
+    merchant's weights. The numpy step in ``tests/recs_reference.py`` is the reference (same order of sums)."""
+    n_features = weights.shape[0]
+    at = weights + own
+    gradient = np.zeros(n_features)
+    diff = np.empty(n_features)
+    for i in range(positives.shape[0]):
+        for j in range(negatives.shape[0]):
+            margin = 0.0
+            for f in range(n_features):
+                diff[f] = positives[i, f] - negatives[j, f]
+                margin += diff[f] * at[f]
+            scale = 1.0 / (1.0 + math.exp(min(max(margin, -CLIP), CLIP)))
+            for f in range(n_features):
+                gradient[f] += diff[f] * scale
+    pairs = positives.shape[0] * negatives.shape[0]
+    for f in range(n_features):
+        gradient[f] = -(gradient[f] / pairs)
+    for target, sums, step in ((weights, squares, rate), (own, own_squares, own_rate)):
+        for f in range(n_features):
+            g = gradient[f] + l2 * target[f]
+            sums[f] += g * g
+            target[f] -= step * g / math.sqrt(sums[f])

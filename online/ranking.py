@@ -11,13 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from online.candidates import CATALOG, COOCCUR, HISTORY, POPULAR, TRANSITION, CandidateState, Shop, Shopper, source_name
-from streams.schemas import Event
+from online.candidates import (SOURCE_NAMES, CandidateState, Shop, Shopper, item_gap_model, item_repeat_rate,
+                               merchant_priors, source_name)
+from streams.schemas import Click, Event
 
 FEATURES = ("bias", "user_count", "user_has", "user_orders", "hours_since", "recent_day", "cycle_match",
             "repeat_rate", "has×repeat_rate", "has×merchant_repeat", "co", "co_max", "trans", "trans_max",
             "popularity", "count", "category_affinity", "src_history", "src_co", "src_trans", "src_popular",
             "src_catalog")
+SOURCE_FLAGS = [tuple(float(bool(mask & bit)) for bit in SOURCE_NAMES)  # the src_* features of each source mask
+                for mask in range(2 ** len(SOURCE_NAMES))]
 PRIOR = {"co": 1.0, "trans": 1.0, "popularity": 0.5, "co_max": 0.5, "trans_max": 0.5}
 
 
@@ -37,32 +40,34 @@ def features(shop: Shop, user: Shopper | None, items: list[str], masks: list[int
         return np.zeros((0, len(FEATURES)))
     co_max = max(co.values(), default=0.0) or 1.0
     trans_max = max(trans.values(), default=0.0) or 1.0
-    pop_max = max((shop.popularity.get(shop.ranked[0], 0.0) if shop.ranked else 0.0), 1e-300)
-    merchant_repeat = (shop.totals.repeats + 0.1) / (shop.totals.count + 1.0)
+    popularity = shop.popularity
+    pop_max = max((popularity.get(shop.ranked[0], 0.0) if shop.ranked else 0.0), 1e-300)
+    merchant_repeat, mean0, var0 = merchant_priors(shop.totals)
     user_items = user.items if user is not None else {}
     user_total = user.total if user is not None else 0
+    categories = user.categories if user_total else None
+    stats_of, catalog, co_of, trans_of = shop.stats.get, shop.catalog, co.get, trans.get
     log, log1p, exp = math.log, math.log1p, math.exp
     rows = []
     for item, mask in zip(items, masks):  # rows as Python floats, one array at the end: the same float64 values
-        repeat = shop.repeat_rate(item)
+        stats = stats_of(item)
+        repeat = item_repeat_rate(stats, merchant_repeat)
         entry = user_items.get(item)
         if entry is not None:
             gap = max(when - entry[2], 1.0)
-            mean, sd = shop.gap_model(item)
+            mean, sd = item_gap_model(stats, mean0, var0)
             z = (log(gap) - mean) / sd
             history = (log1p(entry[0]), 1.0, log1p(entry[1]), log1p(gap / 3600.0) / 5.0, exp(-gap / 86_400.0),
                        exp(-0.5 * z * z), repeat, repeat, merchant_repeat)
         else:
             history = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, repeat, 0.0, 0.0)
-        c, t = co.get(item, 0.0), trans.get(item, 0.0)
-        stats = shop.stats.get(item)
-        category = shop.catalog.get(item)
+        c, t = co_of(item, 0.0), trans_of(item, 0.0)
+        category = catalog.get(item)
         rows.append((1.0, *history, log1p(10.0 * c), c / co_max, log1p(10.0 * t), t / trans_max,
-                     log(shop.popularity.get(item, 0.0) / pop_max + 1e-4) / 9.2 + 1.0,
+                     log(popularity.get(item, 0.0) / pop_max + 1e-4) / 9.2 + 1.0,
                      log1p(stats.count) / 10.0 if stats is not None else 0.0,
-                     user.categories.get(category, 0) / user_total if category is not None and user_total else 0.0,
-                     mask & HISTORY and 1, mask & COOCCUR and 1, mask & TRANSITION and 1, mask & POPULAR and 1,
-                     mask & CATALOG and 1))
+                     categories.get(category, 0) / user_total if category is not None and user_total else 0.0,
+                     *SOURCE_FLAGS[mask]))
     return np.array(rows, dtype=np.float64)
 
 
@@ -92,14 +97,10 @@ class PairwiseRanker:
         own = self.merchants.get(merchant_id)
         if own is None:
             own = self.merchants[merchant_id] = (np.zeros(len(FEATURES)), np.full(len(FEATURES), 1e-6))
-        diff = (positives[:, None, :] - negatives[None, :, :]).reshape(-1, len(FEATURES))
-        margin = diff @ (self.weights + own[0])
-        gradient = -(np.add.reduce(diff * (1.0 / (1.0 + np.exp(np.clip(margin, -35.0, 35.0))))[:, None], axis=0)
-                     / len(diff))  # .mean(axis=0), bit for bit, without its Python wrapper
-        for weights, squares, rate in ((self.weights, self.squares, self.learning_rate), (own[0], own[1], self.merchant_rate)):
-            g = gradient + self.l2 * weights
-            squares += g * g
-            weights -= rate * g / np.sqrt(squares)
+        from online.kernels import pairwise_adagrad  # numba: loaded by the learner, never by serving
+
+        pairwise_adagrad(np.ascontiguousarray(positives), np.ascontiguousarray(negatives), self.weights,
+                         self.squares, own[0], own[1], self.learning_rate, self.merchant_rate, self.l2)
         self.updates += 1
 
 
@@ -127,17 +128,43 @@ class ShopRecommender:
         """Test-then-train on one event: learn to rank what the user chose, then fold it into the sources."""
         step = CandidateState.step_of(event)
         if step is not None:
-            self.steps += 1
-            seen = self.merchant_steps[event.merchant_id] = self.merchant_steps.get(event.merchant_id, 0) + 1
-            if seen <= self.warm_up_steps or seen % self.train_every == 0:
-                self._train(event.merchant_id, event.user_id, step[0], event.timestamp)
-            self.n_observed += 1
+            self._learn_step(event, step[0])
         self.state.fold(event, step)
+
+    def observe_block(self, events: list[Event]) -> None:
+        """:meth:`observe` each event in order (the worker's batch path): the same state, without the calls
+        per event that an unclicked impression (most events) does not need."""
+        state, shops, fold, learn_step = self.state, self.state.shops, self.state.fold, self._learn_step
+        for event in events:
+            kind = type(event)
+            if kind is Click:
+                if not event.clicked:  # only moves its merchant's clock (as CandidateState.fold does)
+                    shop = shops.get(event.merchant_id) or state.shop(event.merchant_id)
+                    if event.timestamp > shop.clock:
+                        shop.clock = event.timestamp
+                    continue
+                step = ((event.item_id,), False)
+            else:
+                step = CandidateState.step_of(event)
+            if step is not None:
+                learn_step(event, step[0])
+            fold(event, step)
+
+    def _learn_step(self, event: Event, chosen: tuple[str, ...]) -> None:
+        """Count a step and, at a training step of its merchant, learn from it before it is folded in."""
+        self.steps += 1
+        seen = self.merchant_steps[event.merchant_id] = self.merchant_steps.get(event.merchant_id, 0) + 1
+        if seen <= self.warm_up_steps or seen % self.train_every == 0:
+            self._train(event.merchant_id, event.user_id, chosen, event.timestamp)
+        self.n_observed += 1
 
     def _train(self, merchant_id: str, user_id: str, chosen: tuple[str, ...], when: float) -> None:
         shop = self.state.shops.get(merchant_id)
         if shop is None or not shop.popularity:
             return
+        user = shop.users.get(user_id)
+        if not self.state.may_propose(shop, user, chosen, self.train_candidates):
+            return  # no chosen item among the candidates: no pair to learn, no draw from the generator
         proposed, co, trans = self.state.propose(merchant_id, user_id, self.train_candidates)
         positives = [item for item in chosen if item in proposed]
         others = [item for item in proposed if item not in chosen]
@@ -145,7 +172,6 @@ class ShopRecommender:
             return
         sampled = self.rng.sample(others, min(self.negatives, len(others)))
         items = positives + sampled
-        user = shop.users.get(user_id)
         x = features(shop, user, items, [proposed[i] for i in items], co, trans, when)
         self.ranker.learn(merchant_id, x[: len(positives)], x[len(positives):])
 

@@ -298,12 +298,19 @@ class OnlineWorker:
         self.last_learned_at, self.last_learned_cpu = time.monotonic(), time.process_time()
 
     def _observe_recommender(self, events: list) -> None:
-        """Fold a block's events into the recommender in order, scoring every ``rank_every``-th step first."""
-        rank_every, observe = self.config.rank_every, self.state.recommender.observe
-        for event in events:
-            if rank_every and (event.clicked if type(event) is Click else type(event) is Order):
-                self._count_ranked(event)
-            observe(event)
+        """Fold a block's events into the recommender in order (``observe_block``, in runs), scoring every
+        ``rank_every``-th step before its event is folded in."""
+        rank_every, state = self.config.rank_every, self.state
+        observe_block, start = state.recommender.observe_block, 0
+        if rank_every:
+            for position, event in enumerate(events):
+                if event.clicked if type(event) is Click else type(event) is Order:
+                    state.ranked += 1
+                    if state.ranked % rank_every == 0:
+                        observe_block(events[start:position])
+                        self._score_ranking(event)
+                        start = position
+        observe_block(events[start:])
 
     def _count_ranked(self, event: Click | Order) -> None:
         self.state.ranked += 1
