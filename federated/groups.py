@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from federated.stores import dataset_from_folder
+from federated.stores import batch_at, epoch_order, read_columns
 from federated.training import FederatedConfig, build_process, client_optimizer, server_optimizer
 from fedstream.logs import get_logger
 
@@ -193,23 +193,24 @@ def _train_group(model, config: FederatedConfig, label_width: int):
         tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial)
         model.reset_metrics()
         specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in weights.trainable)
+        columns = read_columns(folder, label_width)  # the batches dataset_from_folder makes, without tf.data
+        order = epoch_order(tf.shape(columns[2])[0], config.client_epochs, seed)
 
-        def step(state, batch):
-            count, opt_state = state
+        def step(start, count, opt_state):
             with tf.GradientTape() as tape:
-                output = model.forward_pass(batch, training=True)
+                output = model.forward_pass(batch_at(columns, order, start, config.batch_size), training=True)
             grads = tape.gradient(output.loss, weights.trainable)
             if mu > 0:  # FedProx: TFF's proximal client work adds mu * (w - w_global) to the gradient
                 grads = [g + mu * (w - w0) for g, w, w0 in zip(grads, weights.trainable, initial.trainable)]
             opt_state, updated = optimizer.next(opt_state, tuple(weights.trainable), tuple(grads))
-            for variable, value in zip(weights.trainable, updated):
-                variable.assign(value)
-            return count + tf.cast(output.num_examples, tf.int64), opt_state
+            with tf.control_dependencies([v.assign(u) for v, u in zip(weights.trainable, updated)]):
+                return start + config.batch_size, count + tf.cast(output.num_examples, tf.int64), opt_state
 
-        data = dataset_from_folder(folder, batch_size=config.batch_size, epochs=config.client_epochs,
-                                   shuffle_seed=seed, label_width=label_width)
-        count, _ = data.reduce((tf.zeros([], tf.int64), optimizer.initialize(specs)), step)
-        delta = [a - b for a, b in zip(initial.trainable, weights.trainable)]
+        total = tf.size(order, out_type=tf.int64)
+        _, count, _ = tf.while_loop(lambda start, *_: start < total, step,
+                                    (tf.constant(0, tf.int64), tf.constant(0, tf.int64), optimizer.initialize(specs)))
+        with tf.control_dependencies([count]):
+            delta = [a - b for a, b in zip(initial.trainable, weights.trainable)]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
         delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]  # TFF zeroes a non-finite update ...
         weight = tf.where(finite, 1.0 if config.dp else tf.cast(count, tf.float32), 0.0)  # ... and its weight
