@@ -200,8 +200,9 @@ def _train_group(model, config: FederatedConfig, label_width: int):
             with tf.GradientTape() as tape:
                 output = model.forward_pass(batch_at(columns, order, start, config.batch_size), training=True)
             grads = tape.gradient(output.loss, weights.trainable)
-            if mu > 0:  # FedProx: TFF's proximal client work adds mu * (w - w_global) to the gradient
-                grads = [g + mu * (w - w0) for g, w, w0 in zip(grads, weights.trainable, initial.trainable)]
+            if mu > 0:  # FedProx as TFF 0.87's proximal client work has it: mu * (w_global - w) added to the
+                # gradient (sic: the sign pushes away from the global model; kept so both paths train alike)
+                grads = [g + mu * (w0 - w) for g, w, w0 in zip(grads, weights.trainable, initial.trainable)]
             opt_state, updated = optimizer.next(opt_state, tuple(weights.trainable), tuple(grads))
             with tf.control_dependencies([v.assign(u) for v, u in zip(weights.trainable, updated)]):
                 return start + config.batch_size, count + tf.cast(output.num_examples, tf.int64), opt_state
