@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from federated.stores import batch_at, epoch_order, read_columns
+from federated.stores import batch_at, column_paths, epoch_order, read_columns
 from federated.training import FederatedConfig, build_process, client_optimizer, server_optimizer
 from fedstream.logs import get_logger
 
@@ -193,7 +193,7 @@ def _train_group(model, config: FederatedConfig, label_width: int):
         tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial)
         model.reset_metrics()
         specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in weights.trainable)
-        columns = read_columns(folder, label_width)  # the batches dataset_from_folder makes, without tf.data
+        columns = read_columns(column_paths(folder), label_width)  # the batches dataset_from_folder makes, without tf.data
         order = epoch_order(tf.shape(columns[2])[0], config.client_epochs, seed)
 
         def step(start, count, opt_state):

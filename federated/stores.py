@@ -311,11 +311,10 @@ def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffl
     """
     import tensorflow as tf
 
-    folder = tf.convert_to_tensor(folder, tf.string)
-    paths = tf.data.Dataset.from_tensors(folder)
+    paths = tf.data.Dataset.from_tensors(column_paths(folder))
 
-    def batches(path):
-        columns = read_columns(path, label_width)
+    def batches(*paths):
+        columns = read_columns(paths, label_width)
         order = epoch_order(tf.shape(columns[2])[0], epochs, shuffle_seed)
         return tf.data.Dataset.range(0, tf.size(order, out_type=tf.int64), batch_size).map(
             lambda start: batch_at(columns, order, start, batch_size))
@@ -323,15 +322,23 @@ def dataset_from_folder(folder, *, batch_size: int = 32, epochs: int = 1, shuffl
     return paths.flat_map(batches).with_options(_lean_options())
 
 
-def read_columns(folder, label_width: int = 1):
-    """TF ops reading a split directory's ``(indices[n,F], values[n,F], labels[n,label_width])`` from its path."""
+def column_paths(folder):
+    """The ``indices``, ``values`` and ``labels`` file paths of a split directory (a string or ``tf.string``)."""
+    import tensorflow as tf
+
+    folder = tf.convert_to_tensor(folder, tf.string)
+    return tuple(tf.strings.join([folder, f"/{name}.npy"]) for name in ("indices", "values", "labels"))
+
+
+def read_columns(paths, label_width: int = 1):
+    """TF ops reading ``(indices[n,F], values[n,F], labels[n,label_width])`` from :func:`column_paths`."""
     import tensorflow as tf
 
     width = len(FIELDS)
-    indices = _npy_column(tf.strings.join([folder, "/indices.npy"]), tf.int32, width)
-    labels = tf.reshape(_npy_column(tf.strings.join([folder, "/labels.npy"]), tf.float32, None),
-                        [tf.shape(indices)[0], -1])
-    values = _npy_column(tf.strings.join([folder, "/values.npy"]), tf.float32, width)
+    indices_path, values_path, labels_path = paths
+    indices = _npy_column(indices_path, tf.int32, width)
+    labels = tf.reshape(_npy_column(labels_path, tf.float32, None), [tf.shape(indices)[0], -1])
+    values = _npy_column(values_path, tf.float32, width)
     return indices, values, tf.reshape(labels[:, :label_width], [-1, label_width])  # clicks: column 0
 
 

@@ -121,3 +121,19 @@ def test_groups_apply_where_the_aggregate_is_a_sum_of_merchant_terms(tff_module,
     state, history = run_rounds(process, process.initialize(), data, config)  # the runner's loop, unchanged
     assert [len(r.participants) for r in history] == [4, 4] and history[-1].train["num_examples"] > 500
     assert all(np.isfinite(w).all() for w in process.get_model_weights(state).trainable)
+
+
+def test_federated_run_takes_the_group_count(tmp_path):
+    from click.testing import CliRunner
+
+    from federated.runner import tff_clients
+    from fedstream.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["federated", "run", "--help"]).output
+    assert "--client-groups" in help_text and "one TFF client per" in help_text
+    bad = runner.invoke(main, ["federated", "run", "--client-groups", "-1"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    assert bad.exit_code == 2 and "--client-groups" in bad.output
+    assert tff_clients(FederatedConfig(), on_workers=False) == "2 merchant groups"
+    assert tff_clients(FederatedConfig(secure_agg=True), on_workers=False).startswith("one per merchant (secure")
+    assert tff_clients(FederatedConfig(), on_workers=True) == "one merchant per joined worker"
