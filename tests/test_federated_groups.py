@@ -120,7 +120,12 @@ def test_groups_apply_where_the_aggregate_is_a_sum_of_merchant_terms(tff_module,
     data.train = {f"m{k}": (lambda f=folder: f) for k, (folder, _) in enumerate(clients)}
     state, history = run_rounds(process, process.initialize(), data, config)  # the runner's loop, unchanged
     assert [len(r.participants) for r in history] == [4, 4] and history[-1].train["num_examples"] > 500
-    assert all(np.isfinite(w).all() for w in process.get_model_weights(state).trainable)
+    weights = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+    assert all(np.isfinite(w).all() for w in weights)
+    empty = process.next(state, [])  # nobody in the cohort: one empty group, the touched mean moves nothing
+    for before, after in zip(weights, process.get_model_weights(empty.state).trainable):
+        np.testing.assert_array_equal(np.asarray(after), before)
+    assert float(empty.metrics["client_work"]["train"]["num_examples"]) == 0
 
 
 def test_federated_run_takes_the_group_count(tmp_path):
