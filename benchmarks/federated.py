@@ -3,12 +3,16 @@ comparison of federated, centralized, local-only and fine-tuned models, calibrat
 different seeds.
 
 1. Scaling: seconds per TFF round (all sampled merchants train one local epoch, batch 32) for 10, 50 and
-   100 merchants, on merchants generated with equal traffic shares; the same round in plain numpy
+   100 merchants, on merchants generated with equal traffic shares, with merchant groups (what
+   ``fedstream federated run`` uses: :mod:`federated.groups`, ``client_groups`` TFF clients per round;
+   ``BENCH_CLIENT_GROUPS`` sets the count) and with one TFF client per merchant (``tff_per_merchant_round_s``,
+   ``BENCH_PER_MERCHANT=0`` skips it); the same round in plain numpy
    (:mod:`federated.numpy_fedavg`) gives TFF's overhead factor, and Flower's simulation of it
    (:mod:`benchmarks._flower`: flwr 1.42 in a cached venv of its own, Ray with 2 client actors, the same
    numpy wide model, data, batch and learning rate per client, FedAvg) gives ``flower_round_s`` ("peer
-   unavailable" when its venv cannot be built). Full runs add one round of 1,000 clients (the 100 stores'
-   data, each read by 10 clients with their own shuffle seeds; ``BENCH_LARGE_ROUND`` sets the count).
+   unavailable" when its venv cannot be built). A round of 1,000 clients follows (the 100 stores' data, each
+   read by 10 clients with their own shuffle seeds; ``BENCH_LARGE_ROUND`` sets the count, 0 skips it),
+   grouped; full runs also time it with one TFF client per merchant (one round).
 2. Calibration on its own seeds (Zipf marketplaces ``CAL_SEEDS``, 20 merchants each; their later 20% per
    merchant is the *validation* split): the federated client learning rate and round count (the numpy
    FedAvg peer, same arithmetic and cohorts as TFF's process, every ``EVAL_EVERY`` rounds), the centralized learning rate and epochs (SGD on the pooled train data,
@@ -26,7 +30,8 @@ different seeds.
 Targets: federated within 1% AUC of centralized; global+fine-tune beats local-only for merchants with
 < 1k examples; a round of 100 merchants x 1k examples <= 10 s.
 
-Run: ``.venv/bin/python -m benchmarks.federated`` (``BENCH_QUICK=1``: 60k-event marketplaces, shorter
+Run: ``.venv/bin/python -m benchmarks.federated scaling`` for the round times alone (a few minutes; saved to
+``benchmarks/results/federated_scaling.json``), ``.venv/bin/python -m benchmarks.federated`` for all (``BENCH_QUICK=1``: 60k-event marketplaces, shorter
 grids, ~15 min on 2 busy cores). Prints tables, then one JSON line (saved to
 ``benchmarks/results/federated.json``) whose ``readme`` list is the README's rows.
 """
@@ -34,6 +39,7 @@ grids, ~15 min on 2 busy cores). Prints tables, then one JSON line (saved to
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import statistics
@@ -58,16 +64,19 @@ from fedstream.settings import load_settings  # noqa: E402
 from streams.generator import GeneratorConfig, generate  # noqa: E402
 from benchmarks import emit  # noqa: E402
 from benchmarks._flower import flower_round  # noqa: E402
+from federated.groups import build_round_process  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 BITS = 16
 MERCHANT_COUNTS = (10, 50, 100)
 EXAMPLES = (1000,) if QUICK else (300, 1000, 3000)
-TIMED_ROUNDS = 2 if QUICK else 3
+TIMED_ROUNDS = 3  # median of 3 rounds after a warm-up round
 DEFAULTS = FederatedConfig()  # `fedstream federated run`'s defaults; the quality runs calibrate lr and rounds
 CLIENT_LR, BATCH = DEFAULTS.client_learning_rate, DEFAULTS.batch_size
 TARGET_ROUND_S, TARGET_AUC_GAP, SMALL = 10.0, 0.01, 1000
-LARGE_ROUND = int(os.environ.get("BENCH_LARGE_ROUND", "0" if QUICK else "1000"))  # clients of the one large round
+LARGE_ROUND = int(os.environ.get("BENCH_LARGE_ROUND", "1000"))  # clients of the large round (grouped)
+GROUPS = int(os.environ.get("BENCH_CLIENT_GROUPS", str(DEFAULTS.client_groups)))
+PER_MERCHANT = os.environ.get("BENCH_PER_MERCHANT", "1") == "1"  # also time one TFF client per merchant
 TARGET_LARGE_ROUND_S = 30.0
 CAL_SEEDS = (101, 102)  # marketplaces the settings are chosen on (validation split)
 REPORT_SEEDS = (7, 8, 9) if QUICK else (7, 8, 9, 10, 11)  # marketplaces the figures come from (test split)
@@ -112,7 +121,7 @@ def _time_tff(process, stores: dict, n: int) -> float:
     return statistics.median(times)
 
 
-def _time_tff_clients(process, stores: dict, n: int, rounds: int = 1) -> float:
+def _time_tff_clients(process, stores: dict, n: int, rounds: int = TIMED_ROUNDS) -> float:
     """Median seconds of a TFF round of ``n`` clients when there are fewer stores than ``n``: client ``k``
     trains on store ``k mod len(stores)`` with its own shuffle seed (the 1,000-merchant round: same
     per-client work as 1,000 merchants of 1,000 examples, without generating 2M events)."""
@@ -147,33 +156,56 @@ def _time_flower(stores: dict, n: int) -> dict:
     return flower_round(folders, bits=BITS, lr=CLIENT_LR, batch=BATCH, rounds=TIMED_ROUNDS)
 
 
+def _warm(process, stores: dict) -> None:
+    """One untimed round over 3 merchants: traces the computations and starts TFF's executor."""
+    warm = FederatedData.from_stores(dict(list(stores.items())[:3]))
+    process.next(process.initialize(), [(warm.train[m](), 0) for m in warm.client_ids])
+
+
+def _scaling_row(processes: dict, stores: dict, n: int, examples: int) -> dict:
+    """TFF grouped (and per merchant), numpy and Flower seconds per round of ``n`` merchants, printed."""
+    tff_s = _time_tff(processes["grouped"], stores, n)
+    single_s = _time_tff(processes["per_merchant"], stores, n) if "per_merchant" in processes else None
+    numpy_s, flower = _time_numpy(stores, n), _time_flower(stores, n)
+    flower_s = flower.get("round_s")
+    row = {"merchants": n, "examples": examples, "tff_round_s": tff_s, "client_groups": GROUPS,
+           "tff_per_merchant_round_s": single_s, "numpy_round_s": numpy_s, "overhead": tff_s / numpy_s,
+           "flower_round_s": flower_s, "tff_vs_flower": tff_s / flower_s if flower_s else None,
+           "flower": flower.get("unavailable") or f"flwr {flower['flwr']}, {flower['actors']} Ray actors"}
+    peer = f"Flower {flower_s:6.2f}" if flower_s else "Flower: peer unavailable"
+    single = f"per merchant {single_s:6.2f}   " if single_s is not None else ""
+    print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} ({GROUPS} groups)   {single}"
+          f"numpy {numpy_s:6.2f}   {peer}   s/round   overhead x{tff_s / numpy_s:5.1f}", flush=True)
+    return row
+
+
+def _large_row(processes: dict, stores: dict, examples: int) -> dict:
+    """The ``LARGE_ROUND``-client round, grouped (median of ``TIMED_ROUNDS``) and, in full runs, per merchant."""
+    large_s = _time_tff_clients(processes["grouped"], stores, LARGE_ROUND)
+    single_s = (_time_tff_clients(processes["per_merchant"], stores, LARGE_ROUND, rounds=1)
+                if "per_merchant" in processes and not QUICK else None)
+    single = f"   per merchant {single_s:7.2f} (one round)" if single_s is not None else ""
+    print(f"  {LARGE_ROUND:>4} clients x {examples:>5} examples ({len(stores)} stores): TFF {large_s:7.2f} s/round "
+          f"({GROUPS} groups, median of {TIMED_ROUNDS}){single}   (target <= {TARGET_LARGE_ROUND_S:g} s)", flush=True)
+    return {"merchants": LARGE_ROUND, "examples": examples, "tff_round_s": large_s, "client_groups": GROUPS,
+            "tff_per_merchant_round_s": single_s, "clients_share_stores": len(stores),
+            "target_s": TARGET_LARGE_ROUND_S}
+
+
 def scaling(root: Path) -> list[dict]:
-    config = dataclasses.replace(DEFAULTS, rounds=1, clients_per_round=100)
-    process = build_process(tff_model_fn(ModelConfig(bits=BITS)), config)
+    config = dataclasses.replace(DEFAULTS, rounds=1, clients_per_round=100, client_groups=GROUPS)
+    model_fn = tff_model_fn(ModelConfig(bits=BITS))
+    processes = {"grouped": build_round_process(model_fn, config)}
+    if PER_MERCHANT:
+        processes["per_merchant"] = build_process(model_fn, config)
     rows = []
     for examples in EXAMPLES:
         stores = _uniform_stores(root / "scaling", examples)
-        warm = FederatedData.from_stores(dict(list(stores.items())[:3]))
-        process.next(process.initialize(), [(warm.train[m](), 0) for m in warm.client_ids])  # trace once
-        for n in MERCHANT_COUNTS:
-            if len(stores) < n:
-                continue
-            tff_s, numpy_s = _time_tff(process, stores, n), _time_numpy(stores, n)
-            flower = _time_flower(stores, n)
-            flower_s = flower.get("round_s")
-            rows.append({"merchants": n, "examples": examples, "tff_round_s": tff_s, "numpy_round_s": numpy_s,
-                         "overhead": tff_s / numpy_s, "flower_round_s": flower_s,
-                         "tff_vs_flower": tff_s / flower_s if flower_s else None,
-                         "flower": flower.get("unavailable") or f"flwr {flower['flwr']}, {flower['actors']} Ray actors"})
-            peer = f"Flower {flower_s:6.2f} s/round" if flower_s else "Flower: peer unavailable"
-            print(f"  {n:>4} merchants x {examples:>5} examples: TFF {tff_s:7.2f} s/round   "
-                  f"numpy {numpy_s:6.2f} s/round   overhead x{tff_s / numpy_s:5.1f}   {peer}", flush=True)
+        for process in processes.values():
+            _warm(process, stores)
+        rows.extend(_scaling_row(processes, stores, n, examples) for n in MERCHANT_COUNTS if len(stores) >= n)
         if examples == 1000 and LARGE_ROUND:
-            large_s = _time_tff_clients(process, stores, LARGE_ROUND)
-            rows.append({"merchants": LARGE_ROUND, "examples": examples, "tff_round_s": large_s,
-                         "clients_share_stores": len(stores), "target_s": TARGET_LARGE_ROUND_S})
-            print(f"  {LARGE_ROUND:>4} clients x {examples:>5} examples ({len(stores)} stores): "
-                  f"TFF {large_s:7.2f} s/round   (target <= {TARGET_LARGE_ROUND_S:g} s)", flush=True)
+            rows.append(_large_row(processes, stores, examples))
     return rows
 
 
@@ -405,13 +437,17 @@ def scaling_rows(rows: list[dict], mode: str, date: str) -> list[dict]:
     for r in rows:
         if "flower_round_s" in r and r["examples"] == 1000:
             ratio = r["tff_vs_flower"]
-            out.append({"row": f"TFF round / Flower 1.42 simulation round, {r['merchants']} merchants x 1k examples",
-                        "value": f"{ratio:.2f}x ({r['tff_round_s']:.2f} s vs {r['flower_round_s']:.2f} s)" if ratio
+            single = r.get("tff_per_merchant_round_s")
+            before = f"; one TFF client per merchant {single:.2f} s" if single is not None else ""
+            out.append({"row": f"TFF round ({r.get('client_groups', 1)} merchant groups) / Flower 1.42 simulation round, "
+                               f"{r['merchants']} merchants x 1k examples",
+                        "value": f"{ratio:.2f}x ({r['tff_round_s']:.2f} s vs {r['flower_round_s']:.2f} s{before})" if ratio
                         else "peer unavailable", "spread": f"median of {TIMED_ROUNDS} rounds, same run",
                         "target": "<= 1x", "met": bool(ratio and ratio <= 1), "seeds": None})
         elif "clients_share_stores" in r:
-            out.append({"row": f"TFF round, {r['merchants']} clients x 1k examples",
-                        "value": f"{r['tff_round_s']:.1f} s", "spread": "one round", "target": f"<= {TARGET_LARGE_ROUND_S:g} s",
+            out.append({"row": f"TFF round ({r.get('client_groups', 1)} merchant groups), {r['merchants']} clients x 1k examples",
+                        "value": f"{r['tff_round_s']:.1f} s", "spread": f"median of {TIMED_ROUNDS} rounds",
+                        "target": f"<= {TARGET_LARGE_ROUND_S:g} s",
                         "met": r["tff_round_s"] <= TARGET_LARGE_ROUND_S, "seeds": None})
     return [{**r, "mode": mode, "date": date} for r in out]
 
@@ -424,10 +460,46 @@ def _print_summary(name: str, summary: dict) -> None:
             print(f"  {key:<22} {stat['mean']:.4f}  ({stat['sd']:.4f}; {stat['min']:.4f}-{stat['max']:.4f})")
 
 
-def main() -> int:
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def scaling_only(started: float) -> int:
+    """``python -m benchmarks.federated scaling``: the round-time table alone and its JSON line."""
     import datetime as dt
 
+    with tempfile.TemporaryDirectory(prefix="bench-federated-") as tmp:
+        try:
+            import tensorflow_federated  # noqa: F401  (~11 s, once)
+
+            use_execution_context(FederatedConfig())
+            load_before = _load_average()
+            print(f"TFF round time vs merchants ({'quick' if QUICK else 'full'}; one local epoch, batch {BATCH}, "
+                  f"2**{BITS} slots; load average {load_before})", flush=True)
+            rows = scaling(Path(tmp))
+        finally:
+            stopped = stop_tff_workers()
+    mode, date = ("quick" if QUICK else "full"), dt.date.today().isoformat()
+    emit("federated_scaling", {
+        "benchmark": "federated_scaling", "quick": QUICK, "mode": mode, "date": date, "scaling": rows,
+        "client_groups": GROUPS, "timed_rounds": TIMED_ROUNDS, "load_average_before": load_before,
+        "load_average_after": _load_average(), "readme": scaling_rows(rows, mode, date),
+        "tff_workers_stopped": len(stopped), "seconds": time.perf_counter() - started})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import datetime as dt
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.federated",
+                                     description="Federated round times (TFF, numpy, Flower) and quality.")
+    parser.add_argument("part", nargs="?", choices=("all", "scaling"), default="all",
+                        help="scaling: only the round times (TFF grouped and per merchant, numpy, Flower, the "
+                             "1,000-client round), saved to results/federated_scaling.json; all: everything")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.part == "scaling":
+        return scaling_only(started)
     with tempfile.TemporaryDirectory(prefix="bench-federated-") as tmp:
         root = Path(tmp)
         settings = load_settings(data_dir=root / "data", feature_bits=BITS)
@@ -463,4 +535,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from federated.aggregators import AGGREGATIONS
+from federated.training import FederatedConfig
 from fedstream.cli import pass_settings
 from fedstream.logs import get_logger
 
@@ -131,14 +132,18 @@ def _build_stores(settings, source: str, merchants: list[str] | None, events: in
 @click.option("--seed", type=int, default=None, help="Seed (default: settings.seed).")
 @click.option("--workers", is_flag=True,
               help="Run client work on the merchants that joined with `fedstream federated join` (one worker each).")
+@click.option("--client-groups", type=click.IntRange(min=0), default=FederatedConfig.client_groups, show_default=True,
+              help="TFF clients per simulated round, each training a group of merchants one after another (the "
+                   "same global model as one client per merchant, fewer TFF calls); 0 or 1: one TFF client per "
+                   "merchant. --secure-agg, --dp without --clip and --workers always run one per merchant.")
 @pass_settings
 def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, clip, dp_delta, secure_agg,
         server_optimizer, server_lr, client_lr, aggregation, client_epochs, prox_mu, dropout_rate, deep, multitask, bits,
-        source, events, generate_merchants, register_every, model_name, no_personalize, seed, workers) -> None:
+        source, events, generate_merchants, register_every, model_name, no_personalize, seed, workers,
+        client_groups) -> None:
     """Run federated rounds over per-merchant stores, log every round to MLflow and register the model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from federated.model import ModelConfig
-    from federated.training import FederatedConfig
 
     seed = settings.seed if seed is None else seed
     model_name = model_name if model_name is not None else settings.federated.model_name
@@ -153,7 +158,7 @@ def run(settings, rounds, merchants, clients_per_round, dp, noise_multiplier, cl
             client_epochs=client_epochs, server_optimizer=server_optimizer, server_learning_rate=server_lr,
             aggregation=aggregation,
             prox_mu=prox_mu, clip=clip, dp=dp, noise_multiplier=noise_multiplier, dp_delta=dp_delta,
-            secure_agg=secure_agg, dropout_rate=dropout_rate, seed=seed)
+            secure_agg=secure_agg, dropout_rate=dropout_rate, seed=seed, client_groups=client_groups)
         model_config = ModelConfig(bits=bits, deep=deep, seed=seed, multitask=multitask)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from federated.groups import build_round_process, per_merchant_reason
 from federated.model import ModelConfig, NumpyScorer, assign_weights, build_keras_model, tff_model_fn
 from federated.personalize import PersonalizationConfig, compare_merchants, summarize
 from federated.stores import MerchantStore, StoreError
@@ -108,6 +109,14 @@ def published_catalogs(stores: Mapping[str, MerchantStore]):
     return context
 
 
+def tff_clients(config: FederatedConfig, on_workers: bool) -> str:
+    """What one TFF client of the run's rounds is: a merchant group, or one merchant (and why)."""
+    if on_workers:
+        return "one merchant per joined worker"
+    reason = per_merchant_reason(config)
+    return f"{config.client_groups} merchant groups" if reason is None else f"one per merchant ({reason})"
+
+
 def scorer_from_state(process, state, model_config: ModelConfig) -> tuple[NumpyScorer, Any]:
     """The global model of ``state`` as a numpy scorer, and as a Keras model."""
     model = build_keras_model(model_config)
@@ -195,13 +204,15 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
         raise ValueError("no merchant stores to train on")
     context_name = use_execution_context(config)
     model_fn = tff_model_fn(model_config)
-    process = build_process(model_fn, config, model_config.label_width)
+    process = build_process(model_fn, config, model_config.label_width) if workers else (
+        build_round_process(model_fn, config, model_config.label_width))  # merchant groups where they apply
     evaluation = build_evaluation(model_fn, model_config.label_width)
     if workers:
         stores, config, process, evaluation, context_name = _on_workers(settings, stores, config, process, evaluation, workers)
     data = FederatedData.from_stores(stores)
     lineage = {**config.lineage(), "merchants": len(stores), "merchants_per_round": min(config.clients_per_round, len(stores)),
-               "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name}
+               "data_period": data_period(stores), "model": asdict(model_config), "execution_context": context_name,
+               "tff_clients": tff_clients(config, bool(workers))}
     outcome = RunOutcome(run_id=None, history=[], scorer=None, context=context_name)  # type: ignore[arg-type]
     notes = outcome.privacy_notes = privacy_notes(config, privacy_spent(config, len(stores), config.rounds),
                                                   settings.federated.meaningful_epsilon)

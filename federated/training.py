@@ -51,10 +51,16 @@ class FederatedConfig:
     dropout_rate: float = 0.0
     seed: int = 7
     eval_every: int = 1
+    # TFF clients per round in simulation, each training a group of merchants (federated.groups); 0 or 1:
+    # one TFF client per merchant. Same global model either way; secure aggregation and adaptive-clip DP
+    # always run one client per merchant, joined workers too.
+    client_groups: int = 2
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.client_epochs < 1 or self.batch_size < 1:
             raise ValueError("rounds, clients_per_round, client_epochs and batch_size must be >= 1")
+        if self.client_groups < 0:
+            raise ValueError(f"client_groups must be >= 0 (0 or 1: one TFF client per merchant), got {self.client_groups}")
         if self.server_optimizer not in ("adam", "yogi", "sgd"):
             raise ValueError(f"server_optimizer must be adam, yogi or sgd, got {self.server_optimizer!r}")
         if self.aggregation not in AGGREGATIONS:
@@ -206,7 +212,15 @@ def secure_mean_factory():
         weight_sum_factory=tff.aggregators.SecureSumFactory(float(2**20 - 1), 0.0))
 
 
-def _server_optimizer(config: FederatedConfig):
+def client_optimizer(config: FederatedConfig):
+    """Each merchant's local optimizer: plain SGD at ``client_learning_rate``."""
+    import tensorflow_federated as tff
+
+    return tff.learning.optimizers.build_sgdm(config.client_learning_rate)
+
+
+def server_optimizer(config: FederatedConfig):
+    """The server optimizer applied to the aggregated update (Adam, Yogi or SGD at ``server_learning_rate``)."""
     import tensorflow_federated as tff
 
     lr = config.server_learning_rate
@@ -269,8 +283,8 @@ def _fedavg_process(model_fn: Callable[[], Any], config: FederatedConfig):
     import tensorflow_federated as tff
 
     common = dict(
-        client_optimizer_fn=tff.learning.optimizers.build_sgdm(config.client_learning_rate),
-        server_optimizer_fn=_server_optimizer(config),
+        client_optimizer_fn=client_optimizer(config),
+        server_optimizer_fn=server_optimizer(config),
         model_aggregator=build_aggregator(config),
     )
     algorithms = tff.learning.algorithms

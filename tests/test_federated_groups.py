@@ -1,0 +1,144 @@
+"""Merchant groups (federated.groups): a round run as a few TFF clients, each training a group of merchants,
+gives the same global model and metrics as one TFF client per merchant (touched mean, plain mean, --clip,
+FedProx with a server optimizer, fixed-clip DP), and runs where it applies."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from federated.groups import GroupedProcess, build_round_process, per_merchant_reason, split_groups
+from federated.model import ModelConfig
+from federated.stores import build_stores
+from federated.training import FederatedConfig, FederatedData, build_process, client_seed, run_rounds
+from fedstream.processes import stop_tff_workers
+from streams.generator import GeneratorConfig, generate
+
+pytestmark = pytest.mark.slow
+BITS = 14
+
+
+@pytest.fixture(scope="module")
+def tff_module():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_federated as tff
+
+    tff.backends.native.set_sync_local_cpp_execution_context()
+    yield tff
+    stop_tff_workers()  # TFF's worker_binary outlives Python and holds the test runner's pipes
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory):
+    """``(folder, seed)`` of 6 small merchants (the training tests' stores), as a round hands them to TFF."""
+    root = tmp_path_factory.mktemp("groups")
+    data = FederatedData.from_stores(build_stores(generate(GeneratorConfig(merchants=6, events=9000, seed=3)), root,
+                                                  bits=BITS))
+    return [(data.train[m](), client_seed(7, 1, m)) for m in data.client_ids]
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    from federated.model import tff_model_fn
+
+    return tff_model_fn(ModelConfig(bits=BITS))
+
+
+def _one_round(process, clients):
+    output = process.next(process.initialize(), clients)
+    weights = process.get_model_weights(output.state)
+    return [np.asarray(w) for w in weights.trainable], output.metrics["client_work"]["train"]
+
+
+def test_groups_split_a_cohort_in_order_and_never_into_nothing():
+    clients = [(f"f{k}", k) for k in range(7)]
+    groups = split_groups(clients, 3)
+    assert [len(f) for f, _ in groups] in ([2, 3, 2], [3, 2, 2], [2, 2, 3])
+    assert [f for fs, _ in groups for f in fs] == [f for f, _ in clients]  # every merchant once, in order
+    assert [s for _, ss in groups for s in ss] == list(range(7))
+    assert split_groups(clients[:2], 5) == [(["f0"], [0]), (["f1"], [1])]  # no empty group beside others
+    assert split_groups([], 4) == [([], [])]  # a DP round with nobody sampled still runs (its noise is released)
+
+
+@pytest.mark.parametrize("options", [
+    {"aggregation": "touched", "client_groups": 4},  # groups of 1 and 2 merchants
+    {"aggregation": "mean"},
+    {"clip": 0.5},  # each merchant's update clipped before it enters its group's sums
+    {"prox_mu": 0.1, "server_optimizer": "adam", "server_learning_rate": 0.05},
+], ids=["touched", "mean", "clip", "prox-adam"])
+def test_a_grouped_round_equals_one_client_per_merchant(tff_module, model_fn, clients, options):
+    config = FederatedConfig(rounds=1, **{"client_groups": 2, **options})
+    per_merchant, per_metrics = _one_round(build_process(model_fn, config), clients)
+    grouped_process = GroupedProcess(model_fn, config)
+    assert grouped_process.groups == config.client_groups
+    grouped, metrics = _one_round(grouped_process, clients)
+    assert max(float(np.abs(w).max()) for w in per_merchant) > 0.01  # the round moved the model
+    for a, b in zip(per_merchant, grouped):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-7)
+    assert set(metrics) == set(per_metrics)
+    for key in per_metrics:
+        assert float(metrics[key]) == pytest.approx(float(per_metrics[key]), rel=1e-4), key  # float32 sums
+    assert float(metrics["num_examples"]) > 1000
+
+
+def test_fixed_clip_dp_in_groups_is_the_per_merchant_dp_mean_with_the_same_noise_scale(tff_module, model_fn, clients):
+    """Noise ~0: the grouped and per-merchant DP means agree; noise on: the coordinates no merchant moved hold
+    only the server's noise, of std noise_multiplier x clip / clients_per_round in both processes."""
+    quiet = FederatedConfig(rounds=1, clients_per_round=6, dp=True, noise_multiplier=1e-9, clip=0.5, client_groups=2)
+    expected, _ = _one_round(build_process(model_fn, quiet), clients)
+    grouped, _ = _one_round(GroupedProcess(model_fn, quiet), clients)
+    for a, b in zip(expected, grouped):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    noisy = dataclasses.replace(quiet, noise_multiplier=2.0)
+    untouched = np.abs(grouped[0][:, 0]) < 1e-7  # only the ~1e-10 noise there
+    assert untouched.sum() > 5_000  # the wide slots nobody's examples hit
+    sigma = noisy.noise_multiplier * noisy.clip / noisy.clients_per_round
+    stds = {}
+    for name, process in (("per_merchant", build_process(model_fn, noisy)), ("grouped", GroupedProcess(model_fn, noisy))):
+        weights, _ = _one_round(process, clients)
+        stds[name] = float(np.std(weights[0][:, 0][untouched]))
+    assert stds["grouped"] == pytest.approx(sigma, rel=0.05), stds
+    assert stds["per_merchant"] == pytest.approx(sigma, rel=0.05), stds
+
+
+def test_groups_apply_where_the_aggregate_is_a_sum_of_merchant_terms(tff_module, model_fn, clients):
+    assert per_merchant_reason(FederatedConfig()) is None  # the default: groups
+    assert "client_groups" in per_merchant_reason(FederatedConfig(client_groups=1))
+    assert "secure" in per_merchant_reason(FederatedConfig(secure_agg=True))
+    assert "adaptive" in per_merchant_reason(FederatedConfig(dp=True, noise_multiplier=0.5, clients_per_round=10))
+    assert per_merchant_reason(FederatedConfig(dp=True, noise_multiplier=0.5, clip=1.0)) is None
+    with pytest.raises(ValueError, match="client_groups"):
+        FederatedConfig(client_groups=-1)
+    assert not isinstance(build_round_process(model_fn, FederatedConfig(client_groups=0)), GroupedProcess)
+    config = FederatedConfig(rounds=2, clients_per_round=4, seed=5)
+    process = build_round_process(model_fn, config)
+    assert isinstance(process, GroupedProcess)
+    data = FederatedData.from_stores({})
+    data.train = {f"m{k}": (lambda f=folder: f) for k, (folder, _) in enumerate(clients)}
+    state, history = run_rounds(process, process.initialize(), data, config)  # the runner's loop, unchanged
+    assert [len(r.participants) for r in history] == [4, 4] and history[-1].train["num_examples"] > 500
+    weights = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+    assert all(np.isfinite(w).all() for w in weights)
+    empty = process.next(state, [])  # nobody in the cohort: one empty group, the touched mean moves nothing
+    for before, after in zip(weights, process.get_model_weights(empty.state).trainable):
+        np.testing.assert_array_equal(np.asarray(after), before)
+    assert float(empty.metrics["client_work"]["train"]["num_examples"]) == 0
+
+
+def test_federated_run_takes_the_group_count(tmp_path):
+    from click.testing import CliRunner
+
+    from federated.runner import tff_clients
+    from fedstream.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["federated", "run", "--help"]).output
+    assert "--client-groups" in help_text and "one TFF client per" in help_text
+    bad = runner.invoke(main, ["federated", "run", "--client-groups", "-1"], env={"FEDSTREAM_DATA_DIR": str(tmp_path)})
+    assert bad.exit_code == 2 and "--client-groups" in bad.output
+    assert tff_clients(FederatedConfig(), on_workers=False) == "2 merchant groups"
+    assert tff_clients(FederatedConfig(secure_agg=True), on_workers=False).startswith("one per merchant (secure")
+    assert tff_clients(FederatedConfig(), on_workers=True) == "one merchant per joined worker"
