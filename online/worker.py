@@ -10,10 +10,13 @@ and "Scale-out".
 
 from __future__ import annotations
 
+import gc
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
+from itertools import groupby
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,10 @@ from streams.features import Featurizer
 from streams.schemas import Click, Order
 
 log = get_logger("online.worker")
+
+_where, _offset, _merchant = attrgetter("topic", "partition"), attrgetter("offset"), attrgetter("event.merchant_id")
+#: produced -> learned latencies kept for the metrics (the newest ones, in a ring)
+LATENCY_WINDOW = 200_000
 
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM: its own address space, unlike ru_maxrss after fork)."""
@@ -92,7 +99,8 @@ class OnlineWorker:
             self.state.multitask = MultiTaskState.from_settings(settings.multitask, settings.feature_bits)
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
-        self.latencies: deque[float] = deque(maxlen=200_000)
+        self.latencies = np.zeros(LATENCY_WINDOW)  # a ring: the newest latencies_seen % LATENCY_WINDOW last
+        self.latencies_seen = 0
         self.learned_this_run = 0
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
@@ -216,18 +224,46 @@ class OnlineWorker:
         now = time.monotonic()
         if self.first_record_at is None:
             self.first_record_at, self.first_record_cpu = now, time.process_time()
-        block = self.config.block
-        for record in records:
-            key = (record.topic, record.partition)
-            expected = self.state.offsets.get(key)
-            if expected is not None and record.offset < expected:
-                continue  # already learned (a redelivery after a rebalance): never learn twice
-            queue = self.pending.setdefault(key, [])
-            if not queue:
-                self.pending_since[key] = now
-            queue.append(record)
-            if (record.offset + 1) % block == 0:
-                self._flush(key)
+        for key, run in groupby(records, key=_where):  # a poll holds each partition's records in one run
+            self._enqueue(key, list(run), now)
+
+    def _enqueue(self, key: tuple[str, int], run: list, now: float) -> None:
+        """Queue one partition's records, learning each block as it completes (a block ends at an offset
+        ``o`` with ``(o + 1) % block == 0``); a record below the partition's learned offset is a redelivery
+        after a rebalance and is never learned twice."""
+        offsets = list(map(_offset, run))
+        first, count = offsets[0], len(offsets)
+        if offsets[-1] - first != count - 1 or sorted(offsets) != offsets:
+            for record in run:  # gaps (dead letters, compaction) or an unordered list: record by record
+                self._enqueue_one(key, record, now)
+            return
+        expected = self.state.offsets.get(key)
+        if expected is not None and first < expected:
+            run = run[expected - first:]  # consecutive offsets: the redelivered ones are a prefix
+            if not run:
+                return
+            first, count = expected, len(run)
+        block, start = self.config.block, 0
+        for end in range((block - 1 - first) % block + 1, count + 1, block):
+            self._queue(key, now).extend(run[start:end])
+            self._flush(key)
+            start = end
+        if start < count:
+            self._queue(key, now).extend(run[start:])
+
+    def _enqueue_one(self, key: tuple[str, int], record, now: float) -> None:
+        expected = self.state.offsets.get(key)
+        if expected is not None and record.offset < expected:
+            return
+        self._queue(key, now).append(record)
+        if (record.offset + 1) % self.config.block == 0:
+            self._flush(key)
+
+    def _queue(self, key: tuple[str, int], now: float) -> list:
+        queue = self.pending.setdefault(key, [])
+        if not queue:
+            self.pending_since[key] = now
+        return queue
 
     def flush_stale(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -259,9 +295,8 @@ class OnlineWorker:
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
         counts = state.merchant_events
-        for record in records:
-            merchant = record.event.merchant_id
-            counts[merchant] = counts.get(merchant, 0) + 1
+        for merchant, count in Counter(map(_merchant, records)).items():
+            counts[merchant] = counts.get(merchant, 0) + count
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -327,11 +362,14 @@ class OnlineWorker:
         return np.array(rows, dtype=np.int32).reshape(len(rows), self.featurizer.n_fields), at
 
     def _record_latencies(self, produced_ms: list) -> None:
-        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned."""
-        stamps = np.array([t if t is not None else -1 for t in produced_ms], dtype=np.float64)
-        stamps = stamps[stamps >= 0]
+        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned (a record
+        without a timestamp is left out), into the ring of the newest ``LATENCY_WINDOW``."""
+        stamps = np.array(produced_ms, dtype=np.float64)  # None -> nan
+        stamps = stamps[stamps >= 0][-LATENCY_WINDOW:]
         if len(stamps):
-            self.latencies.extend(((time.time() * 1000.0 - stamps) / 1000.0).tolist())
+            at = (self.latencies_seen + np.arange(len(stamps))) % LATENCY_WINDOW
+            self.latencies[at] = (time.time() * 1000.0 - stamps) / 1000.0
+            self.latencies_seen += len(stamps)
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
@@ -376,8 +414,8 @@ class OnlineWorker:
         out = self.state.evaluator.summary()
         out["clicks_evaluated"] = out.pop("events", 0.0)
         out["events_seen"] = float(self.state.events)
-        if self.latencies:
-            latencies = np.fromiter(self.latencies, float)
+        if self.latencies_seen:
+            latencies = self.latencies[:min(self.latencies_seen, LATENCY_WINDOW)]
             for q in (50, 95, 99):
                 out[f"latency_p{q}_s"] = float(np.percentile(latencies, q))
             out["latency_max_s"] = float(latencies.max())
@@ -386,6 +424,26 @@ class OnlineWorker:
         return out
 
     # -- main loop ----------------------------------------------------------------------------------------
+
+    def _tune_gc(self) -> tuple[tuple[int, ...], bool]:
+        """Collect once and freeze the heap built so far, and space collections out while learning
+        (``settings.online.gc_*``); returns what :meth:`_restore_gc` restores at the end of the run."""
+        online, previous = self.settings.online, gc.get_threshold()
+        if online.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        if any(online.gc_thresholds):
+            gc.set_threshold(*online.gc_thresholds)
+        log.info("garbage collector tuned", extra={"frozen_objects": gc.get_freeze_count(),
+                                                   "thresholds": list(gc.get_threshold())})
+        return previous, online.gc_freeze
+
+    @staticmethod
+    def _restore_gc(collector: tuple[tuple[int, ...], bool]) -> None:
+        previous, frozen = collector
+        gc.set_threshold(*previous)
+        if frozen:
+            gc.unfreeze()
 
     def run(self) -> dict[str, Any]:
         """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
@@ -407,6 +465,7 @@ class OnlineWorker:
         self.checkpoints.commit_offsets = consumer.commit_saved
         last_data = time.monotonic()
         idle = False
+        collector = self._tune_gc()
         try:
             while not consumer.stopping:
                 batch = consumer.poll()
@@ -432,6 +491,7 @@ class OnlineWorker:
             if config.publish_at_end:
                 self._maybe_publish(force=True)
         finally:
+            self._restore_gc(collector)
             self._closing = True
             self.checkpoints.abandon()  # an error stopped the loop mid-write: let the file land, commit nothing
             consumer.close()
