@@ -36,6 +36,7 @@ from online.river_models import make_model
 from online.slices import adopt, copy_rank, newest, newest_epoch, read_store, slot_of
 from online.transfer import warm_start
 from streams import slot_kernels  # noqa: F401  (featurize_block's kernel, loaded before the first record)
+from streams import record_kernels  # noqa: F401  (the fetched batches' scan, loaded before the first record)
 from streams.features import Featurizer
 from streams.schemas import Click, Order
 
