@@ -47,7 +47,7 @@ from online.prequential import mean_logloss, roc_auc
 from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.generator import GeneratorConfig, generate
-from streams.schemas import EVENT_KINDS, Click
+from streams.schemas import EVENT_KINDS, CatalogItem, Click
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MODE = "quick" if QUICK else "full"
@@ -241,7 +241,8 @@ def worker_figures(events: list) -> dict:
                     runs = [_summary(_worker(settings, f"bench-{k}", idle=3.0)) for k in range(REPEATS)]
                     runs.sort(key=lambda run: run["events_per_s"] or 0)
                     out["backlog"] = dict(runs[len(runs) // 2], runs_events_per_s=[r["events_per_s"] for r in runs])
-                    out["consumer"] = consumer_cost(settings, len(events))  # poll + decode alone, same backlog
+                    learned = sum(type(event) is not CatalogItem for event in events)
+                    out["consumer"] = consumer_cost(settings, learned)  # poll + decode alone, same backlog
                 else:
                     worker = _worker(settings, "bench", idle=4.0)
                     time.sleep(3.0)  # the worker joins its group

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import groupby
@@ -35,16 +35,15 @@ from online.reco import recommend
 from online.river_models import make_model
 from online.slices import adopt, copy_rank, newest, newest_epoch, read_store, slot_of
 from online.transfer import warm_start
-from streams import slot_kernels  # noqa: F401  (featurize_block's kernel, loaded before the first record)
 from streams import record_kernels  # noqa: F401  (the fetched batches' scan, loaded before the first record)
+from streams import slot_kernels  # noqa: F401  (featurize_block's kernel, loaded before the first record)
 from streams.features import Featurizer
 from streams.schemas import Click, Order
 
 log = get_logger("online.worker")
 
-_where, _offset, _merchant = attrgetter("topic", "partition"), attrgetter("offset"), attrgetter("event.merchant_id")
-#: produced -> learned latencies kept for the metrics (the newest ones, in a ring)
-LATENCY_WINDOW = 200_000
+_where, _offset = attrgetter("topic", "partition"), attrgetter("offset")
+
 
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM: its own address space, unlike ru_maxrss after fork)."""
@@ -100,8 +99,7 @@ class OnlineWorker:
             self.state.multitask = MultiTaskState.from_settings(settings.multitask, settings.feature_bits)
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
-        self.latencies = np.zeros(LATENCY_WINDOW)  # a ring: the newest latencies_seen % LATENCY_WINDOW last
-        self.latencies_seen = 0
+        self.latencies: deque[float] = deque(maxlen=200_000)
         self.learned_this_run = 0
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
@@ -296,8 +294,9 @@ class OnlineWorker:
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
         counts = state.merchant_events
-        for merchant, count in Counter(map(_merchant, records)).items():
-            counts[merchant] = counts.get(merchant, 0) + count
+        for record in records:
+            merchant = record.event.merchant_id
+            counts[merchant] = counts.get(merchant, 0) + 1
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -363,14 +362,11 @@ class OnlineWorker:
         return np.array(rows, dtype=np.int32).reshape(len(rows), self.featurizer.n_fields), at
 
     def _record_latencies(self, produced_ms: list) -> None:
-        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned (a record
-        without a timestamp is left out), into the ring of the newest ``LATENCY_WINDOW``."""
-        stamps = np.array(produced_ms, dtype=np.float64)  # None -> nan
-        stamps = stamps[stamps >= 0][-LATENCY_WINDOW:]
+        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned."""
+        stamps = np.array([t if t is not None else -1 for t in produced_ms], dtype=np.float64)
+        stamps = stamps[stamps >= 0]
         if len(stamps):
-            at = (self.latencies_seen + np.arange(len(stamps))) % LATENCY_WINDOW
-            self.latencies[at] = (time.time() * 1000.0 - stamps) / 1000.0
-            self.latencies_seen += len(stamps)
+            self.latencies.extend(((time.time() * 1000.0 - stamps) / 1000.0).tolist())
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
@@ -415,8 +411,8 @@ class OnlineWorker:
         out = self.state.evaluator.summary()
         out["clicks_evaluated"] = out.pop("events", 0.0)
         out["events_seen"] = float(self.state.events)
-        if self.latencies_seen:
-            latencies = self.latencies[:min(self.latencies_seen, LATENCY_WINDOW)]
+        if self.latencies:
+            latencies = np.fromiter(self.latencies, float)
             for q in (50, 95, 99):
                 out[f"latency_p{q}_s"] = float(np.percentile(latencies, q))
             out["latency_max_s"] = float(latencies.max())

@@ -1,5 +1,5 @@
-"""The worker's per-poll work outside the hot path: block cutting by runs of a partition, the latency ring, the
-garbage collector's tuning (all in-process, no broker)."""
+"""The worker's per-poll work outside the hot path: block cutting by runs of a partition, the garbage
+collector's tuning (in-process, no broker)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import gc
 import random
 import time
 
-import numpy as np
 import pytest
 
-import online.worker as worker_module
 from online.worker import OnlineWorker, WorkerConfig
 from streams.consumer import Record
 from streams.generator import GeneratorConfig, generate
@@ -88,17 +86,6 @@ def test_accept_cuts_the_blocks_record_by_record_semantics_give(settings, tmp_pa
     expected, pending = reference_blocks(polls, BLOCK, resumed)
     assert list(zip(keys, learned)) == expected and len(expected) > 20
     assert {key: tuple(r.offset for r in records) for key, records in worker.pending.items() if records} == pending
-
-
-def test_latencies_keep_the_newest_and_skip_records_without_a_timestamp(settings, tmp_path, monkeypatch):
-    monkeypatch.setattr(worker_module, "LATENCY_WINDOW", 5)
-    worker = _worker(settings, tmp_path)
-    now_ms = time.time() * 1000
-    worker._record_latencies([now_ms - 100_000, None, now_ms - 90_000])  # 100 s and 90 s old
-    worker._record_latencies([now_ms - 1000 * s for s in (8, 7, 6, 5)] + [None])
-    kept = np.sort(worker.latencies[:min(worker.latencies_seen, 5)])
-    assert worker.latencies_seen == 6 and np.allclose(kept, [5, 6, 7, 8, 90], atol=0.5)
-    assert worker.metrics()["latency_max_s"] == pytest.approx(90, abs=0.5)
 
 
 def test_gc_tuning_freezes_then_restores_the_collector(settings, tmp_path):
