@@ -207,12 +207,6 @@ class OnlineSettings(BaseModel):
     store_endpoint_url: str | None = Field(
         default=None, description="S3 endpoint of an s3:// learner store (--store); unset: MLFLOW_S3_ENDPOINT_URL, then "
         "boto3's own (AWS_ENDPOINT_URL_S3, AWS). Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
-    gc_freeze: bool = Field(
-        default=True, description="A learner worker collects once before its first poll and freezes what it holds then "
-        "(imports, the resumed state, the catalog) out of the garbage collector's scans (gc.freeze).")
-    gc_thresholds: tuple[int, int, int] = Field(
-        default=(20_000, 10, 100), description="gc.set_threshold while a worker learns (Python's are 700, 10, 10: a "
-        "full collection over the growing learner state every ~50k events; online/README.md); (0, 0, 0) keeps them.")
 
 
 class FederatedSettings(BaseModel):

@@ -10,7 +10,6 @@ and "Scale-out".
 
 from __future__ import annotations
 
-import gc
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -422,26 +421,6 @@ class OnlineWorker:
 
     # -- main loop ----------------------------------------------------------------------------------------
 
-    def _tune_gc(self) -> tuple[tuple[int, ...], bool]:
-        """Collect once and freeze the heap built so far, and space collections out while learning
-        (``settings.online.gc_*``); returns what :meth:`_restore_gc` restores at the end of the run."""
-        online, previous = self.settings.online, gc.get_threshold()
-        if online.gc_freeze:
-            gc.collect()
-            gc.freeze()
-        if any(online.gc_thresholds):
-            gc.set_threshold(*online.gc_thresholds)
-        log.info("garbage collector tuned", extra={"frozen_objects": gc.get_freeze_count(),
-                                                   "thresholds": list(gc.get_threshold())})
-        return previous, online.gc_freeze
-
-    @staticmethod
-    def _restore_gc(collector: tuple[tuple[int, ...], bool]) -> None:
-        previous, frozen = collector
-        gc.set_threshold(*previous)
-        if frozen:
-            gc.unfreeze()
-
     def run(self) -> dict[str, Any]:
         """Consume until stopped (SIGTERM/SIGINT), ``max_events`` learned, or ``idle_timeout_s`` without
         records; checkpoint and publish at the end. Returns a summary."""
@@ -462,7 +441,6 @@ class OnlineWorker:
         self.checkpoints.commit_offsets = consumer.commit_saved
         last_data = time.monotonic()
         idle = False
-        collector = self._tune_gc()
         try:
             while not consumer.stopping:
                 batch = consumer.poll()
@@ -488,7 +466,6 @@ class OnlineWorker:
             if config.publish_at_end:
                 self._maybe_publish(force=True)
         finally:
-            self._restore_gc(collector)
             self._closing = True
             self.checkpoints.abandon()  # an error stopped the loop mid-write: let the file land, commit nothing
             consumer.close()

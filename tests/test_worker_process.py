@@ -1,9 +1,8 @@
-"""The worker's per-poll work outside the hot path: block cutting by runs of a partition, the garbage
-collector's tuning (in-process, no broker)."""
+"""The worker's per-poll work outside the hot path: blocks cut from each partition's run of a poll at once
+equal the record-by-record semantics (in-process, no broker)."""
 
 from __future__ import annotations
 
-import gc
 import random
 import time
 
@@ -86,20 +85,3 @@ def test_accept_cuts_the_blocks_record_by_record_semantics_give(settings, tmp_pa
     expected, pending = reference_blocks(polls, BLOCK, resumed)
     assert list(zip(keys, learned)) == expected and len(expected) > 20
     assert {key: tuple(r.offset for r in records) for key, records in worker.pending.items() if records} == pending
-
-
-def test_gc_tuning_freezes_then_restores_the_collector(settings, tmp_path):
-    worker = _worker(settings, tmp_path)
-    before = gc.get_threshold()
-    collector = worker._tune_gc()
-    try:
-        assert gc.get_threshold() == settings.online.gc_thresholds and gc.get_freeze_count() > 0
-    finally:
-        worker._restore_gc(collector)
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
-    kept = settings.model_copy(update={"online": settings.online.model_copy(update={"gc_freeze": False,
-                                                                                    "gc_thresholds": (0, 0, 0)})})
-    worker.settings = kept
-    collector = worker._tune_gc()
-    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
-    worker._restore_gc(collector)
