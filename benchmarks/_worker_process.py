@@ -157,4 +157,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))  # run as a file: benchmarks/streams.py must not shadow streams
+    sys.path[:] = [path for path in sys.path if os.path.abspath(path or ".") != here]
     main(sys.argv[1:])
