@@ -139,6 +139,9 @@ def report(account: Account) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help") or "--max-events" not in argv:
+        print(__doc__.strip())
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     account = Account()
     instrument(account)
     sys.argv = ["fedstream", *argv]
