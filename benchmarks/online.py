@@ -47,7 +47,7 @@ from online.prequential import mean_logloss, roc_auc
 from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer, as_dict
 from streams.generator import GeneratorConfig, generate
-from streams.schemas import EVENT_KINDS, Click
+from streams.schemas import EVENT_KINDS, CatalogItem, Click
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 MODE = "quick" if QUICK else "full"
@@ -205,6 +205,16 @@ def _worker(settings, group: str, idle: float) -> subprocess.Popen:
     return subprocess.Popen(command, env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
+def _process_costs(settings, learned: int) -> dict:
+    """The worker process's CPU per learned event by activity (``benchmarks._worker_process``), its own group."""
+    command = [sys.executable, "-m", "benchmarks._worker_process", "learn", "--model", "ftrl", "--group",
+               f"bench-process-{uuid.uuid4().hex[:6]}", "--no-publish", "--idle-timeout", "3", "--max-events", str(learned)]
+    env = dict(_env(settings), PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                        os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return _summary(proc)
+
+
 def _summary(proc: subprocess.Popen) -> dict:
     out, _ = proc.communicate(timeout=900)
     if proc.returncode != 0:
@@ -241,7 +251,9 @@ def worker_figures(events: list) -> dict:
                     runs = [_summary(_worker(settings, f"bench-{k}", idle=3.0)) for k in range(REPEATS)]
                     runs.sort(key=lambda run: run["events_per_s"] or 0)
                     out["backlog"] = dict(runs[len(runs) // 2], runs_events_per_s=[r["events_per_s"] for r in runs])
-                    out["consumer"] = consumer_cost(settings, len(events))  # poll + decode alone, same backlog
+                    learned = sum(type(event) is not CatalogItem for event in events)
+                    out["consumer"] = consumer_cost(settings, learned)  # poll + decode alone, same backlog
+                    out["process"] = _process_costs(settings, learned)  # the worker process by activity
                 else:
                     worker = _worker(settings, "bench", idle=4.0)
                     time.sleep(3.0)  # the worker joins its group
@@ -364,6 +376,11 @@ def main() -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in stages["stages_us_per_event"].items())
           + f"), poll + decode {worker['consumer']['cpu_us_per_event'] or float('nan'):.1f} µs; the worker process "
           f"{backlog['busy_cpu_us_per_event'] or float('nan'):.1f} µs")
+    process = worker["process"]
+    print(f"worker process by activity, µs CPU per learned event: {process['process_cpu_us_per_event']:.1f} in all, "
+          f"learning {process['learning_us_per_event']:.1f}, outside learning {process['outside_learning_us_per_event']:.1f} ("
+          + ", ".join(f"{k} {v:.2f}" for k, v in process["activities_us_per_event"].items() if not k.startswith("LEARNING"))
+          + ")")
     rows = [*seed_rows(seeds), *dataset_rows(river_sets, ml),
             readme_row("worker events/s on a backlog (embedded broker, calibration seed)", backlog["events_per_s"],
                        spread(backlog["runs_events_per_s"], "runs", 3), None, None)]
@@ -392,6 +409,7 @@ def main() -> None:
         "worker_hot_path_cpu_us_per_event": stages["cpu_us_per_event"],
         "worker_stages_us_per_event": stages["stages_us_per_event"],
         "consumer_cpu_us_per_event": worker["consumer"]["cpu_us_per_event"],
+        "worker_process_us_per_event": worker["process"],
         "readme": rows, "elapsed_s": time.perf_counter() - started,
     }
     print(json.dumps(figures))

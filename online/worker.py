@@ -14,6 +14,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
+from itertools import groupby
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,15 @@ from online.reco import recommend
 from online.river_models import make_model
 from online.slices import adopt, copy_rank, newest, newest_epoch, read_store, slot_of
 from online.transfer import warm_start
+from streams import record_kernels  # noqa: F401  (the fetched batches' scan, loaded before the first record)
 from streams import slot_kernels  # noqa: F401  (featurize_block's kernel, loaded before the first record)
 from streams.features import Featurizer
 from streams.schemas import Click, Order
 
 log = get_logger("online.worker")
+
+_where, _offset = attrgetter("topic", "partition"), attrgetter("offset")
+
 
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM: its own address space, unlike ru_maxrss after fork)."""
@@ -216,18 +222,46 @@ class OnlineWorker:
         now = time.monotonic()
         if self.first_record_at is None:
             self.first_record_at, self.first_record_cpu = now, time.process_time()
-        block = self.config.block
-        for record in records:
-            key = (record.topic, record.partition)
-            expected = self.state.offsets.get(key)
-            if expected is not None and record.offset < expected:
-                continue  # already learned (a redelivery after a rebalance): never learn twice
-            queue = self.pending.setdefault(key, [])
-            if not queue:
-                self.pending_since[key] = now
-            queue.append(record)
-            if (record.offset + 1) % block == 0:
-                self._flush(key)
+        for key, run in groupby(records, key=_where):  # a poll holds each partition's records in one run
+            self._enqueue(key, list(run), now)
+
+    def _enqueue(self, key: tuple[str, int], run: list, now: float) -> None:
+        """Queue one partition's records, learning each block as it completes (a block ends at an offset
+        ``o`` with ``(o + 1) % block == 0``); a record below the partition's learned offset is a redelivery
+        after a rebalance and is never learned twice."""
+        offsets = list(map(_offset, run))
+        first, count = offsets[0], len(offsets)
+        if offsets[-1] - first != count - 1 or sorted(offsets) != offsets:
+            for record in run:  # gaps (dead letters, compaction) or an unordered list: record by record
+                self._enqueue_one(key, record, now)
+            return
+        expected = self.state.offsets.get(key)
+        if expected is not None and first < expected:
+            run = run[expected - first:]  # consecutive offsets: the redelivered ones are a prefix
+            if not run:
+                return
+            first, count = expected, len(run)
+        block, start = self.config.block, 0
+        for end in range((block - 1 - first) % block + 1, count + 1, block):
+            self._queue(key, now).extend(run[start:end])
+            self._flush(key)
+            start = end
+        if start < count:
+            self._queue(key, now).extend(run[start:])
+
+    def _enqueue_one(self, key: tuple[str, int], record, now: float) -> None:
+        expected = self.state.offsets.get(key)
+        if expected is not None and record.offset < expected:
+            return
+        self._queue(key, now).append(record)
+        if (record.offset + 1) % self.config.block == 0:
+            self._flush(key)
+
+    def _queue(self, key: tuple[str, int], now: float) -> list:
+        queue = self.pending.setdefault(key, [])
+        if not queue:
+            self.pending_since[key] = now
+        return queue
 
     def flush_stale(self, force: bool = False) -> None:
         now = time.monotonic()

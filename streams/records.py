@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
+from itertools import repeat
 
 import kafka
 import msgspec
+import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord, Fetcher
 from kafka.errors import CorruptRecordError, IllegalStateError
 from kafka.producer.producer_batch import ProducerBatch
@@ -77,6 +79,9 @@ class RawRecord(msgspec.Struct, frozen=True, gc=False):
     value: bytes | None
 
 
+#: batches of at least this many records are scanned natively when decoded as RawRecords (numba: a consumer
+#: of events pays its import once; smaller batches are not worth a kernel call)
+NATIVE_MIN_RECORDS = 8
 #: zig-zag decoded value of every 1- and 2-byte varint, indexed by its 14 payload bits (low group first)
 _ZIGZAG = tuple((raw >> 1) ^ -(raw & 1) for raw in range(1 << 14))
 _new_tuple = tuple.__new__  # ConsumerRecord(...) without the namedtuple's Python-level __new__ frame
@@ -100,6 +105,11 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
     timestamp_type = 1 if log_append else 0
     first_timestamp = header[7]
     max_timestamp = header[8]
+    if raw and batch._num_records >= NATIVE_MIN_RECORDS:
+        native = _native_raw_records(data, pos, batch._num_records, base_offset,
+                                     max_timestamp if log_append else None, first_timestamp, topic, partition)
+        if native is not None:
+            return native
     zigzag, varint, new, record_type, raw_record = _ZIGZAG, _varint, _new_tuple, ConsumerRecord, RawRecord
     out = []
     append = out.append
@@ -182,6 +192,29 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
     if pos != len(data):
         raise CorruptRecordError(f"{len(data) - pos} unconsumed bytes after all records consumed")
     return out
+
+
+def _native_raw_records(data: bytes, pos: int, count: int, base_offset: int, log_append_timestamp: int | None,
+                        first_timestamp: int, topic: str, partition: int) -> list | None:
+    """The batch's records as :class:`RawRecord` from one native scan (:mod:`streams.record_kernels`); None
+    when a record is not plain (headers, a size that does not add up), for the Python loop to decode."""
+    from streams import record_kernels  # numba: loaded by the first big raw batch (a worker loads it earlier)
+
+    fields = np.empty((count, 6), dtype=np.int64)
+    if record_kernels.scan(np.frombuffer(data, dtype=np.uint8), pos, fields) != len(data):
+        return None
+    offsets = (fields[:, record_kernels.OFFSET_DELTA] + base_offset).tolist()
+    stamps = (repeat(log_append_timestamp) if log_append_timestamp is not None
+              else (fields[:, record_kernels.TIMESTAMP_DELTA] + first_timestamp).tolist())
+    keys = _slices(data, fields[:, record_kernels.KEY_START].tolist(), fields[:, record_kernels.KEY_LENGTH].tolist())
+    values = _slices(data, fields[:, record_kernels.VALUE_START].tolist(),
+                     fields[:, record_kernels.VALUE_LENGTH].tolist())
+    return list(map(RawRecord, repeat(topic), repeat(partition), offsets, stamps, keys, values))
+
+
+def _slices(data: bytes, starts: list[int], lengths: list[int]) -> list[bytes | None]:
+    """``data[start:start + length]`` per record, None where the length is negative (a null key or value)."""
+    return [data[start:start + length] if length >= 0 else None for start, length in zip(starts, lengths)]
 
 
 def _headers(data: bytes, pos: int) -> tuple[list, int, int]:

@@ -237,3 +237,50 @@ def test_a_zero_header_count_in_two_bytes_reads_as_no_headers():
                for parser_class in (FastPartitionRecords, Fetcher.PartitionRecords)]
     ours, theirs = (parser.take() for parser in parsers)
     assert ours == theirs and ours[0].headers == [] and ours[0].serialized_header_size == -1
+
+
+def _raw_fields(parser_class, buffer: bytes) -> tuple[list, str]:
+    fields = ("topic", "partition", "offset", "timestamp", "key", "value")
+    records, outcome = read_until_error(parser_class, buffer)
+    return [tuple(getattr(r, f) for f in fields) for r in records], outcome
+
+
+def _headerless(n: int, seed: int, cut: int | None = None):
+    """Plain records (no headers: the native scan's case) with 1-, 2- and 3-byte varints and null fields;
+    ``cut``: values cut to at most that many bytes (mostly varints, so that corruption hits them)."""
+    return [(timestamp - (i % 5) * 70_000, key and key[:cut], value and value[:cut], [])
+            for i, (timestamp, key, value, _) in enumerate(varied_records(n, seed))]
+
+
+@pytest.mark.parametrize("log_append", [False, True])
+def test_native_scan_gives_the_python_loops_raw_records_or_its_error(monkeypatch, log_append):
+    import streams.records as records
+
+    rng = random.Random(13)
+    batches = [build(_headerless(40, 21, cut=12), base_offset=0),
+               build(_headerless(20, 24), base_offset=40),  # 3-byte varints (values of 20,000 bytes)
+               build(_headerless(30, 22, cut=12) + varied_records(5, 23), base_offset=60)]  # headers: the Python loop
+    if log_append:  # the broker's timestamps: every record carries the batch's max timestamp
+        batches = [bytes(b[:22]) + bytes([b[22] | 0x08]) + bytes(b[23:]) for b in batches]
+    clean = b"".join(batches)
+    areas = [(61, len(batches[0])), (len(clean) - len(batches[2]) + 61, len(clean))]
+    outcomes, scanned, native_records = Counter(), Counter(), records._native_raw_records
+
+    def counted(*args):
+        out = native_records(*args)
+        scanned[out is not None, args[2]] += 1  # args[2]: the batch's record count
+        return out
+    monkeypatch.setattr(records, "_native_raw_records", counted)
+    for trial in range(300):
+        broken = bytearray(clean)
+        for _ in range(rng.choice([0, 1, 2, 3])):
+            broken[rng.randrange(*rng.choice(areas))] = rng.choice([0x00, 0x01, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        monkeypatch.setattr(records, "NATIVE_MIN_RECORDS", 8)
+        native = _raw_fields(RawPartitionRecords, bytes(broken))
+        monkeypatch.setattr(records, "NATIVE_MIN_RECORDS", 1 << 30)
+        assert native == _raw_fields(RawPartitionRecords, bytes(broken)), f"trial {trial}"
+        outcomes[native[1]] += 1
+    assert outcomes["corrupt"] > 50 and sum(outcomes.values()) - outcomes["corrupt"] > 50
+    # the kernel decoded the plain batches, handed back the one with headers and corrupted plain ones
+    assert scanned[True, 40] > 150 and scanned[True, 20] > 150 and scanned[False, 40] > 30
+    assert scanned[False, 35] > 150 and not scanned[True, 35]
