@@ -2,7 +2,7 @@
 
 A *group* is one CLIENTS-placed value holding several merchants' ``(folder, seed)`` pairs. Its client work
 trains, for each merchant in turn, a fresh copy of the broadcast global model on that merchant's batches
-(same order, optimizer and FedProx term as TFF's per-merchant client work), clips the merchant's update
+(same order, optimizer and FedProx term as the per-merchant client work), clips the merchant's update
 when ``--clip`` is set, and adds it to the group's partial sums (what the aggregator needs: Σ w·Δ and
 Σ w·[Δ ≠ 0] for the touched mean, Σ w·Δ and Σ w for the plain mean, Σ clip(Δ) for fixed-clip DP) and
 the merchant's unfinalized metrics to the group's. The server sums the groups' sums, divides as the
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from federated.proximal import proximal_gradients
 from federated.stores import batch_at, column_paths, epoch_order, read_columns
 from federated.training import FederatedConfig, build_process, client_optimizer, server_optimizer
 from fedstream.logs import get_logger
@@ -200,9 +201,8 @@ def _train_group(model, config: FederatedConfig, label_width: int):
             with tf.GradientTape() as tape:
                 output = model.forward_pass(batch_at(columns, order, start, config.batch_size), training=True)
             grads = tape.gradient(output.loss, weights.trainable)
-            if mu > 0:  # FedProx as TFF 0.87's proximal client work has it: mu * (w_global - w) added to the
-                # gradient (sic: the sign pushes away from the global model; kept so both paths train alike)
-                grads = [g + mu * (w0 - w) for g, w, w0 in zip(grads, weights.trainable, initial.trainable)]
+            if mu > 0:  # FedProx: + mu * (w - w_global), as the per-merchant path (federated.proximal)
+                grads = proximal_gradients(grads, weights.trainable, initial.trainable, mu)
             opt_state, updated = optimizer.next(opt_state, tuple(weights.trainable), tuple(grads))
             with tf.control_dependencies([v.assign(u) for v, u in zip(weights.trainable, updated)]):
                 return start + config.batch_size, count + tf.cast(output.num_examples, tf.int64), opt_state

@@ -287,15 +287,17 @@ def _fedavg_process(model_fn: Callable[[], Any], config: FederatedConfig):
         server_optimizer_fn=server_optimizer(config),
         model_aggregator=build_aggregator(config),
     )
+    if config.prox_mu > 0:  # our FedProx: TFF 0.87's proximal term has the wrong sign (federated.proximal)
+        from federated.proximal import build_fed_prox
+
+        return build_fed_prox(model_fn, mu=config.prox_mu, client_optimizer=common["client_optimizer_fn"],
+                              server_optimizer=common["server_optimizer_fn"],
+                              model_aggregator=common["model_aggregator"], uniform=config.dp)
     algorithms = tff.learning.algorithms
     if config.dp:  # DP needs every client's update to count the same: unweighted mean of clipped updates
-        if config.prox_mu > 0:
-            return algorithms.build_unweighted_fed_prox(model_fn, proximal_strength=config.prox_mu, **common)
         return algorithms.build_unweighted_fed_avg(model_fn, **common)
-    common["client_weighting"] = tff.learning.ClientWeighting.NUM_EXAMPLES
-    if config.prox_mu > 0:
-        return algorithms.build_weighted_fed_prox(model_fn, proximal_strength=config.prox_mu, **common)
-    return algorithms.build_weighted_fed_avg(model_fn, **common)
+    return algorithms.build_weighted_fed_avg(model_fn, client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+                                             **common)
 
 
 def build_evaluation(model_fn: Callable[[], Any], label_width: int = 1):
