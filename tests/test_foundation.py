@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from kafka import TopicPartition
 
 from fedstream.cli import SUBCOMMANDS, main
 from fedstream.settings import load_settings

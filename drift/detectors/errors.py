@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 
-import numpy as np
 
 from drift.events import DriftEvent
 from drift.detectors.base import CALIBRATED, Detector, _Trail

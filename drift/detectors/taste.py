@@ -6,7 +6,6 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 
-import numpy as np
 
 from drift.detectors.base import CALIBRATED, Detector
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from abc import abstractmethod
 from collections.abc import Hashable
 from typing import Literal
