@@ -29,6 +29,20 @@ def _stop_tff_workers_at_exit() -> Iterator[None]:
     stop_tff_workers()
 
 
+@pytest.fixture(scope="module")
+def tff_module():
+    """TFF on its sync local C++ context for one test module; its worker_binary stopped after the module
+    (it outlives Python and holds the test runner's pipes)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_federated as tff
+
+    from fedstream.processes import stop_tff_workers
+
+    tff.backends.native.set_sync_local_cpp_execution_context()
+    yield tff
+    stop_tff_workers()
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of an embedded tansu broker that lives for the whole test session."""

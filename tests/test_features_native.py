@@ -19,6 +19,7 @@ from online.river_models import make_model
 from streams.features import FeatureContext, Featurizer
 from streams.generator import GeneratorConfig, generate
 from streams.schemas import CatalogItem, Click, LineItem, Order
+from tests.test_online_batch_path import reference_rows
 
 BITS = 18
 MERCHANTS = ("m0", "shop-é", "店舗")
@@ -49,17 +50,6 @@ def hostile_stream(seed: int, n: int = 6000, users: int = 400, items: int = 60) 
                              page=rng.choice(("home", "search", "cart")), device=rng.choice(("app", "mobile")),
                              clicked=rng.random() < 0.4))
     return out
-
-
-def reference_rows(featurizer: Featurizer, events: list, context: FeatureContext) -> tuple[np.ndarray, list[int]]:
-    rows, at = [], []
-    for position, event in enumerate(events):
-        if type(event) is Click:
-            rows.append(featurizer.slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
-                                             event.device, event.page, event.position, context))
-            at.append(position)
-        context.observe(event)
-    return np.array(rows, dtype=np.int32).reshape(len(rows), featurizer.n_fields), at
 
 
 def run_both(events: list, block: int, memo_size: int, max_users: int) -> tuple:

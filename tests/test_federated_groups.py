@@ -5,7 +5,6 @@ FedProx with a server optimizer, fixed-clip DP), and runs where it applies."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -14,21 +13,10 @@ from federated.groups import GroupedProcess, build_round_process, per_merchant_r
 from federated.model import ModelConfig
 from federated.stores import build_stores
 from federated.training import FederatedConfig, FederatedData, build_process, client_seed, run_rounds
-from fedstream.processes import stop_tff_workers
 from streams.generator import GeneratorConfig, generate
 
 pytestmark = pytest.mark.slow
 BITS = 14
-
-
-@pytest.fixture(scope="module")
-def tff_module():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_federated as tff
-
-    tff.backends.native.set_sync_local_cpp_execution_context()
-    yield tff
-    stop_tff_workers()  # TFF's worker_binary outlives Python and holds the test runner's pipes
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,12 @@ from federated.training import (
     FederatedConfig, FederatedData, build_evaluation, build_process, dp_epsilon, run_rounds, sample_clients,
     use_execution_context,
 )
-from fedstream.processes import stop_tff_workers, tff_workers
+from fedstream.processes import tff_workers
 from streams.generator import GeneratorConfig, generate
 
 pytestmark = pytest.mark.slow
 BITS = 14
 MODEL = ModelConfig(bits=BITS)
-
-
-@pytest.fixture(scope="module")
-def tff_module():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_federated as tff
-
-    tff.backends.native.set_sync_local_cpp_execution_context()
-    yield tff
-    stop_tff_workers()  # TFF's worker_binary outlives Python and holds the test runner's pipes
 
 
 @pytest.fixture(scope="module")
