@@ -62,7 +62,7 @@ from federated.training import (  # noqa: E402
 from fedstream.processes import stop_tff_workers  # noqa: E402
 from fedstream.settings import load_settings  # noqa: E402
 from streams.generator import GeneratorConfig, generate  # noqa: E402
-from benchmarks import emit  # noqa: E402
+from benchmarks import emit, save_result  # noqa: E402
 from benchmarks._flower import flower_round  # noqa: E402
 from federated.groups import build_round_process  # noqa: E402
 
@@ -466,8 +466,6 @@ def _load_average() -> list[float]:
 
 def scaling_only(started: float) -> int:
     """``python -m benchmarks.federated scaling``: the round-time table alone and its JSON line."""
-    import datetime as dt
-
     with tempfile.TemporaryDirectory(prefix="bench-federated-") as tmp:
         try:
             import tensorflow_federated  # noqa: F401  (~11 s, once)
@@ -479,13 +477,20 @@ def scaling_only(started: float) -> int:
             rows = scaling(Path(tmp))
         finally:
             stopped = stop_tff_workers()
-    mode, date = ("quick" if QUICK else "full"), dt.date.today().isoformat()
-    emit("federated_scaling", {
-        "benchmark": "federated_scaling", "quick": QUICK, "mode": mode, "date": date, "scaling": rows,
-        "client_groups": GROUPS, "timed_rounds": TIMED_ROUNDS, "load_average_before": load_before,
-        "load_average_after": _load_average(), "readme": scaling_rows(rows, mode, date),
-        "tff_workers_stopped": len(stopped), "seconds": time.perf_counter() - started})
+    emit("federated_scaling", scaling_result(rows, load_before, len(stopped), started))
     return 0
+
+
+def scaling_result(rows: list[dict], load_before: list[float], stopped: int, started: float) -> dict:
+    """The round-time figures as ``results/federated_scaling.json`` holds them: the one source of the README's
+    round-time rows, whether the scaling part ran alone or inside the whole benchmark."""
+    import datetime as dt
+
+    mode, date = ("quick" if QUICK else "full"), dt.date.today().isoformat()
+    return {"benchmark": "federated_scaling", "quick": QUICK, "mode": mode, "date": date, "scaling": rows,
+            "client_groups": GROUPS, "timed_rounds": TIMED_ROUNDS, "load_average_before": load_before,
+            "load_average_after": _load_average(), "readme": scaling_rows(rows, mode, date),
+            "tff_workers_stopped": stopped, "seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
             import tensorflow_federated  # noqa: F401  (~11 s, once)
 
             use_execution_context(FederatedConfig())
+            load_before = _load_average()
             print(f"TFF round time vs merchants ({'quick' if QUICK else 'full'}; one local epoch, batch {BATCH}, 2**{BITS} slots)")
             rows = scaling(root)
+            save_result("federated_scaling", scaling_result(rows, load_before, 0, started))
             synthetic = synthetic_quality(root, settings)
             movielens = movielens_quality(root, settings)
         finally:
@@ -518,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_summary("Zipf marketplaces", synthetic["summary"])
     _print_summary("MovieLens-100K", movielens["summary"])
     mode, date = ("quick" if QUICK else "full"), dt.date.today().isoformat()
-    readme = readme_rows(synthetic, movielens, round_s, mode, date) + scaling_rows(rows, mode, date)
+    readme = readme_rows(synthetic, movielens, round_s, mode, date)  # round-time rows: federated_scaling.json
     s = synthetic["summary"]
     figures = {
         "benchmark": "federated", "quick": QUICK, "mode": mode, "date": date,
