@@ -215,3 +215,23 @@ def test_the_proximal_term_is_the_gradient_of_half_mu_times_the_squared_distance
     zero = [tf.zeros_like(w) for w in initial]
     for got, want in zip(proximal_gradients(zero, current, initial, 5.0), expected):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_grouped_evaluation_of_a_multitask_model_equals_one_client_per_merchant(tff_module, tmp_path):
+    """Two label columns ([clicked, ordered]): the purchase metrics too."""
+    from federated.model import tff_model_fn
+
+    stores = build_stores(generate(GeneratorConfig(merchants=4, events=8000, seed=3)), tmp_path, bits=12,
+                          attribution_window_s=86400)
+    model_config = ModelConfig(bits=12, multitask=True)
+    model_fn, width = tff_model_fn(model_config), model_config.label_width
+    data = FederatedData.from_stores(stores)
+    process = GroupedProcess(model_fn, FederatedConfig(rounds=1), width)
+    clients = [(data.train[m](), client_seed(7, 1, m)) for m in data.client_ids]
+    weights = process.get_model_weights(process.next(process.initialize(), clients).state)
+    per_merchant, grouped = build_evaluation(model_fn, width), GroupedEvaluation(model_fn, 2, width)
+    _, expected = evaluate_federated(per_merchant, per_merchant.initialize(), weights, data)
+    _, metrics = evaluate_federated(grouped, grouped.initialize(), weights, data)
+    assert set(metrics) == set(expected) and expected["purchase_auc"] > 0.5
+    for key in expected:
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
