@@ -7,7 +7,9 @@ when ``--clip`` is set, and adds it to the group's partial sums (what the aggreg
 Σ w·[Δ ≠ 0] for the touched mean, Σ w·Δ and Σ w for the plain mean, Σ clip(Δ) for fixed-clip DP) and
 the merchant's unfinalized metrics to the group's. The server sums the groups' sums, divides as the
 per-merchant aggregators do (fixed-clip DP adds its Gaussian noise to the sum first) and applies the
-server optimizer with TFF's own finalizer. Design notes: `federated/README.md`, "Merchant groups".
+server optimizer with TFF's own finalizer. Federated evaluation runs in groups the same way
+(:class:`GroupedEvaluation`: each merchant's held-out metrics summed, then TFF's ``sum_then_finalize``).
+Design notes: `federated/README.md`, "Merchant groups".
 
 Example (not run here: it takes TFF's ~11 s import):
     >>> process = build_round_process(tff_model_fn(ModelConfig(bits=14)), FederatedConfig(client_groups=2))  # doctest: +SKIP
@@ -25,7 +27,9 @@ import numpy as np
 
 from federated.proximal import proximal_gradients
 from federated.stores import batch_at, column_paths, epoch_order, read_columns
-from federated.training import FederatedConfig, build_process, client_optimizer, server_optimizer
+from federated.training import (
+    EVAL_BATCH, FederatedConfig, build_evaluation, build_process, client_optimizer, server_optimizer,
+)
 from fedstream.logs import get_logger
 
 log = get_logger("federated.groups")
@@ -54,6 +58,13 @@ def build_round_process(model_fn: Callable[[], Any], config: FederatedConfig, la
             log.info("one TFF client per merchant", extra={"reason": reason})
         return build_process(model_fn, config, label_width)
     return GroupedProcess(model_fn, config, label_width)
+
+
+def build_round_evaluation(model_fn: Callable[[], Any], config: FederatedConfig, label_width: int = 1):
+    """The federated evaluation of a simulated run: merchant groups where they apply, else :func:`build_evaluation`."""
+    if per_merchant_reason(config) is not None:
+        return build_evaluation(model_fn, label_width)
+    return GroupedEvaluation(model_fn, config.client_groups, label_width)
 
 
 def split_groups(clients: Sequence[tuple[str, int]], groups: int) -> list[tuple[list[str], list[int]]]:
@@ -126,6 +137,89 @@ class GroupedProcess:
                   for f, s in split_groups(list(clients), self.groups)]
         state, train = self._next(state, groups)
         return RoundOutput(state, {"client_work": {"train": train}})
+
+
+class GroupedEvaluation:
+    """TFF's federated evaluation (``build_fed_eval``: held-out batches of ``EVAL_BATCH`` in time order, metrics
+    summed then finalized) over merchant groups: ``initialize()``, ``set_model_weights(state, weights)``,
+    ``next(state, [folder, ...])``, whose metrics sit where ``build_fed_eval`` puts them."""
+
+    def __init__(self, model_fn: Callable[[], Any], groups: int, label_width: int = 1) -> None:
+        import tensorflow_federated as tff
+
+        self.groups = groups
+        weights_type = tff.learning.models.weights_type_from_model(model_fn)
+        metrics_sum = _metrics_aggregation(model_fn)
+
+        @tff.tensorflow.computation()
+        def initial_weights():
+            return tff.learning.models.ModelWeights.from_model(model_fn())
+
+        @tff.tensorflow.computation(weights_type, tff.types.StructType([("folders", tff.TensorType(np.str_, [None]))]))
+        def group_eval(weights, group):
+            return _evaluate_group(model_fn(), label_width)(weights, group.folders)
+
+        @tff.federated_computation(tff.FederatedType(weights_type, tff.SERVER),
+                                   tff.FederatedType(group_eval.type_signature.parameter[1], tff.CLIENTS))
+        def next_fn(weights, groups):
+            return metrics_sum(tff.federated_map(group_eval, (tff.federated_broadcast(weights), groups)))
+
+        @tff.tensorflow.computation(weights_type, weights_type)
+        def set_weights(state, weights):
+            return weights
+
+        self._initial, self._next, self.set_model_weights = initial_weights, next_fn, set_weights
+
+    def initialize(self):
+        """The evaluation's state: the weights it evaluates (the model's initial weights until set)."""
+        return self._initial()
+
+    def get_model_weights(self, state):
+        return state
+
+    def next(self, state, folders: Sequence[str]) -> RoundOutput:
+        """Metrics of the weights in ``state`` on the merchants' held-out ``folders``, as ``self.groups`` clients."""
+        groups = [collections.OrderedDict(folders=np.array(f, dtype=object))
+                  for f, _ in split_groups([(f, 0) for f in folders], self.groups)]
+        metrics = self._next(state, groups)
+        return RoundOutput(state, {"client_work": {"eval": {"current_round_metrics": metrics}}})
+
+
+def _evaluate_group(model, label_width: int):
+    """A ``tf.function``: the summed unfinalized metrics of ``model`` at the given weights on each merchant's
+    held-out batches (``EVAL_BATCH`` rows in file order, as ``eval_dataset_computation``'s dataset)."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    weights = tff.learning.models.ModelWeights.from_model(model)
+
+    def merchant_metrics(folder):
+        model.reset_metrics()  # a fresh model per merchant, as build_fed_eval's client
+        columns = read_columns(column_paths(folder), label_width)
+        order = epoch_order(tf.shape(columns[2])[0], 1)
+        total = tf.size(order, out_type=tf.int64)
+
+        def step(start, count):
+            output = model.forward_pass(batch_at(columns, order, start, EVAL_BATCH), training=False)
+            return start + EVAL_BATCH, count + tf.cast(output.num_examples, tf.int64)
+
+        zero = tf.constant(0, tf.int64)
+        _, count = tf.while_loop(lambda start, _: start < total, step, (zero, zero))
+        with tf.control_dependencies([count]):
+            return tf.nest.map_structure(tf.identity, model.report_local_unfinalized_metrics())
+
+    @tf.function
+    def evaluate(initial, folders):
+        tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial)
+        zero = tf.nest.map_structure(tf.zeros_like, model.report_local_unfinalized_metrics())
+
+        def body(i, sums):
+            return i + 1, tf.nest.map_structure(tf.add, sums, merchant_metrics(folders[i]))
+
+        _, sums = tf.while_loop(lambda i, _: i < tf.size(folders), body, (tf.constant(0), zero))
+        return sums
+
+    return evaluate
 
 
 def _group_type():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from federated.groups import build_round_process, per_merchant_reason
+from federated.groups import build_round_evaluation, build_round_process, per_merchant_reason
 from federated.model import ModelConfig, NumpyScorer, assign_weights, build_keras_model, tff_model_fn
 from federated.personalize import PersonalizationConfig, compare_merchants, summarize
 from federated.stores import MerchantStore, StoreError
@@ -206,7 +206,8 @@ def run_federated(settings: Settings, stores: Mapping[str, MerchantStore], confi
     model_fn = tff_model_fn(model_config)
     process = build_process(model_fn, config, model_config.label_width) if workers else (
         build_round_process(model_fn, config, model_config.label_width))  # merchant groups where they apply
-    evaluation = build_evaluation(model_fn, model_config.label_width)
+    evaluation = build_evaluation(model_fn, model_config.label_width) if workers else (
+        build_round_evaluation(model_fn, config, model_config.label_width))
     if workers:
         stores, config, process, evaluation, context_name = _on_workers(settings, stores, config, process, evaluation, workers)
     data = FederatedData.from_stores(stores)

@@ -392,7 +392,7 @@ def run_rounds(process, state, data: FederatedData, config: FederatedConfig, *, 
     probability ``clients_per_round / merchants`` from OS entropy: :func:`secret_poisson_cohort`), drops
     those that fail, and runs one ``process.next`` on the survivors. Without DP a round whose whole cohort
     dropped out leaves the state unchanged; with DP it still runs (the noise is released either way).
-    With ``evaluation`` (from :func:`build_evaluation`) the global model is evaluated on every merchant's
+    With ``evaluation`` (from :func:`build_evaluation`, or ``federated.groups.build_round_evaluation``) the global model is evaluated on every merchant's
     held-out data every ``config.eval_every`` rounds. ``on_round(round, state, result)`` is called after
     each round (MLflow logging, progress bars, checkpoints).
     """

@@ -5,14 +5,19 @@ FedProx with a server optimizer, fixed-clip DP), and runs where it applies."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from federated.groups import GroupedProcess, build_round_process, per_merchant_reason, split_groups
+from federated.groups import (
+    GroupedEvaluation, GroupedProcess, build_round_evaluation, build_round_process, per_merchant_reason, split_groups,
+)
 from federated.model import ModelConfig
-from federated.stores import build_stores
-from federated.training import FederatedConfig, FederatedData, build_process, client_seed, run_rounds
+from federated.stores import build_stores, open_stores, write_store
+from federated.training import (
+    FederatedConfig, FederatedData, build_evaluation, build_process, client_seed, evaluate_federated, run_rounds,
+)
 from streams.generator import GeneratorConfig, generate
 
 pytestmark = pytest.mark.slow
@@ -132,6 +137,43 @@ def test_federated_run_takes_the_group_count(tmp_path):
     assert tff_clients(FederatedConfig(), on_workers=True) == "one merchant per joined worker"
 
 
+def _heldout_folders(clients, root):
+    """The 6 merchants' held-out folders, plus one with a single held-out row and one with none."""
+    stores = open_stores(Path(clients[0][0]).parents[2])
+    arrays = stores["m00"].load("train")
+    tiny = {k: v[:40] for k, v in arrays.items()}
+    write_store(root, "tiny", tiny, holdout_fraction=1 / 40, bits=BITS)
+    empty = write_store(root, "empty", tiny, holdout_fraction=0.5, bits=BITS)
+    empty.write("heldout", {k: v[:0] for k, v in arrays.items()})
+    folders = [str(s.split_dir("heldout")) for s in stores.values()]
+    small = [str(Path(root) / "merchants" / m / "examples-heldout") for m in ("tiny", "empty")]
+    return folders[:3] + small + folders[3:]
+
+
+@pytest.mark.parametrize("groups", [2, 3], ids=["two-groups", "uneven-groups"])
+def test_grouped_evaluation_equals_one_client_per_merchant(tff_module, model_fn, clients, tmp_path, groups):
+    """The metrics TFF's build_fed_eval reports for a trained model, from a few group clients instead of one
+    client per merchant (8 merchants: 6 stores, one with one held-out row, one with none)."""
+    config = FederatedConfig(rounds=1, client_groups=groups)
+    process = GroupedProcess(model_fn, config)
+    weights = process.get_model_weights(process.next(process.initialize(), clients).state)
+    folders = _heldout_folders(clients, tmp_path)
+    assert np.load(Path(folders[3]) / "labels.npy").shape[0] == 1 and np.load(Path(folders[4]) / "labels.npy").size == 0
+    heldout = {f"m{k}": (lambda f=f: f) for k, f in enumerate(folders)}
+    data = FederatedData(train=dict(heldout), heldout=heldout, counts={})
+    per_merchant = build_evaluation(model_fn)
+    _, expected = evaluate_federated(per_merchant, per_merchant.initialize(), weights, data)
+    grouped = build_round_evaluation(model_fn, config)
+    assert isinstance(grouped, GroupedEvaluation) and grouped.groups == groups
+    _, metrics = evaluate_federated(grouped, grouped.initialize(), weights, data)
+    assert set(metrics) == set(expected) and {"auc", "loss", "num_examples"} <= set(metrics)
+    assert expected["num_examples"] == sum(np.load(Path(f) / "labels.npy").shape[0] for f in folders)
+    assert 0.5 < expected["auc"] < 1 and expected["loss"] > 0  # a trained model, not the initial one
+    for key in expected:
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert not isinstance(build_round_evaluation(model_fn, FederatedConfig(client_groups=1)), GroupedEvaluation)
+
+
 def _update_norm(process, client) -> float:
     """L2 distance of one merchant's local model from the broadcast weights: a one-client round with the
     plain mean and server SGD at rate 1 sets the global model to exactly that local model."""
@@ -173,3 +215,23 @@ def test_the_proximal_term_is_the_gradient_of_half_mu_times_the_squared_distance
     zero = [tf.zeros_like(w) for w in initial]
     for got, want in zip(proximal_gradients(zero, current, initial, 5.0), expected):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_grouped_evaluation_of_a_multitask_model_equals_one_client_per_merchant(tff_module, tmp_path):
+    """Two label columns ([clicked, ordered]): the purchase metrics too."""
+    from federated.model import tff_model_fn
+
+    stores = build_stores(generate(GeneratorConfig(merchants=4, events=8000, seed=3)), tmp_path, bits=12,
+                          attribution_window_s=86400)
+    model_config = ModelConfig(bits=12, multitask=True)
+    model_fn, width = tff_model_fn(model_config), model_config.label_width
+    data = FederatedData.from_stores(stores)
+    process = GroupedProcess(model_fn, FederatedConfig(rounds=1), width)
+    clients = [(data.train[m](), client_seed(7, 1, m)) for m in data.client_ids]
+    weights = process.get_model_weights(process.next(process.initialize(), clients).state)
+    per_merchant, grouped = build_evaluation(model_fn, width), GroupedEvaluation(model_fn, 2, width)
+    _, expected = evaluate_federated(per_merchant, per_merchant.initialize(), weights, data)
+    _, metrics = evaluate_federated(grouped, grouped.initialize(), weights, data)
+    assert set(metrics) == set(expected) and expected["purchase_auc"] > 0.5
+    for key in expected:
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
