@@ -28,28 +28,9 @@ from typing import Any
 import crc32c
 import numpy as np
 
+from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS
 from streams.schemas import CatalogItem, Click, Event, Order
 
-FIELDS: tuple[str, ...] = (
-    "bias",
-    "merchant",
-    "item",
-    "category",
-    "price_bucket",
-    "hour",
-    "weekday",
-    "device",
-    "page",
-    "position",
-    "user",
-    "user×category",
-    "user×item",
-    "category×device",
-    "page×position",
-    "merchant×category",
-    "user_affinity",
-    "category×hour",
-)
 UNKNOWN = "?"
 
 
@@ -144,13 +125,6 @@ class FeatureContext:
         return context
 
 
-# How each field's name is spelled, by position in FIELDS (the spelling is what gets hashed).
-_NAME_FORMATS: tuple[str, ...] = (
-    "bias", "merchant={0}", "item={0}/{1}", "category={0}", "price_bucket={0}", "hour={0}", "weekday={0}",
-    "device={0}", "page={0}", "position={0}", "user={0}/{1}", "user×category={0}/{1}|{2}", "user×item={0}/{1}|{2}",
-    "category×device={0}|{1}", "page×position={0}|{1}", "merchant×category={0}|{1}", "user_affinity={0}",
-    "category×hour={0}|{1}",
-)
 
 
 FIELD_INDEX: dict[str, int] = {name: index for index, name in enumerate(FIELDS)}

@@ -27,7 +27,7 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
 
-from streams.features import _NAME_FORMATS, FIELDS  # noqa: E402
+from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS  # noqa: E402
 
 # A block's row of codes, in this column order (strings are StringTable codes; the rest plain integers).
 COLUMNS = ("merchant", "user", "item", "category", "bucket", "device", "page", "position", "affinity",
