@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from federated.model import initial_weights_computation
 from federated.proximal import proximal_gradients
 from federated.stores import batch_at, column_paths, epoch_order, read_columns
 from federated.training import (
@@ -92,9 +93,7 @@ class GroupedProcess:
         self.groups = config.client_groups
         weights_type = tff.learning.models.weights_type_from_model(model_fn)
 
-        @tff.tensorflow.computation()
-        def initial_weights():
-            return tff.learning.models.ModelWeights.from_model(model_fn())
+        initial_weights = initial_weights_computation(model_fn)
 
         finalizer = tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer(config), weights_type)
         group_work = _group_work(model_fn, config, label_width, weights_type)
@@ -151,9 +150,7 @@ class GroupedEvaluation:
         weights_type = tff.learning.models.weights_type_from_model(model_fn)
         metrics_sum = _metrics_aggregation(model_fn)
 
-        @tff.tensorflow.computation()
-        def initial_weights():
-            return tff.learning.models.ModelWeights.from_model(model_fn())
+        initial_weights = initial_weights_computation(model_fn)
 
         @tff.tensorflow.computation(weights_type, tff.types.StructType([("folders", tff.TensorType(np.str_, [None]))]))
         def group_eval(weights, group):
@@ -306,8 +303,8 @@ def _train_group(model, config: FederatedConfig, label_width: int):
                                     (tf.constant(0, tf.int64), tf.constant(0, tf.int64), optimizer.initialize(specs)))
         with tf.control_dependencies([count]):
             delta = [a - b for a, b in zip(initial.trainable, weights.trainable)]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
-        delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]  # TFF zeroes a non-finite update ...
+        delta, non_finite = tff.learning.tensor_utils.zero_all_if_any_non_finite(delta)  # as TFF's client work ...
+        finite = tf.equal(non_finite, 0)
         weight = tf.where(finite, 1.0 if config.dp else tf.cast(count, tf.float32), 0.0)  # ... and its weight
         metrics = tf.nest.map_structure(lambda m: tf.where(finite, m, tf.zeros_like(m)),
                                         model.report_local_unfinalized_metrics())  # ... and its metrics

@@ -176,6 +176,17 @@ def tff_model_fn(config: ModelConfig):
     return model_fn
 
 
+def initial_weights_computation(model_fn):
+    """TFF computation ``() -> ModelWeights`` of a fresh model from ``model_fn``: a learning process's initial state."""
+    import tensorflow_federated as tff
+
+    @tff.tensorflow.computation()
+    def initial_weights():
+        return tff.learning.models.ModelWeights.from_model(model_fn())
+
+    return initial_weights
+
+
 class NumpyScorer:
     """The federated model as numpy: ``predict_proba_many(indices, values)`` from the Keras weights.
 

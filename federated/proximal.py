@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from federated.model import initial_weights_computation
+
 
 def proximal_gradients(grads: Sequence[Any], weights: Sequence[Any], initial: Sequence[Any], mu: float) -> list:
     """``grads`` of the local loss plus ``mu * (w - w_global)``, the gradient of ``(mu/2)||w - w_global||^2``."""
@@ -99,10 +101,7 @@ def build_fed_prox(model_fn: Callable[[], Any], *, mu: float, client_optimizer, 
 
     weights_type = tff.learning.models.weights_type_from_model(model_fn)
 
-    @tff.tensorflow.computation()
-    def initial_weights():
-        return tff.learning.models.ModelWeights.from_model(model_fn())
-
+    initial_weights = initial_weights_computation(model_fn)
     if uniform:
         model_aggregator = tff.aggregators.as_weighted_aggregator(model_aggregator)
     aggregator = model_aggregator.create(weights_type.trainable, tff.TensorType(np.float32))
