@@ -134,11 +134,16 @@ def arm_predictions(rows: list, scorer: LinearScorer, vectors: dict[int, np.ndar
             "text": prequential(fresh(), text_indices, text_values, y)}, y
 
 
+def held_out_groups(seed: int, groups: dict[str, list]) -> list[str]:
+    """``HELD_OUT`` groups (seeded) among those with rows enough for the whole curve."""
+    eligible = sorted(g for g, rows in groups.items() if len(rows) >= max(POINTS) + WINDOW)
+    return sorted(np.random.default_rng(seed).choice(eligible, size=HELD_OUT, replace=False).tolist())
+
+
 def curve(seed: int, groups: dict[str, list], vectors: dict[int, np.ndarray]) -> list[dict]:
     """One seed: hold out groups, train the global model on the rest, a curve per held-out group and arm."""
     needed = max(POINTS) + WINDOW
-    eligible = sorted(g for g, rows in groups.items() if len(rows) >= needed)
-    held = sorted(np.random.default_rng(seed).choice(eligible, size=HELD_OUT, replace=False).tolist())
+    held = held_out_groups(seed, groups)
     scorer = global_model(groups, [g for g in groups if g not in held], seed)
     results = []
     for group in held:

@@ -23,8 +23,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from benchmarks._transfer_curve import (BITS, HELD_OUT, POINTS, QUICK, WINDOW, curve_points, featurize, fresh, labels,
-                                        prequential, ratings)
+from benchmarks._transfer_curve import (BITS, HELD_OUT, POINTS, QUICK, WINDOW, curve_points, featurize, fresh,
+                                        held_out_groups, labels, prequential, ratings)
 from online.transfer import ResidualModel
 
 ROUNDS = 3 if QUICK else 6
@@ -68,8 +68,7 @@ def deep_global(groups: dict[str, list], train: list[str], seed: int):
 
 def curve(seed: int, groups: dict[str, list]) -> list[dict]:
     needed = max(POINTS) + WINDOW
-    eligible = sorted(g for g, rows in groups.items() if len(rows) >= needed)
-    held = sorted(np.random.default_rng(seed).choice(eligible, size=HELD_OUT, replace=False).tolist())
+    held = held_out_groups(seed, groups)
     scorer = deep_global(groups, [g for g in groups if g not in held], seed)
     results = []
     for group in held:
