@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from federated.model import initial_weights_computation
-from federated.proximal import proximal_gradients
+from federated.proximal import local_step
 from federated.stores import batch_at, column_paths, epoch_order, read_columns
 from federated.training import (
     EVAL_BATCH, FederatedConfig, build_evaluation, build_process, client_optimizer, server_optimizer,
@@ -289,14 +289,10 @@ def _train_group(model, config: FederatedConfig, label_width: int):
         order = epoch_order(tf.shape(columns[2])[0], config.client_epochs, seed)
 
         def step(start, count, opt_state):
-            with tf.GradientTape() as tape:
-                output = model.forward_pass(batch_at(columns, order, start, config.batch_size), training=True)
-            grads = tape.gradient(output.loss, weights.trainable)
-            if mu > 0:  # FedProx: + mu * (w - w_global), as the per-merchant path (federated.proximal)
-                grads = proximal_gradients(grads, weights.trainable, initial.trainable, mu)
-            opt_state, updated = optimizer.next(opt_state, tuple(weights.trainable), tuple(grads))
-            with tf.control_dependencies([v.assign(u) for v, u in zip(weights.trainable, updated)]):
-                return start + config.batch_size, count + tf.cast(output.num_examples, tf.int64), opt_state
+            batch = batch_at(columns, order, start, config.batch_size)
+            examples, opt_state, assigned = local_step(model, weights, optimizer, initial, mu)(batch, opt_state)
+            with tf.control_dependencies(assigned):
+                return start + config.batch_size, count + examples, opt_state
 
         total = tf.size(order, out_type=tf.int64)
         _, count, _ = tf.while_loop(lambda start, *_: start < total, step,

@@ -28,6 +28,25 @@ def proximal_gradients(grads: Sequence[Any], weights: Sequence[Any], initial: Se
     return [tf.add(g, mu * (w - w0)) for g, w, w0 in zip(grads, weights, initial)]
 
 
+def local_step(model, weights, optimizer, initial, mu: float):
+    """One local optimizer step ``(batch, optimizer state) -> (examples, optimizer state, assignments)`` on
+    ``weights`` (the model's), with FedProx's term when ``mu > 0``; the caller orders its next op after the
+    returned assignments. Shared by the per-merchant client work here and the merchant groups."""
+    import tensorflow as tf
+
+    def step(batch, opt_state):
+        with tf.GradientTape() as tape:
+            output = model.forward_pass(batch, training=True)
+        grads = tape.gradient(output.loss, weights.trainable)
+        if mu > 0:
+            grads = proximal_gradients(grads, weights.trainable, initial.trainable, mu)
+        opt_state, updated = optimizer.next(opt_state, tuple(weights.trainable), tuple(grads))
+        assigned = [v.assign(u) for v, u in zip(weights.trainable, updated)]
+        return tf.cast(output.num_examples, tf.int64), opt_state, assigned
+
+    return step
+
+
 def _local_training(model, optimizer, mu: float, uniform: bool):
     """A ``tf.function`` ``(global weights, batches) -> (ClientResult, unfinalized metrics)``: TFF's model-delta
     client update (dataset reduce, non-finite updates zeroed with their weight) with the proximal term above."""
@@ -42,13 +61,9 @@ def _local_training(model, optimizer, mu: float, uniform: bool):
 
         def step(state, batch):
             count, opt_state = state
-            with tf.GradientTape() as tape:
-                output = model.forward_pass(batch, training=True)
-            grads = tape.gradient(output.loss, weights.trainable)
-            grads = proximal_gradients(grads, weights.trainable, initial.trainable, mu)
-            opt_state, updated = optimizer.next(opt_state, tuple(weights.trainable), tuple(grads))
-            tf.nest.map_structure(lambda v, u: v.assign(u), list(weights.trainable), list(updated))
-            return count + tf.cast(output.num_examples, tf.int64), opt_state
+            examples, opt_state, assigned = local_step(model, weights, optimizer, initial, mu)(batch, opt_state)
+            with tf.control_dependencies(assigned):
+                return count + examples, opt_state
 
         specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in weights.trainable)
         count, _ = data.reduce((tf.constant(0, tf.int64), optimizer.initialize(specs)), step)
