@@ -62,8 +62,10 @@ def build_round_process(model_fn: Callable[[], Any], config: FederatedConfig, la
 
 
 def build_round_evaluation(model_fn: Callable[[], Any], config: FederatedConfig, label_width: int = 1):
-    """The federated evaluation of a simulated run: merchant groups where they apply, else :func:`build_evaluation`."""
-    if per_merchant_reason(config) is not None:
+    """The federated evaluation of a simulated run: merchant groups unless ``client_groups <= 1``, else
+    :func:`build_evaluation`. Evaluation sums plain metrics (no secure aggregation, no DP), so it is grouped
+    also where training keeps one client per merchant."""
+    if config.client_groups <= 1:
         return build_evaluation(model_fn, label_width)
     return GroupedEvaluation(model_fn, config.client_groups, label_width)
 

@@ -174,6 +174,16 @@ def test_grouped_evaluation_equals_one_client_per_merchant(tff_module, model_fn,
     assert not isinstance(build_round_evaluation(model_fn, FederatedConfig(client_groups=1)), GroupedEvaluation)
 
 
+@pytest.mark.parametrize("config", [FederatedConfig(client_groups=2, secure_agg=True),
+                                    FederatedConfig(client_groups=2, dp=True, clip=None, noise_multiplier=0.5, clients_per_round=10)],
+                         ids=["secure-aggregation", "adaptive-clip-dp"])
+def test_evaluation_is_grouped_where_training_keeps_one_client_per_merchant(model_fn, config):
+    """Evaluation sums plain metrics whatever the training aggregator: groups apply to it (the metrics are
+    the per-merchant ones, test above), while training keeps one client per merchant."""
+    assert per_merchant_reason(config) is not None
+    assert isinstance(build_round_evaluation(model_fn, config), GroupedEvaluation)
+
+
 def _update_norm(process, client) -> float:
     """L2 distance of one merchant's local model from the broadcast weights: a one-client round with the
     plain mean and server SGD at rate 1 sets the global model to exactly that local model."""
