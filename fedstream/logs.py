@@ -57,7 +57,9 @@ QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_CONFIGURE_LOGGING": "false",
 UNACTIONABLE_LOGS = (("mlflow.pyfunc", "Passing a Python object as `python_model`"),
                      ("mlflow.utils.environment", "Failed to resolve installed pip version"),
                      ("mlflow.tensorflow", "You are saving a TensorFlow Core model or Keras model without a signature"),
-                     ("tensorflow", "Compiled the loaded model, but the compiled metrics have yet to be built"))
+                     ("tensorflow", "Compiled the loaded model, but the compiled metrics have yet to be built"),
+                     # TFF's secure aggregator builds range asserts it never runs (tf_should_use, at garbage collection)
+                     ("tensorflow", "==================================\nObject was never used"))
 
 # (category, message regex) of Python warnings from libraries a user cannot act on. MLflow colours its
 # message (ANSI codes first), hence the leading ``.*``; it also raises it under its own
