@@ -6,7 +6,8 @@ Two measurements on the online benchmark's backlog:
   blocks per partition as from Kafka, drift detectors on): the process CPU per learned event (a click or an
   order), split by the exclusive wall time of each stage (nested calls are charged to the inner stage; what
   no stage covers is ``worker glue``: queueing records, building the block's arrays). The catalog is folded
-  in first and not timed, as the worker reads it before its first poll: the figures compare with the
+  in first and not timed, as the worker reads it before its first poll, then the heap is settled as
+  ``fedstream learn`` does (:mod:`fedstream.heap`): the figures compare with the
   worker process's ``busy_cpu_us_per_event`` (same events, same denominator).
 * :func:`consumer_cost`: ``EventConsumer.poll`` alone over the backlog's clicks and orders on the embedded
   broker (fetch, record batch parsing, event decoding and validation): process CPU per event, network
@@ -17,6 +18,7 @@ Run alone: ``BENCH_QUICK=1 .venv/bin/python -m benchmarks.online stages`` (a tab
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -99,6 +101,8 @@ def stage_costs(events: list, bits: int = 20) -> dict:
                               publish_at_end=False)
         worker = OnlineWorker(settings, config, monitors={"drift": lambda _: DriftMonitor(settings, sinks=[])})
         worker._apply_catalog(catalog)  # the worker reads the catalog before its first poll (untimed there too)
+        thresholds = gc.get_threshold()
+        worker.settle_heap()  # as `fedstream learn` does then (fedstream.heap); undone below for the rest of the run
         clock = _Clock()
         for stage, places in STAGES.items():
             for path, name in places:
@@ -110,6 +114,8 @@ def stage_costs(events: list, bits: int = 20) -> dict:
             worker.accept(records[start:start + 2000])
         worker.flush_stale(force=True)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
     scale = 1e6 * cpu / wall / len(records)  # wall shares of the CPU time, per event
     stages = {stage: clock.spent.get(stage, 0.0) * scale for stage in STAGES}
     stages["worker glue"] = max(wall - sum(clock.spent.values()), 0.0) * scale

@@ -123,7 +123,7 @@ def learn(settings: Settings, model: str, params: tuple[str, ...], group: str | 
         store=store or None,
         publish_every_s=None if no_publish or publish_every == 0 else publish_every, publish_at_end=not no_publish,
         max_events=max_events, idle_timeout_s=idle_timeout, rank_every=rank_every,
-        warm_start=warm_start, transfer=transfer, text_candidates=text_candidates,
+        warm_start=warm_start, transfer=transfer, text_candidates=text_candidates, settle_heap=True,
     )
     monitors = {"drift": prediction_monitor("drift")(settings, publish_to_mlflow=not no_publish)} if watch_drift else {}
     try:

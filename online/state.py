@@ -58,6 +58,7 @@ class WorkerConfig:
     warm_start: str | None = None  # models:/NAME@ALIAS to start a fresh learner from (online.transfer)
     transfer: str = "finetune"  # how: finetune | features
     text_candidates: bool = False  # cold-start items by catalog-text similarity (online.candidates)
+    settle_heap: bool = False  # the process is the worker's own (the CLI): fedstream.heap's policy before the first poll
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.checkpoint_every < 1 or self.rank_every < 0 or self.rank_k < 1:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fedstream.heap import LEARNER_THRESHOLDS, settle_long_lived
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.catalog import CatalogReader, plan_topics
@@ -214,6 +215,11 @@ class OnlineWorker:
         if self.catalog is not None:
             self._apply_catalog(self.catalog.read_until_caught_up(deadline_s=30.0))
         return topics
+
+    def settle_heap(self) -> None:
+        """The collector's learner policy (:mod:`fedstream.heap`), once the resumed state and the catalog are in."""
+        frozen = settle_long_lived()
+        log.info("heap settled", extra={"frozen_objects": frozen, "gc_thresholds": list(LEARNER_THRESHOLDS)})
 
     # -- learning -----------------------------------------------------------------------------------------
 
@@ -440,6 +446,8 @@ class OnlineWorker:
         if config.publish_every_s or config.publish_at_end:
             self.prepare_publishing()
         topics = self._plan()
+        if config.settle_heap:
+            self.settle_heap()
         consumer = EventConsumer(self.settings, config.group, topics, max_records=config.max_records,
                                  poll_timeout_ms=config.poll_timeout_ms, seek_on_assign=self._assigned,
                                  on_revoked=self._revoked, fetch_max_wait_ms=config.fetch_max_wait_ms,
