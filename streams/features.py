@@ -92,10 +92,12 @@ class FeatureContext:
             self.set_item(event.merchant_id, event.item_id, event.category, event.price)
         elif isinstance(event, Order):
             merchant = self.merchant(event.merchant_id)
+            catalog, remember, user_id = merchant.catalog, merchant.remember, event.user_id
             for line in event.items:
-                if line.item_id not in merchant.catalog:
-                    merchant.catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
-                self._remember(event.merchant_id, event.user_id, line.item_id)
+                info = catalog.get(line.item_id)
+                if info is None:
+                    info = catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
+                remember(user_id, info.category)
 
     def _remember(self, merchant_id: str, user_id: str, item_id: str) -> None:
         info = self.item(merchant_id, item_id)

@@ -178,3 +178,36 @@ def test_a_context_pickled_before_this_path_loads_and_continues_equal():
     assert_serving_equal(fast_context, slow_context, events)
     restored = FeatureContext.from_state(pickle.loads(pickle.dumps(fast_context.state())))  # a checkpoint's path
     assert snapshot(restored) == snapshot(fast_context)
+
+
+def frozen_observe(context: FeatureContext, event) -> None:
+    """``FeatureContext.observe`` as first written (frozen: the reference of the one that inlines its order path)."""
+    from streams.features import UNKNOWN, ItemInfo
+
+    def remember(merchant_id: str, user_id: str, item_id: str) -> None:
+        info = context.item(merchant_id, item_id)
+        context.merchant(merchant_id).remember(user_id, info.category if info else UNKNOWN)
+
+    if isinstance(event, Click):
+        if event.clicked:
+            remember(event.merchant_id, event.user_id, event.item_id)
+    elif isinstance(event, CatalogItem):
+        context.set_item(event.merchant_id, event.item_id, event.category, event.price)
+    elif isinstance(event, Order):
+        merchant = context.merchant(event.merchant_id)
+        for line in event.items:
+            if line.item_id not in merchant.catalog:
+                merchant.catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
+            remember(event.merchant_id, event.user_id, line.item_id)
+
+
+@pytest.mark.parametrize("max_users", [7, 100_000])
+def test_observe_folds_as_first_written(max_users):
+    events = hostile_stream(seed=21, n=4000, users=200, items=40)
+    events += [Order(event_id="o-dup", order_id="o-dup", merchant_id="new-shop", timestamp=1.7e9, user_id="u1",
+                     currency="EUR", items=[LineItem(item_id="x", quantity=1, unit_price=5.0)] * 3)]
+    now, before = FeatureContext(max_users), FeatureContext(max_users)
+    for event in events:
+        now.observe(event)
+        frozen_observe(before, event)
+    assert snapshot(now) == snapshot(before)
