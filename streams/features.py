@@ -23,16 +23,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import crc32c
 import numpy as np
 
 from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS
 from streams.schemas import CatalogItem, Click, Event, Order
-
-if TYPE_CHECKING:  # numba: imported at run time by featurize_block's first block only
-    from streams.slot_kernels import StringTable
 
 UNKNOWN = "?"
 
@@ -339,7 +336,7 @@ class Featurizer:
         return slot_kernels.hash_rows(codes, strings, self._mask), at
 
     def _encode_block(self, events: Sequence[Event], context: FeatureContext,
-                      strings: StringTable) -> tuple[list[int], list[float], list[int]]:
+                      strings: Any) -> tuple[list[int], list[float], list[int]]:
         """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
         in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event.
 
@@ -376,8 +373,7 @@ class Featurizer:
                 (merchant or context.merchant(merchant_id)).remember(user_id, category)
         return rows, stamps, at
 
-    def _row_of_new(self, click: Click, info: ItemInfo | None, affinity: int,
-                    strings: StringTable) -> tuple[int, ...]:
+    def _row_of_new(self, click: Click, info: ItemInfo | None, affinity: int, strings: Any) -> tuple[int, ...]:
         """:meth:`_encode_block`'s row of a click with a string or price not seen before: interns them."""
         category, bucket = (UNKNOWN, -1) if info is None else (info.category, self._bucket(info.price))
         intern = strings.intern
@@ -385,7 +381,6 @@ class Featurizer:
                 intern(click.device), intern(click.page), click.position, affinity)
 
     def _bucket(self, price: float) -> int:
-        """The price's bucket, from (or into) the block path's plain dict of prices."""
         found = self._prices.get(price)
         if found is None:
             found = self._prices[price] = price_bucket(price)
