@@ -203,11 +203,10 @@ class Featurizer:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
         self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
-        self._prices: dict[float, int] = {}  # featurize_block's price -> bucket (a plain dict: see _encode_block)
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
-        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_strings", "_prices")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_strings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -310,9 +309,8 @@ class Featurizer:
         The worker's batch path: the same rows as :meth:`slots_for` followed by ``context.observe(event)`` per
         event (the reference, tested equal on seeded streams). One Python loop reads the context and folds
         the events into it in order, and turns each click into a row of integer codes (its string ids and its
-        item's category interned, one plain-dict lookup each; its price bucket from a bounded plain dict of
-        prices); the numba kernel of :mod:`streams.slot_kernels` then spells and hashes the block's names,
-        bit-identical to the memos'.
+        item's category interned, one dict lookup each; the price bucket from the bounded price memo); the
+        numba kernel of :mod:`streams.slot_kernels` then spells and hashes the block's names, bit-identical to the memos'.
         """
         from streams import slot_kernels  # numba: imported by the first block, not by every user of features
 
@@ -321,8 +319,6 @@ class Featurizer:
             strings = self._strings = slot_kernels.StringTable()
         elif len(strings) >= self.memo_size:  # codes must stay valid inside a block: reset only between blocks
             strings.reset()
-        if len(self._prices) >= self.memo_size:
-            self._prices.clear()
         rows, stamps, at = self._encode_block(events, context, strings)
         n = len(at)
         if not n:
@@ -336,17 +332,13 @@ class Featurizer:
         return slot_kernels.hash_rows(codes, strings, self._mask), at
 
     def _encode_block(self, events: Sequence[Event], context: FeatureContext,
-                      strings: Any) -> tuple[list[int], list[float], list[int]]:
+                      strings: dict[str, int]) -> tuple[list[int], list[float], list[int]]:
         """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
-        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event.
-
-        Codes and price buckets are read by subscripting plain dicts (``strings.codes``, ``self._prices``);
-        a miss (a string or price seen for the first time) raises ``KeyError`` before anything is folded
-        into the context, and the click's row is then made by :meth:`_row_of_new`, which interns them."""
+        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event."""
         rows: list[int] = []
         stamps: list[float] = []
         at: list[int] = []
-        extend, stamp, mark, codes, prices = rows.extend, stamps.append, at.append, strings.codes, self._prices
+        extend, stamp, mark, buckets = rows.extend, stamps.append, at.append, self._buckets
         merchants, click_type = context.merchants, Click
         new, match, other, unknown = strings["new"], strings["match"], strings["other"], strings[UNKNOWN]
         for position, event in enumerate(events):
@@ -359,32 +351,19 @@ class Featurizer:
                 info = recent = None
             else:
                 info, recent = merchant.catalog.get(event.item_id), merchant.recent.get(user_id)
-            category = UNKNOWN if info is None else info.category  # read at every click, as slots_for does
-            affinity = new if not recent else (match if category in recent else other)
-            try:
-                extend((codes[merchant_id], codes[user_id], codes[event.item_id],
-                        unknown if info is None else codes[category], -1 if info is None else prices[info.price],
-                        codes[event.device], codes[event.page], event.position, affinity))
-            except KeyError:
-                extend(self._row_of_new(event, info, affinity, strings))
+            if info is None:
+                category, code, bucket = UNKNOWN, unknown, -1
+            else:  # read from the entry at every click: a re-issued entry is read afresh
+                category = info.category
+                code, bucket = strings[category], buckets[info.price]
+            extend((strings[merchant_id], strings[user_id], strings[event.item_id], code, bucket,
+                    strings[event.device], strings[event.page], event.position,
+                    new if not recent else (match if category in recent else other)))
             stamp(event.timestamp)
             mark(position)
             if event.clicked:
                 (merchant or context.merchant(merchant_id)).remember(user_id, category)
         return rows, stamps, at
-
-    def _row_of_new(self, click: Click, info: ItemInfo | None, affinity: int, strings: Any) -> tuple[int, ...]:
-        """:meth:`_encode_block`'s row of a click with a string or price not seen before: interns them."""
-        category, bucket = (UNKNOWN, -1) if info is None else (info.category, self._bucket(info.price))
-        intern = strings.intern
-        return (intern(click.merchant_id), intern(click.user_id), intern(click.item_id), intern(category), bucket,
-                intern(click.device), intern(click.page), click.position, affinity)
-
-    def _bucket(self, price: float) -> int:
-        found = self._prices.get(price)
-        if found is None:
-            found = self._prices[price] = price_bucket(price)
-        return found
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""

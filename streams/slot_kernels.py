@@ -97,40 +97,31 @@ class Programs:
         self.literals = np.frombuffer(bytes(literals) or b"\0", dtype=np.uint8).copy()
 
 
-class StringTable:
-    """``str -> code``: interning a new string appends its UTF-8 bytes to the table (codes are dense, from 0).
+class StringTable(dict):
+    """``str -> code``: a miss appends the string's UTF-8 bytes to the table (codes are dense, from 0).
 
-    ``codes`` is a plain dict, so the featurizer's loop subscripts it at plain-dict speed (a dict subclass's
-    subscript is about twice as slow) and interns (:meth:`intern`, or ``table[text]``) only on a miss.
     :meth:`arrays` hands the kernel ``(bytes, starts)``: string ``k`` is ``bytes[starts[k]:starts[k + 1]]``.
     Codes stay valid until :meth:`reset`, which the featurizer calls only between blocks.
     """
 
-    __slots__ = ("codes", "_data", "_starts", "_size", "_used", "_pending", "_pending_ends")
+    __slots__ = ("_data", "_starts", "_size", "_used", "_pending", "_pending_ends")
 
     def __init__(self) -> None:
-        self.codes: dict[str, int] = {}
+        super().__init__()
         self.reset()
 
     def reset(self) -> None:
-        self.codes.clear()
+        self.clear()
         self._data = np.zeros(1 << 16, dtype=np.uint8)
         self._starts = np.zeros(1 << 12, dtype=np.int64)
         self._size, self._used = 0, 0  # strings and bytes moved into the arrays
         self._pending, self._pending_ends = bytearray(), []
 
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def intern(self, text: str) -> int:
-        code = self.codes.get(text)
-        if code is None:
-            code = self.codes[text] = self._size + len(self._pending_ends)
-            self._pending += text.encode()
-            self._pending_ends.append(len(self._pending))
+    def __missing__(self, text: str) -> int:
+        code = self[text] = self._size + len(self._pending_ends)
+        self._pending += text.encode()
+        self._pending_ends.append(len(self._pending))
         return code
-
-    __getitem__ = intern
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._pending_ends:
