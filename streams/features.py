@@ -92,10 +92,12 @@ class FeatureContext:
             self.set_item(event.merchant_id, event.item_id, event.category, event.price)
         elif isinstance(event, Order):
             merchant = self.merchant(event.merchant_id)
+            catalog, remember, user_id = merchant.catalog, merchant.remember, event.user_id
             for line in event.items:
-                if line.item_id not in merchant.catalog:
-                    merchant.catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
-                self._remember(event.merchant_id, event.user_id, line.item_id)
+                info = catalog.get(line.item_id)
+                if info is None:
+                    info = catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
+                remember(user_id, info.category)
 
     def _remember(self, merchant_id: str, user_id: str, item_id: str) -> None:
         info = self.item(merchant_id, item_id)
@@ -200,12 +202,11 @@ class Featurizer:
     def _new_memos(self) -> None:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
-        self._items: dict[int, tuple] = {}  # featurize_block's codes per catalog entry (see _item_codes)
         self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
-        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_items", "_strings")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_strings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -307,20 +308,18 @@ class Featurizer:
 
         The worker's batch path: the same rows as :meth:`slots_for` followed by ``context.observe(event)`` per
         event (the reference, tested equal on seeded streams). One Python loop reads the context and folds
-        the events into it in order, and turns each click into a row of integer codes (its string ids
-        interned, one dict lookup each; the item's category and price bucket memoized per :class:`ItemInfo`
-        object, so a re-issued catalog entry, a new object, is read afresh); the numba kernel of
-        :mod:`streams.slot_kernels` then spells and hashes the block's names, bit-identical to the memos'.
+        the events into it in order, and turns each click into a row of integer codes (its string ids and its
+        item's category interned, one dict lookup each; the price bucket from the bounded price memo); the
+        numba kernel of :mod:`streams.slot_kernels` then spells and hashes the block's names, bit-identical to the memos'.
         """
         from streams import slot_kernels  # numba: imported by the first block, not by every user of features
 
-        strings, items = self._strings, self._items
+        strings = self._strings
         if strings is None:
             strings = self._strings = slot_kernels.StringTable()
         elif len(strings) >= self.memo_size:  # codes must stay valid inside a block: reset only between blocks
             strings.reset()
-            items.clear()
-        rows, stamps, at = self._encode_block(events, context, strings, items)
+        rows, stamps, at = self._encode_block(events, context, strings)
         n = len(at)
         if not n:
             return np.empty((0, self.n_fields), dtype=np.int32), at
@@ -332,30 +331,32 @@ class Featurizer:
         codes[:, 10] = np.mod(np.floor_divide(hours, 24.0) + 3.0, 7.0)
         return slot_kernels.hash_rows(codes, strings, self._mask), at
 
-    def _encode_block(self, events: Sequence[Event], context: FeatureContext, strings: dict[str, int],
-                      items: dict) -> tuple[list[int], list[float], list[int]]:
+    def _encode_block(self, events: Sequence[Event], context: FeatureContext,
+                      strings: dict[str, int]) -> tuple[list[int], list[float], list[int]]:
         """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
         in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event."""
         rows: list[int] = []
         stamps: list[float] = []
         at: list[int] = []
-        extend, stamp, mark = rows.extend, stamps.append, at.append
-        merchants, click_type, identity = context.merchants, Click, id
-        new, match, other = strings["new"], strings["match"], strings["other"]
+        extend, stamp, mark, buckets = rows.extend, stamps.append, at.append, self._buckets
+        merchants, click_type = context.merchants, Click
+        new, match, other, unknown = strings["new"], strings["match"], strings["other"], strings[UNKNOWN]
         for position, event in enumerate(events):
             if type(event) is not click_type:
                 context.observe(event)
                 continue
-            merchant_id, user_id, item_id = event.merchant_id, event.user_id, event.item_id
+            merchant_id, user_id = event.merchant_id, event.user_id
             merchant = merchants.get(merchant_id)
-            info = recent = None
-            if merchant is not None:
-                info, recent = merchant.catalog.get(item_id), merchant.recent.get(user_id)
-            found = items.get(identity(info))
-            if found is None:
-                found = self._item_codes(info, strings, items)
-            category = found[1]
-            extend((strings[merchant_id], strings[user_id], strings[item_id], found[2], found[3],
+            if merchant is None:
+                info = recent = None
+            else:
+                info, recent = merchant.catalog.get(event.item_id), merchant.recent.get(user_id)
+            if info is None:
+                category, code, bucket = UNKNOWN, unknown, -1
+            else:  # read from the entry at every click: a re-issued entry is read afresh
+                category = info.category
+                code, bucket = strings[category], buckets[info.price]
+            extend((strings[merchant_id], strings[user_id], strings[event.item_id], code, bucket,
                     strings[event.device], strings[event.page], event.position,
                     new if not recent else (match if category in recent else other)))
             stamp(event.timestamp)
@@ -363,15 +364,6 @@ class Featurizer:
             if event.clicked:
                 (merchant or context.merchant(merchant_id)).remember(user_id, category)
         return rows, stamps, at
-
-    def _item_codes(self, info: ItemInfo | None, strings: dict[str, int], items: dict) -> tuple:
-        """``(info, category, category code, price bucket)`` of a catalog entry, memoized by the entry's identity
-        (the memo holds the entry, so its ``id`` is not reused while memoized; cleared when it holds ``memo_size``)."""
-        category, bucket = (UNKNOWN, -1) if info is None else (info.category, self._buckets[info.price])
-        if len(items) >= self.memo_size:
-            items.clear()
-        found = items[id(info)] = (info, category, strings[category], bucket)
-        return found
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""

@@ -5,12 +5,15 @@ built to hit every branch of the native path: items of one id in several merchan
 categories, catalog re-issues mid-stream, clicks on unknown items, orders teaching unknown items, non-ASCII
 ids and categories, positions past the cap, timestamps on hour and day boundaries, more users than the
 context keeps (LRU eviction) and more strings than the featurizer's memos hold (tables reset between blocks).
+Beyond the slots: the context after the blocks (LRU order and deque bounds included), a context pickled by the
+code before this path changed, and the serving side (``Featurizer.candidates``) reading the contexts.
 """
 
 from __future__ import annotations
 
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from streams.schemas import CatalogItem, Click, LineItem, Order
 from tests.test_online_batch_path import reference_rows
 
 BITS = 18
+PICKLED_CONTEXT = Path(__file__).parent / "data" / "feature_context_before_ctxfast.pkl"
 MERCHANTS = ("m0", "shop-é", "店舗")
 CATEGORIES = ("shoes", "bücher", "×", "游戏", "a|b/c")
 
@@ -52,9 +56,31 @@ def hostile_stream(seed: int, n: int = 6000, users: int = 400, items: int = 60) 
     return out
 
 
-def run_both(events: list, block: int, memo_size: int, max_users: int) -> tuple:
+def snapshot(context: FeatureContext) -> list:
+    """Everything a context holds, in its order: catalog entries, users' recent categories and their LRU order."""
+    return [(merchant_id, merchant.max_users, merchant.history,
+             [(item, info.category, info.price) for item, info in merchant.catalog.items()],
+             [(user, list(seen), seen.maxlen) for user, seen in merchant.recent.items()])
+            for merchant_id, merchant in context.merchants.items()]
+
+
+def assert_serving_equal(fast_context: FeatureContext, slow_context: FeatureContext, events: list) -> None:
+    """``candidates`` (serving's rows) read from both contexts: equal, and row by row equal to ``slots_for``."""
+    featurizer = Featurizer(BITS)
+    clicks = [e for e in events if type(e) is Click][:: max(1, len(events) // 40)]
+    for click in clicks:
+        items = [f"i{k}" for k in range(0, 80, 7)] + [click.item_id]
+        got, _ = featurizer.candidates(click.merchant_id, click.user_id, items, fast_context, timestamp=click.timestamp)
+        want, _ = featurizer.candidates(click.merchant_id, click.user_id, items, slow_context, timestamp=click.timestamp)
+        assert np.array_equal(got, want)
+        row = featurizer.slots_for(click.merchant_id, click.user_id, items[3], click.timestamp, "desktop",
+                                   "recommendation", 0, fast_context)
+        assert got[3].tolist() == row
+
+
+def run_both(events: list, block: int, memo_size: int, max_users: int, contexts: tuple | None = None) -> tuple:
     fast, slow = Featurizer(BITS, memo_size=memo_size), Featurizer(BITS, memo_size=memo_size)
-    fast_context, slow_context = FeatureContext(max_users), FeatureContext(max_users)
+    fast_context, slow_context = contexts or (FeatureContext(max_users), FeatureContext(max_users))
     fast_model, slow_model = make_model("ftrl", BITS), make_model("ftrl", BITS)
     rows = 0
     for start in range(0, len(events), block):
@@ -77,6 +103,8 @@ def test_native_block_equals_the_reference_on_a_hostile_stream(block, memo_size,
     fast, fast_context, slow_context, fast_model, slow_model, rows = run_both(events, block, memo_size, max_users)
     assert rows > 5000
     assert fast_context.state() == slow_context.state()
+    assert snapshot(fast_context) == snapshot(slow_context)
+    assert_serving_equal(fast_context, slow_context, events)
     assert all(len(m.recent) <= max_users for m in fast_context.merchants.values())
     for name in ("w", "z", "n"):
         assert np.array_equal(getattr(fast_model, name), getattr(slow_model, name)), name
@@ -111,3 +139,75 @@ def test_every_field_has_a_spelling_program():
 
     assert list(FIELD_ARGS) == list(FIELDS)
     assert PROGRAMS.counts[0] == 0 and all(PROGRAMS.counts[1:] >= 1)  # "bias" is its literal alone
+
+
+def test_an_entry_changed_in_place_is_read_as_the_reference_reads_it():
+    """``ItemInfo`` is a mutable dataclass: an entry changed in place between blocks is what ``slots_for`` reads
+    (the block path once memoized category and bucket by the entry's identity and kept the old ones)."""
+    events = hostile_stream(seed=5, n=3000)
+    fast, slow = Featurizer(BITS), Featurizer(BITS)
+    fast_context, slow_context = FeatureContext(), FeatureContext()
+    for start in range(0, len(events), 1000):
+        part = events[start:start + 1000]
+        got, _ = fast.featurize_block(part, fast_context)
+        want, _ = reference_rows(slow, part, slow_context)
+        assert np.array_equal(got, want), start
+        for context in (fast_context, slow_context):
+            for merchant in context.merchants.values():
+                for item, info in merchant.catalog.items():
+                    if item.endswith("1"):
+                        info.category, info.price = f"{info.category}+", info.price * 3 + 1
+    assert snapshot(fast_context) == snapshot(slow_context)
+
+
+def test_a_context_pickled_before_this_path_loads_and_continues_equal():
+    """``tests/data/feature_context_before_ctxfast.pkl``: the context of ``hostile_stream(seed=11, n=1500,
+    users=60, items=40)`` folded by ``observe`` (max 50 users per merchant), pickled by the code before this
+    path changed (a checkpoint's or bundle's context). It loads as that context, and the block path and the
+    reference continue from it equal (slots, context, serving rows)."""
+    blob = PICKLED_CONTEXT.read_bytes()
+    rebuilt = FeatureContext(max_users_per_merchant=50)
+    for event in hostile_stream(seed=11, n=1500, users=60, items=40):
+        rebuilt.observe(event)
+    assert snapshot(pickle.loads(blob)) == snapshot(rebuilt)
+    events = hostile_stream(seed=12, n=3000, users=60, items=40)
+    _, fast_context, slow_context, fast_model, slow_model, _ = run_both(
+        events, 250, 250_000, 50, contexts=(pickle.loads(blob), pickle.loads(blob)))
+    assert snapshot(fast_context) == snapshot(slow_context)
+    assert np.array_equal(fast_model.w, slow_model.w)
+    assert_serving_equal(fast_context, slow_context, events)
+    restored = FeatureContext.from_state(pickle.loads(pickle.dumps(fast_context.state())))  # a checkpoint's path
+    assert snapshot(restored) == snapshot(fast_context)
+
+
+def frozen_observe(context: FeatureContext, event) -> None:
+    """``FeatureContext.observe`` as first written (frozen: the reference of the one that inlines its order path)."""
+    from streams.features import UNKNOWN, ItemInfo
+
+    def remember(merchant_id: str, user_id: str, item_id: str) -> None:
+        info = context.item(merchant_id, item_id)
+        context.merchant(merchant_id).remember(user_id, info.category if info else UNKNOWN)
+
+    if isinstance(event, Click):
+        if event.clicked:
+            remember(event.merchant_id, event.user_id, event.item_id)
+    elif isinstance(event, CatalogItem):
+        context.set_item(event.merchant_id, event.item_id, event.category, event.price)
+    elif isinstance(event, Order):
+        merchant = context.merchant(event.merchant_id)
+        for line in event.items:
+            if line.item_id not in merchant.catalog:
+                merchant.catalog[line.item_id] = ItemInfo(UNKNOWN, line.unit_price)
+            remember(event.merchant_id, event.user_id, line.item_id)
+
+
+@pytest.mark.parametrize("max_users", [7, 100_000])
+def test_observe_folds_as_first_written(max_users):
+    events = hostile_stream(seed=21, n=4000, users=200, items=40)
+    events += [Order(event_id="o-dup", order_id="o-dup", merchant_id="new-shop", timestamp=1.7e9, user_id="u1",
+                     currency="EUR", items=[LineItem(item_id="x", quantity=1, unit_price=5.0)] * 3)]
+    now, before = FeatureContext(max_users), FeatureContext(max_users)
+    for event in events:
+        now.observe(event)
+        frozen_observe(before, event)
+    assert snapshot(now) == snapshot(before)
