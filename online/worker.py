@@ -11,11 +11,11 @@ and "Scale-out".
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from itertools import groupby
-from operator import attrgetter
+from itertools import groupby, repeat
+from operator import attrgetter, is_, truth
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,20 @@ from streams.schemas import Click, Order
 log = get_logger("online.worker")
 
 _where, _offset = attrgetter("topic", "partition"), attrgetter("offset")
+# per-record and per-event fields, read in C-level passes (map) over a block
+_event, _produced_ms = attrgetter("event"), attrgetter("timestamp_ms")
+_merchant, _timestamp, _clicked = attrgetter("merchant_id"), attrgetter("timestamp"), attrgetter("clicked")
+_record_merchant = attrgetter("event.merchant_id")
+
+
+def ranking_steps(events: list) -> np.ndarray:
+    """Positions of a block's ranking steps (a clicked click or an order), in C-level passes over the block."""
+    count = len(events)
+    types = list(map(type, events))
+    clicks = np.fromiter(map(is_, types, repeat(Click)), dtype=bool, count=count)
+    clicked = np.fromiter(map(truth, map(getattr, events, repeat("clicked"), repeat(False))), dtype=bool, count=count)
+    orders = np.fromiter(map(is_, types, repeat(Order)), dtype=bool, count=count)
+    return np.flatnonzero((clicks & clicked) | orders)
 
 
 def peak_rss_mb() -> float | None:
@@ -99,6 +113,7 @@ class OnlineWorker:
         self.pending: dict[tuple[str, int], list] = {}
         self.pending_since: dict[tuple[str, int], float] = {}
         self.latencies: deque[float] = deque(maxlen=200_000)
+        self._ones_rows: np.ndarray | None = None  # the blocks' feature values (see _ones)
         self.learned_this_run = 0
         self.first_record_at: float | None = None  # monotonic clock: learning rate excludes joins and idling
         self.last_learned_at: float | None = None
@@ -292,10 +307,9 @@ class OnlineWorker:
             self._resuming.discard(slot)
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
-        counts = state.merchant_events
-        for record in records:
-            merchant = record.event.merchant_id
-            counts[merchant] = counts.get(merchant, 0) + 1
+        counts = state.merchant_events  # merchants first seen in this block join in the order they appear
+        for merchant, count in Counter(map(_record_merchant, records)).items():
+            counts[merchant] = counts.get(merchant, 0) + count
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -308,28 +322,35 @@ class OnlineWorker:
         block's clicks at once and the evaluator and monitors score those predictions.
         """
         state = self.state
-        events = [record.event for record in records]
+        events = list(map(_event, records))
         if hasattr(state.recommender, "rank"):
             indices, at = self.featurizer.featurize_block(events, state.context)
             self._observe_recommender(events)
         else:  # the first-generation recommender ranks with the click model's features: all interleaved
             indices, at = self._featurize_interleaved(events)
         if at:
-            clicks = [events[i] for i in at]
-            y = np.fromiter([click.clicked for click in clicks], dtype=bool, count=len(clicks))
-            merchants = [click.merchant_id for click in clicks]
-            stamps = [click.timestamp for click in clicks]
-            p = state.model.learn_many(indices, np.ones(indices.shape, dtype=np.float32), y)
+            clicks = list(map(events.__getitem__, at))
+            y = np.fromiter(map(truth, map(_clicked, clicks)), dtype=bool, count=len(clicks))
+            merchants, stamps = list(map(_merchant, clicks)), list(map(_timestamp, clicks))
+            p = state.model.learn_many(indices, self._ones(indices.shape), y)
             state.evaluator.update_many(merchants, stamps, y, p)
             for monitor in state.monitors.values():
                 monitor.observe_predictions(merchants, stamps, y, p)
             state.clicks += len(clicks)
-            self._record_latencies([records[i].timestamp_ms for i in at])
+            self._record_latencies(list(map(_produced_ms, map(records.__getitem__, at))))
         if state.multitask is not None:
             state.multitask.observe_block(events, indices)
         state.events += len(records)
         self.learned_this_run += len(records)
         self.last_learned_at, self.last_learned_cpu = time.monotonic(), time.process_time()
+
+    def _ones(self, shape: tuple[int, int]) -> np.ndarray:
+        """The block's feature values: all 1.0, as the learners' kernels take them (C-contiguous float64),
+        sliced from one array kept across blocks (the learners only read their values)."""
+        ones = self._ones_rows
+        if ones is None or ones.shape[0] < shape[0] or ones.shape[1] != shape[1]:
+            ones = self._ones_rows = np.ones((max(shape[0], self.config.block), shape[1]), dtype=np.float64)
+        return ones[:shape[0]]
 
     def _observe_recommender(self, events: list) -> None:
         """Fold a block's events into the recommender in order (``observe_block``, in runs), scoring every
@@ -337,13 +358,13 @@ class OnlineWorker:
         rank_every, state = self.config.rank_every, self.state
         observe_block, start = state.recommender.observe_block, 0
         if rank_every:
-            for position, event in enumerate(events):
-                if event.clicked if type(event) is Click else type(event) is Order:
-                    state.ranked += 1
-                    if state.ranked % rank_every == 0:
-                        observe_block(events[start:position])
-                        self._score_ranking(event)
-                        start = position
+            steps = ranking_steps(events)  # the block's ranking steps: state.ranked + 1, + 2, ... at these positions
+            scored = steps[(state.ranked + 1 + np.arange(len(steps))) % rank_every == 0].tolist()
+            state.ranked += len(steps)
+            for position in scored:
+                observe_block(events[start:position])
+                self._score_ranking(events[position])
+                start = position
         observe_block(events[start:])
 
     def _count_ranked(self, event: Click | Order) -> None:
@@ -368,8 +389,11 @@ class OnlineWorker:
         return np.array(rows, dtype=np.int32).reshape(len(rows), self.featurizer.n_fields), at
 
     def _record_latencies(self, produced_ms: list) -> None:
-        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned."""
-        stamps = np.array([t if t is not None else -1 for t in produced_ms], dtype=np.float64)
+        """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned (records
+        without a timestamp, None or negative, are left out)."""
+        if None in produced_ms:
+            produced_ms = [t for t in produced_ms if t is not None]
+        stamps = np.array(produced_ms, dtype=np.float64)
         stamps = stamps[stamps >= 0]
         if len(stamps):
             self.latencies.extend(((time.time() * 1000.0 - stamps) / 1000.0).tolist())
