@@ -11,11 +11,11 @@ and "Scale-out".
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from itertools import groupby, repeat
-from operator import attrgetter, is_, truth
+from itertools import groupby
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +42,6 @@ from streams.schemas import Click, Order
 log = get_logger("online.worker")
 
 _where, _offset = attrgetter("topic", "partition"), attrgetter("offset")
-# per-record and per-event fields, read in C-level passes (map) over a block
-_event, _produced_ms = attrgetter("event"), attrgetter("timestamp_ms")
-_merchant, _timestamp, _clicked = attrgetter("merchant_id"), attrgetter("timestamp"), attrgetter("clicked")
-_record_merchant = attrgetter("event.merchant_id")
-
-
-def ranking_steps(events: list) -> np.ndarray:
-    """Positions of a block's ranking steps (a clicked click or an order), in C-level passes over the block."""
-    count = len(events)
-    types = list(map(type, events))
-    clicks = np.fromiter(map(is_, types, repeat(Click)), dtype=bool, count=count)
-    clicked = np.fromiter(map(truth, map(getattr, events, repeat("clicked"), repeat(False))), dtype=bool, count=count)
-    orders = np.fromiter(map(is_, types, repeat(Order)), dtype=bool, count=count)
-    return np.flatnonzero((clicks & clicked) | orders)
 
 
 def peak_rss_mb() -> float | None:
@@ -307,9 +293,10 @@ class OnlineWorker:
             self._resuming.discard(slot)
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
-        counts = state.merchant_events  # merchants first seen in this block join in the order they appear
-        for merchant, count in Counter(map(_record_merchant, records)).items():
-            counts[merchant] = counts.get(merchant, 0) + count
+        counts = state.merchant_events
+        for record in records:
+            merchant = record.event.merchant_id
+            counts[merchant] = counts.get(merchant, 0) + 1
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -322,22 +309,23 @@ class OnlineWorker:
         block's clicks at once and the evaluator and monitors score those predictions.
         """
         state = self.state
-        events = list(map(_event, records))
+        events = [record.event for record in records]
         if hasattr(state.recommender, "rank"):
             indices, at = self.featurizer.featurize_block(events, state.context)
             self._observe_recommender(events)
         else:  # the first-generation recommender ranks with the click model's features: all interleaved
             indices, at = self._featurize_interleaved(events)
         if at:
-            clicks = list(map(events.__getitem__, at))
-            y = np.fromiter(map(truth, map(_clicked, clicks)), dtype=bool, count=len(clicks))
-            merchants, stamps = list(map(_merchant, clicks)), list(map(_timestamp, clicks))
+            clicks = [events[i] for i in at]
+            y = np.fromiter([click.clicked for click in clicks], dtype=bool, count=len(clicks))
+            merchants = [click.merchant_id for click in clicks]
+            stamps = [click.timestamp for click in clicks]
             p = state.model.learn_many(indices, self._ones(indices.shape), y)
             state.evaluator.update_many(merchants, stamps, y, p)
             for monitor in state.monitors.values():
                 monitor.observe_predictions(merchants, stamps, y, p)
             state.clicks += len(clicks)
-            self._record_latencies(list(map(_produced_ms, map(records.__getitem__, at))))
+            self._record_latencies([records[i].timestamp_ms for i in at])
         if state.multitask is not None:
             state.multitask.observe_block(events, indices)
         state.events += len(records)
@@ -358,13 +346,13 @@ class OnlineWorker:
         rank_every, state = self.config.rank_every, self.state
         observe_block, start = state.recommender.observe_block, 0
         if rank_every:
-            steps = ranking_steps(events)  # the block's ranking steps: state.ranked + 1, + 2, ... at these positions
-            scored = steps[(state.ranked + 1 + np.arange(len(steps))) % rank_every == 0].tolist()
-            state.ranked += len(steps)
-            for position in scored:
-                observe_block(events[start:position])
-                self._score_ranking(events[position])
-                start = position
+            for position, event in enumerate(events):
+                if event.clicked if type(event) is Click else type(event) is Order:
+                    state.ranked += 1
+                    if state.ranked % rank_every == 0:
+                        observe_block(events[start:position])
+                        self._score_ranking(event)
+                        start = position
         observe_block(events[start:])
 
     def _count_ranked(self, event: Click | Order) -> None:
@@ -390,13 +378,10 @@ class OnlineWorker:
 
     def _record_latencies(self, produced_ms: list) -> None:
         """Produced (Kafka record timestamp) -> learned, in seconds, for the clicks just learned (records
-        without a timestamp, None or negative, are left out)."""
-        if None in produced_ms:
-            produced_ms = [t for t in produced_ms if t is not None]
-        stamps = np.array(produced_ms, dtype=np.float64)
-        stamps = stamps[stamps >= 0]
-        if len(stamps):
-            self.latencies.extend(((time.time() * 1000.0 - stamps) / 1000.0).tolist())
+        without a timestamp, None or negative, are left out). Plain float arithmetic: numpy's conversion of
+        ~1e12 Python ints costs more than the whole list (the same IEEE operations either way)."""
+        now_ms = time.time() * 1000.0
+        self.latencies.extend([(now_ms - t) / 1000.0 for t in produced_ms if t is not None and t >= 0])
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
