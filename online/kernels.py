@@ -226,6 +226,18 @@ def ftrl_learn(w, z, n, indices, values, labels, out, alpha, beta, l1, l2):
                 _store(w, slot, -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2))
 
 
+@njit("boolean(int32[:, ::1], int64)", cache=True, nogil=True)
+def slots_within(indices, n_features):
+    """Whether every slot of ``indices`` is in ``[0, n_features)``: the learners' check before a kernel
+    writes, in one pass (no early exit: the comparisons vectorize)."""
+    outside = 0
+    for row in range(indices.shape[0]):
+        for col in range(indices.shape[1]):
+            slot = indices[row, col]
+            outside += (slot < 0) | (slot >= n_features)
+    return outside == 0
+
+
 @njit([f"void({w}[::1], int32[:, ::1], float64[:, ::1], float64[::1])" for w in ("float64", "float32", "int16")],
       cache=True, nogil=True)
 def predict(w, indices, values, out):
@@ -234,7 +246,7 @@ def predict(w, indices, values, out):
         out[row] = _predict_row(w, indices, values, row)
 
 
-__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict", "seed", "Q_SCALE"]
+__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict", "seed", "slots_within", "Q_SCALE"]
 
 
 @njit("void(float64[:, ::1], float64[:, ::1], float64[::1], float64[::1], float64[::1], float64[::1], float64, "
