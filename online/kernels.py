@@ -5,6 +5,8 @@ Each ``*_learn`` kernel walks a batch of ``(n, F)`` slot indices and values row 
 ``learn_one`` would: predict the row at the current weights (written to ``out``, test-then-train), then
 update every distinct slot of the row before the next row is predicted. A slot repeated inside a row
 counts once, with the repeated values summed (as ``learn_one`` on a dict with colliding features).
+While a row is learned, the next row's slots of every per-slot array are prefetched (:func:`_prefetch_row`):
+the arrays are far larger than the caches, and the misses then overlap the arithmetic.
 The per-slot arrays may be float64 or float32 (all of one learner's arrays share the dtype), or ``w`` may
 be int16 q2.13 fixed point (value = code / 8192) over float32 statistics: :func:`_load` decodes it and
 :func:`_store` writes it with randomized rounding (McMahan et al. 2013, section 4.4) drawn from numba's
