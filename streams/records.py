@@ -204,7 +204,8 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
 
 
 def _native_raw_records(data: bytes, pos: int, count: int, base_offset: int, log_append_timestamp: int | None,
-                        first_timestamp: int, topic: str, partition: int, build: BatchBuilder | None = None) -> list | None:
+                        first_timestamp: int, topic: str, partition: int,
+                        build: BatchBuilder | None = None) -> list | None:
     """The batch's records as :class:`RawRecord` (or as ``build`` makes them) from one native scan
     (:mod:`streams.record_kernels`); None when a record is not plain (headers, a size that does not add
     up), for the Python loop to decode."""
