@@ -5,6 +5,8 @@ Each ``*_learn`` kernel walks a batch of ``(n, F)`` slot indices and values row 
 ``learn_one`` would: predict the row at the current weights (written to ``out``, test-then-train), then
 update every distinct slot of the row before the next row is predicted. A slot repeated inside a row
 counts once, with the repeated values summed (as ``learn_one`` on a dict with colliding features).
+While a row is learned, the next row's slots of every per-slot array are prefetched (:func:`_prefetch_row`):
+the arrays are far larger than the caches, and the misses then overlap the arithmetic.
 The per-slot arrays may be float64 or float32 (all of one learner's arrays share the dtype), or ``w`` may
 be int16 q2.13 fixed point (value = code / 8192) over float32 statistics: :func:`_load` decodes it and
 :func:`_store` writes it with randomized rounding (McMahan et al. 2013, section 4.4) drawn from numba's
@@ -29,8 +31,10 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
     os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "fedstream-numba")
 
 import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
 from numba import njit, types  # noqa: E402  (the cache dir must be set before numba reads its configuration)
-from numba.extending import overload  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic, overload  # noqa: E402
 
 CLIP = 35.0  # same |logit| cap as online.learners
 Q_SCALE = 8192.0  # q2.13: 13 fractional bits
@@ -73,6 +77,35 @@ def _store_impl(w, slot, value):
     def store(w, slot, value):
         w[slot] = value
     return store
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to start loading ``array[index]`` into its caches (LLVM's ``prefetch``: a hint, never a
+    fault, no effect on any value)."""
+    def codegen(context, builder, signature, args):
+        array_type, index_type = signature.args
+        data = context.make_array(array_type)(context, builder, args[0])
+        at = context.cast(builder, args[1], index_type, types.intp)
+        pointer = cgutils.get_item_pointer(context, builder, array_type, data, [at], wraparound=False)
+        i8_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8_pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(prefetch, [i8_pointer, i32(0), i32(3), i32(1)])  # read, keep in all cache levels, data
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(state, indices, row) -> None:
+    """Prefetch ``state``'s entries of row ``row``'s slots (nothing past the last row). The learn kernels
+    call it for the next row while they learn this one: the per-slot arrays are far larger than the caches,
+    so nearly every slot of a row is a cache miss, and the next row's misses then overlap this row's
+    arithmetic (measured in ``online/README.md``)."""
+    if row < indices.shape[0]:
+        for col in range(indices.shape[1]):
+            _prefetch(state, indices[row, col])
 
 
 @njit("void(int64)", cache=True)
@@ -118,7 +151,9 @@ def _merged_value(indices, values, row, col) -> float:
 @njit(_signatures(1, 2), cache=True, nogil=True)
 def sgd_learn(w, indices, values, labels, out, learning_rate, l2):
     """SGD with lazy L2, one row at a time: ``w_i ← w_i − η (g_i + λ₂ w_i)`` on the row's slots."""
+    _prefetch_row(w, indices, 0)
     for row in range(indices.shape[0]):
+        _prefetch_row(w, indices, row + 1)
         p = _predict_row(w, indices, values, row)
         out[row] = p
         error = p - labels[row]
@@ -135,7 +170,13 @@ def sgd_learn(w, indices, values, labels, out, learning_rate, l2):
 @njit(_signatures(3, 5), cache=True, nogil=True)
 def adam_learn(w, m, v, indices, values, labels, out, learning_rate, beta_1, beta_2, eps, step):
     """Lazy Adam, one step per row; ``step`` is the step count before the batch (bias correction)."""
+    _prefetch_row(w, indices, 0)
+    _prefetch_row(m, indices, 0)
+    _prefetch_row(v, indices, 0)
     for row in range(indices.shape[0]):
+        _prefetch_row(w, indices, row + 1)
+        _prefetch_row(m, indices, row + 1)
+        _prefetch_row(v, indices, row + 1)
         p = _predict_row(w, indices, values, row)
         out[row] = p
         error = p - labels[row]
@@ -158,7 +199,13 @@ def adam_learn(w, m, v, indices, values, labels, out, learning_rate, beta_1, bet
 @njit(_signatures(3, 4), cache=True, nogil=True)
 def ftrl_learn(w, z, n, indices, values, labels, out, alpha, beta, l1, l2):
     """FTRL-Proximal (McMahan et al. 2013, Algorithm 1), one row at a time, ``w`` kept materialized."""
+    _prefetch_row(w, indices, 0)
+    _prefetch_row(z, indices, 0)
+    _prefetch_row(n, indices, 0)
     for row in range(indices.shape[0]):
+        _prefetch_row(w, indices, row + 1)
+        _prefetch_row(z, indices, row + 1)
+        _prefetch_row(n, indices, row + 1)
         p = _predict_row(w, indices, values, row)
         out[row] = p
         error = p - labels[row]
@@ -181,6 +228,18 @@ def ftrl_learn(w, z, n, indices, values, labels, out, alpha, beta, l1, l2):
                 _store(w, slot, -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2))
 
 
+@njit("boolean(int32[:, ::1], int64)", cache=True, nogil=True)
+def slots_within(indices, n_features):
+    """Whether every slot of ``indices`` is in ``[0, n_features)``: the learners' check before a kernel
+    writes, in one pass (no early exit: the comparisons vectorize)."""
+    outside = 0
+    for row in range(indices.shape[0]):
+        for col in range(indices.shape[1]):
+            slot = indices[row, col]
+            outside += (slot < 0) | (slot >= n_features)
+    return outside == 0
+
+
 @njit([f"void({w}[::1], int32[:, ::1], float64[:, ::1], float64[::1])" for w in ("float64", "float32", "int16")],
       cache=True, nogil=True)
 def predict(w, indices, values, out):
@@ -189,7 +248,7 @@ def predict(w, indices, values, out):
         out[row] = _predict_row(w, indices, values, row)
 
 
-__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict", "seed", "Q_SCALE"]
+__all__ = ["sgd_learn", "adam_learn", "ftrl_learn", "predict", "seed", "slots_within", "Q_SCALE"]
 
 
 @njit("void(float64[:, ::1], float64[:, ::1], float64[::1], float64[::1], float64[::1], float64[::1], float64, "

@@ -186,11 +186,18 @@ class HashedLogisticRegression(base.Classifier):
         if indices.ndim != 2 or indices.shape != values.shape:
             raise ValueError(f"indices and values must be (n, F) arrays of one shape, got "
                              f"{indices.shape} and {values.shape}")
-        if not np.issubdtype(indices.dtype, np.integer):
+        if indices.dtype.kind not in "ium":  # np.issubdtype(dtype, np.integer) (timedelta64 is one), cheaper
             raise TypeError(f"indices must be integers, got {indices.dtype}")
-        if indices.size and (indices.min() < 0 or indices.max() >= self.n_features):
+        if indices.size and not self._within(indices):
             raise ValueError(f"slot indices must be in [0, {self.n_features}) for bits={self.bits}")
         return indices, values
+
+    def _within(self, indices: np.ndarray) -> bool:
+        """Every slot in ``[0, 2**bits)``: the kernels' rows (C-contiguous int32) in one native pass, which
+        also brings them into the cache for the kernel; any other array by its minimum and maximum."""
+        if indices.dtype == np.int32 and indices.flags.c_contiguous:
+            return kernels.slots_within(indices, self.n_features)
+        return bool(indices.min() >= 0 and indices.max() < self.n_features)
 
     def decision_many(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Logits ``float[n]``."""

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import groupby, repeat
 from operator import attrgetter
 from typing import Any
 
@@ -23,6 +23,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_limit, dead_letter_payload
+from streams.records import build_raw_batches
 from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events, event_topic_names
 
 log = get_logger("streams.consumer")
@@ -66,6 +67,9 @@ class Record(msgspec.Struct, frozen=True, gc=False):
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+
+_BUILT = {Record}  # the record types of a poll's partition list decoded where its batches were parsed
 
 
 @dataclass
@@ -119,8 +123,12 @@ class EventConsumer:
         seek_on_assign: Callable[[set[TopicPartition]], dict[TopicPartition, int]] | None = None,
         on_revoked: Callable[[set[TopicPartition]], None] | None = None,
         retry: RetryPolicy = RetryPolicy(), now: float | None = None,
-        merchants: frozenset[str] | None = None, handle_signals: bool = True, **consumer_overrides: Any,
+        merchants: frozenset[str] | None = None, handle_signals: bool = True, fetch_decoding: bool = True,
+        **consumer_overrides: Any,
     ) -> None:
+        """``fetch_decoding``: decode the events of a natively parsed record batch right there, into
+        :class:`Record` (:meth:`_build_records`), instead of as :class:`~streams.records.RawRecord` decoded
+        again in :meth:`poll`; the same records and dead letters either way (False: the reference path)."""
         t = settings.topics
         self.settings = settings
         self.group_id = group_id
@@ -144,6 +152,8 @@ class EventConsumer:
         if handle_signals:
             self._install_signal_handlers()
         self._consumer = self._connect(consumer_overrides)
+        if fetch_decoding:
+            build_raw_batches(self._consumer, self._build_records)
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     # -- connection and signals ---------------------------------------------------------------------------
@@ -216,8 +226,10 @@ class EventConsumer:
         now = self.now if self.now is not None else time.time()
         futures = []
         for tp, messages in fetched.items():
-            for start in range(0, len(messages), _CHUNK):
-                self._decode_chunk(batch, tp, messages[start:start + _CHUNK], now, futures)
+            if set(map(type, messages)) == _BUILT:  # every batch decoded where it was parsed: the common case
+                batch.records += messages
+            else:
+                self._decode_messages(batch, tp, messages, now, futures)
             if messages:
                 batch.offsets[tp] = messages[-1].offset + 1
                 self._positions[tp] = messages[-1].offset + 1
@@ -242,6 +254,28 @@ class EventConsumer:
             except KafkaError as exc:
                 self.dead_letter_failed += 1
                 log.error("dead letter not delivered", extra={"group": self.group_id, "error": str(exc)[:300]})
+
+    def _build_records(self, topic: str, partition: int, offsets: list[int], timestamps, keys: list,
+                       values: list) -> list[Record] | None:
+        """A fetched batch's :class:`Record` from its columns (a :data:`~streams.records.BatchBuilder`), when
+        every value is a valid event; else None: the batch comes as RawRecords and :meth:`poll` says which
+        records are not and why."""
+        events = decode_valid_events(values, now=self.now if self.now is not None else time.time(),
+                                     merchants=self.merchants)
+        if events is None:
+            return None
+        return list(map(Record, events, repeat(topic), repeat(partition), offsets, timestamps, keys))
+
+    def _decode_messages(self, batch: Batch, tp: TopicPartition, messages: list, now: float, futures: list) -> None:
+        """A partition's fetched records in order: runs already built as :class:`Record` go in as they are,
+        the others (RawRecords, kafka-python's records) are decoded in chunks of :data:`_CHUNK`."""
+        for kind, run in groupby(messages, key=type):
+            run = list(run)
+            if kind is Record:
+                batch.records += run
+                continue
+            for start in range(0, len(run), _CHUNK):
+                self._decode_chunk(batch, tp, run[start:start + _CHUNK], now, futures)
 
     def _decode_chunk(self, batch: Batch, tp: TopicPartition, messages: list, now: float, futures: list) -> None:
         """Records of valid events into ``batch``, invalid ones to the dead-letter topic (their send futures

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
+from collections.abc import Callable, Iterable
 from itertools import repeat
 
 import kafka
@@ -79,6 +80,12 @@ class RawRecord(msgspec.Struct, frozen=True, gc=False):
     value: bytes | None
 
 
+#: ``build(topic, partition, offsets, timestamps, keys, values) -> records | None``: a consumer's own records
+#: made from the columns of one natively scanned batch (``timestamps`` an iterable, the others lists), or
+#: None to get the batch as :class:`RawRecord` (e.g. a value that does not decode). Installed per consumer
+#: by :func:`build_raw_batches`; ``EventConsumer`` decodes its events there, in one pass per batch.
+BatchBuilder = Callable[[str, int, list, Iterable, list, list], "list | None"]
+
 #: batches of at least this many records are scanned natively when decoded as RawRecords (numba: a consumer
 #: of events pays its import once; smaller batches are not worth a kernel call)
 NATIVE_MIN_RECORDS = 8
@@ -87,9 +94,11 @@ _ZIGZAG = tuple((raw >> 1) ^ -(raw & 1) for raw in range(1 << 14))
 _new_tuple = tuple.__new__  # ConsumerRecord(...) without the namedtuple's Python-level __new__ frame
 
 
-def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, raw: bool = False) -> list:
+def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, raw: bool = False,
+                         build: BatchBuilder | None = None) -> list:
     """Every record of one v2 batch as kafka-python ``ConsumerRecord`` tuples (no deserializers), or as
-    :class:`RawRecord` when ``raw``.
+    :class:`RawRecord` when ``raw``; with ``build`` too, a natively scanned batch becomes what ``build``
+    makes of its columns when it makes something (see :data:`BatchBuilder`).
 
     The hot loop of consuming: varints of one or two bytes (nearly all of them: lengths up to 8 KiB,
     offset deltas, key lengths) are decoded inline through :data:`_ZIGZAG`, longer ones by :func:`_varint`;
@@ -107,7 +116,7 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
     max_timestamp = header[8]
     if raw and batch._num_records >= NATIVE_MIN_RECORDS:
         native = _native_raw_records(data, pos, batch._num_records, base_offset,
-                                     max_timestamp if log_append else None, first_timestamp, topic, partition)
+                                     max_timestamp if log_append else None, first_timestamp, topic, partition, build)
         if native is not None:
             return native
     zigzag, varint, new, record_type, raw_record = _ZIGZAG, _varint, _new_tuple, ConsumerRecord, RawRecord
@@ -195,9 +204,11 @@ def decode_batch_records(batch: DefaultRecordBatch, topic: str, partition: int, 
 
 
 def _native_raw_records(data: bytes, pos: int, count: int, base_offset: int, log_append_timestamp: int | None,
-                        first_timestamp: int, topic: str, partition: int) -> list | None:
-    """The batch's records as :class:`RawRecord` from one native scan (:mod:`streams.record_kernels`); None
-    when a record is not plain (headers, a size that does not add up), for the Python loop to decode."""
+                        first_timestamp: int, topic: str, partition: int,
+                        build: BatchBuilder | None = None) -> list | None:
+    """The batch's records as :class:`RawRecord` (or as ``build`` makes them) from one native scan
+    (:mod:`streams.record_kernels`); None when a record is not plain (headers, a size that does not add
+    up), for the Python loop to decode."""
     from streams import record_kernels  # numba: loaded by the first big raw batch (a worker loads it earlier)
 
     fields = np.empty((count, 6), dtype=np.int64)
@@ -209,6 +220,10 @@ def _native_raw_records(data: bytes, pos: int, count: int, base_offset: int, log
     keys = _slices(data, fields[:, record_kernels.KEY_START].tolist(), fields[:, record_kernels.KEY_LENGTH].tolist())
     values = _slices(data, fields[:, record_kernels.VALUE_START].tolist(),
                      fields[:, record_kernels.VALUE_LENGTH].tolist())
+    if build is not None:
+        built = build(topic, partition, offsets, stamps, keys, values)
+        if built is not None:
+            return built
     return list(map(RawRecord, repeat(topic), repeat(partition), offsets, stamps, keys, values))
 
 
@@ -263,6 +278,7 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
 
     def _decoded_batches(self, tp, records):
         """Decoded v2 batches, each a non-empty list, with kafka-python's per-batch bookkeeping."""
+        build = self._builder() if self.raw else None
         try:
             skipping = True  # records before the fetch offset (a fetch can start mid-batch) are dropped
             batch = records.next_batch()
@@ -282,7 +298,7 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
                     self.next_fetch_offset = batch.next_offset
                     batch = records.next_batch()
                     continue
-                decoded = decode_batch_records(batch, tp.topic, tp.partition, self.raw)
+                decoded = decode_batch_records(batch, tp.topic, tp.partition, self.raw, build)
                 self.records_read += len(decoded)
                 self.bytes_read += batch.size_in_bytes
                 if skipping and decoded:
@@ -300,6 +316,11 @@ class FastPartitionRecords(Fetcher.PartitionRecords):
             self.drain()
         except StopIteration:  # see kafka-python issue 545: never let it end the generator silently
             raise RuntimeError("StopIteration raised unpacking messageset") from None
+
+    def _builder(self) -> BatchBuilder | None:
+        """The :data:`BatchBuilder` :func:`build_raw_batches` installed on this parser's fetcher (kafka-python
+        hands every parser its fetcher's ``_on_partition_records_drain``), or None."""
+        return getattr(getattr(self.on_drain, "__self__", None), "fedstream_build", None)
 
     def take(self, n=None):
         """Up to ``n`` records (all when None), as kafka-python's ``take``: an error after some records
@@ -363,6 +384,17 @@ def install_fast_fetch(kafka_consumer, raw: bool = False) -> bool:
     if not SUPPORTED or fetcher is None or not fast_paths_agree():
         return False
     fetcher.PartitionRecords = RawPartitionRecords if raw else FastPartitionRecords
+    return True
+
+
+def build_raw_batches(kafka_consumer, build: BatchBuilder | None) -> bool:
+    """Have a consumer's :class:`RawPartitionRecords` (see :func:`install_fast_fetch`) make its natively
+    scanned batches with ``build`` (None: as :class:`RawRecord` again). Returns False (and changes nothing)
+    when that parser is not installed."""
+    fetcher = getattr(kafka_consumer, "_fetcher", None)
+    if fetcher is None or fetcher.PartitionRecords is not RawPartitionRecords:
+        return False
+    fetcher.fedstream_build = build
     return True
 
 
