@@ -69,19 +69,33 @@ def _bins_table(count: np.ndarray, sum_p: np.ndarray, sum_y: np.ndarray, bins: i
 
 def group_positions(keys: Sequence[str]) -> list[tuple[str, np.ndarray | None]]:
     """Each distinct key in order of first appearance, with its positions in ``keys`` (ascending); ``None``
-    for the positions when there is one key only (all of them). One pass, no per-key mask.
+    for the positions when there is one key only (all of them). One pass, no per-key mask; a list equal to the
+    one grouped last gets the same (shared, read-only) groups back without a pass.
 
     >>> [(key, None if at is None else at.tolist()) for key, at in group_positions(["b", "a", "b", "c"])]
     [('b', [0, 2]), ('a', [1]), ('c', [3])]
     """
+    global _last_grouping
+    last_keys, last_groups = _last_grouping
+    if type(keys) is list and keys == last_keys:  # the worker groups each block twice (evaluator, drift monitor)
+        return last_groups
     firsts = dict.fromkeys(keys)
     if len(firsts) <= 1:
-        return [(key, None) for key in firsts]
-    codes = {key: code for code, key in enumerate(firsts)}
-    code = np.fromiter(map(codes.__getitem__, keys), dtype=np.intp, count=len(keys))
-    order = np.empty(len(keys), dtype=np.intp)
-    ends = metric_kernels.group_order(code, len(codes), order).tolist()
-    return [(key, order[start:end]) for key, start, end in zip(firsts, [0, *ends], ends)]
+        groups = [(key, None) for key in firsts]
+    else:
+        codes = {key: code for code, key in enumerate(firsts)}
+        code = np.fromiter(map(codes.__getitem__, keys), dtype=np.intp, count=len(keys))
+        order = np.empty(len(keys), dtype=np.intp)
+        ends = metric_kernels.group_order(code, len(codes), order).tolist()
+        groups = [(key, order[start:end]) for key, start, end in zip(firsts, [0, *ends], ends)]
+    if type(keys) is list:
+        _last_grouping = (list(keys), groups)
+    return groups
+
+
+# The last list grouped (a copy: comparing it with the next list is a pointer comparison per equal string, and a
+# list changed in place since no longer compares equal) and its groups. Equal keys give equal groups.
+_last_grouping: tuple[list | None, list] = (None, [])
 
 
 class StreamMetrics:
@@ -131,23 +145,11 @@ class StreamMetrics:
     def add_block(self, y: np.ndarray, p: np.ndarray, loss: np.ndarray) -> None:
         """Fold in a non-empty block: float labels, probabilities and their :func:`logloss`."""
         self.events += len(y)
-        self.positives += int(np.count_nonzero(y))
-        self.loss_sum += float(loss.sum())
-        self._remember(y, p)
-        metric_kernels.add_to_bins(p, y, self.bin_count, self.bin_p, self.bin_y)
-
-    def _remember(self, y: np.ndarray, p: np.ndarray) -> None:
-        """Write a block into the ring of the last ``window`` pairs."""
-        window, k, at = self.window, len(y), self._recent_at
-        if k >= window:
-            self._recent_y[:], self._recent_p[:] = y[k - window:], p[k - window:]
-            self._recent_at, self._recent_n = 0, window
-            return
-        first = min(k, window - at)
-        self._recent_y[at:at + first], self._recent_p[at:at + first] = y[:first], p[:first]
-        if first < k:
-            self._recent_y[:k - first], self._recent_p[:k - first] = y[first:], p[first:]
-        self._recent_at, self._recent_n = (at + k) % window, min(self._recent_n + k, window)
+        self.loss_sum += float(np.add.reduce(loss))  # numpy's pairwise sum, as ``loss.sum()``
+        positives, self._recent_at = metric_kernels.fold_block(p, y, self.bin_count, self.bin_p, self.bin_y,
+                                                               self._recent_y, self._recent_p, self._recent_at)
+        self.positives += positives
+        self._recent_n = min(self._recent_n + len(y), self.window)
 
     def recent(self) -> np.ndarray:
         """The last ``window`` pairs, oldest first: an ``(n, 2)`` array of ``(y, p)`` rows."""
@@ -169,7 +171,8 @@ class StreamMetrics:
         self._forget_recent()
         if pairs:
             y, p = np.array(pairs, dtype=np.float64).T
-            self._remember(y, p)
+            self._recent_at = metric_kernels.write_ring(self._recent_y, self._recent_p, 0, y, p)
+            self._recent_n = min(len(y), self.window)
 
     def rank(self, ranked: Sequence[str], actual: str, k: int) -> None:
         stats = self.rankings.setdefault(k, [0.0, 0.0, 0.0])

@@ -137,3 +137,8 @@ def test_group_positions_keeps_first_appearance_order_and_row_order():
     for key, at in groups:
         assert at.tolist() == [i for i, k in enumerate(keys) if k == key]
     assert group_positions(["x"] * 3) == [("x", None)] and group_positions([]) == []
+    keys = ["a", "b", "a"]
+    assert [(k, at.tolist()) for k, at in group_positions(keys)] == [("a", [0, 2]), ("b", [1])]
+    assert group_positions(list(keys)) is group_positions(keys)  # an equal list: the same groups, no pass
+    keys[1] = "a"  # changed in place after grouping: grouped again
+    assert group_positions(keys) == [("a", None)]
