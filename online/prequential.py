@@ -67,6 +67,21 @@ def _bins_table(count: np.ndarray, sum_p: np.ndarray, sum_y: np.ndarray, bins: i
     return table, (float(ece) if total else float("nan"))
 
 
+def label_logloss(labels: np.ndarray, p: np.ndarray, clip: float = 1e-15) -> np.ndarray:
+    """:func:`logloss` of boolean labels, the same value for value in 5 array passes instead of 9: with a label
+    of 1 its ``-(y log p + (1 - y) log(1 - p))`` is exactly ``-log p`` (``0 * log(1 - p)`` is -0.0, which adds
+    nothing), with 0 exactly ``-log(1 - p)``; numpy's log of each value does not depend on its neighbours.
+
+    >>> bool((label_logloss(np.array([True, False]), np.array([0.9, 0.9])) == logloss(np.array([1.0, 0.0]),
+    ...                                                                              np.array([0.9, 0.9]))).all())
+    True
+    """
+    q = np.clip(p, clip, 1 - clip)
+    out = np.where(labels, q, 1 - q)
+    np.log(out, out=out)
+    return np.negative(out, out=out)
+
+
 def group_positions(keys: Sequence[str]) -> list[tuple[str, np.ndarray | None]]:
     """Each distinct key in order of first appearance, with its positions in ``keys`` (ascending); ``None``
     for the positions when there is one key only (all of them). One pass, no per-key mask; a list equal to the
@@ -275,7 +290,7 @@ class PrequentialEvaluator:
         if not (probs.min() >= 0.0 and probs.max() <= 1.0):  # NaN fails both
             raise ValueError("p must be probabilities in [0, 1]")
         yf = labels.astype(np.float64)
-        loss = logloss(yf, probs)
+        loss = label_logloss(labels, probs)
         self.overall.add_block(yf, probs, loss)
         for merchant_id, at in group_positions(merchant_ids):
             if at is None:
@@ -333,4 +348,4 @@ class PrequentialEvaluator:
         self.__dict__.update(state)
 
 
-__all__ = ["PrequentialEvaluator", "StreamMetrics", "group_positions", "roc_auc", "reliability", "logloss"]
+__all__ = ["PrequentialEvaluator", "StreamMetrics", "group_positions", "label_logloss", "roc_auc", "reliability", "logloss"]

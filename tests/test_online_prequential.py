@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from online.prequential import PrequentialEvaluator, StreamMetrics, group_positions
+from fedstream.metrics import logloss
+from online.prequential import PrequentialEvaluator, StreamMetrics, group_positions, label_logloss
 from tests.evaldrift_reference import OldPrequentialEvaluator, OldStreamMetrics, load_as_reference
 
 MERCHANTS = np.array(["m1", "m2", "shop-é", "m 4", "m5", "m6", "m7", "m8", "m9", "m10", "m11"])
@@ -142,3 +143,14 @@ def test_group_positions_keeps_first_appearance_order_and_row_order():
     assert group_positions(list(keys)) is group_positions(keys)  # an equal list: the same groups, no pass
     keys[1] = "a"  # changed in place after grouping: grouped again
     assert group_positions(keys) == [("a", None)]
+
+
+def test_label_logloss_is_logloss_bit_for_bit():
+    rng = np.random.default_rng(12)
+    special = np.array([0.0, 1.0, 1e-15, 1 - 1e-15, 5e-324, 0.5, 1 - 1e-16])
+    for n in (1, 7, 8, 9, 63, 64, 65, 257, 1000):
+        p = rng.random(n)
+        edge = rng.random(n) < 0.2
+        p[edge] = rng.choice(special, int(edge.sum()))
+        y = rng.random(n) < 0.5
+        assert label_logloss(y, p).tobytes() == logloss(y.astype(np.float64), p).tobytes()
