@@ -61,19 +61,30 @@ def fold_block(p, y, count, sum_p, sum_y, ring_y, ring_p, at):
     return positives, write_ring(ring_y, ring_p, at, y, p)
 
 
-@njit("int64[::1](intp[::1], int64, intp[::1])", cache=True, nogil=True)
-def group_order(code, groups, order):
-    """Counting sort of the rows by ``code`` (0 .. groups-1), stable: writes to ``order`` the rows of group 0,
-    then of group 1, ... each ascending; returns where each group's rows end in ``order``."""
-    ends = np.zeros(groups, dtype=np.int64)
-    for i in range(len(code)):
-        ends[code[i]] += 1
-    start = 0
-    for g in range(groups):
-        start += ends[g]
-        ends[g] = start
-    fill = ends.copy()
-    for i in range(len(code) - 1, -1, -1):
-        fill[code[i]] -= 1
-        order[fill[code[i]]] = i
+@njit("int64[::1](intp[::1], intp[::1])", cache=True, nogil=True)
+def group_order(first, order):
+    """Stable counting sort of the rows by group, a group being named by the position of its first row
+    (``first[i]``: where the key of row ``i`` first appears): writes to ``order`` the rows of the group seen
+    first, then of the next, ... each ascending; returns where each group's rows end in ``order``."""
+    n = len(first)
+    starts = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        starts[first[i]] += 1
+    groups, start = 0, 0
+    for b in range(n):  # bucket b is used only if b is some group's first row: ascending b = order of appearance
+        if starts[b]:
+            size = starts[b]
+            starts[b] = start
+            start += size
+            groups += 1
+    ends = np.empty(groups, dtype=np.int64)
+    for i in range(n):
+        b = first[i]
+        order[starts[b]] = i
+        starts[b] += 1
+    g = 0
+    for b in range(n):
+        if first[b] == b:  # row b opens its group: its bucket's fill position is now the group's end
+            ends[g] = starts[b]
+            g += 1
     return ends

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -94,14 +95,13 @@ def group_positions(keys: Sequence[str]) -> list[tuple[str, np.ndarray | None]]:
     last_keys, last_groups = _last_grouping
     if type(keys) is list and keys == last_keys:  # the worker groups each block twice (evaluator, drift monitor)
         return last_groups
-    firsts = dict.fromkeys(keys)
+    firsts: dict = {}  # key -> position of its first row; one pass over the keys (each key object read once)
+    first = np.fromiter(map(firsts.setdefault, keys, itertools.count()), dtype=np.intp, count=len(keys))
     if len(firsts) <= 1:
         groups = [(key, None) for key in firsts]
     else:
-        codes = {key: code for code, key in enumerate(firsts)}
-        code = np.fromiter(map(codes.__getitem__, keys), dtype=np.intp, count=len(keys))
         order = np.empty(len(keys), dtype=np.intp)
-        ends = metric_kernels.group_order(code, len(codes), order).tolist()
+        ends = metric_kernels.group_order(first, order).tolist()
         groups = [(key, order[start:end]) for key, start, end in zip(firsts, [0, *ends], ends)]
     if type(keys) is list:
         _last_grouping = (list(keys), groups)
