@@ -287,7 +287,7 @@ class PrequentialEvaluator:
             raise ValueError("merchant_ids, timestamps, y and p must have one length")
         if len(labels) == 0:
             return
-        if not (probs.min() >= 0.0 and probs.max() <= 1.0):  # NaN fails both
+        if not (np.minimum.reduce(probs, axis=None) >= 0.0 and np.maximum.reduce(probs, axis=None) <= 1.0):  # NaN fails
             raise ValueError("p must be probabilities in [0, 1]")
         yf = labels.astype(np.float64)
         loss = label_logloss(labels, probs)
@@ -348,4 +348,5 @@ class PrequentialEvaluator:
         self.__dict__.update(state)
 
 
-__all__ = ["PrequentialEvaluator", "StreamMetrics", "group_positions", "label_logloss", "roc_auc", "reliability", "logloss"]
+__all__ = ["PrequentialEvaluator", "StreamMetrics", "group_positions", "label_logloss", "roc_auc", "reliability",
+           "logloss"]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from drift.detectors import ErrorADWIN, ErrorPageHinkley, kernels
+from drift.detectors import ErrorADWIN, ErrorPageHinkley, kernels, prequential_errors
 from drift.monitor import DriftMonitor
 from fedstream.settings import load_settings
-from tests.evaldrift_reference import old_observe_predictions
+from tests.evaldrift_reference import old_observe_predictions, old_prequential_errors
 
 FLOATS = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300)
 
@@ -206,3 +206,16 @@ def test_adwin_keeps_the_generic_block_path_with_arrays():
         blocked.update_many(errors[start:start + 333], np.arange(start, min(start + 333, 8000), dtype=float),
                             range(start, min(start + 333, 8000)))
     assert blocked.state() == single.state() and _fields(blocked) == _fields(single)
+
+
+@pytest.mark.parametrize("metric", ["excess_logloss", "logloss", "zero_one"])
+def test_block_errors_are_the_former_ones_bit_for_bit(metric):
+    rng = np.random.default_rng(21)
+    for n in (1, 5, 8, 17, 256, 1000):
+        p = rng.random(n)
+        edge = rng.random(n) < 0.3
+        p[edge] = rng.choice([0.0, 1.0, 1e-3, 1 - 1e-3, 5e-324, 0.5, 1e-4], int(edge.sum()))
+        y = rng.random(n) < 0.4
+        for clip in (1e-3, 0.25):
+            got, want = prequential_errors(y, p, metric, clip), old_prequential_errors(y, p, metric, clip)
+            assert got.tobytes() == want.tobytes()
