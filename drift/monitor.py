@@ -32,6 +32,7 @@ from drift.detectors import (DETECTORS, Detector, Signal, build_detectors, prequ
 from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
+from online.prequential import group_positions
 from streams.features import FeatureContext
 from streams.schemas import CatalogItem, Click, Event, Order
 
@@ -218,31 +219,26 @@ class DriftMonitor:
                             p: Sequence) -> list[DriftEvent]:
         """:meth:`observe_prediction` for a block of predictions in stream order (one call per learned block).
 
-        The errors are computed at once, then each merchant's detectors take that merchant's errors in one
-        :meth:`~drift.detectors._ChunkedError.update_many` call; detections are emitted in stream order.
+        The errors are computed at once and grouped by merchant once (:func:`online.prequential.group_positions`),
+        then each merchant's detectors take that merchant's errors in one ``update_many`` call (natively for
+        ``error.page_hinkley``); detections are emitted in stream order.
         """
         errors = prequential_errors(np.asarray(y), np.asarray(p), self.config.error_metric, self.config.error_clip)
         if len(errors) != len(merchant_ids) or len(errors) != len(timestamps):
             raise ValueError("merchant_ids, timestamps, y and p must have one length")
-        codes: dict[str, int] = {}
-        merchant_codes = [codes.setdefault(m, len(codes)) for m in merchant_ids]
-        if len(codes) == 1:
-            groups = [(merchant_ids[0], None)]
-        else:
-            merchant_codes = np.array(merchant_codes)
-            groups = [(m, np.flatnonzero(merchant_codes == code)) for m, code in codes.items()]
         stamps = np.asarray(timestamps, dtype=np.float64)
         fired: list[tuple[int, int, DriftEvent]] = []
-        for merchant_id, positions in groups:
+        for merchant_id, positions in group_positions(merchant_ids):
             detectors = self._detectors_of(merchant_id)
-            mine = errors if positions is None else errors[positions]
+            mine, when = (errors, stamps) if positions is None else (errors[positions], stamps[positions])
             indices = self._count_predictions(merchant_id, len(mine))
-            values, when = mine.tolist(), stamps if positions is None else stamps[positions]
             for rank, name in enumerate(n for n in watchers(Signal.ERROR) if n in detectors):
-                for position, event in detectors[name].update_many(values, when, indices):
+                for position, event in detectors[name].update_many(mine, when, indices):
                     fired.append((position if positions is None else int(positions[position]), rank, event))
+        if not fired:
+            return []
         fired.sort(key=lambda found: found[:2])
-        return self._emit([event for _, _, event in fired]) if fired else []
+        return self._emit([event for _, _, event in fired])
 
     def _count_predictions(self, merchant_id: str, n: int) -> Sequence[int]:
         """Count ``n`` predictions of ``merchant_id``; returns their event indices: the merchant's latest raw

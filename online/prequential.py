@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from fedstream.metrics import logloss, mean_logloss, roc_auc  # noqa: F401  (re-exported: the scores' old home)
+from online import metric_kernels
 
 ErrorTuple = tuple[str, float, bool, float]
 
@@ -66,8 +68,57 @@ def _bins_table(count: np.ndarray, sum_p: np.ndarray, sum_y: np.ndarray, bins: i
     return table, (float(ece) if total else float("nan"))
 
 
+def label_logloss(labels: np.ndarray, p: np.ndarray, clip: float = 1e-15) -> np.ndarray:
+    """:func:`logloss` of boolean labels, the same value for value in 5 array passes instead of 9: with a label
+    of 1 its ``-(y log p + (1 - y) log(1 - p))`` is exactly ``-log p`` (``0 * log(1 - p)`` is -0.0, which adds
+    nothing), with 0 exactly ``-log(1 - p)``; numpy's log of each value does not depend on its neighbours.
+
+    >>> bool((label_logloss(np.array([True, False]), np.array([0.9, 0.9])) == logloss(np.array([1.0, 0.0]),
+    ...                                                                              np.array([0.9, 0.9]))).all())
+    True
+    """
+    q = np.clip(p, clip, 1 - clip)
+    out = np.where(labels, q, 1 - q)
+    np.log(out, out=out)
+    return np.negative(out, out=out)
+
+
+def group_positions(keys: Sequence[str]) -> list[tuple[str, np.ndarray | None]]:
+    """Each distinct key in order of first appearance, with its positions in ``keys`` (ascending); ``None``
+    for the positions when there is one key only (all of them). One pass, no per-key mask; a list equal to the
+    one grouped last gets the same (shared, read-only) groups back without a pass.
+
+    >>> [(key, None if at is None else at.tolist()) for key, at in group_positions(["b", "a", "b", "c"])]
+    [('b', [0, 2]), ('a', [1]), ('c', [3])]
+    """
+    global _last_grouping
+    last_keys, last_groups = _last_grouping
+    if type(keys) is list and keys == last_keys:  # the worker groups each block twice (evaluator, drift monitor)
+        return last_groups
+    firsts: dict = {}  # key -> position of its first row; one pass over the keys (each key object read once)
+    first = np.fromiter(map(firsts.setdefault, keys, itertools.count()), dtype=np.intp, count=len(keys))
+    if len(firsts) <= 1:
+        groups = [(key, None) for key in firsts]
+    else:
+        order = np.empty(len(keys), dtype=np.intp)
+        ends = metric_kernels.group_order(first, order).tolist()
+        groups = [(key, order[start:end]) for key, start, end in zip(firsts, [0, *ends], ends)]
+    if type(keys) is list:
+        _last_grouping = (list(keys), groups)
+    return groups
+
+
+# The last list grouped (a copy: comparing it with the next list is a pointer comparison per equal string, and a
+# list changed in place since no longer compares equal) and its groups. Equal keys give equal groups.
+_last_grouping: tuple[list | None, list] = (None, [])
+
+
 class StreamMetrics:
-    """Metrics of one stream of (y, p) pairs and of one stream of ranked lists."""
+    """Metrics of one stream of (y, p) pairs and of one stream of ranked lists.
+
+    The last ``window`` pairs live in two ring arrays (pickled as the deque of ``(y, p)`` they replaced, so
+    checkpoints keep their layout both ways).
+    """
 
     def __init__(self, window: int = 1000, bins: int = 10) -> None:
         self.window = window
@@ -75,18 +126,25 @@ class StreamMetrics:
         self.events = 0
         self.positives = 0
         self.loss_sum = 0.0
-        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self._forget_recent()
         self.bin_count = np.zeros(bins)
         self.bin_p = np.zeros(bins)
         self.bin_y = np.zeros(bins)
         self.rankings: dict[int, list[float]] = {}  # k -> [lists, hits, ndcg sum]
+
+    def _forget_recent(self) -> None:
+        self._recent_y, self._recent_p = np.zeros(self.window), np.zeros(self.window)
+        self._recent_n = 0  # pairs held (<= window)
+        self._recent_at = 0  # where the next pair goes; the oldest pair once full
 
     def update(self, y: float, p: float) -> None:
         self.events += 1
         self.positives += int(y)
         q = min(max(p, 1e-15), 1 - 1e-15)
         self.loss_sum -= math.log(q) if y else math.log(1 - q)
-        self.recent.append((y, p))
+        at = self._recent_at
+        self._recent_y[at], self._recent_p[at] = y, p
+        self._recent_at, self._recent_n = (at + 1) % self.window, min(self._recent_n + 1, self.window)
         b = min(int(p * self.bins), self.bins - 1)
         self.bin_count[b] += 1
         self.bin_p[b] += p
@@ -96,15 +154,40 @@ class StreamMetrics:
         """:meth:`update` for arrays of labels and probabilities."""
         if len(y) == 0:
             return
-        yf = y.astype(np.float64)
+        yf = np.asarray(y, dtype=np.float64)
+        self.add_block(yf, np.asarray(p, dtype=np.float64), logloss(yf, p))
+
+    def add_block(self, y: np.ndarray, p: np.ndarray, loss: np.ndarray) -> None:
+        """Fold in a non-empty block: float labels, probabilities and their :func:`logloss`."""
         self.events += len(y)
-        self.positives += int(y.sum())
-        self.loss_sum += float(logloss(yf, p).sum())
-        self.recent.extend(zip(yf.tolist(), p.tolist()))
-        which = np.minimum((p * self.bins).astype(np.int64), self.bins - 1)
-        self.bin_count += np.bincount(which, minlength=self.bins)
-        self.bin_p += np.bincount(which, weights=p, minlength=self.bins)
-        self.bin_y += np.bincount(which, weights=yf, minlength=self.bins)
+        self.loss_sum += float(np.add.reduce(loss))  # numpy's pairwise sum, as ``loss.sum()``
+        positives, self._recent_at = metric_kernels.fold_block(p, y, self.bin_count, self.bin_p, self.bin_y,
+                                                               self._recent_y, self._recent_p, self._recent_at)
+        self.positives += positives
+        self._recent_n = min(self._recent_n + len(y), self.window)
+
+    def recent(self) -> np.ndarray:
+        """The last ``window`` pairs, oldest first: an ``(n, 2)`` array of ``(y, p)`` rows."""
+        n, at = self._recent_n, self._recent_at
+        pairs = np.empty((n, 2))
+        for column, ring in enumerate((self._recent_y, self._recent_p)):
+            pairs[:, column] = ring[:n] if n < self.window else np.concatenate((ring[at:], ring[:at]))
+        return pairs
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_recent")}
+        state["recent"] = deque(map(tuple, self.recent().tolist()), maxlen=self.window)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        pairs = state.pop("recent")
+        self.__dict__.update(state)
+        self._forget_recent()
+        if pairs:
+            y, p = np.array(pairs, dtype=np.float64).T
+            self._recent_at = metric_kernels.write_ring(self._recent_y, self._recent_p, 0, y, p)
+            self._recent_n = min(len(y), self.window)
 
     def rank(self, ranked: Sequence[str], actual: str, k: int) -> None:
         stats = self.rankings.setdefault(k, [0.0, 0.0, 0.0])
@@ -118,8 +201,8 @@ class StreamMetrics:
         out: dict[str, Any] = {"events": self.events,
                                "click_rate": self.positives / self.events if self.events else float("nan"),
                                "logloss": self.loss_sum / self.events if self.events else float("nan")}
-        if self.recent:
-            y, p = np.array(self.recent).T
+        if self._recent_n:
+            y, p = self.recent().T
             out["rolling_logloss"] = float(logloss(y, p).mean())
             out["rolling_auc"] = roc_auc(y, p)
             out["rolling_ece"] = reliability(y, p, self.bins)[1]
@@ -144,8 +227,32 @@ class PrequentialEvaluator:
         self.bins = bins
         self.overall = StreamMetrics(window, bins)
         self.merchants: dict[str, StreamMetrics] = {}
-        self.errors: deque[ErrorTuple] = deque(maxlen=keep_errors)
+        self._listed: deque[ErrorTuple] = deque(maxlen=keep_errors)
+        self._unlisted: deque[tuple] = deque()  # blocks (ids, timestamps, y, p) not yet turned into tuples
+        self._unlisted_n = 0
         self._subscribers: list[Callable[[ErrorTuple], Any]] = []
+
+    @property
+    def errors(self) -> deque[ErrorTuple]:
+        """The last ``keep_errors`` ``(merchant_id, timestamp, y, p)``, oldest first. Blocks are kept as
+        arrays and turned into tuples only when this is read."""
+        if self._unlisted:
+            listed = self._listed
+            if listed.maxlen is not None and self._unlisted_n >= listed.maxlen:
+                listed.clear()
+            for ids, stamps, labels, probs in self._unlisted:
+                listed.extend(zip(ids, map(float, stamps), labels.tolist(), probs.tolist()))
+            self._unlisted.clear()
+            self._unlisted_n = 0
+        return self._listed
+
+    def _keep_block(self, ids: list, stamps, labels: np.ndarray, probs: np.ndarray) -> None:
+        """Queue a block for :attr:`errors`, dropping whole blocks the newer ones push out."""
+        unlisted, limit = self._unlisted, self._listed.maxlen
+        unlisted.append((ids, stamps, labels, probs))
+        self._unlisted_n += len(ids)
+        while limit is not None and unlisted and self._unlisted_n - len(unlisted[0][0]) >= limit:
+            self._unlisted_n -= len(unlisted.popleft()[0])
 
     def subscribe(self, callback: Callable[[ErrorTuple], Any]) -> None:
         """Call ``callback((merchant_id, timestamp, y, p))`` for every evaluated event (not pickled)."""
@@ -172,23 +279,32 @@ class PrequentialEvaluator:
         return item
 
     def update_many(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: Sequence, p: Sequence) -> None:
-        """:meth:`update` for a batch (same result, vectorized per merchant)."""
-        labels = np.asarray(y, dtype=bool)
-        probs = np.asarray(p, dtype=np.float64)
+        """:meth:`update` for a batch (the same metrics as the block path always gave: one log loss, bins in
+        one native loop, the merchants grouped once)."""
+        labels = np.array(y, dtype=bool)  # copies: the error blocks keep them
+        probs = np.array(p, dtype=np.float64)
         if labels.shape != probs.shape or len(labels) != len(merchant_ids) or len(labels) != len(timestamps):
             raise ValueError("merchant_ids, timestamps, y and p must have one length")
-        if np.isnan(probs).any() or (probs < 0).any() or (probs > 1).any():
+        if len(labels) == 0:
+            return
+        if not (np.minimum.reduce(probs, axis=None) >= 0.0 and np.maximum.reduce(probs, axis=None) <= 1.0):  # NaN fails
             raise ValueError("p must be probabilities in [0, 1]")
-        self.overall.update_many(labels, probs)
-        ids = np.asarray(merchant_ids, dtype=object)
-        for merchant_id in dict.fromkeys(merchant_ids):
-            mine = ids == merchant_id
-            self._merchant(merchant_id).update_many(labels[mine], probs[mine])
-        items = list(zip(merchant_ids, map(float, timestamps), labels.tolist(), probs.tolist()))
-        self.errors.extend(items)
-        for callback in self._subscribers:
-            for item in items:
-                callback(item)
+        yf = labels.astype(np.float64)
+        loss = label_logloss(labels, probs)
+        self.overall.add_block(yf, probs, loss)
+        for merchant_id, at in group_positions(merchant_ids):
+            if at is None:
+                self._merchant(merchant_id).add_block(yf, probs, loss)
+            else:
+                self._merchant(merchant_id).add_block(yf[at], probs[at], loss[at])
+        ids = list(merchant_ids)
+        stamps = np.array(timestamps) if isinstance(timestamps, np.ndarray) else list(timestamps)
+        self._keep_block(ids, stamps, labels, probs)
+        if self._subscribers:
+            items = list(zip(ids, map(float, stamps), labels.tolist(), probs.tolist()))
+            for callback in self._subscribers:
+                for item in items:
+                    callback(item)
 
     def observe_ranking(self, merchant_id: str, ranked: Sequence[str], actual: str, k: int = 10) -> None:
         """Score a ranked list shown before the user's next click/order on ``actual``."""
@@ -219,9 +335,18 @@ class PrequentialEvaluator:
         return {m: metrics.report() for m, metrics in sorted(self.merchants.items())}
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
+        """The layout of the evaluator that kept ``errors`` as tuples (checkpoints load both ways)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_listed", "_unlisted", "_unlisted_n")}
+        state["errors"] = self.errors
         state["_subscribers"] = []
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        self._listed = state.pop("errors")
+        self._unlisted, self._unlisted_n = deque(), 0
+        self.__dict__.update(state)
 
-__all__ = ["PrequentialEvaluator", "StreamMetrics", "roc_auc", "reliability", "logloss"]
+
+__all__ = ["PrequentialEvaluator", "StreamMetrics", "group_positions", "label_logloss", "roc_auc", "reliability",
+           "logloss"]

@@ -55,10 +55,17 @@ def prequential_errors(y: np.ndarray, p: np.ndarray, metric: str = "excess_loglo
     if metric not in ("logloss", "excess_logloss"):
         raise ValueError(f"unknown error metric {metric!r}: use 'excess_logloss', 'logloss' or 'zero_one'")
     p = np.clip(p, clip, 1.0 - clip)
-    loss = -np.log(np.where(y, p, 1.0 - p))
+    q = 1.0 - p
+    log_p, log_q = np.log(p), np.log(q)  # each value's log once (the same value per element as log of a mix)
+    loss = np.where(y, log_p, log_q)
+    np.negative(loss, out=loss)
     if metric == "logloss":
         return loss
-    return loss + p * np.log(p) + (1.0 - p) * np.log(1.0 - p)
+    log_p *= p
+    log_q *= q
+    loss += log_p
+    loss += log_q
+    return loss
 
 
 class _Trail:
@@ -76,6 +83,15 @@ class _Trail:
         if count % self.stride == 0:
             self.counts.append(count)
             self.points.append((index, timestamp))
+
+    def extend(self, counts: list[int], indices: list[int], timestamps: list[float]) -> None:
+        """:meth:`add` of each ``(count, index, timestamp)`` in order."""
+        if self.stride != 1:
+            for count, index, timestamp in zip(counts, indices, timestamps):
+                self.add(count, index, timestamp)
+            return
+        self.counts.extend(counts)
+        self.points.extend(zip(indices, timestamps))
 
     def at(self, count: int) -> tuple[int, float]:
         if not self.counts:
@@ -120,19 +136,23 @@ class Detector(ABC):
             self._fresh = None
         if found is None or self.n_seen < self._quiet_until:
             return None
+        event = self._event(found, index, timestamp)
+        self.n_detections += 1
+        self.last_event = event
+        self._quiet_until = self.n_seen + self.cooldown
+        self._after_detection()
+        return event
+
+    def _event(self, found: tuple, index: int, timestamp: float) -> DriftEvent:
+        """The event of a detection ``found`` (as :meth:`_observe` returns it) at the value ``index``, ``timestamp``."""
         statistic_value, threshold, (start_index, start_time), details = found
-        event = DriftEvent(
+        return DriftEvent(
             merchant_id=self.merchant_id, model_version=self.model_version, detector=self.name,
             statistic=self.statistic, value=float(statistic_value), threshold=float(threshold),
             window_start_index=int(start_index), window_end_index=int(index),
             window_start_time=float(start_time), window_end_time=float(timestamp), event_index=int(index),
             detected_at=time.time(), details={k: float(v) for k, v in details.items()},
         )
-        self.n_detections += 1
-        self.last_event = event
-        self._quiet_until = self.n_seen + self.cooldown
-        self._after_detection()
-        return event
 
     @abstractmethod
     def _observe(self, value, index: int, timestamp: float):

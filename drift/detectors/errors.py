@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 
+import numpy as np
 
-from drift.events import DriftEvent
+from drift.detectors import kernels
 from drift.detectors.base import CALIBRATED, Detector, _Trail
+from drift.events import DriftEvent
 
 
 class _ChunkedError(Detector):
@@ -58,6 +60,8 @@ class _ChunkedError(Detector):
         Only the value that completes a chunk goes through :meth:`update`; the others are counted and
         queued in bulk (the worker's hot path: one call per merchant per learned block).
         """
+        if isinstance(values, np.ndarray):
+            values = values.tolist()
         fired: list[tuple[int, DriftEvent]] = []
         position, n = 0, len(values)
         while position < n:
@@ -184,6 +188,70 @@ class ErrorPageHinkley(_ChunkedError):
     def _after_detection(self) -> None:
         self.ph = self._new_test()
         self._since_reset = 0
+
+    def update_many(self, values, timestamps, indices) -> list[tuple[int, DriftEvent]]:
+        """:meth:`update` of each value in order, natively (:func:`drift.detectors.kernels.page_hinkley_block`):
+        the same detections at the same positions and the same state, River's object included."""
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        if len(values) == 0:
+            return []
+        ph, seen = self.ph, self.n_seen
+        if seen + len(values) <= self.warmup:  # warm-up values are only counted
+            self.n_seen += len(values)
+            self._last_index, self._last_time = int(indices[-1]), float(timestamps[-1])
+            return []
+        state = np.array([seen, self.warmup, self._quiet_until, self.cooldown, self._since_reset, self.chunk,
+                          ph.min_instances, len(self._pending), ph._x_mean.n, ph._x_mean._mean, ph._sum_increase,
+                          ph._sum_decrease, ph._min_increase, ph._max_decrease, ph._drift_detected, self.peak,
+                          ph.alpha, ph.delta, ph.threshold, *self._pending, *[0.0] * (self.chunk - len(self._pending))])
+        rows = len(values) // self.chunk + 1
+        ends, hits = np.empty(rows, dtype=np.int64), np.empty((rows, 4))
+        n_ends, n_hits = kernels.page_hinkley_block(values, state, ends, hits)
+        fired = self._date_and_report(ends[:n_ends].tolist(), hits[:n_hits].tolist(), seen, timestamps, indices)
+        if fired:
+            self.ph = self._new_test()  # as after each reported detection; its state is written just below
+        self._set_state(state.tolist())
+        self._last_index, self._last_time = int(indices[-1]), float(timestamps[-1])
+        return fired
+
+    def _date_and_report(self, ends: list[int], hits: list[list[float]], seen: int, timestamps,
+                         indices) -> list[tuple[int, DriftEvent]]:
+        """Add each completed chunk to the trail, and build each reported detection's event when its chunk
+        is reached (the trail dates the window as it stood then)."""
+        if not ends:
+            return []
+        self._fresh = None  # as Detector.update leaves it after a tested value
+        counts = [seen + position + 1 for position in ends]
+        at = [int(indices[position]) for position in ends]
+        stamps = np.asarray(timestamps, dtype=np.float64)[ends].tolist()
+        fired, done = [], 0
+        for chunk, statistic, mean_before, since_reset in hits:
+            k = int(chunk)
+            self._trail.extend(counts[done:k + 1], at[done:k + 1], stamps[done:k + 1])
+            done = k + 1
+            start = self._trail.at(counts[k] - int(since_reset) * self.chunk)
+            event = self._event((statistic, self.ph.threshold, start, {"mean_error": mean_before}), at[k],
+                                timestamps[ends[k]])
+            self.n_detections += 1
+            self.last_event = event
+            fired.append((ends[k], event))
+        self._trail.extend(counts[done:], at[done:], stamps[done:])
+        return fired
+
+    def _set_state(self, state: list[float]) -> None:
+        """Write the kernel's state back: the counts, the open chunk, and River's state in River's own types (a
+        count of 0 and ``_max_decrease`` of -1 are ints until River first assigns them)."""
+        ph, k = self.ph, kernels
+        self.n_seen, self._quiet_until, self._since_reset = (int(state[i]) for i in (k.N_SEEN, k.QUIET_UNTIL,
+                                                                                       k.SINCE_RESET))
+        self._pending = state[k.PENDING:k.PENDING + int(state[k.N_PENDING])]
+        n, high = state[k.PH_N], state[k.MAX_DEC]
+        ph._x_mean.n, ph._x_mean._mean = (n if n else 0), state[k.PH_MEAN]
+        ph._sum_increase, ph._sum_decrease, ph._min_increase = state[k.SUM_INC:k.MIN_INC + 1]
+        ph._max_decrease = -1 if high == -1.0 else high
+        ph._drift_detected = bool(state[k.DETECTED])
+        if state[k.PEAK] != self.peak:
+            self.peak = state[k.PEAK]
 
     def state(self) -> dict:
         statistic = self.ph._sum_increase - self.ph._min_increase if self.ph._x_mean.n else 0.0
