@@ -16,7 +16,7 @@ import pytest
 
 from online.candidates import CandidateState, ItemStats
 from online.ranking import Recommended, ShopRecommender, features, features_reference, source_name
-from streams.schemas import Click, Order
+from streams.schemas import CatalogItem, Click, LineItem, Order
 from tests.recs_reference import reference_features
 from tests.test_recs_fastpath import streams
 
@@ -164,3 +164,44 @@ def test_the_kernel_loads_with_a_recommender_not_with_the_module_nor_on_the_firs
     done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(recommender), capture_output=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+@pytest.mark.parametrize("name", ["clicks+orders", "orders only", "bounds and eviction", "consumables, bounded"])
+def test_may_propose_is_false_only_when_propose_holds_no_chosen_item(name: str):
+    """Exactness of the training-step filter on every step of seeded streams, for small and usual limits
+    (a False skips a proposal that could not hold a positive; a True may still find none)."""
+    events, bounds = streams()[name]
+    state = CandidateState(**bounds)
+    skipped = asked_steps = 0
+    for event in events:
+        step = CandidateState.step_of(event)
+        shop = state.shops.get(event.merchant_id)
+        if step is not None and shop is not None and shop.popularity:
+            user = shop.users.get(event.user_id)
+            for limit in (12, 60):
+                may = state.may_propose(shop, user, step[0], limit)
+                proposed, _, _ = state.propose(event.merchant_id, event.user_id, limit)
+                assert may or not any(item in proposed for item in step[0]), (limit, step[0])
+                skipped += not may
+                asked_steps += 1
+        state.fold(event, step)
+    assert asked_steps > 200 and skipped > 20
+
+
+def test_may_propose_skips_catalog_items_past_the_cold_start_and_history_past_the_newest():
+    """The two cases a proposal used to be computed for in vain (42% of the training proposals on the online
+    benchmark's backlog): an unchosen item deep in the catalog, and an item the user chose long ago."""
+    state = CandidateState(history=3)
+    for k in range(200):
+        state.observe(CatalogItem(event_id=f"c{k}", merchant_id="m", item_id=f"c{k:03d}", category="a", price=1.0,
+                                  title=f"item {k}", timestamp=1.0))
+    for k in range(100, 130):  # one order a day: no transitions, each the newest and most popular so far
+        state.observe(Order(event_id=f"o{k}", order_id=f"o{k}", merchant_id="m", user_id="u", currency="EUR",
+                            timestamp=86_400.0 * k, items=[LineItem(item_id=f"c{k:03d}", quantity=1, unit_price=1.0)]))
+    shop, user = state.shops["m"], state.shops["m"].users["u"]
+    cases = {(60, "c199"): False, (60, "c031"): True, (12, "c100"): False, (12, "c125"): True, (60, "c100"): False,
+             (60, "c110"): True}
+    for (limit, item), expected in cases.items():
+        proposed, _, _ = state.propose("m", "u", limit)
+        assert (item in proposed) is expected, (limit, item)
+        assert state.may_propose(shop, user, (item,), limit) is expected, (limit, item)
