@@ -273,4 +273,4 @@ class ShopRecommender:
         return {**self.state.size(), "ranker_merchants": len(self.ranker.merchants)}
 
 
-__all__ = ["ShopRecommender", "PairwiseRanker", "Recommended", "features", "FEATURES"]
+__all__ = ["ShopRecommender", "PairwiseRanker", "Recommended", "features", "features_reference", "FEATURES"]

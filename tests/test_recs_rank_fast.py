@@ -154,12 +154,12 @@ def test_a_pickled_recommender_ranks_the_same_natively():
 
 
 def test_the_kernel_loads_with_a_recommender_not_with_the_module_nor_on_the_first_rank():
-    """Importing ``online.ranking`` (the API does, before any model) loads no numba; unpickling a published
-    recommender loads its kernel, so the first ranking pays no import or compilation."""
+    """Importing ``online.ranking`` (the API does, before any model) does not load the kernel; unpickling a
+    published recommender does, so its first ranking pays no import or compilation."""
     events, _ = streams()["orders only"]
     recommender = ShopRecommender(seed=4)
     recommender.observe_block(events[:2_000])
-    script = ("import pickle, sys\nimport online.ranking\nassert 'numba' not in sys.modules\n"
+    script = ("import pickle, sys\nimport online.ranking\nassert 'online.rank_kernels' not in sys.modules\n"
               "recommender = pickle.loads(sys.stdin.buffer.read())\nassert 'online.rank_kernels' in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(recommender), capture_output=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
