@@ -411,17 +411,22 @@ class CandidateState:
         return out, co, trans
 
     def may_propose(self, shop: Shop, user: Shopper | None, items: tuple[str, ...], limit: int) -> bool:
-        """False when :meth:`propose` (no product page) provably proposes none of ``items``: none is in the user's
-        history, in a co-occurrence row of their recent items or a transition row of their last step, among the
-        popular, or unchosen in the catalog. Re-ranks the popular items as :meth:`propose` would."""
-        top = self.popular(shop, max(limit // 3, 10))
-        text = shop.text
+        """False when :meth:`propose` (no product page) provably proposes none of ``items``: none is among the
+        user's newest ``per_source`` items, in a co-occurrence row of their recent items or a transition row of
+        their last step, among the popular, or among the first ``limit`` unchosen catalog items (any unchosen
+        one when catalog texts are on: they reorder the cold start). Re-ranks the popular items as
+        :meth:`propose` would."""
+        per_source = max(limit // 3, 10)
+        top = self.popular(shop, per_source)
+        text, unchosen = shop.text, shop.unchosen
         for item in items:
-            if item in shop.unchosen or item in top or (text is not None and item in text.index):
+            if item in top or (text is not None and (item in text.index or item in unchosen)):
+                return True
+            if item in unchosen and item in itertools.islice(unchosen, limit):  # cold start: catalog order
                 return True
             if user is None:
                 continue
-            if item in user.items:
+            if item in user.items and item in itertools.islice(reversed(user.items), per_source):
                 return True
             for table, sources in ((shop.co, user.recent), (shop.trans, user.last_step)):
                 for source in sources:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from dataclasses import dataclass
+from itertools import chain, compress, repeat
 
 import numpy as np
 
-from online.candidates import (SOURCE_NAMES, CandidateState, Shop, Shopper, item_gap_model, item_repeat_rate,
-                               merchant_priors, source_name)
+from online.candidates import (SOURCE_NAMES, CandidateState, ItemStats, Shop, Shopper, item_gap_model,
+                               item_repeat_rate, merchant_priors, source_name)
 from streams.schemas import Click, Event
 
 FEATURES = ("bias", "user_count", "user_has", "user_orders", "hours_since", "recent_day", "cycle_match",
@@ -33,9 +35,65 @@ class Recommended:
     source: str
 
 
+_NO_STATS = ItemStats(math.nan, math.nan, math.nan, math.nan)  # an item nobody chose (yet, or any more)
+_native = None  # online.rank_kernels once imported (see native_kernels)
+
+
+def native_kernels():
+    """:mod:`online.rank_kernels` (numba: its kernel compiled, or loaded from the disk cache, on import). A
+    recommender imports it when it is built or unpickled, so neither a request nor a worker's block pays it,
+    and importing this module stays light (the API imports it before any model is loaded)."""
+    global _native
+    if _native is None:
+        from online import rank_kernels
+
+        _native = rank_kernels
+    return _native
+
+
 def features(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
              trans: dict[str, float], when: float) -> np.ndarray:
-    """Feature matrix ``float64[len(items), len(FEATURES)]`` (see :data:`FEATURES`)."""
+    """Feature matrix ``float64[len(items), len(FEATURES)]`` (see :data:`FEATURES`): the values of
+    :func:`features_reference`, computed natively (:func:`online.rank_kernels.feature_rows`) from the
+    candidates' values gathered at C speed (:func:`gather`)."""
+    if not items:
+        return np.zeros((0, len(FEATURES)))
+    kernels = _native or native_kernels()
+    gathered, hits = gather(shop, user, items, masks, co, trans)
+    merchant_repeat, mean0, var0 = merchant_priors(shop.totals)
+    pop_max = max((shop.popularity.get(shop.ranked[0], 0.0) if shop.ranked else 0.0), 1e-300)
+    params = np.array([max(co.values(), default=0.0) or 1.0, max(trans.values(), default=0.0) or 1.0, pop_max,
+                       merchant_repeat, mean0, var0, when, user.total if user is not None else 0], dtype=np.float64)
+    return kernels.feature_rows(gathered, len(items), hits, params)
+
+
+def gather(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
+           trans: dict[str, float]) -> tuple[np.ndarray, int]:
+    """The values :func:`online.rank_kernels.feature_rows` reads (its layout) and how many of the candidates
+    the user chose before: per candidate through C-level ``map`` over the dicts, no Python loop per item."""
+    n = len(items)
+    stats = list(map(shop.stats.get, items, repeat(_NO_STATS)))
+    categories = (map(user.categories.get, map(shop.catalog.get, items), repeat(0)) if user is not None and user.total
+                  else repeat(0.0, n))
+    values = [[s.count for s in stats], [s.repeats for s in stats], map(co.get, items, repeat(0.0)),
+              map(trans.get, items, repeat(0.0)), map(shop.popularity.get, items, repeat(0.0)), categories, masks]
+    chosen = user.items if user is not None else None
+    hits = 0
+    if chosen:
+        flags = list(map(chosen.__contains__, items))
+        rows = list(compress(range(n), flags))
+        hits, chose = len(rows), list(compress(stats, flags))
+        values += [rows, chain.from_iterable(map(chosen.__getitem__, compress(items, flags))),
+                   [s.gap_sum for s in chose], [s.gap_sq for s in chose]]
+    total = 7 * n + 6 * hits  # online.rank_kernels.PER_ITEM and PER_HIT
+    gathered = np.empty(total)  # struct packs Python floats and ints as doubles (float(), exactly), 3x np.fromiter
+    struct.pack_into(f"{total}d", gathered, 0, *chain.from_iterable(values))
+    return gathered, hits
+
+
+def features_reference(shop: Shop, user: Shopper | None, items: list[str], masks: list[int], co: dict[str, float],
+                       trans: dict[str, float], when: float) -> np.ndarray:
+    """:func:`features` row by row in Python (the reference the native path is tested against)."""
     if not items:
         return np.zeros((0, len(FEATURES)))
     co_max = max(co.values(), default=0.0) or 1.0
@@ -123,6 +181,11 @@ class ShopRecommender:
         self.rng = random.Random(seed)
         self.n_observed = 0
         self.steps = 0
+        native_kernels()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        native_kernels()  # a published or checkpointed recommender loads its kernel with it, not on its first rank
 
     def observe(self, event: Event) -> None:
         """Test-then-train on one event: learn to rank what the user chose, then fold it into the sources."""
@@ -210,4 +273,4 @@ class ShopRecommender:
         return {**self.state.size(), "ranker_merchants": len(self.ranker.merchants)}
 
 
-__all__ = ["ShopRecommender", "PairwiseRanker", "Recommended", "features", "FEATURES"]
+__all__ = ["ShopRecommender", "PairwiseRanker", "Recommended", "features", "features_reference", "FEATURES"]
