@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only w
     from streams.text import ItemTextEmbeddings
 
 HISTORY, COOCCUR, TRANSITION, POPULAR, CATALOG = 1, 2, 4, 8, 16
+LOG2 = math.log(2)
 SOURCE_NAMES = {HISTORY: "history", COOCCUR: "co-occurrence", TRANSITION: "transition", POPULAR: "popular",
                 CATALOG: "catalog"}
 
@@ -195,6 +196,9 @@ class CandidateState:
     def choose(self, shop: Shop, user_id: str, items: tuple[str, ...], when: float, is_order: bool,
                session: str | None) -> None:
         """One step of a user: ``items`` chosen together at ``when``."""
+        if len(items) == 1:
+            self.choose_one(shop, user_id, items, when, is_order, session)
+            return
         user = self.user(shop, user_id, create=True)
         value = self._decayed(shop, when)
         same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
@@ -215,6 +219,72 @@ class CandidateState:
         self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
+        if len(shop.stats) > 2 * self.max_items:
+            self._prune_items(shop)
+
+    def choose_one(self, shop: Shop, user_id: str, items: tuple[str], when: float, is_order: bool,
+                   session: str | None) -> None:
+        """:meth:`choose` of a one-item step (every click: most steps), its helpers inlined: the same state."""
+        item, users = items[0], shop.users
+        user = users.get(user_id)
+        if user is not None:
+            users.move_to_end(user_id)
+        else:
+            user = self.user(shop, user_id, create=True)
+        landmark = shop.landmark
+        exponent = (when - landmark) * LOG2 / self.half_life_s if landmark is not None else math.inf
+        value = math.exp(exponent) if exponent <= 200 else self._decayed(shop, when)
+        same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
+        unchosen = shop.unchosen
+        if item in unchosen:
+            del unchosen[item]
+            text = shop.text
+            if text is not None and item in text.index:
+                shop.text_open[text.index[item]] = 0
+        popularity = shop.popularity
+        popularity[item] = popularity.get(item, 0.0) + value
+        chosen = user.items
+        entry = chosen.get(item)
+        stats = shop.stats.get(item)
+        if stats is None:
+            stats = shop.stats[item] = ItemStats()
+        totals = shop.totals
+        stats.count += 1
+        totals.count += 1
+        if entry is not None:
+            gap = math.log(max(when - entry[2], 1.0))
+            stats.repeats += 1
+            stats.gap_sum += gap
+            stats.gap_sq += gap * gap
+            totals.repeats += 1
+            totals.gap_sum += gap
+            totals.gap_sq += gap * gap
+            del chosen[item]  # re-inserted: the dict stays in recency order, newest last
+        else:
+            entry = [0, 0, when]
+        recent = user.recent
+        if recent:
+            others = dict.fromkeys(recent)
+            others.pop(item, None)
+            if others:
+                self._co_link(shop.co, shop.totals_co, item, others)
+        if same_session and user.last_step:
+            self._link_to(shop.trans, shop.totals_trans, [p for p in user.last_step if p != item], item)
+        chosen[item] = entry
+        entry[0] += 1
+        entry[1] += is_order
+        entry[2] = when
+        category = shop.catalog.get(item)
+        if category is not None:
+            categories = user.categories
+            categories[category] = categories.get(category, 0) + 1
+        if not recent or recent[-1] != item:
+            recent.append(item)
+        user.total += 1
+        if len(chosen) > 2 * self.max_user_items:
+            user.items = dict(list(chosen.items())[-self.max_user_items:])
+        user.last_step, user.last_time, user.last_session = items, when, session
+        shop.since_rank += 1
         if len(shop.stats) > 2 * self.max_items:
             self._prune_items(shop)
 
@@ -279,7 +349,7 @@ class CandidateState:
     def _decayed(self, shop: Shop, when: float) -> float:
         if shop.landmark is None:
             shop.landmark = when
-        exponent = (when - shop.landmark) * math.log(2) / self.half_life_s
+        exponent = (when - shop.landmark) * LOG2 / self.half_life_s
         if exponent > 200:  # rescale to a newer landmark before exp() overflows
             shift = math.exp(-exponent)
             shop.popularity = {i: c * shift for i, c in shop.popularity.items()}
@@ -327,6 +397,45 @@ class CandidateState:
             if len(own) > cap:
                 own, added = self._cap(table, totals, item, own), 0
         totals[item] += added
+
+    def _link_to(self, table: dict[str, dict[str, float]], totals: dict[str, float], sources: list[str] | dict,
+                 item: str) -> None:
+        """:meth:`_link` of the pairs ``(source, item)`` for each of ``sources`` (distinct), in that order. A row
+        and its total exist together, and a row never holds more than ``2 * max_neighbors`` links after an
+        update, so only a new link can make it overflow."""
+        cap = 2 * self.max_neighbors
+        for source in sources:
+            row = table.get(source)
+            if row is None:
+                table[source] = {item: 1.0}
+                totals[source] = totals.get(source, 0.0) + 1.0
+            elif item in row:
+                row[item] += 1.0
+                totals[source] += 1.0
+            else:
+                row[item] = 1.0
+                totals[source] += 1.0
+                if len(row) > cap:
+                    self._cap(table, totals, source, row)
+
+    def _co_link(self, table: dict[str, dict[str, float]], totals: dict[str, float], item: str, others: dict) -> None:
+        """:meth:`_link_both` (``others`` non-empty): when ``item``'s own row cannot overflow on the way, its
+        links are counted after the others' rows instead of interleaved (different rows: the same state)."""
+        own = table.get(item)
+        if own is None and next(iter(others)) in table:  # created first: no row or total is inserted in between
+            own = table[item] = {}
+            if item not in totals:
+                totals[item] = 0.0
+        if own is None or len(own) + len(others) > 2 * self.max_neighbors:
+            self._link_both(table, totals, item, list(others))
+            return
+        self._link_to(table, totals, others, item)
+        for other in others:
+            if other in own:
+                own[other] += 1.0
+            else:
+                own[other] = 1.0
+        totals[item] += len(others)
 
     def _cap(self, table: dict[str, dict[str, float]], totals: dict[str, float], a: str,
              row: dict[str, float]) -> dict[str, float]:
