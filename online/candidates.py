@@ -211,11 +211,11 @@ class CandidateState:
                     shop.text_open[shop.text.index[item]] = 0
             popularity[item] = popularity.get(item, 0.0) + value
             self._repeat_stats(shop, chosen_before.get(item), item, when)
-            self._link_both(shop.co, shop.totals_co, item,
-                            [other for other in pool if other != item and (other not in items or other < item)])
+            others = [other for other in pool if other != item and (other not in items or other < item)]
+            if others:
+                self._co_link(shop.co, shop.totals_co, item, others)
             if same_session:
-                self._link(shop.trans, shop.totals_trans,
-                           [(previous, item) for previous in user.last_step if previous != item])
+                self._link_to(shop.trans, shop.totals_trans, [p for p in user.last_step if p != item], item)
         self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
@@ -268,8 +268,10 @@ class CandidateState:
             others.pop(item, None)
             if others:
                 self._co_link(shop.co, shop.totals_co, item, others)
-        if same_session and user.last_step:
-            self._link_to(shop.trans, shop.totals_trans, [p for p in user.last_step if p != item], item)
+        last = user.last_step
+        if same_session and last:
+            self._link_to(shop.trans, shop.totals_trans, last if item not in last else [p for p in last if p != item],
+                          item)
         chosen[item] = entry
         entry[0] += 1
         entry[1] += is_order
@@ -418,19 +420,32 @@ class CandidateState:
                 if len(row) > cap:
                     self._cap(table, totals, source, row)
 
-    def _co_link(self, table: dict[str, dict[str, float]], totals: dict[str, float], item: str, others: dict) -> None:
-        """:meth:`_link_both` (``others`` non-empty): when ``item``'s own row cannot overflow on the way, its
-        links are counted after the others' rows instead of interleaved (different rows: the same state)."""
+    def _co_link(self, table: dict[str, dict[str, float]], totals: dict[str, float], item: str,
+                 others: dict | list) -> None:
+        """:meth:`_link_both` (``others`` non-empty) when ``item``'s own row cannot overflow on the way: no cap
+        check on it, and a row and its total exist together (see :meth:`_link_to`)."""
         own = table.get(item)
         if own is None and next(iter(others)) in table:  # created first: no row or total is inserted in between
             own = table[item] = {}
             if item not in totals:
                 totals[item] = 0.0
-        if own is None or len(own) + len(others) > 2 * self.max_neighbors:
+        cap = 2 * self.max_neighbors
+        if own is None or len(own) + len(others) > cap:
             self._link_both(table, totals, item, list(others))
             return
-        self._link_to(table, totals, others, item)
-        for other in others:
+        for other in others:  # _link_to, inlined: the most frequent update
+            row = table.get(other)
+            if row is None:
+                table[other] = {item: 1.0}
+                totals[other] = totals.get(other, 0.0) + 1.0
+            elif item in row:
+                row[item] += 1.0
+                totals[other] += 1.0
+            else:
+                row[item] = 1.0
+                totals[other] += 1.0
+                if len(row) > cap:
+                    self._cap(table, totals, other, row)
             if other in own:
                 own[other] += 1.0
             else:
