@@ -234,7 +234,8 @@ class CandidateState:
         landmark = shop.landmark
         exponent = (when - landmark) * LOG2 / self.half_life_s if landmark is not None else math.inf
         value = math.exp(exponent) if exponent <= 200 else self._decayed(shop, when)
-        same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
+        same_session = ((session is not None and session == user.last_session)
+                        or when - user.last_time <= self.session_gap_s)
         unchosen = shop.unchosen
         if item in unchosen:
             del unchosen[item]

@@ -136,24 +136,26 @@ class ShopRecommender:
         per event that an unclicked impression (most events) does not need; a clicked impression goes
         straight to :meth:`CandidateState.choose_one`."""
         state, shops, fold, train = self.state, self.state.shops, self.state.fold, self._train
-        choose_one, merchant_steps, warm_up, every = state.choose_one, self.merchant_steps, self.warm_up_steps, self.train_every
+        choose_one, merchant_steps = state.choose_one, self.merchant_steps
+        warm_up, every = self.warm_up_steps, self.train_every
         steps = 0
         try:
             for event in events:
                 if type(event) is Click:
-                    merchant = event.merchant_id
-                    shop = shops.get(merchant) or state.shop(merchant)
-                    when = event.timestamp
+                    merchant, when = event.merchant_id, event.timestamp
                     if event.clicked:  # a step: count it (and train) before it is folded in, as _learn_step
                         steps += 1
                         seen = merchant_steps[merchant] = merchant_steps.get(merchant, 0) + 1
                         items = (event.item_id,)
                         if seen <= warm_up or seen % every == 0:
                             train(merchant, event.user_id, items, when)
+                        shop = shops.get(merchant) or state.shop(merchant)  # then fold it, as CandidateState.fold
                         if when > shop.clock:
                             shop.clock = when
                         choose_one(shop, event.user_id, items, when, False, event.session_id)
-                    elif when > shop.clock:  # only moves its merchant's clock (as CandidateState.fold does)
+                        continue
+                    shop = shops.get(merchant) or state.shop(merchant)  # only moves its merchant's clock
+                    if when > shop.clock:
                         shop.clock = when
                     continue
                 step = CandidateState.step_of(event)
