@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from online.candidate_links import RowLinks
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
@@ -113,7 +114,7 @@ def item_gap_model(stats: ItemStats | None, mean0: float, var0: float, prior: fl
     return mean, math.sqrt(max(var, 0.25))
 
 
-class CandidateState:
+class CandidateState(RowLinks):
     """Candidate sources of every merchant (see the module docstring). Picklable; memory is bounded."""
 
     def __init__(self, half_life_s: float = 7 * 86_400.0, history: int = 10, max_items: int = 20_000,
@@ -400,58 +401,6 @@ class CandidateState:
             if len(own) > cap:
                 own, added = self._cap(table, totals, item, own), 0
         totals[item] += added
-
-    def _link_to(self, table: dict[str, dict[str, float]], totals: dict[str, float], sources: list[str] | dict,
-                 item: str) -> None:
-        """:meth:`_link` of the pairs ``(source, item)`` for each of ``sources`` (distinct), in that order. A row
-        and its total exist together, and a row never holds more than ``2 * max_neighbors`` links after an
-        update, so only a new link can make it overflow."""
-        cap = 2 * self.max_neighbors
-        for source in sources:
-            row = table.get(source)
-            if row is None:
-                table[source] = {item: 1.0}
-                totals[source] = totals.get(source, 0.0) + 1.0
-            elif item in row:
-                row[item] += 1.0
-                totals[source] += 1.0
-            else:
-                row[item] = 1.0
-                totals[source] += 1.0
-                if len(row) > cap:
-                    self._cap(table, totals, source, row)
-
-    def _co_link(self, table: dict[str, dict[str, float]], totals: dict[str, float], item: str,
-                 others: dict | list) -> None:
-        """:meth:`_link_both` (``others`` non-empty) when ``item``'s own row cannot overflow on the way: no cap
-        check on it, and a row and its total exist together (see :meth:`_link_to`)."""
-        own = table.get(item)
-        if own is None and next(iter(others)) in table:  # created first: no row or total is inserted in between
-            own = table[item] = {}
-            if item not in totals:
-                totals[item] = 0.0
-        cap = 2 * self.max_neighbors
-        if own is None or len(own) + len(others) > cap:
-            self._link_both(table, totals, item, list(others))
-            return
-        for other in others:  # _link_to, inlined: the most frequent update
-            row = table.get(other)
-            if row is None:
-                table[other] = {item: 1.0}
-                totals[other] = totals.get(other, 0.0) + 1.0
-            elif item in row:
-                row[item] += 1.0
-                totals[other] += 1.0
-            else:
-                row[item] = 1.0
-                totals[other] += 1.0
-                if len(row) > cap:
-                    self._cap(table, totals, other, row)
-            if other in own:
-                own[other] += 1.0
-            else:
-                own[other] = 1.0
-        totals[item] += len(others)
 
     def _cap(self, table: dict[str, dict[str, float]], totals: dict[str, float], a: str,
              row: dict[str, float]) -> dict[str, float]:
