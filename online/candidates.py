@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from online.candidate_links import RowLinks
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
     from streams.text import ItemTextEmbeddings
 
 HISTORY, COOCCUR, TRANSITION, POPULAR, CATALOG = 1, 2, 4, 8, 16
+LOG2 = math.log(2)
 SOURCE_NAMES = {HISTORY: "history", COOCCUR: "co-occurrence", TRANSITION: "transition", POPULAR: "popular",
                 CATALOG: "catalog"}
 
@@ -112,7 +114,7 @@ def item_gap_model(stats: ItemStats | None, mean0: float, var0: float, prior: fl
     return mean, math.sqrt(max(var, 0.25))
 
 
-class CandidateState:
+class CandidateState(RowLinks):
     """Candidate sources of every merchant (see the module docstring). Picklable; memory is bounded."""
 
     def __init__(self, half_life_s: float = 7 * 86_400.0, history: int = 10, max_items: int = 20_000,
@@ -195,6 +197,9 @@ class CandidateState:
     def choose(self, shop: Shop, user_id: str, items: tuple[str, ...], when: float, is_order: bool,
                session: str | None) -> None:
         """One step of a user: ``items`` chosen together at ``when``."""
+        if len(items) == 1:
+            self.choose_one(shop, user_id, items, when, is_order, session)
+            return
         user = self.user(shop, user_id, create=True)
         value = self._decayed(shop, when)
         same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
@@ -207,14 +212,83 @@ class CandidateState:
                     shop.text_open[shop.text.index[item]] = 0
             popularity[item] = popularity.get(item, 0.0) + value
             self._repeat_stats(shop, chosen_before.get(item), item, when)
-            self._link_both(shop.co, shop.totals_co, item,
-                            [other for other in pool if other != item and (other not in items or other < item)])
+            others = [other for other in pool if other != item and (other not in items or other < item)]
+            if others:
+                self._co_link(shop.co, shop.totals_co, item, others)
             if same_session:
-                self._link(shop.trans, shop.totals_trans,
-                           [(previous, item) for previous in user.last_step if previous != item])
+                self._link_to(shop.trans, shop.totals_trans, [p for p in user.last_step if p != item], item)
         self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
+        if len(shop.stats) > 2 * self.max_items:
+            self._prune_items(shop)
+
+    def choose_one(self, shop: Shop, user_id: str, items: tuple[str], when: float, is_order: bool,
+                   session: str | None) -> None:
+        """:meth:`choose` of a one-item step (every click: most steps), its helpers inlined: the same state."""
+        item, users = items[0], shop.users
+        user = users.get(user_id)
+        if user is not None:
+            users.move_to_end(user_id)
+        else:
+            user = self.user(shop, user_id, create=True)
+        landmark = shop.landmark
+        exponent = (when - landmark) * LOG2 / self.half_life_s if landmark is not None else math.inf
+        value = math.exp(exponent) if exponent <= 200 else self._decayed(shop, when)
+        same_session = ((session is not None and session == user.last_session)
+                        or when - user.last_time <= self.session_gap_s)
+        unchosen = shop.unchosen
+        if item in unchosen:
+            del unchosen[item]
+            text = shop.text
+            if text is not None and item in text.index:
+                shop.text_open[text.index[item]] = 0
+        popularity = shop.popularity
+        popularity[item] = popularity.get(item, 0.0) + value
+        chosen = user.items
+        entry = chosen.get(item)
+        stats = shop.stats.get(item)
+        if stats is None:
+            stats = shop.stats[item] = ItemStats()
+        totals = shop.totals
+        stats.count += 1
+        totals.count += 1
+        if entry is not None:
+            gap = math.log(max(when - entry[2], 1.0))
+            stats.repeats += 1
+            stats.gap_sum += gap
+            stats.gap_sq += gap * gap
+            totals.repeats += 1
+            totals.gap_sum += gap
+            totals.gap_sq += gap * gap
+            del chosen[item]  # re-inserted: the dict stays in recency order, newest last
+        else:
+            entry = [0, 0, when]
+        recent = user.recent
+        if recent:
+            others = dict.fromkeys(recent)
+            others.pop(item, None)
+            if others:
+                self._co_link(shop.co, shop.totals_co, item, others)
+        last = user.last_step
+        if same_session and last:
+            self._link_to(shop.trans, shop.totals_trans, last if item not in last else [p for p in last if p != item],
+                          item)
+        chosen[item] = entry
+        entry[0] += 1
+        entry[1] += is_order
+        entry[2] = when
+        category = shop.catalog.get(item)
+        if category is not None:
+            categories = user.categories
+            categories[category] = categories.get(category, 0) + 1
+        if not recent or recent[-1] != item:
+            recent.append(item)
+        user.total += 1
+        if len(chosen) > 2 * self.max_user_items:
+            user.items = dict(list(chosen.items())[-self.max_user_items:])
+        user.last_step, user.last_time, user.last_session = items, when, session
+        shop.since_rank += 1
         if len(shop.stats) > 2 * self.max_items:
             self._prune_items(shop)
 
@@ -279,7 +353,7 @@ class CandidateState:
     def _decayed(self, shop: Shop, when: float) -> float:
         if shop.landmark is None:
             shop.landmark = when
-        exponent = (when - shop.landmark) * math.log(2) / self.half_life_s
+        exponent = (when - shop.landmark) * LOG2 / self.half_life_s
         if exponent > 200:  # rescale to a newer landmark before exp() overflows
             shift = math.exp(-exponent)
             shop.popularity = {i: c * shift for i, c in shop.popularity.items()}

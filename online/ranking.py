@@ -196,22 +196,38 @@ class ShopRecommender:
 
     def observe_block(self, events: list[Event]) -> None:
         """:meth:`observe` each event in order (the worker's batch path): the same state, without the calls
-        per event that an unclicked impression (most events) does not need."""
-        state, shops, fold, learn_step = self.state, self.state.shops, self.state.fold, self._learn_step
-        for event in events:
-            kind = type(event)
-            if kind is Click:
-                if not event.clicked:  # only moves its merchant's clock (as CandidateState.fold does)
-                    shop = shops.get(event.merchant_id) or state.shop(event.merchant_id)
-                    if event.timestamp > shop.clock:
-                        shop.clock = event.timestamp
+        per event that an unclicked impression (most events) does not need; a clicked impression goes
+        straight to :meth:`CandidateState.choose_one`."""
+        state, shops, fold, train = self.state, self.state.shops, self.state.fold, self._train
+        choose_one, merchant_steps = state.choose_one, self.merchant_steps
+        warm_up, every = self.warm_up_steps, self.train_every
+        steps = 0
+        try:
+            for event in events:
+                if type(event) is Click:
+                    merchant, when = event.merchant_id, event.timestamp
+                    if event.clicked:  # a step: count it (and train) before it is folded in, as _learn_step
+                        steps += 1
+                        seen = merchant_steps[merchant] = merchant_steps.get(merchant, 0) + 1
+                        items = (event.item_id,)
+                        if seen <= warm_up or seen % every == 0:
+                            train(merchant, event.user_id, items, when)
+                        shop = shops.get(merchant) or state.shop(merchant)  # then fold it, as CandidateState.fold
+                        if when > shop.clock:
+                            shop.clock = when
+                        choose_one(shop, event.user_id, items, when, False, event.session_id)
+                        continue
+                    shop = shops.get(merchant) or state.shop(merchant)  # only moves its merchant's clock
+                    if when > shop.clock:
+                        shop.clock = when
                     continue
-                step = ((event.item_id,), False)
-            else:
                 step = CandidateState.step_of(event)
-            if step is not None:
-                learn_step(event, step[0])
-            fold(event, step)
+                if step is not None:
+                    self._learn_step(event, step[0])
+                fold(event, step)
+        finally:
+            self.steps += steps
+            self.n_observed += steps
 
     def _learn_step(self, event: Event, chosen: tuple[str, ...]) -> None:
         """Count a step and, at a training step of its merchant, learn from it before it is folded in."""
