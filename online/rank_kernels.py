@@ -49,7 +49,7 @@ def _history(out, row, entry_count, entry_orders, entry_last, has_stats, repeats
     out[row, 9] = merchant_repeat
 
 
-@njit("float64[:, ::1](float64[::1], int64, int64, float64[::1])", cache=True, nogil=True)
+@njit("float64[:, ::1](float64[::1], int64, int64, float64[::1])", cache=True)
 def feature_rows(gathered, n, h, params):
     """The ``(n, 22)`` feature matrix of ``online.ranking.FEATURES`` from ``gathered`` (``PER_ITEM`` blocks of
     ``n`` values, then ``PER_HIT`` blocks of ``h`` values, see the constants) and ``params`` (:data:`PARAMS`)."""

@@ -205,3 +205,13 @@ def test_may_propose_skips_catalog_items_past_the_cold_start_and_history_past_th
         proposed, _, _ = state.propose("m", "u", limit)
         assert (item in proposed) is expected, (limit, item)
         assert state.may_propose(shop, user, (item,), limit) is expected, (limit, item)
+
+
+def test_the_ranking_kernel_keeps_the_gil():
+    """Serving ranks on its event loop (``serving.holder.RankingPlacement``) and the kernel runs ~0.1 ms: released
+    there, the GIL went to another thread of the server at every request and came back only at the switch
+    interval (``BENCH_QUICK=1 python -m benchmarks.serving``: p99 15-44 ms at 300 req/s with ``nogil=True``,
+    1.5 ms without). A structural check, not a timing: the benchmark holds the figure."""
+    from online import rank_kernels
+
+    assert not rank_kernels.feature_rows.targetoptions.get("nogil", False)
