@@ -165,6 +165,8 @@ class PairwiseRanker:
 class ShopRecommender:
     """Two-stage online recommender for every merchant (see the module docstring). Picklable, bounded."""
 
+    feature_matrix = staticmethod(features)  # the ranker's features (native; features_reference is the reference)
+
     def __init__(self, candidates: CandidateState | None = None, ranker: PairwiseRanker | None = None,
                  negatives: int = 8, train_candidates: int = 60, candidate_limit: int = 150,
                  warm_up_steps: int = 100, train_every: int = 16, seed: int = 0) -> None:
@@ -251,7 +253,7 @@ class ShopRecommender:
             return
         sampled = self.rng.sample(others, min(self.negatives, len(others)))
         items = positives + sampled
-        x = features(shop, user, items, [proposed[i] for i in items], co, trans, when)
+        x = self.feature_matrix(shop, user, items, [proposed[i] for i in items], co, trans, when)
         self.ranker.learn(merchant_id, x[: len(positives)], x[len(positives):])
 
     def rank(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
@@ -270,7 +272,7 @@ class ShopRecommender:
         items = list(proposed)
         masks = [proposed[i] for i in items]
         when = shop.clock if timestamp is None else timestamp
-        scores = self.ranker.scores(merchant_id, features(shop, shop.users.get(user_id), items, masks, co, trans, when))
+        scores = self.ranker.scores(merchant_id, self.feature_matrix(shop, shop.users.get(user_id), items, masks, co, trans, when))
         best = np.argsort(-scores, kind="stable")[:k]
         shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))  # in (0, 1), same order
         return [Recommended(items[i], float(p), source_name(masks[i])) for i, p in zip(best.tolist(), shown.tolist())]

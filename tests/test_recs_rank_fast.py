@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from online.candidates import CandidateState, ItemStats
-from online.ranking import Recommended, ShopRecommender, features, features_reference, source_name
+from online.ranking import ShopRecommender, features, features_reference
 from streams.schemas import CatalogItem, Click, LineItem, Order
 from tests.recs_reference import reference_features
 from tests.test_recs_fastpath import streams
@@ -24,41 +24,7 @@ from tests.test_recs_fastpath import streams
 class RowByRowRecommender(ShopRecommender):
     """:class:`ShopRecommender` whose training and ranking compute the features row by row in Python."""
 
-    def _train(self, merchant_id: str, user_id: str, chosen: tuple[str, ...], when: float) -> None:
-        shop = self.state.shops.get(merchant_id)
-        if shop is None or not shop.popularity:
-            return
-        user = shop.users.get(user_id)
-        if not self.state.may_propose(shop, user, chosen, self.train_candidates):
-            return
-        proposed, co, trans = self.state.propose(merchant_id, user_id, self.train_candidates)
-        positives = [item for item in chosen if item in proposed]
-        others = [item for item in proposed if item not in chosen]
-        if not positives or not others:
-            return
-        sampled = self.rng.sample(others, min(self.negatives, len(others)))
-        items = positives + sampled
-        x = features_reference(shop, user, items, [proposed[i] for i in items], co, trans, when)
-        self.ranker.learn(merchant_id, x[: len(positives)], x[len(positives):])
-
-    def rank(self, merchant_id: str, user_id: str, k: int = 10, *, timestamp: float | None = None,
-             item_id: str | None = None) -> list[Recommended]:
-        shop = self.state.shops.get(merchant_id)
-        if shop is None:
-            return []
-        proposed, co, trans = self.state.propose(merchant_id, user_id, max(self.candidate_limit, k), item_id=item_id)
-        if item_id is not None:
-            proposed.pop(item_id, None)
-        if not proposed:
-            return []
-        items = list(proposed)
-        masks = [proposed[i] for i in items]
-        when = shop.clock if timestamp is None else timestamp
-        x = features_reference(shop, shop.users.get(user_id), items, masks, co, trans, when)
-        scores = self.ranker.scores(merchant_id, x)
-        best = np.argsort(-scores, kind="stable")[:k]
-        shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))
-        return [Recommended(items[i], float(p), source_name(masks[i])) for i, p in zip(best.tolist(), shown.tolist())]
+    feature_matrix = staticmethod(features_reference)
 
 
 def assert_same_matrix(shop, user, items, masks, co, trans, when) -> None:
