@@ -17,18 +17,17 @@ value (q2.13: within tolerance, as the two draw different random numbers).
 Compilation: the kernels are compiled for the few signatures the learners use when this module is
 imported, and cached on disk (``cache=True``): the first import on a machine compiles (seconds), later
 imports load the cache (measured in ``online/README.md``). The cache goes next to this file when that
-directory is writable, else to ``$NUMBA_CACHE_DIR`` or ``<tmp>/fedstream-numba``.
+directory is writable, else to ``$NUMBA_CACHE_DIR`` or ``<tmp>/fedstream-numba`` (:mod:`fedstream.native`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
-if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
-    os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "fedstream-numba")
+from fedstream.native import use_writable_cache
+
+use_writable_cache(Path(__file__).parent)
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402

@@ -8,17 +8,21 @@ matrix is bit for bit the same: libm's ``log``, ``log1p`` and ``exp`` on both si
 ``sqrt`` and ``/``, no fast-math (tests/test_recs_rank_fast.py).
 
 Compiled for its one signature when this module is imported and cached on disk (``cache=True``), as
-:mod:`online.kernels` (imported first: it sets the cache directory when this package's folder is read-only).
+:mod:`online.kernels` (:func:`fedstream.native.use_writable_cache` first).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
-import online.kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before numba reads its configuration)
-from numba import njit  # noqa: E402
+from fedstream.native import use_writable_cache
+
+use_writable_cache(Path(__file__).parent)
+
+from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
 
 N_FEATURES = 22
 PER_ITEM = 7  # blocks of n values: count, repeats (NaN: no statistics), co, trans, popularity, category count, mask

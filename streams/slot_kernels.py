@@ -16,13 +16,12 @@ Compilation: one signature, compiled when this module is first imported (by the 
 
 from __future__ import annotations
 
-import os
 import string
-import tempfile
 from pathlib import Path
 
-if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
-    os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "fedstream-numba")
+from fedstream.native import use_writable_cache
+
+use_writable_cache(Path(__file__).parent)
 
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
