@@ -69,9 +69,6 @@ class Record(msgspec.Struct, frozen=True, gc=False):
         return TopicPartition(self.topic, self.partition)
 
 
-_BUILT = {Record}  # the record types of a poll's partition list decoded where its batches were parsed
-
-
 @dataclass
 class Batch:
     """Valid records of one poll plus the offsets to commit once they are processed (next offset per
@@ -226,10 +223,7 @@ class EventConsumer:
         now = self.now if self.now is not None else time.time()
         futures = []
         for tp, messages in fetched.items():
-            if set(map(type, messages)) == _BUILT:  # every batch decoded where it was parsed: the common case
-                batch.records += messages
-            else:
-                self._decode_messages(batch, tp, messages, now, futures)
+            self._decode_messages(batch, tp, messages, now, futures)
             if messages:
                 batch.offsets[tp] = messages[-1].offset + 1
                 self._positions[tp] = messages[-1].offset + 1

@@ -127,8 +127,6 @@ class FeatureContext:
         return context
 
 
-
-
 FIELD_INDEX: dict[str, int] = {name: index for index, name in enumerate(FIELDS)}
 
 
