@@ -85,7 +85,8 @@ def gather(shop: Shop, user: Shopper | None, items: list[str], masks: list[int],
         hits, chose = len(rows), list(compress(stats, flags))
         values += [rows, chain.from_iterable(map(chosen.__getitem__, compress(items, flags))),
                    [s.gap_sum for s in chose], [s.gap_sq for s in chose]]
-    total = 7 * n + 6 * hits  # online.rank_kernels.PER_ITEM and PER_HIT
+    kernels = _native or native_kernels()
+    total = kernels.PER_ITEM * n + kernels.PER_HIT * hits  # the kernel's layout
     gathered = np.empty(total)  # struct packs Python floats and ints as doubles (float(), exactly), 3x np.fromiter
     struct.pack_into(f"{total}d", gathered, 0, *chain.from_iterable(values))
     return gathered, hits
