@@ -181,13 +181,13 @@ def test_federated_multitask_model_trains_one_round_and_both_heads_are_probabili
         process = build_process(tff_model_fn(model), config, model.label_width)
         state, history = run_rounds(process, process.initialize(), FederatedData.from_stores(stores), config,
                                     evaluation=build_evaluation(tff_model_fn(model), model.label_width))
+        trained = process.get_model_weights(state)  # a TFF computation: before its workers are stopped
     finally:
         stop_tff_workers()
     metrics = history[-1].metrics()
     assert {"eval_auc", "eval_purchase_auc", "train_logloss", "train_purchase_logloss"} <= set(metrics)
     assert 0.0 < metrics["eval_purchase_auc"] <= 1.0 and 0.0 < metrics["eval_auc"] <= 1.0
     keras_model = build_keras_model(model)
-    trained = process.get_model_weights(state)
     for variable, value in zip(keras_model.trainable_weights, trained.trainable):
         variable.assign(value)
     heldout = stores["m00"].load("heldout")
