@@ -11,7 +11,7 @@ Two measurements on the online benchmark's backlog:
   worker process's ``busy_cpu_us_per_event`` (same events, same denominator).
 * :func:`consumer_cost`: ``EventConsumer.poll`` alone over the backlog's clicks and orders on the embedded
   broker (fetch, record batch parsing, event decoding and validation): process CPU per event, network
-  thread included.
+  thread included, and the wall events/s of that drain: the ceiling of any worker that reads through it.
 
 Run alone: ``BENCH_QUICK=1 .venv/bin/python -m benchmarks.online stages`` (a table and one JSON line).
 """
@@ -133,18 +133,20 @@ def consumer_cost(settings, events: int) -> dict:
     consumer = EventConsumer(settings, f"stages-{uuid.uuid4().hex[:6]}", topics, max_records=2000, poll_timeout_ms=200,
                              fetch_max_wait_ms=100, handle_signals=False)
     try:
-        seen, empty, cpu = 0, 0, None
+        seen, empty, cpu, wall = 0, 0, None, None
         while seen < events and empty < 50:
-            before = time.process_time()
+            before, started = time.process_time(), time.perf_counter()
             batch = consumer.poll()
             if cpu is None and batch.records:
-                cpu = before  # from the poll that brought the first records: joining the group is not counted
+                cpu, wall = before, started  # from the poll that brought the first records: joining is not counted
             seen += len(batch.records)
             empty = 0 if batch.records else empty + 1
         spent = time.process_time() - cpu if cpu is not None else 0.0
+        elapsed = time.perf_counter() - wall if wall is not None else 0.0
     finally:
         consumer.close()
-    return {"events": seen, "cpu_us_per_event": 1e6 * spent / seen if seen else None}
+    return {"events": seen, "cpu_us_per_event": 1e6 * spent / seen if seen else None,
+            "events_per_s": seen / elapsed if elapsed else None}
 
 
 def print_stages(figures: dict) -> None:
