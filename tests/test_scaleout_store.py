@@ -274,24 +274,37 @@ def test_drift_detectors_move_with_their_slot_as_if_one_worker_learned_the_strea
     assert _events(reference, slot0) != _events(reference, slot0, since=at_checkpoint) != []  # before and after
 
 
-def test_drift_detectors_of_a_slot_adopted_from_a_checkpoint_without_monitors_start_again(settings, tmp_path):
-    """A peer checkpoint written before monitors were checkpointed (or by a worker without --watch-drift):
-    the slot's merchants start from scratch at their new owner, the others keep theirs."""
+@pytest.mark.parametrize("peer_monitor", ["none", "former code"])
+def test_drift_detectors_of_a_slot_adopted_from_an_older_checkpoint(peer_monitor, settings, tmp_path):
+    """A peer checkpoint without monitors (written before they were checkpointed, or with --no-drift): the
+    slot's merchants start from scratch at their new owner. One holding the snapshot of the former monitor
+    code (``tests/data/drift_monitor_before_fastpath.pkl``: merchants a and b on slot 0, c on slot 2): the
+    slot's merchants are exactly its a and b. The new owner's other merchants keep theirs either way."""
     import pickle
 
     settings, store = _sensitive(settings), tmp_path / "store"
     records = partition_records(4, seed=21, events=2000)
     a = _watching(settings, store, "a")
     _learn(a, [r for r in records if r.partition == 0])
-    saved = pickle.loads(DirectoryStore(store).read("a.ckpt"))
-    del saved["monitors"]
+    saved, former = pickle.loads(DirectoryStore(store).read("a.ckpt")), None
+    if peer_monitor == "none":
+        del saved["monitors"]
+    else:
+        former = (Path(__file__).parent / "data" / "drift_monitor_before_fastpath.pkl").read_bytes()
+        saved["monitors"] = {"drift": former}
     DirectoryStore(store).write("a.ckpt", pickle.dumps(saved))
     b = _watching(settings, store, "b")
-    _learn(b, [r for r in records if r.partition < 3 and r.partition != 1])
-    kept = {m: _held(d["error.page_hinkley"]) for m, d in b.state.monitors["drift"].detectors.items()
-            if slot_of(m, 4) == 2}
+    _learn(b, [r for r in records if r.partition in (0, 2)])
+    kept = {m: {name: _held(d) for name, d in detectors.items()}
+            for m, detectors in b.state.monitors["drift"].detectors.items() if slot_of(m, 4) == 2}
     b.state.slots[0] = 0  # b's own copy of slot 0 is older than a's
     assert b.adopt_newest({0}) == [0]
     monitor = b.state.monitors["drift"]
-    assert set(monitor.detectors) == set(kept) and not any(slot_of(m, 4) == 0 for m in monitor._predictions)
-    assert {m: _held(d["error.page_hinkley"]) for m, d in monitor.detectors.items()} == kept
+    peer = DriftMonitor.restore(settings, former) if former is not None else DriftMonitor(settings)
+    taken = {m: d for m, d in peer.detectors.items() if slot_of(m, 4) == 0}
+    assert set(monitor.detectors) == set(kept) | set(taken) and set(kept) == {"m00", "m04"}
+    assert set(taken) == ({"a", "b"} if former else set())
+    assert {m: n for m, n in monitor._predictions.items() if slot_of(m, 4) == 0} == {m: peer._predictions[m] for m in taken}
+    for merchant, detectors in monitor.detectors.items():
+        reference = kept.get(merchant) or {name: _held(d) for name, d in taken[merchant].items()}
+        assert {name: _held(d) for name, d in detectors.items()} == reference, merchant
