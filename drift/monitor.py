@@ -21,7 +21,7 @@ import json
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -349,10 +349,14 @@ class DriftMonitor:
         instead of re-learning references (and re-arming CUSUMs) from scratch. Sinks are not included."""
         import pickle
 
-        state = {"version": self.SNAPSHOT_VERSION, "detectors": self.detectors, "merchant_index": self.merchant_index,
-                 "global_index": self.global_index, "predictions": self._predictions, "sessions": self._sessions,
+        state = {"version": self.SNAPSHOT_VERSION, **self._merchant_tables(), "global_index": self.global_index,
                  "context": self.context.state() if self._owns_context else None}
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _merchant_tables(self) -> dict[str, dict]:
+        """The monitor's dicts keyed by merchant, by their names in :meth:`snapshot` (live objects)."""
+        return {"detectors": self.detectors, "merchant_index": self.merchant_index, "predictions": self._predictions,
+                "sessions": self._sessions}
 
     @classmethod
     def restore(cls, settings: Settings, snapshot: bytes, **options) -> DriftMonitor:
@@ -360,21 +364,51 @@ class DriftMonitor:
         version, allow-list, the learner's context). Detectors keep the thresholds they were built with;
         a ``model_version`` given here is stamped on their future events. Only load your own checkpoints
         (pickle)."""
-        import pickle
-
-        state = pickle.loads(snapshot)
-        if not isinstance(state, dict) or state.get("version") != cls.SNAPSHOT_VERSION:
-            raise ValueError(f"not a drift monitor snapshot of version {cls.SNAPSHOT_VERSION}")
+        state = cls._loads(snapshot)
         monitor = cls(settings, **options)
         monitor.detectors, monitor.merchant_index = state["detectors"], state["merchant_index"]
         monitor.global_index, monitor._predictions = state["global_index"], state["predictions"]
         monitor._sessions = state["sessions"]
         if state["context"] is not None and monitor._owns_context:
             monitor.context = FeatureContext.from_state(state["context"])
-        if monitor.model_version is not None:
-            for detector in (d for merchant in monitor.detectors.values() for d in merchant.values()):
-                detector.model_version = monitor.model_version
+        monitor._stamp(monitor.detectors)
         return monitor
+
+    def adopt_merchants(self, snapshot: bytes | None, owned: Callable[[str], bool]) -> None:
+        """Make the state of every merchant ``owned`` says yes to exactly the one in ``snapshot`` (a peer's
+        :meth:`snapshot`: the newest copy of a partition slot that moved here): detectors, counters, open
+        sessions and, when the monitor owns its context, the merchant's context. A merchant the snapshot
+        lacks, or every owned merchant when ``snapshot`` is None (the peer ran no monitor), starts from
+        scratch; other merchants and the platform-wide counter are untouched. Only load your group's
+        checkpoints (pickle)."""
+        state = self._loads(snapshot) if snapshot is not None else {}
+        mine = {**self._merchant_tables(), "watched": self._watched_by}  # the last one is derived: rebuilt
+        theirs = {name: state.get(name, {}) for name in mine}
+        if self._owns_context:
+            mine["context"] = self.context.merchants
+            saved = state.get("context")
+            theirs["context"] = FeatureContext.from_state(saved).merchants if saved is not None else {}
+        for name, table in mine.items():
+            for merchant in [m for m in table if owned(m)]:
+                del table[merchant]
+            table.update({m: value for m, value in theirs[name].items() if owned(m)})
+        self._stamp({m: detectors for m, detectors in self.detectors.items() if owned(m)})
+
+    @classmethod
+    def _loads(cls, snapshot: bytes) -> dict:
+        """The state a :meth:`snapshot` holds (its version checked)."""
+        import pickle
+
+        state = pickle.loads(snapshot)
+        if not isinstance(state, dict) or state.get("version") != cls.SNAPSHOT_VERSION:
+            raise ValueError(f"not a drift monitor snapshot of version {cls.SNAPSHOT_VERSION}")
+        return state
+
+    def _stamp(self, detectors: dict[str, dict[str, Detector]]) -> None:
+        """Stamp this monitor's model version (when it has one) on the future events of ``detectors``."""
+        if self.model_version is not None:
+            for detector in (d for merchant in detectors.values() for d in merchant.values()):
+                detector.model_version = self.model_version
 
     def close(self) -> None:
         for sink in self.sinks:

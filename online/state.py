@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,12 +67,17 @@ class WorkerConfig:
 
 
 class PredictionMonitor(Protocol):
-    """What watches a worker's predictions block by block, with state saved in the worker's checkpoint."""
+    """What watches a worker's predictions block by block, with state saved in the worker's checkpoint and
+    kept per merchant, so that a merchant's part moves with its partition slot (:func:`online.slices.adopt`)."""
 
     def observe_predictions(self, merchant_ids: Sequence[str], timestamps: Sequence[float], y: np.ndarray,
                             p: np.ndarray) -> Any: ...
 
     def snapshot(self) -> bytes: ...
+
+    def adopt_merchants(self, snapshot: bytes | None, owned: Callable[[str], bool]) -> None:
+        """Replace the state of the merchants ``owned`` says yes to by theirs in a peer's ``snapshot`` (None:
+        the peer ran no such monitor; a merchant it lacks starts from scratch)."""
 
     def close(self) -> None: ...
 

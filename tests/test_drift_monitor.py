@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
+import msgspec
+import numpy as np
 import pytest
 
 from drift.events import DriftEvent
@@ -19,6 +23,8 @@ from drift.monitor import (
 )
 from drift.prequential import EmptyStream, run_monitor
 from drift.synthetic import synthetic_events
+from fedstream.settings import load_settings
+from tests.test_drift_native import _held, _predictions, _settings
 
 
 def drift_event(merchant: str, index: int, detector: str = "label.ctr") -> DriftEvent:
@@ -99,6 +105,104 @@ def test_a_restored_monitor_continues_exactly_where_the_snapshot_was_taken(setti
     assert resumed.state("m01")["feature.user_category.cusum"] == whole.state("m01")["feature.user_category.cusum"]
     with pytest.raises(ValueError, match="not a drift monitor snapshot"):
         DriftMonitor.restore(settings, __import__("pickle").dumps({"version": 0}))
+
+
+def _only(block: tuple, keep) -> tuple:
+    """The predictions of a block (merchant ids, stamps, y, p) whose merchant ``keep`` says yes to, in order."""
+    m, stamps, y, p = block
+    at = [i for i, merchant in enumerate(m) if keep(merchant)]
+    return [m[i] for i in at], [stamps[i] for i in at], y[at], p[at]
+
+
+def _without_clock(events: list) -> list:
+    return [msgspec.structs.replace(e, detected_at=0.0) for e in events]
+
+
+@pytest.mark.parametrize("metric", ["excess_logloss", "zero_one"])
+def test_adopted_merchants_continue_as_in_one_monitor_and_the_others_are_untouched(metric):
+    """A partition slot moving between learners: the new owner takes the slot's merchants from the old
+    owner's snapshot (replacing its own older copy of them, dropping one the snapshot lacks) and from then
+    on its detectors, counters and detections are those of one monitor that saw every prediction."""
+    settings = _settings(warmup_events=200, ph_threshold=20.0, ph_min_instances=100, cooldown_events=800,
+                         error_metric=metric, disabled=("label.ctr",))  # error.adwin on too
+    owned = {"m2", "m3", "m9"}.__contains__  # the slot; m9: only the new owner ever saw it
+    whole, peer, mine = DriftMonitor(settings), DriftMonitor(settings), DriftMonitor(settings)
+    mine.observe_predictions(["m9"] * 300, [1.6e9 + k for k in range(300)], np.ones(300, bool), np.full(300, 0.01))
+    adopted_at = 0
+    for k, block in enumerate(_predictions(5, 240)):
+        if k == 160:  # the slot moves: mine had its merchants' first 60 blocks (an older copy), peer all 160
+            mine.adopt_merchants(peer.snapshot(), owned)
+            adopted_at, moved_from = len(mine.events), len(whole.events)
+        whole.observe_predictions(*block)
+        peer.observe_predictions(*block)
+        mine.observe_predictions(*(block if k >= 160 else _only(block, lambda m: k < 60 or not owned(m))))
+    assert set(mine.detectors) == set(whole.detectors) == {"m0", "m1", "m2", "m3", "m4"}
+    assert mine._predictions == whole._predictions and mine._watched_by.keys() <= whole.detectors.keys()
+    for merchant, detectors in whole.detectors.items():
+        for name, detector in detectors.items():
+            assert _held(mine.detectors[merchant][name]) == _held(detector), (merchant, name)
+    assert _without_clock(mine.events[adopted_at:]) == _without_clock(whole.events[moved_from:])
+    moved = [e for e in whole.events[moved_from:] if owned(e.merchant_id)]
+    assert moved and any(owned(e.merchant_id) for e in whole.events[:moved_from])  # detections before and after
+
+    mine.adopt_merchants(None, owned)  # a peer without this monitor: the slot's merchants start again
+    assert set(mine.detectors) == set(mine._predictions) == {"m0", "m1", "m4"}
+
+
+def test_a_snapshot_of_the_former_code_is_adopted_merchant_by_merchant():
+    """tests/data/drift_monitor_before_fastpath.pkl (merchants a, b, c; open chunks, detections made,
+    cool-downs running): a peer checkpoint of an older worker gives exactly its merchants' detectors."""
+    blob = (Path(__file__).parent / "data" / "drift_monitor_before_fastpath.pkl").read_bytes()
+    settings = load_settings(data_dir=tempfile.mkdtemp())
+    whole = DriftMonitor.restore(settings, blob, model_version="8")
+    mine, own = DriftMonitor(settings, model_version="8"), DriftMonitor(settings, model_version="8")
+    blocks = [(["z" if x == "m3" else "abz"[int(x[1:]) % 3] for x in m], stamps, y, p)
+              for m, stamps, y, p in _predictions(13, 120, merchants=4)]
+    for block in blocks[:40]:
+        mine.observe_predictions(*_only(block, "z".__eq__))
+        own.observe_predictions(*_only(block, "z".__eq__))
+    mine.adopt_merchants(blob, {"a", "b"}.__contains__)
+    adopted_at = len(mine.events)
+    for block in blocks[40:]:
+        mine.observe_predictions(*block)
+        whole.observe_predictions(*_only(block, {"a", "b"}.__contains__))
+        own.observe_predictions(*_only(block, "z".__eq__))
+    assert set(mine.detectors) == {"a", "b", "z"}
+    for merchant, reference in (("a", whole), ("b", whole), ("z", own)):
+        assert mine._predictions[merchant] == reference._predictions[merchant]
+        for name, detector in reference.detectors[merchant].items():
+            assert _held(mine.detectors[merchant][name]) == _held(detector), (merchant, name)
+    moved = [e for e in mine.events[adopted_at:] if e.merchant_id != "z"]
+    assert moved and {e.model_version for e in moved} == {"8"}
+    assert _without_clock(moved) == _without_clock(whole.events)
+
+
+def test_adopted_merchants_take_their_context_and_sessions_along(settings):
+    """A monitor fed raw events (owning its feature context, as ``fedstream drift follow``): the moved
+    merchants' context, open sessions and event counters come along, so their detectors go on as in one monitor."""
+    from streams.generator import DriftSpec, GeneratorConfig, generate
+
+    events = list(generate(GeneratorConfig(merchants=4, events=30_000, seed=12,
+                                           drifts=(DriftSpec("m01", 16_000, "prices"),))))
+    owned, half = {"m01", "m02"}.__contains__, 15_000
+    whole, peer, mine = DriftMonitor(settings), DriftMonitor(settings), DriftMonitor(settings)
+    for event in events[:half]:
+        whole.observe(event)
+        peer.observe(event)
+        if not owned(event.merchant_id):
+            mine.observe(event)
+    mine.adopt_merchants(peer.snapshot(), owned)
+    adopted_at, moved_from = len(mine.events), len(whole.events)
+    for event in events[half:]:
+        whole.observe(event)
+        mine.observe(event)
+    assert mine.merchant_index == whole.merchant_index and mine._sessions == whole._sessions
+    assert mine.context.state() == whole.context.state()
+    for merchant in ("m01", "m02"):
+        assert mine.state(merchant) == whole.state(merchant)
+    moved = [msgspec.structs.replace(e, detected_at=0.0, global_index=-1) for e in mine.events[adopted_at:]]
+    assert moved == [msgspec.structs.replace(e, detected_at=0.0, global_index=-1) for e in whole.events[moved_from:]]
+    assert any(e.merchant_id == "m01" for e in moved)
 
 
 def test_stationary_stream_raises_no_drift(settings):

@@ -71,6 +71,11 @@ def _fields(detector) -> dict:
     return out
 
 
+def _held(detector) -> dict:
+    """:func:`_fields` of an error detector; what another detector shows of itself (``state()``)."""
+    return _fields(detector) if detector.family == "error" else detector.state()
+
+
 def _strip(found):
     return [(i, msgspec.structs.replace(e, detected_at=0.0)) for i, e in found]
 
@@ -150,8 +155,7 @@ def _same_monitors(new: DriftMonitor, old: DriftMonitor) -> None:
     assert new._predictions == old._predictions and list(new.detectors) == list(old.detectors)
     for merchant, detectors in old.detectors.items():
         for name, detector in detectors.items():
-            same = _fields if detector.family == "error" else lambda d: d.state()
-            assert same(new.detectors[merchant][name]) == same(detector), (merchant, name)
+            assert _held(new.detectors[merchant][name]) == _held(detector), (merchant, name)
 
 
 @pytest.mark.parametrize("metric", ["excess_logloss", "zero_one"])

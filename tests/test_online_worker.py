@@ -174,6 +174,9 @@ class _PredictionRecorder:
     def snapshot(self) -> bytes:
         return b""
 
+    def adopt_merchants(self, snapshot, owned) -> None:
+        """Nothing per merchant to take: a recorder keeps only what it was shown."""
+
     def close(self) -> None:
         pass
 

@@ -35,7 +35,7 @@ from streams.schemas import CatalogItem, Click
 
 MERCHANTS, EVENTS, WORKERS = 12, 12_000, 3
 LEARN = ["--model", "ftrl", "--block", "64", "--flush-after", "0.5", "--checkpoint-every", "200",
-         "--checkpoint-seconds", "1", "--no-publish", "--no-drift", "--rank-every", "0"]
+         "--checkpoint-seconds", "1", "--no-publish", "--drift", "--rank-every", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,16 @@ def test_three_learners_one_killed_serve_one_model_equal_to_a_single_worker(stre
     for merchant, shop in reference_shops.items():
         assert shops[merchant] == shop and list(shops[merchant].users) == list(shop.users), merchant
     assert parts["recommender"].merchant_steps == single.state.recommender.merchant_steps
+
+    # the drift detectors moved with their slots: in the newest copy of its slot, each merchant's detectors
+    # saw each of its clicks (the stream produced only clicks) once: a moved merchant's did not start again
+    from drift.monitor import DriftMonitor
+
+    for slot, path in owners.items():
+        monitor = DriftMonitor.restore(settings, peers[path]["monitors"]["drift"])
+        for merchant in [m for m in produced if slot_of(m, 8) == slot]:
+            seen = monitor._predictions.get(merchant), monitor.state(merchant)["error.page_hinkley"]["n_seen"]
+            assert seen == (produced[merchant], produced[merchant]), (merchant, slot, path)
 
     # one served version: registered, promoted, loaded as `fedstream serve` does; answers for every merchant
     config = WorkerConfig(model="ftrl", group=group)

@@ -14,9 +14,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
+from drift.monitor import DriftMonitor
 from fedstream.host import free_port
 from fedstream.settings import Settings
 from online.publishing import assembled_snapshot
@@ -25,6 +27,7 @@ from online.state import CHECKPOINT_VERSION, WorkerConfig
 from online.store import DirectoryStore, S3Store, open_store
 from online.worker import OnlineWorker
 from registry.stack import create_bucket, s3_server_command
+from tests.test_drift_native import _held
 from tests.test_scaleout import partition_records
 
 BUCKET, KEY, SECRET = "learners", "fedstream", "fedstream-minio-secret"
@@ -198,3 +201,110 @@ def test_compose_learners_use_an_s3_store_in_the_bucket_minio_init_creates(setti
     store = open_store(spec, settings)
     assert isinstance(store, S3Store) and (store.bucket, store.prefix) == (bucket, "learners")
     assert store.client.meta.endpoint_url == "http://minio:9000"
+
+
+def _watching(settings: Settings, store: str | Path, worker_id: str) -> OnlineWorker:
+    """A worker of a frozen model (River's SGD at learning rate 0: p = 0.5 for every click) with a drift
+    monitor: its predictions do not depend on what else it learned, so a merchant's error stream is the
+    same at any owner and one worker's detectors are the reference for the moved ones."""
+    config = WorkerConfig(model="river-sgd", params={"learning_rate": 0.0}, group="g", store=store,
+                          worker_id=worker_id, block=64, flush_after_s=3600, publish_every_s=None,
+                          publish_at_end=False, rank_every=0)
+
+    def monitor(snapshot: bytes | None) -> DriftMonitor:
+        return DriftMonitor(settings) if snapshot is None else DriftMonitor.restore(settings, snapshot)
+
+    worker = OnlineWorker(settings, config, monitors={"drift": monitor})
+    worker.state.partitions = 4
+    return worker
+
+
+def _sensitive(settings: Settings) -> Settings:
+    """Error detectors that fire often (zero_one error of p = 0.5 is 1 - y), with open chunks and cool-downs."""
+    drift = settings.drift.model_copy(update={
+        "error_metric": "zero_one", "warmup_events": 20, "error_chunk": 3, "ph_threshold": 4.0, "ph_delta": 0.0,
+        "ph_min_instances": 10, "cooldown_events": 40, "adwin_delta": 0.5, "adwin_clock": 4,
+        "disabled": ("label.ctr",)})
+    return settings.model_copy(update={"drift": drift})
+
+
+def _events(monitor: DriftMonitor, merchants: set[str], since: dict[str, int] | None = None) -> list:
+    """The monitor's drift events of ``merchants`` (at or after ``since[m]`` predictions), wall clock left out."""
+    return [msgspec.structs.replace(e, detected_at=0.0) for e in monitor.events
+            if e.merchant_id in merchants and e.event_index >= (since or {}).get(e.merchant_id, 0)]
+
+
+def test_drift_detectors_move_with_their_slot_as_if_one_worker_learned_the_stream(settings, tmp_path):
+    settings, store = _sensitive(settings), tmp_path / "store"
+    records = partition_records(4, seed=21, events=4000)
+    moved = [r for r in records if r.partition == 0]
+    quarter, half, three_quarters = len(moved) // 4, len(moved) // 2, 3 * len(moved) // 4
+    alone = _watching(settings, tmp_path / "alone", "alone")
+    _learn(alone, records)
+    reference = alone.state.monitors["drift"]
+
+    # b owns slot 2 and is slot 0's first owner; slot 0 moves to a, which learns it on, checkpoints, learns
+    # a quarter more and dies; slot 0 moves back to b, whose own (older) detectors of it must not survive
+    b = _watching(settings, store, "b")
+    _learn(b, moved[:quarter] + [r for r in records if r.partition == 2])
+    a = _watching(settings, store, "a")
+    assert a.adopt_newest({0}) == [0]
+    _learn(a, [r for r in records if r.partition in (1, 3)] + moved[quarter:half])
+    at_checkpoint = dict(a.state.monitors["drift"]._predictions)
+    a.accept(moved[half:three_quarters])
+    a.flush_stale(force=True)  # learned and detected after its last checkpoint: lost with it
+    assert b.adopt_newest({0}) == [0]
+    mine, theirs = b.state.monitors["drift"], a.state.monitors["drift"]
+    slot0 = {m for m in reference.detectors if slot_of(m, 4) == 0}
+    assert slot0 == {"m03", "m05"} and {m: mine._predictions[m] for m in slot0} == {m: at_checkpoint[m] for m in slot0}
+    adopted_at = len(mine.events)
+    _learn(b, moved[half:])
+
+    # every merchant of b's slots: the detectors of the one worker that learned the whole stream
+    for merchant in slot0 | {m for m in reference.detectors if slot_of(m, 4) == 2}:
+        assert mine._predictions[merchant] == reference._predictions[merchant]
+        for name, detector in reference.detectors[merchant].items():
+            assert _held(mine.detectors[merchant][name]) == _held(detector), (merchant, name)
+    assert set(mine.detectors) == slot0 | {"m00", "m04"}  # a's other merchants did not come along
+    # the same detections after the move; those a made after its checkpoint are made again (at least once)
+    after = _events(reference, slot0, since=at_checkpoint)
+    assert [msgspec.structs.replace(e, detected_at=0.0) for e in mine.events[adopted_at:]] == after
+    lost = _events(theirs, slot0, since=at_checkpoint)
+    assert lost and after[:len(lost)] == lost
+    assert _events(reference, slot0) != _events(reference, slot0, since=at_checkpoint) != []  # before and after
+
+
+@pytest.mark.parametrize("peer_monitor", ["none", "former code"])
+def test_drift_detectors_of_a_slot_adopted_from_an_older_checkpoint(peer_monitor, settings, tmp_path):
+    """A peer checkpoint without monitors (written before they were checkpointed, or with --no-drift): the
+    slot's merchants start from scratch at their new owner. One holding the snapshot of the former monitor
+    code (``tests/data/drift_monitor_before_fastpath.pkl``: merchants a and b on slot 0, c on slot 2): the
+    slot's merchants are exactly its a and b. The new owner's other merchants keep theirs either way."""
+    import pickle
+
+    settings, store = _sensitive(settings), tmp_path / "store"
+    records = partition_records(4, seed=21, events=2000)
+    a = _watching(settings, store, "a")
+    _learn(a, [r for r in records if r.partition == 0])
+    saved, former = pickle.loads(DirectoryStore(store).read("a.ckpt")), None
+    if peer_monitor == "none":
+        del saved["monitors"]
+    else:
+        former = (Path(__file__).parent / "data" / "drift_monitor_before_fastpath.pkl").read_bytes()
+        saved["monitors"] = {"drift": former}
+    DirectoryStore(store).write("a.ckpt", pickle.dumps(saved))
+    b = _watching(settings, store, "b")
+    _learn(b, [r for r in records if r.partition in (0, 2)])
+    kept = {m: {name: _held(d) for name, d in detectors.items()}
+            for m, detectors in b.state.monitors["drift"].detectors.items() if slot_of(m, 4) == 2}
+    b.state.slots[0] = 0  # b's own copy of slot 0 is older than a's
+    assert b.adopt_newest({0}) == [0]
+    monitor = b.state.monitors["drift"]
+    peer = DriftMonitor.restore(settings, former) if former is not None else DriftMonitor(settings)
+    taken = {m: d for m, d in peer.detectors.items() if slot_of(m, 4) == 0}
+    assert set(monitor.detectors) == set(kept) | set(taken) and set(kept) == {"m00", "m04"}
+    assert set(taken) == ({"a", "b"} if former else set())
+    assert {m: n for m, n in monitor._predictions.items() if slot_of(m, 4) == 0} == {m: peer._predictions[m] for m in taken}
+    for merchant, detectors in monitor.detectors.items():
+        reference = kept.get(merchant) or {name: _held(d) for name, d in taken[merchant].items()}
+        assert {name: _held(d) for name, d in detectors.items()} == reference, merchant
