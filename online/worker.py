@@ -168,29 +168,33 @@ class OnlineWorker:
         own = self.checkpoint_name if self.config.checkpoint_path is None else None
         peers = read_store(self.store, CHECKPOINT_VERSION, skip=own)
         owners, state = newest(peers), self.state
-        adopted = []
+        taken: dict[str, list[int]] = {}  # peer checkpoint -> the slots adopted from it
         for slot in sorted(slots):
             path = owners.get(slot)
             mine = (state.epochs.get(slot, 0), state.slots.get(slot, -1))
             if path is not None and copy_rank(peers[path], slot) > mine:
-                self._adopt(slot, path, peers[path])
-                adopted.append(slot)
+                taken.setdefault(path, []).append(slot)
+        for path, from_path in taken.items():
+            self._adopt(from_path, path, peers[path])
+        for slot in slots:
             state.epochs[slot] = 1 + max(state.epochs.get(slot, 0), newest_epoch(peers, slot))
             state.slots.setdefault(slot, 0)  # our copy exists from now on, even before we learn into it
-        return adopted
+        return sorted(slot for from_path in taken.values() for slot in from_path)
 
-    def _adopt(self, slot: int, path: str, saved: dict[str, Any]) -> None:
+    def _adopt(self, slots: list[int], path: str, saved: dict[str, Any]) -> None:
+        """Adopt ``slots`` from one peer checkpoint at once (its context and monitors are read once)."""
         if saved["model_name"] != self.state.model_name or saved["bits"] != self.state.bits:
             raise ValueError(f"{path} holds {saved['model_name']} with {saved['bits']} bits, not "
                              f"{self.state.model_name} with {self.state.bits}: one store per model")
-        for key in [key for key in self.pending if key[1] == slot]:
+        for key in [key for key in self.pending if key[1] in slots]:
             self.pending.pop(key), self.pending_since.pop(key, None)
-        adopt(self.state, saved, [slot])
-        self._resuming.add(slot)
+        adopt(self.state, saved, slots)
+        self._resuming.update(slots)
         self._apply_catalog([(-1, -1, item) for (merchant, _), item in self.catalog.items.items()
-                             if slot_of(merchant, self.state.partitions) == slot] if self.catalog else [])
-        log.info("adopted a partition slot", extra={"slot": slot, "from": path, "events": saved["slots"][slot],
-                                                    "epoch": saved.get("epochs", {}).get(slot, 0)})
+                             if slot_of(merchant, self.state.partitions) in slots] if self.catalog else [])
+        for slot in slots:
+            log.info("adopted a partition slot", extra={"slot": slot, "from": path, "events": saved["slots"][slot],
+                                                        "epoch": saved.get("epochs", {}).get(slot, 0)})
 
     def _apply_catalog(self, records: list) -> None:
         """Fold catalog items read outside the group (``(partition, offset, item)``) into every merchant's
