@@ -147,6 +147,33 @@ def test_hour_and_weekday_of_hostile_timestamps_equal_the_reference():
             assert np.array_equal(got, want), (block, start)
 
 
+def test_long_ids_and_integers_past_the_kept_registers_equal_the_reference():
+    """Pieces longer than ``slot_kernels.MAX_SHIFT`` bytes (folded in several shifts), empty ids, and integers
+    outside ``SMALL_INTEGERS`` (spelled digit by digit): price buckets past 1023, negative positions."""
+    from streams.slot_kernels import MAX_SHIFT
+
+    rng = random.Random(3)
+    ids = ["", "x", "é" * (MAX_SHIFT // 2), "a" * MAX_SHIFT, "店" * MAX_SHIFT, "b" * (3 * MAX_SHIFT + 1)]
+    events: list = [CatalogItem(event_id=f"k{k}", merchant_id=merchant, item_id=item, title="t", timestamp=1.7e9,
+                                category=rng.choice(ids), price=rng.choice((0.0, 1e306, 1e307 * rng.random(), 9.0)))
+                    for k, (merchant, item) in enumerate((m, i) for m in ids for i in ids)]
+    for k in range(3000):
+        events.append(Click(event_id=f"c{k}", merchant_id=rng.choice(ids), user_id=rng.choice(ids),
+                            item_id=rng.choice(ids), session_id="s", timestamp=1.7e9 + k, page="home", device="app",
+                            position=rng.choice((0, -1, -2, -11, 1023, 1024, -(2**40))),
+                            clicked=rng.random() < 0.5))
+    run_both(events, 256, 250_000, 100_000)
+
+
+def test_a_position_of_int64s_least_is_spelled_as_the_reference_spells_it():
+    """The kernel spelled a negative integer by negating it: int64's least stays negative, and its digit loop
+    wrote past its buffer (a segmentation fault of the process before this fix)."""
+    events = [Click(event_id=f"c{k}", merchant_id="m0", user_id="u1", item_id="i1", session_id="s", timestamp=1.7e9,
+                    position=position, page="home", device="app")
+              for k, position in enumerate((-(2**63), -(2**63) + 1, -(2**63) + 10, -10, -9, 2**63 - 1))]
+    run_both(events, 4, 250_000, 100_000)
+
+
 def test_featurizer_pickles_without_its_string_table_and_resumes_equal():
     events = hostile_stream(seed=9, n=2000)
     featurizer, context = Featurizer(BITS), FeatureContext()
