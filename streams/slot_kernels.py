@@ -206,7 +206,7 @@ def slots(codes, stamps, registers, lengths, program_starts, ops, counts, small_
                 elif kind == 1:
                     code = row[a]
                     crc = _advance(crc, lengths[code], shifts) ^ np.int64(registers[code])
-                elif 0 <= row[a] - smallest < n_small:
+                elif smallest <= row[a] < smallest + n_small:
                     small = row[a] - smallest
                     crc = _advance(crc, small_lengths[small], shifts) ^ np.int64(small_registers[small])
                 else:
