@@ -317,17 +317,8 @@ class Featurizer:
             strings = self._strings = slot_kernels.StringTable()
         elif len(strings) >= self.memo_size:  # codes must stay valid inside a block: reset only between blocks
             strings.reset()
-        rows, stamps, at = self._encode_block(events, context, strings)
-        n = len(at)
-        if not n:
-            return np.empty((0, self.n_fields), dtype=np.int32), at
-        codes = np.empty((n, len(slot_kernels.COLUMNS)), dtype=np.int64)
-        codes[:, :9] = np.array(rows, dtype=np.int64).reshape(n, 9)
-        np.minimum(codes[:, 7], 20, out=codes[:, 7])  # the position field caps at 20
-        hours = np.floor_divide(np.array(stamps, dtype=np.float64), 3600.0)  # Python's float // (same algorithm)
-        codes[:, 9] = np.mod(hours, 24.0)  # gmtime's hour and weekday, as slots_for
-        codes[:, 10] = np.mod(np.floor_divide(hours, 24.0) + 3.0, 7.0)
-        return slot_kernels.hash_rows(codes, strings, self._mask), at
+        codes, stamps, at = self._encode_block(events, context, strings)
+        return slot_kernels.hash_block(codes, stamps, strings, self._mask), at
 
     def _encode_block(self, events: Sequence[Event], context: FeatureContext,
                       strings: dict[str, int]) -> tuple[list[int], list[float], list[int]]:

@@ -6,8 +6,13 @@ bytes and hashes it with CRC32C in one numba loop over the block, byte for byte 
 :func:`streams.features.feature_slot` formats, so the slots are bit-identical to the Python path's
 (tested). Each field's spelling is compiled once into a small program: the CRC register after its leading
 literal (``"user×item="``), then the pieces that follow (a column's string or integer, a literal such as
-``"/"``). Strings are interned once (:class:`StringTable`: one dict lookup per id per click, the UTF-8 bytes
-appended to one buffer the first time an id is seen).
+``"/"``). Strings are interned once (:class:`StringTable`: one dict lookup per id per click; the first time an
+id is seen, its CRC32C register from zero and its length in UTF-8 bytes are recorded).
+
+Pieces are folded whole, not byte by byte: CRC32C's register is linear, so feeding ``n`` bytes ``B`` to
+register ``S`` gives ``A^n(S) ^ R(B)``, where ``R(B)`` is the register ``B`` leaves from zero (kept per string,
+per literal and per small integer) and ``A^n`` is ``n`` zero bytes, applied with four lookups in
+``SHIFTS[n]`` (:func:`_advance`). Integers outside the small range are spelled digit by digit.
 
 Compilation: one signature, compiled when this module is first imported (by the first
 ``featurize_block``) and cached on disk like ``online.kernels`` (next to this file when writable, else
@@ -17,20 +22,27 @@ Compilation: one signature, compiled when this module is first imported (by the 
 from __future__ import annotations
 
 import string
+import struct
 from pathlib import Path
 
 from fedstream.native import use_writable_cache
 
 use_writable_cache(Path(__file__).parent)
 
+import crc32c  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
 
 from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS  # noqa: E402
 
-# A block's row of codes, in this column order (strings are StringTable codes; the rest plain integers).
+# A click's row of codes, in this column order (strings are StringTable codes; the rest plain integers). The
+# featurizer's loop encodes the first ones (ENCODED); the kernel caps the position and makes hour and weekday
+# from the click's timestamp.
 COLUMNS = ("merchant", "user", "item", "category", "bucket", "device", "page", "position", "affinity",
            "hour", "weekday")
+ENCODED = COLUMNS[:9]
+_WIDTH, _N_COLUMNS = len(ENCODED), len(COLUMNS)
+_POSITION, _HOUR, _WEEKDAY = (COLUMNS.index(name) for name in ("position", "hour", "weekday"))
 _STRING_COLUMNS = frozenset({"merchant", "user", "item", "category", "device", "page", "affinity"})
 # The values of each field's name, in the order of its format's {0}, {1}, {2} (as Featurizer.slots_for).
 FIELD_ARGS: dict[str, tuple[str, ...]] = {
@@ -60,15 +72,34 @@ _TABLE = _crc_table()
 
 
 def _register(data: bytes, crc: int = 0xFFFFFFFF) -> int:
-    """The CRC32C register after feeding ``data`` (the checksum is its complement)."""
-    for byte in data:
-        crc = int(_TABLE[(crc ^ byte) & 0xFF]) ^ (crc >> 8)
-    return crc
+    """The CRC32C register after feeding ``data`` to register ``crc`` (the checksum is its complement)."""
+    return crc32c.crc32c(data, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+MAX_SHIFT = 32  # SHIFTS holds 0..MAX_SHIFT zero bytes; longer pieces advance by MAX_SHIFT first
+SMALL_INTEGERS = range(-1, 1024)  # integers whose register is kept (bucket -1, hours, positions, ...)
+
+
+def _shift_tables() -> np.ndarray:
+    """``SHIFTS[n, k, b]``: the register ``b << 8k`` becomes after ``n`` zero bytes. The register is linear in
+    its bytes, so ``A^n(S)`` is the XOR of ``SHIFTS[n, k, byte k of S]`` over its four bytes."""
+    shifted = np.array([b << (8 * k) for k in range(4) for b in range(256)], dtype=np.uint32)
+    tables = np.empty((MAX_SHIFT + 1, 4, 256), dtype=np.uint32)
+    for n in range(MAX_SHIFT + 1):
+        tables[n] = shifted.reshape(4, 256)
+        shifted = _TABLE[shifted & 0xFF] ^ (shifted >> 8)
+    return tables
+
+
+SHIFTS = _shift_tables()
+_SMALL_REGISTERS = np.array([_register(str(v).encode(), 0) for v in SMALL_INTEGERS], dtype=np.uint32)
+_SMALL_LENGTHS = np.array([len(str(v)) for v in SMALL_INTEGERS], dtype=np.int64)
+_SMALLEST = SMALL_INTEGERS[0]
 
 
 class Programs:
     """Every field's spelling as ``starts[f]`` (the register after the leading literal), ``ops[f, k]`` =
-    ``(kind, a, b)`` (a literal: offset and length in ``literals``; a string or integer: its column) and
+    ``(kind, a, b)`` (a literal: its register from zero and its length; a string or integer: its column) and
     ``counts[f]`` ops."""
 
     def __init__(self) -> None:
@@ -78,7 +109,6 @@ class Programs:
         self.starts = np.empty(len(FIELDS), dtype=np.uint32)
         self.ops = np.zeros((len(FIELDS), width, 3), dtype=np.int64)
         self.counts = np.zeros(len(FIELDS), dtype=np.int64)
-        literals = bytearray()
         for f, (name, pieces) in enumerate(zip(FIELDS, parsed)):
             ops: list[tuple[int, int, int]] = []
             for k, (literal, argument, _spec, _conversion) in enumerate(pieces):
@@ -86,24 +116,23 @@ class Programs:
                 if k == 0:
                     self.starts[f] = _register(data)
                 elif data:
-                    ops.append((_LITERAL, len(literals), len(data)))
-                    literals += data
+                    ops.append((_LITERAL, _register(data, 0), len(data)))
                 if argument is not None:
                     column = FIELD_ARGS[name][int(argument)]
                     ops.append((_STRING if column in _STRING_COLUMNS else _INTEGER, columns[column], 0))
             self.counts[f] = len(ops)
             self.ops[f, :len(ops)] = np.array(ops, dtype=np.int64).reshape(len(ops), 3)
-        self.literals = np.frombuffer(bytes(literals) or b"\0", dtype=np.uint8).copy()
 
 
 class StringTable(dict):
-    """``str -> code``: a miss appends the string's UTF-8 bytes to the table (codes are dense, from 0).
+    """``str -> code``: a miss records the string's CRC32C register from zero and its UTF-8 length, all the
+    kernel needs of it (codes are dense, from 0).
 
-    :meth:`arrays` hands the kernel ``(bytes, starts)``: string ``k`` is ``bytes[starts[k]:starts[k + 1]]``.
-    Codes stay valid until :meth:`reset`, which the featurizer calls only between blocks.
+    :meth:`arrays` hands the kernel ``(registers, lengths)`` indexed by code. Codes stay valid until
+    :meth:`reset`, which the featurizer calls only between blocks.
     """
 
-    __slots__ = ("_data", "_starts", "_size", "_used", "_pending", "_pending_ends")
+    __slots__ = ("_registers", "_lengths", "_size", "_pending")
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,27 +140,25 @@ class StringTable(dict):
 
     def reset(self) -> None:
         self.clear()
-        self._data = np.zeros(1 << 16, dtype=np.uint8)
-        self._starts = np.zeros(1 << 12, dtype=np.int64)
-        self._size, self._used = 0, 0  # strings and bytes moved into the arrays
-        self._pending, self._pending_ends = bytearray(), []
+        self._registers = np.zeros(1 << 12, dtype=np.uint32)
+        self._lengths = np.zeros(1 << 12, dtype=np.int64)
+        self._size = 0  # strings moved into the arrays
+        self._pending: list[tuple[int, int]] = []  # (register, length) of the strings seen since
 
     def __missing__(self, text: str) -> int:
-        code = self[text] = self._size + len(self._pending_ends)
-        self._pending += text.encode()
-        self._pending_ends.append(len(self._pending))
+        code = self[text] = self._size + len(self._pending)
+        data = text.encode()
+        self._pending.append((_register(data, 0), len(data)))
         return code
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._pending_ends:
-            new, added = len(self._pending_ends), len(self._pending)
-            self._data = _grown(self._data, self._used + added)
-            self._starts = _grown(self._starts, self._size + new + 1)
-            self._data[self._used:self._used + added] = np.frombuffer(bytes(self._pending), dtype=np.uint8)
-            self._starts[self._size + 1:self._size + new + 1] = self._used + np.array(self._pending_ends)
-            self._size, self._used = self._size + new, self._used + added
-            self._pending, self._pending_ends = bytearray(), []
-        return self._data, self._starts
+        if self._pending:
+            end = self._size + len(self._pending)
+            self._registers, self._lengths = _grown(self._registers, end), _grown(self._lengths, end)
+            pending = np.array(self._pending, dtype=np.int64)
+            self._registers[self._size:end], self._lengths[self._size:end] = pending[:, 0], pending[:, 1]
+            self._size, self._pending = end, []
+        return self._registers, self._lengths
 
 
 def _grown(array: np.ndarray, needed: int) -> np.ndarray:
@@ -142,33 +169,55 @@ def _grown(array: np.ndarray, needed: int) -> np.ndarray:
     return bigger
 
 
-@njit("void(int64[:, ::1], uint8[::1], int64[::1], uint32[::1], int64[:, :, ::1], int64[::1], uint8[::1], "
-      "uint32[::1], int64, int32[:, ::1])", cache=True, nogil=True)
-def slots(rows, data, starts, program_starts, ops, counts, literals, table, mask, out):
-    """``out[r, f]``: the CRC32C slot of field ``f``'s name spelled from ``rows[r]`` (see :class:`Programs`)."""
+@njit(cache=True, nogil=True, inline="always")
+def _advance(crc, n, shifts):
+    """The register ``crc`` (an int64) becomes after ``n`` zero bytes (see :data:`SHIFTS`)."""
+    while n > MAX_SHIFT:
+        crc = np.int64(shifts[MAX_SHIFT, 0, crc & 0xFF] ^ shifts[MAX_SHIFT, 1, (crc >> 8) & 0xFF]
+                       ^ shifts[MAX_SHIFT, 2, (crc >> 16) & 0xFF] ^ shifts[MAX_SHIFT, 3, (crc >> 24) & 0xFF])
+        n -= MAX_SHIFT
+    return np.int64(shifts[n, 0, crc & 0xFF] ^ shifts[n, 1, (crc >> 8) & 0xFF] ^ shifts[n, 2, (crc >> 16) & 0xFF]
+                    ^ shifts[n, 3, (crc >> 24) & 0xFF])
+
+
+@njit("void(int64[::1], float64[::1], uint32[::1], int64[::1], uint32[::1], int64[:, :, ::1], int64[::1], "
+      "uint32[::1], int64[::1], uint32[:, :, ::1], uint32[::1], int64, int32[:, ::1])", cache=True, nogil=True)
+def slots(codes, stamps, registers, lengths, program_starts, ops, counts, small_registers, small_lengths, shifts,
+          table, mask, out):
+    """``out[r, f]``: the CRC32C slot of field ``f``'s name spelled from click ``r`` (see :class:`Programs`):
+    its ``ENCODED`` codes ``codes[r * len(ENCODED):]`` and its timestamp ``stamps[r]``, from which the row's
+    capped position, hour and weekday are made as ``Featurizer.slots_for`` makes them."""
     digits = np.empty(24, dtype=np.uint8)
-    for r in range(rows.shape[0]):
+    row = np.empty(_N_COLUMNS, dtype=np.int64)
+    smallest, n_small = _SMALLEST, small_registers.shape[0]
+    for r in range(out.shape[0]):
+        row[:_WIDTH] = codes[r * _WIDTH:(r + 1) * _WIDTH]
+        if row[_POSITION] > 20:
+            row[_POSITION] = 20
+        hours = stamps[r] // 3600.0  # Python's float floor division (numba follows CPython's float_divmod)
+        row[_HOUR] = int(hours % 24.0)
+        row[_WEEKDAY] = int((hours // 24.0 + 3.0) % 7.0)
         for f in range(out.shape[1]):
-            crc = program_starts[f]
+            crc = np.int64(program_starts[f])
             for k in range(counts[f]):
                 kind, a = ops[f, k, 0], ops[f, k, 1]
                 if kind == 0:
-                    for j in range(a, a + ops[f, k, 2]):
-                        crc = table[(crc ^ literals[j]) & 0xFF] ^ (crc >> 8)
+                    crc = _advance(crc, ops[f, k, 2], shifts) ^ a
                 elif kind == 1:
-                    code = rows[r, a]
-                    for j in range(starts[code], starts[code + 1]):
-                        crc = table[(crc ^ data[j]) & 0xFF] ^ (crc >> 8)
+                    code = row[a]
+                    crc = _advance(crc, lengths[code], shifts) ^ np.int64(registers[code])
+                elif smallest <= row[a] < smallest + n_small:
+                    small = row[a] - smallest
+                    crc = _advance(crc, small_lengths[small], shifts) ^ np.int64(small_registers[small])
                 else:
-                    value = rows[r, a]
+                    value = row[a]
                     if value < 0:
                         crc = table[(crc ^ 45) & 0xFF] ^ (crc >> 8)  # "-"
-                        value = -value
                     n = 0
-                    while True:
-                        digits[n] = 48 + value % 10
+                    while True:  # the digits of |value|, last first (int64's least has no int64 negation)
+                        digits[n] = 48 + (value % 10 if value >= 0 else -(value % -10))
                         n += 1
-                        value //= 10
+                        value = value // 10 if value >= 0 else value // -10
                         if value == 0:
                             break
                     for j in range(n - 1, -1, -1):
@@ -179,10 +228,18 @@ def slots(rows, data, starts, program_starts, ops, counts, literals, table, mask
 PROGRAMS = Programs()
 
 
-def hash_rows(rows: np.ndarray, table: StringTable, mask: int) -> np.ndarray:
-    """Slots ``int32[n, F]`` of rows of codes ``int64[n, len(COLUMNS)]`` whose strings are in ``table``."""
-    out = np.empty((rows.shape[0], len(FIELDS)), dtype=np.int32)
-    data, starts = table.arrays()
-    slots(rows, data, starts, PROGRAMS.starts, PROGRAMS.ops, PROGRAMS.counts, PROGRAMS.literals, _TABLE, mask,
-          out)
+def hash_block(codes: list[int], stamps: list[float], table: StringTable, mask: int) -> np.ndarray:
+    """Slots ``int32[n, F]`` of ``n`` clicks given as their ``ENCODED`` codes one click after another (strings
+    interned in ``table``) and their timestamps. The lists are packed with ``struct`` (~10 ns per value here,
+    against ~25-35 for ``array.array`` or ``np.array`` of a list of ints); a value out of int64 raises."""
+    n = len(stamps)
+    out = np.empty((n, len(FIELDS)), dtype=np.int32)
+    if not n:
+        return out
+    packed, times = np.empty(len(codes), dtype=np.int64), np.empty(n, dtype=np.float64)
+    struct.pack_into(f"={len(codes)}q", packed, 0, *codes)
+    struct.pack_into(f"={n}d", times, 0, *stamps)
+    registers, lengths = table.arrays()
+    slots(packed, times, registers, lengths, PROGRAMS.starts, PROGRAMS.ops, PROGRAMS.counts, _SMALL_REGISTERS,
+          _SMALL_LENGTHS, SHIFTS, _TABLE, mask, out)
     return out

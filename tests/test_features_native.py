@@ -11,6 +11,7 @@ code before this path changed, and the serving side (``Featurizer.candidates``) 
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 from pathlib import Path
@@ -118,6 +119,59 @@ def test_native_block_equals_the_reference_on_the_generated_stream():
     _, fast_context, slow_context, fast_model, slow_model, _ = run_both(events, 500, 250_000, 100_000)
     assert fast_context.state() == slow_context.state()
     assert np.array_equal(fast_model.w, slow_model.w)
+
+
+def hostile_stamps(seed: int, n: int = 3000) -> list[float]:
+    """Timestamps on hour, day and week boundaries and one ulp either side, over a wide range (the kernel makes
+    hour and weekday from them, as the numpy assembly before it and ``slots_for`` did), a few negative."""
+    rng = random.Random(seed)
+    out = [0.0, 5e-324, 3599.999999, 3600.0, 86_399.0, 86_400.0, 2.0**53, 2.0**62, 1e18]
+    while len(out) < n:
+        edge = rng.choice((3600.0, 86_400.0, 604_800.0)) * rng.randrange(1, 10**rng.randrange(1, 12))
+        stamp = rng.choice((edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf),
+                            rng.uniform(0.0, 4e9), rng.uniform(0.0, 10.0**rng.randrange(3, 19))))
+        out.append(-stamp if rng.random() < 0.02 else stamp)
+    return out
+
+
+def test_hour_and_weekday_of_hostile_timestamps_equal_the_reference():
+    stamps = hostile_stamps(seed=4)
+    events = [Click(event_id=f"c{k}", merchant_id="m0", user_id=f"u{k % 7}", item_id="i1", session_id="s",
+                    timestamp=stamp, position=k % 23, page="home", device="app", clicked=k % 3 == 0)
+              for k, stamp in enumerate(stamps)]
+    for block in (1, 256, len(events)):
+        fast, slow, fast_context, slow_context = Featurizer(BITS), Featurizer(BITS), FeatureContext(), FeatureContext()
+        for start in range(0, len(events), block):
+            got, _ = fast.featurize_block(events[start:start + block], fast_context)
+            want, _ = reference_rows(slow, events[start:start + block], slow_context)
+            assert np.array_equal(got, want), (block, start)
+
+
+def test_long_ids_and_integers_past_the_kept_registers_equal_the_reference():
+    """Pieces longer than ``slot_kernels.MAX_SHIFT`` bytes (folded in several shifts), empty ids, and integers
+    outside ``SMALL_INTEGERS`` (spelled digit by digit): price buckets past 1023, negative positions."""
+    from streams.slot_kernels import MAX_SHIFT
+
+    rng = random.Random(3)
+    ids = ["", "x", "é" * (MAX_SHIFT // 2), "a" * MAX_SHIFT, "店" * MAX_SHIFT, "b" * (3 * MAX_SHIFT + 1)]
+    events: list = [CatalogItem(event_id=f"k{k}", merchant_id=merchant, item_id=item, title="t", timestamp=1.7e9,
+                                category=rng.choice(ids), price=rng.choice((0.0, 1e306, 1e307 * rng.random(), 9.0)))
+                    for k, (merchant, item) in enumerate((m, i) for m in ids for i in ids)]
+    for k in range(3000):
+        events.append(Click(event_id=f"c{k}", merchant_id=rng.choice(ids), user_id=rng.choice(ids),
+                            item_id=rng.choice(ids), session_id="s", timestamp=1.7e9 + k, page="home", device="app",
+                            position=rng.choice((0, -1, -2, -11, 1023, 1024, -(2**40))),
+                            clicked=rng.random() < 0.5))
+    run_both(events, 256, 250_000, 100_000)
+
+
+def test_a_position_of_int64s_least_is_spelled_as_the_reference_spells_it():
+    """The kernel spelled a negative integer by negating it: int64's least stays negative, and its digit loop
+    wrote past its buffer (a segmentation fault of the process before this fix)."""
+    events = [Click(event_id=f"c{k}", merchant_id="m0", user_id="u1", item_id="i1", session_id="s", timestamp=1.7e9,
+                    position=position, page="home", device="app")
+              for k, position in enumerate((-(2**63), -(2**63) + 1, -(2**63) + 10, -10, -9, 2**63 - 1))]
+    run_both(events, 4, 250_000, 100_000)
 
 
 def test_featurizer_pickles_without_its_string_table_and_resumes_equal():
