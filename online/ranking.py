@@ -248,8 +248,14 @@ class ShopRecommender:
         if not self.state.may_propose(shop, user, chosen, self.train_candidates):
             return  # no chosen item among the candidates: no pair to learn, no draw from the generator
         proposed, co, trans = self.state.propose(merchant_id, user_id, self.train_candidates)
-        positives = [item for item in chosen if item in proposed]
-        others = [item for item in proposed if item not in chosen]
+        if len(chosen) == 1:  # a click: the proposal minus its item (a C-level copy and remove)
+            positives = [chosen[0]] if chosen[0] in proposed else []
+            others = list(proposed)
+            if positives:
+                others.remove(chosen[0])
+        else:
+            positives = [item for item in chosen if item in proposed]
+            others = [item for item in proposed if item not in chosen]
         if not positives or not others:
             return
         sampled = self.rng.sample(others, min(self.negatives, len(others)))
@@ -270,8 +276,7 @@ class ShopRecommender:
             proposed.pop(item_id, None)
         if not proposed:
             return []
-        items = list(proposed)
-        masks = [proposed[i] for i in items]
+        items, masks = list(proposed), list(proposed.values())
         when = shop.clock if timestamp is None else timestamp
         scores = self.ranker.scores(merchant_id, self.feature_matrix(shop, shop.users.get(user_id), items, masks, co, trans, when))
         best = np.argsort(-scores, kind="stable")[:k]

@@ -27,8 +27,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from online.candidates import top_keys
 from streams.schemas import CatalogItem, Click, Event, Order
 
 
@@ -48,26 +47,6 @@ class _Merchant:
     catalog: set[str] = field(default_factory=set)
     hits_since_rank: int = 0
     ranked: list[str] = field(default_factory=list)
-
-
-def _top_keys(counts: dict[str, float], depth: int) -> list[str]:
-    """The ``depth`` keys with the largest counts, largest first, ties in insertion order: exactly
-    ``heapq.nlargest(depth, counts.items(), key=value)``, with numpy (a merchant's popularity table holds up
-    to ``2 * max_items`` entries and is re-ranked every ``rerank_every`` interactions).
-
-    >>> _top_keys({"a": 1.0, "b": 3.0, "c": 3.0, "d": 2.0}, 3)
-    ['b', 'c', 'd']
-    """
-    keys = list(counts)
-    values = np.fromiter(counts.values(), dtype=np.float64, count=len(keys))
-    if len(keys) > depth:
-        kth = np.partition(values, len(keys) - depth)[len(keys) - depth]  # the depth-th largest count
-        above = np.flatnonzero(values > kth)
-        top = np.concatenate([above, np.flatnonzero(values == kth)[: depth - len(above)]])
-    else:
-        top = np.arange(len(keys))
-    top = top[np.argsort(-values[top], kind="stable")]
-    return [keys[i] for i in top.tolist()]
 
 
 class Recommender:
@@ -173,7 +152,7 @@ class Recommender:
         if merchant is None:
             return []
         if merchant.hits_since_rank >= self.rerank_every or len(merchant.ranked) < min(limit, len(merchant.popularity)):
-            merchant.ranked = _top_keys(merchant.popularity, max(limit, 500))
+            merchant.ranked = top_keys(merchant.popularity, max(limit, 500))
             merchant.hits_since_rank = 0
         out = merchant.ranked[:limit]
         if len(out) < limit and merchant.catalog:

@@ -176,6 +176,12 @@ class ReferenceState(CandidateState):
                 kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
                 totals[a] = sum(kept.values())
 
+    def popular(self, shop: Shop, limit: int) -> list[str]:
+        if shop.since_rank >= self.rerank_every or len(shop.ranked) < min(limit, len(shop.popularity)):
+            shop.ranked = [i for i, _ in heapq.nlargest(max(limit, 200), shop.popularity.items(), key=lambda kv: kv[1])]
+            shop.since_rank = 0
+        return shop.ranked[:limit]
+
     def related(self, shop: Shop, table: dict[str, dict[str, float]], sources: list[tuple[str, float]],
                 limit: int) -> dict[str, float]:
         totals = shop.totals_co if table is shop.co else shop.totals_trans

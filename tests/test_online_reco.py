@@ -138,10 +138,10 @@ def test_popularity_ranking_equals_nlargest_with_ties_in_insertion_order():
     import heapq
     import random
 
-    from online.reco import _top_keys
+    from online.candidates import top_keys
 
     rng = random.Random(1)
     for _ in range(200):
         counts = {f"k{i}": rng.choice([rng.random(), 1.0, 2.0, round(rng.random(), 1)]) for i in range(rng.randint(0, 1500))}
         depth = rng.randint(1, 600)
-        assert _top_keys(counts, depth) == [k for k, _ in heapq.nlargest(depth, counts.items(), key=lambda kv: kv[1])]
+        assert top_keys(counts, depth) == [k for k, _ in heapq.nlargest(depth, counts.items(), key=lambda kv: kv[1])]
