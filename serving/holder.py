@@ -15,10 +15,11 @@ hand-off per request), and back in the threadpool after any ranking over the bud
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,24 @@ def store_stamp(settings: Settings) -> tuple | None:
     return tuple(stamp)
 
 
+@contextlib.contextmanager
+def collections_paused() -> Iterator[None]:
+    """No cyclic-GC collection inside the block (process-wide), then the collector as it was.
+
+    Loading a version allocates ~10^5 container objects; each collection the allocations trigger scans every
+    young one of them in one C call holding the GIL (a full one measured 210-280 ms on a loaded machine),
+    so a request arriving then waits for all of it. Paused, the collection never runs: the block freezes
+    (``gc.freeze``) what it keeps before the collector resumes, or its garbage waits for the next collection.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class ModelHolder:
     """Holds the served model of ``name@alias`` and keeps it current."""
 
@@ -149,16 +168,17 @@ class ModelHolder:
             if version is None or (self.current is not None and self.current.version == version):
                 self._unchanged = stamp
                 return False
-            try:
-                bundle = load_bundle(self.settings, f"models:/{self.name}/{version}")
-                bundle.warm_up()
-            except Exception as exc:
-                self._failed(f"loading {self.name} version {version}: {exc}")
-                return False
-            previous = self.current.version if self.current is not None else None
-            placement = RankingPlacement(self.settings.serving.inline_ranking_ms / 1000)
-            self.current = ServedModel(self.name, version, bundle, time.time(), placement)  # the atomic swap
-            gc.freeze()  # long-lived model objects leave the cyclic GC's scans (no multi-ms pauses per request)
+            with collections_paused():
+                try:
+                    bundle = load_bundle(self.settings, f"models:/{self.name}/{version}")
+                    bundle.warm_up()
+                except Exception as exc:
+                    self._failed(f"loading {self.name} version {version}: {exc}")
+                    return False
+                previous = self.current.version if self.current is not None else None
+                placement = RankingPlacement(self.settings.serving.inline_ranking_ms / 1000)
+                self.current = ServedModel(self.name, version, bundle, time.time(), placement)  # the atomic swap
+                gc.freeze()  # long-lived model objects leave the cyclic GC's scans (no multi-ms pauses per request)
             self.swaps += 1
             self.last_error, self._unchanged = None, stamp
             self.metrics.swaps.labels(self.name).inc()

@@ -1,6 +1,9 @@
-"""The served model's holder: the alias poller reads the registry only when the store changed."""
+"""The served model's holder: the alias poller reads the registry only when the store changed, and loads a
+version with the garbage collector paused."""
 
 from __future__ import annotations
+
+import gc
 
 import registry.models
 from registry.models import promote
@@ -29,3 +32,39 @@ def test_the_poller_skips_the_registry_read_while_the_sqlite_store_is_unchanged(
     assert not holder.refresh() and len(reads) == 2
     promote(settings, NAME, "1", force=True)
     assert holder.refresh() and holder.current.version == "1" and len(reads) == 3
+
+
+def test_no_garbage_collection_runs_while_a_version_loads_and_the_collector_resumes(settings, monkeypatch):
+    import registry.models
+
+    collections, loading = [], []
+    real_load = registry.models.load_bundle
+
+    def load_watched(*args, **kwargs):  # the real load, marked
+        loading.append(True)
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            loading.pop()
+
+    def watch(phase, info):
+        if phase == "start" and loading:
+            collections.append(info["generation"])
+
+    register(settings, 0.45)
+    promote(settings, NAME)
+    monkeypatch.setattr(registry.models, "load_bundle", load_watched)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50, 2, 2)  # a collection every 50 allocations, a full one often
+    gc.callbacks.append(watch)
+    try:
+        holder = ModelHolder(settings, NAME, ServingMetrics())
+        assert holder.refresh() and holder.current.version == "1"
+        assert collections == [] and gc.isenabled()
+        monkeypatch.setattr(registry.models, "load_bundle", lambda *a, **k: 1 / 0)
+        register(settings, 0.40, scale=1.1)
+        promote(settings, NAME, force=True)
+        assert not holder.refresh() and "division by zero" in holder.last_error and gc.isenabled()
+    finally:
+        gc.callbacks.remove(watch)
+        gc.set_threshold(*thresholds)
