@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -152,7 +153,9 @@ class ModelHolder:
 
     def refresh(self) -> bool:
         """Load and swap in the alias's version if it moved; True when a swap happened."""
-        from registry.models import RegistryError, load_bundle, resolve
+        from registry.flavor import read_bundle
+        from registry.models import RegistryError, fetch_bundle, resolve
+        from registry.signing import signing_key
 
         with self._refresh_lock:
             stamp = store_stamp(self.settings)
@@ -168,17 +171,17 @@ class ModelHolder:
             if version is None or (self.current is not None and self.current.version == version):
                 self._unchanged = stamp
                 return False
-            with collections_paused():
-                try:
-                    bundle = load_bundle(self.settings, f"models:/{self.name}/{version}")
-                    bundle.warm_up()
-                except Exception as exc:
-                    self._failed(f"loading {self.name} version {version}: {exc}")
-                    return False
-                previous = self.current.version if self.current is not None else None
-                placement = RankingPlacement(self.settings.serving.inline_ranking_ms / 1000)
-                self.current = ServedModel(self.name, version, bundle, time.time(), placement)  # the atomic swap
-                gc.freeze()  # long-lived model objects leave the cyclic GC's scans (no multi-ms pauses per request)
+            try:
+                with tempfile.TemporaryDirectory() as scratch:
+                    artifact = fetch_bundle(self.settings, f"models:/{self.name}/{version}", scratch)
+                    gc.collect(1)  # the fetch's young garbage goes now, not frozen with the version below
+                    with collections_paused():
+                        bundle = read_bundle(artifact, signing_key(self.settings))
+                        bundle.warm_up()
+                        previous = self._swap_in(version, bundle)
+            except Exception as exc:
+                self._failed(f"loading {self.name} version {version}: {exc}")
+                return False
             self.swaps += 1
             self.last_error, self._unchanged = None, stamp
             self.metrics.swaps.labels(self.name).inc()
@@ -186,6 +189,14 @@ class ModelHolder:
             self.metrics.model_loaded_at.labels(self.name).set(self.current.loaded_at)
             log.info("model swapped", extra={"model": self.name, "version": version, "previous": previous})
             return True
+
+    def _swap_in(self, version: str, bundle: ModelBundle) -> str | None:
+        """Serve ``bundle`` as ``version`` from now on (one reference assignment); the version it replaces."""
+        previous = self.current.version if self.current is not None else None
+        placement = RankingPlacement(self.settings.serving.inline_ranking_ms / 1000)
+        self.current = ServedModel(self.name, version, bundle, time.time(), placement)  # the atomic swap
+        gc.freeze()  # long-lived model objects leave the cyclic GC's scans (no multi-ms pauses per request)
+        return previous
 
     def _failed(self, message: str) -> None:
         self.last_error = message

@@ -35,17 +35,19 @@ def test_the_poller_skips_the_registry_read_while_the_sqlite_store_is_unchanged(
 
 
 def test_no_garbage_collection_runs_while_a_version_loads_and_the_collector_resumes(settings, monkeypatch):
-    import registry.models
+    import registry.flavor
+    from registry.bundle import ModelBundle
 
     collections, loading = [], []
-    real_load = registry.models.load_bundle
 
-    def load_watched(*args, **kwargs):  # the real load, marked
-        loading.append(True)
-        try:
-            return real_load(*args, **kwargs)
-        finally:
-            loading.pop()
+    def watched(real):  # the real step, marked
+        def step(*args, **kwargs):
+            loading.append(True)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                loading.pop()
+        return step
 
     def watch(phase, info):
         if phase == "start" and loading:
@@ -53,7 +55,8 @@ def test_no_garbage_collection_runs_while_a_version_loads_and_the_collector_resu
 
     register(settings, 0.45)
     promote(settings, NAME)
-    monkeypatch.setattr(registry.models, "load_bundle", load_watched)
+    monkeypatch.setattr(registry.flavor, "read_bundle", watched(registry.flavor.read_bundle))
+    monkeypatch.setattr(ModelBundle, "warm_up", watched(ModelBundle.warm_up))
     thresholds = gc.get_threshold()
     gc.set_threshold(50, 2, 2)  # a collection every 50 allocations, a full one often
     gc.callbacks.append(watch)
@@ -61,7 +64,7 @@ def test_no_garbage_collection_runs_while_a_version_loads_and_the_collector_resu
         holder = ModelHolder(settings, NAME, ServingMetrics())
         assert holder.refresh() and holder.current.version == "1"
         assert collections == [] and gc.isenabled()
-        monkeypatch.setattr(registry.models, "load_bundle", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(registry.flavor, "read_bundle", lambda *a, **k: 1 / 0)
         register(settings, 0.40, scale=1.1)
         promote(settings, NAME, force=True)
         assert not holder.refresh() and "division by zero" in holder.last_error and gc.isenabled()
