@@ -154,7 +154,7 @@ def release_in_parts(box: list, depth: int = RELEASE_DEPTH) -> None:
 
 
 def _separable(whole: Any) -> bool:
-    """A dict, or a plain instance whose attributes can be dropped one by one (no class, finalizer or weak reference)."""
+    """A dict, or a plain instance whose attributes can be dropped one by one (no class, finalizer or weakref)."""
     if type(whole) is dict:
         return True
     return (type(getattr(whole, "__dict__", None)) is dict and not isinstance(whole, type)
