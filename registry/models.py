@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from fedstream.errors import ExpectedFailure
@@ -390,10 +391,19 @@ def load_bundle(settings: Settings, uri: str) -> ModelBundle:
     """
     import tempfile
 
+    from registry.flavor import read_bundle
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return read_bundle(fetch_bundle(settings, uri, scratch), signing_key(settings))
+
+
+def fetch_bundle(settings: Settings, uri: str, directory: str) -> Path:
+    """Download the signed ``bundle.pkl`` artifact behind a model URI into ``directory`` (not verified yet:
+    :func:`registry.flavor.read_bundle` verifies it before unpickling); returns its path."""
     import mlflow.artifacts
 
-    from registry.flavor import BUNDLE_PATH, read_bundle
+    from registry.flavor import BUNDLE_PATH
 
-    with activate(settings), tempfile.TemporaryDirectory() as scratch:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{BUNDLE_PATH}", dst_path=scratch)
-        return read_bundle(local, signing_key(settings))
+    with activate(settings):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{BUNDLE_PATH}",
+                                                        dst_path=directory))
