@@ -370,6 +370,13 @@ def list_versions(settings: Settings, name: str) -> list[dict]:
     return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
 
 
+def latest_version(settings: Settings, name: str):
+    """The newest ``ModelVersion`` of ``name`` (highest number, tags included), or None (none registered)."""
+    found = client(settings).search_model_versions(f"name = '{_quote(name)}'", max_results=1,
+                                                   order_by=["version_number DESC"])
+    return found[0] if found else None
+
+
 def _quote(name: str) -> str:
     return name.replace("'", "''")
 
