@@ -177,15 +177,25 @@ class Publisher:
 
     def register(self, taken: dict[str, Any]) -> str:
         """Register ``taken`` (unless the latest version holds its generation); returns the version number."""
+        from registry.models import AlreadyRegistered
+
+        stamp = taken.get("lineage", {}).get("generation")
+        try:
+            if taken.get("same_as") is not None:
+                return self._unchanged(taken["same_as"])
+            return self._register_new(taken, None if stamp is None else {"generation": stamp})
+        except AlreadyRegistered as registered:  # another worker registered it while we assembled and logged
+            return self._unchanged(str(registered.version.version))
+
+    def _unchanged(self, version: str) -> str:
+        self.unchanged.append(version)
+        log.info("publication skipped: the latest version holds the same checkpoints", extra={"version": version})
+        return version
+
+    def _register_new(self, taken: dict[str, Any], unless_latest: dict[str, Any] | None) -> str:
         from registry.models import register_version
         from registry.tracking import client, experiment_id
 
-        stamp = taken.get("lineage", {}).get("generation")
-        held = taken.get("same_as") or (self._holding(stamp) if stamp is not None else None)
-        if held is not None:  # checked again here: another worker may have registered it while we assembled
-            self.unchanged.append(held)
-            log.info("publication skipped: the latest version holds the same checkpoints", extra={"version": held})
-            return held
         mlflow_client = client(self.settings)
         if self.run_id is None:
             run = mlflow_client.create_run(experiment_id(self.settings),
@@ -195,7 +205,8 @@ class Publisher:
         for key, value in taken["metrics"].items():
             mlflow_client.log_metric(self.run_id, key, value, step=taken["step"])
         version = register_version(self.settings, taken["bundle"], name=self.settings.serving.model_name,
-                                   metrics=taken["metrics"], lineage=taken["lineage"], run_id=self.run_id)
+                                   metrics=taken["metrics"], lineage=taken["lineage"], run_id=self.run_id,
+                                   unless_latest=unless_latest)
         self.published.append(str(version.version))
         return str(version.version)
 

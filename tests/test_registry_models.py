@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from registry.models import (
-    MetricPolicy, RegistryError, alias_history, champion_version, latest_version, list_versions, load_bundle,
+    AlreadyRegistered, MetricPolicy, RegistryError, alias_history, champion_version, latest_version, list_versions, load_bundle,
     promote, register_version, resolve, rollback, version_lineage,
 )
 from registry.tracking import activate, client
@@ -52,6 +52,12 @@ def test_latest_version_is_the_highest_number_with_its_tags_whatever_the_aliases
     latest = latest_version(settings, NAME)
     assert str(latest.version) == "2" and version_lineage(latest)["events_seen"] == 200
     assert latest_version(settings, "no-such-model") is None
+
+    # unless_latest: no version when the latest one's lineage already has these values
+    with pytest.raises(AlreadyRegistered, match="version 2 already holds") as held:
+        register(settings, 0.45, events=300, unless_latest={"events_seen": 200, "merchants": ["m1", "m2"]})
+    assert str(held.value.version.version) == "2" and str(latest_version(settings, NAME).version) == "2"
+    assert str(register(settings, 0.45, events=300, unless_latest={"events_seen": 300}).version) == "3"
 
 
 def test_promotion_policy_first_version_then_only_better_ones_then_rollback(settings):

@@ -135,6 +135,19 @@ def test_the_final_state_is_registered_once_and_complete(stops, settings, tmp_pa
     assert {k: v for k, v in lineage.items() if k != "worker_id"} == {k: v for k, v in complete.items() if k != "worker_id"}
 
 
+def test_two_workers_stopping_together_register_their_equal_assemblies_once(settings, tmp_path):
+    """The race: both read the store and find no version holding it, both assemble; the registry is asked
+    again just before a version is created, so the later one registers nothing."""
+    store, records = tmp_path / "store", partition_records(4, seed=8, events=600)
+    a, b = [_member(settings, store, name, slots) for name, slots in (("a", {0, 1}), ("b", {2, 3}))]
+    for worker, slots in ((a, {0, 1}), (b, {2, 3})):
+        _learn(worker, _of(records, slots))
+    taken = [worker.publisher._take(worker.state, worker.metrics())() for worker in (a, b)]
+    assert all("bundle" in t for t in taken) and taken[0]["lineage"]["generation"] == taken[1]["lineage"]["generation"]
+    assert [worker.publisher.register(t) for worker, t in zip((b, a), taken[::-1])] == ["1", "1"]
+    assert (b.published, a.publisher.unchanged, _versions(settings)) == (["1"], ["1"], ["1"])
+
+
 def test_a_worker_without_a_store_publishes_as_before(settings, tmp_path):
     """An explicit checkpoint file alone: a worker on its own, scheduled whatever its partitions; every due
     publication registers a version of its live state, changed or not, with no generation."""
