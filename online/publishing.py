@@ -13,6 +13,7 @@ from typing import Any
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.assembly import assemble, serving_model, serving_multitask
+from online.slices import newest, read_store
 from online.state import CHECKPOINT_VERSION, LearnerState, WorkerConfig
 from online.store import CheckpointStore, DirectoryStore
 from online.transfer import transfer_lineage
@@ -44,14 +45,29 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
             "metrics": metrics, "lineage": lineage, "step": state.events}
 
 
+def generation(peers: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """What a version assembled from the checkpoints ``peers`` is made of: the events each checkpoint learned
+    (its shared model, ranker and metrics change only by learning) and the events in each slot's newest copy
+    (its merchants' parts). Equal generations assemble the same version; a slot adopted by a new owner (a
+    new epoch, the same events) leaves it equal."""
+    owners = newest(peers)
+    return {"checkpoints": {name: peers[name]["events"] for name in sorted(peers)},
+            "slots": {str(slot): peers[name]["slots"][slot] for slot, name in sorted(owners.items())}}
+
+
 def assembled_snapshot(store: CheckpointStore | Path, config: WorkerConfig, live: dict[str, float]) -> dict[str, Any]:
     """One version from every worker checkpoint in ``store`` (:func:`online.assembly.assemble`; a path: a
     directory store); ``live``: the publishing worker's metrics (its latency figures are kept)."""
-    from online.slices import read_store
+    store = DirectoryStore(store) if isinstance(store, Path) else store
+    return assembled_from(read_store(store, CHECKPOINT_VERSION), config, live)
+
+
+def assembled_from(peers: dict[str, dict[str, Any]], config: WorkerConfig, live: dict[str, float]) -> dict[str, Any]:
+    """:func:`assembled_snapshot` of checkpoints already read; its lineage's ``generation`` says what it holds."""
     from registry.bundle import ModelBundle
 
-    store = DirectoryStore(store) if isinstance(store, Path) else store
-    parts = assemble(read_store(store, CHECKPOINT_VERSION))
+    stamp = generation(peers)  # before assembling, which changes the checkpoints it reads
+    parts = assemble(peers)
     bundle = ModelBundle(model=parts["model"], feature_bits=parts["bits"], context=parts["context"],
                          recommender=parts["recommender"], kind="online",
                          description=f"online {config.model} learners, group {config.group}",
@@ -60,7 +76,7 @@ def assembled_snapshot(store: CheckpointStore | Path, config: WorkerConfig, live
     lineage = {"offsets": {f"{t}:{p}": o for (t, p), o in sorted(parts["offsets"].items())},
                "events_seen": parts["events"], "clicks_seen": parts["clicks"], "model": config.model,
                "group": config.group, "worker_id": config.worker_id, "assembled_from": parts["sources"],
-               "shared_weights": parts["merge"]}
+               "shared_weights": parts["merge"], "generation": stamp}
     if parts["multitask_from"] is not None:
         lineage["multitask"] = parts["multitask_from"]
     return {"bundle": bundle, "metrics": metrics, "lineage": lineage, "step": parts["events"]}
@@ -72,6 +88,10 @@ class Publisher:
     Every ``publish_every_s`` a snapshot is taken (between blocks) and registered in a background thread
     while learning goes on; at the end of a run it is registered in the caller's thread. A registry that is
     down never stops learning: the error is logged and kept, and the next schedule retries.
+
+    With a store (N workers of a group) only the group's publisher (``scheduled``, set by the worker while it
+    holds slot 0) publishes on schedule, every worker at its end; an assembly whose ``generation`` the
+    model's latest version already holds is not registered again (its number goes to ``unchanged``).
     """
 
     def __init__(self, settings: Settings, config: WorkerConfig) -> None:
@@ -81,6 +101,8 @@ class Publisher:
         self.thread: threading.Thread | None = None
         self.run_id: str | None = None
         self.published: list[str] = []
+        self.unchanged: list[str] = []  # publications skipped: the latest version already held their generation
+        self.scheduled = True  # publishes on schedule (with a store: while this worker holds slot 0)
         self.errors: list[str] = []
         self.store: CheckpointStore | None = None
         self.before: Callable[[], None] | None = None
@@ -96,8 +118,21 @@ class Publisher:
             taken = snapshot(state, self.config, metrics)
             return lambda: taken
         self.before()
-        store, config = self.store, self.config
-        return lambda: assembled_snapshot(store, config, metrics)
+        return lambda: self._assembled(metrics)
+
+    def _assembled(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """An assembly of the store, or only ``{"same_as": version}`` when the latest version holds its
+        generation (then nothing is assembled)."""
+        peers = read_store(self.store, CHECKPOINT_VERSION)
+        held = self._holding(generation(peers))
+        return {"same_as": held} if held is not None else assembled_from(peers, self.config, metrics)
+
+    def _holding(self, stamp: dict[str, Any]) -> str | None:
+        """The number of the model's latest version if it was assembled from generation ``stamp``."""
+        from registry.models import latest_version, version_lineage
+
+        latest = latest_version(self.settings, self.settings.serving.model_name)
+        return str(latest.version) if latest is not None and version_lineage(latest).get("generation") == stamp else None
 
     def prepare(self) -> None:
         """Import MLflow and open the tracking store before the first record: the first publication
@@ -114,7 +149,7 @@ class Publisher:
         """Publish on schedule in a background thread; ``force`` (the end of the run) waits for a
         publication in flight, then publishes in this thread."""
         every = self.config.publish_every_s
-        if not force and (not every or time.monotonic() - self.last_publish < every):
+        if not force and (not every or not self.scheduled or time.monotonic() - self.last_publish < every):
             return
         if state.clicks == 0 and not getattr(state.recommender, "n_observed", 0):
             return  # nothing learned yet (an orders-only stream publishes once its recommender learned orders)
@@ -141,6 +176,23 @@ class Publisher:
         return self.register(self._take(state, metrics)())
 
     def register(self, taken: dict[str, Any]) -> str:
+        """Register ``taken`` (unless the latest version holds its generation); returns the version number."""
+        from registry.models import AlreadyRegistered
+
+        stamp = taken.get("lineage", {}).get("generation")
+        try:
+            if taken.get("same_as") is not None:
+                return self._unchanged(taken["same_as"])
+            return self._register_new(taken, None if stamp is None else {"generation": stamp})
+        except AlreadyRegistered as registered:  # another worker registered it while we assembled and logged
+            return self._unchanged(str(registered.version.version))
+
+    def _unchanged(self, version: str) -> str:
+        self.unchanged.append(version)
+        log.info("publication skipped: the latest version holds the same checkpoints", extra={"version": version})
+        return version
+
+    def _register_new(self, taken: dict[str, Any], unless_latest: dict[str, Any] | None) -> str:
         from registry.models import register_version
         from registry.tracking import client, experiment_id
 
@@ -153,7 +205,8 @@ class Publisher:
         for key, value in taken["metrics"].items():
             mlflow_client.log_metric(self.run_id, key, value, step=taken["step"])
         version = register_version(self.settings, taken["bundle"], name=self.settings.serving.model_name,
-                                   metrics=taken["metrics"], lineage=taken["lineage"], run_id=self.run_id)
+                                   metrics=taken["metrics"], lineage=taken["lineage"], run_id=self.run_id,
+                                   unless_latest=unless_latest)
         self.published.append(str(version.version))
         return str(version.version)
 
@@ -174,4 +227,4 @@ class Publisher:
         log.warning("publishing to the registry failed", extra={"error": self.errors[-1]}, exc_info=True)
 
 
-__all__ = ["Publisher", "assembled_snapshot", "serving_model", "snapshot"]
+__all__ = ["Publisher", "assembled_from", "assembled_snapshot", "generation", "serving_model", "snapshot"]

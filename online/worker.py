@@ -113,6 +113,7 @@ class OnlineWorker:
         self._resuming: set[int] = set()  # slots adopted from a peer, until their first block is learned here
         if self.store is not None:  # a publication assembles every worker's newest slots (online.assembly)
             self.publisher.assemble_from(self.store, before=lambda: self.checkpoint(wait=True))
+            self.publisher.scheduled = False  # until the group assigns it slot 0 (_assigned)
         self._closing = False
 
     @property
@@ -128,6 +129,8 @@ class OnlineWorker:
     # -- consumer hooks -----------------------------------------------------------------------------------
 
     def _revoked(self, partitions: set) -> None:
+        if self.store is not None and any(tp.partition == 0 for tp in partitions):
+            self.publisher.scheduled = False  # slot 0 moves on: so does publishing for the group
         if self._closing:  # leaving the group at the end: the final checkpoint is already written
             return
         for tp in partitions:
@@ -147,13 +150,15 @@ class OnlineWorker:
     def _assigned(self, partitions: set) -> dict:
         """``seek_on_assign``: adopt the newest copy of each assigned slot from the store and write the new
         fencing epochs at once (a stale owner's later copies lose), then resume every assigned partition at
-        its saved offset."""
+        its saved offset. The member given slot 0 publishes for the group (:class:`Publisher`)."""
         from streams.consumer import seek_to_saved
 
         adopted, slots = [], {tp.partition for tp in partitions}
         if self.store is not None and slots:
             adopted = self.adopt_newest(slots)
             self._checkpoint_in_rebalance()
+            # the range assignment gives partition 0 of every group topic to one live member: the group's publisher
+            self.publisher.scheduled = self.publisher.scheduled or 0 in slots
         log.info("partitions assigned", extra={"worker_id": self.config.worker_id, "adopted_slots": adopted,
                                                "epochs": {p: self.state.epochs.get(p) for p in sorted(slots)},
                                                "partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)})
@@ -506,7 +511,7 @@ class OnlineWorker:
         summary = {"events": self.state.events, "learned_this_run": self.learned_this_run, "clicks": self.state.clicks,
                    "catalog_items_this_run": self.catalog_this_run,
                    "elapsed_s": elapsed, "cpu_s": cpu, "checkpoint": str(self.checkpoint_path), "published_versions": self.published,
-                   "publish_errors": self.publish_errors,
+                   "publish_unchanged": self.publisher.unchanged, "publish_errors": self.publish_errors,
                    "events_per_s": self.learned_this_run / busy if busy > 0 else None,
                    "busy_cpu_us_per_event": (1e6 * (self.last_learned_cpu - self.first_record_cpu) / self.learned_this_run
                                              if self.learned_this_run else None),

@@ -50,6 +50,14 @@ class RegistryError(ExpectedFailure, RuntimeError):
     """A registry operation that cannot be done as asked (unknown model or version, nothing to roll back to)."""
 
 
+class AlreadyRegistered(RegistryError):
+    """The model's latest version already has the lineage a registration asked to be new: none was made."""
+
+    def __init__(self, version: Any) -> None:
+        super().__init__(f"model {version.name!r} version {version.version} already holds this lineage")
+        self.version = version
+
+
 @dataclass(frozen=True)
 class Decision:
     """A policy's verdict on a challenger, with the reason shown to operators."""
@@ -169,11 +177,14 @@ def without_user_state(bundle: ModelBundle) -> ModelBundle:
 
 def register_version(settings: Settings, bundle: ModelBundle, *, name: str, metrics: Mapping[str, float],
                      lineage: Mapping[str, Any], run_id: str | None = None, description: str | None = None,
-                     user_state: bool | None = None):
+                     user_state: bool | None = None, unless_latest: Mapping[str, Any] | None = None):
     """Log ``bundle`` (signed) in a run (new one in the platform experiment when ``run_id`` is None), register
     it under ``name``, point ``challenger`` at it and tag metrics and lineage. Returns the ``ModelVersion``.
 
-    ``user_state`` (default ``settings.registry.user_state``) False logs :func:`without_user_state` of it."""
+    ``user_state`` (default ``settings.registry.user_state``) False logs :func:`without_user_state` of it.
+    ``unless_latest``: lineage values; when the latest version's lineage has them all, :class:`AlreadyRegistered`
+    is raised instead of creating a version (checked after the bundle is logged, just before the version is
+    created: of two registrations of one state racing, the later loses its logged bundle, not the registry)."""
     import mlflow
 
     from registry.flavor import log_bundle
@@ -194,6 +205,7 @@ def register_version(settings: Settings, bundle: ModelBundle, *, name: str, metr
             info = log_bundle(bundle, signing_key(settings), name="model")
             run_id = run.info.run_id
         _ensure_registered_model(mlflow_client, name)
+        _raise_if_latest_has(settings, name, unless_latest)
         version = mlflow_client.create_model_version(
             name, source=info.model_uri, run_id=run_id, tags=tags,
             description=description or bundle.description or None, model_id=getattr(info, "model_id", None),
@@ -202,6 +214,12 @@ def register_version(settings: Settings, bundle: ModelBundle, *, name: str, metr
     _record(mlflow_client, name, {"alias": CHALLENGER, "version": str(version.version), "action": "register"}, settings)
     log.info("model version registered", extra={"model": name, "version": version.version, "run_id": run_id})
     return mlflow_client.get_model_version(name, version.version)
+
+
+def _raise_if_latest_has(settings: Settings, name: str, lineage: Mapping[str, Any] | None) -> None:
+    latest = latest_version(settings, name) if lineage else None
+    if latest is not None and all(version_lineage(latest).get(k) == v for k, v in lineage.items()):
+        raise AlreadyRegistered(latest)
 
 
 @contextlib.contextmanager
@@ -369,6 +387,13 @@ def list_versions(settings: Settings, name: str) -> list[dict]:
         "kind": (v.tags or {}).get("kind"), "metrics": version_metrics(v), "lineage": version_lineage(v),
     } for v in versions]
     return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
+
+
+def latest_version(settings: Settings, name: str):
+    """The newest ``ModelVersion`` of ``name`` (highest number, tags included), or None (none registered)."""
+    found = client(settings).search_model_versions(f"name = '{_quote(name)}'", max_results=1,
+                                                   order_by=["version_number DESC"])
+    return found[0] if found else None
 
 
 def _quote(name: str) -> str:

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from registry.models import (
-    MetricPolicy, RegistryError, alias_history, champion_version, list_versions, load_bundle, promote,
-    register_version, resolve, rollback,
+    AlreadyRegistered, MetricPolicy, RegistryError, alias_history, champion_version, latest_version, list_versions, load_bundle,
+    promote, register_version, resolve, rollback, version_lineage,
 )
 from registry.tracking import activate, client
 from tests.test_registry_bundle import T0, click_frame, make_bundle, make_clicks
@@ -42,6 +42,22 @@ def test_register_logs_a_loadable_version_with_challenger_alias_metrics_and_line
     with activate(settings):
         pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     np.testing.assert_allclose(pyfunc.predict(click_frame(clicks)), bundle.predict(clicks), rtol=1e-6)
+
+
+def test_latest_version_is_the_highest_number_with_its_tags_whatever_the_aliases(settings):
+    assert latest_version(settings, NAME) is None  # no model registered yet
+    register(settings, 0.40, events=100)
+    register(settings, 0.45, events=200)
+    promote(settings, NAME, "1", force=True)
+    latest = latest_version(settings, NAME)
+    assert str(latest.version) == "2" and version_lineage(latest)["events_seen"] == 200
+    assert latest_version(settings, "no-such-model") is None
+
+    # unless_latest: no version when the latest one's lineage already has these values
+    with pytest.raises(AlreadyRegistered, match="version 2 already holds") as held:
+        register(settings, 0.45, events=300, unless_latest={"events_seen": 200, "merchants": ["m1", "m2"]})
+    assert str(held.value.version.version) == "2" and str(latest_version(settings, NAME).version) == "2"
+    assert str(register(settings, 0.45, events=300, unless_latest={"events_seen": 300}).version) == "3"
 
 
 def test_promotion_policy_first_version_then_only_better_ones_then_rollback(settings):
