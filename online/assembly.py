@@ -12,10 +12,12 @@ learned by each worker on its own partitions, are merged:
 * the ranker's global weights: average weighted by each ranker's update count;
 * a model without linear terms (River's) cannot be averaged: the largest worker's is served, and the
   lineage says so;
-* the multi-task model (``settings.multitask.enabled``) is the largest worker's (most events learned) among
-  those holding one, served as :class:`online.multitask.MultiTaskScorer`; its conversion head and
-  calibrator learn from attributed clicks that stay in the worker that held them, so they are not averaged
-  (lineage ``multitask``: which worker's).
+* the multi-task model (``settings.multitask.enabled``), served as :class:`online.multitask.MultiTaskScorer`:
+  each of its vectors (shared, click head, conversion head) merged per hashed slot like the linear weights,
+  with ``a_k`` that vector's AdaGrad ``n``; its delay calibrator's ``(a, b)`` averaged weighted by the
+  clicks each worker resolved (lineage ``multitask``: ``single`` when one worker holds one, served exactly
+  as its own, else ``slot-activity-weighted``; ``multitask_merged``: how many). The clicks a worker holds
+  for attribution are per merchant and move with their slot (:func:`online.slices.adopt`).
 """
 
 from __future__ import annotations
@@ -39,21 +41,58 @@ def activity(model: Any) -> np.ndarray | None:
     return None
 
 
+def average_by_activity(weights: list[np.ndarray], activities: list[np.ndarray]) -> np.ndarray:
+    """Per hashed slot ``s``: ``Σ_k a_k[s]·w_k[s] / Σ_k a_k[s]`` over ``weights`` ``w_k`` and their
+    ``activities`` ``a_k`` (float64; 0 where none learned)."""
+    total = np.zeros(len(weights[0]))
+    weight = np.zeros(len(weights[0]))
+    for w, a in zip(weights, activities, strict=True):
+        total += a * np.asarray(w, dtype=np.float64)
+        weight += a
+    return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+
+
 def merge_linear(models: list[Any], bits: int) -> Any | None:
     """A float32 ``LinearScorer`` of the slot-activity-weighted average of ``models`` (None: not all linear)."""
     from registry.bundle import LinearScorer
 
-    total = np.zeros(1 << bits)
-    weight = np.zeros(1 << bits)
+    weights, activities = [], []
     for model in models:
         linear, a = getattr(model, "linear_terms", None), activity(model)
         if linear is None or a is None:
             return None
-        w, _ = linear()
-        total += a * np.asarray(w, dtype=np.float64)
-        weight += a
-    merged = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+        weights.append(linear()[0])
+        activities.append(a)
+    merged = average_by_activity(weights, activities) if weights else np.zeros(1 << bits)
     return LinearScorer(bits, weights=merged.astype(np.float32), bias=0.0)
+
+
+def merge_multitask(states: list[Any]) -> Any:
+    """A :class:`online.multitask.MultiTaskScorer` of several workers' multi-task states: each vector (shared,
+    click head, conversion head) averaged per hashed slot weighted by its own AdaGrad ``n`` (the squared
+    gradients it learned there, as FTRL's ``n`` for :func:`merge_linear`), the calibrator's ``(a, b)``
+    weighted by the clicks each resolved (:func:`merge_calibration`)."""
+    from online.multitask import TASKS, MultiTaskScorer
+
+    bits = {state.model.bits for state in states}
+    if len(bits) != 1:
+        raise ValueError(f"multi-task models of different sizes cannot be merged: {sorted(bits)} bits")
+    w = {name: average_by_activity([s.model.w[name] for s in states], [s.model.n[name] for s in states])
+         for name in ("shared", *TASKS)}
+    return MultiTaskScorer(bits.pop(), w["shared"] + w["click"], w["shared"] + w["conversion"],
+                           merge_calibration(states))
+
+
+def merge_calibration(states: list[Any]) -> tuple[float, float] | None:
+    """The delay calibrators' ``(a, b)`` averaged weighted by how many resolved clicks each learned from
+    (None: no state calibrates; none resolved yet: all still at their start, a plain average)."""
+    calibrated = [s for s in states if s.calibrator is not None]
+    if not calibrated:
+        return None
+    counts = np.array([max(s.resolved, 0) for s in calibrated], dtype=np.float64)
+    share = counts / counts.sum() if counts.sum() > 0 else np.full(len(calibrated), 1.0 / len(calibrated))
+    return (float(sum(k * s.calibrator.a for k, s in zip(share, calibrated))),
+            float(sum(k * s.calibrator.b for k, s in zip(share, calibrated))))
 
 
 def _merge_ranker(recommenders: list[Any], base: Any) -> None:
@@ -103,18 +142,20 @@ def serving_multitask(state: Any) -> Any | None:
     return MultiTaskScorer.from_state(state)
 
 
-def _largest_multitask(store: dict[str, dict[str, Any]]) -> tuple[Any | None, str | None]:
-    holding = [p for p in store if store[p].get("multitask") is not None]
+def _multitask(store: dict[str, dict[str, Any]]) -> tuple[Any | None, str | None, int]:
+    """The served multi-task model, how it was made (lineage) and how many workers' it merged."""
+    holding = [store[p]["multitask"] for p in sorted(store) if store[p].get("multitask") is not None]
     if not holding:
-        return None, None
-    path = max(holding, key=lambda p: (store[p]["events"], str(p)))
-    return serving_multitask(store[path]["multitask"]), "single" if len(store) == 1 else f"largest worker ({path})"
+        return None, None, 0
+    if len(holding) == 1:  # exactly that worker's (a one-worker average would round)
+        return serving_multitask(holding[0]), "single", 1
+    return merge_multitask(holding), "slot-activity-weighted", len(holding)
 
 
 def assemble(store: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The parts of one version from every worker checkpoint in ``store``: ``model`` (served form),
     ``context``, ``recommender``, ``metrics``, ``offsets``, ``events``, ``clicks``, ``merge``, ``sources``,
-    ``multitask`` (served form or None) and ``multitask_from``."""
+    ``multitask`` (served form or None), ``multitask_from`` and ``multitask_merged`` (how many workers')."""
     from streams.features import FeatureContext
 
     if not store:
@@ -147,8 +188,9 @@ def assemble(store: dict[str, dict[str, Any]]) -> dict[str, Any]:
     # events: every slot's newest count, plus the catalog records (read whole by every worker, counted once each)
     catalog = max(sum(saved.get("catalog_offsets", {}).values()) for saved in store.values())
     events = sum(store[name]["slots"][slot] for slot, name in owners.items()) + catalog if owners else base["events"]
-    multitask, multitask_from = _largest_multitask(store)
+    multitask, multitask_from, multitask_merged = _multitask(store)
     return {"model": model, "context": context, "multitask": multitask, "multitask_from": multitask_from,
+            "multitask_merged": multitask_merged,
             "recommender": recommender, "bits": base["bits"],
             "metrics": _metrics(store, events), "offsets": offsets, "events": events,
             "clicks": sum(saved["clicks"] for saved in store.values()), "merge": merge,
@@ -156,4 +198,5 @@ def assemble(store: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "merchant_events": dict(merged["events"])}
 
 
-__all__ = ["activity", "assemble", "merge_linear", "serving_model", "serving_multitask"]
+__all__ = ["activity", "assemble", "average_by_activity", "merge_calibration", "merge_linear", "merge_multitask",
+           "serving_model", "serving_multitask"]

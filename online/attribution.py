@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 Release = Literal["window", "order"]
@@ -160,6 +160,33 @@ class AttributionJoiner:
             del self._by_key[key]
         self.negatives += 1
         return Resolved(payload, False, clicked_at, float("nan"))
+
+    def adopt_merchants(self, theirs: AttributionJoiner | None, owned: Callable[[str], bool]) -> None:
+        """Replace the held clicks of the merchants ``owned`` says yes to by those ``theirs`` holds (a peer's
+        joiner; None: the peer held none): theirs are numbered after ours in their click order and pushed on
+        the deadline heap (the entries of ours that are dropped are skipped when popped, as those of resolved
+        clicks), and the watermark becomes the later of the two (one worker would have seen both streams).
+        The counters (positives, negatives, ...) stay this joiner's."""
+        merchants = {held[0][0] for held in self._held.values()}  # every key of _by_key has held clicks
+        if theirs is not None:
+            merchants |= {held[0][0] for held in theirs._held.values()}
+        moving = {merchant for merchant in merchants if owned(merchant)}  # owned() once per merchant
+        for seq in [seq for seq, held in self._held.items() if held[0][0] in moving]:
+            del self._held[seq]
+        for key in [key for key in self._by_key if key[0] in moving]:
+            del self._by_key[key]
+        if theirs is None:
+            return
+        renumbered = {}
+        for seq in sorted(seq for seq, held in theirs._held.items() if held[0][0] in moving):
+            held = theirs._held[seq]
+            renumbered[seq] = self._seq
+            self._held[self._seq] = held
+            heapq.heappush(self._deadlines, (held[2], self._seq))
+            self._seq += 1
+        self._by_key.update({key: [renumbered[seq] for seq in seqs]
+                             for key, seqs in theirs._by_key.items() if key[0] in moving})
+        self.latest = max(self.latest, theirs.latest)
 
     def stats(self) -> dict[str, float]:
         return {"pending": self.pending, "positives": self.positives, "negatives": self.negatives,

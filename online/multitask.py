@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -215,6 +215,12 @@ class MultiTaskState:
                 self.click(event, np.asarray(next(clicks), dtype=np.int64))
             elif type(event) is Order:
                 self.order(event)
+
+    def adopt_merchants(self, theirs: MultiTaskState | None, owned: Callable[[str], bool]) -> None:
+        """Take the held clicks of the merchants ``owned`` says yes to from a peer's state (None: the peer
+        ran without one, so it held none of them): they move with their partition slot
+        (:meth:`AttributionJoiner.adopt_merchants`). The weights are shared, merged at assembly, not moved."""
+        self.joiner.adopt_merchants(None if theirs is None else theirs.joiner, owned)
 
     def _learn(self, resolved: list[Resolved]) -> None:
         for done in resolved:

@@ -40,7 +40,7 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
                "events_seen": state.events, "clicks_seen": state.clicks, "model": config.model,
                "group": config.group, "worker_id": config.worker_id, **transfer_lineage(state.model)}
     if state.multitask is not None:
-        lineage["multitask"] = "single"
+        lineage.update(multitask="single", multitask_merged=1)
     return {"bundle": pickle.loads(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL)),
             "metrics": metrics, "lineage": lineage, "step": state.events}
 
@@ -78,7 +78,7 @@ def assembled_from(peers: dict[str, dict[str, Any]], config: WorkerConfig, live:
                "group": config.group, "worker_id": config.worker_id, "assembled_from": parts["sources"],
                "shared_weights": parts["merge"], "generation": stamp}
     if parts["multitask_from"] is not None:
-        lineage["multitask"] = parts["multitask_from"]
+        lineage.update(multitask=parts["multitask_from"], multitask_merged=parts["multitask_merged"])
     return {"bundle": bundle, "metrics": metrics, "lineage": lineage, "step": parts["events"]}
 
 

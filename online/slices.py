@@ -57,14 +57,20 @@ def replace_slot(mine: dict[str, dict], theirs: dict[str, dict], slot: int, part
 
 def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
     """Replace ``state``'s parts of ``slots`` by those of the checkpoint ``saved`` (their newest copy):
-    per-merchant tables, the prediction monitors' merchants (drift detectors), the slot's offsets and event
-    count. Merchants of the slot that ``saved`` does not know are dropped (their events were not learned in
+    per-merchant tables, the prediction monitors' merchants (drift detectors), the multi-task learner's held
+    clicks of those merchants, the slot's offsets and event count. Merchants of the slot that ``saved`` does not know are dropped (their events were not learned in
     the newest copy)."""
     slots = frozenset(slots)
     mine = tables(state.context, state.recommender, state.evaluator, state.merchant_events)
     theirs = saved_tables(saved)
+
+    def owned(merchant: str) -> bool:
+        return slot_of(merchant, state.partitions) in slots
+
     for name, monitor in state.monitors.items():
-        monitor.adopt_merchants(saved.get("monitors", {}).get(name), lambda m: slot_of(m, state.partitions) in slots)
+        monitor.adopt_merchants(saved.get("monitors", {}).get(name), owned)
+    if state.multitask is not None:
+        state.multitask.adopt_merchants(saved.get("multitask"), owned)
     for slot in slots:
         replace_slot(mine, theirs, slot, state.partitions)
         for key in [key for key in state.offsets if key[1] == slot]:

@@ -247,10 +247,14 @@ def test_a_published_version_carries_the_multitask_model_and_serving_ranks_by_ex
     assert [r.item_id for r in by_purchase] == expected[:10] and bundle.ranked_by("expected_purchase") == "expected_purchase"
     assert bundle.ranked_by() == "ranker" and [r.item_id for r in bundle.recommend_items(merchant, user, 10)] == top[:10]
 
-    # assembled from both checkpoints: the multi-task model is the largest worker's
+    # assembled from both checkpoints: both workers' multi-task weights, merged per hashed slot
+    from online.assembly import merge_multitask
+
     assembled = assembled_snapshot(tmp_path / "store", worker.config, {})
-    assert assembled["lineage"]["multitask"] == "largest worker (a.ckpt)"
-    np.testing.assert_array_equal(assembled["bundle"].multitask.conversion, bundle.multitask.conversion)
+    assert assembled["lineage"]["multitask"] == "slot-activity-weighted" and assembled["lineage"]["multitask_merged"] == 2
+    both = merge_multitask([state, workers["b"].state.multitask])
+    np.testing.assert_array_equal(assembled["bundle"].multitask.conversion, both.conversion)
+    assert assembled["bundle"].multitask.calibration == both.calibration
 
     register_version(settings, bundle, name=settings.serving.model_name, metrics={}, lineage={})
     promote(settings, settings.serving.model_name, version="1", force=True)
