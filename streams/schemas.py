@@ -228,6 +228,7 @@ def nesting_depth(raw: bytes) -> int:
 _get_schema_version = attrgetter("schema_version")
 _get_timestamp = attrgetter("timestamp")
 _get_merchant_id = attrgetter("merchant_id")
+_SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 
 
 def decode_valid_events(raws: Sequence[bytes], *, now: float | None = None,
@@ -253,9 +254,11 @@ def decode_valid_events(raws: Sequence[bytes], *, now: float | None = None,
     except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):  # TypeError: a None (tombstone)
         return None  # decode_event, one by one, says which and why
     limit = (now if now is not None else time.time()) + MAX_FUTURE_SKEW_S
-    # limit.__lt__(timestamp) is `timestamp > limit`, SCHEMA_VERSION.__ne__(v) is `v != SCHEMA_VERSION`
-    if (any(map(SCHEMA_VERSION.__ne__, map(_get_schema_version, events)))
-            or any(map(limit.__lt__, map(_get_timestamp, events)))
+    # the latest timestamp past the limit is `any timestamp > limit`: decoded timestamps are never NaN (JSON
+    # has none; msgspec rejects NaN/Infinity and numbers out of a float's range). Both passes compare
+    # without a method wrapper per event (~60 ns per event less than any(map(...__ne__/__lt__, ...))).
+    if (not _SUPPORTED_VERSIONS.issuperset(map(_get_schema_version, events))
+            or max(map(_get_timestamp, events), default=limit) > limit
             or (merchants is not None and not merchants.issuperset(map(_get_merchant_id, events)))):
         return None
     return events

@@ -388,6 +388,12 @@ def test_bulk_decoding_agrees_with_decoding_one_by_one():
         with pytest.raises(InvalidEvent):
             decode_event(payload, now=NOW, merchants=merchants)
     assert decode_valid_events(raws + [None], now=NOW) is None  # a tombstone
+    limit = NOW + 86_400  # MAX_FUTURE_SKEW_S: a timestamp at the limit is valid, one just past it is not
+    for timestamp, valid in ((limit, True), (limit + 1e-6, False), (limit - 1e-6, True)):
+        edge = msgspec.json.encode(click_dict(timestamp=timestamp))
+        mixed = raws[:50] + [edge] + raws[50:]
+        bulk = decode_valid_events(mixed, now=NOW)
+        assert bulk == ([decode_event(raw, now=NOW) for raw in mixed] if valid else None), timestamp
 
 
 def test_decoding_clicks_and_catalog_items_sets_off_no_garbage_collection():
