@@ -249,7 +249,7 @@ class EventConsumer:
                 self.dead_letter_failed += 1
                 log.error("dead letter not delivered", extra={"group": self.group_id, "error": str(exc)[:300]})
 
-    def _build_records(self, topic: str, partition: int, offsets: list[int], timestamps, keys: list,
+    def _build_records(self, topic: str, partition: int, offsets: list[int], timestamps: list[int], keys: list,
                        values: list) -> list[Record] | None:
         """A fetched batch's :class:`Record` from its columns (a :data:`~streams.records.BatchBuilder`), when
         every value is a valid event; else None: the batch comes as RawRecords and :meth:`poll` says which

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import repeat
 
 import kafka
@@ -81,10 +81,10 @@ class RawRecord(msgspec.Struct, frozen=True, gc=False):
 
 
 #: ``build(topic, partition, offsets, timestamps, keys, values) -> records | None``: a consumer's own records
-#: made from the columns of one natively scanned batch (``timestamps`` an iterable, the others lists), or
+#: made from the columns of one natively scanned batch (lists; records with the same key share its bytes), or
 #: None to get the batch as :class:`RawRecord` (e.g. a value that does not decode). Installed per consumer
 #: by :func:`build_raw_batches`; ``EventConsumer`` decodes its events there, in one pass per batch.
-BatchBuilder = Callable[[str, int, list, Iterable, list, list], "list | None"]
+BatchBuilder = Callable[[str, int, list, list, list, list], "list | None"]
 
 #: batches of at least this many records are scanned natively when decoded as RawRecords (numba: a consumer
 #: of events pays its import once; smaller batches are not worth a kernel call)
@@ -208,28 +208,31 @@ def _native_raw_records(data: bytes, pos: int, count: int, base_offset: int, log
                         build: BatchBuilder | None = None) -> list | None:
     """The batch's records as :class:`RawRecord` (or as ``build`` makes them) from one native scan
     (:mod:`streams.record_kernels`); None when a record is not plain (headers, a size that does not add
-    up), for the Python loop to decode."""
+    up), for the Python loop to decode. Records carrying the same key share one ``bytes`` of it."""
     from streams import record_kernels  # numba: loaded by the first big raw batch (a worker loads it earlier)
 
-    fields = np.empty((count, 6), dtype=np.int64)
-    if record_kernels.scan(np.frombuffer(data, dtype=np.uint8), pos, fields) != len(data):
+    columns = np.empty((5, count), dtype=np.int64)
+    distinct = np.empty((2, count), dtype=np.int64)
+    log_append = log_append_timestamp is not None
+    end, found, null_values = record_kernels.scan(
+        np.frombuffer(data, dtype=np.uint8), pos, base_offset, log_append_timestamp if log_append else first_timestamp,
+        log_append, columns, distinct)
+    if end != len(data):
         return None
-    offsets = (fields[:, record_kernels.OFFSET_DELTA] + base_offset).tolist()
-    stamps = (repeat(log_append_timestamp) if log_append_timestamp is not None
-              else (fields[:, record_kernels.TIMESTAMP_DELTA] + first_timestamp).tolist())
-    keys = _slices(data, fields[:, record_kernels.KEY_START].tolist(), fields[:, record_kernels.KEY_LENGTH].tolist())
-    values = _slices(data, fields[:, record_kernels.VALUE_START].tolist(),
-                     fields[:, record_kernels.VALUE_LENGTH].tolist())
+    offsets, stamps, key_indices, value_starts, value_ends = columns.tolist()
+    key_starts, key_lengths = distinct[:, :found].tolist()
+    key_table = [data[start:start + length] for start, length in zip(key_starts, key_lengths)]
+    key_table.append(None)  # index -1: a null key
+    keys = list(map(key_table.__getitem__, key_indices))
+    if null_values:
+        values = [data[start:stop] if stop >= 0 else None for start, stop in zip(value_starts, value_ends)]
+    else:
+        values = [data[start:stop] for start, stop in zip(value_starts, value_ends)]
     if build is not None:
         built = build(topic, partition, offsets, stamps, keys, values)
         if built is not None:
             return built
     return list(map(RawRecord, repeat(topic), repeat(partition), offsets, stamps, keys, values))
-
-
-def _slices(data: bytes, starts: list[int], lengths: list[int]) -> list[bytes | None]:
-    """``data[start:start + length]`` per record, None where the length is negative (a null key or value)."""
-    return [data[start:start + length] if length >= 0 else None for start, length in zip(starts, lengths)]
 
 
 def _headers(data: bytes, pos: int) -> tuple[list, int, int]:

@@ -60,7 +60,11 @@ class _Event(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_
     pass
 
 
-class Click(_Event, tag="click"):
+# Click, LineItem and CatalogItem hold only strings and numbers, so no reference cycle can run through them:
+# gc=False keeps them out of the cyclic collector (a decoded struct it tracks counts as an allocation, and a
+# consumer decoding ~100k events/s would set off a young collection every 700 of them, and now and then a
+# full one). Order holds a list and stays tracked.
+class Click(_Event, tag="click", gc=False):
     event_id: Id
     merchant_id: Id
     user_id: Id
@@ -76,7 +80,7 @@ class Click(_Event, tag="click"):
     schema_version: int = SCHEMA_VERSION
 
 
-class LineItem(msgspec.Struct, forbid_unknown_fields=True):
+class LineItem(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     item_id: Id
     quantity: Annotated[int, msgspec.Meta(gt=0, le=100_000)]
     unit_price: Annotated[float, msgspec.Meta(ge=0)]
@@ -98,7 +102,7 @@ class Order(_Event, tag="order"):
         return sum(line.quantity * line.unit_price for line in self.items)
 
 
-class CatalogItem(_Event, tag="catalog"):
+class CatalogItem(_Event, tag="catalog", gc=False):
     event_id: Id
     merchant_id: Id
     item_id: Id
@@ -224,6 +228,7 @@ def nesting_depth(raw: bytes) -> int:
 _get_schema_version = attrgetter("schema_version")
 _get_timestamp = attrgetter("timestamp")
 _get_merchant_id = attrgetter("merchant_id")
+_SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 
 
 def decode_valid_events(raws: Sequence[bytes], *, now: float | None = None,
@@ -249,9 +254,11 @@ def decode_valid_events(raws: Sequence[bytes], *, now: float | None = None,
     except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):  # TypeError: a None (tombstone)
         return None  # decode_event, one by one, says which and why
     limit = (now if now is not None else time.time()) + MAX_FUTURE_SKEW_S
-    # limit.__lt__(timestamp) is `timestamp > limit`, SCHEMA_VERSION.__ne__(v) is `v != SCHEMA_VERSION`
-    if (any(map(SCHEMA_VERSION.__ne__, map(_get_schema_version, events)))
-            or any(map(limit.__lt__, map(_get_timestamp, events)))
+    # the latest timestamp past the limit is `any timestamp > limit`: decoded timestamps are never NaN (JSON
+    # has none; msgspec rejects NaN/Infinity and numbers out of a float's range). Both passes compare
+    # without a method wrapper per event (~60 ns per event less than any(map(...__ne__/__lt__, ...))).
+    if (not _SUPPORTED_VERSIONS.issuperset(map(_get_schema_version, events))
+            or max(map(_get_timestamp, events), default=limit) > limit
             or (merchants is not None and not merchants.issuperset(map(_get_merchant_id, events)))):
         return None
     return events

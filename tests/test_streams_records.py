@@ -284,3 +284,40 @@ def test_native_scan_gives_the_python_loops_raw_records_or_its_error(monkeypatch
     # the kernel decoded the plain batches, handed back the one with headers and corrupted plain ones
     assert scanned[True, 40] > 150 and scanned[True, 20] > 150 and scanned[False, 40] > 30
     assert scanned[False, 35] > 150 and not scanned[True, 35]
+
+
+def test_native_scan_shares_repeated_keys_and_leaves_int64_overflow_to_the_python_loop(monkeypatch):
+    """Records with the same key share one bytes of it (more distinct keys than the scan's window, null keys
+    and values among them), and a batch whose offsets or timestamps overflow int64 (the Python loop's ints
+    do not) is handed back: both give the Python loop's records."""
+    import streams.records as records
+    from streams.record_kernels import KEY_WINDOW
+
+    rng = random.Random(17)
+    merchants = [b"m%02d" % i for i in range(KEY_WINDOW + 4)]
+    plain = [(1_700_000_000_000 + i, None if i % 13 == 0 else rng.choice(merchants[:3] if i < 100 else merchants),
+              None if i % 17 == 4 else b'{"n": %d}' % i, []) for i in range(300)]
+    overflowing = []
+    for field in (slice(27, 35), slice(0, 8)):  # first timestamp, base offset: int64 max - 3, then deltas up to 19
+        batch = bytearray(build(plain[:20]))
+        batch[field] = (2**63 - 4).to_bytes(8, "big", signed=True)
+        overflowing.append(bytes(batch))
+    scanned, native_records = [], records._native_raw_records
+
+    def counted(*args):
+        out = native_records(*args)
+        scanned.append(out is not None)
+        return out
+    monkeypatch.setattr(records, "_native_raw_records", counted)
+    for buffer in (build(plain), *overflowing):
+        monkeypatch.setattr(records, "NATIVE_MIN_RECORDS", 8)
+        native = _raw_fields(RawPartitionRecords, buffer)
+        monkeypatch.setattr(records, "NATIVE_MIN_RECORDS", 1 << 30)
+        assert native == _raw_fields(RawPartitionRecords, buffer)
+    assert scanned == [True, False, False]
+    assert max(timestamp for _, _, _, timestamp, _, _ in _raw_fields(RawPartitionRecords, overflowing[0])[0]) >= 2**63
+    monkeypatch.setattr(records, "NATIVE_MIN_RECORDS", 8)
+    taken = RawPartitionRecords(0, TP, MemoryRecords(build(plain))).take()
+    assert [record.key for record in taken] == [key for _, key, _, _ in plain]
+    assert len({id(record.key) for record in taken[:100] if record.key is not None}) == 3
+    assert len({id(record.key) for record in taken if record.key is not None}) < 100  # 12 keys: some sliced again
