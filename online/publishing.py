@@ -45,13 +45,15 @@ def snapshot(state: LearnerState, config: WorkerConfig, metrics: dict[str, float
             "metrics": metrics, "lineage": lineage, "step": state.events}
 
 
-def generation(peers: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """What a version assembled from the checkpoints ``peers`` is made of: the events each checkpoint learned
-    (its shared model, ranker and metrics change only by learning) and the events in each slot's newest copy
-    (its merchants' parts). Equal generations assemble the same version; a slot adopted by a new owner (a
-    new epoch, the same events) leaves it equal."""
+def generation(peers: dict[str, dict[str, Any]], config: WorkerConfig) -> dict[str, Any]:
+    """What a version assembled from the checkpoints ``peers`` of ``config``'s group is made of: the group and
+    its learner (another group, e.g. another learner on the same stream under the same model name, holds other
+    weights), the events each checkpoint learned (its shared model, ranker and metrics change only by learning)
+    and the events in each slot's newest copy (its merchants' parts). Equal generations assemble the same
+    version; a slot adopted by a new owner (a new epoch, the same events) leaves it equal."""
     owners = newest(peers)
-    return {"checkpoints": {name: peers[name]["events"] for name in sorted(peers)},
+    return {"group": config.group, "model": config.model,
+            "checkpoints": {name: peers[name]["events"] for name in sorted(peers)},
             "slots": {str(slot): peers[name]["slots"][slot] for slot, name in sorted(owners.items())}}
 
 
@@ -66,7 +68,7 @@ def assembled_from(peers: dict[str, dict[str, Any]], config: WorkerConfig, live:
     """:func:`assembled_snapshot` of checkpoints already read; its lineage's ``generation`` says what it holds."""
     from registry.bundle import ModelBundle
 
-    stamp = generation(peers)  # before assembling, which changes the checkpoints it reads
+    stamp = generation(peers, config)  # before assembling, which changes the checkpoints it reads
     parts = assemble(peers)
     bundle = ModelBundle(model=parts["model"], feature_bits=parts["bits"], context=parts["context"],
                          recommender=parts["recommender"], kind="online",
@@ -124,7 +126,7 @@ class Publisher:
         """An assembly of the store, or only ``{"same_as": version}`` when the latest version holds its
         generation (then nothing is assembled)."""
         peers = read_store(self.store, CHECKPOINT_VERSION)
-        held = self._holding(generation(peers))
+        held = self._holding(generation(peers, self.config))
         return {"same_as": held} if held is not None else assembled_from(peers, self.config, metrics)
 
     def _holding(self, stamp: dict[str, Any]) -> str | None:

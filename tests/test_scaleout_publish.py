@@ -25,9 +25,9 @@ SLOTS = {"a": {0, 1}, "b": {2}, "c": {3}}
 
 
 def _member(settings: Settings, store: Path | None, worker_id: str, slots: set[int],
-            checkpoint: Path | None = None) -> OnlineWorker:
+            checkpoint: Path | None = None, model: str = "ftrl", group: str = "g") -> OnlineWorker:
     """A group member given ``slots`` by the group (its rebalance hook), publishing every second."""
-    config = WorkerConfig(model="ftrl", group="g", store=store, checkpoint_path=checkpoint, worker_id=worker_id,
+    config = WorkerConfig(model=model, group=group, store=store, checkpoint_path=checkpoint, worker_id=worker_id,
                           block=64, flush_after_s=3600, publish_every_s=1.0, publish_at_end=True, rank_every=0)
     worker = OnlineWorker(settings, config)
     worker.state.partitions = 4
@@ -60,8 +60,8 @@ def _versions(settings: Settings) -> list[str]:
     return [row["version"] for row in list_versions(settings, settings.serving.model_name)][::-1]
 
 
-def _store_generation(store: Path) -> dict:
-    return generation(read_store(DirectoryStore(store), CHECKPOINT_VERSION))
+def _store_generation(store: Path, config: WorkerConfig) -> dict:
+    return generation(read_store(DirectoryStore(store), CHECKPOINT_VERSION), config)
 
 
 def test_one_registration_per_interval_for_the_group_none_when_nothing_changed(settings, tmp_path):
@@ -74,7 +74,7 @@ def test_one_registration_per_interval_for_the_group_none_when_nothing_changed(s
     _interval(workers)
     assert (a.published, b.published, c.published) == (["1"], [], []) and _versions(settings) == ["1"]
     first = version_lineage(latest_version(settings, settings.serving.model_name))
-    assert first["generation"] == _store_generation(store) and sorted(first["assembled_from"]) == ["a.ckpt", "b.ckpt", "c.ckpt"]
+    assert first["generation"] == _store_generation(store, a.config) and sorted(first["assembled_from"]) == ["a.ckpt", "b.ckpt", "c.ckpt"]
     assert first["generation"]["slots"] == {"0": 100, "1": 100, "2": 100, "3": 100}
 
     # b learns more, the others nothing: one registration, by a, holding b's new events
@@ -82,7 +82,7 @@ def test_one_registration_per_interval_for_the_group_none_when_nothing_changed(s
     _interval(workers)
     assert _versions(settings) == ["1", "2"] and a.published == ["1", "2"] and not b.published + c.published
     second = version_lineage(latest_version(settings, settings.serving.model_name))
-    assert second["generation"]["slots"]["2"] == len(_of(records, {2})) and second["generation"] == _store_generation(store)
+    assert second["generation"]["slots"]["2"] == len(_of(records, {2})) and second["generation"] == _store_generation(store, a.config)
 
     # nothing changed: the due publication registers nothing
     _interval(workers)
@@ -146,6 +146,19 @@ def test_two_workers_stopping_together_register_their_equal_assemblies_once(sett
     assert all("bundle" in t for t in taken) and taken[0]["lineage"]["generation"] == taken[1]["lineage"]["generation"]
     assert [worker.publisher.register(t) for worker, t in zip((b, a), taken[::-1])] == ["1", "1"]
     assert (b.published, a.publisher.unchanged, _versions(settings)) == (["1"], ["1"], ["1"])
+
+
+def test_two_groups_of_other_learners_on_the_same_stream_both_register(settings, tmp_path):
+    """An FTRL group and an Adam group learning the same events under one model name (the demo's two
+    learners) hold checkpoints with the same names and counts: each group's version is its own, so
+    neither is skipped as the other's."""
+    records = partition_records(4, seed=9, events=600)
+    ftrl, adam = [_member(settings, tmp_path / model, "w", {0, 1, 2, 3}, model=model, group=f"g-{model}")
+                  for model in ("ftrl", "adam")]
+    for worker in (ftrl, adam):
+        _learn(worker, records)
+        _interval([worker])
+    assert (ftrl.published, adam.published, adam.publisher.unchanged) == (["1"], ["2"], [])
 
 
 def test_a_worker_without_a_store_publishes_as_before(settings, tmp_path):
