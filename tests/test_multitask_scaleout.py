@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +15,12 @@ from online.attribution import AttributionJoiner, attributed_labels
 from online.multitask import MultiTaskScorer, MultiTaskState
 from online.publishing import assembled_snapshot, snapshot
 from online.slices import slot_of
-from online.state import WorkerConfig
 from online.store import DirectoryStore
-from online.worker import OnlineWorker
 from registry.bundle import ModelBundle
 from streams.consumer import Record
 from streams.generator import GeneratorConfig, generate
 from streams.schemas import Click, Order
+from tests.test_scaleout_store import _learn, _worker
 
 WINDOW, LATENESS, JITTER = 300.0, 60.0, 30.0
 
@@ -167,20 +165,6 @@ def _records(events: list) -> list:
         out.append(Record(event, "events", p, offsets[p], 0, event.merchant_id.encode()))
         offsets[p] += 1
     return out
-
-
-def _worker(settings: Settings, store: Path, worker_id: str) -> OnlineWorker:
-    config = WorkerConfig(model="ftrl", group="g", store=store, worker_id=worker_id, block=64, flush_after_s=3600,
-                          publish_every_s=None, publish_at_end=False, rank_every=0)
-    worker = OnlineWorker(settings, config)
-    worker.state.partitions = 4
-    return worker
-
-
-def _learn(worker: OnlineWorker, records: list) -> None:
-    worker.accept(records)
-    worker.flush_stale(force=True)
-    worker.checkpoint(commit=False)
 
 
 def _held(state: MultiTaskState, slots: set[int]) -> list[tuple]:
