@@ -33,6 +33,7 @@ from drift.events import DriftEvent, decode_drift_event, encode_drift_event
 from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from online.prequential import group_positions
+from online.slices import replace_merchants
 from streams.features import FeatureContext
 from streams.schemas import CatalogItem, Click, Event, Order
 
@@ -388,10 +389,7 @@ class DriftMonitor:
             mine["context"] = self.context.merchants
             saved = state.get("context")
             theirs["context"] = FeatureContext.from_state(saved).merchants if saved is not None else {}
-        for name, table in mine.items():
-            for merchant in [m for m in table if owned(m)]:
-                del table[merchant]
-            table.update({m: value for m, value in theirs[name].items() if owned(m)})
+        replace_merchants(mine, theirs, owned)
         self._stamp({m: detectors for m, detectors in self.detectors.items() if owned(m)})
 
     @classmethod

@@ -14,7 +14,7 @@ publication assembles one version from the newest copy of every slot (``online/R
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka.partitioner.default import murmur2
@@ -47,19 +47,25 @@ def saved_tables(saved: dict[str, Any]) -> dict[str, dict]:
                   saved.setdefault("merchant_events", {}))
 
 
+def replace_merchants(mine: dict[str, dict], theirs: dict[str, dict], owned: Callable[[str], bool]) -> None:
+    """Make the entries of the merchants ``owned`` says yes to, in each of ``mine``'s tables (by name: dicts
+    keyed by merchant), exactly those of ``theirs``' table of that name (dropping those ``theirs`` lacks)."""
+    for name, table in mine.items():
+        for merchant in [m for m in table if owned(m)]:
+            del table[merchant]
+        table.update({m: value for m, value in theirs.get(name, {}).items() if owned(m)})
+
+
 def replace_slot(mine: dict[str, dict], theirs: dict[str, dict], slot: int, partitions: int) -> None:
     """Make ``mine``'s merchants of ``slot`` exactly ``theirs``' (dropping those ``theirs`` lacks)."""
-    for name, table in mine.items():
-        for merchant in [m for m in table if slot_of(m, partitions) == slot]:
-            del table[merchant]
-        table.update({m: value for m, value in theirs.get(name, {}).items() if slot_of(m, partitions) == slot})
+    replace_merchants(mine, theirs, lambda merchant: slot_of(merchant, partitions) == slot)
 
 
 def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
     """Replace ``state``'s parts of ``slots`` by those of the checkpoint ``saved`` (their newest copy):
     per-merchant tables, the prediction monitors' merchants (drift detectors), the multi-task learner's held
-    clicks of those merchants, the slot's offsets and event count. Merchants of the slot that ``saved`` does not know are dropped (their events were not learned in
-    the newest copy)."""
+    clicks of those merchants, the slot's offsets and event count. Merchants of the slot that ``saved`` does
+    not know are dropped (their events were not learned in the newest copy)."""
     slots = frozenset(slots)
     mine = tables(state.context, state.recommender, state.evaluator, state.merchant_events)
     theirs = saved_tables(saved)
@@ -116,4 +122,4 @@ def newest(store: dict[str, dict[str, Any]]) -> dict[int, str]:
     return {slot: name for slot, (_, name) in best.items()}
 
 
-__all__ = ["adopt", "copy_rank", "newest", "newest_epoch", "read_store", "replace_slot", "saved_tables", "slot_of", "tables"]
+__all__ = ["adopt", "copy_rank", "newest", "newest_epoch", "read_store", "replace_merchants", "replace_slot", "saved_tables", "slot_of", "tables"]
