@@ -61,8 +61,9 @@ def prediction_monitor(name: str):
 @click.option("--max-events", type=click.IntRange(min=1), default=None, help="Stop after learning N events.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="Stop after S seconds without records (default: run until SIGTERM).")
-@click.option("--block", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Mini-batch size; blocks are cut at offsets that are multiples of it.")
+@click.option("--block", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Mini-batch size per partition; blocks are cut at offsets that are multiples of it (a partial "
+                   "block is learned when its partition is caught up or after --flush-after).")
 @click.option("--flush-after", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Learn a partial block after it waited S seconds.")
 @click.option("--flush-caught-up/--no-flush-caught-up", "flush_caught_up", default=True, show_default=True,
