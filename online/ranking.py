@@ -23,6 +23,7 @@ FEATURES = ("bias", "user_count", "user_has", "user_orders", "hours_since", "rec
             "src_catalog")
 SOURCE_FLAGS = [tuple(float(bool(mask & bit)) for bit in SOURCE_NAMES)  # the src_* features of each source mask
                 for mask in range(2 ** len(SOURCE_NAMES))]
+SOURCE_OF_MASK = tuple(source_name(mask) for mask in range(2 ** len(SOURCE_NAMES)))  # source_name, looked up
 PRIOR = {"co": 1.0, "trans": 1.0, "popularity": 0.5, "co_max": 0.5, "trans_max": 0.5}
 
 
@@ -276,12 +277,36 @@ class ShopRecommender:
             proposed.pop(item_id, None)
         if not proposed:
             return []
+        items, masks, scores, best = self._best(shop, merchant_id, user_id, proposed, co, trans, k, timestamp)
+        shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))  # in (0, 1), same order
+        return [Recommended(items[i], p, SOURCE_OF_MASK[masks[i]]) for i, p in zip(best.tolist(), shown.tolist())]
+
+    def ranked_ids(self, merchant_id: str, user_id: str, actual: str, k: int = 10, *,
+                   timestamp: float | None = None) -> list[str]:
+        """The items :meth:`rank` shows (no product page) when ``actual`` can be among them, else ``[]``: what the
+        worker's ranking evaluation reads (a list without ``actual`` is a miss, whichever it is). No proposal
+        when ``actual`` provably is no candidate (:meth:`CandidateState.may_propose`), no features when it is
+        not among the proposed, no shown scores."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        shop = self.state.shops.get(merchant_id)
+        limit = max(self.candidate_limit, k)
+        if shop is None or not self.state.may_propose(shop, shop.users.get(user_id), (actual,), limit):
+            return []  # may_propose re-ranked the popular items as propose would have: the same state after
+        proposed, co, trans = self.state.propose(merchant_id, user_id, limit)
+        if actual not in proposed:
+            return []
+        items, _, _, best = self._best(shop, merchant_id, user_id, proposed, co, trans, k, timestamp)
+        return [items[i] for i in best.tolist()]
+
+    def _best(self, shop: Shop, merchant_id: str, user_id: str, proposed: dict[str, int], co: dict[str, float],
+              trans: dict[str, float], k: int, timestamp: float | None) -> tuple[list, list, np.ndarray, np.ndarray]:
+        """The proposed items, their masks and scores, and the rows of the top ``k`` by score (ties in order)."""
         items, masks = list(proposed), list(proposed.values())
         when = shop.clock if timestamp is None else timestamp
-        scores = self.ranker.scores(merchant_id, self.feature_matrix(shop, shop.users.get(user_id), items, masks, co, trans, when))
-        best = np.argsort(-scores, kind="stable")[:k]
-        shown = 1.0 / (1.0 + np.exp(-np.clip(scores[best], -35.0, 35.0)))  # in (0, 1), same order
-        return [Recommended(items[i], float(p), source_name(masks[i])) for i, p in zip(best.tolist(), shown.tolist())]
+        scores = self.ranker.scores(merchant_id, self.feature_matrix(shop, shop.users.get(user_id), items, masks, co,
+                                                                     trans, when))
+        return items, masks, scores, np.argsort(-scores, kind="stable")[:k]
 
     # the candidate-generator protocol of registry.bundle (older bundles rank these with the click model)
     def candidates(self, merchant_id: str, user_id: str, limit: int = 100) -> list[str]:

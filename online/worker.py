@@ -400,9 +400,9 @@ class OnlineWorker:
 
     def _score_ranking(self, event: Click | Order) -> None:
         actual = event.item_id if isinstance(event, Click) else event.items[0].item_id
-        rank = getattr(self.state.recommender, "rank", None)
-        if rank is not None:  # the two-stage recommender ranks its own candidates (what serving shows)
-            shown = [r.item_id for r in rank(event.merchant_id, event.user_id, self.config.rank_k, timestamp=event.timestamp)]
+        ranked_ids = getattr(self.state.recommender, "ranked_ids", None)
+        if ranked_ids is not None:  # the two-stage recommender ranks its own candidates (what serving shows)
+            shown = ranked_ids(event.merchant_id, event.user_id, actual, self.config.rank_k, timestamp=event.timestamp)
             self.state.evaluator.observe_ranking(event.merchant_id, shown, actual, self.config.rank_k)
             return
         ranked = recommend(self.state.model, self.featurizer, self.state.context, event.merchant_id, event.user_id,

@@ -18,7 +18,7 @@ from online.candidates import CandidateState, ItemStats
 from online.ranking import ShopRecommender, features, features_reference
 from streams.schemas import CatalogItem, Click, LineItem, Order
 from tests.recs_reference import reference_features
-from tests.test_recs_fastpath import streams
+from tests.test_recs_fastpath import assert_same_candidates, streams
 
 
 class RowByRowRecommender(ShopRecommender):
@@ -171,6 +171,40 @@ def test_may_propose_skips_catalog_items_past_the_cold_start_and_history_past_th
         proposed, _, _ = state.propose("m", "u", limit)
         assert (item in proposed) is expected, (limit, item)
         assert state.may_propose(shop, user, (item,), limit) is expected, (limit, item)
+
+
+@pytest.mark.parametrize("name", list(streams()))
+def test_ranked_ids_are_the_ranked_items_whenever_they_can_hold_the_actual_one(name: str):
+    """The worker's ranking evaluation (``ranked_ids``) on the steps of seeded streams, before each is folded
+    in as the worker asks: the items ``rank()`` shows whenever they hold the actual item, else those or
+    ``[]`` (a miss either way: the same hit rate and NDCG), the same state after (popular items re-ranked
+    alike, the same training); both shortcuts taken (no proposal; a proposal without the actual item)."""
+    events, bounds = streams()[name]
+    ranking = ShopRecommender(candidates=CandidateState(**bounds), seed=3)
+    evaluating = ShopRecommender(candidates=CandidateState(**bounds), seed=3)
+    unproposed = absent = hits = 0
+    for n, event in enumerate(events):
+        step = CandidateState.step_of(event)
+        if step is not None and n % 2 == 0:
+            actual, k = step[0][0], (10, 1, 200)[n % 3]
+            shop = ranking.state.shops.get(event.merchant_id)
+            if shop is not None:  # counted on the ranking side: may_propose re-ranks as propose then does
+                limit = max(ranking.candidate_limit, k)
+                may = ranking.state.may_propose(shop, shop.users.get(event.user_id), (actual,), limit)
+                proposed, _, _ = ranking.state.propose(event.merchant_id, event.user_id, limit)
+                assert may or actual not in proposed
+                unproposed += not may
+                absent += may and actual not in proposed
+            shown = [r.item_id for r in ranking.rank(event.merchant_id, event.user_id, k, timestamp=event.timestamp)]
+            ids = evaluating.ranked_ids(event.merchant_id, event.user_id, actual, k, timestamp=event.timestamp)
+            assert ids == shown if actual in shown else ids in ([], shown), (n, actual, ids, shown)
+            hits += actual in shown
+        ranking.observe(event)
+        evaluating.observe(event)
+    assert_same_candidates(evaluating.state, ranking.state)
+    assert evaluating.ranker.weights.tobytes() == ranking.ranker.weights.tobytes()
+    assert evaluating.rng.getstate() == ranking.rng.getstate()
+    assert unproposed >= 5 and hits >= 30 and (absent >= 5 or bounds), (unproposed, absent, hits)
 
 
 def test_the_ranking_kernel_keeps_the_gil():
