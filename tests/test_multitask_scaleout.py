@@ -275,3 +275,87 @@ def test_the_assembled_multitask_model_merges_every_worker_and_one_worker_is_ser
         assert merged_conversion >= single_conversion - noise_conversion, (merged_conversion, single_conversion)
         if worker is not larger:
             assert merged_click > roc_auc(y_click, _scores(before, merged["bundle"], mine)[0])
+
+
+# -- a slot that moves: its former owner stops learning its held clicks ---------------------------------------
+
+
+def _given(worker, slots: set[int]) -> None:
+    """The group gives ``worker`` ``slots`` (its rebalance hooks: every partition revoked, then the new ones)."""
+    from kafka.structs import TopicPartition
+
+    worker._revoked({TopicPartition("events", p) for p in worker.state.epochs})
+    worker._assigned({TopicPartition("events", p) for p in slots})
+
+
+def _same_learner(mine: MultiTaskState, theirs: MultiTaskState) -> None:
+    for name in mine.model.w:
+        assert np.array_equal(mine.model.w[name], theirs.model.w[name]) and np.array_equal(mine.model.n[name], theirs.model.n[name])
+    assert (mine.calibrator.a, mine.calibrator.b, mine.resolved) == (theirs.calibrator.a, theirs.calibrator.b, theirs.resolved)
+
+
+@pytest.mark.parametrize("reads", ["first", "last"])
+def test_a_former_owner_stops_learning_the_held_clicks_of_a_slot_it_gave_up(settings, tmp_path, reads):
+    """Slot 1 moves from a to b. b adopts a's held clicks of it whether it reads a's checkpoint before or after
+    a's own assignment callback wrote it again (``reads``: b's callback runs first or last); from then on a's
+    conversion head and calibrator learn exactly what a copy of a that dropped those clicks at the move learns
+    (on the former code a went on resolving them, as negatives once their window closed: learned twice in the
+    group). At the next rebalance a finds b's newer copy and forgets them."""
+    settings, store = _enabled(settings, 86_400.0), tmp_path / "store"
+    records = _records(_stream_events(seed=13, events=6000))
+    cut = len(records) // 2
+    a, b = _worker(settings, store, "a"), _worker(settings, store, "b")
+    _given(a, {0, 1})
+    _given(b, {2, 3})
+    _learn(a, [r for r in records[:cut] if r.partition < 2])
+    _learn(b, [r for r in records[:cut] if r.partition >= 2])
+    moving = _held(a.state.multitask, {1})
+    assert len(moving) > 10
+
+    reference_store = tmp_path / "reference"  # a as it was at the move, without slot 1's held clicks
+    reference_store.mkdir()
+    (reference_store / "a.ckpt").write_bytes(DirectoryStore(store).read("a.ckpt"))
+    alone = _worker(settings, reference_store, "a")
+    alone.state.multitask.joiner.adopt_merchants(None, lambda m: slot_of(m, 4) == 1)  # the peer held none: dropped
+
+    if reads == "first":
+        _given(b, {1, 2, 3})
+        _given(a, {0})
+    else:
+        _given(a, {0})
+        _given(b, {1, 2, 3})
+    assert _held(b.state.multitask, {1}) == moving and _held(a.state.multitask, {1}) == []
+    rest = [r for r in records[cut:] if r.partition == 0]
+    assert rest[-1].event.timestamp - max(at for _, at, *_ in moving) > 2 * 86_400.0  # every moved window closes
+    _learn(a, rest)
+    _learn(alone, rest)
+    _same_learner(a.state.multitask, alone.state.multitask)
+    assert a.state.multitask.joiner.stats()["parked"] == len(moving)  # until a learns that b took the slot
+    _given(a, {0})
+    assert a.state.multitask.joiner.stats()["parked"] == 0 and _held(b.state.multitask, {1}) == moving
+
+
+def test_a_slot_given_back_before_a_peer_took_it_resumes_its_held_clicks_as_they_were(settings, tmp_path):
+    """Slot 1 is given up by a and given back to it before any peer wrote a copy of it (the member it went to
+    died in its assignment callback): a's own copy is the newest, its held clicks come back under their own
+    numbers, and a learns on exactly as a copy of a that never gave the slot up."""
+    settings, store = _enabled(settings, 86_400.0), tmp_path / "store"
+    records = _records(_stream_events(seed=17, events=4000))
+    cut = len(records) // 2
+    a = _worker(settings, store, "a")
+    _given(a, {0, 1})
+    _learn(a, [r for r in records[:cut] if r.partition < 2])
+    held = sorted(a.state.multitask.joiner._held.items())
+    reference_store = tmp_path / "reference"
+    reference_store.mkdir()
+    (reference_store / "a.ckpt").write_bytes(DirectoryStore(store).read("a.ckpt"))
+    kept = _worker(settings, reference_store, "a")
+
+    _given(a, {0})
+    assert _held(a.state.multitask, {1}) == [] and a.state.multitask.joiner.stats()["parked"] > 10
+    _given(a, {0, 1})
+    assert sorted(a.state.multitask.joiner._held.items()) == held and a.state.multitask.joiner.stats()["parked"] == 0
+    rest = [r for r in records[cut:] if r.partition < 2]
+    _learn(a, rest)
+    _learn(kept, rest)
+    _same_learner(a.state.multitask, kept.state.multitask)
