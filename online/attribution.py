@@ -195,10 +195,10 @@ class AttributionJoiner:
         again under their own numbers, so the joiner goes on as if they had never been parked."""
         merchants = self._merchants()
         mine = {merchant for merchant in merchants if owned(merchant)}
-        for seq in [seq for seq, held in self._held.items() if held[0][0] not in mine]:
-            self._parked[seq] = self._held.pop(seq)  # its heap entry stays: skipped when popped
-        for key in [key for key in self._by_key if key[0] not in mine]:
-            del self._by_key[key]
+        if len(mine) < len(merchants):
+            for seq in [seq for seq, held in self._held.items() if held[0][0] not in mine]:
+                held = self._parked[seq] = self._held.pop(seq)  # its heap entry stays: skipped when popped
+                self._by_key.pop(held[0], None)
         back = sorted(seq for seq, held in self._parked.items() if held[0][0] in mine)
         queued = {seq for _, seq in self._deadlines} if back else set()  # entries not popped while parked
         for seq in back:
@@ -217,6 +217,8 @@ class AttributionJoiner:
         return {held[0][0] for table in (self._held, self._parked) for held in table.values()}
 
     def _drop(self, merchants: set[str]) -> None:
+        if not merchants:
+            return
         for table in (self._held, self._parked):
             for seq in [seq for seq, held in table.items() if held[0][0] in merchants]:
                 del table[seq]
