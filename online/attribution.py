@@ -232,8 +232,8 @@ class AttributionJoiner:
             bisect.insort(self._by_key.setdefault(held[0], []), seq)
 
     def stats(self) -> dict[str, float]:
-        return {"pending": self.pending, "parked": len(self._parked), "positives": self.positives, "negatives": self.negatives,
-                "evicted": self.evicted, "unattributed_orders": self.unattributed_orders,
+        return {"pending": self.pending, "parked": len(self._parked), "positives": self.positives,
+                "negatives": self.negatives, "evicted": self.evicted, "unattributed_orders": self.unattributed_orders,
                 "watermark": self.watermark}
 
 

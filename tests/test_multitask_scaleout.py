@@ -90,12 +90,12 @@ def _consistent(joiner: AttributionJoiner) -> None:
 @pytest.mark.parametrize("parked", ["before", "after"])
 def test_held_clicks_move_with_their_slot_and_are_attributed_as_one_joiner_would(release, parked):
     """Slot 0's first owner is b; it moves to a, which adopts b's copy ``parked`` before or after b parks its
-    held clicks of the slot (b's stale copy: its slot-1 traffic resolves none of them), a checkpoints, learns
-    on and dies; b adopts slot 0 again from a's checkpoint and learns slot 0 again from there while its slot-1
+    held clicks of the slot (b's stale copy: its slot-1 traffic resolves none of them), a checkpoints, learns on
+    and dies; b adopts slot 0 again from a's checkpoint and learns slot 0 again from there while its slot-1
     position is ahead. Every click gets the label one joiner fed the whole stream gives it, from exactly one
-    owner, and after the move b emits what that joiner emits, event by event. Exact because the event time b's slot 1 is ahead of the re-read part of slot 0 stays
-    within the lateness minus the jitter: then the watermark never passes an order not yet read (the
-    README says what happens beyond)."""
+    owner, and after the move b emits what that joiner emits, event by event. Exact because the event time b's
+    slot 1 is ahead of the re-read part of slot 0 stays within the lateness minus the jitter: then the watermark
+    never passes an order not yet read (the README says what happens beyond)."""
     events, arrival = _stream(seed=11)
     merchant_of = {e[5]: e[1] for e in events if e[0] == "click"}
     reference = _joiner(release)
@@ -348,8 +348,10 @@ def _given(worker, slots: set[int]) -> None:
 
 def _same_learner(mine: MultiTaskState, theirs: MultiTaskState) -> None:
     for name in mine.model.w:
-        assert np.array_equal(mine.model.w[name], theirs.model.w[name]) and np.array_equal(mine.model.n[name], theirs.model.n[name])
-    assert (mine.calibrator.a, mine.calibrator.b, mine.resolved) == (theirs.calibrator.a, theirs.calibrator.b, theirs.resolved)
+        assert np.array_equal(mine.model.w[name], theirs.model.w[name])
+        assert np.array_equal(mine.model.n[name], theirs.model.n[name])
+    calibrators = [(state.calibrator.a, state.calibrator.b, state.resolved) for state in (mine, theirs)]
+    assert calibrators[0] == calibrators[1]
 
 
 @pytest.mark.parametrize("reads", ["first", "last"])
