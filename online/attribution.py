@@ -15,6 +15,11 @@ through another topic than its clicks, so a little disorder is tolerated). Memor
 ``max_pending`` clicks are held; beyond it the oldest is resolved early as a negative (counted in
 ``evicted``: a shorter window for that click, never a dropped label).
 
+Under scale-out a merchant's held clicks move with its partition slot (:meth:`AttributionJoiner.adopt_merchants`).
+A worker that gives a slot up *parks* the slot's held clicks (:meth:`AttributionJoiner.own_merchants`): they are
+never resolved there, but stay in its checkpoint for the slot's next owner, which may read it before or after
+the parking; a peer's newer copy of the slot makes them go (:meth:`AttributionJoiner.drop_merchants`).
+
 The joiner's state is plain dicts, a heap and tuples: it pickles with the worker's checkpoint.
 
 Example:
@@ -69,7 +74,11 @@ class AttributionJoiner:
         self._held: dict[int, tuple[tuple[str, str, str], float, float, Any, float | None]] = {}
         self._by_key: dict[tuple[str, str, str], list[int]] = {}
         self._deadlines: list[tuple[float, int]] = []  # heap; entries of resolved clicks are skipped lazily
+        self._parked: dict[int, tuple[tuple[str, str, str], float, float, Any, float | None]] = {}  # own_merchants
         self.positives = self.negatives = self.evicted = self.unattributed_orders = 0
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_parked": {}, **state})  # a checkpoint written before parking has none
 
     @property
     def watermark(self) -> float:
@@ -162,35 +171,69 @@ class AttributionJoiner:
         return Resolved(payload, False, clicked_at, float("nan"))
 
     def adopt_merchants(self, theirs: AttributionJoiner | None, owned: Callable[[str], bool]) -> None:
-        """Replace the held clicks of the merchants ``owned`` says yes to by those ``theirs`` holds (a peer's
-        joiner; None: the peer held none): theirs are numbered after ours in their click order and pushed on
-        the deadline heap (the entries of ours that are dropped are skipped when popped, as those of resolved
-        clicks), and the watermark becomes the later of the two (one worker would have seen both streams).
-        The counters (positives, negatives, ...) stay this joiner's."""
-        merchants = {held[0][0] for held in self._held.values()}  # every key of _by_key has held clicks
-        if theirs is not None:
-            merchants |= {held[0][0] for held in theirs._held.values()}
+        """Replace the held and parked clicks of the merchants ``owned`` says yes to by those ``theirs`` holds or
+        parked (a peer's joiner; None: the peer held none), all held here: theirs are numbered after ours in
+        their click order and pushed on the deadline heap (the entries of ours that are dropped are skipped
+        when popped, as those of resolved clicks), and the watermark becomes the later of the two (one worker
+        would have seen both streams). The counters (positives, negatives, ...) stay this joiner's."""
+        merchants = self._merchants() if theirs is None else self._merchants() | theirs._merchants()
         moving = {merchant for merchant in merchants if owned(merchant)}  # owned() once per merchant
-        for seq in [seq for seq, held in self._held.items() if held[0][0] in moving]:
-            del self._held[seq]
-        for key in [key for key in self._by_key if key[0] in moving]:
-            del self._by_key[key]
+        self._drop(moving)
         if theirs is None:
             return
-        renumbered = {}
-        for seq in sorted(seq for seq, held in theirs._held.items() if held[0][0] in moving):
-            held = theirs._held[seq]
-            renumbered[seq] = self._seq
-            self._held[self._seq] = held
-            heapq.heappush(self._deadlines, (held[2], self._seq))
+        clicks = {**theirs._held, **theirs._parked}
+        for seq in sorted(seq for seq, held in clicks.items() if held[0][0] in moving):
+            self._hold(self._seq, clicks[seq])
+            heapq.heappush(self._deadlines, (clicks[seq][2], self._seq))
             self._seq += 1
-        self._by_key.update({key: [renumbered[seq] for seq in seqs]
-                             for key, seqs in theirs._by_key.items() if key[0] in moving})
         self.latest = max(self.latest, theirs.latest)
 
+    def own_merchants(self, owned: Callable[[str], bool]) -> None:
+        """Park the held clicks of the merchants ``owned`` says no to (their slot is another worker's now):
+        parked clicks are never resolved here, but pickle with the joiner and are adopted like held ones. The
+        parked clicks of merchants ``owned`` says yes to (their slot came back before a peer took it) are held
+        again under their own numbers, so the joiner goes on as if they had never been parked."""
+        merchants = self._merchants()
+        mine = {merchant for merchant in merchants if owned(merchant)}
+        if len(mine) < len(merchants):
+            for seq in [seq for seq, held in self._held.items() if held[0][0] not in mine]:
+                held = self._parked[seq] = self._held.pop(seq)  # its heap entry stays: skipped when popped
+                self._by_key.pop(held[0], None)
+        back = sorted(seq for seq, held in self._parked.items() if held[0][0] in mine)
+        queued = {seq for _, seq in self._deadlines} if back else set()  # entries not popped while parked
+        for seq in back:
+            held = self._parked.pop(seq)
+            self._hold(seq, held)
+            if seq not in queued:
+                heapq.heappush(self._deadlines, (held[2], seq))
+
+    def drop_merchants(self, dropped: Callable[[str], bool]) -> None:
+        """Forget the held and parked clicks of the merchants ``dropped`` says yes to (a peer took their slot
+        after this joiner's copy: it learns them)."""
+        self._drop({merchant for merchant in self._merchants() if dropped(merchant)})
+
+    def _merchants(self) -> set[str]:
+        """The merchants of the held and parked clicks (every key of ``_by_key`` has held clicks)."""
+        return {held[0][0] for table in (self._held, self._parked) for held in table.values()}
+
+    def _drop(self, merchants: set[str]) -> None:
+        if not merchants:
+            return
+        for table in (self._held, self._parked):
+            for seq in [seq for seq, held in table.items() if held[0][0] in merchants]:
+                del table[seq]
+        for key in [key for key in self._by_key if key[0] in merchants]:
+            del self._by_key[key]
+
+    def _hold(self, seq: int, held: tuple) -> None:
+        """Hold ``held`` as ``seq`` (its heap entry is the caller's); indexed by key until converted."""
+        self._held[seq] = held
+        if held[4] is None:
+            bisect.insort(self._by_key.setdefault(held[0], []), seq)
+
     def stats(self) -> dict[str, float]:
-        return {"pending": self.pending, "positives": self.positives, "negatives": self.negatives,
-                "evicted": self.evicted, "unattributed_orders": self.unattributed_orders,
+        return {"pending": self.pending, "parked": len(self._parked), "positives": self.positives,
+                "negatives": self.negatives, "evicted": self.evicted, "unattributed_orders": self.unattributed_orders,
                 "watermark": self.watermark}
 
 

@@ -222,6 +222,15 @@ class MultiTaskState:
         (:meth:`AttributionJoiner.adopt_merchants`). The weights are shared, merged at assembly, not moved."""
         self.joiner.adopt_merchants(None if theirs is None else theirs.joiner, owned)
 
+    def own_merchants(self, owned: Callable[[str], bool]) -> None:
+        """Learn from now on only the held clicks of the merchants ``owned`` says yes to: the others' are parked
+        for their slot's new owner (:meth:`AttributionJoiner.own_merchants`)."""
+        self.joiner.own_merchants(owned)
+
+    def drop_merchants(self, dropped: Callable[[str], bool]) -> None:
+        """Forget the held clicks of the merchants ``dropped`` says yes to (a peer took their slot after us)."""
+        self.joiner.drop_merchants(dropped)
+
     def _learn(self, resolved: list[Resolved]) -> None:
         for done in resolved:
             row, logit = done.payload

@@ -86,6 +86,29 @@ def adopt(state: Any, saved: dict[str, Any], slots: Iterable[int]) -> None:
         state.epochs[slot] = saved.get("epochs", {}).get(slot, 0)
 
 
+def own_slots(state: Any, slots: Iterable[int]) -> None:
+    """Learn from now on only from the merchants of ``slots`` (those the group gives ``state``'s worker now):
+    the multi-task learner's held clicks of the other slots are parked, never resolved here but still in the
+    checkpoint their slot's next owner adopts, which it may read before or after this; those of ``slots``
+    parked earlier come back (the slot returned before a peer took it). Every other per-merchant part learns
+    only from its merchant's events, which come only with its slot, so it needs nothing here."""
+    if state.multitask is not None:
+        slots = frozenset(slots)
+        state.multitask.own_merchants(lambda merchant: slot_of(merchant, state.partitions) in slots)
+
+
+def drop_taken(state: Any, store: dict[str, dict[str, Any]], slots: Iterable[int]) -> None:
+    """Forget ``state``'s held clicks of every slot but ``slots`` that a peer took after ``state``'s copy
+    (a higher fencing epoch in ``store``): that peer adopted them from our copy or a newer one."""
+    if state.multitask is None:
+        return
+    slots = frozenset(slots)
+    taken = {slot for saved in store.values() for slot, epoch in saved.get("epochs", {}).items()
+             if slot not in slots and epoch > state.epochs.get(slot, 0)}
+    if taken:
+        state.multitask.drop_merchants(lambda merchant: slot_of(merchant, state.partitions) in taken)
+
+
 def read_store(store: CheckpointStore, version: int, skip: str | None = None) -> dict[str, dict[str, Any]]:
     """Every readable worker checkpoint in ``store`` by name, but ``skip`` (an unreadable one is logged and
     skipped: a peer may be mid-write on a file system without atomic rename, or hold another format)."""
@@ -122,4 +145,4 @@ def newest(store: dict[str, dict[str, Any]]) -> dict[int, str]:
     return {slot: name for slot, (_, name) in best.items()}
 
 
-__all__ = ["adopt", "copy_rank", "newest", "newest_epoch", "read_store", "replace_merchants", "replace_slot", "saved_tables", "slot_of", "tables"]
+__all__ = ["adopt", "copy_rank", "drop_taken", "newest", "newest_epoch", "own_slots", "read_store", "replace_merchants", "replace_slot", "saved_tables", "slot_of", "tables"]

@@ -33,7 +33,7 @@ from online.state import (CHECKPOINT_VERSION, LearnerState, PredictionMonitor, W
 from online.store import DirectoryStore
 from online.reco import recommend
 from online.river_models import make_model
-from online.slices import adopt, copy_rank, newest, newest_epoch, read_store, slot_of
+from online.slices import adopt, copy_rank, drop_taken, newest, newest_epoch, own_slots, read_store, slot_of
 from online.transfer import warm_start
 from streams import record_kernels  # noqa: F401  (the fetched batches' scan, loaded before the first record)
 from streams import slot_kernels  # noqa: F401  (featurize_block's kernel, loaded before the first record)
@@ -156,6 +156,8 @@ class OnlineWorker:
         adopted, slots = [], {tp.partition for tp in partitions}
         if self.store is not None and slots:
             adopted = self.adopt_newest(slots)
+        own_slots(self.state, slots)  # the held clicks of slots given up are parked: their new owner learns them
+        if self.store is not None and slots:
             self._checkpoint_in_rebalance()
             # the range assignment gives partition 0 of every group topic to one live member: the group's publisher
             self.publisher.scheduled = self.publisher.scheduled or 0 in slots
@@ -173,6 +175,7 @@ class OnlineWorker:
         own = self.checkpoint_name if self.config.checkpoint_path is None else None
         peers = read_store(self.store, CHECKPOINT_VERSION, skip=own)
         owners, state = newest(peers), self.state
+        drop_taken(state, peers, slots)  # the held clicks of slots a peer took after us: it learns them
         taken: dict[str, list[int]] = {}  # peer checkpoint -> the slots adopted from it
         for slot in sorted(slots):
             path = owners.get(slot)

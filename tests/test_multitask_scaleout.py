@@ -83,17 +83,19 @@ def _consistent(joiner: AttributionJoiner) -> None:
     assert sorted(indexed) == sorted(seq for seq, held in joiner._held.items() if held[4] is None)
     assert all(seqs == sorted(seqs) and all(joiner._held[s][0] == key for s in seqs) for key, seqs in joiner._by_key.items())
     assert all(seq < joiner._seq for seq in joiner._held)
+    assert not joiner._held.keys() & joiner._parked.keys() and all(seq < joiner._seq for seq in joiner._parked)
 
 
 @pytest.mark.parametrize("release", ["window", "order"])
-def test_held_clicks_move_with_their_slot_and_are_attributed_as_one_joiner_would(release):
-    """Slot 0's first owner is b; it moves to a (b keeps a stale copy, which its slot-1 traffic keeps
-    resolving), a checkpoints, learns on and dies; b adopts slot 0 again from a's checkpoint and learns slot
-    0 again from there while its slot-1 position is ahead. Every click gets the label one joiner fed the
-    whole stream gives it, from exactly one valid owner, and after the move b emits what that joiner emits,
-    event by event. Exact because the event time b's slot 1 is ahead of the re-read part of slot 0 stays
-    within the lateness minus the jitter: then the watermark never passes an order not yet read (the
-    README says what happens beyond)."""
+@pytest.mark.parametrize("parked", ["before", "after"])
+def test_held_clicks_move_with_their_slot_and_are_attributed_as_one_joiner_would(release, parked):
+    """Slot 0's first owner is b; it moves to a, which adopts b's copy ``parked`` before or after b parks its
+    held clicks of the slot (b's stale copy: its slot-1 traffic resolves none of them), a checkpoints, learns on
+    and dies; b adopts slot 0 again from a's checkpoint and learns slot 0 again from there while its slot-1
+    position is ahead. Every click gets the label one joiner fed the whole stream gives it, from exactly one
+    owner, and after the move b emits what that joiner emits, event by event. Exact because the event time b's
+    slot 1 is ahead of the re-read part of slot 0 stays within the lateness minus the jitter: then the watermark
+    never passes an order not yet read (the README says what happens beyond)."""
     events, arrival = _stream(seed=11)
     merchant_of = {e[5]: e[1] for e in events if e[0] == "click"}
     reference = _joiner(release)
@@ -111,18 +113,24 @@ def test_held_clicks_move_with_their_slot_and_are_attributed_as_one_joiner_would
     slot0 = [k for k in range(len(events)) if _slot(events[k][1]) == 0]
     b, a = _joiner(release), _joiner(release)
     valid = _feed(b, events[:first])
+    if parked == "before":
+        b.own_merchants(lambda m: _slot(m) == 1)
     a.adopt_merchants(pickle.loads(pickle.dumps(b)), lambda m: _slot(m) == 0)
+    b.own_merchants(lambda m: _slot(m) == 1)  # b's assignment callback: slot 0 is given up (again: no change)
     _consistent(a)
+    _consistent(b)
+    assert b.stats()["parked"] == sum(_slot(key[0]) == 0 for key, *_ in a._held.values()) > 20
     assert a.latest == b.latest  # the new owner's watermark: the later of the two (a had seen nothing)
     valid += _feed(a, [events[k] for k in slot0 if first <= k < second])
     checkpoint = pickle.dumps(a)
     _feed(a, [events[k] for k in slot0 if second <= k < third])  # lost with a
     stale = _feed(b, [e for e in events[first:third] if _slot(e[1]) == 1])
-    valid += [[r for r in resolved if _slot(merchant_of[r[0]]) == 1] for resolved in stale]
-    assert any(_slot(merchant_of[r[0]]) == 0 for resolved in stale for r in resolved)  # b's stale copy resolves too
+    assert all(_slot(merchant_of[r[0]]) == 1 for resolved in stale for r in resolved)  # none of b's stale copy
+    valid += stale
 
-    b.adopt_merchants(pickle.loads(checkpoint), lambda m: _slot(m) == 0)
+    b.adopt_merchants(pickle.loads(checkpoint), lambda m: _slot(m) == 0)  # a's copy replaces the parked one
     _consistent(b)
+    assert b.stats()["parked"] == 0
     assert b.watermark == max(e[4] for e in events[:third] if _slot(e[1]) == 1) - LATENESS
     valid += _feed(b, [events[k] for k in slot0 if second <= k < third])  # slot 0 again from a's checkpoint
     after = _feed(b, events[third:])
@@ -146,6 +154,56 @@ def test_adopting_from_a_peer_without_held_clicks_drops_the_slot_and_keeps_the_r
     joiner.adopt_merchants(_joiner("window"), lambda m: _slot(m) == 1)  # a peer that held nothing yet
     assert joiner.pending == 0 and joiner.latest == latest
     assert joiner.advance(1e12) == [] and not joiner._deadlines  # the dropped clicks' heap entries: skipped
+
+
+@pytest.mark.parametrize("release", ["window", "order"])
+def test_clicks_parked_and_held_again_resolve_as_if_never_parked(release):
+    """b gives slot 0 up at ``first``, learns slot 1 up to ``second`` and gets slot 0 back before any peer took
+    it, so it resumes slot 0 at ``first`` with its own copy: slot 1's traffic resolves none of the parked
+    clicks, they come back
+    under their own numbers, every click gets the label one joiner fed the whole stream gives it, and once
+    slot 0 caught up b holds and emits exactly, event by event and in order, what the never-parked joiner
+    does (the watermark slot 1 moved stays within the lateness minus the jitter, as in the test above)."""
+    events, arrival = _stream(seed=23)
+    merchant_of = {e[5]: e[1] for e in events if e[0] == "click"}
+    first = len(events) // 3
+    second = int(np.searchsorted(arrival, arrival[first] + LATENESS - JITTER, side="right")) - 1
+    assert second - first > 20
+    slot1, slot0 = ([e for e in events[first:second] if _slot(e[1]) == slot] for slot in (1, 0))
+    whole = _joiner(release)
+    truth = _labels(_feed(whole, events) + [[(r.payload, r.converted, r.click_time, r.delay_s if r.converted else None)
+                                              for r in whole.advance(1e12)]], merchant_of)
+    reference, b = _joiner(release), _joiner(release)
+    _feed(reference, events[:first] + slot1 + slot0)
+    got = _feed(b, events[:first])
+    b.own_merchants(lambda m: _slot(m) == 1)
+    _consistent(b)
+    assert b.stats()["parked"] > 20
+    during = _feed(b, slot1)
+    assert all(_slot(merchant_of[r[0]]) == 1 for resolved in during for r in resolved)
+    b.own_merchants(lambda m: True)
+    _consistent(b)
+    assert b.stats()["parked"] == 0
+    got += during + _feed(b, slot0)
+    assert b._held == reference._held and b._by_key == reference._by_key and b.latest == reference.latest
+    after, expected_after = _feed(b, events[second:]), _feed(reference, events[second:])
+    assert after == expected_after
+    final = [[(r.payload, r.converted, r.click_time, r.delay_s if r.converted else None) for r in b.advance(1e12)]]
+    assert _labels(got + after + final, merchant_of) == truth
+
+
+def test_a_joiner_pickled_before_parking_restores_and_is_adopted_from():
+    events, _ = _stream(seed=7, events=1500)
+    former = _joiner("window")
+    _feed(former, events)
+    del former.__dict__["_parked"]  # what the former code pickled
+    restored = pickle.loads(pickle.dumps(former))
+    assert restored.stats()["parked"] == 0 and restored._held == former._held
+    mine = _joiner("window")
+    mine.adopt_merchants(restored, lambda m: _slot(m) == 0)
+    _consistent(mine)
+    assert [held for _, held in sorted(mine._held.items())] == [
+        held for _, held in sorted(former._held.items()) if _slot(held[0][0]) == 0]
 
 
 # -- workers: checkpoints in a store, adoption, assembly -------------------------------------------------------
@@ -275,3 +333,90 @@ def test_the_assembled_multitask_model_merges_every_worker_and_one_worker_is_ser
         assert merged_conversion >= single_conversion - noise_conversion, (merged_conversion, single_conversion)
         if worker is not larger:
             assert merged_click > roc_auc(y_click, _scores(before, merged["bundle"], mine)[0])
+
+
+# -- a slot that moves: its former owner stops learning its held clicks ---------------------------------------
+
+
+def _given(worker, slots: set[int]) -> None:
+    """The group gives ``worker`` ``slots`` (its rebalance hooks: every partition revoked, then the new ones)."""
+    from kafka.structs import TopicPartition
+
+    worker._revoked({TopicPartition("events", p) for p in worker.state.epochs})
+    worker._assigned({TopicPartition("events", p) for p in slots})
+
+
+def _same_learner(mine: MultiTaskState, theirs: MultiTaskState) -> None:
+    for name in mine.model.w:
+        assert np.array_equal(mine.model.w[name], theirs.model.w[name])
+        assert np.array_equal(mine.model.n[name], theirs.model.n[name])
+    calibrators = [(state.calibrator.a, state.calibrator.b, state.resolved) for state in (mine, theirs)]
+    assert calibrators[0] == calibrators[1]
+
+
+@pytest.mark.parametrize("reads", ["first", "last"])
+def test_a_former_owner_stops_learning_the_held_clicks_of_a_slot_it_gave_up(settings, tmp_path, reads):
+    """Slot 1 moves from a to b. b adopts a's held clicks of it whether it reads a's checkpoint before or after
+    a's own assignment callback wrote it again (``reads``: b's callback runs first or last); from then on a's
+    conversion head and calibrator learn exactly what a copy of a that dropped those clicks at the move learns
+    (on the former code a went on resolving them, as negatives once their window closed: learned twice in the
+    group). a forgets them once it finds b's newer copy of the slot in the store (at its next rebalance)."""
+    settings, store = _enabled(settings, 86_400.0), tmp_path / "store"
+    records = _records(_stream_events(seed=13, events=6000))
+    cut = len(records) // 2
+    a, b = _worker(settings, store, "a"), _worker(settings, store, "b")
+    _given(a, {0, 1})
+    _given(b, {2, 3})
+    _learn(a, [r for r in records[:cut] if r.partition < 2])
+    _learn(b, [r for r in records[:cut] if r.partition >= 2])
+    moving = _held(a.state.multitask, {1})
+    assert len(moving) > 10
+
+    reference_store = tmp_path / "reference"  # a as it was at the move, without slot 1's held clicks
+    reference_store.mkdir()
+    (reference_store / "a.ckpt").write_bytes(DirectoryStore(store).read("a.ckpt"))
+    alone = _worker(settings, reference_store, "a")
+    alone.state.multitask.joiner.adopt_merchants(None, lambda m: slot_of(m, 4) == 1)  # the peer held none: dropped
+
+    if reads == "first":
+        _given(b, {1, 2, 3})
+        _given(a, {0})
+    else:
+        _given(a, {0})
+        _given(b, {1, 2, 3})
+    assert _held(b.state.multitask, {1}) == moving and _held(a.state.multitask, {1}) == []
+    rest = [r for r in records[cut:] if r.partition == 0]
+    assert rest[-1].event.timestamp - max(at for _, at, *_ in moving) > 2 * 86_400.0  # every moved window closes
+    _learn(a, rest)
+    _learn(alone, rest)
+    _same_learner(a.state.multitask, alone.state.multitask)
+    # parked until a learns that b took the slot: at once when b wrote its claim before a read the store
+    assert a.state.multitask.joiner.stats()["parked"] == (0 if reads == "first" else len(moving))
+    _given(a, {0})
+    assert a.state.multitask.joiner.stats()["parked"] == 0 and _held(b.state.multitask, {1}) == moving
+
+
+def test_a_slot_given_back_before_a_peer_took_it_resumes_its_held_clicks_as_they_were(settings, tmp_path):
+    """Slot 1 is given up by a and given back to it before any peer wrote a copy of it (the member it went to
+    died in its assignment callback): a's own copy is the newest, its held clicks come back under their own
+    numbers, and a learns on exactly as a copy of a that never gave the slot up."""
+    settings, store = _enabled(settings, 86_400.0), tmp_path / "store"
+    records = _records(_stream_events(seed=13, events=6000))
+    cut = len(records) // 2
+    a = _worker(settings, store, "a")
+    _given(a, {0, 1})
+    _learn(a, [r for r in records[:cut] if r.partition < 2])
+    held = sorted(a.state.multitask.joiner._held.items())
+    reference_store = tmp_path / "reference"
+    reference_store.mkdir()
+    (reference_store / "a.ckpt").write_bytes(DirectoryStore(store).read("a.ckpt"))
+    kept = _worker(settings, reference_store, "a")
+
+    _given(a, {0})
+    assert _held(a.state.multitask, {1}) == [] and a.state.multitask.joiner.stats()["parked"] > 10
+    _given(a, {0, 1})
+    assert sorted(a.state.multitask.joiner._held.items()) == held and a.state.multitask.joiner.stats()["parked"] == 0
+    rest = [r for r in records[cut:] if r.partition < 2]
+    _learn(a, rest)
+    _learn(kept, rest)
+    _same_learner(a.state.multitask, kept.state.multitask)
