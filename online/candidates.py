@@ -9,7 +9,7 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,8 +34,26 @@ def source_name(mask: int) -> str:
     return "none"
 
 
+class InlineFields:
+    """Pickling of a dataclass field by field, so its instances keep their attributes inline. CPython 3.11's
+    default ``__getstate__`` turns an instance's inline attribute values into a ``__dict__`` (and unpickling
+    fills one), after which every attribute read and write on it takes the slower dict-based path: the
+    recommender's update ~1.2x slower after a worker's first checkpoint, or once resumed from one. The same
+    state dict (fields in order), so the same pickle bytes; a field an older pickle lacks takes its default."""
+
+    def __getstate__(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        for name, spec in self.__dataclass_fields__.items():
+            if name not in state:
+                setattr(self, name, spec.default if spec.default is not MISSING else spec.default_factory())
+
+
 @dataclass
-class Shopper:
+class Shopper(InlineFields):
     """One user of one merchant: chosen items ``{item: [count, orders, last_time]}`` and recent steps."""
 
     items: dict[str, list] = field(default_factory=dict)  # in recency order, newest last
@@ -48,7 +66,7 @@ class Shopper:
 
 
 @dataclass
-class ItemStats:
+class ItemStats(InlineFields):
     """Choices of an item, how many were repeats by the same user, and the log-gaps of those repeats."""
 
     count: float = 0.0
@@ -58,7 +76,7 @@ class ItemStats:
 
 
 @dataclass
-class Shop:
+class Shop(InlineFields):
     """A merchant's candidate statistics (see the module docstring)."""
 
     clock: float = -math.inf
