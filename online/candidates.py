@@ -10,6 +10,7 @@ import itertools
 import math
 from collections import OrderedDict, deque
 from dataclasses import MISSING, dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,15 +42,19 @@ class InlineFields:
     recommender's update ~1.2x slower after a worker's first checkpoint, or once resumed from one. The same
     state dict (fields in order), so the same pickle bytes; a field an older pickle lacks takes its default."""
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._field_values = attrgetter(*cls.__annotations__)  # the dataclass's fields (two or more), in order
+
     def __getstate__(self) -> dict:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return dict(zip(self.__annotations__, self._field_values(self)))
 
     def __setstate__(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
-        for name, spec in self.__dataclass_fields__.items():
-            if name not in state:
-                setattr(self, name, spec.default if spec.default is not MISSING else spec.default_factory())
+        deque(map(self.__setattr__, state, state.values()), maxlen=0)
+        if len(state) < len(self.__dataclass_fields__):
+            for name, spec in self.__dataclass_fields__.items():
+                if name not in state:
+                    setattr(self, name, spec.default if spec.default is not MISSING else spec.default_factory())
 
 
 @dataclass
