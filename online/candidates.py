@@ -44,10 +44,12 @@ class InlineFields:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls._field_values = attrgetter(*cls.__annotations__)  # the dataclass's fields (two or more), in order
+        annotated = (name for base in reversed(cls.__mro__) for name in base.__dict__.get("__annotations__", ()))
+        cls._field_names = tuple(dict.fromkeys(annotated))  # the dataclass's fields (two or more), in its order
+        cls._field_values = attrgetter(*cls._field_names)
 
     def __getstate__(self) -> dict:
-        return dict(zip(self.__annotations__, self._field_values(self)))
+        return dict(zip(self._field_names, self._field_values(self)))
 
     def __setstate__(self, state: dict) -> None:
         deque(map(self.__setattr__, state, state.values()), maxlen=0)

@@ -57,6 +57,11 @@ def test_instances_keep_their_attributes_inline_through_pickling():
     assert all(map(is_inline, instances(pickle.loads(blob).state)))  # a resume
 
 
+def test_the_pickled_fields_are_the_dataclass_fields_in_order():
+    for cls in (Shop, Shopper, ItemStats):
+        assert cls._field_names == tuple(cls.__dataclass_fields__)
+
+
 def test_a_field_an_older_pickle_lacks_takes_its_default():
     stats = ItemStats.__new__(ItemStats)
     stats.__setstate__({"count": 2.0, "repeats": 1.0})
