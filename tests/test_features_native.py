@@ -187,6 +187,20 @@ def test_featurizer_pickles_without_its_string_table_and_resumes_equal():
     assert np.array_equal(got, want)
 
 
+def test_the_block_path_reads_plain_dicts_and_keeps_them_bounded():
+    """The loop subscripts ``strings.codes`` and ``_prices``: plain dicts (CPython subscripts any dict subclass
+    through a Python-level ``__getitem__`` lookup, ~2.5x the cost). Both stay bounded by ``memo_size``: the
+    prices are cleared when full (also inside a block), the codes between blocks."""
+    events = hostile_stream(seed=11, n=6000)
+    featurizer, context = Featurizer(BITS, memo_size=64), FeatureContext()
+    for start in range(0, len(events), 500):
+        featurizer.featurize_block(events[start:start + 500], context)
+        strings = featurizer._strings
+        assert type(strings.codes) is dict and type(featurizer._prices) is dict
+        assert len(featurizer._prices) <= 64 and featurizer._prices[None] == -1
+        assert len(strings) <= 64 + 6 * 500
+
+
 def test_every_field_has_a_spelling_program():
     from streams.features import FIELDS
     from streams.slot_kernels import FIELD_ARGS, PROGRAMS
