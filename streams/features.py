@@ -339,16 +339,18 @@ class Featurizer:
         codes, buckets, merchants, click_type = strings.codes, self._prices, context.merchants, Click
         new, match, other = (strings.intern(name) for name in ("new", "match", "other"))
         strings.intern(UNKNOWN)
+        last_merchant = last_user = None  # the run of clicks by one user whose merchant and recent are in hand
         for position, event in enumerate(events):
             if type(event) is not click_type:
                 context.observe(event)
+                last_user = None
                 continue
             merchant_id, user_id = event.merchant_id, event.user_id
-            merchant = merchants.get(merchant_id)
-            if merchant is None:
-                info = recent = None
-            else:
-                info, recent = merchant.catalog.get(event.item_id), merchant.recent.get(user_id)
+            if user_id != last_user or merchant_id != last_merchant:
+                merchant = merchants.get(merchant_id)
+                catalog, recent = ({}, None) if merchant is None else (merchant.catalog, merchant.recent.get(user_id))
+                last_merchant, last_user = merchant_id, user_id
+            info = catalog.get(event.item_id)
             if info is None:
                 category, price = UNKNOWN, None  # bucket -1 (self._prices[None])
             else:  # read from the entry at every click: a re-issued entry is read afresh
@@ -363,6 +365,8 @@ class Featurizer:
             mark(position)
             if event.clicked:
                 (merchant or context.merchant(merchant_id)).remember(user_id, category)
+                if recent is None:  # a merchant or a deque made (or evicted at once): read them afresh
+                    last_user = None
         return rows, stamps, at
 
     def _first_sight(self, strings: StringTable, click: Click, category: str, price: float | None,
