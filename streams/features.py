@@ -364,9 +364,12 @@ class Featurizer:
             stamp(event.timestamp)
             mark(position)
             if event.clicked:
-                (merchant or context.merchant(merchant_id)).remember(user_id, category)
                 if recent is None:  # a merchant or a deque made (or evicted at once): read them afresh
+                    (merchant or context.merchant(merchant_id)).remember(user_id, category)
                     last_user = None
+                else:  # MerchantContext.remember of a user it holds, with the user's deque in hand
+                    merchant.recent.move_to_end(user_id)
+                    recent.append(category)
         return rows, stamps, at
 
     def _first_sight(self, strings: StringTable, click: Click, category: str, price: float | None,
