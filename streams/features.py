@@ -23,13 +23,16 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import numpy as np
 
 from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS
 from streams.schemas import CatalogItem, Click, Event, Order
+
+if TYPE_CHECKING:
+    from streams.slot_kernels import StringTable
 
 UNKNOWN = "?"
 
@@ -200,11 +203,12 @@ class Featurizer:
     def _new_memos(self) -> None:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
+        self._prices: dict[float | None, int] = {None: -1}  # featurize_block's price buckets (-1: no entry), bounded
         self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
-        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_strings")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_prices", "_strings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -321,38 +325,68 @@ class Featurizer:
         return slot_kernels.hash_block(codes, stamps, strings, self._mask), at
 
     def _encode_block(self, events: Sequence[Event], context: FeatureContext,
-                      strings: dict[str, int]) -> tuple[list[int], list[float], list[int]]:
+                      strings: StringTable) -> tuple[list[int], list[float], list[int]]:
         """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
-        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event."""
+        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event.
+
+        Codes and price buckets are read from plain dicts (``strings.codes``, ``self._prices``); a click with a
+        string or a price seen for the first time raises ``KeyError`` there, and :meth:`_first_sight` makes
+        the same row, interning what is new."""
         rows: list[int] = []
         stamps: list[float] = []
         at: list[int] = []
-        extend, stamp, mark, buckets = rows.extend, stamps.append, at.append, self._buckets
-        merchants, click_type = context.merchants, Click
-        new, match, other, unknown = strings["new"], strings["match"], strings["other"], strings[UNKNOWN]
+        extend, stamp, mark, first_sight = rows.extend, stamps.append, at.append, self._first_sight
+        codes, buckets, merchants, click_type = strings.codes, self._prices, context.merchants, Click
+        new, match, other = (strings.intern(name) for name in ("new", "match", "other"))
+        strings.intern(UNKNOWN)
+        last_merchant = last_user = None  # the run of clicks by one user whose merchant and recent are in hand
         for position, event in enumerate(events):
             if type(event) is not click_type:
                 context.observe(event)
+                last_user = None
                 continue
             merchant_id, user_id = event.merchant_id, event.user_id
-            merchant = merchants.get(merchant_id)
-            if merchant is None:
-                info = recent = None
-            else:
-                info, recent = merchant.catalog.get(event.item_id), merchant.recent.get(user_id)
+            if user_id != last_user or merchant_id != last_merchant:
+                merchant = merchants.get(merchant_id)
+                catalog, recent = ({}, None) if merchant is None else (merchant.catalog, merchant.recent.get(user_id))
+                last_merchant, last_user = merchant_id, user_id
+            info = catalog.get(event.item_id)
             if info is None:
-                category, code, bucket = UNKNOWN, unknown, -1
+                category, price = UNKNOWN, None  # bucket -1 (self._prices[None])
             else:  # read from the entry at every click: a re-issued entry is read afresh
-                category = info.category
-                code, bucket = strings[category], buckets[info.price]
-            extend((strings[merchant_id], strings[user_id], strings[event.item_id], code, bucket,
-                    strings[event.device], strings[event.page], event.position,
-                    new if not recent else (match if category in recent else other)))
+                category, price = info.category, info.price
+            affinity = new if not recent else (match if category in recent else other)
+            try:
+                extend((codes[merchant_id], codes[user_id], codes[event.item_id], codes[category], buckets[price],
+                        codes[event.device], codes[event.page], event.position, affinity))
+            except KeyError:  # a string or a price seen for the first time
+                extend(first_sight(strings, event, category, price, affinity))
             stamp(event.timestamp)
             mark(position)
             if event.clicked:
-                (merchant or context.merchant(merchant_id)).remember(user_id, category)
+                if recent is None:  # a merchant or a deque made (or evicted at once): read them afresh
+                    (merchant or context.merchant(merchant_id)).remember(user_id, category)
+                    last_user = None
+                else:  # MerchantContext.remember of a user it holds, with the user's deque in hand
+                    merchant.recent.move_to_end(user_id)
+                    recent.append(category)
         return rows, stamps, at
+
+    def _first_sight(self, strings: StringTable, click: Click, category: str, price: float | None,
+                     affinity: int) -> tuple[int, ...]:
+        """The row :meth:`_encode_block` makes of ``click``, once its new strings are interned and its price's
+        bucket is kept."""
+        codes, buckets = strings.codes, self._prices
+        for text in (click.merchant_id, click.user_id, click.item_id, category, click.device, click.page):
+            if text not in codes:
+                strings.intern(text)
+        if price not in buckets:
+            if len(buckets) >= self.memo_size:
+                buckets.clear()
+                buckets[None] = -1
+            buckets[price] = price_bucket(price)
+        return (codes[click.merchant_id], codes[click.user_id], codes[click.item_id], codes[category], buckets[price],
+                codes[click.device], codes[click.page], click.position, affinity)
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""

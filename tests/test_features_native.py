@@ -121,6 +121,44 @@ def test_native_block_equals_the_reference_on_the_generated_stream():
     assert np.array_equal(fast_model.w, slow_model.w)
 
 
+def session_stream(seed: int, n: int = 6000, users: int = 30, items: int = 40) -> list:
+    """Runs of clicks by one user (as sessions come), broken by what may change the run's context under it: the
+    run's items re-issued with other categories, orders by the run's user or another, a merchant seen for the
+    first time (made by a clicked click), the same user id in another merchant, clicked clicks that make the
+    user's deque (or have it evicted at once when the context keeps no users)."""
+    rng = random.Random(seed)
+    out: list = []
+    while len(out) < n:
+        merchant, user = rng.choice((*MERCHANTS, f"new{len(out)}")), f"u{rng.randrange(users)}"
+        for k in range(rng.randrange(1, 15)):
+            item, stamp = f"i{rng.randrange(items)}", 1_700_000_000.0 + len(out)
+            draw = rng.random()
+            if draw < 0.05:
+                out.append(CatalogItem(event_id=f"k{len(out)}", merchant_id=merchant, item_id=item, title=item,
+                                       timestamp=stamp, category=rng.choice(CATEGORIES), price=rng.uniform(0, 99)))
+            elif draw < 0.08:
+                lines = [LineItem(item_id=f"i{rng.randrange(items + 10)}", quantity=1, unit_price=rng.uniform(0, 99))]
+                out.append(Order(event_id=f"o{len(out)}", order_id=f"o{len(out)}", merchant_id=merchant,
+                                 timestamp=stamp, user_id=rng.choice((user, f"u{rng.randrange(users)}")),
+                                 currency="EUR", items=lines))
+            else:
+                out.append(Click(event_id=f"c{len(out)}", merchant_id=merchant, user_id=user,
+                                 item_id=f"i{rng.randrange(items + 10)}", session_id="s", timestamp=stamp,
+                                 position=k, page="search", device="app", clicked=rng.random() < 0.3))
+    return out
+
+
+@pytest.mark.parametrize(("block", "max_users"), [(1, 100_000), (64, 0), (256, 1), (2000, 3)])
+def test_runs_of_one_user_equal_the_reference(block, max_users):
+    """The loop keeps the merchant and the user's recent categories in hand while one user's clicks follow each
+    other: whatever ends or changes the run must be read afresh, as the reference reads it."""
+    events = session_stream(seed=block)
+    _, fast_context, slow_context, fast_model, slow_model, rows = run_both(events, block, 250_000, max_users)
+    assert rows > 5000
+    assert snapshot(fast_context) == snapshot(slow_context)
+    assert np.array_equal(fast_model.w, slow_model.w)
+
+
 def hostile_stamps(seed: int, n: int = 3000) -> list[float]:
     """Timestamps on hour, day and week boundaries and one ulp either side, over a wide range (the kernel makes
     hour and weekday from them, as the numpy assembly before it and ``slots_for`` did), a few negative."""
@@ -185,6 +223,20 @@ def test_featurizer_pickles_without_its_string_table_and_resumes_equal():
     got, _ = restored.featurize_block(events[1000:], checkpoint)
     want, _ = reference_rows(Featurizer(BITS), events[1000:], FeatureContext.from_state(context.state()))
     assert np.array_equal(got, want)
+
+
+def test_the_block_path_reads_plain_dicts_and_keeps_them_bounded():
+    """The loop subscripts ``strings.codes`` and ``_prices``: plain dicts (CPython subscripts any dict subclass
+    through a Python-level ``__getitem__`` lookup, ~2.5x the cost). Both stay bounded by ``memo_size``: the
+    prices are cleared when full (also inside a block), the codes between blocks."""
+    events = hostile_stream(seed=11, n=6000)
+    featurizer, context = Featurizer(BITS, memo_size=64), FeatureContext()
+    for start in range(0, len(events), 500):
+        featurizer.featurize_block(events[start:start + 500], context)
+        strings = featurizer._strings
+        assert type(strings.codes) is dict and type(featurizer._prices) is dict
+        assert len(featurizer._prices) <= 64 and featurizer._prices[None] == -1
+        assert len(strings) <= 64 + 6 * 500
 
 
 def test_every_field_has_a_spelling_program():
