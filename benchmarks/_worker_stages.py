@@ -87,7 +87,7 @@ def stage_costs(events: list, bits: int = 20) -> dict:
     """CPU µs per event of each stage of the in-process hot path, and in all (see the module docstring)."""
     import river.drift  # noqa: F401  (imported by the worker's drift factory before the first record)
 
-    from drift.monitor import DriftMonitor
+    from drift.monitor import prediction_monitor
     from fedstream.settings import load_settings
     from online.worker import OnlineWorker, WorkerConfig
 
@@ -99,7 +99,7 @@ def stage_costs(events: list, bits: int = 20) -> dict:
         settings = load_settings(data_dir=Path(tmp), feature_bits=bits)
         config = WorkerConfig(model="ftrl", checkpoint_path=Path(tmp) / "stages.ckpt", publish_every_s=None,
                               publish_at_end=False)
-        worker = OnlineWorker(settings, config, monitors={"drift": lambda _: DriftMonitor(settings, sinks=[])})
+        worker = OnlineWorker(settings, config, monitors={"drift": lambda _: prediction_monitor(settings, None)})
         worker._apply_catalog(catalog)  # the worker reads the catalog before its first poll (untimed there too)
         thresholds = gc.get_threshold()
         worker.settle_heap()  # as `fedstream learn` does then (fedstream.heap); undone below for the rest of the run

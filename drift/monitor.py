@@ -154,12 +154,15 @@ class DriftMonitor:
     """Detectors per merchant, fed with raw events (labels, features) and predictions (errors).
 
     ``merchants`` is an optional allow-list: events of any other merchant raise :class:`UnknownMerchant`.
-    Counters: ``global_index`` counts clicks + orders seen (platform-wide), ``merchant_index[m]`` per merchant.
+    ``signals``: the signals the monitor is fed (default: all of them); only the detectors watching one of them
+    are built, restored or adopted (the learner worker feeds :data:`PREDICTION_SIGNALS` only). Counters: ``global_index`` counts clicks + orders seen (platform-wide), ``merchant_index[m]`` per merchant.
     """
 
     def __init__(self, settings: Settings, *, sinks: Sequence[DriftSink] = (), model_version: str | None = None,
-                 merchants: Iterable[str] | None = None, context: FeatureContext | None = None) -> None:
+                 merchants: Iterable[str] | None = None, context: FeatureContext | None = None,
+                 signals: Iterable[Signal] | None = None) -> None:
         self.config = settings.drift
+        self.signals = frozenset(signals) if signals is not None else None
         self.sinks = list(sinks)
         self.model_version = model_version
         self.allowed = frozenset(merchants) if merchants is not None else None
@@ -180,8 +183,18 @@ class DriftMonitor:
         if found is None:
             if self.allowed is not None and merchant_id not in self.allowed:
                 raise UnknownMerchant(f"merchant {merchant_id!r} is not monitored")
-            found = self.detectors[merchant_id] = build_detectors(self.config, merchant_id, self.model_version)
+            found = self.detectors[merchant_id] = build_detectors(self.config, merchant_id, self.model_version,
+                                                                  self.signals)
         return found
+
+    def _fed_only(self, detectors: dict[str, dict[str, Detector]]) -> dict[str, dict[str, Detector]]:
+        """``detectors`` (per merchant, as restored or adopted) without those watching a signal this monitor is
+        not fed: a snapshot taken when every detector was built per merchant sheds the ones never fed."""
+        if self.signals is None:
+            return detectors
+        fed = {name for name, spec in DETECTORS.items() if spec.watches in self.signals}
+        return {merchant: {name: d for name, d in held.items() if name in fed or name not in DETECTORS}
+                for merchant, held in detectors.items()}
 
     def observe(self, event: Event, p: float | None = None) -> list[DriftEvent]:
         """Feed one raw event; for a click, ``p`` is the model's click probability predicted before learning."""
@@ -367,7 +380,7 @@ class DriftMonitor:
         (pickle)."""
         state = cls._loads(snapshot)
         monitor = cls(settings, **options)
-        monitor.detectors, monitor.merchant_index = state["detectors"], state["merchant_index"]
+        monitor.detectors, monitor.merchant_index = monitor._fed_only(state["detectors"]), state["merchant_index"]
         monitor.global_index, monitor._predictions = state["global_index"], state["predictions"]
         monitor._sessions = state["sessions"]
         if state["context"] is not None and monitor._owns_context:
@@ -385,6 +398,7 @@ class DriftMonitor:
         state = self._loads(snapshot) if snapshot is not None else {}
         mine = {**self._merchant_tables(), "watched": self._watched_by}  # the last one is derived: rebuilt
         theirs = {name: state.get(name, {}) for name in mine}
+        theirs["detectors"] = self._fed_only(theirs["detectors"])
         if self._owns_context:
             mine["context"] = self.context.merchants
             saved = state.get("context")
@@ -496,9 +510,18 @@ def learner_monitor_factory(settings: Settings, publish_to_mlflow: bool):
     import river.drift  # noqa: F401  (the detectors' import costs seconds: pay it before the first record, not in it)
 
     def build(snapshot: bytes | None) -> DriftMonitor:
-        sinks = default_sinks(settings, mlflow=publish_to_mlflow)
-        if snapshot is None:
-            return DriftMonitor(settings, sinks=sinks)
-        return DriftMonitor.restore(settings, snapshot, sinks=sinks)
+        return prediction_monitor(settings, snapshot, sinks=default_sinks(settings, mlflow=publish_to_mlflow))
 
     return build
+
+
+#: what the learner worker feeds its monitor (:meth:`DriftMonitor.observe_predictions`): the prediction errors
+PREDICTION_SIGNALS = frozenset({Signal.ERROR})
+
+
+def prediction_monitor(settings: Settings, snapshot: bytes | None, sinks: Sequence[DriftSink] = ()) -> DriftMonitor:
+    """The learner worker's monitor: the error detectors only (the only ones it feeds), resumed from
+    ``snapshot`` when given (one written when every detector was built restores without the unfed ones)."""
+    if snapshot is None:
+        return DriftMonitor(settings, sinks=sinks, signals=PREDICTION_SIGNALS)
+    return DriftMonitor.restore(settings, snapshot, sinks=sinks, signals=PREDICTION_SIGNALS)

@@ -19,6 +19,7 @@ from drift.monitor import (
     UnknownMerchant,
     drift_log_path,
     latest_drift,
+    prediction_monitor,
     serving_run_id,
 )
 from drift.prequential import EmptyStream, run_monitor
@@ -175,6 +176,43 @@ def test_a_snapshot_of_the_former_code_is_adopted_merchant_by_merchant():
     moved = [e for e in mine.events[adopted_at:] if e.merchant_id != "z"]
     assert moved and {e.model_version for e in moved} == {"8"}
     assert _without_clock(moved) == _without_clock(whole.events)
+
+
+def test_the_learners_monitor_builds_restores_and_adopts_only_the_detectors_it_feeds():
+    """``prediction_monitor`` (the learner worker's) holds only the error detectors: it detects exactly as a
+    monitor holding every detector, a snapshot of one of those (the former learner's, or the fixture written by
+    the code before the native path) restores and is adopted without the unfed ones, and its own is smaller."""
+    settings = _settings(warmup_events=200, ph_threshold=20.0, ph_min_instances=100, cooldown_events=800,
+                         disabled=("label.ctr",))  # error.adwin on too
+    errors = {"error.adwin", "error.page_hinkley"}
+    full, lean = DriftMonitor(settings), prediction_monitor(settings, None)
+    blocks = list(_predictions(7, 240))
+    for k, block in enumerate(blocks):
+        if k == 120:  # restarts: the lean one from the full one's snapshot, as a learner upgraded mid-stream
+            snapshot = full.snapshot()
+            full, resumed = DriftMonitor.restore(settings, snapshot), prediction_monitor(settings, snapshot)
+            assert len(lean.snapshot()) < len(snapshot)
+            lean = resumed
+        full.observe_predictions(*block)
+        lean.observe_predictions(*block)
+    assert {m: set(d) for m, d in lean.detectors.items()} == {m: errors for m in full.detectors}
+    assert len(full.detectors["m0"]) > len(errors)
+    for merchant, detectors in lean.detectors.items():
+        for name, detector in detectors.items():
+            assert _held(detector) == _held(full.detectors[merchant][name]), (merchant, name)
+    assert _without_clock(lean.events) == _without_clock(full.events) and lean._predictions == full._predictions
+    assert {e.detector for e in lean.events} >= {"error.page_hinkley"}
+
+    owned = {"m1", "m2"}.__contains__
+    lean.adopt_merchants(full.snapshot(), owned)
+    assert {m: set(d) for m, d in lean.detectors.items()} == {m: errors for m in full.detectors}
+    blob = (Path(__file__).parent / "data" / "drift_monitor_before_fastpath.pkl").read_bytes()
+    old, resumed = DriftMonitor.restore(load_settings(data_dir=tempfile.mkdtemp()), blob), prediction_monitor(
+        load_settings(data_dir=tempfile.mkdtemp()), blob)
+    assert {m: set(d) for m, d in resumed.detectors.items()} == {m: errors for m in "abc"}
+    for merchant, detectors in resumed.detectors.items():
+        for name, detector in detectors.items():
+            assert _held(detector) == _held(old.detectors[merchant][name]), (merchant, name)
 
 
 def test_adopted_merchants_take_their_context_and_sessions_along(settings):

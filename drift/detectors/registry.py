@@ -193,16 +193,20 @@ _WATCHERS: dict[Signal, tuple[str, ...]] = {
     signal: tuple(name for name, spec in DETECTORS.items() if spec.watches is signal) for signal in Signal}
 
 
-def build_detectors(config: DriftSettings, merchant_id: str, model_version: str | None = None) -> dict[str, Detector]:
-    """Every detector of :data:`DETECTORS` that is switched on and not in ``config.disabled``, for one merchant.
+def build_detectors(config: DriftSettings, merchant_id: str, model_version: str | None = None,
+                    signals: frozenset[Signal] | None = None) -> dict[str, Detector]:
+    """Every detector of :data:`DETECTORS` that is switched on and not in ``config.disabled``, for one merchant;
+    only those watching one of ``signals`` when given (the ones a monitor is fed).
 
     >>> from fedstream.settings import DriftSettings
     >>> sorted(build_detectors(DriftSettings(), "m1"))[:4]
     ['error.page_hinkley', 'feature.category.chi2', 'feature.category.psi', 'feature.device.chi2']
+    >>> list(build_detectors(DriftSettings(), "m1", signals=frozenset({Signal.ERROR})))
+    ['error.page_hinkley']
     """
     unknown = sorted(set(config.disabled) - DETECTORS.keys())
     if unknown:
         raise ValueError(f"drift.disabled names unknown detectors {unknown}; known: {sorted(DETECTORS)}")
     common = dict(model_version=model_version, cooldown=config.cooldown_events)
     return {name: spec.build(config, merchant_id, common) for name, spec in DETECTORS.items()
-            if name not in config.disabled and spec.enabled(config)}
+            if name not in config.disabled and spec.enabled(config) and (signals is None or spec.watches in signals)}
