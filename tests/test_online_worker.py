@@ -111,9 +111,10 @@ def test_kill_9_mid_stream_then_resume_equals_uninterrupted_run(produced, tmp_pa
 
 
 def _drift_monitor(settings: Settings):
-    from drift.monitor import DriftMonitor
+    """The CLI worker's drift monitor (``learner_monitor_factory`` without its sinks): error detectors only."""
+    from drift.monitor import prediction_monitor
 
-    return lambda snapshot: DriftMonitor(settings) if snapshot is None else DriftMonitor.restore(settings, snapshot)
+    return lambda snapshot: prediction_monitor(settings, snapshot)
 
 
 def _drift_facts(settings: Settings, snapshot: bytes) -> dict:
