@@ -11,7 +11,7 @@ and "Scale-out".
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from itertools import compress, groupby
@@ -311,10 +311,9 @@ class OnlineWorker:
             self._resuming.discard(slot)
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
-        counts = state.merchant_events
-        for record in records:
-            merchant = record.event.merchant_id
-            counts[merchant] = counts.get(merchant, 0) + 1
+        counts = state.merchant_events  # new merchants in the order of their first event, as one by one
+        for merchant, count in Counter([record.event.merchant_id for record in records]).items():
+            counts[merchant] = counts.get(merchant, 0) + count
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
