@@ -11,10 +11,10 @@ and "Scale-out".
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from itertools import groupby
+from itertools import compress, groupby
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,13 @@ from online.slices import adopt, copy_rank, drop_taken, newest, newest_epoch, ow
 from online.transfer import warm_start
 from streams import record_kernels  # noqa: F401  (the fetched batches' scan, loaded before the first record)
 from streams import slot_kernels  # noqa: F401  (featurize_block's kernel, loaded before the first record)
+from streams.consumer import Batch, EventConsumer, seek_to_saved
 from streams.features import Featurizer
 from streams.schemas import Click, Order
 
 log = get_logger("online.worker")
 
-_where, _offset = attrgetter("topic", "partition"), attrgetter("offset")
+_where = attrgetter("topic", "partition")
 
 
 def peak_rss_mb() -> float | None:
@@ -151,8 +152,6 @@ class OnlineWorker:
         """``seek_on_assign``: adopt the newest copy of each assigned slot from the store and write the new
         fencing epochs at once (a stale owner's later copies lose), then resume every assigned partition at
         its saved offset. The member given slot 0 publishes for the group (:class:`Publisher`)."""
-        from streams.consumer import seek_to_saved
-
         adopted, slots = [], {tp.partition for tp in partitions}
         if self.store is not None and slots:
             adopted = self.adopt_newest(slots)
@@ -237,18 +236,22 @@ class OnlineWorker:
     # -- learning -----------------------------------------------------------------------------------------
 
     def accept(self, records: Iterable) -> None:
-        """Queue polled records; learn every block that is complete."""
+        """Queue polled records (a poll holds each partition's records in one run; an
+        :class:`~streams.consumer.Batch` has them split by partition already); learn every block that is
+        complete."""
         now = time.monotonic()
         if self.first_record_at is None:
             self.first_record_at, self.first_record_cpu = now, time.process_time()
-        for key, run in groupby(records, key=_where):  # a poll holds each partition's records in one run
-            self._enqueue(key, list(run), now)
+        runs = (records.runs if type(records) is Batch
+                else ((key, list(run)) for key, run in groupby(records, key=_where)))
+        for key, run in runs:
+            self._enqueue(key, run, now)
 
     def _enqueue(self, key: tuple[str, int], run: list, now: float) -> None:
         """Queue one partition's records, learning each block as it completes (a block ends at an offset
         ``o`` with ``(o + 1) % block == 0``); a record below the partition's learned offset is a redelivery
         after a rebalance and is never learned twice."""
-        offsets = list(map(_offset, run))
+        offsets = [record.offset for record in run]
         first, count = offsets[0], len(offsets)
         if offsets[-1] - first != count - 1 or sorted(offsets) != offsets:
             for record in run:  # gaps (dead letters, compaction) or an unordered list: record by record
@@ -311,10 +314,9 @@ class OnlineWorker:
             self._resuming.discard(slot)
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
-        counts = state.merchant_events
-        for record in records:
-            merchant = record.event.merchant_id
-            counts[merchant] = counts.get(merchant, 0) + 1
+        counts = state.merchant_events  # new merchants in the order of their first event, as one by one
+        for merchant, count in Counter([record.event.merchant_id for record in records]).items():
+            counts[merchant] = counts.get(merchant, 0) + count
 
     def learn_block(self, records: list) -> None:
         """Test-then-train on one block of one partition, in offset order.
@@ -328,14 +330,17 @@ class OnlineWorker:
         """
         state = self.state
         events = [record.event for record in records]
-        if hasattr(state.recommender, "rank"):
+        two_stage = hasattr(state.recommender, "rank")
+        if two_stage:
             indices, at = self.featurizer.featurize_block(events, state.context)
-            self._observe_recommender(events)
         else:  # the first-generation recommender ranks with the click model's features: all interleaved
             indices, at = self._featurize_interleaved(events)
+        clicks = [events[i] for i in at]
+        clicked = [click.clicked for click in clicks]
+        if two_stage:
+            self._observe_recommender(events, self._ranking_steps(events, at, clicked) if self.config.rank_every else [])
         if at:
-            clicks = [events[i] for i in at]
-            y = np.fromiter([click.clicked for click in clicks], dtype=bool, count=len(clicks))
+            y = np.fromiter(clicked, dtype=bool, count=len(clicks))
             merchants = [click.merchant_id for click in clicks]
             stamps = [click.timestamp for click in clicks]
             p = state.model.learn_many(indices, self._ones(indices.shape), y)
@@ -358,20 +363,30 @@ class OnlineWorker:
             ones = self._ones_rows = np.ones((max(shape[0], self.config.block), shape[1]), dtype=np.float64)
         return ones[:shape[0]]
 
-    def _observe_recommender(self, events: list) -> None:
+    def _observe_recommender(self, events: list, steps: list[int]) -> None:
         """Fold a block's events into the recommender in order (``observe_block``, in runs), scoring every
-        ``rank_every``-th step before its event is folded in."""
+        ``rank_every``-th ranking step (``steps``: their positions, :meth:`_ranking_steps`) before its event
+        is folded in."""
         rank_every, state = self.config.rank_every, self.state
         observe_block, start = state.recommender.observe_block, 0
         if rank_every:
-            for position, event in enumerate(events):
-                if event.clicked if type(event) is Click else type(event) is Order:
-                    state.ranked += 1
-                    if state.ranked % rank_every == 0:
-                        observe_block(events[start:position])
-                        self._score_ranking(event)
-                        start = position
+            first = (rank_every - 1 - state.ranked) % rank_every  # the step that brings ranked to a multiple
+            state.ranked += len(steps)
+            for position in steps[first::rank_every]:
+                observe_block(events[start:position])
+                self._score_ranking(events[position])
+                start = position
         observe_block(events[start:])
+
+    @staticmethod
+    def _ranking_steps(events: list, at: list[int], clicked: list[bool]) -> list[int]:
+        """Positions of a block's ranking steps, in order: its clicked clicks (``at``: the positions of its
+        clicks, ``clicked`` their labels) and its orders. A block holds one partition of one topic: all
+        clicks or none, but for a topic of mixed kinds."""
+        if len(at) == len(events):
+            return list(compress(at, clicked))
+        return [position for position, event in enumerate(events)
+                if (event.clicked if type(event) is Click else type(event) is Order)]
 
     def _count_ranked(self, event: Click | Order) -> None:
         self.state.ranked += 1
@@ -460,8 +475,6 @@ class OnlineWorker:
         records; checkpoint and publish at the end. Returns a summary."""
         from kafka.coordinator.assignors.range import RangePartitionAssignor
 
-        from streams.consumer import EventConsumer
-
         config = self.config
         started, cpu_started = time.monotonic(), time.process_time()
         if config.publish_every_s or config.publish_at_end:
@@ -483,7 +496,7 @@ class OnlineWorker:
                 if self.catalog is not None:
                     self._apply_catalog(self.catalog.poll())
                 if batch.records:
-                    self.accept(batch.records)
+                    self.accept(batch)
                     if config.flush_when_caught_up:
                         self.flush_caught_up(consumer.lag())
                 if batch.offsets or not consumer.assigned:

@@ -72,11 +72,14 @@ class Record(msgspec.Struct, frozen=True, gc=False):
 @dataclass
 class Batch:
     """Valid records of one poll plus the offsets to commit once they are processed (next offset per
-    partition, covering dead-lettered records too)."""
+    partition, covering dead-lettered records too); ``runs`` holds the same records split by partition,
+    ``((topic, partition), records)`` in the order of ``records``, for a reader that takes them per
+    partition without reading every record's topic and partition (``OnlineWorker.accept``)."""
 
     records: list[Record] = field(default_factory=list)
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
     dead_lettered: int = 0
+    runs: list[tuple[tuple[str, int], list[Record]]] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
@@ -223,7 +226,10 @@ class EventConsumer:
         now = self.now if self.now is not None else time.time()
         futures = []
         for tp, messages in fetched.items():
+            start = len(batch.records)
             self._decode_messages(batch, tp, messages, now, futures)
+            if len(batch.records) > start:
+                batch.runs.append(((tp.topic, tp.partition), batch.records[start:]))
             if messages:
                 batch.offsets[tp] = messages[-1].offset + 1
                 self._positions[tp] = messages[-1].offset + 1

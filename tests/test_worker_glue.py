@@ -13,7 +13,7 @@ import pytest
 
 from drift.monitor import DriftMonitor
 from online.worker import OnlineWorker, WorkerConfig
-from streams.consumer import Record
+from streams.consumer import Batch, Record
 from streams.generator import GeneratorConfig, generate
 from streams.schemas import CatalogItem
 from tests.glue_reference import ReferenceGlueWorker
@@ -36,14 +36,15 @@ def _partitions(events: list) -> dict[tuple[str, int], list]:
     return parts
 
 
-def _polls(rng: random.Random, parts: dict) -> list[list[Record]]:
-    """Polls of runs per partition: redelivered prefixes, dead-lettered gaps, a few unordered runs; some
-    records without a timestamp (None) or with a negative one."""
+def _polls(rng: random.Random, parts: dict) -> list[Batch]:
+    """Polls of runs per partition, as :class:`Batch` (its records and the same split by partition):
+    redelivered prefixes, dead-lettered gaps, a few unordered runs; some records without a timestamp (None)
+    or with a negative one."""
     now_ms = int(time.time() * 1000)
     next_offset = dict.fromkeys(parts, 0)
     polls = []
     while any(next_offset[key] < len(parts[key]) for key in parts):
-        poll = []
+        poll = Batch()
         for key in rng.sample(sorted(parts), k=rng.randint(1, len(parts))):
             start = next_offset[key]
             if rng.random() < 0.2:
@@ -55,9 +56,13 @@ def _polls(rng: random.Random, parts: dict) -> list[list[Record]]:
                 rng.shuffle(offsets)
             if offsets:
                 next_offset[key] = max(next_offset[key], max(offsets) + 1)
+            run = []
             for offset in offsets:
                 stamp = rng.choice((None, -5)) if rng.random() < 0.03 else now_ms - rng.randint(0, 5000)
-                poll.append(Record(parts[key][offset], key[0], key[1], offset, stamp, None))
+                run.append(Record(parts[key][offset], key[0], key[1], offset, stamp, None))
+            if run:
+                poll.records += run
+                poll.runs.append((key, run))
         polls.append(poll)
     return polls
 
@@ -74,15 +79,19 @@ def _state(worker: OnlineWorker) -> dict[str, bytes]:
     return {key: pickle.dumps(value) for key, value in state.items()}
 
 
-@pytest.mark.parametrize("seed,rank_every", [(1, 3), (2, 7), (3, 0)])
-def test_glue_learns_counts_and_checkpoints_what_the_reference_glue_does(settings, tmp_path, events, seed, rank_every):
+@pytest.mark.parametrize("seed,rank_every,batches", [(1, 3, True), (2, 7, False), (3, 0, True), (4, 11, True),
+                                                     (5, 1, False)])
+def test_glue_learns_counts_and_checkpoints_what_the_reference_glue_does(settings, tmp_path, events, seed, rank_every,
+                                                                         batches):
+    """The fast worker takes each poll as a Batch (its runs) or as a list of records; the reference as a list."""
     polls = _polls(random.Random(seed), _partitions(events))
     fast = _worker(OnlineWorker, settings, tmp_path, "fast", rank_every)
     reference = _worker(ReferenceGlueWorker, settings, tmp_path, "reference", rank_every)
     for worker in (fast, reference):
         worker.state.offsets[("clicks", 1)] = 40  # resumed: records below are redeliveries, never learned
+        worker.state.ranked = seed  # ranking steps counted before: the scored ones are shifted
         for poll in polls:
-            worker.accept(poll)
+            worker.accept(poll if worker is fast and batches else list(poll.records))
         worker.flush_stale(force=True)
     got, want = _state(fast), _state(reference)
     assert got.keys() == want.keys()
