@@ -242,8 +242,10 @@ class OnlineWorker:
         now = time.monotonic()
         if self.first_record_at is None:
             self.first_record_at, self.first_record_cpu = now, time.process_time()
-        runs = (records.runs if type(records) is Batch
-                else ((key, list(run)) for key, run in groupby(records, key=_where)))
+        if type(records) is Batch and (records.runs or not records.records):
+            runs = records.runs
+        else:  # a list, or a Batch made without its runs: grouped here
+            runs = ((key, list(run)) for key, run in groupby(records, key=_where))
         for key, run in runs:
             self._enqueue(key, run, now)
 

@@ -103,6 +103,20 @@ def test_glue_learns_counts_and_checkpoints_what_the_reference_glue_does(setting
     assert fast.state.clicks > 500 and (rank_every == 0 or fast.state.evaluator.report()["rankings@10"] > 20)
 
 
+def test_a_batch_made_without_its_runs_is_learned_as_its_records(settings, tmp_path, events):
+    """A :class:`Batch` built by hand with records only (no ``runs``) loses nothing: it is grouped as a list."""
+    polls = _polls(random.Random(6), _partitions(events))
+    bare = _worker(OnlineWorker, settings, tmp_path, "bare", 5)
+    listed = _worker(OnlineWorker, settings, tmp_path, "listed", 5)
+    for poll in polls:
+        bare.accept(Batch(records=list(poll.records), offsets=dict(poll.offsets)))
+        listed.accept(list(poll.records))
+    for worker in (bare, listed):
+        worker.flush_stale(force=True)
+    assert bare.learned_this_run == listed.learned_this_run > 1000
+    assert _state(bare) == _state(listed)
+
+
 def test_latencies_are_numpy_s_to_the_last_bit():
     rng = np.random.default_rng(3)
     now_ms = time.time() * 1000.0
