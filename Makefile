@@ -1,6 +1,10 @@
 # The README's two commands are `make demo` and `make test`; .ci/run calls `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3.11
+# The environment's interpreter: the distribution's CPython 3.11 when there is one (Debian's is built with PGO
+# and LTO, as the deploy image's python:3.11-slim is; a default pyenv build is neither, and costs the learner
+# worker ~10% more CPU per event: online/README.md, "Where the worker's CPU goes"), else the first $(PYTHON) on PATH.
+ENV_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(shell command -v $(PYTHON)))
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen
 
@@ -8,7 +12,7 @@ RUN := $(UV) run --frozen
 
 setup: ## install uv if missing, then the locked environment (.venv)
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
-	$(UV) sync --frozen
+	$(UV) sync --frozen --python $(ENV_PYTHON)
 
 compose-tools: ## Debian's docker-compose 1.29 validates deploy/ without an engine; fails when it cannot be installed
 	@command -v docker-compose >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
