@@ -192,7 +192,7 @@ class DriftMonitor:
         not fed: a snapshot taken when every detector was built per merchant sheds the ones never fed."""
         if self.signals is None:
             return detectors
-        fed = {name for name, spec in DETECTORS.items() if spec.watches in self.signals}
+        fed = {name for signal in self.signals for name in watchers(signal)}
         return {merchant: {name: d for name, d in held.items() if name in fed or name not in DETECTORS}
                 for merchant, held in detectors.items()}
 

@@ -46,6 +46,11 @@ log = get_logger("online.worker")
 _where = attrgetter("topic", "partition")
 
 
+def _is_step(event) -> bool:
+    """A ranking step: a clicked impression or an order (what a ranked list is scored against)."""
+    return event.clicked if type(event) is Click else type(event) is Order
+
+
 def peak_rss_mb() -> float | None:
     """This process's peak resident memory (VmHWM: its own address space, unlike ru_maxrss after fork)."""
     try:
@@ -153,10 +158,11 @@ class OnlineWorker:
         fencing epochs at once (a stale owner's later copies lose), then resume every assigned partition at
         its saved offset. The member given slot 0 publishes for the group (:class:`Publisher`)."""
         adopted, slots = [], {tp.partition for tp in partitions}
-        if self.store is not None and slots:
+        shared = self.store is not None and bool(slots)
+        if shared:
             adopted = self.adopt_newest(slots)
         own_slots(self.state, slots)  # the held clicks of slots given up are parked: their new owner learns them
-        if self.store is not None and slots:
+        if shared:
             self._checkpoint_in_rebalance()
             # the range assignment gives partition 0 of every group topic to one live member: the group's publisher
             self.publisher.scheduled = self.publisher.scheduled or 0 in slots
@@ -387,8 +393,7 @@ class OnlineWorker:
         clicks or none, but for a topic of mixed kinds."""
         if len(at) == len(events):
             return list(compress(at, clicked))
-        return [position for position, event in enumerate(events)
-                if (event.clicked if type(event) is Click else type(event) is Order)]
+        return [position for position, event in enumerate(events) if _is_step(event)]
 
     def _count_ranked(self, event: Click | Order) -> None:
         self.state.ranked += 1
@@ -405,7 +410,7 @@ class OnlineWorker:
                 rows.append(slots_for(event.merchant_id, event.user_id, event.item_id, event.timestamp,
                                       event.device, event.page, event.position, context))
                 at.append(position)
-            if self.config.rank_every and (event.clicked if type(event) is Click else type(event) is Order):
+            if self.config.rank_every and _is_step(event):
                 self._count_ranked(event)
             context.observe(event)
             recommender.observe(event)
