@@ -10,6 +10,10 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from fedstream.logs import quiet_libraries
+
+quiet_libraries()  # the benchmarks are programs: library noise a user cannot act on is dropped, as in the CLI
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

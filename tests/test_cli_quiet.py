@@ -97,3 +97,17 @@ def _ready(base: str, server: subprocess.Popen, timeout_s: float = 120) -> bool:
             pass
         time.sleep(0.3)
     return False
+
+
+def test_a_benchmark_registering_in_process_prints_no_library_warnings(tmp_path):
+    """The benchmarks are programs too: ``benchmarks.serving`` registers versions in its own process, where
+    MLflow warned that a uv environment has no pip (seen in the serving benchmark's output)."""
+    script = ("import benchmarks\nfrom fedstream.settings import load_settings\n"
+              "from tests.test_registry_models import register\n"
+              f"register(load_settings(data_dir={str(tmp_path / 'data')!r}, feature_bits=16), 0.42)\n"
+              "print('registered')\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("FEDSTREAM_", "MLFLOW_", "TF_CPP"))},
+           "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and "registered" in done.stdout, done.stderr[-2000:]
+    assert library_noise(done.stdout + done.stderr) == []
