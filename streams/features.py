@@ -321,34 +321,37 @@ class Featurizer:
             strings = self._strings = slot_kernels.StringTable()
         elif len(strings) >= self.memo_size:  # codes must stay valid inside a block: reset only between blocks
             strings.reset()
-        codes, stamps, at = self._encode_block(events, context, strings)
-        return slot_kernels.hash_block(codes, stamps, strings, self._mask), at
+        rows, at = self._encode_block(events, context, strings)
+        return slot_kernels.hash_block(rows, strings, self._mask), at
 
     def _encode_block(self, events: Sequence[Event], context: FeatureContext,
-                      strings: StringTable) -> tuple[list[int], list[float], list[int]]:
-        """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
-        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event.
+                      strings: StringTable) -> tuple[list, list[int]]:
+        """The block's clicks as flat rows of ``slot_kernels.ROW`` values (the ``ENCODED`` codes, then the
+        timestamp) and their positions in ``events``, with the context read and updated exactly as ``slots_for``
+        + ``observe`` per event.
 
         Codes and price buckets are read from plain dicts (``strings.codes``, ``self._prices``); a click with a
         string or a price seen for the first time raises ``KeyError`` there, and :meth:`_first_sight` makes
-        the same row, interning what is new."""
-        rows: list[int] = []
-        stamps: list[float] = []
-        at: list[int] = []
-        extend, stamp, mark, first_sight = rows.extend, stamps.append, at.append, self._first_sight
+        the same row, interning what is new. Along a run of one user's clicks the merchant's and the user's
+        codes are held, as the merchant and the user's recent categories are."""
+        rows: list = []
+        others: list[int] = []  # positions of the block's other events (few): the clicks' are the rest
+        extend, first_sight, intern = rows.extend, self._first_sight, strings.intern
         codes, buckets, merchants, click_type = strings.codes, self._prices, context.merchants, Click
-        new, match, other = (strings.intern(name) for name in ("new", "match", "other"))
-        strings.intern(UNKNOWN)
-        last_merchant = last_user = None  # the run of clicks by one user whose merchant and recent are in hand
+        new, match, other = (intern(name) for name in ("new", "match", "other"))
+        intern(UNKNOWN)
+        last_merchant = last_user = None  # the run of clicks by one user whose merchant, recent and codes are in hand
         for position, event in enumerate(events):
             if type(event) is not click_type:
                 context.observe(event)
+                others.append(position)
                 last_user = None
                 continue
             merchant_id, user_id = event.merchant_id, event.user_id
             if user_id != last_user or merchant_id != last_merchant:
                 merchant = merchants.get(merchant_id)
                 catalog, recent = ({}, None) if merchant is None else (merchant.catalog, merchant.recent.get(user_id))
+                merchant_code, user_code = intern(merchant_id), intern(user_id)
                 last_merchant, last_user = merchant_id, user_id
             info = catalog.get(event.item_id)
             if info is None:
@@ -357,12 +360,10 @@ class Featurizer:
                 category, price = info.category, info.price
             affinity = new if not recent else (match if category in recent else other)
             try:
-                extend((codes[merchant_id], codes[user_id], codes[event.item_id], codes[category], buckets[price],
-                        codes[event.device], codes[event.page], event.position, affinity))
+                extend((merchant_code, user_code, codes[event.item_id], codes[category], buckets[price],
+                        codes[event.device], codes[event.page], event.position, affinity, event.timestamp))
             except KeyError:  # a string or a price seen for the first time
                 extend(first_sight(strings, event, category, price, affinity))
-            stamp(event.timestamp)
-            mark(position)
             if event.clicked:
                 if recent is None:  # a merchant or a deque made (or evicted at once): read them afresh
                     (merchant or context.merchant(merchant_id)).remember(user_id, category)
@@ -370,7 +371,7 @@ class Featurizer:
                 else:  # MerchantContext.remember of a user it holds, with the user's deque in hand
                     merchant.recent.move_to_end(user_id)
                     recent.append(category)
-        return rows, stamps, at
+        return rows, _complement(others, len(events))
 
     def _first_sight(self, strings: StringTable, click: Click, category: str, price: float | None,
                      affinity: int) -> tuple[int, ...]:
@@ -386,7 +387,7 @@ class Featurizer:
                 buckets[None] = -1
             buckets[price] = price_bucket(price)
         return (codes[click.merchant_id], codes[click.user_id], codes[click.item_id], codes[category], buckets[price],
-                codes[click.device], codes[click.page], click.position, affinity)
+                codes[click.device], codes[click.page], click.position, affinity, click.timestamp)
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""
@@ -437,6 +438,17 @@ class Featurizer:
             indices[:, _ITEM_COLUMNS] = np.array(item_rows, dtype=np.int32)
             indices[:, _CATEGORY_COLUMNS] = np.array(category_rows, dtype=np.int32)
         return indices, np.ones(indices.shape, dtype=np.float32)
+
+
+def _complement(positions: list[int], n: int) -> list[int]:
+    """``range(n)`` without ``positions`` (increasing), made a range at a time."""
+    out: list[int] = []
+    start = 0
+    for position in positions:
+        out += range(start, position)
+        start = position + 1
+    out += range(start, n)
+    return out
 
 
 def as_dict(indices: np.ndarray, values: np.ndarray) -> dict[int, float]:

@@ -41,7 +41,8 @@ from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS  # noqa
 COLUMNS = ("merchant", "user", "item", "category", "bucket", "device", "page", "position", "affinity",
            "hour", "weekday")
 ENCODED = COLUMNS[:9]
-_WIDTH, _N_COLUMNS = len(ENCODED), len(COLUMNS)
+ROW = (*ENCODED, "timestamp")  # a click as the loop hands it over: its ENCODED codes, then its timestamp
+_WIDTH, _N_COLUMNS, _ROW_WIDTH = len(ENCODED), len(COLUMNS), len(ROW)
 _POSITION, _HOUR, _WEEKDAY = (COLUMNS.index(name) for name in ("position", "hour", "weekday"))
 _STRING_COLUMNS = frozenset({"merchant", "user", "item", "category", "device", "page", "affinity"})
 # The values of each field's name, in the order of its format's {0}, {1}, {2} (as Featurizer.slots_for).
@@ -193,16 +194,17 @@ def _advance(crc, n, shifts):
 def slots(codes, stamps, registers, lengths, program_starts, ops, counts, small_registers, small_lengths, shifts,
           table, mask, out):
     """``out[r, f]``: the CRC32C slot of field ``f``'s name spelled from click ``r`` (see :class:`Programs`):
-    its ``ENCODED`` codes ``codes[r * len(ENCODED):]`` and its timestamp ``stamps[r]``, from which the row's
-    capped position, hour and weekday are made as ``Featurizer.slots_for`` makes them."""
+    its ``ENCODED`` codes ``codes[r * len(ROW):]`` and its timestamp ``stamps[r * len(ROW) + len(ENCODED)]``
+    (``codes`` and ``stamps`` view the same rows of ``ROW``), from which the row's capped position, hour and
+    weekday are made as ``Featurizer.slots_for`` makes them."""
     digits = np.empty(24, dtype=np.uint8)
     row = np.empty(_N_COLUMNS, dtype=np.int64)
     smallest, n_small = _SMALLEST, small_registers.shape[0]
     for r in range(out.shape[0]):
-        row[:_WIDTH] = codes[r * _WIDTH:(r + 1) * _WIDTH]
+        row[:_WIDTH] = codes[r * _ROW_WIDTH:r * _ROW_WIDTH + _WIDTH]
         if row[_POSITION] > 20:
             row[_POSITION] = 20
-        hours = stamps[r] // 3600.0  # Python's float floor division (numba follows CPython's float_divmod)
+        hours = stamps[r * _ROW_WIDTH + _WIDTH] // 3600.0  # Python's float floor division (numba follows CPython's float_divmod)
         row[_HOUR] = int(hours % 24.0)
         row[_WEEKDAY] = int((hours // 24.0 + 3.0) % 7.0)
         for f in range(out.shape[1]):
@@ -234,20 +236,21 @@ def slots(codes, stamps, registers, lengths, program_starts, ops, counts, small_
 
 
 PROGRAMS = Programs()
+_ROW_FORMAT = f"{_WIDTH}qd"  # struct's spelling of one ROW
 
 
-def hash_block(codes: list[int], stamps: list[float], table: StringTable, mask: int) -> np.ndarray:
-    """Slots ``int32[n, F]`` of ``n`` clicks given as their ``ENCODED`` codes one click after another (strings
-    interned in ``table``) and their timestamps. The lists are packed with ``struct`` (~10 ns per value here,
-    against ~25-35 for ``array.array`` or ``np.array`` of a list of ints); a value out of int64 raises."""
-    n = len(stamps)
+def hash_block(rows: list, table: StringTable, mask: int) -> np.ndarray:
+    """Slots ``int32[n, F]`` of ``n`` clicks given as their ``ROW`` values one click after another (strings
+    interned in ``table``). The list is packed with ``struct`` (~10 ns per value here, against ~25-35 for
+    ``array.array`` or ``np.array`` of a list of ints) into rows of 9 int64 and a float64, which the kernel
+    reads through an int64 and a float64 view; a code out of int64 raises."""
+    n = len(rows) // _ROW_WIDTH
     out = np.empty((n, len(FIELDS)), dtype=np.int32)
     if not n:
         return out
-    packed, times = np.empty(len(codes), dtype=np.int64), np.empty(n, dtype=np.float64)
-    struct.pack_into(f"={len(codes)}q", packed, 0, *codes)
-    struct.pack_into(f"={n}d", times, 0, *stamps)
+    packed = np.empty(len(rows), dtype=np.int64)
+    struct.pack_into(f"={_ROW_FORMAT * n}", packed, 0, *rows)
     registers, lengths = table.arrays()
-    slots(packed, times, registers, lengths, PROGRAMS.starts, PROGRAMS.ops, PROGRAMS.counts, _SMALL_REGISTERS,
-          _SMALL_LENGTHS, SHIFTS, _TABLE, mask, out)
+    slots(packed, packed.view(np.float64), registers, lengths, PROGRAMS.starts, PROGRAMS.ops, PROGRAMS.counts,
+          _SMALL_REGISTERS, _SMALL_LENGTHS, SHIFTS, _TABLE, mask, out)
     return out
