@@ -203,12 +203,11 @@ class Featurizer:
     def _new_memos(self) -> None:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
-        self._prices: dict[float | None, int] = {None: -1}  # featurize_block's price buckets (-1: no entry), bounded
         self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
-        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_prices", "_strings")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_strings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -330,14 +329,14 @@ class Featurizer:
         timestamp) and their positions in ``events``, with the context read and updated exactly as ``slots_for``
         + ``observe`` per event.
 
-        Codes and price buckets are read from plain dicts (``strings.codes``, ``self._prices``); a click with a
-        string or a price seen for the first time raises ``KeyError`` there, and :meth:`_first_sight` makes
-        the same row, interning what is new. Along a run of one user's clicks the merchant's and the user's
+        Codes are read from a plain dict (``strings.codes``); a click with a string seen for the first time
+        raises ``KeyError`` there, and :meth:`_first_sight` makes the same row, interning what is new. The
+        price bucket is the kernel's, from the entry's price (the row says whether the item has an entry). Along a run of one user's clicks the merchant's and the user's
         codes are held, as the merchant and the user's recent categories are."""
         rows: list = []
         others: list[int] = []  # positions of the block's other events (few): the clicks' are the rest
         extend, first_sight, intern = rows.extend, self._first_sight, strings.intern
-        codes, buckets, merchants, click_type = strings.codes, self._prices, context.merchants, Click
+        codes, merchants, click_type = strings.codes, context.merchants, Click
         new, match, other = (intern(name) for name in ("new", "match", "other"))
         intern(UNKNOWN)
         last_merchant = last_user = None  # the run of clicks by one user whose merchant, recent and codes are in hand
@@ -355,15 +354,15 @@ class Featurizer:
                 last_merchant, last_user = merchant_id, user_id
             info = catalog.get(event.item_id)
             if info is None:
-                category, price = UNKNOWN, None  # bucket -1 (self._prices[None])
+                category, price, priced = UNKNOWN, 0.0, 0  # bucket -1
             else:  # read from the entry at every click: a re-issued entry is read afresh
-                category, price = info.category, info.price
+                category, price, priced = info.category, info.price, 1
             affinity = new if not recent else (match if category in recent else other)
             try:
-                extend((merchant_code, user_code, codes[event.item_id], codes[category], buckets[price],
-                        codes[event.device], codes[event.page], event.position, affinity, event.timestamp))
-            except KeyError:  # a string or a price seen for the first time
-                extend(first_sight(strings, event, category, price, affinity))
+                extend((merchant_code, user_code, codes[event.item_id], codes[category], priced, codes[event.device],
+                        codes[event.page], event.position, affinity, event.timestamp, price))
+            except KeyError:  # a string seen for the first time
+                extend(first_sight(strings, event, category, priced, affinity, price))
             if event.clicked:
                 if recent is None:  # a merchant or a deque made (or evicted at once): read them afresh
                     (merchant or context.merchant(merchant_id)).remember(user_id, category)
@@ -373,21 +372,12 @@ class Featurizer:
                     recent.append(category)
         return rows, _complement(others, len(events))
 
-    def _first_sight(self, strings: StringTable, click: Click, category: str, price: float | None,
-                     affinity: int) -> tuple[int, ...]:
-        """The row :meth:`_encode_block` makes of ``click``, once its new strings are interned and its price's
-        bucket is kept."""
-        codes, buckets = strings.codes, self._prices
-        for text in (click.merchant_id, click.user_id, click.item_id, category, click.device, click.page):
-            if text not in codes:
-                strings.intern(text)
-        if price not in buckets:
-            if len(buckets) >= self.memo_size:
-                buckets.clear()
-                buckets[None] = -1
-            buckets[price] = price_bucket(price)
-        return (codes[click.merchant_id], codes[click.user_id], codes[click.item_id], codes[category], buckets[price],
-                codes[click.device], codes[click.page], click.position, affinity, click.timestamp)
+    def _first_sight(self, strings: StringTable, click: Click, category: str, priced: int, affinity: int,
+                     price: float) -> tuple:
+        """The row :meth:`_encode_block` makes of ``click``, once its new strings are interned."""
+        intern = strings.intern
+        return (intern(click.merchant_id), intern(click.user_id), intern(click.item_id), intern(category), priced,
+                intern(click.device), intern(click.page), click.position, affinity, click.timestamp, price)
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""
