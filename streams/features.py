@@ -203,12 +203,11 @@ class Featurizer:
     def _new_memos(self) -> None:
         self._memos = tuple(_BoundedMemo(_field_slot(name, self._mask), self.memo_size) for name in FIELDS)
         self._buckets = _BoundedMemo(price_bucket, self.memo_size)  # catalog prices repeat on every impression
-        self._prices: dict[float | None, int] = {None: -1}  # featurize_block's price buckets (-1: no entry), bounded
         self._strings = None  # featurize_block's interned strings (a slot_kernels.StringTable, made on first use)
 
     def __getstate__(self) -> dict:
         # the memos are caches: never pickled into checkpoints or bundles
-        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_prices", "_strings")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_memos", "_buckets", "_strings")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -321,48 +320,49 @@ class Featurizer:
             strings = self._strings = slot_kernels.StringTable()
         elif len(strings) >= self.memo_size:  # codes must stay valid inside a block: reset only between blocks
             strings.reset()
-        codes, stamps, at = self._encode_block(events, context, strings)
-        return slot_kernels.hash_block(codes, stamps, strings, self._mask), at
+        rows, at = self._encode_block(events, context, strings)
+        return slot_kernels.hash_block(rows, strings, self._mask), at
 
     def _encode_block(self, events: Sequence[Event], context: FeatureContext,
-                      strings: StringTable) -> tuple[list[int], list[float], list[int]]:
-        """The block's clicks as flat rows of ``slot_kernels.COLUMNS[:9]`` codes, their timestamps and positions
-        in ``events``, with the context read and updated exactly as ``slots_for`` + ``observe`` per event.
+                      strings: StringTable) -> tuple[list, list[int]]:
+        """The block's clicks as flat rows of ``slot_kernels.ROW`` values (the ``ENCODED`` codes, then the
+        timestamp) and their positions in ``events``, with the context read and updated exactly as ``slots_for``
+        + ``observe`` per event.
 
-        Codes and price buckets are read from plain dicts (``strings.codes``, ``self._prices``); a click with a
-        string or a price seen for the first time raises ``KeyError`` there, and :meth:`_first_sight` makes
-        the same row, interning what is new."""
-        rows: list[int] = []
-        stamps: list[float] = []
-        at: list[int] = []
-        extend, stamp, mark, first_sight = rows.extend, stamps.append, at.append, self._first_sight
-        codes, buckets, merchants, click_type = strings.codes, self._prices, context.merchants, Click
-        new, match, other = (strings.intern(name) for name in ("new", "match", "other"))
-        strings.intern(UNKNOWN)
-        last_merchant = last_user = None  # the run of clicks by one user whose merchant and recent are in hand
+        Codes are read from a plain dict (``strings.codes``); a click with a string seen for the first time
+        raises ``KeyError`` there, and :meth:`_first_sight` makes the same row, interning what is new. The
+        price bucket is the kernel's, from the entry's price (the row says whether the item has an entry). Along a run of one user's clicks the merchant's and the user's
+        codes are held, as the merchant and the user's recent categories are."""
+        rows: list = []
+        others: list[int] = []  # positions of the block's other events (few): the clicks' are the rest
+        extend, first_sight, intern = rows.extend, self._first_sight, strings.intern
+        codes, merchants, click_type = strings.codes, context.merchants, Click
+        new, match, other = (intern(name) for name in ("new", "match", "other"))
+        intern(UNKNOWN)
+        last_merchant = last_user = None  # the run of clicks by one user whose merchant, recent and codes are in hand
         for position, event in enumerate(events):
             if type(event) is not click_type:
                 context.observe(event)
+                others.append(position)
                 last_user = None
                 continue
             merchant_id, user_id = event.merchant_id, event.user_id
             if user_id != last_user or merchant_id != last_merchant:
                 merchant = merchants.get(merchant_id)
                 catalog, recent = ({}, None) if merchant is None else (merchant.catalog, merchant.recent.get(user_id))
+                merchant_code, user_code = intern(merchant_id), intern(user_id)
                 last_merchant, last_user = merchant_id, user_id
             info = catalog.get(event.item_id)
             if info is None:
-                category, price = UNKNOWN, None  # bucket -1 (self._prices[None])
+                category, price, priced = UNKNOWN, 0.0, 0  # bucket -1
             else:  # read from the entry at every click: a re-issued entry is read afresh
-                category, price = info.category, info.price
+                category, price, priced = info.category, info.price, 1
             affinity = new if not recent else (match if category in recent else other)
             try:
-                extend((codes[merchant_id], codes[user_id], codes[event.item_id], codes[category], buckets[price],
-                        codes[event.device], codes[event.page], event.position, affinity))
-            except KeyError:  # a string or a price seen for the first time
-                extend(first_sight(strings, event, category, price, affinity))
-            stamp(event.timestamp)
-            mark(position)
+                extend((merchant_code, user_code, codes[event.item_id], codes[category], priced, codes[event.device],
+                        codes[event.page], event.position, affinity, event.timestamp, price))
+            except KeyError:  # a string seen for the first time
+                extend(first_sight(strings, event, category, priced, affinity, price))
             if event.clicked:
                 if recent is None:  # a merchant or a deque made (or evicted at once): read them afresh
                     (merchant or context.merchant(merchant_id)).remember(user_id, category)
@@ -370,23 +370,14 @@ class Featurizer:
                 else:  # MerchantContext.remember of a user it holds, with the user's deque in hand
                     merchant.recent.move_to_end(user_id)
                     recent.append(category)
-        return rows, stamps, at
+        return rows, _complement(others, len(events))
 
-    def _first_sight(self, strings: StringTable, click: Click, category: str, price: float | None,
-                     affinity: int) -> tuple[int, ...]:
-        """The row :meth:`_encode_block` makes of ``click``, once its new strings are interned and its price's
-        bucket is kept."""
-        codes, buckets = strings.codes, self._prices
-        for text in (click.merchant_id, click.user_id, click.item_id, category, click.device, click.page):
-            if text not in codes:
-                strings.intern(text)
-        if price not in buckets:
-            if len(buckets) >= self.memo_size:
-                buckets.clear()
-                buckets[None] = -1
-            buckets[price] = price_bucket(price)
-        return (codes[click.merchant_id], codes[click.user_id], codes[click.item_id], codes[category], buckets[price],
-                codes[click.device], codes[click.page], click.position, affinity)
+    def _first_sight(self, strings: StringTable, click: Click, category: str, priced: int, affinity: int,
+                     price: float) -> tuple:
+        """The row :meth:`_encode_block` makes of ``click``, once its new strings are interned."""
+        intern = strings.intern
+        return (intern(click.merchant_id), intern(click.user_id), intern(click.item_id), intern(category), priced,
+                intern(click.device), intern(click.page), click.position, affinity, click.timestamp, price)
 
     def transform(self, click: Click, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
         """Slot indices ``int32[F]`` and values ``float32[F]`` of one click."""
@@ -437,6 +428,17 @@ class Featurizer:
             indices[:, _ITEM_COLUMNS] = np.array(item_rows, dtype=np.int32)
             indices[:, _CATEGORY_COLUMNS] = np.array(category_rows, dtype=np.int32)
         return indices, np.ones(indices.shape, dtype=np.float32)
+
+
+def _complement(positions: list[int], n: int) -> list[int]:
+    """``range(n)`` without ``positions`` (increasing), made a range at a time."""
+    out: list[int] = []
+    start = 0
+    for position in positions:
+        out += range(start, position)
+        start = position + 1
+    out += range(start, n)
+    return out
 
 
 def as_dict(indices: np.ndarray, values: np.ndarray) -> dict[int, float]:

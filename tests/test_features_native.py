@@ -225,18 +225,65 @@ def test_featurizer_pickles_without_its_string_table_and_resumes_equal():
     assert np.array_equal(got, want)
 
 
-def test_the_block_path_reads_plain_dicts_and_keeps_them_bounded():
-    """The loop subscripts ``strings.codes`` and ``_prices``: plain dicts (CPython subscripts any dict subclass
-    through a Python-level ``__getitem__`` lookup, ~2.5x the cost). Both stay bounded by ``memo_size``: the
-    prices are cleared when full (also inside a block), the codes between blocks."""
+def test_the_block_path_reads_a_plain_dict_and_keeps_it_bounded():
+    """The loop subscripts ``strings.codes``: a plain dict (CPython subscripts any dict subclass through a
+    Python-level ``__getitem__`` lookup, ~2.5x the cost), bounded by ``memo_size`` between blocks."""
     events = hostile_stream(seed=11, n=6000)
     featurizer, context = Featurizer(BITS, memo_size=64), FeatureContext()
     for start in range(0, len(events), 500):
         featurizer.featurize_block(events[start:start + 500], context)
         strings = featurizer._strings
-        assert type(strings.codes) is dict and type(featurizer._prices) is dict
-        assert len(featurizer._prices) <= 64 and featurizer._prices[None] == -1
+        assert type(strings.codes) is dict
         assert len(strings) <= 64 + 6 * 500
+
+
+def hostile_prices(seed: int, n: int = 4000) -> list[float]:
+    """Prices on and one to three ulps either side of every bucket boundary (``1 + price`` a power of
+    ``sqrt(2)``), tiny, huge, negative and signed zeros, and ints (``set_item`` in process takes any number)."""
+    rng = random.Random(seed)
+    out: list[float] = [0.0, -0.0, -1.0, -1e300, 5e-324, 1e-300, 1.7e308, 0, 7, 10**300]
+    for k in range(2046):
+        edge = 2.0 ** (k / 2) - 1.0
+        for start in (edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf)):
+            out += [start, math.nextafter(start, 0.0), math.nextafter(math.nextafter(start, 0.0), 0.0),
+                    math.nextafter(start, math.inf)]
+    out += [rng.lognormvariate(3, 3) for _ in range(n)]
+    return out
+
+
+def test_price_buckets_made_by_the_kernel_equal_the_reference_at_every_boundary():
+    """The kernel makes the bucket from the entry's price (numba's ``log2`` is libm's, as ``math.log2``): equal
+    to ``price_bucket`` on and around every boundary, for every price an entry may hold."""
+    prices = hostile_prices(seed=5)
+    events: list = []
+    for k, price in enumerate(prices):
+        item = f"i{k % 500}"
+        context_item = CatalogItem(event_id=f"k{k}", merchant_id="m0", item_id=item, title="t", timestamp=1.7e9,
+                                   category="c", price=price)
+        events += [context_item, Click(event_id=f"c{k}", merchant_id="m0", user_id=f"u{k % 7}", item_id=item,
+                                       session_id="s", timestamp=1.7e9 + k, page="home", device="app", position=1)]
+    events += [Click(event_id="none", merchant_id="m0", user_id="u1", item_id="unknown", session_id="s",
+                     timestamp=1.7e9, page="home", device="app", position=1)]
+    run_both(events, 512, 250_000, 100_000)
+
+
+@pytest.mark.parametrize(("price", "error"), [(math.nan, ValueError), (math.inf, OverflowError)])
+def test_a_price_without_a_bucket_raises_as_the_reference_raises(price, error):
+    """``price_bucket`` raises on a price that is not finite (decoded events cannot carry one; ``set_item`` in
+    process can): the block path raises the same error, with the same message."""
+    def context() -> FeatureContext:
+        made = FeatureContext()
+        made.set_item("m0", "i1", "c", 5.0)
+        made.set_item("m0", "i2", "c", price)
+        return made
+
+    clicks = [Click(event_id=f"c{k}", merchant_id="m0", user_id="u1", item_id=item, session_id="s",
+                    timestamp=1.7e9, page="home", device="app", position=1) for k, item in enumerate(("i1", "i2"))]
+    with pytest.raises(error) as want:
+        reference_rows(Featurizer(BITS), clicks, context())
+    with pytest.raises(error) as got:
+        Featurizer(BITS).featurize_block(clicks, context())
+    assert str(got.value) == str(want.value)
 
 
 def test_every_field_has_a_spelling_program():
