@@ -11,6 +11,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import MISSING, dataclass, field
 from operator import attrgetter
+from sys import intern
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -160,7 +161,12 @@ def top_keys(counts: dict[str, float], depth: int) -> list[str]:
 
 
 class CandidateState(RowLinks):
-    """Candidate sources of every merchant (see the module docstring). Picklable; memory is bounded."""
+    """Candidate sources of every merchant (see the module docstring). Picklable; memory is bounded.
+
+    Item and user ids are kept interned (``sys.intern`` where an event's ids come in: :meth:`step_of`,
+    :meth:`fold`, ``ShopRecommender.observe_block``): one object per id, so a lookup matches a stored key at
+    its first compare instead of reading that key's hash and characters, another object in a large heap (a
+    decoded event's ids are new strings; ``online/README.md``, session 10)."""
 
     def __init__(self, half_life_s: float = 7 * 86_400.0, history: int = 10, max_items: int = 20_000,
                  max_neighbors: int = 50, max_users: int = 50_000, max_user_items: int = 100,
@@ -208,11 +214,11 @@ class CandidateState(RowLinks):
 
     @staticmethod
     def step_of(event: Event) -> tuple[tuple[str, ...], bool] | None:
-        """The items an event chose and whether it is an order (None when it chose nothing)."""
+        """The items an event chose (ids interned) and whether it is an order (None when it chose nothing)."""
         if type(event) is Click:
-            return ((event.item_id,), False) if event.clicked else None
+            return ((intern(event.item_id),), False) if event.clicked else None
         if type(event) is Order:
-            return tuple(dict.fromkeys(line.item_id for line in event.items)), True
+            return tuple(dict.fromkeys(intern(line.item_id) for line in event.items)), True
         return None
 
     def observe(self, event: Event) -> None:
@@ -225,19 +231,21 @@ class CandidateState(RowLinks):
         if event.timestamp > shop.clock:
             shop.clock = event.timestamp
         if type(event) is CatalogItem:
-            if event.item_id in shop.catalog or len(shop.catalog) < self.max_items:
-                shop.catalog[event.item_id] = event.category
-                if event.item_id not in shop.stats:
-                    shop.unchosen[event.item_id] = None
+            item = intern(event.item_id)
+            if item in shop.catalog or len(shop.catalog) < self.max_items:
+                shop.catalog[item] = event.category
+                if item not in shop.stats:
+                    shop.unchosen[item] = None
                 if self.text:
                     from streams.text import item_text
 
-                    shop.pending[event.item_id] = item_text(event.title, event.category, event.brand or "")
+                    shop.pending[item] = item_text(event.title, event.category, event.brand or "")
                     if len(shop.pending) >= self.text_batch:
                         self.embed_pending(shop)
             return
         if step is not None:
-            self.choose(shop, event.user_id, step[0], event.timestamp, step[1], getattr(event, "session_id", None))
+            self.choose(shop, intern(event.user_id), step[0], event.timestamp, step[1],
+                        getattr(event, "session_id", None))
 
     def choose(self, shop: Shop, user_id: str, items: tuple[str, ...], when: float, is_order: bool,
                session: str | None) -> None:

@@ -10,6 +10,7 @@ import random
 import struct
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
+from sys import intern
 
 import numpy as np
 
@@ -201,7 +202,8 @@ class ShopRecommender:
     def observe_block(self, events: list[Event]) -> None:
         """:meth:`observe` each event in order (the worker's batch path): the same state, without the calls
         per event that an unclicked impression (most events) does not need; a clicked impression goes
-        straight to :meth:`CandidateState.choose_one`."""
+        straight to :meth:`CandidateState.choose_one`, its item and user ids interned as ``step_of`` and
+        ``fold`` intern them."""
         state, shops, fold, train = self.state, self.state.shops, self.state.fold, self._train
         choose_one, merchant_steps = state.choose_one, self.merchant_steps
         warm_up, every = self.warm_up_steps, self.train_every
@@ -213,13 +215,13 @@ class ShopRecommender:
                     if event.clicked:  # a step: count it (and train) before it is folded in, as _learn_step
                         steps += 1
                         seen = merchant_steps[merchant] = merchant_steps.get(merchant, 0) + 1
-                        items = (event.item_id,)
+                        items, user_id = (intern(event.item_id),), intern(event.user_id)
                         if seen <= warm_up or seen % every == 0:
-                            train(merchant, event.user_id, items, when)
+                            train(merchant, user_id, items, when)
                         shop = shops.get(merchant) or state.shop(merchant)  # then fold it, as CandidateState.fold
                         if when > shop.clock:
                             shop.clock = when
-                        choose_one(shop, event.user_id, items, when, False, event.session_id)
+                        choose_one(shop, user_id, items, when, False, event.session_id)
                         continue
                     shop = shops.get(merchant) or state.shop(merchant)  # only moves its merchant's clock
                     if when > shop.clock:
