@@ -438,14 +438,19 @@ class AheadFetcher(Fetcher):
 
     def _ahead_brings_records(self) -> bool:
         """Only completions that brought nothing are queued, and a partition a fetch would ask for now is
-        behind its high watermark."""
-        if not all(map(_brought_nothing, self._completed_fetches.copy())):
+        behind its high watermark: the one its queued completion carries (a response full before it came
+        to the partition) or the last one handed out."""
+        queued = self._completed_fetches.copy()
+        if not all(map(_brought_nothing, queued)):
             return False
+        behind = {fetch.topic_partition for fetch in queued
+                  if fetch.fetched_offset < fetch.partition_data.high_watermark}
         assignment = self._subscriptions.assignment
         for tp in self._fetchable_partitions():
             state = assignment.get(tp)
             position = state.position if state is not None else None
-            if position is not None and state.highwater is not None and position.offset < state.highwater:
+            if tp in behind or (position is not None and state.highwater is not None
+                                and position.offset < state.highwater):
                 return True
         return False
 
