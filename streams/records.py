@@ -403,11 +403,16 @@ def build_raw_batches(kafka_consumer, build: BatchBuilder | None) -> bool:
 
 # -- fetching ahead ---------------------------------------------------------------------------------------
 
-#: kafka-python's fetcher has the two methods :class:`AheadFetcher` refines (see :func:`install_fetch_ahead`)
+#: kafka-python's fetcher has the methods :class:`AheadFetcher` refines or relies on (see :func:`install_fetch_ahead`)
 SUPPORTED_AHEAD = (
     all(hasattr(Fetcher, name) for name in ("_fetchable_partitions", "fetched_records", "fetch_records"))
     and "partition_data" in CompletedFetch._fields
 )
+
+
+#: the fetcher's state :class:`AheadFetcher` reads (instance attributes, checked per fetcher)
+_AHEAD_STATE = ("_completed_fetches", "_next_partition_records", "_paused_completed_fetches",
+                "_paused_partition_records", "_subscriptions")
 
 
 def _brought_nothing(completion) -> bool:
@@ -468,7 +473,7 @@ def install_fetch_ahead(kafka_consumer) -> bool:
     """Make one kafka-python consumer fetch ahead (:class:`AheadFetcher`). Returns False (and changes
     nothing) when its fetcher is not kafka-python's own or lacks the expected internals."""
     fetcher = getattr(kafka_consumer, "_fetcher", None)
-    if not SUPPORTED_AHEAD or type(fetcher) is not Fetcher:
+    if not SUPPORTED_AHEAD or type(fetcher) is not Fetcher or not all(hasattr(fetcher, name) for name in _AHEAD_STATE):
         return False
     fetcher.__class__ = AheadFetcher
     return True
