@@ -23,7 +23,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_limit, dead_letter_payload
-from streams.records import build_raw_batches
+from streams.records import build_raw_batches, install_fetch_ahead
 from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events, event_topic_names
 
 log = get_logger("streams.consumer")
@@ -124,11 +124,13 @@ class EventConsumer:
         on_revoked: Callable[[set[TopicPartition]], None] | None = None,
         retry: RetryPolicy = RetryPolicy(), now: float | None = None,
         merchants: frozenset[str] | None = None, handle_signals: bool = True, fetch_decoding: bool = True,
-        **consumer_overrides: Any,
+        fetch_ahead: bool = True, **consumer_overrides: Any,
     ) -> None:
         """``fetch_decoding``: decode the events of a natively parsed record batch right there, into
         :class:`Record` (:meth:`_build_records`), instead of as :class:`~streams.records.RawRecord` decoded
-        again in :meth:`poll`; the same records and dead letters either way (False: the reference path)."""
+        again in :meth:`poll`; the same records and dead letters either way (False: the reference path).
+        ``fetch_ahead``: fetch the next records while a partition's are still handed out
+        (:class:`~streams.records.AheadFetcher`); the same records either way (False: kafka-python's fetching)."""
         t = settings.topics
         self.settings = settings
         self.group_id = group_id
@@ -154,6 +156,8 @@ class EventConsumer:
         self._consumer = self._connect(consumer_overrides)
         if fetch_decoding:
             build_raw_batches(self._consumer, self._build_records)
+        if fetch_ahead:
+            install_fetch_ahead(self._consumer)
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     # -- connection and signals ---------------------------------------------------------------------------
