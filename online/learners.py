@@ -53,17 +53,6 @@ def hash_key(key: Any, mask: int) -> int:
     return crc32c.crc32c(str(key).encode()) & mask
 
 
-def _python_logit(weight: memoryview, slots: list[int], values: list[float]) -> float | None:
-    """A row's clipped logit as the kernels compute it, or None when it is not finite: a NaN or infinite
-    value or weight, whose handling (a NaN value is skipped by the update) stays the kernels'."""
-    dot = 0.0
-    for slot, value in zip(slots, values):
-        dot += weight[slot] * value
-    if dot - dot != 0.0:
-        return None
-    return -CLIP if dot < -CLIP else CLIP if dot > CLIP else dot
-
-
 def _float32_sqrt(x: float) -> float:
     """√x rounded to float32: numba types ``float()`` of a float32 array element as float32, so the FTRL
     kernel takes ``√n_old`` in float32 on float32 state (correctly rounded either way, so this is it)."""
@@ -277,8 +266,11 @@ class HashedLogisticRegression(base.Classifier):
 
     def predict_proba_one(self, x: dict) -> dict[bool, float]:
         if self.native:  # a dict is small: a Python loop beats building arrays for a kernel call
-            if len(x) <= SMALL_ROW:
-                slots = self._small_row_slots(x)[0]
+            layout = self.__dict__.get("_scratch_layout")
+            if layout is not None and layout[0] == tuple(x):
+                slots = layout[1]
+            elif len(x) <= SMALL_ROW:
+                slots = self._small_row_slots(x)[1]
             else:
                 mask = self._mask
                 slots = [key & mask if type(key) is int else self._slot(key) for key in x]
@@ -298,12 +290,8 @@ class HashedLogisticRegression(base.Classifier):
 
     def learn_one(self, x: dict, y: bool) -> None:
         if self.native:
-            if len(x) <= SMALL_ROW and self.dtype != "q2.13":
-                slots, distinct = self._small_row_slots(x)
-                if distinct and self._learn_python(slots, [*map(float, x.values())], 1.0 if y else 0.0):
-                    self.n_updates += 1
-                    self.n_batches += 1
-                    return
+            if len(x) <= SMALL_ROW and self.dtype != "q2.13" and self._learn_small(x, 1.0 if y else 0.0):
+                return
             indices, values = self._native_row(x)
             out = self.__dict__.get("_scratch_out")
             if out is None:
@@ -315,11 +303,35 @@ class HashedLogisticRegression(base.Classifier):
         else:
             self._learn_rows(*dict_to_arrays(x, self._mask), _LABELS[1 if y else 0].copy())
 
+    def _learn_small(self, x: Mapping[Any, float], label: float) -> bool:
+        """Learn a small dict in Python (no arrays to build, no kernel call): the kernel's arithmetic in the
+        kernel's order, the same floats bit for bit. False, with nothing changed, when two keys share a
+        slot or the logit is not finite (a NaN or infinite value or weight; the kernel skips a NaN value
+        in its update): the kernel learns such a row."""
+        layout = self.__dict__.get("_scratch_layout")
+        slots = layout[2] if layout is not None and layout[0] == tuple(x) else self._small_row_slots(x)[2]
+        if slots is None:
+            return False
+        values = [*map(float, x.values())]
+        views = self._views()
+        weight, dot = views[0], 0.0
+        for slot, value in zip(slots, values):
+            dot += weight[slot] * value
+        if dot - dot != 0.0:
+            return False
+        error = 1.0 / (1.0 + math.exp(-(-CLIP if dot < -CLIP else CLIP if dot > CLIP else dot))) - label
+        self._step_python(views, slots, values, error)
+        self.n_updates += 1
+        self.n_batches += 1
+        return True
+
     @abc.abstractmethod
-    def _learn_python(self, slots: list[int], values: list[float], label: float) -> bool:
-        """Learn one row of distinct slots in Python: the kernel's arithmetic in the kernel's order (same
-        floats, bit for bit). False, with nothing changed, when the row's logit is not finite (see
-        :func:`_python_logit`): the kernel learns such a row."""
+    def _views(self) -> tuple[memoryview, ...]:
+        """The memoryviews of :meth:`_new_views`, checked to still show this learner's arrays."""
+
+    @abc.abstractmethod
+    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
+        """This optimizer's update of one row of distinct slots, given ``p - y``, as its kernel does it."""
 
     def _native_row(self, x: Mapping[Any, float]) -> tuple[np.ndarray, np.ndarray]:
         """A dict as one ``(1, k)`` kernel row (colliding slots are merged by the kernels). String keys'
@@ -329,19 +341,17 @@ class HashedLogisticRegression(base.Classifier):
         return (np.array(slots, dtype=np.int32).reshape(1, -1),
                 np.fromiter(x.values(), dtype=np.float64, count=len(x)).reshape(1, -1))
 
-    def _small_row_slots(self, x: Mapping[Any, float]) -> tuple[list[int], bool]:
-        """``x``'s slots in its key order, and whether they are distinct. A dense stream repeats one key
-        layout row after row: the last layout of string keys is remembered with its answer (never pickled)."""
+    def _small_row_slots(self, x: Mapping[Any, float]) -> tuple[tuple, list[int], list[int] | None]:
+        """``(keys, slots, the slots if distinct else None)`` of a small dict, slots in key order. A dense
+        stream repeats one key layout row after row: the last layout of string keys is remembered (never
+        pickled; only strings, as no other key equals a string)."""
         keys = tuple(x)
-        layout = self.__dict__.get("_scratch_layout")
-        if layout is not None and layout[0] == keys:  # only strings are kept, and no other key equals a string
-            return layout[1]
         mask = self._mask
         slots = [key & mask if type(key) is int else self._slot(key) for key in keys]
-        answer = slots, len(set(slots)) == len(slots)
+        layout = keys, slots, slots if len(set(slots)) == len(slots) else None
         if {*map(type, keys)} == _ONLY_STRINGS:
-            self.__dict__["_scratch_layout"] = (keys, answer)
-        return answer
+            self.__dict__["_scratch_layout"] = layout
+        return layout
 
     def _new_views(self) -> tuple[memoryview, ...]:
         """Memoryviews of the per-slot arrays in ``_arrays`` order: Python floats in and out, far cheaper per
@@ -445,20 +455,18 @@ class SGDClassifier(HashedLogisticRegression):
     def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
         kernels.sgd_learn(self.w, indices, values, labels, out, float(self.learning_rate), float(self.l2))
 
-    def _learn_python(self, slots: list[int], values: list[float], label: float) -> bool:
+    def _views(self) -> tuple[memoryview, ...]:
         views = self.__dict__.get("_scratch_views")
         if views is None or views[0].obj is not self.w:
             views = self._new_views()
+        return views
+
+    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
         (w,) = views
-        logit = _python_logit(w, slots, values)
-        if logit is None:
-            return False
-        error = 1.0 / (1.0 + math.exp(-logit)) - label
         learning_rate, l2 = float(self.learning_rate), float(self.l2)
         for slot, value in zip(slots, values):
             weight = w[slot]
             w[slot] = weight - learning_rate * (error * value + l2 * weight)
-        return True
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         total, count = self._scratch_buffers(2)
@@ -503,15 +511,14 @@ class AdamClassifier(HashedLogisticRegression):
         kernels.adam_learn(self.w, self.m, self.v, indices, values, labels, out, float(self.learning_rate),
                            float(self.beta_1), float(self.beta_2), float(self.eps), float(self.n_batches))
 
-    def _learn_python(self, slots: list[int], values: list[float], label: float) -> bool:
+    def _views(self) -> tuple[memoryview, ...]:
         views = self.__dict__.get("_scratch_views")
         if views is None or views[0].obj is not self.w or views[1].obj is not self.m or views[2].obj is not self.v:
             views = self._new_views()
+        return views
+
+    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
         w, m, v = views
-        logit = _python_logit(w, slots, values)
-        if logit is None:
-            return False
-        error = 1.0 / (1.0 + math.exp(-logit)) - label
         beta_1, beta_2, eps = float(self.beta_1), float(self.beta_2), float(self.eps)
         t = float(self.n_batches) + 1.0
         lr = float(self.learning_rate) * math.sqrt(1 - beta_2**t) / (1 - beta_1**t)
@@ -522,7 +529,6 @@ class AdamClassifier(HashedLogisticRegression):
             w[slot] = w[slot] - lr * m_new / (math.sqrt(v_new) + eps)
             m[slot] = m_new
             v[slot] = v_new
-        return True
 
     @property
     def t(self) -> int:
@@ -581,15 +587,14 @@ class FTRLProximalClassifier(HashedLogisticRegression):
         kernels.ftrl_learn(self.w, self.z, self.n, indices, values, labels, out, float(self.alpha),
                            float(self.beta), float(self.l1), float(self.l2))
 
-    def _learn_python(self, slots: list[int], values: list[float], label: float) -> bool:
+    def _views(self) -> tuple[memoryview, ...]:
         views = self.__dict__.get("_scratch_views")
         if views is None or views[0].obj is not self.w or views[1].obj is not self.z or views[2].obj is not self.n:
             views = self._new_views()
+        return views
+
+    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
         w, z, n = views
-        logit = _python_logit(w, slots, values)
-        if logit is None:
-            return False
-        error = 1.0 / (1.0 + math.exp(-logit)) - label
         alpha, beta, l1, l2 = float(self.alpha), float(self.beta), float(self.l1), float(self.l2)
         root_of_stored = math.sqrt if self.dtype == "float64" else _float32_sqrt  # as the kernel: see _float32_sqrt
         for slot, value in zip(slots, values):
@@ -604,7 +609,6 @@ class FTRLProximalClassifier(HashedLogisticRegression):
                 w[slot] = 0.0
             else:
                 w[slot] = -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2)
-        return True
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         # per distinct slot: Σg and Σg² (a chunk of ≤ max_delay rows is small, so sorting it is cheaper

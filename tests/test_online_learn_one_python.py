@@ -152,7 +152,7 @@ def test_the_remembered_layout_is_never_taken_for_other_key_types():
     for keys in (("1", "bias"), (1, "bias"), (True, "bias"), (1.0, "bias"), ("1", "bias")):
         x = dict.fromkeys(keys, 1.0)
         expected = [learners.hash_key(key, model._mask) for key in keys]
-        assert model._small_row_slots(x) == (expected, True)
+        assert model._small_row_slots(x) == (keys, expected, expected)
     assert model.__dict__["_scratch_layout"][0] == ("1", "bias")
 
 
