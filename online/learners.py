@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import array
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import crc32c
@@ -39,7 +39,7 @@ Q_SCALE = kernels.Q_SCALE  # q2.13: a weight is an int16 code / 8192
 _LABELS = (np.zeros(1), np.ones(1))  # learn_one's label as a kernel argument (read, never written)
 _ONLY_STRINGS = {str}
 KEY_CACHE = 1 << 16  # string feature keys whose slots learn_one / predict_proba_one memoize
-SMALL_ROW = 16  # learn_one learns a dict of at most this many keys in Python, no kernel call (online/README.md)
+SMALL_ROW = 16  # learn_one learns a dense row of at most this many keys in Python, no kernel call (online/README.md)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -266,20 +266,21 @@ class HashedLogisticRegression(base.Classifier):
 
     def predict_proba_one(self, x: dict) -> dict[bool, float]:
         if self.native:  # a dict is small: a Python loop beats building arrays for a kernel call
-            layout = self.__dict__.get("_scratch_layout")
-            if layout is not None and layout[0] == tuple(x):
-                slots = layout[1]
-            elif len(x) <= SMALL_ROW:
-                slots = self._small_row_slots(x)[1]
-            else:
-                mask = self._mask
-                slots = [key & mask if type(key) is int else self._slot(key) for key in x]
             views = self.__dict__.get("_scratch_views")
             if views is None or views[0].obj is not self.w:
                 views = self._new_views()
             weight, dot = views[0], 0.0
-            for slot, value in zip(slots, x.values()):
-                dot += weight[slot] * value
+            layout = self.__dict__.get("_scratch_layout")
+            if layout is not None and layout[1] and layout[0] == tuple(x):  # the dense layout learn_one knows
+                for slot, value in zip(layout[1], x.values()):
+                    dot += weight[slot] * value
+            else:
+                known, mask = self._keys().get, self._mask
+                for key, value in x.items():
+                    slot = known(key)  # memoized string keys (no other key equals a string)
+                    if slot is None:
+                        slot = key & mask if type(key) is int else self._slot(key)
+                    dot += weight[slot] * value
             if self.dtype == "q2.13":
                 dot /= Q_SCALE
             p = 1.0 / (1.0 + math.exp(-(-CLIP if dot < -CLIP else CLIP if dot > CLIP else dot)))
@@ -290,8 +291,13 @@ class HashedLogisticRegression(base.Classifier):
 
     def learn_one(self, x: dict, y: bool) -> None:
         if self.native:
-            if len(x) <= SMALL_ROW and self.dtype != "q2.13" and self._learn_small(x, 1.0 if y else 0.0):
-                return
+            keys, layout = tuple(x), self.__dict__.get("_scratch_layout")
+            if layout is not None and layout[0] == keys:  # the keys of the row before: dense data, hot slots
+                slots = self._layout_slots(keys) if layout[1] is False else layout[1]
+                if slots and self.dtype != "q2.13" and self._learn_small(slots, x, 1.0 if y else 0.0):
+                    return
+            else:
+                self.__dict__["_scratch_layout"] = keys, False  # False: slots not looked at yet
             indices, values = self._native_row(x)
             out = self.__dict__.get("_scratch_out")
             if out is None:
@@ -303,55 +309,54 @@ class HashedLogisticRegression(base.Classifier):
         else:
             self._learn_rows(*dict_to_arrays(x, self._mask), _LABELS[1 if y else 0].copy())
 
-    def _learn_small(self, x: Mapping[Any, float], label: float) -> bool:
-        """Learn a small dict in Python (no arrays to build, no kernel call): the kernel's arithmetic in the
-        kernel's order, the same floats bit for bit. False, with nothing changed, when two keys share a
-        slot or the logit is not finite (a NaN or infinite value or weight; the kernel skips a NaN value
-        in its update): the kernel learns such a row."""
-        layout = self.__dict__.get("_scratch_layout")
-        slots = layout[2] if layout is not None and layout[0] == tuple(x) else self._small_row_slots(x)[2]
-        if slots is None:
-            return False
+    def _learn_small(self, slots: list[int], x: Mapping[Any, float], label: float) -> bool:
+        """Learn a small dict of distinct ``slots`` in Python (no arrays to build, no kernel call): the
+        kernel's arithmetic in the kernel's order, the same floats bit for bit. False, with nothing
+        changed, when the logit is not finite (a NaN or infinite value or weight; the kernel skips a NaN
+        value in its update): the kernel learns such a row."""
         values = [*map(float, x.values())]
-        views = self._views()
+        views = self.__dict__.get("_scratch_views")
+        if views is None or views[0].obj is not self.w:
+            views = self._new_views()
         weight, dot = views[0], 0.0
         for slot, value in zip(slots, values):
             dot += weight[slot] * value
         if dot - dot != 0.0:
             return False
         error = 1.0 / (1.0 + math.exp(-(-CLIP if dot < -CLIP else CLIP if dot > CLIP else dot))) - label
-        self._step_python(views, slots, values, error)
+        self._step_python(slots, values, error)
         self.n_updates += 1
         self.n_batches += 1
         return True
 
     @abc.abstractmethod
-    def _views(self) -> tuple[memoryview, ...]:
-        """The memoryviews of :meth:`_new_views`, checked to still show this learner's arrays."""
-
-    @abc.abstractmethod
-    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
-        """This optimizer's update of one row of distinct slots, given ``p - y``, as its kernel does it."""
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
+        """This optimizer's update of one row of distinct slots, given ``p - y``, as its kernel does it, on
+        the memoryviews of :meth:`_new_views` (checked first to still show this learner's arrays)."""
 
     def _native_row(self, x: Mapping[Any, float]) -> tuple[np.ndarray, np.ndarray]:
         """A dict as one ``(1, k)`` kernel row (colliding slots are merged by the kernels). String keys'
         slots are memoized (up to ``KEY_CACHE`` keys; the memo is never pickled)."""
-        mask = self._mask
-        slots = [key & mask if type(key) is int else self._slot(key) for key in x]
-        return (np.array(slots, dtype=np.int32).reshape(1, -1),
+        return (np.array(self._slots(x), dtype=np.int32).reshape(1, -1),
                 np.fromiter(x.values(), dtype=np.float64, count=len(x)).reshape(1, -1))
 
-    def _small_row_slots(self, x: Mapping[Any, float]) -> tuple[tuple, list[int], list[int] | None]:
-        """``(keys, slots, the slots if distinct else None)`` of a small dict, slots in key order. A dense
-        stream repeats one key layout row after row: the last layout of string keys is remembered (never
-        pickled; only strings, as no other key equals a string)."""
-        keys = tuple(x)
-        mask = self._mask
-        slots = [key & mask if type(key) is int else self._slot(key) for key in keys]
-        layout = keys, slots, slots if len(set(slots)) == len(slots) else None
-        if {*map(type, keys)} == _ONLY_STRINGS:
-            self.__dict__["_scratch_layout"] = layout
-        return layout
+    def _slots(self, keys: Iterable[Any]) -> list[int]:
+        """The slots of ``keys`` (a dict's: its keys), in order (string keys' from the memo: a miss, or slot 0, asks :meth:`_slot`)."""
+        known, mask = self._keys().get, self._mask
+        return [key & mask if type(key) is int else known(key) or self._slot(key) for key in keys]
+
+    def _layout_slots(self, keys: tuple) -> list[int] | None:
+        """The slots of a row whose keys repeat the row before's, when ``learn_one`` may learn such rows in
+        Python: at most ``SMALL_ROW`` keys, all strings (no other key equals a string, while ``1 == True ==
+        1.0`` hash to different slots), slots distinct; else None. Remembered with the keys (never pickled):
+        a dense stream repeats its keys row after row, and its slots are then in the caches (a sparse one
+        goes on through the kernel, which prefetches its cache misses)."""
+        slots = None
+        if len(keys) <= SMALL_ROW and {*map(type, keys)} == _ONLY_STRINGS:
+            slots = self._slots(keys)
+            slots = slots if len(set(slots)) == len(slots) else None
+        self.__dict__["_scratch_layout"] = keys, slots
+        return slots
 
     def _new_views(self) -> tuple[memoryview, ...]:
         """Memoryviews of the per-slot arrays in ``_arrays`` order: Python floats in and out, far cheaper per
@@ -455,13 +460,10 @@ class SGDClassifier(HashedLogisticRegression):
     def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
         kernels.sgd_learn(self.w, indices, values, labels, out, float(self.learning_rate), float(self.l2))
 
-    def _views(self) -> tuple[memoryview, ...]:
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
         views = self.__dict__.get("_scratch_views")
         if views is None or views[0].obj is not self.w:
             views = self._new_views()
-        return views
-
-    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
         (w,) = views
         learning_rate, l2 = float(self.learning_rate), float(self.l2)
         for slot, value in zip(slots, values):
@@ -511,13 +513,10 @@ class AdamClassifier(HashedLogisticRegression):
         kernels.adam_learn(self.w, self.m, self.v, indices, values, labels, out, float(self.learning_rate),
                            float(self.beta_1), float(self.beta_2), float(self.eps), float(self.n_batches))
 
-    def _views(self) -> tuple[memoryview, ...]:
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
         views = self.__dict__.get("_scratch_views")
         if views is None or views[0].obj is not self.w or views[1].obj is not self.m or views[2].obj is not self.v:
             views = self._new_views()
-        return views
-
-    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
         w, m, v = views
         beta_1, beta_2, eps = float(self.beta_1), float(self.beta_2), float(self.eps)
         t = float(self.n_batches) + 1.0
@@ -587,13 +586,10 @@ class FTRLProximalClassifier(HashedLogisticRegression):
         kernels.ftrl_learn(self.w, self.z, self.n, indices, values, labels, out, float(self.alpha),
                            float(self.beta), float(self.l1), float(self.l2))
 
-    def _views(self) -> tuple[memoryview, ...]:
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
         views = self.__dict__.get("_scratch_views")
         if views is None or views[0].obj is not self.w or views[1].obj is not self.z or views[2].obj is not self.n:
             views = self._new_views()
-        return views
-
-    def _step_python(self, views: tuple[memoryview, ...], slots: list[int], values: list[float], error: float) -> None:
         w, z, n = views
         alpha, beta, l1, l2 = float(self.alpha), float(self.beta), float(self.l1), float(self.l2)
         root_of_stored = math.sqrt if self.dtype == "float64" else _float32_sqrt  # as the kernel: see _float32_sqrt
