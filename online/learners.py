@@ -291,13 +291,14 @@ class HashedLogisticRegression(base.Classifier):
 
     def learn_one(self, x: dict, y: bool) -> None:
         if self.native:
-            keys, layout = tuple(x), self.__dict__.get("_scratch_layout")
-            if layout is not None and layout[0] == keys:  # the keys of the row before: dense data, hot slots
-                slots = self._layout_slots(keys) if layout[1] is False else layout[1]
-                if slots and self.dtype != "q2.13" and self._learn_small(slots, x, 1.0 if y else 0.0):
-                    return
-            else:
-                self.__dict__["_scratch_layout"] = keys, False  # False: slots not looked at yet
+            if len(x) <= SMALL_ROW:
+                keys, layout = tuple(x), self.__dict__.get("_scratch_layout")
+                if layout is not None and layout[0] == keys:  # the keys of the small row before: dense data
+                    slots = self._layout_slots(keys) if layout[1] is False else layout[1]
+                    if slots and self.dtype != "q2.13" and self._learn_small(slots, x, 1.0 if y else 0.0):
+                        return
+                else:
+                    self.__dict__["_scratch_layout"] = keys, False  # False: slots not looked at yet
             indices, values = self._native_row(x)
             out = self.__dict__.get("_scratch_out")
             if out is None:
@@ -346,13 +347,13 @@ class HashedLogisticRegression(base.Classifier):
         return [key & mask if type(key) is int else known(key) or self._slot(key) for key in keys]
 
     def _layout_slots(self, keys: tuple) -> list[int] | None:
-        """The slots of a row whose keys repeat the row before's, when ``learn_one`` may learn such rows in
-        Python: at most ``SMALL_ROW`` keys, all strings (no other key equals a string, while ``1 == True ==
+        """The slots of a small row whose keys repeat the small row before's, when ``learn_one`` may learn
+        such rows in Python: all strings (no other key equals a string, while ``1 == True ==
         1.0`` hash to different slots), slots distinct; else None. Remembered with the keys (never pickled):
         a dense stream repeats its keys row after row, and its slots are then in the caches (a sparse one
         goes on through the kernel, which prefetches its cache misses)."""
         slots = None
-        if len(keys) <= SMALL_ROW and {*map(type, keys)} == _ONLY_STRINGS:
+        if {*map(type, keys)} == _ONLY_STRINGS:
             slots = self._slots(keys)
             slots = slots if len(set(slots)) == len(slots) else None
         self.__dict__["_scratch_layout"] = keys, slots

@@ -86,14 +86,16 @@ def hostile_stream(seed: int, rows: int = 700, non_finite: float = 0.0):
 
 def python_rows_expected(stream, mask: int) -> list[bool]:
     """Which rows ``learn_one`` learns in Python, from its rule written out: a row with the keys of the
-    row before (same order), 1..SMALL_ROW of them, all strings, slots distinct (and a finite logit)."""
+    small row before (same order; wide rows are skipped), 1..SMALL_ROW of them, all strings, slots distinct
+    (and a finite logit)."""
     last, out = None, []
     for x, _ in stream:
         keys = tuple(x)
         slots = [learners.hash_key(key, mask) for key in keys]
         out.append(keys == last and 0 < len(keys) <= SMALL_ROW and all(type(key) is str for key in keys)
                    and len(set(slots)) == len(slots))
-        last = keys
+        if len(keys) <= SMALL_ROW:
+            last = keys
     return out
 
 
