@@ -342,7 +342,8 @@ class HashedLogisticRegression(base.Classifier):
                 np.fromiter(x.values(), dtype=np.float64, count=len(x)).reshape(1, -1))
 
     def _slots(self, keys: Iterable[Any]) -> list[int]:
-        """The slots of ``keys`` (a dict's: its keys), in order (string keys' from the memo: a miss, or slot 0, asks :meth:`_slot`)."""
+        """The slots of ``keys`` (a dict: its keys), in order; string keys' from the memo (a miss, or slot
+        0, asks :meth:`_slot`)."""
         known, mask = self._keys().get, self._mask
         return [key & mask if type(key) is int else known(key) or self._slot(key) for key in keys]
 
@@ -516,7 +517,8 @@ class AdamClassifier(HashedLogisticRegression):
 
     def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
         views = self.__dict__.get("_scratch_views")
-        if views is None or views[0].obj is not self.w or views[1].obj is not self.m or views[2].obj is not self.v:
+        if (views is None or views[0].obj is not self.w or views[1].obj is not self.m
+                or views[2].obj is not self.v):
             views = self._new_views()
         w, m, v = views
         beta_1, beta_2, eps = float(self.beta_1), float(self.beta_2), float(self.eps)
@@ -589,7 +591,8 @@ class FTRLProximalClassifier(HashedLogisticRegression):
 
     def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
         views = self.__dict__.get("_scratch_views")
-        if views is None or views[0].obj is not self.w or views[1].obj is not self.z or views[2].obj is not self.n:
+        if (views is None or views[0].obj is not self.w or views[1].obj is not self.z
+                or views[2].obj is not self.n):
             views = self._new_views()
         w, z, n = views
         alpha, beta, l1, l2 = float(self.alpha), float(self.beta), float(self.l1), float(self.l2)
