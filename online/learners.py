@@ -22,8 +22,9 @@ Example:
 from __future__ import annotations
 
 import abc
+import array
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import crc32c
@@ -36,7 +37,9 @@ CLIP = kernels.CLIP  # |logit| cap: exp() stays finite, p stays in (1e-15, 1 - 1
 DTYPES = ("float64", "float32", "q2.13")  # per-slot state; the log loss cost of each: online/README.md
 Q_SCALE = kernels.Q_SCALE  # q2.13: a weight is an int16 code / 8192
 _LABELS = (np.zeros(1), np.ones(1))  # learn_one's label as a kernel argument (read, never written)
+_ONLY_STRINGS = {str}
 KEY_CACHE = 1 << 16  # string feature keys whose slots learn_one / predict_proba_one memoize
+SMALL_ROW = 16  # learn_one learns a dense row of at most this many keys in Python, no kernel call (online/README.md)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -48,6 +51,12 @@ def hash_key(key: Any, mask: int) -> int:
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return int(key) & mask
     return crc32c.crc32c(str(key).encode()) & mask
+
+
+def _float32_sqrt(x: float) -> float:
+    """√x rounded to float32: numba types ``float()`` of a float32 array element as float32, so the FTRL
+    kernel takes ``√n_old`` in float32 on float32 state (correctly rounded either way, so this is it)."""
+    return array.array("f", (math.sqrt(x),))[0]
 
 
 def dict_to_arrays(x: Mapping[Any, float], mask: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,41 +266,106 @@ class HashedLogisticRegression(base.Classifier):
 
     def predict_proba_one(self, x: dict) -> dict[bool, float]:
         if self.native:  # a dict is small: a Python loop beats building arrays for a kernel call
-            weight, known, mask, dot = self.w.item, self._keys().get, self._mask, 0.0
-            for key, value in x.items():
-                slot = known(key)  # memoized string keys (no other key equals a string)
-                if slot is None:
-                    slot = key & mask if type(key) is int else self._slot(key)
-                dot += weight(slot) * value
-            if self.quantized:
+            views = self.__dict__.get("_scratch_views")
+            if views is None or views[0].obj is not self.w:
+                views = self._new_views()
+            weight, dot = views[0], 0.0
+            layout = self.__dict__.get("_scratch_layout")
+            if layout is not None and layout[1] and layout[0] == tuple(x):  # the dense layout learn_one knows
+                for slot, value in zip(layout[1], x.values()):
+                    dot += weight[slot] * value
+            else:
+                known, mask = self._keys().get, self._mask
+                for key, value in x.items():
+                    slot = known(key)  # memoized string keys (no other key equals a string)
+                    if slot is None:
+                        slot = key & mask if type(key) is int else self._slot(key)
+                    dot += weight[slot] * value
+            if self.dtype == "q2.13":
                 dot /= Q_SCALE
-            p = float(1.0 / (1.0 + math.exp(-min(max(dot, -CLIP), CLIP))))
+            p = 1.0 / (1.0 + math.exp(-(-CLIP if dot < -CLIP else CLIP if dot > CLIP else dot)))
         else:
             indices, values = dict_to_arrays(x, self._mask)
             p = float(sigmoid((self._w_at(indices) * values).sum(axis=1))[0])
         return {False: 1.0 - p, True: p}
 
     def learn_one(self, x: dict, y: bool) -> None:
-        label = _LABELS[1 if y else 0]
         if self.native:
+            if len(x) <= SMALL_ROW:
+                keys, layout = tuple(x), self.__dict__.get("_scratch_layout")
+                if layout is not None and layout[0] == keys:  # the keys of the small row before: dense data
+                    slots = self._layout_slots(keys) if layout[1] is False else layout[1]
+                    if slots and self.dtype != "q2.13" and self._learn_small(slots, x, 1.0 if y else 0.0):
+                        return
+                else:
+                    self.__dict__["_scratch_layout"] = keys, False  # False: slots not looked at yet
             indices, values = self._native_row(x)
             out = self.__dict__.get("_scratch_out")
             if out is None:
                 out = self.__dict__["_scratch_out"] = np.empty(1)
             self._seed_kernel()
-            self._learn_native(indices, values, label, out)
+            self._learn_native(indices, values, _LABELS[1 if y else 0], out)
             self.n_updates += 1
             self.n_batches += 1
         else:
-            self._learn_rows(*dict_to_arrays(x, self._mask), label.copy())
+            self._learn_rows(*dict_to_arrays(x, self._mask), _LABELS[1 if y else 0].copy())
+
+    def _learn_small(self, slots: list[int], x: Mapping[Any, float], label: float) -> bool:
+        """Learn a small dict of distinct ``slots`` in Python (no arrays to build, no kernel call): the
+        kernel's arithmetic in the kernel's order, the same floats bit for bit. False, with nothing
+        changed, when the logit is not finite (a NaN or infinite value or weight; the kernel skips a NaN
+        value in its update): the kernel learns such a row."""
+        values = [*map(float, x.values())]
+        views = self.__dict__.get("_scratch_views")
+        if views is None or views[0].obj is not self.w:
+            views = self._new_views()
+        weight, dot = views[0], 0.0
+        for slot, value in zip(slots, values):
+            dot += weight[slot] * value
+        if dot - dot != 0.0:
+            return False
+        error = 1.0 / (1.0 + math.exp(-(-CLIP if dot < -CLIP else CLIP if dot > CLIP else dot))) - label
+        self._step_python(slots, values, error)
+        self.n_updates += 1
+        self.n_batches += 1
+        return True
+
+    @abc.abstractmethod
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
+        """This optimizer's update of one row of distinct slots, given ``p - y``, as its kernel does it, on
+        the memoryviews of :meth:`_new_views` (checked first to still show this learner's arrays)."""
 
     def _native_row(self, x: Mapping[Any, float]) -> tuple[np.ndarray, np.ndarray]:
         """A dict as one ``(1, k)`` kernel row (colliding slots are merged by the kernels). String keys'
         slots are memoized (up to ``KEY_CACHE`` keys; the memo is never pickled)."""
-        mask = self._mask
-        slots = [key & mask if type(key) is int else self._slot(key) for key in x]
-        return (np.array(slots, dtype=np.int32).reshape(1, -1),
+        return (np.array(self._slots(x), dtype=np.int32).reshape(1, -1),
                 np.fromiter(x.values(), dtype=np.float64, count=len(x)).reshape(1, -1))
+
+    def _slots(self, keys: Iterable[Any]) -> list[int]:
+        """The slots of ``keys`` (a dict: its keys), in order; string keys' from the memo (a miss, or slot
+        0, asks :meth:`_slot`)."""
+        known, mask = self._keys().get, self._mask
+        return [key & mask if type(key) is int else known(key) or self._slot(key) for key in keys]
+
+    def _layout_slots(self, keys: tuple) -> list[int] | None:
+        """The slots of a small row whose keys repeat the small row before's, when ``learn_one`` may learn
+        such rows in Python: all strings (no other key equals a string, while ``1 == True ==
+        1.0`` hash to different slots), slots distinct; else None. Remembered with the keys (never pickled):
+        a dense stream repeats its keys row after row, and its slots are then in the caches (a sparse one
+        goes on through the kernel, which prefetches its cache misses)."""
+        slots = None
+        if {*map(type, keys)} == _ONLY_STRINGS:
+            slots = self._slots(keys)
+            slots = slots if len(set(slots)) == len(slots) else None
+        self.__dict__["_scratch_layout"] = keys, slots
+        return slots
+
+    def _new_views(self) -> tuple[memoryview, ...]:
+        """Memoryviews of the per-slot arrays in ``_arrays`` order: Python floats in and out, far cheaper per
+        element than numpy scalars. Kept (never pickled) while each ``view.obj`` is still the array: the
+        Python paths check that first, as the arrays are replaced on restoring a state."""
+        views = self.__dict__["_scratch_views"] = tuple(memoryview(getattr(self, name)) for name in self._arrays)
+        return views
 
     def _keys(self) -> dict[str, int]:
         cache = self.__dict__.get("_scratch_keys")
@@ -388,6 +462,16 @@ class SGDClassifier(HashedLogisticRegression):
     def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
         kernels.sgd_learn(self.w, indices, values, labels, out, float(self.learning_rate), float(self.l2))
 
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
+        views = self.__dict__.get("_scratch_views")
+        if views is None or views[0].obj is not self.w:
+            views = self._new_views()
+        (w,) = views
+        learning_rate, l2 = float(self.learning_rate), float(self.l2)
+        for slot, value in zip(slots, values):
+            weight = w[slot]
+            w[slot] = weight - learning_rate * (error * value + l2 * weight)
+
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         total, count = self._scratch_buffers(2)
         np.add.at(total, slots, gradient)
@@ -430,6 +514,23 @@ class AdamClassifier(HashedLogisticRegression):
     def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
         kernels.adam_learn(self.w, self.m, self.v, indices, values, labels, out, float(self.learning_rate),
                            float(self.beta_1), float(self.beta_2), float(self.eps), float(self.n_batches))
+
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
+        views = self.__dict__.get("_scratch_views")
+        if (views is None or views[0].obj is not self.w or views[1].obj is not self.m
+                or views[2].obj is not self.v):
+            views = self._new_views()
+        w, m, v = views
+        beta_1, beta_2, eps = float(self.beta_1), float(self.beta_2), float(self.eps)
+        t = float(self.n_batches) + 1.0
+        lr = float(self.learning_rate) * math.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        for slot, value in zip(slots, values):
+            g = error * value
+            m_new = beta_1 * m[slot] + (1 - beta_1) * g
+            v_new = beta_2 * v[slot] + (1 - beta_2) * g * g
+            w[slot] = w[slot] - lr * m_new / (math.sqrt(v_new) + eps)
+            m[slot] = m_new
+            v[slot] = v_new
 
     @property
     def t(self) -> int:
@@ -487,6 +588,27 @@ class FTRLProximalClassifier(HashedLogisticRegression):
     def _learn_native(self, indices: np.ndarray, values: np.ndarray, labels: np.ndarray, out: np.ndarray) -> None:
         kernels.ftrl_learn(self.w, self.z, self.n, indices, values, labels, out, float(self.alpha),
                            float(self.beta), float(self.l1), float(self.l2))
+
+    def _step_python(self, slots: list[int], values: list[float], error: float) -> None:
+        views = self.__dict__.get("_scratch_views")
+        if (views is None or views[0].obj is not self.w or views[1].obj is not self.z
+                or views[2].obj is not self.n):
+            views = self._new_views()
+        w, z, n = views
+        alpha, beta, l1, l2 = float(self.alpha), float(self.beta), float(self.l1), float(self.l2)
+        root_of_stored = math.sqrt if self.dtype == "float64" else _float32_sqrt  # as the kernel: see _float32_sqrt
+        for slot, value in zip(slots, values):
+            g = error * value
+            n_old = n[slot]
+            n_new = n_old + g * g
+            sigma = (math.sqrt(n_new) - root_of_stored(n_old)) / alpha
+            z_new = z[slot] + g - sigma * w[slot]
+            z[slot] = z_new
+            n[slot] = n_new
+            if abs(z_new) <= l1:
+                w[slot] = 0.0
+            else:
+                w[slot] = -(z_new - math.copysign(l1, z_new)) / ((beta + math.sqrt(n_new)) / alpha + l2)
 
     def _apply(self, slots: np.ndarray, gradient: np.ndarray, values: np.ndarray, rows: int) -> None:
         # per distinct slot: Σg and Σg² (a chunk of ≤ max_delay rows is small, so sorting it is cheaper
