@@ -51,7 +51,8 @@ class WorkerConfig:
     rank_every: int = 50
     rank_k: int = 10
     metrics_window: int = 5000
-    max_records: int = 2000
+    max_records: int = 8000  # per poll; each poll makes blocking calls into kafka-python's network thread:
+    # 2000 -> 8000 gave ~+10% events/s end to end (online/README.md, "Records per poll")
     poll_timeout_ms: int = 200
     fetch_max_wait_ms: int = 100
     flush_when_caught_up: bool = True
