@@ -293,6 +293,20 @@ class OnlineWorker:
             self.pending_since[key] = now
         return queue
 
+    def _poll_size(self) -> int:
+        """Records to poll: ``max_records``, and no more than ``max_events`` still needs beyond those queued."""
+        if self.config.max_events is None:
+            return self.config.max_records
+        wanted = self.config.max_events - self.learned_this_run - sum(map(len, self.pending.values()))
+        return max(1, min(self.config.max_records, wanted))
+
+    def _learned_max_events(self) -> bool:
+        """Whether ``max_events`` are learned; once they are all polled, the queued partial blocks are learned
+        at once (with :meth:`_poll_size`, a worker stops at exactly ``max_events``)."""
+        if self.learned_this_run + sum(map(len, self.pending.values())) >= self.config.max_events:
+            self.flush_stale(force=True)
+        return self.learned_this_run >= self.config.max_events
+
     def flush_stale(self, force: bool = False) -> None:
         now = time.monotonic()
         for key in list(self.pending):
@@ -499,7 +513,7 @@ class OnlineWorker:
         idle = False
         try:
             while not consumer.stopping:
-                batch = consumer.poll()
+                batch = consumer.poll(max_records=self._poll_size())
                 if self.catalog is not None:
                     self._apply_catalog(self.catalog.poll())
                 if batch.records:
@@ -514,7 +528,7 @@ class OnlineWorker:
                 self.flush_stale()
                 self._maybe_checkpoint()
                 self._maybe_publish()
-                if config.max_events is not None and self.learned_this_run >= config.max_events:
+                if config.max_events is not None and self._learned_max_events():
                     break
             if idle:
                 self.flush_stale(force=True)  # end of the stream: the last partial blocks
