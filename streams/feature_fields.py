@@ -1,8 +1,17 @@
 """The hashed features' fields and how each field's name is spelled: read by the featurizer
 (:mod:`streams.features`) and its native block path (:mod:`streams.slot_kernels`), which must spell
-every name the same way (the spelling is what gets hashed)."""
+every name the same way (the spelling is what gets hashed), and the price's bucket, which the kernel
+makes too."""
 
 from __future__ import annotations
+
+import math
+
+
+def price_bucket(price: float) -> int:
+    """Half-octave price buckets: 0-1, 1-1.4, 1.4-2, ... so +41% in price moves one bucket."""
+    return int(2 * math.log2(1.0 + max(price, 0.0)))
+
 
 FIELDS: tuple[str, ...] = (
     "bias",

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import crc32c
 import numpy as np
 
-from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS
+from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS, price_bucket
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:
@@ -140,11 +139,6 @@ def feature_slot(field: str, *values: object, mask: int) -> int:
     True
     """
     return crc32c.crc32c(_NAME_FORMATS[FIELD_INDEX[field]].format(*values).encode()) & mask
-
-
-def price_bucket(price: float) -> int:
-    """Half-octave price buckets: 0-1, 1-1.4, 1.4-2, ... so +41% in price moves one bucket."""
-    return int(2 * math.log2(1.0 + max(price, 0.0)))
 
 
 class _BoundedMemo(dict):

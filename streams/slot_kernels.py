@@ -35,8 +35,7 @@ import crc32c  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402  (the cache dir must be set before numba reads its configuration)
 
-from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS  # noqa: E402
-from streams.features import price_bucket  # noqa: E402
+from streams.feature_fields import FIELDS, NAME_FORMATS as _NAME_FORMATS, price_bucket  # noqa: E402
 
 # A click's row of codes, in this column order (strings are StringTable codes; the rest plain integers). The
 # featurizer's loop encodes the first ones (ENCODED, with in the bucket's place 1 when the item has a catalog
