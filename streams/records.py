@@ -443,15 +443,17 @@ class AheadFetcher(Fetcher):
 
     def _ahead_brings_records(self) -> bool:
         """Only completions that brought nothing are queued, and a partition a fetch would ask for now is
-        behind its high watermark: the one its queued completion carries (a response full before it came
-        to the partition) or the last one handed out."""
+        behind its high watermark (:meth:`_behind`)."""
         queued = self._completed_fetches.copy()
-        if not all(map(_brought_nothing, queued)):
-            return False
+        return all(map(_brought_nothing, queued)) and self._behind(self._fetchable_partitions(), queued)
+
+    def _behind(self, partitions: list, queued: list) -> bool:
+        """Whether one of ``partitions`` is behind its high watermark: the one its queued completion carries
+        (a response full before it came to the partition) or the last one handed out."""
         behind = {fetch.topic_partition for fetch in queued
                   if fetch.fetched_offset < fetch.partition_data.high_watermark}
         assignment = self._subscriptions.assignment
-        for tp in self._fetchable_partitions():
+        for tp in partitions:
             state = assignment.get(tp)
             position = state.position if state is not None else None
             if tp in behind or (position is not None and state.highwater is not None
@@ -460,13 +462,20 @@ class AheadFetcher(Fetcher):
         return False
 
     def _fetchable_partitions(self):
-        waiting = {fetch.topic_partition for fetch in self._completed_fetches.copy() if not _brought_nothing(fetch)}
+        """kafka-python's, less the partitions whose records wait to be handed out; none at all while some
+        do and no other is behind. The IO thread may queue a completion with records between the poll's
+        check and this call: a fetch of caught-up partitions only would then long-poll
+        ``fetch_max_wait_ms`` at the broker and hold back the next one."""
+        queued = self._completed_fetches.copy()
+        handing_out = {fetch.topic_partition for fetch in queued if not _brought_nothing(fetch)}
         current = self._next_partition_records
         if current:
-            waiting.add(current.topic_partition)
-        waiting.update(self._paused_completed_fetches)
-        waiting.update(self._paused_partition_records)
-        return [tp for tp in self._subscriptions.fetchable_partitions() if tp not in waiting]
+            handing_out.add(current.topic_partition)
+        waiting = handing_out | set(self._paused_completed_fetches) | set(self._paused_partition_records)
+        fetchable = [tp for tp in self._subscriptions.fetchable_partitions() if tp not in waiting]
+        if handing_out and not self._behind(fetchable, queued):
+            return []
+        return fetchable
 
 
 def install_fetch_ahead(kafka_consumer) -> bool:
