@@ -297,15 +297,18 @@ class OnlineWorker:
         """Records to poll: ``max_records``, and no more than ``max_events`` still needs beyond those queued."""
         if self.config.max_events is None:
             return self.config.max_records
-        wanted = self.config.max_events - self.learned_this_run - sum(map(len, self.pending.values()))
-        return max(1, min(self.config.max_records, wanted))
+        return max(1, min(self.config.max_records, self.config.max_events - self.learned_this_run - self._queued()))
 
     def _learned_max_events(self) -> bool:
         """Whether ``max_events`` are learned; once they are all polled, the queued partial blocks are learned
         at once (with :meth:`_poll_size`, a worker stops at exactly ``max_events``)."""
-        if self.learned_this_run + sum(map(len, self.pending.values())) >= self.config.max_events:
+        if self.learned_this_run + self._queued() >= self.config.max_events:
             self.flush_stale(force=True)
         return self.learned_this_run >= self.config.max_events
+
+    def _queued(self) -> int:
+        """Records queued in partial blocks, not yet learned."""
+        return sum(map(len, self.pending.values()))
 
     def flush_stale(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -23,7 +23,8 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_limit, dead_letter_payload
-from streams.records import build_raw_batches, install_fetch_ahead
+from streams.fetch_ahead import install_fetch_ahead
+from streams.records import build_raw_batches
 from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events, event_topic_names
 
 log = get_logger("streams.consumer")
@@ -130,7 +131,7 @@ class EventConsumer:
         :class:`Record` (:meth:`_build_records`), instead of as :class:`~streams.records.RawRecord` decoded
         again in :meth:`poll`; the same records and dead letters either way (False: the reference path).
         ``fetch_ahead``: fetch the next records while a partition's are still handed out
-        (:class:`~streams.records.AheadFetcher`); the same records either way (False: kafka-python's fetching)."""
+        (:class:`~streams.fetch_ahead.AheadFetcher`); the same records either way (False: kafka-python's fetching)."""
         t = settings.topics
         self.settings = settings
         self.group_id = group_id

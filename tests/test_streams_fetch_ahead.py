@@ -1,4 +1,4 @@
-"""Fetching ahead (``EventConsumer``'s default, :class:`streams.records.AheadFetcher`) on the real broker:
+"""Fetching ahead (``EventConsumer``'s default, :class:`streams.fetch_ahead.AheadFetcher`) on the real broker:
 exactly the records of kafka-python's own fetching (``fetch_ahead=False``), and fetches that leave while
 a partition's records are still handed out, only when they bring records at once."""
 
@@ -8,7 +8,7 @@ from kafka.consumer.fetcher import Fetcher
 
 from streams.consumer import EventConsumer
 from streams.kafka import make_producer
-from streams.records import AheadFetcher, install_fetch_ahead
+from streams.fetch_ahead import AheadFetcher, install_fetch_ahead
 from streams.schemas import encode_event
 from tests.test_streams_pipeline import NOW, group, valid_events
 
