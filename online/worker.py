@@ -327,12 +327,13 @@ class OnlineWorker:
         records = self.pending.pop(key, None)
         self.pending_since.pop(key, None)
         if records:
-            self.learn_block(records)
+            merchants = self.learn_block(records)
             self.state.offsets[key] = records[-1].offset + 1
-            self._count(key[1], records)
+            self._count(key[1], records, merchants)
 
-    def _count(self, slot: int, records: list) -> None:
-        """Events learned into ``slot`` (its generation) and per merchant: saved with the offsets."""
+    def _count(self, slot: int, records: list, merchants: list[str]) -> None:
+        """Events learned into ``slot`` (its generation) and per merchant (``merchants``: the merchant id of
+        every one of ``records``, in order): saved with the offsets."""
         state = self.state
         state.slots[slot] = state.slots.get(slot, 0) + len(records)
         if slot in self._resuming:
@@ -340,11 +341,12 @@ class OnlineWorker:
             log.info("adopted slot resumed", extra={"worker_id": self.config.worker_id, "slot": slot,
                                                     "offset": records[0].offset, "events": state.slots[slot]})
         counts = state.merchant_events  # new merchants in the order of their first event, as one by one
-        for merchant, count in Counter([record.event.merchant_id for record in records]).items():
+        for merchant, count in Counter(merchants).items():
             counts[merchant] = counts.get(merchant, 0) + count
 
-    def learn_block(self, records: list) -> None:
-        """Test-then-train on one block of one partition, in offset order.
+    def learn_block(self, records: list) -> list[str]:
+        """Test-then-train on one block of one partition, in offset order; returns the merchant id of every
+        record, in order (what :meth:`_count` folds).
 
         The hot path of the worker. The featurizer reads each click against the context as it stands
         *before* the click (earlier events of the block already observed) and folds every event into the
@@ -355,30 +357,34 @@ class OnlineWorker:
         """
         state = self.state
         events = [record.event for record in records]
+        merchants_all = [event.merchant_id for event in events]
         two_stage = hasattr(state.recommender, "rank")
         if two_stage:
             indices, at = self.featurizer.featurize_block(events, state.context)
         else:  # the first-generation recommender ranks with the click model's features: all interleaved
             indices, at = self._featurize_interleaved(events)
-        clicks = [events[i] for i in at]
+        every_one = len(at) == len(events)  # a block of the clicks topic: at is every position, in order
+        clicks = events if every_one else [events[i] for i in at]
         clicked = [click.clicked for click in clicks]
         if two_stage:
             self._observe_recommender(events, self._ranking_steps(events, at, clicked) if self.config.rank_every else [])
         if at:
             y = np.fromiter(clicked, dtype=bool, count=len(clicks))
-            merchants = [click.merchant_id for click in clicks]
+            merchants = merchants_all if every_one else [click.merchant_id for click in clicks]
             stamps = [click.timestamp for click in clicks]
             p = state.model.learn_many(indices, self._ones(indices.shape), y)
             state.evaluator.update_many(merchants, stamps, y, p)
             for monitor in state.monitors.values():
                 monitor.observe_predictions(merchants, stamps, y, p)
             state.clicks += len(clicks)
-            self._record_latencies([records[i].timestamp_ms for i in at])
+            self._record_latencies([record.timestamp_ms for record in records] if every_one
+                                   else [records[i].timestamp_ms for i in at])
         if state.multitask is not None:
             state.multitask.observe_block(events, indices)
         state.events += len(records)
         self.learned_this_run += len(records)
         self.last_learned_at, self.last_learned_cpu = time.monotonic(), time.process_time()
+        return merchants_all
 
     def _ones(self, shape: tuple[int, int]) -> np.ndarray:
         """The block's feature values: all 1.0, as the learners' kernels take them (C-contiguous float64),

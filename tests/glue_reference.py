@@ -52,7 +52,7 @@ class ReferenceGlueWorker(OnlineWorker):
         if start < count:
             self._queue(key, now).extend(run[start:])
 
-    def _count(self, slot: int, records: list) -> None:
+    def _count(self, slot: int, records: list, merchants: list | None = None) -> None:  # merchants: unread
         state = self.state
         state.slots[slot] = state.slots.get(slot, 0) + len(records)
         if slot in self._resuming:
