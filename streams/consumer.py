@@ -23,7 +23,7 @@ from fedstream.logs import get_logger
 from fedstream.settings import Settings
 from streams.kafka import BrokerUnavailable, make_consumer, make_producer
 from streams.producer import dead_letter_headers, dead_letter_limit, dead_letter_payload
-from streams.fetch_ahead import install_fetch_ahead
+from streams.fetch_ahead import install_fetch_ahead, install_large_reads
 from streams.records import build_raw_batches
 from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_events, event_topic_names
 
@@ -163,6 +163,7 @@ class EventConsumer:
             build_raw_batches(self._consumer, self._build_records)
         if fetch_ahead:
             install_fetch_ahead(self._consumer)
+        install_large_reads(self._consumer)  # the same bytes, fetched responses read 256 KiB per recv
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     # -- connection and signals ---------------------------------------------------------------------------
