@@ -193,6 +193,19 @@ class CandidateState(RowLinks):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"text": False, "text_batch": 256, **state})
+        self._intern_ids()
+
+    def _intern_ids(self) -> None:
+        """Intern the ids of an unpickled state, as the ids that come in are (see the class docstring).
+
+        Pickling keeps one object per id (its memo), so interning the key objects of each shop's item and
+        user tables makes every reference to them the interned object, in place (no table rebuilt, no order
+        changed). An id already interned as another object (a state loaded mid-run) keeps its own object:
+        lookups still match it, by value."""
+        for merchant_id, shop in self.shops.items():
+            intern(merchant_id)
+            for table in (shop.catalog, shop.stats, shop.popularity, shop.users):
+                deque(map(intern, table), maxlen=0)
 
     # -- updating -----------------------------------------------------------------------------------------
 

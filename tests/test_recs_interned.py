@@ -74,3 +74,47 @@ def test_fresh_id_strings_leave_the_reference_state_with_one_object_per_id(name:
     assert_same_candidates(fast.state, reference.state)
     assert_same_ranker(fast, reference)
     assert_one_object_per_id(fast)
+
+
+
+def renamed(event, prefix: str):
+    """``event`` with its user and item ids prefixed: strings no other test has interned."""
+    ids = {}
+    if type(event) is Order:
+        ids["items"] = [msgspec.structs.replace(line, item_id=prefix + line.item_id) for line in event.items]
+    else:
+        ids["item_id"] = prefix + event.item_id
+    if type(event) is not CatalogItem:
+        ids["user_id"] = prefix + event.user_id
+    return msgspec.structs.replace(event, **ids)
+
+
+def test_an_unpickled_state_holds_the_interned_ids():
+    """A worker resumed from its checkpoint (or a served bundle) unpickles the state: its ids are new objects,
+    none of them interned, so the interned ids of the events that come next would match none by identity.
+    Once loaded (in a process where those ids are not interned yet, as at a worker's start), every id it
+    holds is the interned object, one per id, and it goes on as a state loaded without interning does."""
+    import gc
+    import pickle
+    import sys
+
+    bounds, events = CASES["defaults, wide catalog"]
+    events = [renamed(event, "resumed-") for event in events]
+    half = len(events) // 2
+    kept, _ = pair(bounds, events)
+    kept.observe_block([decoded(event) for event in events[:half]])
+    blob = pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
+    rest = [decoded(event) for event in events[half:]]
+    del kept, events
+    gc.collect()  # the interned ids die with the state that held them
+    resumed = pickle.loads(blob)
+    held = list(held_ids(resumed))
+    assert len(set(held)) > 50
+    for text in held:
+        assert sys.intern(fresh(text)) is text, text
+    assert_one_object_per_id(resumed)
+    plain = pickle.loads(blob)  # its ids were interned by the first load: it keeps its own objects
+    resumed.observe_block(rest)
+    plain.observe_block(rest)
+    assert_same_candidates(resumed.state, plain.state)
+    assert_same_ranker(resumed, plain)
