@@ -9,14 +9,14 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict, deque
-from dataclasses import MISSING, dataclass, field
-from operator import attrgetter
+from dataclasses import dataclass, field
 from sys import intern
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from online.candidate_links import RowLinks
+from online.inline_fields import InlineFields
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
@@ -34,30 +34,6 @@ def source_name(mask: int) -> str:
         if mask & bit:
             return name
     return "none"
-
-
-class InlineFields:
-    """Pickling of a dataclass field by field, so its instances keep their attributes inline. CPython 3.11's
-    default ``__getstate__`` turns an instance's inline attribute values into a ``__dict__`` (and unpickling
-    fills one), after which every attribute read and write on it takes the slower dict-based path: the
-    recommender's update ~1.2x slower after a worker's first checkpoint, or once resumed from one. The same
-    state dict (fields in order), so the same pickle bytes; a field an older pickle lacks takes its default."""
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        annotated = (name for base in reversed(cls.__mro__) for name in base.__dict__.get("__annotations__", ()))
-        cls._field_names = tuple(dict.fromkeys(annotated))  # the dataclass's fields (two or more), in its order
-        cls._field_values = attrgetter(*cls._field_names)
-
-    def __getstate__(self) -> dict:
-        return dict(zip(self._field_names, self._field_values(self)))
-
-    def __setstate__(self, state: dict) -> None:
-        deque(map(self.__setattr__, state, state.values()), maxlen=0)
-        if len(state) < len(self.__dataclass_fields__):
-            for name, spec in self.__dataclass_fields__.items():
-                if name not in state:
-                    setattr(self, name, spec.default if spec.default is not MISSING else spec.default_factory())
 
 
 @dataclass

@@ -76,7 +76,6 @@ def test_fresh_id_strings_leave_the_reference_state_with_one_object_per_id(name:
     assert_one_object_per_id(fast)
 
 
-
 def renamed(event, prefix: str):
     """``event`` with its user and item ids prefixed: strings no other test has interned."""
     ids = {}

@@ -1,5 +1,5 @@
 """The candidate state's dataclasses (``Shop``, ``Shopper``, ``ItemStats``) pickle field by field
-(``online.candidates.InlineFields``): the same bytes as Python's default state, and their instances keep their
+(``online.inline_fields.InlineFields``): the same bytes as Python's default state, and their instances keep their
 attributes inline through a checkpoint or a resume (CPython 3.11's default turns them into a ``__dict__``,
 after which every attribute access on them is slower)."""
 
