@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from online.candidate_links import RowLinks
 from online.inline_fields import InlineFields
+from online.link_rows import ItemCodes, LinkRows, prune_rows
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
@@ -67,10 +67,9 @@ class Shop(InlineFields):
     landmark: float | None = None
     popularity: dict[str, float] = field(default_factory=dict)  # forward-decayed
     stats: dict[str, ItemStats] = field(default_factory=dict)
-    co: dict[str, dict[str, float]] = field(default_factory=dict)
-    trans: dict[str, dict[str, float]] = field(default_factory=dict)
-    totals_co: dict[str, float] = field(default_factory=dict)  # row sums of co
-    totals_trans: dict[str, float] = field(default_factory=dict)
+    codes: ItemCodes = field(default_factory=ItemCodes, compare=False)  # item codes of the link rows (how, not what)
+    co: LinkRows | None = None  # co-occurrence links (over codes; made by CandidateState.shop)
+    trans: LinkRows | None = None  # transition links: previous step's items -> this step's
     users: OrderedDict = field(default_factory=OrderedDict)
     catalog: dict[str, str] = field(default_factory=dict)  # item -> category
     unchosen: dict[str, None] = field(default_factory=dict)  # catalog items nobody chose yet (cold start)
@@ -136,7 +135,7 @@ def top_keys(counts: dict[str, float], depth: int) -> list[str]:
     return [keys[i] for i in top.tolist()]
 
 
-class CandidateState(RowLinks):
+class CandidateState:
     """Candidate sources of every merchant (see the module docstring). Picklable; memory is bounded.
 
     Item and user ids are kept interned (``sys.intern`` where an event's ids come in: :meth:`step_of`,
@@ -170,6 +169,16 @@ class CandidateState(RowLinks):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"text": False, "text_batch": 256, **state})
         self._intern_ids()
+        for shop in self.shops.values():
+            if not isinstance(shop.co, LinkRows):  # pickled before the link rows: rows held as dicts
+                self._link_rows_from_dicts(shop)
+
+    def _link_rows_from_dicts(self, shop: Shop) -> None:
+        shop.codes = ItemCodes()
+        for name, both in (("co", True), ("trans", False)):
+            rows = getattr(shop, name)
+            shop.__dict__.pop(f"totals_{name}", None)  # the rows' sums (older pickles did not keep them)
+            setattr(shop, name, LinkRows.from_dicts(shop.codes, self.max_neighbors, both, rows))
 
     def _intern_ids(self) -> None:
         """Intern the ids of an unpickled state, as the ids that come in are (see the class docstring).
@@ -189,6 +198,8 @@ class CandidateState(RowLinks):
         found = self.shops.get(merchant_id)
         if found is None:
             found = self.shops[merchant_id] = Shop()
+            found.co = LinkRows(found.codes, self.max_neighbors, both=True)
+            found.trans = LinkRows(found.codes, self.max_neighbors, both=False)
         return found
 
     def user(self, shop: Shop, user_id: str, create: bool = False) -> Shopper | None:
@@ -245,7 +256,7 @@ class CandidateState(RowLinks):
         user = self.user(shop, user_id, create=True)
         value = self._decayed(shop, when)
         same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
-        popularity, unchosen, chosen_before = shop.popularity, shop.unchosen, user.items
+        popularity, unchosen, chosen_before, code_of = shop.popularity, shop.unchosen, user.items, shop.codes.__getitem__
         pool = dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
         for item in items:
             if item in unchosen:
@@ -256,9 +267,15 @@ class CandidateState(RowLinks):
             self._repeat_stats(shop, chosen_before.get(item), item, when)
             others = [other for other in pool if other != item and (other not in items or other < item)]
             if others:
-                self._co_link(shop.co, shop.totals_co, item, others)
+                ops = shop.co.ops
+                ops += (code_of(item), len(others))
+                ops += map(code_of, others)
             if same_session:
-                self._link_to(shop.trans, shop.totals_trans, [p for p in user.last_step if p != item], item)
+                sources = [p for p in user.last_step if p != item]
+                if sources:
+                    ops = shop.trans.ops
+                    ops += (code_of(item), len(sources))
+                    ops += map(code_of, sources)
         self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
@@ -306,16 +323,21 @@ class CandidateState(RowLinks):
             del chosen[item]  # re-inserted: the dict stays in recency order, newest last
         else:
             entry = [0, 0, when]
-        recent = user.recent
+        recent, code_of = user.recent, shop.codes.__getitem__  # the links: queued, counted natively (LinkRows)
         if recent:
             others = dict.fromkeys(recent)
             others.pop(item, None)
             if others:
-                self._co_link(shop.co, shop.totals_co, item, others)
+                ops = shop.co.ops
+                ops += (code_of(item), len(others))
+                ops += map(code_of, others)
         last = user.last_step
         if same_session and last:
-            self._link_to(shop.trans, shop.totals_trans, last if item not in last else [p for p in last if p != item],
-                          item)
+            sources = last if item not in last else [p for p in last if p != item]
+            if sources:
+                ops = shop.trans.ops
+                ops += (code_of(item), len(sources))
+                ops += map(code_of, sources)
         chosen[item] = entry
         entry[0] += 1
         entry[1] += is_order
@@ -402,63 +424,11 @@ class CandidateState(RowLinks):
             shop.landmark, exponent = when, 0.0
         return math.exp(exponent)
 
-    def _link(self, table: dict[str, dict[str, float]], totals: dict[str, float], pairs: list[tuple[str, str]]) -> None:
-        """Count one link ``a -> b`` per pair, in order (a row past ``2 * max_neighbors`` keeps its strongest
-        ``max_neighbors``). One call per step, not per pair: the recommender's most frequent update."""
-        cap = 2 * self.max_neighbors
-        for a, b in pairs:
-            row = table.get(a)
-            if row is None:
-                row = table[a] = {}
-            row[b] = row.get(b, 0.0) + 1.0
-            totals[a] = totals.get(a, 0.0) + 1.0
-            if len(row) > cap:
-                self._cap(table, totals, a, row)
-
-    def _link_both(self, table: dict[str, dict[str, float]], totals: dict[str, float], item: str,
-                   others: list[str]) -> None:
-        """:meth:`_link` of the pairs ``(other, item), (item, other)`` for each of ``others`` (distinct, none
-        ``item``), in that order: the co-occurrence update of a choice, without building the pairs. ``item``'s
-        total takes its links at once (or from its last cap on): whole numbers, so the same float."""
-        if not others:
-            return
-        cap, get = 2 * self.max_neighbors, table.get
-        own, added = None, 0
-        for other in others:
-            row = get(other)
-            if row is None:
-                row = table[other] = {}
-            row[item] = row.get(item, 0.0) + 1.0
-            totals[other] = totals.get(other, 0.0) + 1.0
-            if len(row) > cap:
-                self._cap(table, totals, other, row)
-            if own is None:
-                own = get(item)
-                if own is None:
-                    own = table[item] = {}
-                if item not in totals:
-                    totals[item] = 0.0  # its place in the dict, as the pairwise update gives it
-            own[other] = own.get(other, 0.0) + 1.0
-            added += 1
-            if len(own) > cap:
-                own, added = self._cap(table, totals, item, own), 0
-        totals[item] += added
-
-    def _cap(self, table: dict[str, dict[str, float]], totals: dict[str, float], a: str,
-             row: dict[str, float]) -> dict[str, float]:
-        """Keep a row's strongest ``max_neighbors`` links (ties in row order); returns the new row."""
-        kept = table[a] = {i: row[i] for i in sorted(row, key=row.get, reverse=True)[: self.max_neighbors]}
-        totals[a] = sum(kept.values())
-        return kept
-
     def _prune_items(self, shop: Shop) -> None:
         keep = dict(heapq.nlargest(self.max_items, shop.popularity.items(), key=lambda kv: kv[1]))
         shop.popularity = keep
         shop.stats = {i: s for i, s in shop.stats.items() if i in keep}
-        shop.co = {i: row for i, row in shop.co.items() if i in keep}
-        shop.trans = {i: row for i, row in shop.trans.items() if i in keep}
-        shop.totals_co = {i: sum(row.values()) for i, row in shop.co.items()}
-        shop.totals_trans = {i: sum(row.values()) for i, row in shop.trans.items()}
+        shop.codes = prune_rows(shop.codes, [shop.co, shop.trans], keep)
         shop.ranked = []
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -470,26 +440,10 @@ class CandidateState(RowLinks):
             shop.since_rank = 0
         return shop.ranked[:limit]
 
-    def related(self, shop: Shop, table: dict[str, dict[str, float]], sources: list[tuple[str, float]],
-                limit: int) -> dict[str, float]:
-        """Items linked from weighted source items: Σ weight · link / (the source row's total)."""
-        totals = shop.totals_co if table is shop.co else shop.totals_trans
-        scores: dict[str, float] = {}
-        get = scores.get
-        for item, weight in sources:
-            row = table.get(item)
-            if not row:
-                continue
-            scale = weight / totals[item]
-            if not scores:  # the first row as it is (0.0 + x is x): one comprehension, no lookups
-                scores = {other: scale * value for other, value in row.items()}
-                get = scores.get
-                continue
-            for other, value in row.items():
-                scores[other] = get(other, 0.0) + scale * value
-        if len(scores) > limit:  # sorted is stable, so ties keep first-seen order (as heapq.nlargest, in C)
-            scores = {i: scores[i] for i in sorted(scores, key=get, reverse=True)[:limit]}
-        return scores
+    def related(self, shop: Shop, table: LinkRows, sources: list[tuple[str, float]], limit: int) -> dict[str, float]:
+        """Items linked from weighted source items: Σ weight · link / (the source row's total)
+        (:meth:`LinkRows.related`)."""
+        return table.related(sources, limit)
 
     def propose(self, merchant_id: str, user_id: str, limit: int = 150, item_id: str | None = None,
                 ) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
@@ -544,11 +498,8 @@ class CandidateState(RowLinks):
                 continue
             if item in user.items and item in itertools.islice(reversed(user.items), per_source):
                 return True
-            for table, sources in ((shop.co, user.recent), (shop.trans, user.last_step)):
-                for source in sources:
-                    row = table.get(source)
-                    if row is not None and item in row:
-                        return True
+            if shop.co.links_any(user.recent, item) or shop.trans.links_any(user.last_step, item):
+                return True
         return False
 
     def cold_start(self, shop: Shop, user: Shopper | None, limit: int) -> list[str]:
@@ -577,7 +528,7 @@ class CandidateState(RowLinks):
         """Entry counts (what bounds the memory): items, links, users, user items."""
         shops = self.shops.values()
         return {"items": sum(len(s.stats) for s in shops),
-                "links": sum(len(r) for s in shops for r in (*s.co.values(), *s.trans.values())),
+                "links": sum(len(s.co) + len(s.trans) for s in shops),
                 "users": sum(len(s.users) for s in shops),
                 "user_items": sum(len(u.items) for s in shops for u in s.users.values())}
 

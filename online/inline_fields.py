@@ -26,7 +26,7 @@ class InlineFields:
 
     def __setstate__(self, state: dict) -> None:
         deque(map(self.__setattr__, state, state.values()), maxlen=0)
-        if len(state) < len(self.__dataclass_fields__):
+        if len(state) != len(self.__dataclass_fields__):  # an older pickle: fields it lacks take their defaults
             for name, spec in self.__dataclass_fields__.items():
                 if name not in state:
                     setattr(self, name, spec.default if spec.default is not MISSING else spec.default_factory())

@@ -76,7 +76,54 @@ def reference_features(shop: Shop, user: Shopper | None, items: list[str], masks
 
 
 class ReferenceState(CandidateState):
-    """:class:`CandidateState` with the former update and proposal methods."""
+    """:class:`CandidateState` with the former update and proposal methods, its links in rows held as dicts."""
+
+    def shop(self, merchant_id: str) -> Shop:
+        found = self.shops.get(merchant_id)
+        if found is None:
+            found = self.shops[merchant_id] = Shop(co={}, trans={})
+            found.totals_co, found.totals_trans = {}, {}  # row sums
+        return found
+
+    def hold_rows_as_dicts(self) -> None:
+        """Turn the shops' link rows (a state made or loaded by today's code) into the rows as dicts it reads."""
+        for shop in self.shops.values():
+            if not isinstance(shop.co, dict):
+                shop.co, shop.trans = shop.co.as_dict(), shop.trans.as_dict()
+            self._link_rows_from_dicts(shop)
+
+    def _link_rows_from_dicts(self, shop: Shop) -> None:  # unpickled: the rows stay dicts, with their sums
+        shop.totals_co = {i: sum(row.values()) for i, row in shop.co.items()}
+        shop.totals_trans = {i: sum(row.values()) for i, row in shop.trans.items()}
+
+    def may_propose(self, shop: Shop, user: Shopper | None, items: tuple[str, ...], limit: int) -> bool:
+        per_source = max(limit // 3, 10)
+        top = self.popular(shop, per_source)
+        text, unchosen = shop.text, shop.unchosen
+        for item in items:
+            if item in top or (text is not None and (item in text.index or item in unchosen)):
+                return True
+            if item in unchosen and item in list(unchosen)[:limit]:
+                return True
+            if user is None:
+                continue
+            if item in list(user.items)[-per_source:]:
+                return True
+            for table, sources in ((shop.co, user.recent), (shop.trans, user.last_step)):
+                for source in sources:
+                    if item in table.get(source, {}):
+                        return True
+        return False
+
+    def _prune_items(self, shop: Shop) -> None:
+        keep = dict(heapq.nlargest(self.max_items, shop.popularity.items(), key=lambda kv: kv[1]))
+        shop.popularity = keep
+        shop.stats = {i: s for i, s in shop.stats.items() if i in keep}
+        shop.co = {i: row for i, row in shop.co.items() if i in keep}
+        shop.trans = {i: row for i, row in shop.trans.items() if i in keep}
+        shop.totals_co = {i: sum(row.values()) for i, row in shop.co.items()}
+        shop.totals_trans = {i: sum(row.values()) for i, row in shop.trans.items()}
+        shop.ranked = []
 
     def user(self, shop: Shop, user_id: str, create: bool = False) -> Shopper | None:
         found = shop.users.get(user_id)

@@ -33,13 +33,9 @@ def decoded(event):
 def held_ids(recommender: ShopRecommender):
     """Every item and user id the candidate state holds: dict keys, rows, histories, steps, rankings."""
     for shop in recommender.state.shops.values():
-        for table in (shop.catalog, shop.unchosen, shop.stats, shop.popularity, shop.totals_co, shop.totals_trans,
+        for table in (shop.catalog, shop.unchosen, shop.stats, shop.popularity, shop.codes, shop.codes.ids,
                       shop.users, shop.ranked):
             yield from table
-        for rows in (shop.co, shop.trans):
-            for item, row in rows.items():
-                yield item
-                yield from row
         for user in shop.users.values():
             yield from user.items
             yield from user.recent

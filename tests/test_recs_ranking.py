@@ -115,7 +115,8 @@ def test_state_is_bounded_and_pickles_to_the_same_rankings():
         rec.observe(order("m1", f"u{rng.randrange(100)}", [f"i{rng.randrange(200)}" for _ in range(2)], n * 60.0, n))
     shop = rec.state.shops["m1"]
     assert len(shop.users) <= 20 and all(len(u.items) <= 8 for u in shop.users.values())
-    assert len(shop.stats) <= 60 and all(len(row) <= 10 for row in (*shop.co.values(), *shop.trans.values()))
+    rows = (*shop.co.as_dict().values(), *shop.trans.as_dict().values())
+    assert len(shop.stats) <= 60 and all(len(row) <= 10 for row in rows)
     clone = pickle.loads(pickle.dumps(rec))
     for user in list(shop.users)[:5]:
         assert [(r.item_id, r.score) for r in clone.rank("m1", user, 10)] == [(r.item_id, r.score) for r in rec.rank("m1", user, 10)]

@@ -121,7 +121,7 @@ def test_the_hostile_streams_reach_the_rare_paths():
     for event in events:
         state.observe(event)
     shop = state.shops["m0"]
-    assert len(shop.users) == 5 and len(shop.stats) <= 12 and max(map(len, shop.co.values())) <= 4
+    assert len(shop.users) == 5 and len(shop.stats) <= 12 and max(map(len, shop.co.as_dict().values())) <= 4
     assert all(len(u.items) <= 4 for u in shop.users.values()) and "m-new" in state.shops
     bounds, events = CASES["landmark rescaled"]
     state = CandidateState(**bounds)
