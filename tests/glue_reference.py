@@ -52,7 +52,9 @@ class ReferenceGlueWorker(OnlineWorker):
         if start < count:
             self._queue(key, now).extend(run[start:])
 
-    def _count(self, slot: int, records: list, merchants: list | None = None) -> None:  # merchants: unread
+    def _count(self, slot: int, records: list, merchants: list[str] | None) -> None:
+        # merchants: what the inherited OnlineWorker._flush passes on from learn_block, None from this one (it
+        # returns nothing); unread: the reference counts the records' own merchant ids, as before 0a17495
         state = self.state
         state.slots[slot] = state.slots.get(slot, 0) + len(records)
         if slot in self._resuming:
