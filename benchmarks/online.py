@@ -11,7 +11,8 @@ Kafka worker end to end.
 * MovieLens-100K (real data): rating >= 4 predicted prequentially from hashed user / item / genre /
   demographic features: ours, River and VW, log loss and AUC;
 * memory (target 5): optimizer state bytes per slot, the log loss cost of float32 state and of 16-bit q2.13 weights;
-* the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog, and
+* the worker end to end: events/s from the embedded broker through ``fedstream learn`` on a backlog (the
+  generated stream, and MovieLens-100K's real history replayed as orders: every event a recommender step), and
   produced->learned latency while events are produced at a steady rate; peak memory; where its CPU goes
   (``benchmarks._worker_stages``: the hot path's stages in-process, and polling + decoding alone).
 
@@ -230,11 +231,26 @@ def _summary(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _backlog_runs(settings, events: list, group: str) -> dict:
+    """``events`` produced as a backlog, then learned by REPEATS workers, each its own group: the median run
+    (this VM's speed varies ~30% from run to run) with every run's events/s."""
+    from streams.producer import EventProducer
+
+    with EventProducer(settings, source="bench") as producer:
+        for event in events:
+            producer.send_event(event)
+    runs = [_summary(_worker(settings, f"{group}-{k}", idle=3.0)) for k in range(REPEATS)]
+    runs.sort(key=lambda run: run["events_per_s"] or 0)
+    return dict(runs[len(runs) // 2], runs_events_per_s=[r["events_per_s"] for r in runs])
+
+
 def worker_figures(events: list) -> dict:
-    """Backlog throughput and paced latency through the embedded broker and the real worker process."""
+    """Backlog throughput (the generated stream, and MovieLens-100K's real history replayed) and paced latency
+    through the embedded broker and the real worker process."""
     from fedstream.settings import Topic, Topics, load_settings
     from fedstream.processes import terminate
     from streams.broker import start_broker_process
+    from streams.datasets import load
     from streams.kafka import ensure_topics
     from streams.producer import EventProducer
 
@@ -242,7 +258,7 @@ def worker_figures(events: list) -> dict:
         proc, record = start_broker_process(Path(tmp) / "broker")
         try:
             out = {}
-            for phase in ("backlog", "paced"):
+            for phase in ("backlog", "movielens", "paced"):
                 tag = f"bench-{phase}-{uuid.uuid4().hex[:6]}"
                 topics = Topics(clicks=Topic(name=f"{tag}.clicks", partitions=4),
                                 orders=Topic(name=f"{tag}.orders", partitions=4),
@@ -252,16 +268,12 @@ def worker_figures(events: list) -> dict:
                                          bootstrap_servers=record.bootstrap, topics=topics)
                 ensure_topics(settings)
                 if phase == "backlog":
-                    with EventProducer(settings, source="bench") as producer:
-                        for event in events:
-                            producer.send_event(event)
-                    # this VM's speed varies ~30% from run to run: the median of REPEATS workers, each its own group
-                    runs = [_summary(_worker(settings, f"bench-{k}", idle=3.0)) for k in range(REPEATS)]
-                    runs.sort(key=lambda run: run["events_per_s"] or 0)
-                    out["backlog"] = dict(runs[len(runs) // 2], runs_events_per_s=[r["events_per_s"] for r in runs])
+                    out["backlog"] = _backlog_runs(settings, events, "bench")
                     learned = sum(type(event) is not CatalogItem for event in events)
                     out["consumer"] = consumer_cost(settings, learned)  # poll + decode alone, same backlog
                     out["process"] = _process_costs(settings, learned)  # the worker process by activity
+                elif phase == "movielens":  # a real shop's history: every event an order, i.e. a recommender step
+                    out["movielens"] = _backlog_runs(settings, list(load("movielens")), "bench-movielens")
                 else:
                     worker = _worker(settings, "bench", idle=4.0)
                     time.sleep(3.0)  # the worker joins its group
@@ -375,11 +387,14 @@ def main() -> None:
     stages = stage_costs(backlog_events)
     print(f"online learners, bits={BITS}, {EVENTS} generated events per seed; calibrated settings: {json.dumps(params)}")
     print_table(seeds, river_sets, ml)
-    backlog, paced = worker["backlog"], worker["paced"]
+    backlog, paced, real = worker["backlog"], worker["paced"], worker["movielens"]
     print(f"worker backlog: {backlog['learned_this_run']} events at {backlog['events_per_s'] or 0:,.0f} events/s, median "
           f"of {REPEATS} runs ({', '.join(f'{r or 0:,.0f}' for r in backlog['runs_events_per_s'])}); paced at "
           f"{paced['rate']:.0f} events/s: latency p50 {paced.get('latency_p50_s', float('nan')):.3f} s, p95 "
           f"{paced.get('latency_p95_s', float('nan')):.3f} s")
+    print(f"worker on MovieLens-100K replayed: {real['learned_this_run']} events at {real['events_per_s'] or 0:,.0f} "
+          f"events/s, median of {REPEATS} runs ({', '.join(f'{r or 0:,.0f}' for r in real['runs_events_per_s'])}), "
+          f"{real['busy_cpu_us_per_event'] or float('nan'):.1f} µs busy CPU per event")
     print(f"worker CPU per event: hot path {stages['cpu_us_per_event']:.1f} µs in-process ("
           + ", ".join(f"{k} {v:.1f}" for k, v in stages["stages_us_per_event"].items())
           + f"), poll + decode {worker['consumer']['cpu_us_per_event'] or float('nan'):.1f} µs (alone it drains "
@@ -395,7 +410,10 @@ def main() -> None:
                        spread(backlog["runs_events_per_s"], "runs", 3), f">= {WORKER_TARGET:,.0f} (#16)",
                        (backlog["events_per_s"] or 0) >= WORKER_TARGET),
             readme_row("consumer alone (poll + decode, no learning) events/s on that backlog (its first fetches' ramp included)",
-                       worker["consumer"].get("events_per_s"), None, None, None)]
+                       worker["consumer"].get("events_per_s"), None, None, None),
+            readme_row("worker events/s on MovieLens-100K replayed (real history: 100k one-line orders of one merchant, "
+                       "each a recommender step)", real["events_per_s"], spread(real["runs_events_per_s"], "runs", 3),
+                       None, None)]
     for row in rows:
         print(f"{row['row']:110s} {row['value']:>10.4g}  {row['spread'] or '':40s} target {row['target']} met {row['met']}")
 
@@ -415,6 +433,8 @@ def main() -> None:
            for tag, dtype in (("", "float64"), ("_f32", "float32"), ("_f16", "q2.13"))},
         "ftrl_f32_logloss": median("ours ftrl float32", "logloss"), "ftrl_f16_logloss": median("ours ftrl q2.13", "logloss"),
         "worker_events_per_s": backlog["events_per_s"], "worker_runs_events_per_s": backlog["runs_events_per_s"],
+        "worker_movielens_events_per_s": real["events_per_s"],
+        "worker_movielens_runs_events_per_s": real["runs_events_per_s"],
         "latency_p95_s": paced.get("latency_p95_s"), "peak_rss_mb": learners_rss,
         "worker_peak_rss_mb": worker["worker_peak_rss_mb"],
         "worker_busy_cpu_us_per_event": backlog["busy_cpu_us_per_event"],
