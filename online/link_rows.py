@@ -9,6 +9,7 @@ from sys import intern
 
 import numpy as np
 
+MIN_ROWS = 8  # rows a table starts with (12 * (2 * keep + 1) bytes each; doubled as codes come): small merchants stay small
 _kernels = None  # online.link_kernels once imported (numba: compiled or loaded from the disk cache)
 
 
@@ -67,7 +68,7 @@ class LinkRows:
         self.keep = keep
         self.both = both
         self.ops: list[int] = []
-        self._allocate(64)
+        self._allocate(MIN_ROWS)
         kernels()
 
     def _allocate(self, rows: int) -> None:
@@ -181,7 +182,7 @@ class LinkRows:
         width = nbr.shape[1]
         nbr = np.where(np.arange(width) < n[:, None], new[nbr], 0).astype(np.int32)
         self.codes = codes
-        self._allocate(max(64, len(codes.ids)))
+        self._allocate(max(MIN_ROWS, len(codes.ids)))
         self.nbr[:len(n)], self.val[:len(n)], self.n[:len(n)], self.tot[:len(n)] = nbr, val, n, tot
 
     def __getstate__(self) -> dict:
@@ -195,7 +196,7 @@ class LinkRows:
     def __setstate__(self, state: dict) -> None:
         self.codes, self.keep, self.both, self.ops = state["codes"], state["keep"], state["both"], []
         counts = state["counts"]
-        self._allocate(max(64, len(self.codes.ids)))
+        self._allocate(max(MIN_ROWS, len(self.codes.ids)))
         held = np.arange(self.nbr.shape[1]) < counts[:, None]
         rows = len(counts)
         self.n[:rows], self.tot[:rows] = counts, state["totals"]

@@ -138,3 +138,16 @@ def test_the_tables_of_a_merchant_share_its_codes_through_pickling():
     assert co2.codes is trans2.codes and co2.codes.ids == ["a", "b", "c"] and co2.codes == {"a": 0, "b": 1, "c": 2}
     assert trans2.as_dict() == {"a": {"c": 1.0}} and co2.row("b") == {"a": 1.0}
     assert np.array_equal(co2.slot[:3], [-1, -1, -1])
+
+
+def test_a_small_merchant_holds_small_tables():
+    """A platform has many small merchants: a table starts with a few rows and doubles as codes come."""
+    table = LinkRows(ItemCodes(), keep=50, both=True)
+    table.ops += (table.codes["a"], 2, table.codes["b"], table.codes["c"])
+    assert len(table) == 4
+    held = sum(array.nbytes for array in (table.nbr, table.val, table.n, table.tot, table.slot))
+    assert held < 12 * 101 * 8 + 1_000
+    for k in range(100):
+        table.ops += (table.codes[f"i{k}"], 1, table.codes["a"])
+    table.flush()
+    assert len(table.codes.ids) == 103 <= len(table.n) < 2 * 103  # grown to the codes (at least doubled), no further
