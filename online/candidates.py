@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from online.inline_fields import InlineFields
-from online.link_rows import ItemCodes, LinkRows, prune_rows
+from online.link_rows import MAX_QUEUED, ItemCodes, LinkRows, prune_rows
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
@@ -270,12 +270,16 @@ class CandidateState:
                 ops = shop.co.ops
                 ops += (code_of(item), len(others))
                 ops += map(code_of, others)
+                if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
+                    shop.co.flush()
             if same_session:
                 sources = [p for p in user.last_step if p != item]
                 if sources:
                     ops = shop.trans.ops
                     ops += (code_of(item), len(sources))
                     ops += map(code_of, sources)
+                    if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
+                        shop.trans.flush()
         self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
@@ -331,6 +335,8 @@ class CandidateState:
                 ops = shop.co.ops
                 ops += (code_of(item), len(others))
                 ops += map(code_of, others)
+                if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
+                    shop.co.flush()
         last = user.last_step
         if same_session and last:
             sources = last if item not in last else [p for p in last if p != item]
@@ -338,6 +344,8 @@ class CandidateState:
                 ops = shop.trans.ops
                 ops += (code_of(item), len(sources))
                 ops += map(code_of, sources)
+                if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
+                    shop.trans.flush()
         chosen[item] = entry
         entry[0] += 1
         entry[1] += is_order

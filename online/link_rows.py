@@ -9,6 +9,7 @@ from sys import intern
 
 import numpy as np
 
+MAX_QUEUED = 1 << 16  # queued op values past which the update counts them at once (memory stays bounded)
 MIN_ROWS = 8  # rows a table starts with (12 * (2 * keep + 1) bytes each; doubled as codes come): small merchants stay small
 _kernels = None  # online.link_kernels once imported (numba: compiled or loaded from the disk cache)
 
@@ -239,4 +240,4 @@ def prune_rows(codes: ItemCodes, tables: list[LinkRows], kept_items) -> ItemCode
     return new
 
 
-__all__ = ["ItemCodes", "LinkRows", "prune_rows"]
+__all__ = ["ItemCodes", "LinkRows", "prune_rows", "MAX_QUEUED"]

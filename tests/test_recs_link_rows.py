@@ -151,3 +151,26 @@ def test_a_small_merchant_holds_small_tables():
         table.ops += (table.codes[f"i{k}"], 1, table.codes["a"])
     table.flush()
     assert len(table.codes.ids) == 103 <= len(table.n) < 2 * 103  # grown to the codes (at least doubled), no further
+
+
+def test_a_state_nobody_reads_keeps_its_queue_bounded(monkeypatch):
+    """Steps only queued and never read (a candidate state fed without proposals) are counted once the queue
+    passes its bound: memory stays bounded, and the counts are the same as counted at the end."""
+    from online import candidates
+    from online.candidates import CandidateState
+    from tests.test_recs_update_fast import CASES
+
+    monkeypatch.setattr(candidates, "MAX_QUEUED", 50)
+    bounds, events = CASES["defaults, wide catalog"]
+    bounded, unbounded = CandidateState(**bounds), CandidateState(**bounds)
+    longest = 0
+    for event in events:
+        bounded.observe(event)
+        longest = max([longest, *(len(t.ops) for s in bounded.shops.values() for t in (s.co, s.trans))])
+    monkeypatch.setattr(candidates, "MAX_QUEUED", 1 << 30)
+    for event in events:
+        unbounded.observe(event)
+    assert longest <= 50 + 2 + bounds.get("history", 10) + 1
+    assert max(len(t.ops) for s in unbounded.shops.values() for t in (s.co, s.trans)) > 1_000
+    for merchant, shop in bounded.shops.items():
+        assert shop.co == unbounded.shops[merchant].co and shop.trans == unbounded.shops[merchant].trans
