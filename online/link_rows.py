@@ -10,7 +10,7 @@ from sys import intern
 import numpy as np
 
 MAX_QUEUED = 1 << 16  # queued op values past which the update counts them at once (memory stays bounded)
-MIN_ROWS = 8  # rows a table starts with (12 * (2 * keep + 1) bytes each; doubled as codes come): small merchants stay small
+MIN_ROWS = 8  # rows (and codes) a table starts with, doubled as they come: small merchants stay small
 _kernels = None  # online.link_kernels once imported (numba: compiled or loaded from the disk cache)
 
 
@@ -55,11 +55,13 @@ class LinkRows:
     before anything reads the table (:meth:`flush`): each ``source -> item`` link, and with ``both`` (the
     co-occurrence table) ``item -> source`` after it. A row past ``2 * keep`` links keeps its ``keep``
     strongest, ties in row order. Exactly the counts, totals, row orders and scores of rows held as dicts.
+    Rows are made for the items that link to something (``row_of[code]``; an item only linked to costs 4
+    bytes), ``12 * (2 * keep + 1)`` bytes each.
 
     >>> co = LinkRows(ItemCodes(), keep=50, both=True)
     >>> co.ops += (co.codes["i2"], 1, co.codes["i1"])   # i2 chosen after i1
     >>> co.as_dict()
-    {'i2': {'i1': 1.0}, 'i1': {'i2': 1.0}}
+    {'i1': {'i2': 1.0}, 'i2': {'i1': 1.0}}
     >>> co.related([("i1", 1.0)], limit=10)
     {'i2': 1.0}
     """
@@ -69,38 +71,54 @@ class LinkRows:
         self.keep = keep
         self.both = both
         self.ops: list[int] = []
-        self._allocate(MIN_ROWS)
+        self.used = 0  # rows in use
+        self._allocate_rows(MIN_ROWS)
+        self._allocate_codes(MIN_ROWS)
         kernels()
 
-    def _allocate(self, rows: int) -> None:
+    def _allocate_rows(self, rows: int) -> None:
         width = 2 * self.keep + 1
         self.nbr = np.zeros((rows, width), dtype=np.int32)
         self.val = np.zeros((rows, width), dtype=np.float64)
         self.n = np.zeros(rows, dtype=np.int32)
         self.tot = np.zeros(rows, dtype=np.float64)
-        self.slot = np.full(rows, -1, dtype=np.int32)  # related's scratch
+        self.row_code = np.zeros(rows, dtype=np.int32)
 
-    def _fit(self) -> None:
-        """Rows for every code (the arrays double when the codes outgrow them)."""
-        have, need = len(self.n), len(self.codes.ids)
+    def _allocate_codes(self, codes: int) -> None:
+        self.row_of = np.full(codes, -1, dtype=np.int32)
+        self.slot = np.full(codes, -1, dtype=np.int32)  # related's scratch
+
+    def _fit_codes(self) -> None:
+        """``row_of`` and the scratch for every code (doubled when the codes outgrow them)."""
+        have, need = len(self.row_of), len(self.codes.ids)
         if need > have:
-            old = (self.nbr, self.val, self.n, self.tot)
-            self._allocate(max(need, 2 * have))
-            for new, kept in zip((self.nbr, self.val, self.n, self.tot), old):
-                new[:have] = kept
+            row_of = self.row_of
+            self._allocate_codes(max(need, 2 * have))
+            self.row_of[:have] = row_of
+
+    def _grow_rows(self, need: int) -> None:
+        have = len(self.n)
+        old = (self.nbr, self.val, self.n, self.tot, self.row_code)
+        self._allocate_rows(max(need, 2 * have))
+        for new, kept in zip((self.nbr, self.val, self.n, self.tot, self.row_code), old):
+            new[:have] = kept
 
     def flush(self) -> None:
-        """Count the queued steps' links."""
+        """Count the queued steps' links (the rows double whenever the next step could outgrow them)."""
         if self.ops:
-            self._fit()
-            kernels().apply_links(self.nbr, self.val, self.n, self.tot, np.array(self.ops, dtype=np.int64),
-                                  self.keep, self.both)
+            self._fit_codes()
+            ops, start = np.array(self.ops, dtype=np.int64), 0
+            while start < len(ops):
+                start, self.used = kernels().apply_links(self.nbr, self.val, self.n, self.tot, self.row_code,
+                                                         self.row_of, self.used, ops, start, self.keep, self.both,
+                                                         self.slot)
+                if start < len(ops):
+                    self._grow_rows(self.used + int(ops[start + 1]) + 1)
             self.ops.clear()
 
     def _ready(self) -> None:
         self.flush()
-        if len(self.codes.ids) > len(self.n):
-            self._fit()
+        self._fit_codes()
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -109,7 +127,7 @@ class LinkRows:
         order; past ``limit`` items the ``limit`` best, ties in that order."""
         self._ready()
         get = self.codes.get
-        codes, scores = kernels().related(self.nbr, self.val, self.n, self.tot,
+        codes, scores = kernels().related(self.nbr, self.val, self.n, self.tot, self.row_of,
                                           np.array([get(item, -1) for item, _ in sources], dtype=np.int64),
                                           np.array([weight for _, weight in sources], dtype=np.float64),
                                           limit, self.slot)
@@ -122,28 +140,34 @@ class LinkRows:
             return False
         self._ready()
         get = self.codes.get
-        return kernels().linked(self.nbr, self.n, np.array([get(s, -1) for s in sources], dtype=np.int64), code)
+        return kernels().linked(self.nbr, self.n, self.row_of, np.array([get(s, -1) for s in sources], dtype=np.int64),
+                                code)
+
+    def _row(self, r: int) -> dict[str, float]:
+        ids, k = self.codes.ids, self.n[r]
+        return dict(zip(map(ids.__getitem__, self.nbr[r, :k].tolist()), self.val[r, :k].tolist()))
 
     def row(self, item: str) -> dict[str, float]:
         """Item's row ``{linked item: count}`` in row order (empty when it has none)."""
         self._ready()
         code = self.codes.get(item)
-        if code is None:
-            return {}
-        ids, k = self.codes.ids, self.n[code]
-        return dict(zip(map(ids.__getitem__, self.nbr[code, :k].tolist()), self.val[code, :k].tolist()))
+        return {} if code is None or self.row_of[code] < 0 else self._row(int(self.row_of[code]))
+
+    def _held(self) -> list[int]:
+        """The rows holding links, in the order they were made."""
+        return np.flatnonzero(self.n[:self.used]).tolist()
 
     def as_dict(self) -> dict[str, dict[str, float]]:
-        """Every non-empty row (:meth:`row`), by code."""
+        """Every non-empty row (:meth:`row`), in the order the rows were made."""
         self._ready()
-        ids = self.codes.ids
-        return {ids[a]: self.row(ids[a]) for a in np.flatnonzero(self.n[:len(ids)]).tolist()}
+        ids, row_code = self.codes.ids, self.row_code
+        return {ids[row_code[r]]: self._row(r) for r in self._held()}
 
     def totals(self) -> dict[str, float]:
-        """Each non-empty row's total, by code."""
+        """Each non-empty row's total, in the order the rows were made."""
         self._ready()
-        ids = self.codes.ids
-        return {ids[a]: float(self.tot[a]) for a in np.flatnonzero(self.n[:len(ids)]).tolist()}
+        ids, row_code = self.codes.ids, self.row_code
+        return {ids[row_code[r]]: float(self.tot[r]) for r in self._held()}
 
     def __eq__(self, other: object) -> bool:
         """The same links: rows (each in its order), counts and totals; codes are how they are held, not what."""
@@ -158,50 +182,62 @@ class LinkRows:
     def __len__(self) -> int:
         """Links held."""
         self._ready()
-        return int(self.n.sum())
+        return int(self.n[:self.used].sum())
 
     # -- pruning and pickling -----------------------------------------------------------------------------
 
     def drop_rows(self, kept: np.ndarray) -> None:
         """Empty the rows of the codes not marked in ``kept`` (a bool per code)."""
         self._ready()
-        dropped = np.flatnonzero(~kept)
-        self.n[dropped], self.tot[dropped] = 0, 0.0
+        rows = np.flatnonzero(~kept[self.row_code[:self.used]])
+        self.n[rows], self.tot[rows] = 0, 0.0
 
     def referenced(self, live: np.ndarray) -> None:
-        """Mark in ``live`` the codes of the items with a row and those the rows link to."""
-        rows = len(live)
-        counts = self.n[:rows]
-        live |= counts > 0
-        live[self.nbr[:rows][np.arange(self.nbr.shape[1]) < counts[:, None]]] = True
+        """Mark in ``live`` the codes of the items with a non-empty row and those the rows link to."""
+        counts = self.n[:self.used]
+        live[self.row_code[:self.used][counts > 0]] = True
+        live[self.nbr[:self.used][np.arange(self.nbr.shape[1]) < counts[:, None]]] = True
 
     def renumber(self, codes: ItemCodes, live: np.ndarray) -> None:
-        """Keep the rows of the ``live`` codes, renumbered in order, over the new ``codes``."""
-        rows = len(live)
+        """Keep the non-empty rows, their codes and links renumbered in order over the new ``codes`` (the
+        ``live`` codes of the old ones)."""
         new = np.cumsum(live, dtype=np.int64) - 1
-        nbr, val, n, tot = self.nbr[:rows][live], self.val[:rows][live], self.n[:rows][live], self.tot[:rows][live]
-        width = nbr.shape[1]
-        nbr = np.where(np.arange(width) < n[:, None], new[nbr], 0).astype(np.int32)
+        rows = np.flatnonzero(self.n[:self.used])
+        counts = self.n[rows]
+        held = np.arange(self.nbr.shape[1]) < counts[:, None]
+        nbr = np.where(held, new[self.nbr[rows]], 0).astype(np.int32)
+        val, tot, row_code = self.val[rows], self.tot[rows], new[self.row_code[rows]].astype(np.int32)
         self.codes = codes
-        self._allocate(max(MIN_ROWS, len(codes.ids)))
-        self.nbr[:len(n)], self.val[:len(n)], self.n[:len(n)], self.tot[:len(n)] = nbr, val, n, tot
+        self._place(row_code, counts, nbr, val, tot)
+
+    def _place(self, row_code: np.ndarray, counts: np.ndarray, nbr: np.ndarray, val: np.ndarray,
+               tot: np.ndarray) -> None:
+        """Fresh arrays holding these rows (rows ``0 .. len(counts) - 1``) over ``self.codes``."""
+        used = len(counts)
+        self.used = used
+        self._allocate_rows(max(MIN_ROWS, used))
+        self._allocate_codes(max(MIN_ROWS, len(self.codes.ids)))
+        self.nbr[:used], self.val[:used], self.n[:used], self.tot[:used] = nbr, val, counts, tot
+        self.row_code[:used] = row_code
+        self.row_of[row_code] = np.arange(used, dtype=np.int32)
 
     def __getstate__(self) -> dict:
         self._ready()
-        rows = len(self.codes.ids)
-        counts = self.n[:rows].copy()
+        rows = np.flatnonzero(self.n[:self.used])
+        counts = self.n[rows]
         held = np.arange(self.nbr.shape[1]) < counts[:, None]
-        return {"codes": self.codes, "keep": self.keep, "both": self.both, "counts": counts,
-                "links": self.nbr[:rows][held], "values": self.val[:rows][held], "totals": self.tot[:rows].copy()}
+        return {"codes": self.codes, "keep": self.keep, "both": self.both, "rows": self.row_code[rows],
+                "counts": counts, "links": self.nbr[rows][held], "values": self.val[rows][held],
+                "totals": self.tot[rows]}
 
     def __setstate__(self, state: dict) -> None:
         self.codes, self.keep, self.both, self.ops = state["codes"], state["keep"], state["both"], []
         counts = state["counts"]
-        self._allocate(max(MIN_ROWS, len(self.codes.ids)))
-        held = np.arange(self.nbr.shape[1]) < counts[:, None]
-        rows = len(counts)
-        self.n[:rows], self.tot[:rows] = counts, state["totals"]
-        self.nbr[:rows][held], self.val[:rows][held] = state["links"], state["values"]
+        width = 2 * self.keep + 1
+        held = np.arange(width) < counts[:, None]
+        nbr, val = np.zeros((len(counts), width), dtype=np.int32), np.zeros((len(counts), width))
+        nbr[held], val[held] = state["links"], state["values"]
+        self._place(state["rows"], counts, nbr, val, state["totals"])
         kernels()
 
     @classmethod
@@ -209,14 +245,13 @@ class LinkRows:
         """A table from rows held as dicts (a state pickled before the link rows), in their orders; a row's
         total is its sum (whole counts: exact in any order)."""
         table = cls(codes, keep, both)
-        for a, row in rows.items():
-            for b in row:
-                codes[intern(b)]  # noqa: B018
-            code = codes[intern(a)]
-            table._fit()
-            table.n[code], table.tot[code] = len(row), sum(row.values())
-            table.nbr[code, :len(row)] = [codes[b] for b in row]
-            table.val[code, :len(row)] = list(row.values())
+        width = 2 * keep + 1
+        held = [(codes[intern(a)], [codes[intern(b)] for b in row], list(row.values())) for a, row in rows.items() if row]
+        nbr, val = np.zeros((len(held), width), dtype=np.int32), np.zeros((len(held), width))
+        for r, (_, links, values) in enumerate(held):
+            nbr[r, :len(links)], val[r, :len(values)] = links, values
+        table._place(np.array([a for a, _, _ in held], dtype=np.int32),
+                     np.array([len(links) for _, links, _ in held], dtype=np.int32), nbr, val, val.sum(axis=1))
         return table
 
 

@@ -174,3 +174,21 @@ def test_a_state_nobody_reads_keeps_its_queue_bounded(monkeypatch):
     assert max(len(t.ops) for s in unbounded.shops.values() for t in (s.co, s.trans)) > 1_000
     for merchant, shop in bounded.shops.items():
         assert shop.co == unbounded.shops[merchant].co and shop.trans == unbounded.shops[merchant].trans
+
+
+def test_items_only_linked_to_hold_no_row():
+    """Rows are made for the items that link to something: a transition table's targets, and after pruning
+    the items kept rows still link to, cost a code (4 bytes in ``row_of``), not a row of 2 * keep + 1 links."""
+    codes = ItemCodes()
+    trans = LinkRows(codes, 50, both=False)
+    for k in range(1_000):  # one source item followed by 1,000 distinct items: one row
+        trans.ops += (codes[f"t{k}"], 1, codes["source"])
+    assert len(trans) <= 101 and trans.used == 1 and len(codes.ids) == 1_001  # capped, refilled
+    co = LinkRows(codes, 50, both=True)
+    for k in range(1_000):
+        co.ops += (codes[f"t{k}"], 1, codes["source"])
+    co.flush()
+    assert co.used == 1_001  # co-occurrence links both ways: every item a row
+    codes = prune_rows(codes, [co, trans], {"source"})  # the long tail pruned; "source"'s rows still link to it
+    assert co.used == trans.used == 1 and set(codes.ids) == {"source", *co.row("source"), *trans.row("source")}
+    assert len(trans.nbr) < 64 and len(trans.row_of) >= len(codes.ids)
