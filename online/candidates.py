@@ -256,7 +256,7 @@ class CandidateState:
         user = self.user(shop, user_id, create=True)
         value = self._decayed(shop, when)
         same_session = (session is not None and session == user.last_session) or when - user.last_time <= self.session_gap_s
-        popularity, unchosen, chosen_before, code_of = shop.popularity, shop.unchosen, user.items, shop.codes.__getitem__
+        popularity, unchosen, chosen_before = shop.popularity, shop.unchosen, user.items
         pool = dict.fromkeys((*user.recent, *items))  # earlier items, and the same basket
         for item in items:
             if item in unchosen:
@@ -265,21 +265,9 @@ class CandidateState:
                     shop.text_open[shop.text.index[item]] = 0
             popularity[item] = popularity.get(item, 0.0) + value
             self._repeat_stats(shop, chosen_before.get(item), item, when)
-            others = [other for other in pool if other != item and (other not in items or other < item)]
-            if others:
-                ops = shop.co.ops
-                ops += (code_of(item), len(others))
-                ops += map(code_of, others)
-                if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
-                    shop.co.flush()
+            shop.co.queue(item, [other for other in pool if other != item and (other not in items or other < item)])
             if same_session:
-                sources = [p for p in user.last_step if p != item]
-                if sources:
-                    ops = shop.trans.ops
-                    ops += (code_of(item), len(sources))
-                    ops += map(code_of, sources)
-                    if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
-                        shop.trans.flush()
+                shop.trans.queue(item, [p for p in user.last_step if p != item])
         self._remember(shop, user, items, when, is_order)
         user.last_step, user.last_time, user.last_session = items, when, session
         shop.since_rank += len(items)
@@ -327,7 +315,7 @@ class CandidateState:
             del chosen[item]  # re-inserted: the dict stays in recency order, newest last
         else:
             entry = [0, 0, when]
-        recent, code_of = user.recent, shop.codes.__getitem__  # the links: queued, counted natively (LinkRows)
+        recent, code_of = user.recent, shop.codes.__getitem__  # the links: LinkRows.queue, inlined (the hot path)
         if recent:
             others = dict.fromkeys(recent)
             others.pop(item, None)

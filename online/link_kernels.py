@@ -93,7 +93,7 @@ def apply_links(nbr, val, n, tot, row_code, row_of, used, ops, start, keep, both
         for s in range(i + 2, i + 2 + k):
             used = _add(nbr, val, n, tot, row_code, row_of, used, ops[s], item, keep)
         if both and k:
-            r = row_of[item]
+            r = row_of[item]  # _add's lines, not a shared helper: a helper returning (row, used) cost ~10% here
             if r < 0:
                 r = used
                 row_of[item] = r

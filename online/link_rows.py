@@ -103,6 +103,16 @@ class LinkRows:
         for new, kept in zip((self.nbr, self.val, self.n, self.tot, self.row_code), old):
             new[:have] = kept
 
+    def queue(self, item: str, sources) -> None:
+        """Queue a step's links from ``sources`` (distinct, none ``item``) to ``item`` (see the class docstring)."""
+        if sources:
+            code_of = self.codes.__getitem__
+            ops = self.ops
+            ops += (code_of(item), len(sources))
+            ops += map(code_of, sources)
+            if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
+                self.flush()
+
     def flush(self) -> None:
         """Count the queued steps' links (the rows double whenever the next step could outgrow them)."""
         if self.ops:
