@@ -194,3 +194,11 @@ def test_items_only_linked_to_hold_no_row():
     codes = prune_rows(codes, [co, trans], {"source"})  # the long tail pruned; "source"'s rows still link to it
     assert co.used == trans.used == 1 and set(codes.ids) == {"source", *co.row("source"), *trans.row("source")}
     assert len(trans.nbr) < 64 and len(trans.row_of) >= len(codes.ids)
+
+
+@pytest.mark.parametrize("module", ["online.link_rows", "online.candidates"])
+def test_docstring_examples_run(module: str):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(module)).failed == 0
