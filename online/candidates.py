@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from online.inline_fields import InlineFields
-from online.link_rows import MAX_QUEUED, ItemCodes, LinkRows, prune_rows
+from online.link_rows import ItemCodes, LinkRows, prune_rows
 from streams.schemas import CatalogItem, Click, Event, Order
 
 if TYPE_CHECKING:  # the encoder's module (scipy, tokenizers) is imported only where text is on
@@ -315,25 +315,14 @@ class CandidateState:
             del chosen[item]  # re-inserted: the dict stays in recency order, newest last
         else:
             entry = [0, 0, when]
-        recent, code_of = user.recent, shop.codes.__getitem__  # the links: LinkRows.queue, inlined (the hot path)
+        recent = user.recent
         if recent:
             others = dict.fromkeys(recent)
             others.pop(item, None)
-            if others:
-                ops = shop.co.ops
-                ops += (code_of(item), len(others))
-                ops += map(code_of, others)
-                if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
-                    shop.co.flush()
+            shop.co.queue(item, others)
         last = user.last_step
         if same_session and last:
-            sources = last if item not in last else [p for p in last if p != item]
-            if sources:
-                ops = shop.trans.ops
-                ops += (code_of(item), len(sources))
-                ops += map(code_of, sources)
-                if len(ops) > MAX_QUEUED:  # a state nobody reads for long (no proposals) stays bounded
-                    shop.trans.flush()
+            shop.trans.queue(item, last if item not in last else [p for p in last if p != item])
         chosen[item] = entry
         entry[0] += 1
         entry[1] += is_order

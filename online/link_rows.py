@@ -163,21 +163,24 @@ class LinkRows:
         code = self.codes.get(item)
         return {} if code is None or self.row_of[code] < 0 else self._row(int(self.row_of[code]))
 
-    def _held(self) -> list[int]:
-        """The rows holding links, in the order they were made."""
-        return np.flatnonzero(self.n[:self.used]).tolist()
+    def _held(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows holding links (in the order they were made), their link counts, and which of their
+        columns hold a link."""
+        rows = np.flatnonzero(self.n[:self.used])
+        counts = self.n[rows]
+        return rows, counts, np.arange(self.nbr.shape[1]) < counts[:, None]
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         """Every non-empty row (:meth:`row`), in the order the rows were made."""
         self._ready()
         ids, row_code = self.codes.ids, self.row_code
-        return {ids[row_code[r]]: self._row(r) for r in self._held()}
+        return {ids[row_code[r]]: self._row(r) for r in self._held()[0].tolist()}
 
     def totals(self) -> dict[str, float]:
         """Each non-empty row's total, in the order the rows were made."""
         self._ready()
         ids, row_code = self.codes.ids, self.row_code
-        return {ids[row_code[r]]: float(self.tot[r]) for r in self._held()}
+        return {ids[row_code[r]]: float(self.tot[r]) for r in self._held()[0].tolist()}
 
     def __eq__(self, other: object) -> bool:
         """The same links: rows (each in its order), counts and totals; codes are how they are held, not what."""
@@ -212,9 +215,7 @@ class LinkRows:
         """Keep the non-empty rows, their codes and links renumbered in order over the new ``codes`` (the
         ``live`` codes of the old ones)."""
         new = np.cumsum(live, dtype=np.int64) - 1
-        rows = np.flatnonzero(self.n[:self.used])
-        counts = self.n[rows]
-        held = np.arange(self.nbr.shape[1]) < counts[:, None]
+        rows, counts, held = self._held()
         nbr = np.where(held, new[self.nbr[rows]], 0).astype(np.int32)
         val, tot, row_code = self.val[rows], self.tot[rows], new[self.row_code[rows]].astype(np.int32)
         self.codes = codes
@@ -233,9 +234,7 @@ class LinkRows:
 
     def __getstate__(self) -> dict:
         self._ready()
-        rows = np.flatnonzero(self.n[:self.used])
-        counts = self.n[rows]
-        held = np.arange(self.nbr.shape[1]) < counts[:, None]
+        rows, counts, held = self._held()
         return {"codes": self.codes, "keep": self.keep, "both": self.both, "rows": self.row_code[rows],
                 "counts": counts, "links": self.nbr[rows][held], "values": self.val[rows][held],
                 "totals": self.tot[rows]}
@@ -277,9 +276,7 @@ def prune_rows(codes: ItemCodes, tables: list[LinkRows], kept_items) -> ItemCode
     for table in tables:
         table.drop_rows(kept)
         table.referenced(live)
-    new = ItemCodes()
-    new.ids = [codes.ids[a] for a in np.flatnonzero(live).tolist()]
-    new.update(zip(new.ids, range(len(new.ids))))
+    new = ItemCodes([codes.ids[a] for a in np.flatnonzero(live).tolist()])
     for table in tables:
         table.renumber(new, live)
     return new

@@ -156,19 +156,17 @@ def test_a_small_merchant_holds_small_tables():
 def test_a_state_nobody_reads_keeps_its_queue_bounded(monkeypatch):
     """Steps only queued and never read (a candidate state fed without proposals) are counted once the queue
     passes its bound: memory stays bounded, and the counts are the same as counted at the end."""
-    from online import candidates, link_rows
+    from online import link_rows
     from online.candidates import CandidateState
     from tests.test_recs_update_fast import CASES
 
-    monkeypatch.setattr(candidates, "MAX_QUEUED", 50)  # choose_one's inlined queue
-    monkeypatch.setattr(link_rows, "MAX_QUEUED", 50)  # LinkRows.queue
+    monkeypatch.setattr(link_rows, "MAX_QUEUED", 50)
     bounds, events = CASES["defaults, wide catalog"]
     bounded, unbounded = CandidateState(**bounds), CandidateState(**bounds)
     longest = 0
     for event in events:
         bounded.observe(event)
         longest = max([longest, *(len(t.ops) for s in bounded.shops.values() for t in (s.co, s.trans))])
-    monkeypatch.setattr(candidates, "MAX_QUEUED", 1 << 30)
     monkeypatch.setattr(link_rows, "MAX_QUEUED", 1 << 30)
     for event in events:
         unbounded.observe(event)
