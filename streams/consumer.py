@@ -29,6 +29,8 @@ from streams.schemas import Event, InvalidEvent, decode_event, decode_valid_even
 
 log = get_logger("streams.consumer")
 
+UNREACHABLE_WARNING_EVERY_S = 10.0  # a broker away logs once per this many seconds of failing polls
+
 # fields of fetched records (streams.records.RawRecord, or kafka-python's ConsumerRecord in its fallbacks),
 # read in bulk by EventConsumer.poll
 _value, _offset, _timestamp, _key = (attrgetter(name) for name in ("value", "offset", "timestamp", "key"))
@@ -145,6 +147,7 @@ class EventConsumer:
         self.seek_on_assign = seek_on_assign
         self.on_revoked = on_revoked
         self.retry = retry
+        self._warned_unreachable_at = -UNREACHABLE_WARNING_EVERY_S
         self.now = now
         self.merchants = merchants
         self.processed = 0
@@ -228,8 +231,8 @@ class EventConsumer:
 
     def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> Batch:
         """One batch: valid events as :class:`Record`; invalid ones go to the dead-letter topic."""
-        fetched = self._consumer.poll(timeout_ms=self.poll_timeout_ms if timeout_ms is None else timeout_ms,
-                                      max_records=max_records or self.max_records)
+        fetched = self._fetch(self.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                              max_records or self.max_records)
         batch = Batch()
         if not fetched:
             return batch
@@ -247,6 +250,24 @@ class EventConsumer:
             self._await_dead_letters(futures)
         self.dead_lettered += batch.dead_lettered
         return batch
+
+    def _fetch(self, timeout_ms: int, max_records: int) -> dict:
+        """kafka-python's poll, where a broker that is away gives an empty poll, waited out, never an error.
+
+        kafka-python 3.0.12's group coordinator lookup lets a failed metadata refresh escape its ``poll`` as a
+        retriable error (``KafkaConnectionError``) when a reconnect backoff has just run out. Anything else raises.
+        """
+        started = time.monotonic()
+        try:
+            return self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            if started - self._warned_unreachable_at > UNREACHABLE_WARNING_EVERY_S:
+                self._warned_unreachable_at = started
+                log.warning("broker unreachable while polling, waiting", extra={"error": str(exc)})
+            self._stop.wait(max(0.0, timeout_ms / 1000 - (time.monotonic() - started)))
+            return {}
 
     def _await_dead_letters(self, futures: list) -> None:
         """Wait for the dead letters of a poll; one not delivered after the client's retries is counted and
