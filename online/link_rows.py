@@ -207,9 +207,9 @@ class LinkRows:
 
     def referenced(self, live: np.ndarray) -> None:
         """Mark in ``live`` the codes of the items with a non-empty row and those the rows link to."""
-        counts = self.n[:self.used]
-        live[self.row_code[:self.used][counts > 0]] = True
-        live[self.nbr[:self.used][np.arange(self.nbr.shape[1]) < counts[:, None]]] = True
+        rows, _, held = self._held()
+        live[self.row_code[rows]] = True
+        live[self.nbr[rows][held]] = True
 
     def renumber(self, codes: ItemCodes, live: np.ndarray) -> None:
         """Keep the non-empty rows, their codes and links renumbered in order over the new ``codes`` (the
