@@ -82,7 +82,7 @@ class ReferenceState(CandidateState):
         found = self.shops.get(merchant_id)
         if found is None:
             found = self.shops[merchant_id] = Shop(co={}, trans={})
-            found.totals_co, found.totals_trans = {}, {}  # row sums
+            self._link_rows_from_dicts(found)
         return found
 
     def hold_rows_as_dicts(self) -> None:
@@ -92,7 +92,7 @@ class ReferenceState(CandidateState):
                 shop.co, shop.trans = shop.co.as_dict(), shop.trans.as_dict()
             self._link_rows_from_dicts(shop)
 
-    def _link_rows_from_dicts(self, shop: Shop) -> None:  # unpickled: the rows stay dicts, with their sums
+    def _link_rows_from_dicts(self, shop: Shop) -> None:  # the rows stay dicts; their sums made afresh
         shop.totals_co = {i: sum(row.values()) for i, row in shop.co.items()}
         shop.totals_trans = {i: sum(row.values()) for i, row in shop.trans.items()}
 
@@ -121,8 +121,7 @@ class ReferenceState(CandidateState):
         shop.stats = {i: s for i, s in shop.stats.items() if i in keep}
         shop.co = {i: row for i, row in shop.co.items() if i in keep}
         shop.trans = {i: row for i, row in shop.trans.items() if i in keep}
-        shop.totals_co = {i: sum(row.values()) for i, row in shop.co.items()}
-        shop.totals_trans = {i: sum(row.values()) for i, row in shop.trans.items()}
+        self._link_rows_from_dicts(shop)
         shop.ranked = []
 
     def user(self, shop: Shop, user_id: str, create: bool = False) -> Shopper | None:
